@@ -107,6 +107,13 @@ class SlidingLayerKV(LayerKV):
 class KVCache(list):
     """One cache object per layer, in layer order. The sequence offset is the furthest any layer reached."""
 
+    def __init__(self, layers=(), capacity: int = 0):
+        super().__init__(layers)
+        self.capacity = capacity  # positions the request may reach
+
+    def capacity_left(self) -> int:
+        return self.capacity - self.offset
+
     @property
     def offset(self) -> int:
         return max(layer.offset for layer in self)

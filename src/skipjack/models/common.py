@@ -112,7 +112,7 @@ class DecoderLM(nn.Module):
         capacity = capacity or c.max_position_embeddings
         if capacity > c.max_position_embeddings:
             raise SkipjackError(f"requested context {capacity} exceeds the model's {c.max_position_embeddings}")
-        cache = KVCache()
+        cache = KVCache(capacity=capacity)
         for window, _ in self.kinds:
             if window is not None and window + 256 < capacity:
                 cache.append(SlidingLayerKV(batch, c.num_key_value_heads, c.head_dim, window, self.dtype))

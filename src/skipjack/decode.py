@@ -1,0 +1,152 @@
+"""The one decode generator. The CLI, the server and the benchmark all consume `generate()`.
+
+Plain decoding: prefill the prompt, then one forward per token. Speculative decoding (any drafter): the
+cache holds every token except the pending one (the last emitted); each step the drafter proposes a chain
+or tree, the cost model trims it to the size with the best expected tokens per unit cost, one forward over
+[pending] + draft verifies it (tree mask, positions by depth), `verify` picks the accepted path plus a bonus
+token, and the cache is rolled back (`trim`) or, for trees, the accepted path's KV is compacted into place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from skipjack.cost import CostModel
+from skipjack.drafters.base import Drafter, Proposal
+from skipjack.errors import SkipjackError
+from skipjack.models import DecoderLM
+from skipjack.sampling import SamplingParams, penalize, probs, sample
+from skipjack.verify import tree_mask, verify
+
+MAX_DRAFT = 64  # hard cap on draft nodes per step (also the sliding caches' rollback slack)
+
+
+@dataclass
+class Step:
+    tokens: list[int]  # tokens emitted by this step (stop tokens excluded)
+    drafted: int = 0  # draft nodes verified in this step
+    accepted: int = 0  # of which accepted
+    forward_tokens: int = 1  # tokens run through the model in this step
+    finish: str | None = None  # "stop" | "length" on the last step
+
+
+def check_prompt(model: DecoderLM, prompt: list[int], max_new_tokens: int) -> int:
+    """Validate the prompt; return the cache capacity the request needs."""
+    ctx = model.config.max_position_embeddings
+    if not prompt:
+        raise SkipjackError("the prompt is empty")
+    vocab = model.embed_tokens.shape[0]
+    if min(prompt) < 0 or max(prompt) >= vocab:
+        raise SkipjackError(f"prompt token ids must be in [0, {vocab})")
+    if len(prompt) >= ctx:
+        raise SkipjackError(f"the prompt has {len(prompt)} tokens but the model's context is {ctx}")
+    return min(ctx, len(prompt) + max_new_tokens + MAX_DRAFT + 1)
+
+
+def generate(
+    model: DecoderLM,
+    prompt: list[int],
+    params: SamplingParams,
+    drafter: Drafter | None = None,
+    cost: CostModel | None = None,
+) -> Iterator[Step]:
+    """Yield `Step`s until a stop token, `max_new_tokens`, or the context is full."""
+    cache = model.make_cache(check_prompt(model, prompt, params.max_new_tokens))
+    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    vocab = model.lm_head.out_features
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(vocab, dtype=torch.bool)  # [V]
+        seen[torch.tensor(prompt)] = True
+
+    def pick(logits: torch.Tensor) -> int:  # logits [V] -> next token
+        if seen is not None:
+            logits = penalize(logits[None], seen[None], params.repetition_penalty)[0]
+        if params.greedy:
+            return int(logits.argmax())
+        return sample(probs(logits[None], params)[0], gen)
+
+    ctx = list(prompt)
+    left = params.max_new_tokens
+    if drafter is not None:
+        drafter.begin(list(prompt))
+        if cost is None and not drafter.fixed_length:
+            cost = cost_model(model)
+    try:
+        logits = model(torch.tensor([prompt]), cache, logits="last").logits[0, -1]  # [V]
+        step = Step([pick(logits)], forward_tokens=len(prompt))
+        while True:
+            step, left = _finish(step, params, left, cache.capacity_left(), ctx, seen)
+            yield step
+            if step.finish:
+                return
+            pending = ctx[-1]
+            proposal = None
+            if drafter is not None:
+                budget = min(MAX_DRAFT, left - 1, cache.capacity_left() - 2)
+                if drafter.fixed_length:
+                    budget = min(budget, drafter.fixed_length)
+                elif cost is not None:
+                    budget = min(budget, cost.max_useful(MAX_DRAFT))
+                proposal = drafter.propose(ctx, budget) if budget > 0 else None
+                if proposal is not None and len(proposal) > budget:
+                    proposal = proposal.prefix(budget)
+                if proposal is not None and not drafter.fixed_length and proposal.scores is not None:
+                    proposal = proposal.prefix(cost.best_size(proposal.scores))
+            if not proposal:
+                logits = model(torch.tensor([[pending]]), cache).logits[0, -1]
+                step = Step([pick(logits)])
+                continue
+            step = _speculate(model, cache, pending, proposal, params, gen, seen)
+            drafter.observe(step.tokens, proposal)
+    finally:
+        if drafter is not None:
+            drafter.end()
+
+
+def _speculate(model, cache, pending, proposal: Proposal, params, gen, seen) -> Step:
+    start = cache.offset
+    chain = proposal.is_chain
+    positions = start + torch.tensor([0] + proposal.depths())  # [T]
+    mask = None if chain else tree_mask(proposal.parents)  # [T, T]
+    ids = torch.tensor([[pending] + proposal.tokens])  # [1, T]
+    logits = model(ids, cache, positions=positions, tree_mask=mask).logits[0]  # [T, V]
+    verdict = verify(logits, proposal, params, gen, seen)
+    proposal.path = verdict.path
+    if chain:
+        cache.trim(len(proposal) - len(verdict.path))
+    else:
+        cache.keep(start, [0] + [c + 1 for c in verdict.path])
+    return Step(verdict.tokens, drafted=len(proposal), accepted=len(verdict.path), forward_tokens=len(ids[0]))
+
+
+def _finish(step: Step, params: SamplingParams, left: int, room: int, ctx: list[int], seen) -> tuple[Step, int]:
+    """Apply stop tokens, the token budget and the context limit to a step; extend the context."""
+    toks = step.tokens
+    for i, t in enumerate(toks):
+        if t in params.stop_token_ids:
+            toks, step.finish = toks[:i], "stop"
+            break
+    if len(toks) >= left:
+        toks, step.finish = toks[:left], step.finish or "length"
+    elif room <= 1 and not step.finish:
+        step.finish = "length"
+    step.tokens = toks
+    ctx.extend(toks)
+    if seen is not None and toks:
+        seen[torch.tensor(toks)] = True
+    return step, left - len(toks)
+
+
+_COSTS: dict[int, CostModel] = {}
+
+
+def cost_model(model: DecoderLM) -> CostModel:
+    """The model's measured cost model (measured once per model object in this process)."""
+    key = id(model)
+    if key not in _COSTS:
+        _COSTS[key] = CostModel.measure(model)
+    return _COSTS[key]

@@ -1,0 +1,69 @@
+"""What a drafter proposes, and the protocol every drafter implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Proposal:
+    """A chain or token tree of draft tokens hanging off the pending token (the root).
+
+    Nodes are listed parents-first, so any prefix of the list is itself a valid tree.
+    """
+
+    tokens: list[int]  # [N] draft tokens
+    parents: list[int]  # [N] parent node index, -1 for the root
+    scores: list[float] | None = None  # [N] drafter's estimate that each node gets accepted (for sizing)
+    q: torch.Tensor | None = None  # [N, V] distribution each token was sampled from; None = deterministic
+    path: list[int] = field(default_factory=list)  # accepted nodes, filled in after verification
+
+    @classmethod
+    def chain(cls, tokens: list[int], scores: list[float] | None = None, q=None) -> Proposal:
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), scores, q)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def is_chain(self) -> bool:
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
+    def depths(self) -> list[int]:
+        """Depth of each node (children of the root have depth 1)."""
+        d: list[int] = []
+        for p in self.parents:
+            d.append(1 if p < 0 else d[p] + 1)
+        return d
+
+    def children(self) -> list[dict[int, int]]:
+        """Per verify row (0 = root, i+1 = node i): token -> child node index, in proposal order."""
+        out: list[dict[int, int]] = [{} for _ in range(len(self.tokens) + 1)]
+        for i, (t, p) in enumerate(zip(self.tokens, self.parents)):
+            out[p + 1].setdefault(t, i)
+        return out
+
+    def prefix(self, n: int) -> Proposal:
+        sc = None if self.scores is None else self.scores[:n]
+        q = None if self.q is None else self.q[:n]
+        return Proposal(self.tokens[:n], self.parents[:n], sc, q)
+
+
+class Drafter(Protocol):
+    """A draft source. `begin` starts a request; `propose` drafts up to `budget` nodes after `context`
+    (prompt + everything emitted, whose last token is the pending root); `observe` sees what was emitted
+    (accepted drafts + the bonus token) with `proposal.path` filled in; `end` closes the request."""
+
+    name: str
+    fixed_length: int  # > 0: always draft this many nodes (no cost model)
+
+    def begin(self, prompt: list[int]) -> None: ...
+
+    def propose(self, context: list[int], budget: int) -> Proposal | None: ...
+
+    def observe(self, emitted: list[int], proposal: Proposal) -> None: ...
+
+    def end(self) -> None: ...

@@ -1,0 +1,151 @@
+"""`ngram`: adaptive n-gram drafts in the spirit of ADED (Liu et al. 2024, "Adaptive Draft-Verification").
+
+Table: counts of the next token after each (a, b) bigram context (a tri-gram table), with a (b,) back-off,
+built from the prompt (weight 1) and from the model's own outputs (weight 2: the model repeats itself), and
+shared by every request in the process. It adapts online: every emitted token updates it.
+
+Draft tree: ADED grows the tree with MCTS, balancing exploitation of likely continuations and exploration
+of rarely seen ones. We use its cheaper one-step equivalent: best-first expansion from the context's last two
+tokens, where a child's priority is its parent's priority times an upper-confidence value
+min(1, p + c * sqrt(ln(1 + N) / (1 + n))) (p = count / N, N = the context's total count, n = the child's),
+so well-attested branches come first and under-explored ones still get a place. Nodes come out in
+expansion order (parents first); each carries a calibrated path probability (product of p along the path,
+times an online calibration factor) that the engine's cost model uses to size the tree.
+
+Memory cap: at most `max_contexts` contexts (least recently updated evicted first) with at most
+`max_children` next tokens each (the rarest dropped), i.e. O(max_contexts * max_children) entries.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import heapq
+import itertools
+import json
+import math
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+from skipjack.drafters.base import Proposal
+from skipjack.errors import SkipjackError
+
+
+class NGramTable:
+    def __init__(self, max_contexts: int = 200_000, max_children: int = 8):
+        self.max_contexts, self.max_children = max_contexts, max_children
+        self.next: OrderedDict[tuple[int, ...], dict[int, float]] = OrderedDict()
+
+    def add(self, tokens: list[int], start: int, weight: float) -> None:
+        """Count the transitions that end at positions >= start."""
+        for j in range(max(start, 1), len(tokens)):
+            for key in ((tokens[j - 2], tokens[j - 1]) if j >= 2 else None, (tokens[j - 1],)):
+                if key is None:
+                    continue
+                kids = self.next.get(key)
+                if kids is None:
+                    kids = self.next[key] = {}
+                    if len(self.next) > self.max_contexts:
+                        self.next.popitem(last=False)
+                else:
+                    self.next.move_to_end(key)
+                kids[tokens[j]] = kids.get(tokens[j], 0.0) + weight
+                if len(kids) > self.max_children:
+                    del kids[min(kids, key=kids.get)]
+
+    def lookup(self, a: int | None, b: int) -> dict[int, float] | None:
+        return (self.next.get((a, b)) if a is not None else None) or self.next.get((b,))
+
+    def save(self, path: Path) -> None:
+        """Merge into `path` under an exclusive lock and replace it atomically (safe for concurrent writers)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(str(path) + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            merged = NGramTable(self.max_contexts, self.max_children)
+            merged.load(path)
+            for key, kids in self.next.items():
+                mine = merged.next.setdefault(key, {})
+                for t, c in kids.items():
+                    mine[t] = max(mine.get(t, 0.0), c)
+            rows = [[list(k), {str(t): c for t, c in v.items()}] for k, v in merged.next.items()]
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"format": 1, "rows": rows}, f)
+            os.replace(tmp, path)
+
+    def load(self, path: Path) -> None:
+        if not Path(path).exists():
+            return
+        try:
+            data = json.loads(Path(path).read_text())
+            for k, v in data["rows"]:
+                kids = self.next.setdefault(tuple(k), {})
+                for t, c in v.items():
+                    kids[int(t)] = max(kids.get(int(t), 0.0), float(c))
+        except (ValueError, KeyError, TypeError) as e:
+            raise SkipjackError(f"ngram: cannot read table {path}: {e}") from None
+
+
+_SHARED: dict[str, NGramTable] = {}
+
+
+class NGramDrafter:
+    name = "ngram"
+
+    def __init__(self, k: int = 0, width: int = 4, explore: float = 0.3, table: str = "", path: str = ""):
+        if not 0 <= k <= 64:
+            raise SkipjackError(f"ngram: k (fixed tree size, 0 = cost model) must be in [0, 64] (got {k})")
+        if not 1 <= width <= 8:
+            raise SkipjackError(f"ngram: width (children per node) must be in [1, 8] (got {width})")
+        if not 0 <= explore <= 4:
+            raise SkipjackError(f"ngram: explore must be in [0, 4] (got {explore})")
+        self.fixed_length, self.width, self.explore = k, width, explore
+        self.path = Path(path) if path else None
+        self.table = _SHARED.setdefault(table or "default", NGramTable())
+        self.pred, self.got = 1.0, 1.0  # calibration: sum of predicted vs realised acceptances
+
+    def begin(self, prompt: list[int]) -> None:
+        if self.path is not None:
+            self.table.load(self.path)
+        self.table.add(prompt, 0, 1.0)
+        self.seen = len(prompt)
+
+    def propose(self, context: list[int], budget: int) -> Proposal | None:
+        self.table.add(context, self.seen, 2.0)  # the model's own outputs since the last step
+        self.seen = len(context)
+        cal = min(3.0, max(0.1, self.got / self.pred))
+        tokens, parents, scores, self.edges = [], [], [], []
+        heap: list = []  # (-priority, tiebreak, token, parent node, path score, edge p, context a, b)
+        tick = itertools.count()
+        a, b = (context[-2] if len(context) > 1 else None), context[-1]
+        self._push(heap, tick, a, b, -1, 1.0, 1.0, cal)
+        while heap and len(tokens) < budget:
+            negpri, _, tok, par, score, p, pa, pb = heapq.heappop(heap)
+            tokens.append(tok)
+            parents.append(par)
+            scores.append(score)
+            self.edges.append(p)
+            self._push(heap, tick, pb, tok, len(tokens) - 1, score, -negpri, cal)
+        return Proposal(tokens, parents, scores) if tokens else None
+
+    def _push(self, heap, tick, a, b, parent, score, pri, cal):
+        kids = self.table.lookup(a, b)
+        if not kids:
+            return
+        total = sum(kids.values())
+        for tok, c in sorted(kids.items(), key=lambda kv: -kv[1])[: self.width]:
+            p = c / total
+            ucb = min(1.0, p + self.explore * math.sqrt(math.log1p(total) / (1.0 + c)))
+            heapq.heappush(heap, (-pri * ucb, next(tick), tok, parent, score * min(1.0, p * cal), p, a, b))
+
+    def observe(self, emitted: list[int], proposal: Proposal) -> None:
+        """Calibrate: raw edge probabilities of the nodes that could have been accepted vs those that were."""
+        reach = {-1, *proposal.path}
+        self.pred += sum(p for p, par in zip(self.edges, proposal.parents) if par in reach)
+        self.got += len(proposal.path)
+
+    def end(self) -> None:
+        if self.path is not None:
+            self.table.save(self.path)
