@@ -91,7 +91,7 @@ def read_tensors(path: Path, config: dict) -> dict[str, torch.Tensor]:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise SkipjackError(f"GGUF tensor type {t.tensor_type.name} is not supported ({t.name})") from None
-        w = np.asarray(w, dtype=np.float32).reshape(tuple(reversed([int(x) for x in t.shape])))
+        w = np.array(w, dtype=np.float32, copy=True).reshape(tuple(reversed([int(x) for x in t.shape])))
         if mt in ("llama", "mistral") and ".attn_q." in t.name:
             w = _unpermute(w, config["num_attention_heads"])
         elif mt in ("llama", "mistral") and ".attn_k." in t.name:

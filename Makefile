@@ -1,0 +1,40 @@
+# Two commands for a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROMPT ?= Write a Python function that returns the n-th Fibonacci number, with a docstring and an example.
+
+.PHONY: demo test install lint bench bench-quick bench-peers clean
+
+$(BIN)/skipjack: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/skipjack
+
+demo: install
+	$(BIN)/skipjack models --fetch smollm2-135m
+	$(BIN)/python -m skipjack.demo "$(PROMPT)"
+
+test: install
+	$(BIN)/skipjack models --fetch smollm2-135m
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+bench-peers: install
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install 'llama-cpp-python==0.3.36'
+
+bench-quick: install
+	$(BIN)/skipjack bench --suite quick --methods plain,pld,ngram --peers hf,hf-pld,llamacpp,llamacpp-pld --out bench-out/quick
+
+bench: install
+	$(BIN)/skipjack bench --suite full --methods all --peers hf,hf-pld,llamacpp,llamacpp-pld --out bench-out/full
+	$(BIN)/python -m skipjack.bench.report bench-out/full --benchmarks-md BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) bench-out
