@@ -27,7 +27,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def _params(a, tokenizer):
+def _params(a, tokenizer=None):
+    """Sampling settings from the arguments; validated before any model is loaded."""
     from skipjack.sampling import SamplingParams
 
     return SamplingParams(
@@ -38,7 +39,7 @@ def _params(a, tokenizer):
         repetition_penalty=a.repetition_penalty,
         seed=a.seed,
         max_new_tokens=a.max_new_tokens,
-        stop_token_ids=tokenizer.stop_ids,
+        stop_token_ids=tokenizer.stop_ids if tokenizer else frozenset(),
     )
 
 
@@ -50,7 +51,8 @@ def cmd_generate(a) -> int:
     prompt_text = sys.stdin.read() if a.prompt == "-" else a.prompt
     if not prompt_text.strip():
         raise SkipjackError("the prompt is empty")
-    drafter = make_drafter(a.method)  # validate before the (slow) load
+    _params(a)  # validate everything before the (slow) load
+    drafter = make_drafter(a.method)
     loaded = load(a.model, a.dtype)
     params = _params(a, loaded.tokenizer)
     prompt = loaded.tokenizer.prompt_ids(prompt_text, raw=a.raw)
@@ -78,6 +80,7 @@ def cmd_chat(a) -> int:
     from skipjack.drafters import make_drafter
     from skipjack.loading import load
 
+    _params(a)
     drafter = make_drafter(a.method)
     loaded = load(a.model, a.dtype)
     if not loaded.tokenizer.chat_template:

@@ -34,6 +34,9 @@ class CostModel:
     @classmethod
     def measure(cls, model, widths=WIDTHS, context: int = 128, reps: int = 3) -> CostModel:
         """Median time of a forward of `w` new tokens over a `context`-token cache, for each width."""
+        limit = model.config.max_position_embeddings
+        widths = tuple(w for w in widths if w <= limit // 2) or (1,)
+        context = max(1, min(context, limit - max(widths) - 1))
         cache = model.make_cache(context + max(widths) + 1)
         ids = torch.zeros(1, context, dtype=torch.long)
         model(ids, cache, logits="none")

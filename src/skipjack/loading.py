@@ -169,6 +169,7 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[DecoderLM, Tokenizer
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise SkipjackError(f"{cfg_file} is not valid JSON: {e}") from None
+    normalise_config(config)  # unknown architectures fail here, before reading any weights
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise SkipjackError(f"{folder} has no *.safetensors weights")

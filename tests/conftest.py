@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny random models built from HF config classes (2-3 layers, hidden 32-64)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FAMILIES = ("llama", "qwen2", "mistral", "gemma3_text")
+
+
+def hf_config(family: str, vocab: int = 96, **kw):
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    common.update(kw)
+    if family == "llama":
+        return LlamaConfig(**common, rope_theta=500.0)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if family == "gemma3_text":
+        common.setdefault("num_hidden_layers", 3)
+        common["num_hidden_layers"] = max(common["num_hidden_layers"], 3)
+        n = common["num_hidden_layers"]
+        types = ["sliding_attention" if (i + 1) % 3 else "full_attention" for i in range(n)]
+        return Gemma3TextConfig(**common, head_dim=16, sliding_window=6, layer_types=types, query_pre_attn_scalar=16)
+    raise ValueError(family)
+
+
+def hf_model(family: str, seed: int = 0, dtype=torch.float32, **kw):
+    """A random HF model whose every weight (norms and biases too) is random, so parity tests see all paths."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = hf_config(family, **kw)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.2 + (0.0 if family == "gemma3_text" else 1.0))
+            else:
+                p.copy_(torch.randn_like(p) * 0.15)
+    return model.to(dtype)
+
+
+def ours_from_hf(hf, dtype=torch.float32):
+    from skipjack.models import build_model
+
+    return build_model(hf.config.to_dict(), hf.state_dict(), dtype)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama64():
+    """fp64 tiny Llama (ours) for exact identity tests: fp64 makes batched vs single-token logits agree."""
+    return ours_from_hf(hf_model("llama", seed=1, vocab=48, num_hidden_layers=2), torch.float64)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma64():
+    return ours_from_hf(hf_model("gemma3_text", seed=2, vocab=48), torch.float64)
+
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world this is a tiny tokenizer for tests",
+    "def add ( a , b ) : return a + b",
+    "héllo wörld 日本語 🙂 naïve café",
+    "stop here please and then continue",
+]
+
+
+def byte_bpe_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on a few lines (multi-byte characters span several tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    fast.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """An HF model folder (config.json, model.safetensors, tokenizer) with a tiny random Llama."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tok = byte_bpe_tokenizer()
+    model = hf_model("llama", seed=3, vocab=len(tok), max_position_embeddings=96)
+    model.config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -1,0 +1,88 @@
+"""Mock drafters for the lossless tests: always right, never right, random, and random trees."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from skipjack.drafters.base import Proposal
+
+
+def greedy_continuation(model, context: list[int], n: int) -> list[int]:
+    cache = model.make_cache(len(context) + n + 1)
+    logits = model(torch.tensor([context]), cache, logits="last").logits[0, -1]
+    out = []
+    for _ in range(n):
+        t = int(logits.argmax())
+        out.append(t)
+        logits = model(torch.tensor([[t]]), cache).logits[0, -1]
+    return out
+
+
+class _Base:
+    fixed_length = 0
+
+    def begin(self, prompt):
+        self.proposed = self.accepted = 0
+
+    def observe(self, emitted, proposal):
+        self.proposed += len(proposal)
+        self.accepted += len(proposal.path)
+
+    def end(self):
+        pass
+
+
+class AlwaysAccept(_Base):
+    """Proposes the model's own greedy continuation: every node must be accepted."""
+
+    name = "always"
+
+    def __init__(self, model, k=5):
+        self.model, self.k = model, k
+
+    def propose(self, context, budget):
+        n = min(self.k, budget)
+        return Proposal.chain(greedy_continuation(self.model, context, n), [0.99] * n) if n > 0 else None
+
+
+class NeverAccept(_Base):
+    """Proposes argmax + 1 at the first position: nothing can be accepted."""
+
+    name = "never"
+
+    def __init__(self, model, k=4):
+        self.model, self.k = model, k
+
+    def propose(self, context, budget):
+        n = min(self.k, budget)
+        if n <= 0:
+            return None
+        right = greedy_continuation(self.model, context, 1)[0]
+        vocab = self.model.lm_head.out_features
+        return Proposal.chain([(right + 1) % vocab] + [0] * (n - 1), [0.9] * n)
+
+
+class RandomDrafter(_Base):
+    """Random chains or trees, some seeded with the true continuation so partial acceptance happens."""
+
+    name = "random"
+
+    def __init__(self, model, seed=0, tree=False, k=6):
+        self.model, self.rng, self.tree, self.k = model, random.Random(seed), tree, k
+
+    def propose(self, context, budget):
+        n = min(self.k, budget)
+        if n <= 0:
+            return None
+        vocab = self.model.lm_head.out_features
+        truth = greedy_continuation(self.model, context, n) if self.rng.random() < 0.6 else []
+        cut = self.rng.randint(0, len(truth))
+        tokens = truth[:cut] + [self.rng.randrange(vocab) for _ in range(n - cut)]
+        if not self.tree:
+            return Proposal.chain(tokens, [0.5] * n)
+        parents = [-1] + [self.rng.randrange(-1, i) for i in range(1, n)]
+        if cut > 1:  # keep the true prefix as a path
+            parents[:cut] = list(range(-1, cut - 1))
+        return Proposal(tokens, parents, [0.5] * n)

@@ -1,0 +1,242 @@
+"""`skipjack bench`: schema, plots, identical_fraction, missing peers, bad input, Ctrl-C, BENCHMARKS.md.
+
+Runs the benchmark once on a tiny random Llama (word-level tokenizer built from the quick suite's words, so the
+long prompt stays a few thousand tokens) and checks what it wrote. Nothing here asserts on timings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from skipjack.bench import report, runner
+from skipjack.cli import main as cli_main
+
+CHAT = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+def make_tiny_model(folder: Path) -> Path:
+    """A random 2-layer Llama plus a word-level tokenizer (with [UNK]) saved as an HF folder."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    text = resources.files("skipjack.bench").joinpath("prompts", "quick.jsonl").read_text(encoding="utf-8")
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", text)))[:3000]
+    specials = ["[UNK]", "[PAD]", "</s>", "user", "assistant", ":"]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
+    hf.chat_template = CHAT
+    hf.save_pretrained(str(folder))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        eos_token_id=vocab["</s>"],
+        bos_token_id=None,
+        pad_token_id=vocab["[PAD]"],
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(str(folder))
+    return folder
+
+
+def _perturbed(orig):
+    """api.complete, except that method `lossy-test` gets a wrong extra token on even-length prompts."""
+
+    def complete(loaded, prompt, params, method="plain", *args, **kw):
+        res = orig(loaded, prompt, params, method, *args, **kw)
+        if method == "lossy-test" and len(prompt) % 2 == 0:
+            res.tokens = [*res.tokens, 0]
+            res.new_tokens += 1
+        return res
+
+    return complete
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def bench_out(tiny, tmp_path_factory):
+    """One benchmark run shared by the tests below: our methods, a lossy test method, HF and llama.cpp peers."""
+    import skipjack.api
+    from skipjack.drafters import REGISTRY, PromptLookup, register
+
+    out = tmp_path_factory.mktemp("bench") / "out"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner, "BANDWIDTH_MB", 16)
+        mp.setattr(skipjack.api, "complete", _perturbed(skipjack.api.complete))
+        mp.setitem(REGISTRY, "lossy-test", PromptLookup)
+        register("lossy-test", PromptLookup, lossless=False)
+        argv = ["bench", "--model", str(tiny), "--suite", "quick", "--methods", "pld,ngram,pld:k=4,lossy-test"]
+        argv += ["--peers", "hf,llamacpp", "--max-new-tokens", "8", "--repeats", "2", "--out", str(out)]
+        assert cli_main(argv) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_schema_and_plots(bench_out):
+    out, res = bench_out
+    assert res["complete"] is True and res["suite"] == "quick"
+    assert res["command"].startswith("skipjack bench") and "--out" in res["command"]
+    for key in ("cpu", "cores", "torch", "bandwidth_gbs", "date"):
+        assert res["machine"][key] is not None, key
+    assert res["machine"]["bandwidth_gbs"] > 0
+    assert res["model"]["weight_bytes"] > 0
+    assert res["settings"]["methods"][0] == "plain"
+    assert len(res["prompts"]) + len(res["skipped"]) == 6
+    cats = {p["category"] for p in res["prompts"]}
+    assert cats == {"chat", "summarization", "rag", "code", "math", "long"}
+    run_keys = {"id", "category", "method", "new_tokens", "seconds", "tokens_per_s", "mean_accepted", "accept_hist"}
+    run_keys |= {"identical", "tokens", "forward_passes"}
+    ran = ["plain", "pld", "ngram", "pld:k=4", "lossy-test", "hf"]
+    assert {r["method"] for r in res["runs"]} == set(ran)
+    for r in res["runs"]:
+        assert run_keys <= set(r), run_keys - set(r)
+        assert r["new_tokens"] == len(r["tokens"]) <= 8 + (r["method"] == "lossy-test")
+        assert r["seconds"] > 0 and len(r["seconds_all"]) == 2
+    assert len(res["runs"]) == len(ran) * len(res["prompts"])
+    for name in ran:
+        s = res["summary"][name]
+        for key in ("tokens_per_s", "speedup_vs_plain", "speedup_vs_hf", "mean_accepted", "identical_fraction"):
+            assert s[key] is not None, (name, key)
+        for key in ("peak_rss_mb", "bandwidth_utilisation", "lossless", "by_category", "accept_hist"):
+            assert key in s, (name, key)
+        assert s["peak_rss_mb"] > 0 and s["bandwidth_utilisation"] > 0
+        assert set(s["by_category"]) == cats
+        for c in s["by_category"].values():
+            assert {"tokens_per_s", "speedup_vs_plain", "mean_accepted"} <= set(c)
+    plain = res["summary"]["plain"]
+    assert plain["speedup_vs_plain"] == pytest.approx(1.0)
+    assert plain["identical_fraction"] == 1.0 and plain["lossless"] is True
+    tot = [r for r in res["runs"] if r["method"] == "pld"]
+    want = sum(r["new_tokens"] for r in tot) / sum(r["seconds"] for r in tot)
+    assert res["summary"]["pld"]["tokens_per_s"] == pytest.approx(want)
+    assert res["summary"]["pld"]["draft_steps"] >= 0
+    for png in report.PLOTS:
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    md = (out / "REPORT.md").read_text()
+    assert "## Overall" in md and "## Speedup vs plain by category" in md and "## Acceptance" in md
+
+
+def test_lossless_methods_and_hf_peer_match_plain(bench_out):
+    _, res = bench_out
+    for name in ("pld", "ngram", "pld:k=4", "hf"):
+        assert res["summary"][name]["identical_fraction"] == 1.0, name
+        assert all(r["identical"] for r in res["runs"] if r["method"] == name)
+
+
+def test_identical_fraction_is_computed(bench_out):
+    out, res = bench_out
+    lossy = [r for r in res["runs"] if r["method"] == "lossy-test"]
+    plain = {r["id"]: r["tokens"] for r in res["runs"] if r["method"] == "plain"}
+    even = {p["id"] for p in res["prompts"] if p["prompt_tokens"] % 2 == 0}
+    assert even, "the perturbation needs at least one even-length prompt"
+    for r in lossy:
+        assert r["identical"] is (r["id"] not in even)
+        assert r["identical"] is (r["tokens"] == plain[r["id"]])
+    s = res["summary"]["lossy-test"]
+    assert s["identical_fraction"] == pytest.approx(1 - len(even) / len(lossy)) and s["identical_fraction"] < 1.0
+    assert s["lossless"] is False
+    md = (out / "REPORT.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("| ") and "lossy-test" in ln)
+    assert '<span style="color:red">' in line and "NOT IDENTICAL" in line and "lossy" in line
+    assert not any("NOT IDENTICAL" in ln for ln in md.splitlines() if ln.startswith("| pld |"))
+
+
+def test_missing_peer_is_reported(bench_out):
+    out, res = bench_out
+    assert res["peers"]["llamacpp"]["status"] == "not installed"
+    assert res["peers"]["hf"]["status"] == "ok"
+    s = res["summary"]["llamacpp"]
+    assert s["status"] == "not installed" and s["kind"] == "peer" and s["tokens_per_s"] is None
+    assert not [r for r in res["runs"] if r["method"] == "llamacpp"]
+    assert "speedup_vs_llamacpp" not in res["summary"]["plain"]
+    assert "`llamacpp`: not installed" in (out / "REPORT.md").read_text()
+
+
+def test_benchmarks_md(bench_out, tmp_path):
+    out, _ = bench_out
+    target = tmp_path / "BENCHMARKS.md"
+    assert report.main([str(out), "--benchmarks-md", str(target)]) == 0
+    md = target.read_text()
+    assert "skipjack bench" in md and "**Date:**" in md and "**Machine:**" in md
+    for png in report.PLOTS:
+        assert (tmp_path / "docs" / "bench" / png).exists()
+        assert f"(docs/bench/{png})" in md
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [
+        (["--methods", "plain,bogus"], "unknown method 'bogus'"),
+        (["--methods", "pld:zz=1"], "unknown option"),
+        (["--peers", "vllm"], "unknown peer 'vllm'"),
+        (["--suite", "huge"], "unknown suite"),
+        (["--repeats", "0"], "--repeats"),
+        (["--prompts", "EMPTY"], "no prompts"),
+        (["--prompts", "BAD"], "not valid JSON"),
+        (["--prompts", "NOUSER"], "last message must be from the user"),
+        (["--out", "UNWRITABLE"], "is not writable"),
+    ],
+)
+def test_bad_input_is_one_line(extra, pattern, tmp_path, capsys):
+    (tmp_path / "EMPTY").write_text("\n\n")
+    (tmp_path / "BAD").write_text('{"id": "a", "messages": [\n')
+    (tmp_path / "NOUSER").write_text(json.dumps({"id": "a", "messages": [{"role": "assistant", "content": "x"}]}))
+    (tmp_path / "file").write_text("x")
+    subs = {"EMPTY": tmp_path / "EMPTY", "BAD": tmp_path / "BAD", "NOUSER": tmp_path / "NOUSER"}
+    subs["UNWRITABLE"] = tmp_path / "file" / "sub"
+    extra = [str(subs.get(x, x)) for x in extra]
+    out = tmp_path / "out"
+    argv = ["bench", "--model", str(tmp_path / "never-loaded"), "--out", str(out), *extra]
+    if "--out" in extra[:1]:
+        argv = ["bench", "--model", str(tmp_path / "never-loaded"), *extra]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("skipjack: error:")
+    assert pattern in err
+    assert not (out / "results.json").exists()
+
+
+def test_user_prompts_and_interrupt(tiny, tmp_path, monkeypatch, capsys):
+    """--prompts runs the user's prompts; Ctrl-C mid-run writes partial results marked incomplete, exit != 0."""
+    import skipjack.api
+
+    lines = [{"id": f"u{i}", "category": "mine", "messages": [{"role": "user", "content": "the cat " * (i + 2)}]}]
+    lines = [json.dumps(x) for i in range(4) for x in [lines[0] | {"id": f"u{i}"}]]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    orig, calls = skipjack.api.complete, []
+
+    def complete(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2 + 2 * 2 + 1:  # warm-up (2 methods), prompts u0 and u1 (2 methods x 1 repeat), then stop
+            raise KeyboardInterrupt
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(runner, "BANDWIDTH_MB", 16)
+    monkeypatch.setattr(skipjack.api, "complete", complete)
+    out = tmp_path / "out"
+    argv = ["bench", "--model", str(tiny), "--prompts", str(tmp_path / "p.jsonl"), "--methods", "pld"]
+    argv += ["--max-new-tokens", "4", "--repeats", "1", "--out", str(out)]
+    assert cli_main(argv) == 130
+    res = json.loads((out / "results.json").read_text())
+    assert res["complete"] is False and res["suite"] == "custom"
+    assert {r["id"] for r in res["runs"]} == {"u0", "u1"}
+    assert res["summary"]["pld"]["by_category"]["mine"]["prompts"] == 2
+    assert "Partial results" in (out / "REPORT.md").read_text()
+    assert "interrupted" in capsys.readouterr().err

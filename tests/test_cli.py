@@ -1,0 +1,106 @@
+"""CLI behaviour, and bad input: one line on stderr, exit status != 0, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from skipjack.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, needle):
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and needle in lines[0].lower(), lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--model", "/nonexistent/model.gguf", "hi"], "not found"),
+        (["--temperature", "-1", "hi"], "temperature"),
+        (["--top-p", "1.5", "hi"], "top-p"),
+        (["--top-p", "0", "hi"], "top-p"),
+        (["--top-k", "-2", "hi"], "top-k"),
+        (["--min-p", "1", "hi"], "min-p"),
+        (["--repetition-penalty", "0", "hi"], "repetition"),
+        (["--max-new-tokens", "0", "hi"], "max new tokens"),
+        (["   "], "empty"),
+        (["--method", "magic", "hi"], "unknown method"),
+        (["--method", "pld:k=999", "hi"], "k"),
+        (["--method", "ngram:width=0", "hi"], "width"),
+        (["--method", "pld:bogus=1", "hi"], "unknown option"),
+        (["--dtype", "fp8", "hi"], "dtype"),
+    ],
+)
+def test_bad_input_is_one_line(capsys, argv, needle):
+    code, _, err = run_cli(capsys, "generate", *argv)
+    assert_one_line_error(code, err, needle)
+
+
+def test_corrupt_and_truncated_model_files(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path / "home"))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model at all" * 10)
+    code, _, err = run_cli(capsys, "generate", "--model", str(junk), "hi")
+    assert_one_line_error(code, err, "not a gguf")
+    trunc = tmp_path / "trunc.gguf"
+    trunc.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
+    code, _, err = run_cli(capsys, "generate", "--model", str(trunc), "hi")
+    assert_one_line_error(code, err, "gguf")
+    assert not list((tmp_path / "home").glob("converted/*")), "no half-written cache entry"
+
+
+def test_unknown_architecture(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path), "hi")
+    assert_one_line_error(code, err, "unknown architecture")
+
+
+def test_prompt_longer_than_context(capsys, tiny_folder):
+    long_prompt = "the quick brown fox " * 200
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_folder), "--raw", long_prompt)
+    assert_one_line_error(code, err, "context")
+
+
+def test_generate_json_fields(capsys, tiny_folder):
+    code, out, err = run_cli(
+        capsys, "generate", "--model", str(tiny_folder), "-n", "12", "--json", "--method", "pld", "hello world"
+    )
+    assert code == 0, err
+    res = json.loads(out)
+    for key in ("text", "tokens", "new_tokens", "seconds", "tokens_per_s", "mean_accepted", "draft_steps", "method"):
+        assert key in res
+    assert res["new_tokens"] == len(res["tokens"]) <= 12 and res["method"] == "pld"
+
+
+def test_streamed_text_equals_json_text(capsys, tiny_folder):
+    argv = ["generate", "--model", str(tiny_folder), "-n", "20", "--method", "ngram", "hello world"]
+    code, streamed, _ = run_cli(capsys, *argv)
+    assert code == 0
+    code, out, _ = run_cli(capsys, *argv, "--json")
+    assert streamed.rstrip("\n") == json.loads(out)["text"]
+
+
+def test_models_lists_named_models(capsys):
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0 and "smollm2-135m" in out and "gemma3-270m" in out
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "skipjack.cli", "generate", "--model", str(tmp_path / "nope.gguf"), "hi"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,87 @@
+"""Lossless speculation: every drafter reproduces plain greedy exactly; sampling preserves the distribution."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from skipjack.cost import CostModel
+from skipjack.decode import generate
+from skipjack.drafters import make_drafter
+from skipjack.sampling import SamplingParams
+
+
+def run(model, prompt, params, drafter=None, cost=None):
+    steps = list(generate(model, prompt, params, drafter, cost or CostModel.flat()))
+    return [t for s in steps for t in s.tokens], steps
+
+
+prompts = st.lists(st.integers(0, 47), min_size=1, max_size=24).flatmap(
+    lambda base: st.integers(1, 3).map(lambda r: (base * r)[:40])  # repeats give prompt lookup something to find
+)
+DRAFTERS = ["pld", "ngram", "pld:k=3", "ngram:k=5,width=2", "always", "never", "random", "random-tree"]
+
+
+def make(name, model, seed):
+    if name == "always":
+        return AlwaysAccept(model)
+    if name == "never":
+        return NeverAccept(model)
+    if name.startswith("random"):
+        return RandomDrafter(model, seed, tree=name.endswith("tree"))
+    return make_drafter(name)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    prompt=prompts,
+    max_new=st.integers(1, 40),
+    stops=st.sets(st.integers(0, 47), max_size=3),
+    drafter=st.sampled_from(DRAFTERS),
+    family=st.sampled_from(["llama", "gemma"]),
+    seed=st.integers(0, 10_000),
+    penalty=st.sampled_from([1.0, 1.0, 1.3]),
+)
+def test_greedy_identity_property(tiny_llama64, tiny_gemma64, prompt, max_new, stops, drafter, family, seed, penalty):
+    model = tiny_llama64 if family == "llama" else tiny_gemma64
+    params = SamplingParams(max_new_tokens=max_new, stop_token_ids=frozenset(stops), repetition_penalty=penalty)
+    plain, _ = run(model, prompt, params)
+    spec, steps = run(model, prompt, params, make(drafter, model, seed))
+    assert spec == plain
+    assert steps[-1].finish in ("stop", "length")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_always_accept_accepts_everything(tiny_llama64, tiny_gemma64, family):
+    model = tiny_llama64 if family == "llama" else tiny_gemma64
+    params = SamplingParams(max_new_tokens=30)
+    plain, _ = run(model, [1, 2, 3], params)
+    d = AlwaysAccept(model, k=5)
+    spec, steps = run(model, [1, 2, 3], params, d)
+    assert spec == plain
+    assert d.proposed > 0 and d.accepted == d.proposed
+    assert all(s.accepted == s.drafted for s in steps)
+    assert len(steps) <= 1 + -(-29 // 6)  # 6 tokens per verify step
+
+
+def test_never_accept_degrades_to_plain(tiny_llama64):
+    params = SamplingParams(max_new_tokens=25)
+    plain, _ = run(tiny_llama64, [4, 5, 6], params)
+    d = NeverAccept(tiny_llama64)
+    spec, steps = run(tiny_llama64, [4, 5, 6], params, d)
+    assert spec == plain
+    assert d.proposed > 0 and d.accepted == 0
+    assert all(len(s.tokens) == 1 for s in steps)
+
+
+def test_cost_model_sizes_drafts():
+    flat = CostModel.flat()
+    assert flat.best_size([0.9, 0.8, 0.1]) == 3  # free verification: take every positive-score node
+    steep = CostModel((1, 2, 4, 8), (1.0, 2.0, 4.0, 8.0))  # verification linear in width: never worth it
+    assert steep.best_size([0.9, 0.8, 0.7]) == 0
+    mid = CostModel((1, 2, 4, 8), (1.0, 1.1, 1.3, 2.5))
+    assert mid.best_size([0.9, 0.8, 0.7, 0.05, 0.01]) == 3
+    assert mid.cost(3) == pytest.approx(1.2)
