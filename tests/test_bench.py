@@ -217,8 +217,8 @@ def test_user_prompts_and_interrupt(tiny, tmp_path, monkeypatch, capsys):
     """--prompts runs the user's prompts; Ctrl-C mid-run writes partial results marked incomplete, exit != 0."""
     import skipjack.api
 
-    lines = [{"id": f"u{i}", "category": "mine", "messages": [{"role": "user", "content": "the cat " * (i + 2)}]}]
-    lines = [json.dumps(x) for i in range(4) for x in [lines[0] | {"id": f"u{i}"}]]
+    msg = lambda i: [{"role": "user", "content": "the cat sat " * (i + 2)}]
+    lines = [json.dumps({"id": f"u{i}", "category": "mine", "messages": msg(i)}) for i in range(4)]
     (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
     orig, calls = skipjack.api.complete, []
 

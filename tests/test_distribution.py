@@ -4,7 +4,8 @@
    token), so the exact law of the next 3 tokens is known. Drafts are chains, trees, and sampled drafts with
    their own q. 20,000 samples each, chi-squared goodness of fit against the exact law.
 2. End to end: `generate()` with a tiny model (vocab 12) and pld/ngram drafters, next 2 tokens, against the
-   exact law computed from the model's own logits.
+   exact law computed from the model's own logits (4,000 samples each: the pipeline check; the 20,000-sample
+   tests above carry the statistical weight).
 """
 
 from __future__ import annotations
@@ -104,8 +105,20 @@ def sample_three(table, params, kind, rng, n_samples):
     return out
 
 
-@pytest.mark.parametrize("kind", ["chain", "tree", "sampled-q"])
-@pytest.mark.parametrize("params", SETTINGS, ids=["t1", "warped"])
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP overhead (and oversubscription on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize(
+    "kind, params",
+    [("chain", SETTINGS[1]), ("tree", SETTINGS[1]), ("tree", SETTINGS[0]), ("sampled-q", SETTINGS[0])],
+    ids=["chain-warped", "tree-warped", "tree-t1", "sampled-q-t1"],
+)
 def test_verifier_preserves_distribution(kind, params):
     table = markov(seed=11)
     rng = torch.Generator().manual_seed(1234)
@@ -148,7 +161,7 @@ def test_end_to_end_sampling_distribution(method):
     samples, drafted = [], 0
     gen_params = SamplingParams(temperature=1.0, top_k=8, max_new_tokens=2, seed=99)
     torch.manual_seed(0)
-    for i in range(20_000):
+    for i in range(4_000):
         gen_params.seed = i
         steps = list(generate(model, prompt, gen_params, drafter, CostModel.flat()))
         drafted += sum(s.drafted for s in steps)

