@@ -2,7 +2,7 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-PROMPT ?= Write a Python function that returns the n-th Fibonacci number, with a docstring and an example.
+PROMPT ?=
 
 .PHONY: demo test install lint bench bench-quick bench-peers clean
 
