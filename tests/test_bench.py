@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from skipjack.bench import report, runner
+from skipjack.bench import machine, report
 from skipjack.cli import main as cli_main
 
 CHAT = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
@@ -78,7 +78,7 @@ def bench_out(tiny, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bench") / "out"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runner, "BANDWIDTH_MB", 16)
+        mp.setattr(machine, "BANDWIDTH_MB", 16)
         mp.setattr(skipjack.api, "complete", _perturbed(skipjack.api.complete))
         mp.setitem(REGISTRY, "lossy-test", PromptLookup)
         register("lossy-test", PromptLookup, lossless=False)
@@ -91,7 +91,7 @@ def bench_out(tiny, tmp_path_factory):
 def test_schema_and_plots(bench_out):
     out, res = bench_out
     assert res["complete"] is True and res["suite"] == "quick"
-    assert res["command"].startswith("skipjack bench") and "--out" in res["command"]
+    assert "skipjack bench --suite quick" in res["command"] and "--out" in res["command"]
     for key in ("cpu", "cores", "torch", "bandwidth_gbs", "date"):
         assert res["machine"][key] is not None, key
     assert res["machine"]["bandwidth_gbs"] > 0
@@ -187,7 +187,7 @@ def test_benchmarks_md(bench_out, tmp_path):
         (["--methods", "pld:zz=1"], "unknown option"),
         (["--peers", "vllm"], "unknown peer 'vllm'"),
         (["--suite", "huge"], "unknown suite"),
-        (["--repeats", "0"], "--repeats"),
+        (["--repeats", "1"], "--repeats must be >= 2"),
         (["--prompts", "EMPTY"], "no prompts"),
         (["--prompts", "BAD"], "not valid JSON"),
         (["--prompts", "NOUSER"], "last message must be from the user"),
@@ -224,15 +224,15 @@ def test_user_prompts_and_interrupt(tiny, tmp_path, monkeypatch, capsys):
 
     def complete(*args, **kw):
         calls.append(1)
-        if len(calls) == 2 + 2 * 2 + 1:  # warm-up (2 methods), prompts u0 and u1 (2 methods x 1 repeat), then stop
+        if len(calls) == 2 + 2 * 4 + 1:  # warm-up (2 methods), prompts u0 and u1 (2 methods x 2 repeats), then stop
             raise KeyboardInterrupt
         return orig(*args, **kw)
 
-    monkeypatch.setattr(runner, "BANDWIDTH_MB", 16)
+    monkeypatch.setattr(machine, "BANDWIDTH_MB", 16)
     monkeypatch.setattr(skipjack.api, "complete", complete)
     out = tmp_path / "out"
     argv = ["bench", "--model", str(tiny), "--prompts", str(tmp_path / "p.jsonl"), "--methods", "pld"]
-    argv += ["--max-new-tokens", "4", "--repeats", "1", "--out", str(out)]
+    argv += ["--max-new-tokens", "4", "--repeats", "2", "--out", str(out)]
     assert cli_main(argv) == 130
     res = json.loads((out / "results.json").read_text())
     assert res["complete"] is False and res["suite"] == "custom"
@@ -240,3 +240,52 @@ def test_user_prompts_and_interrupt(tiny, tmp_path, monkeypatch, capsys):
     assert res["summary"]["pld"]["by_category"]["mine"]["prompts"] == 2
     assert "Partial results" in (out / "REPORT.md").read_text()
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_llamacpp_peer_with_a_stand_in_module(monkeypatch, tmp_path):
+    """The llama.cpp wrapper (not installed here) against a stand-in `llama_cpp`: greedy settings, no KV prefix
+    reuse between runs, stop token stripped, budget respected, forward passes counted; a non-GGUF is refused."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    from skipjack.bench import peers
+
+    seen = {}
+
+    class Llama:
+        def __init__(self, model_path, **kw):
+            self.model_path, self.n_tokens = model_path, 0
+            seen["init"] = kw
+
+        def reset(self):
+            self.n_tokens = 0
+
+        def eval(self, tokens):
+            self.n_tokens += len(tokens)
+
+        def generate(self, tokens, **kw):
+            seen["generate"] = kw
+            assert self.n_tokens == 0  # reset() before each request
+            self.eval(tokens)
+            for t in [5, 6, 7, 2, 9]:
+                yield t
+                self.eval([t])
+
+    mod = types.ModuleType("llama_cpp")
+    mod.Llama = Llama
+    spec = types.ModuleType("llama_cpp.llama_speculative")
+    spec.LlamaPromptLookupDecoding = lambda num_pred_tokens: ("draft", num_pred_tokens)
+    monkeypatch.setitem(sys.modules, "llama_cpp", mod)
+    monkeypatch.setitem(sys.modules, "llama_cpp.llama_speculative", spec)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    got = peers.make_peers(["llamacpp", "llamacpp-pld"], SimpleNamespace(source=gguf), "fp32", 256)
+    assert all(p.status == "ok" for p in got.values())
+    assert seen["init"]["draft_model"] == ("draft", peers.NUM_PRED_TOKENS) and seen["init"]["n_ctx"] == 256
+    out = got["llamacpp"].run([1, 3, 4], 8, 0.0, 0, frozenset({2}))
+    assert out.tokens == [5, 6, 7] and out.forward_passes == 3 and out.seconds >= 0
+    assert seen["generate"]["temp"] == 0.0 and seen["generate"]["top_k"] == 1
+    assert got["llamacpp"].run([1, 3, 4], 2, 0.0, 0, frozenset({2})).tokens == [5, 6]
+    folder = peers.make_peers(["llamacpp"], SimpleNamespace(source=tmp_path), "fp32", 256)["llamacpp"]
+    assert folder.status.startswith("unavailable") and "GGUF" in folder.status

@@ -162,8 +162,11 @@ def test_k_quant_blocks_dequantise(tmp_path):
     w.add_tensor("output_norm.weight", block.reshape(1, 210), raw_dtype=gguf.GGMLQuantizationType.Q6_K)
     for qt in ("Q4_K", "Q5_K"):  # all-zero blocks decode to zeros
         size = {"Q4_K": 144, "Q5_K": 176}[qt]
-        w.add_tensor(f"blk.0.attn_{'q' if qt == 'Q4_K' else 'v'}.weight", np.zeros((1, size), np.uint8),
-                     raw_dtype=gguf.GGMLQuantizationType[qt])
+        w.add_tensor(
+            f"blk.0.attn_{'q' if qt == 'Q4_K' else 'v'}.weight",
+            np.zeros((1, size), np.uint8),
+            raw_dtype=gguf.GGMLQuantizationType[qt],
+        )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

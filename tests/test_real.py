@@ -67,11 +67,20 @@ def suite(name: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def identity_prompts() -> list[dict]:
+    """Every prompt of the quick suite (one per category, the long one included) and every chat, math and code
+    prompt of the full suite. The other full-suite prompts (long documents: prefill dominates the cost) are
+    checked by `skipjack bench`'s identical_fraction on every run of the full suite."""
+    quick = suite("quick")
+    ids = {p["id"] for p in quick}
+    return quick + [p for p in suite("full") if p["category"] in ("chat", "math", "code") and p["id"] not in ids]
+
+
 @pytest.fixture(scope="module")
 def plain_outputs(real):
     params = SamplingParams(max_new_tokens=32, stop_token_ids=real.tokenizer.stop_ids)
     out = {}
-    for p in suite("full"):
+    for p in identity_prompts():
         ids = real.tokenizer.prompt_ids(p["messages"])
         out[p["id"]] = (ids, complete(real, ids, params).tokens)
     return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -131,7 +131,9 @@ def cmd_bench(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="skipjack", description="Faster LLM decoding by working with layers and KV cache.")
+    ap = argparse.ArgumentParser(
+        prog="skipjack", description="Faster LLM decoding by working with layers and KV cache."
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="generate text from a prompt")
     _sampling_args(g)
@@ -169,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # an internal bug: still one line, unless SKIPJACK_DEBUG asks for the traceback
         if os.environ.get("SKIPJACK_DEBUG"):
             raise
-        print(f"skipjack: internal error: {type(e).__name__}: {e} (set SKIPJACK_DEBUG=1 for a traceback)", file=sys.stderr)
+        print(
+            f"skipjack: internal error: {type(e).__name__}: {e} (set SKIPJACK_DEBUG=1 for a traceback)", file=sys.stderr
+        )
         return 1
 
 

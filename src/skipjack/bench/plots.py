@@ -1,6 +1,7 @@
 """The benchmark's PNG plots, drawn from a results.json dict with matplotlib's Agg backend.
 
-- `speedup_by_category.png`: per category (and overall) one bar per method and peer: speedup vs plain.
+- `speedup_by_category.png`: per category (and overall) one bar per method and peer: speedup vs plain
+  (plain itself is the dashed line at 1).
 - `draft_length.png`: tokens/s vs fixed draft length for the `pld:k=N` methods that ran, with the cost-model
   `pld` (and `plain`) as horizontal lines; without fixed-length runs, tokens/s vs mean accepted per method.
 - `accept_hist.png`: per drafting method, the share of verify steps that accepted 0, 1, 2, ... drafts.
@@ -26,9 +27,9 @@ def _note(ax, text: str) -> None:
 
 
 def speedup_by_category(results: dict, path: Path) -> None:
-    ran = _ran(results["summary"])
+    ran = {n: s for n, s in _ran(results["summary"]).items() if n != "plain"}  # plain is the dashed line at 1
     cats = list(dict.fromkeys(c for s in ran.values() for c in s["by_category"])) + ["overall"]
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(cats) * max(1, len(ran)) ** 0.5 + 3), 4.5))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(7.0, 0.35 * len(cats) * max(1, len(ran)) + 2)), 4.8))
     if not ran:
         _note(ax, "nothing ran")
     else:
@@ -39,7 +40,7 @@ def speedup_by_category(results: dict, path: Path) -> None:
             xs = [j + (i - (len(ran) - 1) / 2) * width for j in range(len(cats))]
             hatch = "//" if s["kind"] == "peer" else None
             ax.bar(xs, [v or 0.0 for v in vals], width, label=name, hatch=hatch)
-        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.axhline(1.0, color="black", lw=0.8, ls="--", label="plain")
         ax.set_xticks(range(len(cats)), cats)
         ax.set_ylabel("speedup vs plain (tokens/s ratio)")
         ax.legend(fontsize=8, ncol=2)

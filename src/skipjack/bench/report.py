@@ -6,8 +6,9 @@ results.json schema (version `SCHEMA_VERSION`; times in seconds, sizes in bytes 
     command         str: the exact `skipjack bench ...` command line (shell-quoted)
     complete        bool: false when interrupted (Ctrl-C); then runs/summary hold what was measured
     machine         {cpu, cores, physical_cores, threads, ram_gb, platform, python, torch, transformers,
-                     llama_cpp_python (null if not installed), bandwidth_gbs (measured copy bandwidth), date (ISO)}
-    model           {name, source, dtype, weight_bytes, params, context, load_seconds}
+                     llama_cpp_python (null if not installed), bandwidth_gbs (measured copy bandwidth),
+                     load_avg_1m (at the start: other load on the machine skews timings), date (ISO)}
+    model           {name, source, dtype, weight_bytes, params, context, load_seconds, load_cold_s, load_warm_s}
     suite           "quick" | "full" | "custom" (--prompts); prompts_file: the path or null
     settings        {methods: [...], peers: [...], max_new_tokens, temperature, seed, repeats}
     prompts         [{id, category, prompt_tokens}]  the prompts that were run
@@ -192,10 +193,13 @@ def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack be
     parts += [
         f"- **Date:** {m['date']}",
         f"- **Machine:** {m['cpu']}, {m['cores']} cores ({m['threads']} threads used), {m['ram_gb']} GB RAM, "
-        f"measured memory bandwidth {m['bandwidth_gbs']} GB/s; torch {m['torch']}, transformers {m['transformers']}, "
+        f"measured memory bandwidth {m['bandwidth_gbs']} GB/s, load average {m.get('load_avg_1m', '?')} at start; "
+        f"torch {m['torch']}, transformers {m['transformers']}, "
         f"llama-cpp-python {m['llama_cpp_python'] or 'not installed'}",
-        f"- **Model:** {model['name']} ({model['dtype']}, {model['params'] / 1e6:.0f}M parameters, "
-        f"{model['weight_bytes'] / 1e6:.0f} MB of weights, context {model['context']})",
+        f"- **Model:** {model['name']} ({model['dtype']}, {model['params'] / 1e6:.1f}M parameters, "
+        f"{model['weight_bytes'] / 1e6:.1f} MB of weights, context {model['context']}); load time: "
+        f"cold {_f(model.get('load_cold_s'), '{:.1f}')} s (GGUF dequantised and converted into an empty cache), "
+        f"warm {_f(model.get('load_warm_s'), '{:.1f}')} s (from the conversion cache)",
         f"- **Suite:** {results['suite']}, {len(results['prompts'])} prompts; max new tokens {st['max_new_tokens']}, "
         f"temperature {st['temperature']}, {st['repeats']} repeats (median kept), warm-up excluded",
         f"- **Command:** `{results['command']}`",

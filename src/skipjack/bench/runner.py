@@ -14,7 +14,8 @@ Procedure (the schema of results.json is documented in `skipjack.bench.report`):
 
 `plain` always runs first; it is the reference for `speedup_vs_plain` and for `identical` (exact token-list
 equality with plain's output on the same prompt, at temperature 0; null at T > 0). One drafter object per
-method is reused across prompts and repeats, so its online statistics carry over as in a long-lived server.
+method is reused across prompts, so its online statistics carry over as in a long-lived server; each repeat
+of a prompt starts from the same drafter state (a copy), so repeats are comparable.
 At T > 0 every run uses `--seed` (default 0). Peak RSS is sampled every 20 ms by a background thread and
 attributed to the method running at that moment (the whole process: every loaded model is included).
 
@@ -24,23 +25,20 @@ Ctrl-C writes what has been measured so far with `"complete": false` and exits w
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import copy
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
-import threading
-import time
 from pathlib import Path
 
 from skipjack.bench import peers as peers_mod
 from skipjack.bench import report
+from skipjack.bench.machine import RssSampler, machine_info, measure_bandwidth, peak_rss_mb
 from skipjack.bench.suite import load_prompts_file, load_suite, parse_methods, parse_peers, probe_out_dir
 from skipjack.errors import SkipjackError
 
-BANDWIDTH_MB = 512  # size of the array copied to measure memory bandwidth
 WARMUP_TOKENS = 8
 
 
@@ -60,106 +58,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _command(a) -> str:
     """The exact command line when run as `skipjack ...`; otherwise an equivalent one built from the args."""
+    env = f"SKIPJACK_THREADS={shlex.quote(os.environ['SKIPJACK_THREADS'])} " if "SKIPJACK_THREADS" in os.environ else ""
     if Path(sys.argv[0]).name == "skipjack" and "bench" in sys.argv[1:]:
-        return shlex.join(["skipjack", *sys.argv[1:]])
+        return env + shlex.join(["skipjack", *sys.argv[1:]])
     parts = ["skipjack", "bench", "--suite", a.suite, "--methods", a.methods]
     for flag, val in (("--model", a.model), ("--peers", a.peers), ("--prompts", a.prompts)):
         if val:
             parts += [flag, val]
     parts += ["--max-new-tokens", str(a.max_new_tokens), "--temperature", str(a.temperature)]
     parts += ["--repeats", str(a.repeats), "--dtype", a.dtype, "--seed", str(a.seed), "--out", a.out]
-    return shlex.join(parts)
-
-
-def measure_bandwidth(mb: int | None = None) -> float:
-    """Memory bandwidth in GB/s: best of 3 copies of an `mb` MB float32 tensor (read + write bytes)."""
-    import torch
-
-    mb = mb or BANDWIDTH_MB
-    a = torch.ones(mb * (1 << 20) // 4)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * a.numel() * 4 / best / 1e9
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(bandwidth_gbs: float) -> dict:
-    import psutil
-    import torch
-
-    def version(mod: str):
-        try:
-            from importlib.metadata import version as v
-
-            return v(mod)
-        except Exception:
-            return None
-
-    return {
-        "cpu": _cpu_name(),
-        "cores": os.cpu_count(),
-        "physical_cores": psutil.cpu_count(logical=False),
-        "threads": torch.get_num_threads(),
-        "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": version("transformers"),
-        "llama_cpp_python": version("llama-cpp-python"),
-        "bandwidth_gbs": round(bandwidth_gbs, 2),
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-
-
-class RssSampler(threading.Thread):
-    """Samples the process RSS every `period` s; `peaks[label]` is the max seen while `label` was current."""
-
-    def __init__(self, period: float = 0.02):
-        import psutil
-
-        super().__init__(daemon=True)
-        self.proc, self.period, self.label = psutil.Process(), period, None
-        self.peaks: dict[str, float] = {}
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopped.wait(self.period):
-            self.sample()
-
-    def sample(self) -> None:
-        label = self.label
-        if label is not None:
-            mb = self.proc.memory_info().rss / 2**20
-            self.peaks[label] = max(self.peaks.get(label, 0.0), mb)
-
-    def stop(self) -> None:
-        self.stopped.set()
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)
+    return env + shlex.join(parts)
 
 
 def _check_numbers(a) -> None:
-    if a.repeats < 1:
-        raise SkipjackError(f"--repeats must be >= 1 (got {a.repeats})")
+    if a.repeats < 2:
+        raise SkipjackError(f"--repeats must be >= 2 (got {a.repeats}): the median of at least two runs is kept")
     if a.max_new_tokens < 1:
         raise SkipjackError(f"--max-new-tokens must be >= 1 (got {a.max_new_tokens})")
     if a.temperature < 0:
@@ -182,10 +95,10 @@ class Bench:
         self.sampler, self.runs, self.plain_tokens = sampler, [], {}
         self.live_peers = [n for n, p in peers.items() if p.status == "ok"]
 
-    def _ours(self, method: str, ids: list[int], params) -> dict:
+    def _ours(self, method: str, ids: list[int], params, drafter=None) -> dict:
         from skipjack import api
 
-        r = api.complete(self.loaded, ids, params, method, drafter=self.drafters[method])
+        r = api.complete(self.loaded, ids, params, method, drafter=drafter or self.drafters[method])
         return {
             "tokens": list(r.tokens),
             "seconds": r.seconds,
@@ -210,10 +123,10 @@ class Bench:
             "finish": "length" if n >= params.max_new_tokens else "stop",
         }
 
-    def one(self, name: str, ids: list[int], params) -> dict:
+    def one(self, name: str, ids: list[int], params, drafter=None) -> dict:
         self.sampler.label = name
         try:
-            return self._peer(name, ids, params) if name in self.peers else self._ours(name, ids, params)
+            return self._peer(name, ids, params) if name in self.peers else self._ours(name, ids, params, drafter)
         finally:
             self.sampler.sample()
             self.sampler.label = None
@@ -246,9 +159,13 @@ class Bench:
                 if name not in self.jobs():  # a peer that failed earlier in this loop
                     continue
                 reps = []
+                # Every repeat starts from the same drafter state (an adaptive drafter must not learn the
+                # answer in repeat 1 and replay it in repeat 2); the state after repeat 1 is kept.
+                snap = copy.deepcopy(self.drafters.get(name)) if self.drafters.get(name) is not None else None
                 for i in range(self.a.repeats):
                     progress.update(task, description=f"{name} · {p.id} ({i + 1}/{self.a.repeats})")
-                    r = self._guard(name, lambda n=name, x=ids: self.one(n, x, self.params))
+                    d = copy.deepcopy(snap) if i > 0 and snap is not None else None
+                    r = self._guard(name, lambda n=name, x=ids, d=d: self.one(n, x, self.params, d))
                     progress.advance(task)
                     if r is None:
                         break
@@ -261,6 +178,7 @@ class Bench:
                             f"{name} {p.id}: {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens, "
                             f"{r['seconds']:.2f} s median, {r['tokens_per_s']:.1f} tokens/s",
                             highlight=False,
+                            soft_wrap=True,
                         )
 
     def _record(self, p, name: str, ids: list[int], reps: list[dict]) -> dict:
@@ -316,7 +234,7 @@ def _progress():
 
 def main(a) -> int:
     """Run the benchmark for parsed `bench` arguments; returns the exit status (130 when interrupted)."""
-    from skipjack.loading import load
+    from skipjack.loading import load, load_times
 
     _check_numbers(a)
     methods = parse_methods(a.methods)
@@ -326,6 +244,7 @@ def main(a) -> int:
     results: dict = {"schema": report.SCHEMA_VERSION, "command": _command(a), "complete": False}
     results["machine"] = machine_info(measure_bandwidth())
     loaded = load(a.model, a.dtype)
+    times = load_times(a.model, a.dtype)
     kept, skipped = _prepare_prompts(prompts, loaded, a.max_new_tokens)
     if not kept:
         raise SkipjackError(f"no prompt fits the model's context ({skipped[0]['reason']})")
@@ -340,6 +259,8 @@ def main(a) -> int:
             "params": sum(p.numel() for p in loaded.model.parameters()),
             "context": loaded.model.config.max_position_embeddings,
             "load_seconds": round(loaded.seconds, 3),
+            "load_cold_s": times["cold_s"],  # GGUF -> conversion cache -> model, into an empty cache
+            "load_warm_s": times["warm_s"],  # from the conversion cache
         },
         "suite": "custom" if a.prompts else a.suite,
         "prompts_file": a.prompts,
@@ -375,7 +296,7 @@ def main(a) -> int:
     results["peers"] = {
         n: {"status": bench.peers[n].status, "weight_bytes": _peer_weights(bench.peers[n])} for n in peers
     }
-    results["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    results["peak_rss_mb"] = round(peak_rss_mb(), 1)
     results["runs"] = bench.runs
     results["summary"] = report.summarise(results, sampler.peaks)
     (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")

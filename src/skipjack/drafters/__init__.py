@@ -63,7 +63,9 @@ def make_drafter(spec: str) -> Drafter | None:
     allowed = set(inspect.signature(factory).parameters)
     unknown = set(opts) - allowed
     if unknown:
-        raise SkipjackError(f"{name}: unknown option(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}")
+        raise SkipjackError(
+            f"{name}: unknown option(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}"
+        )
     return factory(**opts)
 
 

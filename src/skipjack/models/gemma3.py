@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipjack.models.common import DecoderLM, apply_rope, Linear, fuse, param, rms_norm, rope_tables, run_attention
+from skipjack.models.common import DecoderLM, Linear, apply_rope, fuse, param, rms_norm, rope_tables, run_attention
 
 
 @dataclass
@@ -61,7 +61,10 @@ class Block(nn.Module):
             return param(sd[p + name] + 1.0)
 
         self.attn_pre, self.attn_post = norm("input_layernorm.weight"), norm("post_attention_layernorm.weight")
-        self.ffn_pre, self.ffn_post = norm("pre_feedforward_layernorm.weight"), norm("post_feedforward_layernorm.weight")
+        self.ffn_pre, self.ffn_post = (
+            norm("pre_feedforward_layernorm.weight"),
+            norm("post_feedforward_layernorm.weight"),
+        )
         self.q_norm, self.k_norm = norm("self_attn.q_norm.weight"), norm("self_attn.k_norm.weight")
         a = p + "self_attn."
         self.wqkv = Linear(fuse(*(sd[a + n + "_proj.weight"] for n in "qkv")))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipjack.models.common import DecoderLM, apply_rope, Linear, fuse, param, rms_norm, rope_tables, run_attention
+from skipjack.models.common import DecoderLM, Linear, apply_rope, fuse, param, rms_norm, rope_tables, run_attention
 
 
 @dataclass
