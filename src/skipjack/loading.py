@@ -83,7 +83,9 @@ class Loaded:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Bytes of weights one forward pass streams: every parameter except the embedding table, of which a
+        pass reads only its tokens' rows (a tied LM head is counted once, as the head)."""
+        return sum(p.numel() * p.element_size() for n, p in self.model.named_parameters() if n != "embed_tokens")
 
 
 def named_path(name: str) -> Path:

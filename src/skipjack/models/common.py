@@ -10,7 +10,7 @@ early exit, FFN skipping) are uses of this interface, never special cases in a f
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,15 @@ class DecoderLM(nn.Module):
     """
 
     kinds: list[tuple[int | None, str]]
+
+    def _build(self, c, sd: dict[str, torch.Tensor], block_cls, norm_shift: float = 0.0) -> None:
+        """The parts every family shares: embeddings, blocks, final norm (+ shift), LM head (tied or not)."""
+        self.config = c
+        self.embed_tokens = param(sd["model.embed_tokens.weight"])  # [V, Dm]
+        self.layers = nn.ModuleList(block_cls(c, sd, f"model.layers.{i}.") for i in range(c.num_hidden_layers))
+        self.norm_weight = param(sd["model.norm.weight"] + norm_shift)
+        head = sd.get("lm_head.weight")
+        self.lm_head = Linear(sd["model.embed_tokens.weight"] if c.tie_word_embeddings or head is None else head)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -232,3 +241,9 @@ def fuse(*ws: torch.Tensor | None) -> torch.Tensor | None:
 
 def param(w: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(w, requires_grad=False)
+
+
+def config_from_dict(cls, d: dict):
+    """A family config dataclass from a (normalised) HF config dict: unknown keys and None values ignored."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names and v is not None})

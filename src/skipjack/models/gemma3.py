@@ -9,13 +9,23 @@ query_pre_attn_scalar^-1/2; local layers with a sliding window and their own RoP
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipjack.models.common import DecoderLM, Linear, apply_rope, fuse, param, rms_norm, rope_tables, run_attention
+from skipjack.models.common import (
+    DecoderLM,
+    Linear,
+    apply_rope,
+    config_from_dict,
+    fuse,
+    param,
+    rms_norm,
+    rope_tables,
+    run_attention,
+)
 
 
 @dataclass
@@ -47,8 +57,7 @@ class Gemma3Config:
         d["rope_local_theta"] = local.get("rope_theta", d.get("rope_local_base_freq", 1e4))
         if full.get("rope_type") == "linear":
             d["rope_scale"] = full["factor"]
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        return config_from_dict(cls, d)
 
 
 class Block(nn.Module):
@@ -95,12 +104,7 @@ class Block(nn.Module):
 class Model(DecoderLM):
     def __init__(self, c: Gemma3Config, sd: dict[str, torch.Tensor]):
         super().__init__()
-        self.config = c
-        self.embed_tokens = param(sd["model.embed_tokens.weight"])  # [V, Dm]
-        self.layers = nn.ModuleList(Block(c, sd, f"model.layers.{i}.") for i in range(c.num_hidden_layers))
-        self.norm_weight = param(sd["model.norm.weight"] + 1.0)
-        head = sd.get("lm_head.weight")
-        self.lm_head = Linear(sd["model.embed_tokens.weight"] if c.tie_word_embeddings or head is None else head)
+        self._build(c, sd, Block, norm_shift=1.0)
         self.kinds = [
             (c.sliding_window, "local") if t == "sliding_attention" else (None, "global") for t in c.layer_types
         ]

@@ -6,13 +6,23 @@ Q, K, V are one fused matmul, gate and up another; RoPE is applied to q and k he
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipjack.models.common import DecoderLM, Linear, apply_rope, fuse, param, rms_norm, rope_tables, run_attention
+from skipjack.models.common import (
+    DecoderLM,
+    Linear,
+    apply_rope,
+    config_from_dict,
+    fuse,
+    param,
+    rms_norm,
+    rope_tables,
+    run_attention,
+)
 
 
 @dataclass
@@ -50,8 +60,7 @@ class LlamaConfig:
         if d.get("model_type") == "qwen2":
             d["attention_bias"] = True
             d["sliding_window"] = d.get("sliding_window") if d.get("use_sliding_window") else None
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        return config_from_dict(cls, d)
 
 
 class Block(nn.Module):
@@ -90,12 +99,7 @@ class Block(nn.Module):
 class Model(DecoderLM):
     def __init__(self, c: LlamaConfig, sd: dict[str, torch.Tensor]):
         super().__init__()
-        self.config = c
-        self.embed_tokens = param(sd["model.embed_tokens.weight"])  # [V, Dm]
-        self.layers = nn.ModuleList(Block(c, sd, f"model.layers.{i}.") for i in range(c.num_hidden_layers))
-        self.norm_weight = param(sd["model.norm.weight"])
-        head = sd.get("lm_head.weight")
-        self.lm_head = Linear(sd["model.embed_tokens.weight"] if c.tie_word_embeddings or head is None else head)
+        self._build(c, sd, Block)
         self.kinds = [(c.sliding_window, "rope")] * c.num_hidden_layers
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
