@@ -1,0 +1,119 @@
+"""Drafter behaviour: prompt lookup's matching rule, the n-gram table's cap, persistence and tree shape."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+
+import pytest
+
+from skipjack.drafters import make_drafter, parse_method
+from skipjack.drafters.ngram import NGramDrafter, NGramTable
+from skipjack.drafters.pld import PromptLookup
+from skipjack.errors import SkipjackError
+
+
+def test_pld_prefers_longest_then_most_recent_match():
+    d = PromptLookup(max_ngram=3)
+    ctx = [1, 2, 3, 9, 9, 2, 3, 7, 7, 5, 2, 3]
+    d.begin(ctx)
+    # suffix (2, 3) occurs at 1-2 and 5-6; (5, 2, 3) never earlier -> 2-gram, most recent: followed by 7, 7
+    assert d.propose(ctx, 3).tokens == [7, 7, 5]
+    ctx2 = ctx + [4, 1, 2, 3]  # now (1, 2, 3) matches the prompt start: the 3-gram wins over the newer 2-gram
+    assert d.propose(ctx2, 2).tokens == [9, 9]
+
+
+def test_pld_index_is_incremental_and_never_matches_itself():
+    d = PromptLookup()
+    ctx = [5, 6, 7]
+    d.begin(ctx)
+    assert d.propose(ctx, 4) is None  # the suffix occurs only as itself
+    ctx += [5, 6]
+    assert d.propose(ctx, 4).tokens == [7, 5, 6]
+    assert d.indexed == len(ctx) - 1
+
+
+def test_pld_scores_follow_observed_acceptance():
+    d = PromptLookup()
+    d.begin([1, 2, 1, 2, 1, 2])
+    prop = d.propose([1, 2, 1, 2, 1, 2], 4)
+    before = prop.scores
+    for _ in range(20):  # depth 1 always rejected
+        prop.path = []
+        d.observe([0], prop)
+    after = d.propose([1, 2, 1, 2, 1, 2], 4).scores
+    assert after[0] < before[0] / 4 and all(b <= a for a, b in zip(after, after[1:]))
+
+
+def test_ngram_table_memory_cap():
+    t = NGramTable(max_contexts=50, max_children=3)
+    t.add(list(range(1000)) + [0, 1, 7, 0, 1, 8, 0, 1, 9, 0, 1, 10], 0, 1.0)
+    assert len(t.next) <= 50
+    assert all(len(kids) <= 3 for kids in t.next.values())
+
+
+def test_ngram_builds_a_tree_of_several_branches():
+    d = NGramDrafter(table="test-tree", width=3)
+    prompt = [1, 2, 3, 1, 2, 4, 1, 2, 3, 1, 2, 5, 3, 1, 2]
+    d.begin(prompt)
+    prop = d.propose(prompt, 8)
+    assert prop is not None and not prop.is_chain
+    roots = [t for t, p in zip(prop.tokens, prop.parents) if p == -1]
+    assert set(roots) == {3, 4, 5} and roots[0] == 3  # most frequent continuation first
+    assert all(p < i for i, p in enumerate(prop.parents))
+    assert all(0 < s <= 1 for s in prop.scores)
+
+
+def test_ngram_table_is_shared_across_requests():
+    a = NGramDrafter(table="shared-test")
+    a.begin([7, 8, 9, 7, 8])
+    b = NGramDrafter(table="shared-test")
+    b.begin([1])
+    assert b.table is a.table and b.table.lookup(7, 8) == {9: 1.0}
+
+
+def _save(path, offset):
+    t = NGramTable()
+    t.add([offset, offset + 1, offset + 2] * 50, 0, 1.0)
+    for _ in range(5):
+        t.save(path)
+
+
+def test_ngram_persistence_merges_and_survives_concurrent_writers(tmp_path):
+    path = tmp_path / "ngram.json"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_save, args=(path, 100 * i)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    data = json.loads(path.read_text())  # a complete, valid file
+    merged = NGramTable()
+    merged.load(path)
+    assert all(merged.lookup(100 * i, 100 * i + 1) for i in range(3))  # every writer's counts are there
+    assert data["format"] == 1
+    d = NGramDrafter(table="persist-test", path=str(path))
+    d.begin([0, 1])
+    assert d.propose([0, 1], 3).tokens[0] == 2
+
+
+def test_corrupt_ngram_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(SkipjackError, match="cannot read table"):
+        NGramDrafter(table="bad", path=str(bad)).begin([1, 2])
+
+
+@pytest.mark.parametrize(
+    "spec", ["pld:k=65", "pld:max_ngram=0", "pld:min_ngram=4,max_ngram=3", "ngram:explore=-1", "ngram:width=9", "x"]
+)
+def test_out_of_range_options(spec):
+    with pytest.raises(SkipjackError):
+        make_drafter(spec)
+
+
+def test_parse_method():
+    assert parse_method("pld:k=8, max_ngram=4") == ("pld", {"k": 8, "max_ngram": 4})
+    assert make_drafter("plain") is None
+    with pytest.raises(SkipjackError):
+        parse_method("plain:k=1")
