@@ -33,7 +33,8 @@ bench-quick: install
 	$(BIN)/skipjack bench --suite quick --methods plain,pld,ngram --peers hf,hf-pld,llamacpp,llamacpp-pld --out bench-out/quick
 
 bench: install
-	$(BIN)/skipjack bench --suite full --methods all --peers hf,hf-pld,llamacpp,llamacpp-pld --out bench-out/full
+	$(BIN)/skipjack bench --suite full --methods plain,pld,ngram,pld:k=4,pld:k=8 --peers hf,hf-pld,llamacpp,llamacpp-pld \
+		--max-new-tokens 96 --out bench-out/full
 	$(BIN)/python -m skipjack.bench.report bench-out/full --benchmarks-md BENCHMARKS.md
 
 clean:

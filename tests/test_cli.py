@@ -85,7 +85,7 @@ def test_generate_json_fields(capsys, tiny_folder):
 
 
 def test_streamed_text_equals_json_text(capsys, tiny_folder):
-    argv = ["generate", "--model", str(tiny_folder), "-n", "20", "--method", "ngram", "hello world"]
+    argv = ["generate", "--model", str(tiny_folder), "-n", "20", "--method", "pld:k=4", "hello world"]
     code, streamed, _ = run_cli(capsys, *argv)
     assert code == 0
     code, out, _ = run_cli(capsys, *argv, "--json")

@@ -13,6 +13,7 @@ the bonus token). n = 0 means a plain decoding step.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ import torch
 WIDTHS = (1, 2, 4, 8, 12, 16, 24, 32)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CostModel:
     widths: tuple[int, ...]
     rel: tuple[float, ...]  # c(width) / c(1), non-decreasing
@@ -77,6 +78,7 @@ class CostModel:
                 best_n, best_v = n, v
         return best_n
 
+    @functools.cache  # noqa: B019 - a handful of cost models per process
     def max_useful(self, cap: int = 64) -> int:
         """Largest draft worth asking for: beyond it even certain acceptance would not pay."""
         n = 1
