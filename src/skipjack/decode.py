@@ -9,6 +9,7 @@ token, and the cache is rolled back (`trim`) or, for trees, the accepted path's 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -141,12 +142,11 @@ def _finish(step: Step, params: SamplingParams, left: int, room: int, ctx: list[
     return step, left - len(toks)
 
 
-_COSTS: dict[int, CostModel] = {}
+_COSTS: weakref.WeakKeyDictionary[DecoderLM, CostModel] = weakref.WeakKeyDictionary()
 
 
 def cost_model(model: DecoderLM) -> CostModel:
     """The model's measured cost model (measured once per model object in this process)."""
-    key = id(model)
-    if key not in _COSTS:
-        _COSTS[key] = CostModel.measure(model)
-    return _COSTS[key]
+    if model not in _COSTS:
+        _COSTS[model] = CostModel.measure(model)
+    return _COSTS[model]
