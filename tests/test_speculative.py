@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter
+from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter, greedy_continuation
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from skipjack.cost import CostModel
 from skipjack.decode import generate
 from skipjack.drafters import make_drafter
+from skipjack.drafters.base import Proposal
 from skipjack.sampling import SamplingParams
 
 
@@ -84,3 +85,26 @@ def test_cost_model_sizes_drafts():
     mid = CostModel((1, 2, 4, 8), (1.0, 1.1, 1.3, 2.5))
     assert mid.best_size([0.9, 0.8, 0.7, 0.05, 0.01]) == 3
     assert mid.cost(3) == pytest.approx(1.2)
+
+
+class ForeignDrafter(AlwaysAccept):
+    """Right for two tokens, then a token id from another vocabulary and a malformed parent."""
+
+    def propose(self, context, budget):
+        right = greedy_continuation(self.model, context, 2)
+        return Proposal(right + [10_000, 1], [-1, 0, 1, 7], [0.9] * 4)
+
+
+def test_out_of_vocab_drafts_are_pruned_not_fatal(tiny_llama64):
+    """A shared n-gram table filled by a larger-vocabulary model (the CI failure of session 1), or any
+    drafter proposing ids >= vocab or a parent that does not come first, must not crash the forward pass."""
+    params = SamplingParams(max_new_tokens=20)
+    plain, _ = run(tiny_llama64, [1, 2, 3], params)
+    d = ForeignDrafter(tiny_llama64)
+    spec, steps = run(tiny_llama64, [1, 2, 3], params, d)
+    assert spec == plain
+    assert max(s.drafted for s in steps) == 2  # the two valid nodes were verified, the rest dropped
+    ng = make_drafter("ngram:table=foreign")
+    ng.table.add([0, 500, 600, 0, 500, 600, 0, 500], 0, 5.0)  # ids far outside the 48-token vocab
+    spec, _ = run(tiny_llama64, [0, 500 % 48, 0], params, ng)
+    assert spec == run(tiny_llama64, [0, 500 % 48, 0], params)[0]

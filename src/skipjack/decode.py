@@ -93,8 +93,8 @@ def generate(
                 elif cost is not None:
                     budget = min(budget, cost.max_useful(MAX_DRAFT))
                 proposal = drafter.propose(ctx, budget) if budget > 0 else None
-                if proposal is not None and len(proposal) > budget:
-                    proposal = proposal.prefix(budget)
+                if proposal is not None:
+                    proposal = proposal.prefix(min(budget, proposal.valid_length(vocab)))
                 if proposal is not None and not drafter.fixed_length and proposal.scores is not None:
                     proposal = proposal.prefix(cost.best_size(proposal.scores))
             if not proposal:

@@ -46,6 +46,15 @@ class Proposal:
             out[p + 1].setdefault(t, i)
         return out
 
+    def valid_length(self, vocab: int) -> int:
+        """How many leading nodes are well formed: a token id in [0, vocab) and a parent listed before it.
+        The engine verifies only that prefix, so a drafter trained on another vocabulary (a shared or
+        persisted table) cannot crash the forward pass; its out-of-range guesses are simply not tried."""
+        for i, (t, p) in enumerate(zip(self.tokens, self.parents)):
+            if not (0 <= t < vocab and -1 <= p < i):
+                return i
+        return min(len(self.tokens), len(self.parents))
+
     def prefix(self, n: int) -> Proposal:
         sc = None if self.scores is None else self.scores[:n]
         q = None if self.q is None else self.q[:n]
