@@ -101,7 +101,7 @@ def test_schema_and_plots(bench_out):
     cats = {p["category"] for p in res["prompts"]}
     assert cats == {"chat", "summarization", "rag", "code", "math", "long"}
     run_keys = {"id", "category", "method", "new_tokens", "seconds", "tokens_per_s", "mean_accepted", "accept_hist"}
-    run_keys |= {"identical", "tokens", "forward_passes"}
+    run_keys |= {"identical", "tokens", "forward_passes", "prefill_seconds"}
     ran = ["plain", "pld", "ngram", "pld:k=4", "lossy-test", "hf"]
     assert {r["method"] for r in res["runs"]} == set(ran)
     for r in res["runs"]:
@@ -126,6 +126,12 @@ def test_schema_and_plots(bench_out):
     want = sum(r["new_tokens"] for r in tot) / sum(r["seconds"] for r in tot)
     assert res["summary"]["pld"]["tokens_per_s"] == pytest.approx(want)
     assert res["summary"]["pld"]["draft_steps"] >= 0
+    # Decode-phase rate: tokens after the first over seconds after the first token; peers have none.
+    want = sum(r["new_tokens"] - 1 for r in tot) / sum(r["seconds"] - r["prefill_seconds"] for r in tot)
+    assert res["summary"]["pld"]["decode_tokens_per_s"] == pytest.approx(want)
+    assert all(0 < r["prefill_seconds"] < r["seconds"] for r in tot)
+    assert res["summary"]["plain"]["decode_speedup_vs_plain"] == pytest.approx(1.0)
+    assert res["summary"]["hf"]["decode_speedup_vs_plain"] is None
     for png in report.PLOTS:
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000

@@ -14,7 +14,7 @@ from skipjack.errors import SkipjackError
 
 
 def test_pld_prefers_longest_then_most_recent_match():
-    d = PromptLookup(max_ngram=3)
+    d = PromptLookup(max_ngram=3, branches=1)
     ctx = [1, 2, 3, 9, 9, 2, 3, 7, 7, 5, 2, 3]
     d.begin(ctx)
     # suffix (2, 3) occurs at 1-2 and 5-6; (5, 2, 3) never earlier -> 2-gram, most recent: followed by 7, 7
@@ -24,7 +24,7 @@ def test_pld_prefers_longest_then_most_recent_match():
 
 
 def test_pld_index_is_incremental_and_never_matches_itself():
-    d = PromptLookup()
+    d = PromptLookup(branches=1)
     ctx = [5, 6, 7]
     d.begin(ctx)
     assert d.propose(ctx, 4) is None  # the suffix occurs only as itself
@@ -43,6 +43,24 @@ def test_pld_scores_follow_observed_acceptance():
         d.observe([0], prop)
     after = d.propose([1, 2, 1, 2, 1, 2], 4).scores
     assert after[0] < before[0] / 4 and all(b <= a for a, b in zip(after, after[1:]))
+
+
+def test_pld_tree_merges_candidates_best_first():
+    d = PromptLookup(max_ngram=2, branches=3)
+    ctx = [1, 2, 3, 4, 9, 1, 2, 3, 5, 8, 1, 2]
+    d.begin(ctx)
+    prop = d.propose(ctx, 5)
+    # candidates: after the latest (1, 2): [3, 5, 8, 1, 2]; after the older one: [3, 4, 9, 1, 2];
+    # after the 1-gram (2,) nothing new. They share the first token, so the trie has one root child.
+    assert [c for _, c in d.cands] == [[3, 5, 8, 1, 2], [3, 4, 9, 1, 2]]
+    assert prop.children()[0] == {3: 0}
+    assert all(p < i for i, p in enumerate(prop.parents))  # parents first
+    assert all(a >= b for a, b in zip(prop.scores, prop.scores[1:]))  # best first
+    primary = [prop.tokens[i] for i in range(len(prop)) if prop.tokens[i] in (3, 5, 8)][:3]
+    assert primary == [3, 5, 8] and prop.tokens[1] == 5  # the primary copy outranks the alternative
+    # Observation scores every candidate against the emitted tokens, pruned ones included.
+    d.observe([3, 4, 9], prop.prefix(0))
+    assert d.stats[(2, True)][1][1:4] == [1, 1, 1] and d.stats[(2, False)][1][1:3] == [1, 0]
 
 
 def test_ngram_table_memory_cap():

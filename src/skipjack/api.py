@@ -33,6 +33,7 @@ class Result:
     finish: str
     accept_hist: dict[int, int] = field(default_factory=dict)  # accepted drafts per verify step -> count
     forward_passes: int = 0  # decoding forward passes (prefill excluded)
+    prefill_seconds: float = 0.0  # time to the first token (prompt forward pass + first pick)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -97,12 +98,15 @@ def complete(
     if drafter is not None and cost is None and not drafter.fixed_length:
         cost = cost_model(loaded.model)  # measured once per model, outside the timed region
     t0 = time.perf_counter()
+    t_first = None
     for i, (delta, step) in enumerate(stream_text(loaded, prompt, params, drafter, stop, cost)):
         text.append(delta)
         tokens.extend(step.tokens)
         if on_text and delta:
             on_text(delta)
-        if i > 0:
+        if i == 0:
+            t_first = time.perf_counter() - t0
+        else:
             passes += 1
             accepted += step.accepted
         if step.drafted:
@@ -123,4 +127,5 @@ def complete(
         finish=finish,
         accept_hist=dict(sorted(hist.items())),
         forward_passes=passes,
+        prefill_seconds=t_first or 0.0,
     )

@@ -100,6 +100,8 @@ def generate(
             if not proposal:
                 logits = model(torch.tensor([[pending]]), cache).logits[0, -1]
                 step = Step([pick(logits)])
+                if proposal is not None:  # drafted but sized down to nothing: still a lesson for the drafter
+                    drafter.observe(step.tokens, proposal)
                 continue
             step = _speculate(model, cache, pending, proposal, params, gen, seen)
             drafter.observe(step.tokens, proposal)

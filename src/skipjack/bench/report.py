@@ -16,13 +16,16 @@ results.json schema (version `SCHEMA_VERSION`; times in seconds, sizes in bytes 
     peers           {name: {status: "ok" | "not installed" | "unavailable: ..." | "failed: ...", weight_bytes}}
     peak_rss_mb     float: the process's peak RSS (getrusage)
     runs[]          one per method/peer x prompt: {id, category, method, kind ("method" | "peer"), prompt_tokens,
-                     new_tokens, seconds (median over repeats), seconds_all, tokens_per_s, identical (bool: output
+                     new_tokens, seconds (median over repeats), seconds_all, tokens_per_s, prefill_seconds (median
+                     time to the first token; null for peers), identical (bool: output
                      tokens == plain's on this prompt; null at T > 0), mean_accepted (tokens per decoding forward
                      pass), accept_hist ({accepted drafts per verify step: count}; {} for peers), draft_steps
                      (null for peers), forward_passes (decoding passes, prefill excluded), finish, tokens}
     summary         {method or peer: {kind, status, lossless (skipjack.drafters.LOSSLESS; null for peers), prompts,
                      new_tokens, seconds, tokens_per_s (total tokens / total seconds), speedup_vs_plain,
                      speedup_vs_<peer> for each peer that ran (e.g. speedup_vs_hf, speedup_vs_hf-pld),
+                     decode_tokens_per_s and decode_speedup_vs_plain (the decoding phase alone: tokens after the
+                     first over seconds after the first token; null for peers, whose prefill time is not known),
                      mean_accepted, accept_hist, draft_steps, forward_passes, forward_passes_per_s,
                      identical_fraction (null at T > 0), peak_rss_mb (sampled while it ran), weight_bytes,
                      bandwidth_utilisation (weight_bytes x forward passes/s / measured bandwidth),
@@ -60,6 +63,14 @@ def _agg(runs: list[dict]) -> dict:
     }
 
 
+def _decode_rate(runs: list[dict]) -> float | None:
+    """Tokens after the first over the seconds after the first token (prefill excluded)."""
+    if not runs or any(r.get("prefill_seconds") is None for r in runs):
+        return None
+    secs = sum(r["seconds"] - r["prefill_seconds"] for r in runs)
+    return sum(max(r["new_tokens"] - 1, 0) for r in runs) / secs if secs > 0 else None
+
+
 def _speedup(runs: list[dict], ref: list[dict]) -> float | None:
     """tokens/s of `runs` over tokens/s of `ref`, on the prompt ids both have."""
     common = {r["id"] for r in runs} & {r["id"] for r in ref}
@@ -89,6 +100,10 @@ def summarise(results: dict, rss_peaks: dict | None = None) -> dict:
         s["lossless"] = None if is_peer else parse_method(name)[0] in LOSSLESS
         s |= _agg(rs) if rs else dict.fromkeys(("prompts", "new_tokens", "seconds", "tokens_per_s", "mean_accepted"))
         s["speedup_vs_plain"] = _speedup(rs, plain) if rs else None
+        s["decode_tokens_per_s"] = _decode_rate(rs)
+        common = {r["id"] for r in rs} & {r["id"] for r in plain}
+        a, b = _decode_rate([r for r in rs if r["id"] in common]), _decode_rate([r for r in plain if r["id"] in common])
+        s["decode_speedup_vs_plain"] = a / b if a and b else None
         for p in ran_peers:
             s[f"speedup_vs_{p}"] = _speedup(rs, by[p]) if rs else None
         hist: dict[str, int] = {}
@@ -141,6 +156,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 def _overall(summary: dict, peers: list[str]) -> str:
     head = ["method", "status", "lossless", "prompts", "new tokens", "seconds", "tokens/s", "× plain"]
+    head += ["× plain (decode)"]
     head += [f"× {p}" for p in peers] + ["tokens/pass", "identical", "peak RSS MB", "BW util"]
     rows = []
     for name, s in summary.items():
@@ -150,6 +166,7 @@ def _overall(summary: dict, peers: list[str]) -> str:
         lossless = "–" if s["lossless"] is None else ("yes" if s["lossless"] else "no")
         row = [_label(name, s), s["status"], lossless, _f(s["prompts"], "{}"), _f(s["new_tokens"], "{}")]
         row += [_f(s["seconds"]), _f(s["tokens_per_s"], "{:.1f}"), _f(s["speedup_vs_plain"], "{:.2f}×")]
+        row += [_f(s.get("decode_speedup_vs_plain"), "{:.2f}×")]
         row += [_f(s.get(f"speedup_vs_{p}"), "{:.2f}×") for p in peers]
         row += [_f(s["mean_accepted"]), ident, _f(s["peak_rss_mb"], "{:.0f}"), _f(s["bandwidth_utilisation"], "{:.1%}")]
         rows.append(row)
@@ -213,7 +230,9 @@ def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack be
         parts += [RED.format("**NOT IDENTICAL to plain greedy output (lossy): " + ", ".join(lossy) + "**"), ""]
     parts += ["## Overall", "", _overall(summary, peers), ""]
     parts += ["tokens/s = total new tokens / total seconds; × X = ratio of tokens/s; tokens/pass = new tokens per "]
-    parts += ["decoding forward pass; BW util = weight bytes × forward passes/s ÷ measured bandwidth.", ""]
+    parts += ["decoding forward pass; BW util = weight bytes × forward passes/s ÷ measured bandwidth;"]
+    parts += ["× plain (decode) = the same ratio over the decoding phase only (after the first token; speculation"]
+    parts += ["does not change the prompt's forward pass, which dominates the long-context prompts).", ""]
     parts += ["## Speedup vs plain by category", "", _by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
     parts += ["## Tokens/s by category", "", _by_category(summary, "tokens_per_s", "{:.1f}"), ""]
     parts += ["## Acceptance", "", _acceptance(summary), ""]

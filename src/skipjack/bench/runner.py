@@ -107,6 +107,7 @@ class Bench:
             "draft_steps": r.draft_steps,
             "forward_passes": r.forward_passes,
             "finish": r.finish,
+            "prefill_seconds": r.prefill_seconds,
         }
 
     def _peer(self, name: str, ids: list[int], params) -> dict:
@@ -121,6 +122,7 @@ class Bench:
             "draft_steps": None,
             "forward_passes": out.forward_passes,
             "finish": "length" if n >= params.max_new_tokens else "stop",
+            "prefill_seconds": None,  # peers do not report their time to first token
         }
 
     def one(self, name: str, ids: list[int], params, drafter=None) -> dict:
@@ -198,6 +200,9 @@ class Bench:
             "seconds": secs,
             "seconds_all": [r["seconds"] for r in reps],
             "tokens_per_s": len(first["tokens"]) / secs if secs > 0 else 0.0,
+            "prefill_seconds": None
+            if first["prefill_seconds"] is None
+            else statistics.median(r["prefill_seconds"] for r in reps),
             "identical": identical,
             **{k: first[k] for k in ("mean_accepted", "accept_hist", "draft_steps", "forward_passes", "finish")},
             "tokens": first["tokens"],

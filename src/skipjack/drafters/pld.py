@@ -2,11 +2,18 @@
 
 Find the longest suffix of the context (max_ngram down to min_ngram tokens) that occurred earlier in the
 prompt + output, take its most recent earlier occurrence, and copy the tokens that followed it. An index
-from n-gram to the end position of its latest occurrence is updated incrementally as tokens arrive, so a
+from n-gram to the end positions of its latest occurrences is updated incrementally as tokens arrive, so a
 proposal costs O(max_ngram) dictionary lookups rather than a rescan.
 
-Node scores for the cost model: node d is accepted only if nodes 1..d-1 were, so its score is the product
-of conditional acceptance rates a_1..a_d, estimated online per depth with a Beta(1, 1) prior.
+Token tree (`branches` > 1): verifying a few more tokens is cheap on this CPU, so besides that primary
+copy we also propose the continuations of up to `branches - 1` other matches (older occurrences of the
+same suffix, then shorter suffixes), merged into a trie; `branches=1` is classic single-chain pld.
+
+Node scores for the cost model: a candidate's token at depth d is accepted only if its tokens 1..d-1 were,
+so its score is the product of conditional acceptance rates a_1..a_d. The rates are estimated online per
+depth for each (match length, primary or alternative) bucket, shrunk towards the depth's pooled rate, by
+comparing every candidate with what the model actually emitted. A trie node scores the best candidate
+through it. Nodes are listed best-first (ties: shallower first), which keeps parents before children.
 """
 
 from __future__ import annotations
@@ -14,52 +21,95 @@ from __future__ import annotations
 from skipjack.drafters.base import Proposal
 from skipjack.errors import SkipjackError
 
+DEPTHS = 65
+
 
 class PromptLookup:
     name = "pld"
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, k: int = 0):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, k: int = 0, branches: int = 4):
         if not 1 <= min_ngram <= max_ngram <= 16:
             raise SkipjackError(f"pld: need 1 <= min_ngram <= max_ngram <= 16 (got {min_ngram}, {max_ngram})")
         if not 0 <= k <= 64:
             raise SkipjackError(f"pld: k (fixed draft length, 0 = cost model) must be in [0, 64] (got {k})")
-        self.max_ngram, self.min_ngram, self.fixed_length = max_ngram, min_ngram, k
-        self.tried = [0] * 65  # per depth: times node d was reached (its parent accepted)
-        self.hit = [0] * 65  # per depth: times node d was accepted
+        if not 1 <= branches <= 8:
+            raise SkipjackError(f"pld: branches (copied candidates per step) must be in [1, 8] (got {branches})")
+        self.max_ngram, self.min_ngram, self.fixed_length, self.branches = max_ngram, min_ngram, k, branches
+        self.pooled = ([0] * DEPTHS, [0] * DEPTHS)  # per depth: (times tried, times accepted), all buckets
+        self.stats: dict[tuple[int, bool], tuple[list[int], list[int]]] = {}
+        self.cands: list[tuple[tuple[int, bool], list[int]]] = []
 
     def begin(self, prompt: list[int]) -> None:
-        self.index: dict[tuple[int, ...], int] = {}
+        self.index: dict[tuple[int, ...], list[int]] = {}  # n-gram -> end positions, oldest first
         self.indexed = 0  # positions [0, indexed) have their n-grams in the index
 
     def _index_upto(self, ctx: list[int], end: int) -> None:
         for j in range(self.indexed, end):
             for n in range(self.min_ngram, self.max_ngram + 1):
                 if j - n + 1 >= 0:
-                    self.index[tuple(ctx[j - n + 1 : j + 1])] = j
+                    ends = self.index.setdefault(tuple(ctx[j - n + 1 : j + 1]), [])
+                    ends.append(j)
+                    if len(ends) > self.branches:
+                        del ends[0]
         self.indexed = max(self.indexed, end)
+
+    def _candidates(self, context: list[int], budget: int) -> list[tuple[tuple[int, bool], list[int]]]:
+        """(bucket, copied tokens) for the longest and most recent match first, then the others."""
+        L, out, seen = len(context), [], set()
+        for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
+            for j in reversed(self.index.get(tuple(context[L - n :]), ())):
+                draft = context[j + 1 : j + 1 + budget]
+                if draft and tuple(draft) not in seen:
+                    seen.add(tuple(draft))
+                    out.append(((n, bool(out)), draft))
+                    if len(out) == self.branches:
+                        return out
+        return out
 
     def propose(self, context: list[int], budget: int) -> Proposal | None:
         self._index_upto(context, len(context) - 1)  # never match the suffix with itself
-        L = len(context)
-        for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
-            j = self.index.get(tuple(context[L - n :]))
-            if j is not None:
-                draft = context[j + 1 : j + 1 + budget]
-                if draft:
-                    return Proposal.chain(draft, self._scores(len(draft)))
-        return None
+        self.cands = self._candidates(context, budget)
+        if not self.cands:
+            return None
+        node: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+        tokens, parents, depth, score = [], [], [], []
+        for bucket, draft in self.cands:
+            par, s = -1, 1.0
+            for d, tok in enumerate(draft, start=1):
+                s *= self._rate(bucket, d)
+                i = node.get((par, tok))
+                if i is None:
+                    i = node[(par, tok)] = len(tokens)
+                    tokens.append(tok)
+                    parents.append(par)
+                    depth.append(d)
+                    score.append(s)
+                else:
+                    score[i] = max(score[i], s)
+                par = i
+        order = sorted(range(len(tokens)), key=lambda i: (-score[i], depth[i], i))[:budget]
+        new = {old: k for k, old in enumerate(order)}
+        return Proposal([tokens[i] for i in order], [new.get(parents[i], -1) for i in order], [score[i] for i in order])
 
-    def _scores(self, n: int) -> list[float]:
-        out, p = [], 1.0
-        for d in range(1, n + 1):
-            p *= (self.hit[d] + 1) / (self.tried[d] + 2)
-            out.append(p)
-        return out
+    def _rate(self, bucket: tuple[int, bool], d: int) -> float:
+        """Estimated P(depth-d token accepted | depths < d were), shrunk towards the pooled rate."""
+        tried, hit = self.stats.get(bucket, ((0,) * DEPTHS, (0,) * DEPTHS))
+        pooled = (self.pooled[1][d] + 1) / (self.pooled[0][d] + 2)
+        if bucket[1]:
+            pooled *= 0.5  # an alternative copy starts out less trusted than the primary one
+        return (hit[d] + 2 * pooled) / (tried[d] + 2)
 
     def observe(self, emitted: list[int], proposal: Proposal) -> None:
-        for d in range(1, min(len(proposal), len(proposal.path) + 1) + 1):
-            self.tried[d] += 1
-            self.hit[d] += d <= len(proposal.path)
+        """Score every candidate (verified or pruned) against the tokens the model actually emitted."""
+        for bucket, draft in self.cands:
+            tried, hit = self.stats.setdefault(bucket, ([0] * DEPTHS, [0] * DEPTHS))
+            for d in range(1, min(len(draft), len(emitted), DEPTHS - 1) + 1):
+                ok = draft[d - 1] == emitted[d - 1]
+                for t, h in ((tried, hit), self.pooled):
+                    t[d] += 1
+                    h[d] += ok
+                if not ok:
+                    break
 
     def end(self) -> None:
         pass
