@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?=
 
-.PHONY: demo test install lint bench bench-quick bench-peers clean
+.PHONY: demo test install lint bench bench-quick bench-sizing bench-peers clean
 
 $(BIN)/skipjack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,9 +33,14 @@ bench-quick: install
 	$(BIN)/skipjack bench --suite quick --methods plain,pld,ngram --peers hf,hf-pld,llamacpp,llamacpp-pld --out bench-out/quick
 
 bench: install
-	$(BIN)/skipjack bench --suite full --methods plain,pld,ngram,pld:k=4,pld:k=8 --peers hf,hf-pld,llamacpp,llamacpp-pld \
-		--max-new-tokens 96 --out bench-out/full
+	$(BIN)/skipjack bench --suite full --methods plain,pld,ngram --peers hf,hf-pld,llamacpp,llamacpp-pld \
+		--max-new-tokens 64 --out bench-out/full
 	$(BIN)/python -m skipjack.bench.report bench-out/full --benchmarks-md BENCHMARKS.md
+
+# Draft sizing: the cost model against fixed draft sizes (quick suite; ~10 min on 2 cores).
+bench-sizing: install
+	$(BIN)/skipjack bench --suite quick --methods plain,pld,pld:k=2,pld:k=4,pld:k=8,pld:k=16 \
+		--max-new-tokens 64 --out bench-out/sizing
 
 clean:
 	rm -rf $(VENV) bench-out

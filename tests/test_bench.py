@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def bench_out(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(machine, "BANDWIDTH_MB", 16)
+        mp.setitem(sys.modules, "llama_cpp", None)  # as on a machine without llama-cpp-python: import fails
         mp.setattr(skipjack.api, "complete", _perturbed(skipjack.api.complete))
         mp.setitem(REGISTRY, "lossy-test", PromptLookup)
         register("lossy-test", PromptLookup, lossless=False)

@@ -140,7 +140,9 @@ def _f(x, fmt: str = "{:.2f}", none: str = "–") -> str:
 
 
 def _lossy(s: dict) -> bool:
-    return s.get("identical_fraction") is not None and s["identical_fraction"] < 1.0
+    """A skipjack method whose greedy output differs from plain's. Peers are not flagged: they run other
+    arithmetic (llama.cpp multiplies the quantised weights directly), so their tokens may differ."""
+    return s.get("kind") != "peer" and s.get("identical_fraction") is not None and s["identical_fraction"] < 1.0
 
 
 def _label(name: str, s: dict) -> str:
