@@ -37,9 +37,9 @@ bench: install
 		--max-new-tokens 64 --out bench-out/full
 	$(BIN)/python -m skipjack.bench.report bench-out/full --benchmarks-md BENCHMARKS.md
 
-# Draft sizing: the cost model against fixed draft sizes (quick suite; ~10 min on 2 cores).
+# Draft sizing: the cost model against fixed draft sizes, with the llama.cpp peers (quick suite; ~12 min).
 bench-sizing: install
-	$(BIN)/skipjack bench --suite quick --methods plain,pld,pld:k=2,pld:k=4,pld:k=8,pld:k=16 \
+	$(BIN)/skipjack bench --suite quick --methods plain,pld,pld:k=2,pld:k=4,pld:k=8,pld:k=16 --peers llamacpp,llamacpp-pld \
 		--max-new-tokens 64 --out bench-out/sizing
 
 clean:

@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+from conftest import hf_config
 
 from skipjack.bench import machine, report
 from skipjack.cli import main as cli_main
@@ -24,7 +25,7 @@ def make_tiny_model(folder: Path) -> Path:
     """A random 2-layer Llama plus a word-level tokenizer (with [UNK]) saved as an HF folder."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     text = resources.files("skipjack.bench").joinpath("prompts", "quick.jsonl").read_text(encoding="utf-8")
     words = sorted(set(re.findall(r"\w+|[^\w\s]", text)))[:3000]
@@ -36,19 +37,9 @@ def make_tiny_model(folder: Path) -> Path:
     hf.chat_template = CHAT
     hf.save_pretrained(str(folder))
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=8192,
-        eos_token_id=vocab["</s>"],
-        bos_token_id=None,
-        pad_token_id=vocab["[PAD]"],
-        tie_word_embeddings=False,
-    )
+    cfg = hf_config("llama", vocab=len(vocab), intermediate_size=128, max_position_embeddings=8192)
+    cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id = vocab["</s>"], None, vocab["[PAD]"]
+    cfg.tie_word_embeddings = False
     LlamaForCausalLM(cfg).save_pretrained(str(folder))
     return folder
 
@@ -186,6 +177,36 @@ def test_benchmarks_md(bench_out, tmp_path):
     for png in report.PLOTS:
         assert (tmp_path / "docs" / "bench" / png).exists()
         assert f"(docs/bench/{png})" in md
+    # A second run appended as a section, then hand-written notes; a bad --extra is a one-line error.
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Notes\n\nhand-written\n")
+    argv = [str(out), "--benchmarks-md", str(target), "--extra", f"Sizing={out}", "--notes", str(notes)]
+    assert report.main(argv) == 0
+    md = target.read_text()
+    assert "## Sizing" in md and md.rstrip().endswith("hand-written") and md.count("## Targets") == 1
+    assert report.main([str(out), "--benchmarks-md", str(target), "--extra", "nodir"]) == 2
+
+
+def test_targets_are_computed_from_the_summary():
+    def s(tps, cats=None, **kw):
+        by = {c: {"tokens_per_s": v} for c, v in (cats or {}).items()}
+        return {"status": "ok", "prompts": 3, "tokens_per_s": tps, "by_category": by, **kw}
+
+    summary = {
+        "plain": s(10.0, speedup_vs_hf=1.6),
+        "pld": s(16.0, {"chat": 12.0, "math": 20.0}, speedup_vs_plain=1.6, decode_speedup_vs_plain=1.8),
+        "ngram": s(15.0, {"chat": 13.0, "math": 19.0}),
+        "pld:k=4": s(17.0),
+        "pld:k=8": s(12.0),
+        "hf": s(6.0),
+    }
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in report.targets(summary).splitlines()[2:]}
+    assert "| met |" in rows["plain vs HF `generate` greedy"]
+    assert "1.08×" in rows["ngram vs pld, chat"] and "| met |" in rows["ngram vs pld, chat"]
+    assert "0.95×" in rows["ngram vs pld, math"] and "missed" in rows["ngram vs pld, math"]
+    assert "0.94×" in rows["pld (cost model) vs best fixed size (pld:k=4)"]
+    assert "pld vs HF prompt lookup" not in rows  # hf-pld did not run
+    assert report.targets({"plain": s(10.0)}) == ""
 
 
 @pytest.mark.parametrize(
@@ -251,7 +272,7 @@ def test_user_prompts_and_interrupt(tiny, tmp_path, monkeypatch, capsys):
 
 
 def test_llamacpp_peer_with_a_stand_in_module(monkeypatch, tmp_path):
-    """The llama.cpp wrapper (not installed here) against a stand-in `llama_cpp`: greedy settings, no KV prefix
+    """The llama.cpp wrapper (not installed by `make test`) against a stand-in `llama_cpp`: greedy settings, no KV prefix
     reuse between runs, stop token stripped, budget respected, forward passes counted; a non-GGUF is refused."""
     import sys
     import types
@@ -291,6 +312,7 @@ def test_llamacpp_peer_with_a_stand_in_module(monkeypatch, tmp_path):
     got = peers.make_peers(["llamacpp", "llamacpp-pld"], SimpleNamespace(source=gguf), "fp32", 256)
     assert all(p.status == "ok" for p in got.values())
     assert seen["init"]["draft_model"] == ("draft", peers.NUM_PRED_TOKENS) and seen["init"]["n_ctx"] == 256
+    assert seen["init"]["logits_all"] is True  # its logits buffer must hold the whole prompt (library quirk)
     out = got["llamacpp"].run([1, 3, 4], 8, 0.0, 0, frozenset({2}))
     assert out.tokens == [5, 6, 7] and out.forward_passes == 3 and out.seconds >= 0
     assert seen["generate"]["temp"] == 0.0 and seen["generate"]["top_k"] == 1

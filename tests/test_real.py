@@ -68,12 +68,10 @@ def suite(name: str) -> list[dict]:
 
 
 def identity_prompts() -> list[dict]:
-    """Every prompt of the quick suite (one per category, the long one included) and every chat, math and code
-    prompt of the full suite. The other full-suite prompts (long documents: prefill dominates the cost) are
-    checked by `skipjack bench`'s identical_fraction on every run of the full suite."""
-    quick = suite("quick")
-    ids = {p["id"] for p in quick}
-    return quick + [p for p in suite("full") if p["category"] in ("chat", "math", "code") and p["id"] not in ids]
+    """Every prompt of the full suite (the quick suite is a subset of it), long documents included."""
+    full = suite("full")
+    assert {p["id"] for p in suite("quick")} <= {p["id"] for p in full}
+    return full
 
 
 @pytest.fixture(scope="module")

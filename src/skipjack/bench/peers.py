@@ -96,6 +96,9 @@ class LlamaCppPeer(Peer):
             from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
             kw["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=lookup)
+            # llama-cpp-python 0.3.36 sizes its logits buffer from the `logits_all` argument, not from the
+            # draft model that forces it on: without this, prompts longer than n_batch (512) fail to broadcast.
+            kw["logits_all"] = True
         threads = torch.get_num_threads()
         self.name = name
         self.llm = Llama(

@@ -203,6 +203,40 @@ def _acceptance(summary: dict) -> str:
     return _table(["method", "tokens per forward pass", "verify steps with a draft", "accepted drafts: share"], rows)
 
 
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def _check(label: str, got, want: float | None, how: str) -> list[str]:
+    met = "–" if got is None or want is None else ("met" if got >= want else RED.format("missed"))
+    return [label, _f(got, "{:.2f}×"), "–" if want is None else f"≥ {want:.2f}×", met, how]
+
+
+def targets(summary: dict) -> str:
+    """The issues' speed targets, checked against this run's numbers (rows whose methods did not run are left out)."""
+    rows = []
+    ok = {n: s for n, s in summary.items() if s["status"] == "ok" and s["prompts"]}
+    cat = lambda n, c: ((ok.get(n) or {}).get("by_category") or {}).get(c, {}).get("tokens_per_s")  # noqa: E731
+    if "plain" in ok and "hf" in ok:
+        rows.append(_check("plain vs HF `generate` greedy", ok["plain"].get("speedup_vs_hf"), 1.5, "tokens/s ratio"))
+    if "pld" in ok:
+        rows.append(_check("pld vs our plain", ok["pld"]["speedup_vs_plain"], 1.5, "end to end (prefill included)"))
+        rows.append(_check("pld vs our plain", ok["pld"].get("decode_speedup_vs_plain"), 1.5, "decoding phase only"))
+        if "hf-pld" in ok:
+            rows.append(_check("pld vs HF prompt lookup", ok["pld"].get("speedup_vs_hf-pld"), 1.3, "tokens/s ratio"))
+    if "pld" in ok and "ngram" in ok:
+        for c in ("chat", "math"):
+            rows.append(_check(f"ngram vs pld, {c}", _ratio(cat("ngram", c), cat("pld", c)), 1.0, "category tokens/s"))
+    fixed = {n: s["tokens_per_s"] for n, s in ok.items() if n.startswith("pld:k=") and s["tokens_per_s"]}
+    if "pld" in ok and fixed:
+        best = max(fixed, key=fixed.get)
+        got = _ratio(ok["pld"]["tokens_per_s"], fixed[best])
+        rows.append(_check(f"pld (cost model) vs best fixed size ({best})", got, 1.0, "tokens/s ratio"))
+    if not rows:
+        return ""
+    return _table(["target", "measured", "wanted", "", "how"], rows)
+
+
 def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack benchmark report") -> str:
     m, model, st, summary = results["machine"], results["model"], results["settings"], results["summary"]
     peers = [n for n, s in summary.items() if s["kind"] == "peer" and s["status"] == "ok" and s["prompts"]]
@@ -230,6 +264,9 @@ def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack be
     lossy = [n for n, s in summary.items() if _lossy(s)]
     if lossy:
         parts += [RED.format("**NOT IDENTICAL to plain greedy output (lossy): " + ", ".join(lossy) + "**"), ""]
+    checks = targets(summary)
+    if checks:
+        parts += ["## Targets", "", checks, ""]
     parts += ["## Overall", "", _overall(summary, peers), ""]
     parts += ["tokens/s = total new tokens / total seconds; × X = ratio of tokens/s; tokens/pass = new tokens per "]
     parts += ["decoding forward pass; BW util = weight bytes × forward passes/s ÷ measured bandwidth;"]
@@ -269,15 +306,44 @@ def write_report(results: dict, out: Path) -> None:
     (Path(out) / "REPORT.md").write_text(render_markdown(results) + "\n")
 
 
-def write_benchmarks_md(results_dir: Path, target: Path) -> Path:
-    """BENCHMARKS.md at `target` from results_dir/results.json; plots are copied to docs/bench/ beside it."""
+def _read(results_dir: Path) -> dict:
     from skipjack.errors import SkipjackError
 
     src = Path(results_dir) / "results.json"
     try:
-        results = json.loads(src.read_text())
+        return json.loads(src.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise SkipjackError(f"cannot read {src}: {e}") from None
+
+
+def render_extra(results: dict, heading: str) -> str:
+    """A second run (e.g. the draft-sizing sweep) as one more section: its command, targets and tables."""
+    summary = results["summary"]
+    peers = [n for n, s in summary.items() if s["kind"] == "peer" and s["status"] == "ok" and s["prompts"]]
+    parts = [f"## {heading}", ""]
+    if not results["complete"]:
+        parts += [RED.format("**Partial results: the run was interrupted (complete: false).**"), ""]
+    parts += [f"Separate run, {results['machine']['date']}: `{results['command']}`", ""]
+    checks = targets(summary)
+    parts += [checks, ""] if checks else []
+    parts += [_overall(summary, peers), "", _by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
+    return "\n".join(parts)
+
+
+def write_benchmarks_md(
+    results_dir: Path, target: Path, extra: list[tuple[str, Path]] = (), notes: Path | None = None
+) -> Path:
+    """BENCHMARKS.md at `target` from results_dir/results.json; plots are copied to docs/bench/ beside it.
+    `extra` runs (heading, dir) are appended as sections, then the hand-written `notes` file verbatim (notes
+    must not type figures: every number in BENCHMARKS.md comes from a results.json)."""
+    from skipjack.errors import SkipjackError
+
+    results = _read(results_dir)
+    extras = [(h, _read(d)) for h, d in extra]
+    try:
+        note_text = Path(notes).read_text() if notes else ""
+    except OSError as e:
+        raise SkipjackError(f"cannot read notes {notes}: {e}") from None
     docs = target.parent / "docs" / "bench"
     docs.mkdir(parents=True, exist_ok=True)
     for png in PLOTS:
@@ -289,6 +355,10 @@ def write_benchmarks_md(results_dir: Path, target: Path) -> Path:
     for png in PLOTS:
         shutil.copyfile(Path(results_dir) / png, docs / png)
     md = render_markdown(results, "docs/bench", "Benchmarks")
+    for heading, res in extras:
+        md += "\n" + render_extra(res, heading)
+    if note_text:
+        md += "\n" + note_text.rstrip()
     target.write_text(md + "\n")
     return target
 
@@ -301,10 +371,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--benchmarks-md", default=None, help="write this BENCHMARKS.md (plots go to docs/bench/ beside it)"
     )
+    ap.add_argument(
+        "--extra", action="append", default=[], metavar="HEADING=DIR", help="append another run as a section"
+    )
+    ap.add_argument("--notes", default=None, help="append this hand-written markdown file (no typed figures)")
     a = ap.parse_args(argv)
     try:
+        extra = []
+        for item in a.extra:
+            heading, eq, d = item.partition("=")
+            if not eq or not heading or not d:
+                raise SkipjackError(f"--extra wants HEADING=DIR (got {item!r})")
+            extra.append((heading, Path(d)))
         if a.benchmarks_md:
-            print(f"wrote {write_benchmarks_md(Path(a.dir), Path(a.benchmarks_md))}")
+            notes = Path(a.notes) if a.notes else None
+            print(f"wrote {write_benchmarks_md(Path(a.dir), Path(a.benchmarks_md), extra, notes)}")
         else:
             results = json.loads((Path(a.dir) / "results.json").read_text())
             write_report(results, Path(a.dir))
