@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?=
 
-.PHONY: demo test install lint bench bench-quick bench-sizing bench-peers clean
+.PHONY: demo test install lint bench bench-quick bench-sizing benchmarks-md bench-peers clean
 
 $(BIN)/skipjack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,12 +35,19 @@ bench-quick: install
 bench: install
 	$(BIN)/skipjack bench --suite full --methods plain,pld,ngram --peers hf,hf-pld,llamacpp,llamacpp-pld \
 		--max-new-tokens 64 --out bench-out/full
-	$(BIN)/python -m skipjack.bench.report bench-out/full --benchmarks-md BENCHMARKS.md
+	$(MAKE) benchmarks-md
 
 # Draft sizing: the cost model against fixed draft sizes, with the llama.cpp peers (quick suite; ~12 min).
 bench-sizing: install
 	$(BIN)/skipjack bench --suite quick --methods plain,pld,pld:k=2,pld:k=4,pld:k=8,pld:k=16 --peers llamacpp,llamacpp-pld \
 		--max-new-tokens 64 --out bench-out/sizing
+
+# BENCHMARKS.md from the full run, plus the sizing run and the llama.cpp prompt-lookup run when they exist.
+EXTRA_RUNS = $(if $(wildcard bench-out/sizing/results.json),--extra "Draft sizing and llama.cpp peers (quick suite)=bench-out/sizing") \
+	$(if $(wildcard bench-out/llamacpp-pld/results.json),--extra "llama.cpp prompt lookup (full suite, separate run)=bench-out/llamacpp-pld")
+benchmarks-md: install
+	$(BIN)/python -m skipjack.bench.report bench-out/full --benchmarks-md BENCHMARKS.md $(EXTRA_RUNS) \
+		--notes docs/bench/NOTES.md
 
 clean:
 	rm -rf $(VENV) bench-out
