@@ -272,8 +272,9 @@ def test_user_prompts_and_interrupt(tiny, tmp_path, monkeypatch, capsys):
 
 
 def test_llamacpp_peer_with_a_stand_in_module(monkeypatch, tmp_path):
-    """The llama.cpp wrapper (not installed by `make test`) against a stand-in `llama_cpp`: greedy settings, no KV prefix
-    reuse between runs, stop token stripped, budget respected, forward passes counted; a non-GGUF is refused."""
+    """The llama.cpp wrapper (`make test` does not build llama-cpp-python) against a stand-in `llama_cpp`: greedy
+    settings, no KV prefix reuse between runs, stop token stripped, budget respected, forward passes counted,
+    logits for the whole prompt; a non-GGUF is refused."""
     import sys
     import types
     from types import SimpleNamespace
