@@ -184,6 +184,11 @@ def test_benchmarks_md(bench_out, tmp_path):
     assert report.main(argv) == 0
     md = target.read_text()
     assert "## Sizing" in md and md.rstrip().endswith("hand-written") and md.count("## Targets") == 1
+    assert (tmp_path / "docs" / "bench" / "results.json").exists()
+    assert (
+        f"docs/bench/results-{out.name}.json" in md
+        and (tmp_path / "docs" / "bench" / f"results-{out.name}.json").exists()
+    )
     assert report.main([str(out), "--benchmarks-md", str(target), "--extra", "nodir"]) == 2
 
 

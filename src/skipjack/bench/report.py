@@ -354,9 +354,12 @@ def write_benchmarks_md(
             break
     for png in PLOTS:
         shutil.copyfile(Path(results_dir) / png, docs / png)
-    md = render_markdown(results, "docs/bench", "Benchmarks")
-    for heading, res in extras:
-        md += "\n" + render_extra(res, heading)
+    shutil.copyfile(Path(results_dir) / "results.json", docs / "results.json")  # the raw data, under version control
+    md = render_markdown(results, "docs/bench", "Benchmarks") + "\nRaw data: `docs/bench/results.json`.\n"
+    for (heading, d), (_, res) in zip(extra, extras):
+        raw = docs / f"results-{Path(d).resolve().name}.json"
+        shutil.copyfile(Path(d) / "results.json", raw)
+        md += "\n" + render_extra(res, heading) + f"\nRaw data: `docs/bench/{raw.name}`.\n"
     if note_text:
         md += "\n" + note_text.rstrip()
     target.write_text(md + "\n")
