@@ -56,6 +56,8 @@ class Proposal:
         return min(len(self.tokens), len(self.parents))
 
     def prefix(self, n: int) -> Proposal:
+        if n >= len(self.tokens) == len(self.parents):
+            return self  # the common case in the decode loop: nothing to cut, nothing to copy
         sc = None if self.scores is None else self.scores[:n]
         q = None if self.q is None else self.q[:n]
         return Proposal(self.tokens[:n], self.parents[:n], sc, q)
