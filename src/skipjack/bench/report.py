@@ -71,12 +71,14 @@ def _decode_rate(runs: list[dict]) -> float | None:
     return sum(max(r["new_tokens"] - 1, 0) for r in runs) / secs if secs > 0 else None
 
 
-def _speedup(runs: list[dict], ref: list[dict]) -> float | None:
-    """tokens/s of `runs` over tokens/s of `ref`, on the prompt ids both have."""
-    common = {r["id"] for r in runs} & {r["id"] for r in ref}
-    a = _agg([r for r in runs if r["id"] in common])["tokens_per_s"]
-    b = _agg([r for r in ref if r["id"] in common])["tokens_per_s"]
+def _ratio(a, b):
     return a / b if a and b else None
+
+
+def _speedup(runs: list[dict], ref: list[dict], rate=lambda rs: _agg(rs)["tokens_per_s"]) -> float | None:
+    """rate(runs) over rate(ref) (tokens/s by default), on the prompt ids both have."""
+    common = {r["id"] for r in runs} & {r["id"] for r in ref}
+    return _ratio(rate([r for r in runs if r["id"] in common]), rate([r for r in ref if r["id"] in common]))
 
 
 def summarise(results: dict, rss_peaks: dict | None = None) -> dict:
@@ -101,9 +103,7 @@ def summarise(results: dict, rss_peaks: dict | None = None) -> dict:
         s |= _agg(rs) if rs else dict.fromkeys(("prompts", "new_tokens", "seconds", "tokens_per_s", "mean_accepted"))
         s["speedup_vs_plain"] = _speedup(rs, plain) if rs else None
         s["decode_tokens_per_s"] = _decode_rate(rs)
-        common = {r["id"] for r in rs} & {r["id"] for r in plain}
-        a, b = _decode_rate([r for r in rs if r["id"] in common]), _decode_rate([r for r in plain if r["id"] in common])
-        s["decode_speedup_vs_plain"] = a / b if a and b else None
+        s["decode_speedup_vs_plain"] = _speedup(rs, plain, _decode_rate) if rs else None
         for p in ran_peers:
             s[f"speedup_vs_{p}"] = _speedup(rs, by[p]) if rs else None
         hist: dict[str, int] = {}
@@ -201,10 +201,6 @@ def _acceptance(summary: dict) -> str:
         shown = ", ".join(f"{k}: {v / steps:.0%}" for k, v in hist.items()) if steps else "–"
         rows.append([_label(name, s), _f(s["mean_accepted"]), _f(s["draft_steps"], "{}"), shown])
     return _table(["method", "tokens per forward pass", "verify steps with a draft", "accepted drafts: share"], rows)
-
-
-def _ratio(a, b):
-    return a / b if a and b else None
 
 
 def _check(label: str, got, want: float | None, how: str) -> list[str]:
