@@ -22,6 +22,7 @@ from skipjack.drafters.base import Proposal
 from skipjack.errors import SkipjackError
 
 DEPTHS = 65
+_UNSEEN = ((0,) * DEPTHS, (0,) * DEPTHS)  # (tried, hit) of a bucket with no observations yet
 
 
 class PromptLookup:
@@ -93,7 +94,7 @@ class PromptLookup:
 
     def _rate(self, bucket: tuple[int, bool], d: int) -> float:
         """Estimated P(depth-d token accepted | depths < d were), shrunk towards the pooled rate."""
-        tried, hit = self.stats.get(bucket, ((0,) * DEPTHS, (0,) * DEPTHS))
+        tried, hit = self.stats.get(bucket, _UNSEEN)
         pooled = (self.pooled[1][d] + 1) / (self.pooled[0][d] + 2)
         if bucket[1]:
             pooled *= 0.5  # an alternative copy starts out less trusted than the primary one
