@@ -87,6 +87,24 @@ def test_cost_model_sizes_drafts():
     assert mid.cost(3) == pytest.approx(1.2)
 
 
+def test_cost_model_calibrates_online_from_observed_step_times():
+    prior = CostModel((1, 4, 8), (1.0, 1.0, 1.0), learn=True)  # the prior says verification is free
+    assert prior.best_size([0.5, 0.4, 0.3]) == 3
+    for _ in range(40):  # ...but the loop sees 4-token forwards take 2x and 2-token ones 1.1x a plain step
+        prior.observe(1, 0.010)
+        prior.observe(4, 0.020)
+        prior.observe(2, 0.011)
+    assert prior.cost(4) == pytest.approx(2.0, rel=0.15)
+    assert prior.cost(2) == pytest.approx(1.1, rel=0.05)
+    assert all(prior.cost(n) <= prior.cost(n + 1) for n in range(1, 64))  # kept non-decreasing
+    assert prior.best_size([0.5, 0.4, 0.3]) == 1  # one node at ~1.1x pays; three at ~2x do not
+    fixed = CostModel((1, 8), (1.0, 1.0))  # learn=False: observations are ignored
+    for _ in range(40):
+        fixed.observe(8, 1.0)
+        fixed.observe(1, 0.01)
+    assert fixed.cost(8) == 1.0
+
+
 class ForeignDrafter(AlwaysAccept):
     """Right for two tokens, then a token id from another vocabulary and a malformed parent."""
 

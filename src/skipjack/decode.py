@@ -5,10 +5,13 @@ cache holds every token except the pending one (the last emitted); each step the
 or tree, the cost model trims it to the size with the best expected tokens per unit cost, one forward over
 [pending] + draft verifies it (tree mask, positions by depth), `verify` picks the accepted path plus a bonus
 token, and the cache is rolled back (`trim`) or, for trees, the accepted path's KV is compacted into place.
+Every step's forward (with verification and rollback) is timed and reported to the cost model, which
+calibrates itself online.
 """
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,12 +101,18 @@ def generate(
                 if proposal is not None and not drafter.fixed_length and proposal.scores is not None:
                     proposal = proposal.prefix(cost.best_size(proposal.scores))
             if not proposal:
+                t = time.perf_counter()
                 logits = model(torch.tensor([[pending]]), cache).logits[0, -1]
                 step = Step([pick(logits)])
+                if cost is not None:
+                    cost.observe(1, time.perf_counter() - t)
                 if proposal is not None:  # drafted but sized down to nothing: still a lesson for the drafter
                     drafter.observe(step.tokens, proposal)
                 continue
+            t = time.perf_counter()
             step = _speculate(model, cache, pending, proposal, params, gen, seen)
+            if cost is not None:
+                cost.observe(step.forward_tokens, time.perf_counter() - t)
             drafter.observe(step.tokens, proposal)
     finally:
         if drafter is not None:
