@@ -8,6 +8,7 @@ import multiprocessing as mp
 import pytest
 
 from skipjack.drafters import make_drafter, parse_method
+from skipjack.drafters.base import Proposal, judge, merge
 from skipjack.drafters.ngram import NGramDrafter, NGramTable
 from skipjack.drafters.pld import PromptLookup
 from skipjack.errors import SkipjackError
@@ -82,6 +83,38 @@ def test_ngram_builds_a_tree_of_several_branches():
     assert all(0 < s <= 1 for s in prop.scores)
 
 
+def test_ngram_merges_in_request_suffix_matches_into_its_tree():
+    prompt = [11, 12, 20, 11, 12, 20, 11, 12, 20, 11, 12, 13, 14, 15, 11, 12]
+    table_only = NGramDrafter(table="hybrid-a", width=1, lookup=0)
+    table_only.begin(prompt)
+    assert 13 not in table_only.propose(prompt, 8).tokens  # the table's (11, 12) context prefers 20
+    hybrid = NGramDrafter(table="hybrid-b", width=1, lookup=1)
+    hybrid.begin(prompt)
+    prop = hybrid.propose(prompt, 32)
+    tok = dict(enumerate(prop.tokens))
+    chain = [i for i in range(len(prop)) if tok[i] in (13, 14, 15)]
+    assert [tok[i] for i in chain] == [13, 14, 15]  # the most recent match's copy, as one path
+    assert [prop.parents[i] for i in chain] == [-1, chain[0], chain[1]]
+    assert 20 in tok.values()  # next to the table's own branch
+    hybrid.observe([13, 14, 15, 11], prop)  # both sources learn from the same step
+    assert hybrid.got > 1.0 - 1e-9 and hybrid.lookup.pooled[1][1] == 1
+
+
+def test_merge_builds_one_best_first_trie():
+    a = Proposal.chain([5, 6, 7], [0.9, 0.5, 0.2])
+    b = Proposal.chain([5, 8], [0.8, 0.7])
+    m = merge([a, b], 10)
+    assert m.tokens == [5, 8, 6, 7] and m.parents == [-1, 0, 0, 2] and m.scores == [0.9, 0.7, 0.5, 0.2]
+    assert merge([a, b], 2).tokens == [5, 8] and merge([], 4) is None
+
+
+def test_judge_scores_a_path_against_the_emitted_tokens():
+    assert judge([4, 5], [4, 5, 6]) is True
+    assert judge([4, 9], [4, 5, 6]) is False
+    assert judge([3, 5], [4, 5, 6]) is None  # left the emitted path before its last token
+    assert judge([4, 5, 6, 7], [4, 5, 6]) is None  # deeper than what was emitted
+
+
 def test_ngram_table_is_shared_across_requests():
     a = NGramDrafter(table="shared-test")
     a.begin([7, 8, 9, 7, 8])
@@ -123,7 +156,9 @@ def test_corrupt_ngram_file_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "spec", ["pld:k=65", "pld:max_ngram=0", "pld:min_ngram=4,max_ngram=3", "ngram:explore=-1", "ngram:width=9", "x"]
+    "spec",
+    ["pld:k=65", "pld:max_ngram=0", "pld:min_ngram=4,max_ngram=3", "ngram:explore=-1", "ngram:width=9"]
+    + ["ngram:lookup=9", "x"],
 )
 def test_out_of_range_options(spec):
     with pytest.raises(SkipjackError):

@@ -63,6 +63,43 @@ class Proposal:
         return Proposal(self.tokens[:n], self.parents[:n], sc, q)
 
 
+def merge(proposals: list[Proposal], budget: int) -> Proposal | None:
+    """Merge scored proposals into one trie (a token under the same parent becomes one node, keeping the
+    highest score) and list the best `budget` nodes best-first (ties: shallower first). Scores never grow
+    along a path, so every parent sorts before its children and any prefix is a valid tree."""
+    node: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+    tokens, parents, depth, score = [], [], [], []
+    for prop in proposals:
+        ids: list[int] = []  # this proposal's node -> merged node
+        for tok, par, s in zip(prop.tokens, prop.parents, prop.scores or [1.0] * len(prop)):
+            up = ids[par] if par >= 0 else -1
+            i = node.get((up, tok))
+            if i is None:
+                i = node[(up, tok)] = len(tokens)
+                tokens.append(tok)
+                parents.append(up)
+                depth.append(1 if up < 0 else depth[up] + 1)
+                score.append(s)
+            else:
+                score[i] = max(score[i], s)
+            ids.append(i)
+    order = sorted(range(len(tokens)), key=lambda i: (-score[i], depth[i], i))[:budget]
+    new = {old: k for k, old in enumerate(order)}
+    if not order:
+        return None
+    return Proposal([tokens[i] for i in order], [new.get(parents[i], -1) for i in order], [score[i] for i in order])
+
+
+def judge(path: list[int], emitted: list[int]) -> bool | None:
+    """Would a draft path (tokens from the root) have been accepted, given what the model emitted (accepted
+    drafts + the bonus token)? None when the emitted tokens cannot tell (the path goes past them or leaves
+    them before its last token). Used to score every candidate, verified or pruned (greedy-exact)."""
+    d = len(path)
+    if d > len(emitted) or path[: d - 1] != emitted[: d - 1]:
+        return None
+    return path[-1] == emitted[d - 1]
+
+
 class Drafter(Protocol):
     """A draft source. `begin` starts a request; `propose` drafts up to `budget` nodes after `context`
     (prompt + everything emitted, whose last token is the pending root); `observe` sees what was emitted

@@ -10,7 +10,14 @@ tokens, where a child's priority is its parent's priority times an upper-confide
 min(1, p + c * sqrt(ln(1 + N) / (1 + n))) (p = count / N, N = the context's total count, n = the child's),
 so well-attested branches come first and under-explored ones still get a place. Nodes come out in
 expansion order (parents first); each carries a calibrated path probability (product of p along the path,
-times an online calibration factor) that the engine's cost model uses to size the tree.
+times an online calibration factor) that the engine's cost model uses to size the tree. The factor is the
+ratio of realised to predicted acceptances over every table node the emitted tokens can judge.
+
+In-request matches (`lookup` > 0): the table's contexts are two tokens long, but within one request a
+longer suffix match is much stronger evidence (ADED likewise retrieves by suffix match). So the drafter
+also runs prompt lookup (`pld`, with `lookup` candidate matches and its own learned acceptance rates) over
+the request's tokens and merges both trees into one trie (a shared node keeps its higher score), listed
+best-first for the cost model. `lookup=0` is the table alone.
 
 Memory cap: at most `max_contexts` contexts (least recently updated evicted first) with at most
 `max_children` next tokens each (the rarest dropped), i.e. O(max_contexts * max_children) entries.
@@ -28,7 +35,8 @@ import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
-from skipjack.drafters.base import Proposal
+from skipjack.drafters.base import Proposal, judge, merge
+from skipjack.drafters.pld import PromptLookup
 from skipjack.errors import SkipjackError
 
 
@@ -94,29 +102,37 @@ _SHARED: dict[str, NGramTable] = {}
 class NGramDrafter:
     name = "ngram"
 
-    def __init__(self, k: int = 0, width: int = 4, explore: float = 0.3, table: str = "", path: str = ""):
+    def __init__(
+        self, k: int = 0, width: int = 4, explore: float = 0.3, table: str = "", path: str = "", lookup: int = 4
+    ):
         if not 0 <= k <= 64:
             raise SkipjackError(f"ngram: k (fixed tree size, 0 = cost model) must be in [0, 64] (got {k})")
         if not 1 <= width <= 8:
             raise SkipjackError(f"ngram: width (children per node) must be in [1, 8] (got {width})")
         if not 0 <= explore <= 4:
             raise SkipjackError(f"ngram: explore must be in [0, 4] (got {explore})")
+        if not 0 <= lookup <= 8:
+            raise SkipjackError(f"ngram: lookup (in-request match branches, 0 = off) must be in [0, 8] (got {lookup})")
         self.fixed_length, self.width, self.explore = k, width, explore
         self.path = Path(path) if path else None
         self.table = _SHARED.setdefault(table or "default", NGramTable())
+        self.lookup = PromptLookup(branches=lookup) if lookup else None
         self.pred, self.got = 1.0, 1.0  # calibration: sum of predicted vs realised acceptances
+        self.paths: list[list[int]] = []
 
     def begin(self, prompt: list[int]) -> None:
         if self.path is not None:
             self.table.load(self.path)
         self.table.add(prompt, 0, 1.0)
         self.seen = len(prompt)
+        if self.lookup is not None:
+            self.lookup.begin(prompt)
 
     def propose(self, context: list[int], budget: int) -> Proposal | None:
         self.table.add(context, self.seen, 2.0)  # the model's own outputs since the last step
         self.seen = len(context)
         cal = min(3.0, max(0.1, self.got / self.pred))
-        tokens, parents, scores, self.edges = [], [], [], []
+        tokens, parents, scores, self.edges, self.paths = [], [], [], [], []
         heap: list = []  # (-priority, tiebreak, token, parent node, path score, edge p, context a, b)
         tick = itertools.count()
         a, b = (context[-2] if len(context) > 1 else None), context[-1]
@@ -127,8 +143,12 @@ class NGramDrafter:
             parents.append(par)
             scores.append(score)
             self.edges.append(p)
+            self.paths.append((self.paths[par] if par >= 0 else []) + [tok])
             self._push(heap, tick, pb, tok, len(tokens) - 1, score, -negpri, cal)
-        return Proposal(tokens, parents, scores) if tokens else None
+        props = [Proposal(tokens, parents, scores)] if tokens else []
+        if self.lookup is not None and (copied := self.lookup.propose(context, budget)) is not None:
+            props.append(copied)
+        return merge(props, budget)
 
     def _push(self, heap, tick, a, b, parent, score, pri, cal):
         kids = self.table.lookup(a, b)
@@ -141,11 +161,18 @@ class NGramDrafter:
             heapq.heappush(heap, (-pri * ucb, next(tick), tok, parent, score * min(1.0, p * cal), p, a, b))
 
     def observe(self, emitted: list[int], proposal: Proposal) -> None:
-        """Calibrate: raw edge probabilities of the nodes that could have been accepted vs those that were."""
-        reach = {-1, *proposal.path}
-        self.pred += sum(p for p, par in zip(self.edges, proposal.parents) if par in reach)
-        self.got += len(proposal.path)
+        """Calibrate: the raw edge probabilities of the table's nodes that the emitted tokens can judge
+        (verified or pruned) against how many of them would have been accepted."""
+        if self.lookup is not None:
+            self.lookup.observe(emitted, proposal)
+        for p, path in zip(self.edges, self.paths):
+            ok = judge(path, emitted)
+            if ok is not None:
+                self.pred += p
+                self.got += ok
 
     def end(self) -> None:
+        if self.lookup is not None:
+            self.lookup.end()
         if self.path is not None:
             self.table.save(self.path)

@@ -18,7 +18,7 @@ through it. Nodes are listed best-first (ties: shallower first), which keeps par
 
 from __future__ import annotations
 
-from skipjack.drafters.base import Proposal
+from skipjack.drafters.base import Proposal, merge
 from skipjack.errors import SkipjackError
 
 DEPTHS = 65
@@ -72,25 +72,14 @@ class PromptLookup:
         self.cands = self._candidates(context, budget)
         if not self.cands:
             return None
-        node: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
-        tokens, parents, depth, score = [], [], [], []
+        chains = []
         for bucket, draft in self.cands:
-            par, s = -1, 1.0
-            for d, tok in enumerate(draft, start=1):
+            scores, s = [], 1.0
+            for d in range(1, len(draft) + 1):
                 s *= self._rate(bucket, d)
-                i = node.get((par, tok))
-                if i is None:
-                    i = node[(par, tok)] = len(tokens)
-                    tokens.append(tok)
-                    parents.append(par)
-                    depth.append(d)
-                    score.append(s)
-                else:
-                    score[i] = max(score[i], s)
-                par = i
-        order = sorted(range(len(tokens)), key=lambda i: (-score[i], depth[i], i))[:budget]
-        new = {old: k for k, old in enumerate(order)}
-        return Proposal([tokens[i] for i in order], [new.get(parents[i], -1) for i in order], [score[i] for i in order])
+                scores.append(s)
+            chains.append(Proposal.chain(draft, scores))
+        return merge(chains, budget)
 
     def _rate(self, bucket: tuple[int, bool], d: int) -> float:
         """Estimated P(depth-d token accepted | depths < d were), shrunk towards the pooled rate."""
