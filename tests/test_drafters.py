@@ -71,6 +71,14 @@ def test_ngram_table_memory_cap():
     assert all(len(kids) <= 3 for kids in t.next.values())
 
 
+def test_ngram_table_backs_off_from_the_longest_known_context():
+    t = NGramTable(order=4)
+    t.add([1, 2, 3, 9, 5, 2, 3, 8, 5, 2, 3, 8], 0, 1.0)
+    assert t.lookup(1, 2, 3) == {9: 1.0}  # the 3-token context has seen only 9
+    assert t.lookup(7, 2, 3) == {9: 1.0, 8: 2.0}  # unknown 3-token context: back off to (2, 3)
+    assert t.lookup(4, 4, 6) is None
+
+
 def test_ngram_builds_a_tree_of_several_branches():
     d = NGramDrafter(table="test-tree", width=3)
     prompt = [1, 2, 3, 1, 2, 4, 1, 2, 3, 1, 2, 5, 3, 1, 2]
@@ -158,7 +166,7 @@ def test_corrupt_ngram_file_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "spec",
     ["pld:k=65", "pld:max_ngram=0", "pld:min_ngram=4,max_ngram=3", "ngram:explore=-1", "ngram:width=9"]
-    + ["ngram:lookup=9", "x"],
+    + ["ngram:lookup=9", "ngram:order=7", "x"],
 )
 def test_out_of_range_options(spec):
     with pytest.raises(SkipjackError):

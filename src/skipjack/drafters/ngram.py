@@ -41,16 +41,15 @@ from skipjack.errors import SkipjackError
 
 
 class NGramTable:
-    def __init__(self, max_contexts: int = 200_000, max_children: int = 8):
-        self.max_contexts, self.max_children = max_contexts, max_children
+    def __init__(self, max_contexts: int = 200_000, max_children: int = 8, order: int = 3):
+        self.max_contexts, self.max_children, self.order = max_contexts, max_children, order
         self.next: OrderedDict[tuple[int, ...], dict[int, float]] = OrderedDict()
 
     def add(self, tokens: list[int], start: int, weight: float) -> None:
-        """Count the transitions that end at positions >= start."""
+        """Count the transitions that end at positions >= start, after contexts of 1 .. order-1 tokens."""
         for j in range(max(start, 1), len(tokens)):
-            for key in ((tokens[j - 2], tokens[j - 1]) if j >= 2 else None, (tokens[j - 1],)):
-                if key is None:
-                    continue
+            for n in range(1, min(self.order - 1, j) + 1):
+                key = tuple(tokens[j - n : j])
                 kids = self.next.get(key)
                 if kids is None:
                     kids = self.next[key] = {}
@@ -62,8 +61,12 @@ class NGramTable:
                 if len(kids) > self.max_children:
                     del kids[min(kids, key=kids.get)]
 
-    def lookup(self, a: int | None, b: int) -> dict[int, float] | None:
-        return (self.next.get((a, b)) if a is not None else None) or self.next.get((b,))
+    def lookup(self, *context: int) -> dict[int, float] | None:
+        """Next-token counts after the longest known suffix of `context` (back-off to shorter ones)."""
+        for n in range(min(len(context), self.order - 1), 0, -1):
+            if kids := self.next.get(tuple(context[-n:])):
+                return kids
+        return None
 
     def save(self, path: Path) -> None:
         """Merge into `path` under an exclusive lock and replace it atomically (safe for concurrent writers)."""
@@ -71,7 +74,7 @@ class NGramTable:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(str(path) + ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            merged = NGramTable(self.max_contexts, self.max_children)
+            merged = NGramTable(self.max_contexts, self.max_children, self.order)
             merged.load(path)
             for key, kids in self.next.items():
                 mine = merged.next.setdefault(key, {})
@@ -103,7 +106,14 @@ class NGramDrafter:
     name = "ngram"
 
     def __init__(
-        self, k: int = 0, width: int = 4, explore: float = 0.3, table: str = "", path: str = "", lookup: int = 4
+        self,
+        k: int = 0,
+        width: int = 4,
+        explore: float = 0.3,
+        table: str = "",
+        path: str = "",
+        lookup: int = 4,
+        order: int = 3,
     ):
         if not 0 <= k <= 64:
             raise SkipjackError(f"ngram: k (fixed tree size, 0 = cost model) must be in [0, 64] (got {k})")
@@ -113,9 +123,11 @@ class NGramDrafter:
             raise SkipjackError(f"ngram: explore must be in [0, 4] (got {explore})")
         if not 0 <= lookup <= 8:
             raise SkipjackError(f"ngram: lookup (in-request match branches, 0 = off) must be in [0, 8] (got {lookup})")
+        if not 2 <= order <= 6:
+            raise SkipjackError(f"ngram: order (table n-gram length) must be in [2, 6] (got {order})")
         self.fixed_length, self.width, self.explore = k, width, explore
         self.path = Path(path) if path else None
-        self.table = _SHARED.setdefault(table or "default", NGramTable())
+        self.table = _SHARED.setdefault(f"{table or 'default'}/{order}", NGramTable(order=order))
         self.lookup = PromptLookup(branches=lookup) if lookup else None
         self.pred, self.got = 1.0, 1.0  # calibration: sum of predicted vs realised acceptances
         self.paths: list[list[int]] = []
@@ -133,32 +145,31 @@ class NGramDrafter:
         self.seen = len(context)
         cal = min(3.0, max(0.1, self.got / self.pred))
         tokens, parents, scores, self.edges, self.paths = [], [], [], [], []
-        heap: list = []  # (-priority, tiebreak, token, parent node, path score, edge p, context a, b)
+        heap: list = []  # (-priority, tiebreak, token, parent node, path score, edge p, table context)
         tick = itertools.count()
-        a, b = (context[-2] if len(context) > 1 else None), context[-1]
-        self._push(heap, tick, a, b, -1, 1.0, 1.0, cal)
+        self._push(heap, tick, tuple(context[-(self.table.order - 1) :]), -1, 1.0, 1.0, cal)
         while heap and len(tokens) < budget:
-            negpri, _, tok, par, score, p, pa, pb = heapq.heappop(heap)
+            negpri, _, tok, par, score, p, ctx = heapq.heappop(heap)
             tokens.append(tok)
             parents.append(par)
             scores.append(score)
             self.edges.append(p)
             self.paths.append((self.paths[par] if par >= 0 else []) + [tok])
-            self._push(heap, tick, pb, tok, len(tokens) - 1, score, -negpri, cal)
+            self._push(heap, tick, ctx[1:] + (tok,), len(tokens) - 1, score, -negpri, cal)
         props = [Proposal(tokens, parents, scores)] if tokens else []
         if self.lookup is not None and (copied := self.lookup.propose(context, budget)) is not None:
             props.append(copied)
         return merge(props, budget)
 
-    def _push(self, heap, tick, a, b, parent, score, pri, cal):
-        kids = self.table.lookup(a, b)
+    def _push(self, heap, tick, ctx, parent, score, pri, cal):
+        kids = self.table.lookup(*ctx)
         if not kids:
             return
         total = sum(kids.values())
         for tok, c in sorted(kids.items(), key=lambda kv: -kv[1])[: self.width]:
             p = c / total
             ucb = min(1.0, p + self.explore * math.sqrt(math.log1p(total) / (1.0 + c)))
-            heapq.heappush(heap, (-pri * ucb, next(tick), tok, parent, score * min(1.0, p * cal), p, a, b))
+            heapq.heappush(heap, (-pri * ucb, next(tick), tok, parent, score * min(1.0, p * cal), p, ctx))
 
     def observe(self, emitted: list[int], proposal: Proposal) -> None:
         """Calibrate: the raw edge probabilities of the table's nodes that the emitted tokens can judge
