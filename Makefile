@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?=
 
-.PHONY: demo test install lint bench bench-quick bench-sizing benchmarks-md bench-peers clean
+.PHONY: demo test install lint bench bench-quick bench-llamacpp bench-sizing benchmarks-md bench-peers clean
 
 $(BIN)/skipjack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,19 +32,25 @@ bench-peers: install
 bench-quick: install
 	$(BIN)/skipjack bench --suite quick --methods plain,pld,ngram --peers hf,hf-pld,llamacpp,llamacpp-pld --out bench-out/quick
 
+# The full suite: our methods, the cost model against the best fixed draft sizes, and the HF peers (~75 min).
 bench: install
-	$(BIN)/skipjack bench --suite full --methods plain,pld,ngram --peers hf,hf-pld,llamacpp,llamacpp-pld \
+	$(BIN)/skipjack bench --suite full --methods plain,pld,ngram,pld:k=4,pld:k=8 --peers hf,hf-pld \
 		--max-new-tokens 64 --out bench-out/full
 	$(MAKE) benchmarks-md
 
-# Draft sizing: the cost model against fixed draft sizes, with the llama.cpp peers (quick suite; ~12 min).
+# The llama.cpp peers beside our plain and pld (needs `make bench-peers`; full suite, ~45 min).
+bench-llamacpp: install
+	$(BIN)/skipjack bench --suite full --methods plain,pld --peers llamacpp,llamacpp-pld \
+		--max-new-tokens 64 --out bench-out/llamacpp
+
+# Draft sizing on the quick suite: the cost model against every fixed draft size (~10 min).
 bench-sizing: install
-	$(BIN)/skipjack bench --suite quick --methods plain,pld,pld:k=2,pld:k=4,pld:k=8,pld:k=16 --peers llamacpp,llamacpp-pld \
+	$(BIN)/skipjack bench --suite quick --methods plain,pld,pld:k=2,pld:k=4,pld:k=8,pld:k=16 \
 		--max-new-tokens 64 --out bench-out/sizing
 
 # BENCHMARKS.md from the full run, plus the sizing run and the llama.cpp prompt-lookup run when they exist.
-EXTRA_RUNS = $(if $(wildcard bench-out/sizing/results.json),--extra "Draft sizing and llama.cpp peers (quick suite)=bench-out/sizing") \
-	$(if $(wildcard bench-out/llamacpp-pld/results.json),--extra "llama.cpp prompt lookup (full suite, separate run)=bench-out/llamacpp-pld")
+EXTRA_RUNS = $(if $(wildcard bench-out/llamacpp/results.json),--extra "llama.cpp peers (full suite, separate run)=bench-out/llamacpp") \
+	$(if $(wildcard bench-out/sizing/results.json),--extra "Draft sizing (quick suite, separate run)=bench-out/sizing")
 benchmarks-md: install
 	$(BIN)/python -m skipjack.bench.report bench-out/full --benchmarks-md BENCHMARKS.md $(EXTRA_RUNS) \
 		--notes docs/bench/NOTES.md
