@@ -156,6 +156,20 @@ def test_ngram_persistence_merges_and_survives_concurrent_writers(tmp_path):
     assert d.propose([0, 1], 3).tokens[0] == 2
 
 
+def test_persisted_ngram_table_stays_within_the_cap(tmp_path):
+    path = tmp_path / "capped.json"
+    for offset in range(0, 400, 100):  # four processes' worth of different tables, merged into one file
+        t = NGramTable(max_contexts=60, max_children=2)
+        t.add([offset + i for i in range(50)] + [offset, 7, offset, 8, offset, 9], 0, 1.0)
+        t.save(path)
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) <= 60 and all(len(kids) <= 2 for _, kids in rows)
+    loaded = NGramTable(max_contexts=60, max_children=2)
+    loaded.load(path)
+    assert loaded.lookup(348) == {349: 1.0}  # the newest rows are the ones kept
+    assert loaded.lookup(0) is None  # the oldest were evicted
+
+
 def test_corrupt_ngram_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

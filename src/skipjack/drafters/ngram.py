@@ -68,6 +68,19 @@ class NGramTable:
                 return kids
         return None
 
+    def merge_row(self, key: tuple[int, ...], kids: dict[int, float]) -> None:
+        """Max-merge one context's counts (a persisted row), within the table's caps and order."""
+        if not 1 <= len(key) < self.order:
+            return
+        mine = self.next.setdefault(key, {})
+        self.next.move_to_end(key)
+        for t, c in kids.items():
+            mine[t] = max(mine.get(t, 0.0), c)
+        while len(mine) > self.max_children:
+            del mine[min(mine, key=mine.get)]
+        while len(self.next) > self.max_contexts:
+            self.next.popitem(last=False)
+
     def save(self, path: Path) -> None:
         """Merge into `path` under an exclusive lock and replace it atomically (safe for concurrent writers)."""
         path = Path(path)
@@ -77,9 +90,7 @@ class NGramTable:
             merged = NGramTable(self.max_contexts, self.max_children, self.order)
             merged.load(path)
             for key, kids in self.next.items():
-                mine = merged.next.setdefault(key, {})
-                for t, c in kids.items():
-                    mine[t] = max(mine.get(t, 0.0), c)
+                merged.merge_row(key, kids)
             rows = [[list(k), {str(t): c for t, c in v.items()}] for k, v in merged.next.items()]
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
             with os.fdopen(fd, "w") as f:
@@ -92,9 +103,7 @@ class NGramTable:
         try:
             data = json.loads(Path(path).read_text())
             for k, v in data["rows"]:
-                kids = self.next.setdefault(tuple(k), {})
-                for t, c in v.items():
-                    kids[int(t)] = max(kids.get(int(t), 0.0), float(c))
+                self.merge_row(tuple(int(x) for x in k), {int(t): float(c) for t, c in v.items()})
         except (ValueError, KeyError, TypeError) as e:
             raise SkipjackError(f"ngram: cannot read table {path}: {e}") from None
 
