@@ -53,15 +53,17 @@ def test_pld_tree_merges_candidates_best_first():
     prop = d.propose(ctx, 5)
     # candidates: after the latest (1, 2): [3, 5, 8, 1, 2]; after the older one: [3, 4, 9, 1, 2];
     # after the 1-gram (2,) nothing new. They share the first token, so the trie has one root child.
-    assert [c for _, c in d.cands] == [[3, 5, 8, 1, 2], [3, 4, 9, 1, 2]]
+    assert [(c, own) for _, c, own in d.cands] == [([3, 5, 8, 1, 2], 1), ([3, 4, 9, 1, 2], 2)]
     assert prop.children()[0] == {3: 0}
     assert all(p < i for i, p in enumerate(prop.parents))  # parents first
     assert all(a >= b for a, b in zip(prop.scores, prop.scores[1:]))  # best first
     primary = [prop.tokens[i] for i in range(len(prop)) if prop.tokens[i] in (3, 5, 8)][:3]
     assert primary == [3, 5, 8] and prop.tokens[1] == 5  # the primary copy outranks the alternative
-    # Observation scores every candidate against the emitted tokens, pruned ones included.
+    # Observation scores every candidate's own branch against the emitted tokens, pruned ones included:
+    # the alternative from its depth 2 on (depth 1 is the primary's node), the primary from depth 1.
     d.observe([3, 4, 9], prop.prefix(0))
-    assert d.stats[(2, True)][1][1:4] == [1, 1, 1] and d.stats[(2, False)][1][1:3] == [1, 0]
+    assert d.stats[(2, True)][0][1:4] == [1, 1, 0] and d.stats[(2, True)][1][1:4] == [1, 1, 0]
+    assert d.stats[(2, False)][1][1:3] == [1, 0]
 
 
 def test_ngram_table_memory_cap():

@@ -9,11 +9,14 @@ Token tree (`branches` > 1): verifying a few more tokens is cheap on this CPU, s
 copy we also propose the continuations of up to `branches - 1` other matches (older occurrences of the
 same suffix, then shorter suffixes), merged into a trie; `branches=1` is classic single-chain pld.
 
-Node scores for the cost model: a candidate's token at depth d is accepted only if its tokens 1..d-1 were,
-so its score is the product of conditional acceptance rates a_1..a_d. The rates are estimated online per
-depth for each (match length, primary or alternative) bucket, shrunk towards the depth's pooled rate, by
-comparing every candidate with what the model actually emitted. A trie node scores the best candidate
-through it. Nodes are listed best-first (ties: shallower first), which keeps parents before children.
+Node scores for the cost model: a node is accepted only if the path to it was, so its score is the product
+of conditional acceptance rates along the path. Each candidate is scored only on the branch it adds to the
+trie (from the first token where it departs from every better candidate; shared nodes keep the better
+candidate's score), with rates per depth of that branch for each (match length, primary or alternative)
+bucket, shrunk towards the depth's pooled rate. Learning the same way, every candidate's own branch is
+compared with what the model actually emitted. (Scoring an alternative on its whole copy would count the
+steps where it agrees with the primary, which makes a diverging branch look far likelier than it is.)
+Nodes are listed best-first (ties: shallower first), which keeps parents before children.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from skipjack.drafters.base import Proposal, merge
 from skipjack.errors import SkipjackError
 
 DEPTHS = 65
+MIN_SCORE = 0.01  # a copied token whose estimated acceptance falls below this ends its candidate
 _UNSEEN = ((0,) * DEPTHS, (0,) * DEPTHS)  # (tried, hit) of a bucket with no observations yet
 
 
@@ -38,7 +42,7 @@ class PromptLookup:
         self.max_ngram, self.min_ngram, self.fixed_length, self.branches = max_ngram, min_ngram, k, branches
         self.pooled = ([0] * DEPTHS, [0] * DEPTHS)  # per depth: (times tried, times accepted), all buckets
         self.stats: dict[tuple[int, bool], tuple[list[int], list[int]]] = {}
-        self.cands: list[tuple[tuple[int, bool], list[int]]] = []
+        self.cands: list[tuple[tuple[int, bool], list[int], int]] = []  # (bucket, copy, first own depth)
 
     def begin(self, prompt: list[int]) -> None:
         self.index: dict[tuple[int, ...], list[int]] = {}  # n-gram -> end positions, oldest first
@@ -69,20 +73,32 @@ class PromptLookup:
 
     def propose(self, context: list[int], budget: int) -> Proposal | None:
         self._index_upto(context, len(context) - 1)  # never match the suffix with itself
-        self.cands = self._candidates(context, budget)
-        if not self.cands:
+        found = self._candidates(context, budget)
+        if not found:
             return None
-        chains = []
-        for bucket, draft in self.cands:
-            scores, s = [], 1.0
-            for d in range(1, len(draft) + 1):
-                s *= self._rate(bucket, d)
+        nodes: dict[tuple[int, int], tuple[int, float]] = {}  # (parent, token) -> (node, score), this trie
+        chains, self.cands = [], []
+        for bucket, draft in found:
+            par, s, own, scores = -1, 1.0, 0, []
+            for d, tok in enumerate(draft, start=1):
+                hit = nodes.get((par, tok)) if not own else None
+                if hit is not None:  # shared with a better candidate: its score stands
+                    par, s = hit
+                else:
+                    own = own or d  # first depth this candidate adds to the tree
+                    s *= self._rate(bucket, d - own + 1)
+                    if s < MIN_SCORE and d > 1:
+                        break  # never worth a verify slot; stops long copies costing Python time per step
+                    nodes[(par, tok)] = (len(nodes), s)
+                    par = len(nodes) - 1
                 scores.append(s)
-            chains.append(Proposal.chain(draft, scores))
+            self.cands.append((bucket, draft, own or len(draft) + 1))
+            chains.append(Proposal.chain(draft[: len(scores)], scores))
         return merge(chains, budget)
 
     def _rate(self, bucket: tuple[int, bool], d: int) -> float:
-        """Estimated P(depth-d token accepted | depths < d were), shrunk towards the pooled rate."""
+        """Estimated P(the d-th token of a candidate's own branch is accepted | the path to it was),
+        shrunk towards the pooled rate."""
         tried, hit = self.stats.get(bucket, _UNSEEN)
         pooled = (self.pooled[1][d] + 1) / (self.pooled[0][d] + 2)
         if bucket[1]:
@@ -90,14 +106,18 @@ class PromptLookup:
         return (hit[d] + 2 * pooled) / (tried[d] + 2)
 
     def observe(self, emitted: list[int], proposal: Proposal) -> None:
-        """Score every candidate (verified or pruned) against the tokens the model actually emitted."""
-        for bucket, draft in self.cands:
+        """Score every candidate (verified or pruned) against the tokens the model actually emitted: the
+        part it added to the tree, from its own first depth, when the shared path before it was accepted."""
+        for bucket, draft, own in self.cands:
+            if draft[: own - 1] != emitted[: own - 1]:
+                continue
             tried, hit = self.stats.setdefault(bucket, ([0] * DEPTHS, [0] * DEPTHS))
-            for d in range(1, min(len(draft), len(emitted), DEPTHS - 1) + 1):
+            for d in range(own, min(len(draft), len(emitted), own + DEPTHS - 2) + 1):
                 ok = draft[d - 1] == emitted[d - 1]
+                e = d - own + 1  # depth within the candidate's own branch
                 for t, h in ((tried, hit), self.pooled):
-                    t[d] += 1
-                    h[d] += ok
+                    t[e] += 1
+                    h[e] += ok
                 if not ok:
                     break
 
