@@ -9,7 +9,7 @@ from skipjack.decode import cost_model
 from skipjack.loading import DEFAULT_MODEL, load
 from skipjack.sampling import SamplingParams
 
-FASTEST_LOSSLESS = "pld"  # fastest lossless method overall in BENCHMARKS.md (regenerate: `make bench`)
+FASTEST_LOSSLESS = "ngram"  # fastest lossless method overall in BENCHMARKS.md (regenerate: `make bench`)
 DEFAULT_PROMPT = """Add type hints and a docstring to this function, and keep the code otherwise unchanged:
 
 def moving_average(values, window):
