@@ -107,6 +107,31 @@ def test_cost_model_calibrates_online_from_observed_step_times():
     assert fixed.cost(8) == 1.0
 
 
+def test_cost_model_learns_per_context_bucket():
+    """Verify cost grows with the context (attention over the cache): a long context learns its own curve,
+    the short one keeps its own, and a long bucket first takes plain steps to measure t1 there."""
+    cm = CostModel((1, 2, 4, 8), (1.0, 1.0, 1.0, 1.1), learn=True, beta=1e-4)
+    scores = [0.9, 0.8, 0.1, 0.1, 0.05, 0.05, 0.05]
+    assert cm.best_size(scores, 100) >= 3  # the prior: verifying up to 4 tokens costs as much as 1
+    assert cm.best_size(scores, 4000) == 0  # a new long bucket: plain steps until t1 is measured there
+    for _ in range(60):
+        cm.observe(1, 0.010, 100)
+        cm.observe(4, 0.010, 100)
+        cm.observe(8, 0.011, 100)
+        cm.observe(1, 0.020, 4000)  # plain steps at 4000 cost 2x (the line 1 + beta * L says 1.4x)
+        cm.observe(4, 0.030, 4000)
+        cm.observe(8, 0.040, 4000)
+    assert cm.t1(4000) == pytest.approx(0.020, rel=0.1)
+    assert cm.cost(4, 100) == pytest.approx(1.0, abs=0.05) and cm.cost(8, 100) == pytest.approx(1.1, abs=0.05)
+    assert cm.cost(4, 4000) == pytest.approx(1.5, rel=0.05) and cm.cost(8, 4000) == pytest.approx(2.0, rel=0.05)
+    assert cm.best_size(scores, 100) >= 3
+    # c(2), c(3) unobserved at 4000: interpolated between c(1) = 1 and the observed c(4) = 1.5, not flat
+    assert cm.cost(2, 4000) == pytest.approx(7 / 6, rel=0.05) and cm.cost(3, 4000) == pytest.approx(4 / 3, rel=0.05)
+    assert cm.best_size(scores, 4000) == 2  # 2.7 / c(3) = 2.0 beats 2.8 / c(4) = 1.87 and 1.9 / c(2) = 1.6
+    assert cm.cost(8, 2000) >= cm.cost(8, 100)  # an unobserved bucket in between: at least the shorter one's
+    assert cm.cost(32, 4000) > 2 * cm.cost(32, 100)  # wide drafts extrapolate from the long curve
+
+
 class ForeignDrafter(AlwaysAccept):
     """Right for two tokens, then a token id from another vocabulary and a malformed parent."""
 

@@ -1,28 +1,41 @@
-"""Draft sizing from a measured cost model, calibrated online.
+"""Draft sizing from a measured cost model, calibrated online per context length.
 
 On a CPU, verifying n tokens in one forward is not free (ANCHORS: 8 tokens cost 2.8-3.5x one with plain
-matmuls; with prepacked oneDNN weights it is much flatter). c(n) is the cost of a forward over n new tokens
-relative to c(1). For each step the engine verifies the number of draft nodes n that maximises
+matmuls; with prepacked oneDNN weights it is much flatter). c(n | L) is the cost of a forward over n new
+tokens at a context of L cached tokens, relative to one token at the same context. For each step the engine
+verifies the number of draft nodes n that maximises
 
-    expected tokens per unit cost = (1 + sum_{i<n} s_i) / c(n + 1)
+    expected tokens per unit cost = (1 + sum_{i<n} s_i) / c(n + 1 | L)
 
 where s_i is the drafter's estimate that node i is accepted (its path probability; nodes are listed
 parents-first, so the expected accepted length of a prefix is the sum of its nodes' scores, and the 1 is
 the bonus token). n = 0 means a plain decoding step.
 
-Where c(n) comes from:
-1. A prior, measured once per model: interleaved rounds of forwards at every width over a cache of
-   `context` tokens; c(w) = fastest w-token forward / fastest 1-token forward (on a shared machine the
-   fastest run is the least disturbed one).
-   The measured ratios get a least-squares non-decreasing fit (noise at small widths averages out rather
-   than ratcheting the whole curve up into a plateau that would make every extra node look free).
-2. Online calibration: the decode loop reports the wall time of every forward it runs (`observe`). It keeps
-   an exponential moving average (EMA) of a plain step's time t1, and of the observed c(w) = seconds / t1
-   per knot of the prior (each width pools into the smallest knot >= it, so a few knots gather many
-   observations). A knot's value is its EMA shrunk towards the prior by its count; a knot never observed
-   gets the prior plus the average gap every verify step has shown over the prior (tree mask, KV
-   compaction, longer contexts, the machine's state now). The knots get the same weighted non-decreasing
-   fit, the table interpolates between them, and it is rebuilt every `REFRESH` observations.
+The context matters: measured here with SmolLM2-135M, c(8) is ~1.0 at L = 128 but ~1.7 at L = 4096 (attention
+over the cache grows with the number of queries, the weights' cost does not). So costs are kept per context
+bucket (L <= 512, then doubling: 1024, 2048, ...).
+
+Where c(n | L) comes from:
+1. A prior, measured once per model at L = 256: interleaved rounds of forwards at every width; c(w) =
+   fastest w-token forward / fastest 1-token forward (on a shared machine the fastest run is the least
+   disturbed one), with a least-squares non-decreasing fit (noise averages out rather than ratcheting the
+   curve up into a plateau that would make every extra node look free).
+2. Online calibration: the decode loop reports every forward's width, context and wall time (`observe`).
+   - The plain-step time t1(L) = a * (1 + beta * L) * r_b: `a` is an exponential moving average (EMA) over
+     every plain step (it follows the machine's state), beta is the bytes of KV per cached token over the
+     weights' bytes (a plain step streams both), r_b an EMA per bucket of how far the bucket's plain steps
+     sit from that line (a bucket without plain steps borrows the nearest shorter bucket's).
+   - Each verify step gives c = seconds / t1(L), pooled per (bucket, knot of the prior): a width pools into
+     the smallest knot >= it. An observed knot's value is its EMA shrunk towards its prior by its count. The
+     prior of bucket 0 is the measurement; that of a longer bucket is the shorter bucket's fitted curve.
+     A knot the bucket has not observed is interpolated linearly in width between the observed knots around
+     it (and c(1) = 1), and beyond the widest observed knot it follows the prior's shape, shifted by the gap
+     seen there. (Attention over a long cache makes the cost grow with every extra query; a constant shift
+     learned from wide drafts alone would make the narrow ones look as dear, the curve flat, and every node
+     up to the widest look free.) Knots get a weighted non-decreasing fit; each bucket's table interpolates
+     between them and is rebuilt every `REFRESH` observations, or at once when a knot is first observed.
+   - The first `EXPLORE` steps in a bucket beyond the first are plain steps, so that t1 is measured there
+     rather than guessed.
 """
 
 from __future__ import annotations
@@ -36,15 +49,27 @@ MAX_WIDTH = 66  # widths the table covers (MAX_DRAFT + root + one spare)
 REFRESH = 8  # observations between table rebuilds
 PRIOR_WEIGHT = 4.0  # the prior counts as this many observations
 DECAY = 0.05  # EMA weight of a new observation
+BUCKETS = 8  # context buckets: <= 512, <= 1024, ... , the last one open-ended
+EXPLORE = 2  # plain steps taken at a new context bucket before drafting there
+
+
+def bucket(context: int) -> int:
+    """Context bucket: 0 for L <= 512, then one per doubling."""
+    return min(BUCKETS - 1, max(0, (max(context, 1) - 1).bit_length() - 9))
+
+
+def _ema(old: float, new: float, n: int) -> float:
+    return new if not n else old + DECAY * (new - old)
 
 
 class CostModel:
-    def __init__(self, widths: tuple[int, ...], rel: tuple[float, ...], learn: bool = False):
-        self.widths, self.rel, self.learn = tuple(widths), tuple(_isotonic(list(rel))), learn
-        self.t1, self.n1 = 0.0, 0  # EMA of a plain (width-1) step's seconds, and how many were seen
-        self.obs: dict[int, float] = {}  # knot -> EMA of observed c(w) = seconds / t1 for widths pooled there
-        self.count: dict[int, int] = {}  # knot -> observations
-        self.extra, self.n_extra = 0.0, 0  # EMA of (observed c(w) - prior c(w)) over all verify steps
+    def __init__(self, widths: tuple[int, ...], rel: tuple[float, ...], learn: bool = False, beta: float = 0.0):
+        self.widths, self.rel, self.learn, self.beta = tuple(widths), tuple(_isotonic(list(rel))), learn, beta
+        self.a, self.n1 = 0.0, 0  # EMA of a plain step's seconds / (1 + beta * L), and how many were seen
+        self.r = [1.0] * BUCKETS  # per bucket: EMA of a plain step's seconds / (a * (1 + beta * L))
+        self.nr = [0] * BUCKETS
+        self.obs: list[dict[int, float]] = [{} for _ in range(BUCKETS)]  # bucket -> knot -> EMA of c(w)
+        self.count: list[dict[int, int]] = [{} for _ in range(BUCKETS)]  # bucket -> knot -> observations
         self.pending = 0
         self._rebuild()
 
@@ -62,6 +87,8 @@ class CostModel:
         context = max(1, min(context, limit - max(widths) - 1))
         cache = model.make_cache(context + max(widths) + 1)
         model(torch.zeros(1, context, dtype=torch.long), cache, logits="none")
+        kv_per_token = cache.nbytes / context
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
         best = [float("inf")] * len(widths)
         for r in range(rounds + 1):  # round 0 is warm-up
             for i, w in enumerate(widths):
@@ -71,39 +98,46 @@ class CostModel:
                 if r:
                     best[i] = min(best[i], time.perf_counter() - t)
                 cache.trim(w)
-        return cls(widths, tuple(t / best[0] for t in best), learn=True)
-
-    def _prior(self, n: int) -> float:
-        """Prior relative cost of n tokens (linear interpolation, linear extrapolation beyond)."""
-        w, r = self.widths, self.rel
-        if n <= w[0]:
-            return r[0]
-        for i in range(1, len(w)):
-            if n <= w[i]:
-                f = (n - w[i - 1]) / (w[i] - w[i - 1])
-                return r[i - 1] + f * (r[i] - r[i - 1])
-        slope = (r[-1] - r[-2]) / (w[-1] - w[-2]) if len(w) > 1 else 0.0
-        return r[-1] + slope * (n - w[-1])
+        return cls(widths, tuple(t / best[0] for t in best), learn=True, beta=kv_per_token / weights)
 
     def _knot(self, n: int) -> int:
         """The prior's smallest width >= n (the last one beyond them): observations pool per knot."""
         return next((w for w in self.widths if w >= n), self.widths[-1])
 
     def _rebuild(self) -> None:
-        base, shift = self.rel[0], self.extra * self.n_extra / (self.n_extra + PRIOR_WEIGHT)
-        vals, weights = [], []
-        for w, r in zip(self.widths, self.rel):
-            prior, k = r / base, self.count.get(w, 0)
-            if w == 1:
-                vals.append(1.0)
-                weights.append(1e9)  # c(1) = 1 by definition
-            elif k:  # observed: the EMA, shrunk towards the prior
-                vals.append((k * self.obs[w] + PRIOR_WEIGHT * prior) / (k + PRIOR_WEIGHT))
-                weights.append(k + PRIOR_WEIGHT)
-            else:  # unobserved: the prior plus the overhead every verify step has shown
-                vals.append(max(1.0, prior + shift))
-                weights.append(PRIOR_WEIGHT)
-        knots = _isotonic(vals, weights)
+        """Fit every bucket's knots (each one's prior is the previous bucket's fit) and tabulate them."""
+        prior = [r / self.rel[0] for r in self.rel]
+        self.tables, self._max_useful = [], []
+        for b in range(BUCKETS):
+            seen = {}  # knot index -> observed EMA, shrunk towards the prior
+            for i, w in enumerate(self.widths):
+                if (k := self.count[b].get(w, 0)) and w > 1:
+                    seen[i] = (k * self.obs[b][w] + PRIOR_WEIGHT * prior[i]) / (k + PRIOR_WEIGHT)
+            vals, weights = [], []
+            for i, w in enumerate(self.widths):
+                vals.append(1.0 if w == 1 else seen.get(i, self._unseen(i, seen, prior)))
+                weights.append(1e9 if w == 1 else self.count[b].get(w, 0) + PRIOR_WEIGHT)  # c(1) = 1
+            prior = _isotonic(vals, weights)
+            self.tables.append(self._tabulate(prior))
+            n, table = 1, self.tables[-1]
+            while n < MAX_WIDTH - 2 and (n + 2) / table[n + 2] > 1.0:
+                n += 1
+            self._max_useful.append(n)
+        self.pending = 0
+
+    def _unseen(self, i: int, seen: dict[int, float], prior: list[float]) -> float:
+        """A knot this bucket has not observed: interpolated linearly in width between the observed knots
+        around it (and c(1) = 1); beyond the widest observed one, the prior's shape shifted by the gap seen
+        there; with nothing observed, the prior."""
+        w = self.widths
+        lo = max((j for j in seen if j < i), default=0)  # knot 0 is width 1, c = 1
+        hi = min((j for j in seen if j > i), default=None)
+        c_lo = seen.get(lo, 1.0)
+        if hi is not None:
+            return c_lo + (seen[hi] - c_lo) * (w[i] - w[lo]) / (w[hi] - w[lo])
+        return max(1.0, prior[i] + (c_lo - prior[lo] if lo else 0.0))
+
+    def _tabulate(self, knots: list[float]) -> list[float]:
         w, table, i = self.widths, [0.0], 0
         for n in range(1, MAX_WIDTH + 1):
             while i + 1 < len(w) and w[i + 1] < n:
@@ -111,58 +145,64 @@ class CostModel:
             if len(w) == 1 or n <= w[0]:
                 c = knots[0]
             elif n > w[-1]:
-                slope = (knots[-1] - knots[-2]) / (w[-1] - w[-2])
-                c = knots[-1] + slope * (n - w[-1])
+                c = knots[-1] + (knots[-1] - knots[-2]) / (w[-1] - w[-2]) * (n - w[-1])
             else:
                 c = knots[i] + (knots[i + 1] - knots[i]) * (n - w[i]) / (w[i + 1] - w[i])
             table.append(max(c, table[-1], 1.0))
-        self.table = table
-        n = 1
-        while n < MAX_WIDTH - 2 and (n + 2) / self.cost(n + 2) > 1.0 / self.cost(1):
-            n += 1
-        self._max_useful = n
-        self.pending = 0
+        return table
 
-    def cost(self, n: int) -> float:
-        """Relative cost of verifying n tokens in one forward (c(1) = 1)."""
-        if n <= MAX_WIDTH:
-            return self.table[max(n, 1)]
-        return self.table[-1] * n / MAX_WIDTH
+    def cost(self, n: int, context: int = 0) -> float:
+        """Relative cost of verifying n tokens in one forward at a context of `context` cached tokens."""
+        table = self.tables[bucket(context)]
+        return table[max(n, 1)] if n <= MAX_WIDTH else table[-1] * n / MAX_WIDTH
 
-    def observe(self, width: int, seconds: float) -> None:
-        """The decode loop ran a forward over `width` new tokens in `seconds` of wall time."""
+    def t1(self, context: int) -> float:
+        """Estimated seconds of a plain step at this context (0 before any plain step was seen)."""
+        b = bucket(context)
+        while b and not self.nr[b]:
+            b -= 1  # no plain step here yet: the nearest shorter bucket's offset from the line
+        r = (self.nr[b] * self.r[b] + PRIOR_WEIGHT) / (self.nr[b] + PRIOR_WEIGHT) if self.nr[b] else 1.0
+        return self.a * (1 + self.beta * context) * r
+
+    def observe(self, width: int, seconds: float, context: int = 0) -> None:
+        """The decode loop ran a forward over `width` new tokens after `context` cached ones in `seconds`."""
         if not self.learn or not 1 <= width <= MAX_WIDTH:
             return
+        b, line = bucket(context), 1 + self.beta * context
         if width == 1:
-            self.t1 = seconds if not self.n1 else self.t1 + DECAY * (seconds - self.t1)
+            if self.n1:
+                self.r[b] = _ema(self.r[b], seconds / (self.a * line), self.nr[b])
+                self.nr[b] += 1
+            self.a = _ema(self.a, seconds / line / (self.r[b] if self.nr[b] else 1.0), self.n1)
             self.n1 += 1
             return
         if self.n1 < 3:
             return  # no plain step to compare with yet
-        c = seconds / self.t1
-        d = c - self._prior(width) / self._prior(1)
-        self.extra = d if not self.n_extra else self.extra + DECAY * (d - self.extra)
-        self.n_extra += 1
-        k = self._knot(width)
-        self.obs[k] = c if k not in self.obs else self.obs[k] + DECAY * (c - self.obs[k])
-        self.count[k] = self.count.get(k, 0) + 1
+        c, k = seconds / self.t1(context), self._knot(width)
+        n = self.count[b].get(k, 0)
+        self.obs[b][k] = _ema(self.obs[b].get(k, 0.0), c, n)
+        self.count[b][k] = n + 1
         self.pending += 1
-        if self.pending >= REFRESH:
+        if self.pending >= REFRESH or not n:  # a knot's first observation is news: use it at once
             self._rebuild()
 
-    def best_size(self, scores: list[float]) -> int:
+    def best_size(self, scores: list[float], context: int = 0) -> int:
         """Number of leading nodes to verify (0 = plain step)."""
-        best_n, best_v, acc = 0, 1.0 / self.cost(1), 1.0
+        b = bucket(context)
+        if self.learn and b and self.nr[b] < EXPLORE:
+            return 0  # measure plain steps at this context first (bucket 0 has the measured prior)
+        table = self.tables[b]
+        best_n, best_v, acc = 0, 1.0, 1.0
         for n, s in enumerate(scores, start=1):
             acc += s
-            v = acc / self.cost(n + 1)
+            v = acc / (table[n + 1] if n < MAX_WIDTH else table[-1] * (n + 1) / MAX_WIDTH)
             if v > best_v:
                 best_n, best_v = n, v
         return best_n
 
-    def max_useful(self, cap: int = 64) -> int:
+    def max_useful(self, cap: int = 64, context: int = 0) -> int:
         """Largest draft worth asking for: beyond it even certain acceptance would not pay."""
-        return min(cap, self._max_useful)
+        return min(cap, self._max_useful[bucket(context)])
 
 
 def _isotonic(y: list[float], w: list[float] | None = None) -> list[float]:

@@ -94,25 +94,25 @@ def generate(
                 if drafter.fixed_length:
                     budget = min(budget, drafter.fixed_length)
                 elif cost is not None:
-                    budget = min(budget, cost.max_useful(MAX_DRAFT))
+                    budget = min(budget, cost.max_useful(MAX_DRAFT, cache.offset))
                 proposal = drafter.propose(ctx, budget) if budget > 0 else None
                 if proposal is not None:
                     proposal = proposal.prefix(min(budget, proposal.valid_length(vocab)))
                 if proposal is not None and not drafter.fixed_length and proposal.scores is not None:
-                    proposal = proposal.prefix(cost.best_size(proposal.scores))
+                    proposal = proposal.prefix(cost.best_size(proposal.scores, cache.offset))
             if not proposal:
-                t = time.perf_counter()
+                at, t = cache.offset, time.perf_counter()
                 logits = model(torch.tensor([[pending]]), cache).logits[0, -1]
                 step = Step([pick(logits)])
                 if cost is not None:
-                    cost.observe(1, time.perf_counter() - t)
+                    cost.observe(1, time.perf_counter() - t, at)
                 if proposal is not None:  # drafted but sized down to nothing: still a lesson for the drafter
                     drafter.observe(step.tokens, proposal)
                 continue
-            t = time.perf_counter()
+            at, t = cache.offset, time.perf_counter()
             step = _speculate(model, cache, pending, proposal, params, gen, seen)
             if cost is not None:
-                cost.observe(step.forward_tokens, time.perf_counter() - t)
+                cost.observe(step.forward_tokens, time.perf_counter() - t, at)
             drafter.observe(step.tokens, proposal)
     finally:
         if drafter is not None:

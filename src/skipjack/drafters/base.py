@@ -83,6 +83,16 @@ def merge(proposals: list[Proposal], budget: int) -> Proposal | None:
             else:
                 score[i] = max(score[i], s)
             ids.append(i)
+    return best_first(tokens, parents, score, budget, depth)
+
+
+def best_first(tokens: list[int], parents: list[int], score: list[float], budget: int, depth=None) -> Proposal | None:
+    """A trie (parents listed before children) re-listed best-first by score (ties: shallower first), cut to
+    `budget` nodes. Scores never grow along a path, so parents still come before their children."""
+    if depth is None:
+        depth = []
+        for p in parents:
+            depth.append(1 if p < 0 else depth[p] + 1)
     order = sorted(range(len(tokens)), key=lambda i: (-score[i], depth[i], i))[:budget]
     new = {old: k for k, old in enumerate(order)}
     if not order:

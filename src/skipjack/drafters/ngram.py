@@ -8,7 +8,8 @@ Draft tree: ADED grows the tree with MCTS, balancing exploitation of likely cont
 of rarely seen ones. We use its cheaper one-step equivalent: best-first expansion from the context's last two
 tokens, where a child's priority is its parent's priority times an upper-confidence value
 min(1, p + c * sqrt(ln(1 + N) / (1 + n))) (p = count / N, N = the context's total count, n = the child's),
-so well-attested branches come first and under-explored ones still get a place. Nodes come out in
+so well-attested branches come first and under-explored ones still get a place (a node whose calibrated
+path probability is below pld's `MIN_SCORE` is not expanded: no cost model would verify it). Nodes come out in
 expansion order (parents first); each carries a calibrated path probability (product of p along the path,
 times an online calibration factor) that the engine's cost model uses to size the tree. The factor is the
 ratio of realised to predicted acceptances over every table node the emitted tokens can judge.
@@ -36,7 +37,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from skipjack.drafters.base import Proposal, judge, merge
-from skipjack.drafters.pld import PromptLookup
+from skipjack.drafters.pld import MIN_SCORE, PromptLookup
 from skipjack.errors import SkipjackError
 
 
@@ -177,6 +178,8 @@ class NGramDrafter:
         total = sum(kids.values())
         for tok, c in sorted(kids.items(), key=lambda kv: -kv[1])[: self.width]:
             p = c / total
+            if score * p * cal < MIN_SCORE:
+                break  # never worth a verify slot (children are sorted by count: the rest score lower)
             ucb = min(1.0, p + self.explore * math.sqrt(math.log1p(total) / (1.0 + c)))
             heapq.heappush(heap, (-pri * ucb, next(tick), tok, parent, score * min(1.0, p * cal), p, ctx))
 

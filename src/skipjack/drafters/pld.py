@@ -21,7 +21,7 @@ Nodes are listed best-first (ties: shallower first), which keeps parents before 
 
 from __future__ import annotations
 
-from skipjack.drafters.base import Proposal, merge
+from skipjack.drafters.base import Proposal, best_first
 from skipjack.errors import SkipjackError
 
 DEPTHS = 65
@@ -76,25 +76,27 @@ class PromptLookup:
         found = self._candidates(context, budget)
         if not found:
             return None
-        nodes: dict[tuple[int, int], tuple[int, float]] = {}  # (parent, token) -> (node, score), this trie
-        chains, self.cands = [], []
+        nodes: dict[tuple[int, int], int] = {}  # (parent, token) -> node of this step's trie
+        tokens, parents, scores = [], [], []
+        self.cands = []
         for bucket, draft in found:
-            par, s, own, scores = -1, 1.0, 0, []
+            par, s, own = -1, 1.0, 0
             for d, tok in enumerate(draft, start=1):
                 hit = nodes.get((par, tok)) if not own else None
                 if hit is not None:  # shared with a better candidate: its score stands
-                    par, s = hit
-                else:
-                    own = own or d  # first depth this candidate adds to the tree
-                    s *= self._rate(bucket, d - own + 1)
-                    if s < MIN_SCORE and d > 1:
-                        break  # never worth a verify slot; stops long copies costing Python time per step
-                    nodes[(par, tok)] = (len(nodes), s)
-                    par = len(nodes) - 1
+                    par, s = hit, scores[hit]
+                    continue
+                own = own or d  # first depth this candidate adds to the tree
+                s *= self._rate(bucket, d - own + 1)
+                if s < MIN_SCORE and d > 1:
+                    break  # never worth a verify slot; stops long copies costing Python time per step
+                nodes[(par, tok)] = len(tokens)
+                tokens.append(tok)
+                parents.append(par)
                 scores.append(s)
+                par = len(tokens) - 1
             self.cands.append((bucket, draft, own or len(draft) + 1))
-            chains.append(Proposal.chain(draft[: len(scores)], scores))
-        return merge(chains, budget)
+        return best_first(tokens, parents, scores, budget)
 
     def _rate(self, bucket: tuple[int, bool], d: int) -> float:
         """Estimated P(the d-th token of a candidate's own branch is accepted | the path to it was),
