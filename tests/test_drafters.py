@@ -46,6 +46,29 @@ def test_pld_scores_follow_observed_acceptance():
     assert after[0] < before[0] / 4 and all(b <= a for a, b in zip(after, after[1:]))
 
 
+def test_pld_calibrates_per_request():
+    """Copies that paid off in one request (code, say) and fail in the next (a summary): the second request
+    scales its own scores down from what the shared rates say; a third starts from the shared rates again."""
+    d = PromptLookup(branches=1)
+    ctx = [1, 2, 3, 4] * 4
+    d.begin(ctx)
+    for _ in range(10):
+        prop = d.propose(ctx, 4)
+        d.observe(prop.tokens + [0], prop)  # every copied token accepted
+    assert d.f > 1.0
+    d.begin(ctx)
+    shared = d.propose(ctx, 4).scores
+    assert d.f == 1.0
+    for _ in range(10):
+        prop = d.propose(ctx, 4)
+        d.observe([0], prop)  # depth 1 rejected every time
+    assert d.f < 0.5
+    assert d.propose(ctx, 4).scores[0] < 0.5 * d._base((3, False), 1)
+    d.begin(ctx)
+    again = d.propose(ctx, 4).scores
+    assert d.f == 1.0 and again[0] == pytest.approx(d._base((3, False), 1)) and again[0] < shared[0]
+
+
 def test_pld_tree_merges_candidates_best_first():
     d = PromptLookup(max_ngram=2, branches=3)
     ctx = [1, 2, 3, 4, 9, 1, 2, 3, 5, 8, 1, 2]

@@ -12,7 +12,8 @@ so well-attested branches come first and under-explored ones still get a place (
 path probability is below pld's `MIN_SCORE` is not expanded: no cost model would verify it). Nodes come out in
 expansion order (parents first); each carries a calibrated path probability (product of p along the path,
 times an online calibration factor) that the engine's cost model uses to size the tree. The factor is the
-ratio of realised to predicted acceptances over every table node the emitted tokens can judge.
+ratio of realised to predicted acceptances over every table node the emitted tokens can judge, in this
+request, shrunk towards the same ratio over all requests.
 
 In-request matches (`lookup` > 0): the table's contexts are two tokens long, but within one request a
 longer suffix match is much stronger evidence (ADED likewise retrieves by suffix match). So the drafter
@@ -37,7 +38,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from skipjack.drafters.base import Proposal, judge, merge
-from skipjack.drafters.pld import MIN_SCORE, PromptLookup
+from skipjack.drafters.pld import MIN_SCORE, REQUEST_PRIOR, PromptLookup
 from skipjack.errors import SkipjackError
 
 
@@ -139,7 +140,7 @@ class NGramDrafter:
         self.path = Path(path) if path else None
         self.table = _SHARED.setdefault(f"{table or 'default'}/{order}", NGramTable(order=order))
         self.lookup = PromptLookup(branches=lookup) if lookup else None
-        self.pred, self.got = 1.0, 1.0  # calibration: sum of predicted vs realised acceptances
+        self.pred, self.got = 1.0, 1.0  # calibration over all requests: predicted vs realised acceptances
         self.paths: list[list[int]] = []
 
     def begin(self, prompt: list[int]) -> None:
@@ -147,13 +148,15 @@ class NGramDrafter:
             self.table.load(self.path)
         self.table.add(prompt, 0, 1.0)
         self.seen = len(prompt)
+        self.req_pred, self.req_got = 0.0, 0  # the same, this request only
         if self.lookup is not None:
             self.lookup.begin(prompt)
 
     def propose(self, context: list[int], budget: int) -> Proposal | None:
         self.table.add(context, self.seen, 2.0)  # the model's own outputs since the last step
         self.seen = len(context)
-        cal = min(3.0, max(0.1, self.got / self.pred))
+        prior = self.got / self.pred  # this request's calibration, shrunk towards all requests'
+        cal = min(3.0, max(0.1, (self.req_got + REQUEST_PRIOR * prior) / (self.req_pred + REQUEST_PRIOR)))
         tokens, parents, scores, self.edges, self.paths = [], [], [], [], []
         heap: list = []  # (-priority, tiebreak, token, parent node, path score, edge p, table context)
         tick = itertools.count()
@@ -193,6 +196,8 @@ class NGramDrafter:
             if ok is not None:
                 self.pred += p
                 self.got += ok
+                self.req_pred += p
+                self.req_got += ok
 
     def end(self) -> None:
         if self.lookup is not None:

@@ -13,7 +13,9 @@ Node scores for the cost model: a node is accepted only if the path to it was, s
 of conditional acceptance rates along the path. Each candidate is scored only on the branch it adds to the
 trie (from the first token where it departs from every better candidate; shared nodes keep the better
 candidate's score), with rates per depth of that branch for each (match length, primary or alternative)
-bucket, shrunk towards the depth's pooled rate. Learning the same way, every candidate's own branch is
+bucket, shrunk towards the depth's pooled rate, times a per-request calibration factor (realised over
+predicted acceptances in this request so far, from 1 with a few pseudo-counts: how much copying pays depends
+on the text far more than on the match). Learning the same way, every candidate's own branch is
 compared with what the model actually emitted. (Scoring an alternative on its whole copy would count the
 steps where it agrees with the primary, which makes a diverging branch look far likelier than it is.)
 Nodes are listed best-first (ties: shallower first), which keeps parents before children.
@@ -26,6 +28,7 @@ from skipjack.errors import SkipjackError
 
 DEPTHS = 65
 MIN_SCORE = 0.01  # a copied token whose estimated acceptance falls below this ends its candidate
+REQUEST_PRIOR = 3.0  # pseudo-acceptances behind a request's calibration factor (it starts at 1)
 _UNSEEN = ((0,) * DEPTHS, (0,) * DEPTHS)  # (tried, hit) of a bucket with no observations yet
 
 
@@ -45,6 +48,7 @@ class PromptLookup:
         self.cands: list[tuple[tuple[int, bool], list[int], int]] = []  # (bucket, copy, first own depth)
 
     def begin(self, prompt: list[int]) -> None:
+        self.pred, self.got = 0.0, 0  # this request: sum of predicted vs realised acceptances of own nodes
         self.index: dict[tuple[int, ...], list[int]] = {}  # n-gram -> end positions, oldest first
         self.indexed = 0  # positions [0, indexed) have their n-grams in the index
 
@@ -76,6 +80,7 @@ class PromptLookup:
         found = self._candidates(context, budget)
         if not found:
             return None
+        self.f = min(4.0, max(0.25, (self.got + REQUEST_PRIOR) / (self.pred + REQUEST_PRIOR)))
         nodes: dict[tuple[int, int], int] = {}  # (parent, token) -> node of this step's trie
         tokens, parents, scores = [], [], []
         self.cands = []
@@ -98,14 +103,19 @@ class PromptLookup:
             self.cands.append((bucket, draft, own or len(draft) + 1))
         return best_first(tokens, parents, scores, budget)
 
-    def _rate(self, bucket: tuple[int, bool], d: int) -> float:
-        """Estimated P(the d-th token of a candidate's own branch is accepted | the path to it was),
-        shrunk towards the pooled rate."""
+    def _base(self, bucket: tuple[int, bool], d: int) -> float:
+        """Estimated P(the d-th token of a candidate's own branch is accepted | the path to it was), over
+        every request so far: the bucket's rate shrunk towards the depth's pooled rate."""
         tried, hit = self.stats.get(bucket, _UNSEEN)
         pooled = (self.pooled[1][d] + 1) / (self.pooled[0][d] + 2)
         if bucket[1]:
             pooled *= 0.5  # an alternative copy starts out less trusted than the primary one
         return (hit[d] + 2 * pooled) / (tried[d] + 2)
+
+    def _rate(self, bucket: tuple[int, bool], d: int) -> float:
+        """The base rate times this request's calibration factor (copying pays far more in code or
+        retrieval answers than in a summary; the factor is realised / predicted acceptances so far)."""
+        return min(0.98, self._base(bucket, d) * self.f)
 
     def observe(self, emitted: list[int], proposal: Proposal) -> None:
         """Score every candidate (verified or pruned) against the tokens the model actually emitted: the
@@ -117,6 +127,8 @@ class PromptLookup:
             for d in range(own, min(len(draft), len(emitted), own + DEPTHS - 2) + 1):
                 ok = draft[d - 1] == emitted[d - 1]
                 e = d - own + 1  # depth within the candidate's own branch
+                self.pred += self._base(bucket, e)
+                self.got += ok
                 for t, h in ((tried, hit), self.pooled):
                     t[e] += 1
                     h[e] += ok
