@@ -50,7 +50,7 @@ REFRESH = 8  # observations between table rebuilds
 PRIOR_WEIGHT = 4.0  # the prior counts as this many observations
 DECAY = 0.05  # EMA weight of a new observation
 BUCKETS = 8  # context buckets: <= 512, <= 1024, ... , the last one open-ended
-EXPLORE = 2  # plain steps taken at a new context bucket before drafting there
+EXPLORE = 3  # plain steps taken at a new context bucket before drafting there
 
 
 def bucket(context: int) -> int:
@@ -161,8 +161,7 @@ class CostModel:
         b = bucket(context)
         while b and not self.nr[b]:
             b -= 1  # no plain step here yet: the nearest shorter bucket's offset from the line
-        r = (self.nr[b] * self.r[b] + PRIOR_WEIGHT) / (self.nr[b] + PRIOR_WEIGHT) if self.nr[b] else 1.0
-        return self.a * (1 + self.beta * context) * r
+        return self.a * (1 + self.beta * context) * (self.r[b] if self.nr[b] else 1.0)
 
     def observe(self, width: int, seconds: float, context: int = 0) -> None:
         """The decode loop ran a forward over `width` new tokens after `context` cached ones in `seconds`."""
