@@ -153,8 +153,7 @@ class CostModel:
 
     def cost(self, n: int, context: int = 0) -> float:
         """Relative cost of verifying n tokens in one forward at a context of `context` cached tokens."""
-        table = self.tables[bucket(context)]
-        return table[max(n, 1)] if n <= MAX_WIDTH else table[-1] * n / MAX_WIDTH
+        return _at(self.tables[bucket(context)], n)
 
     def t1(self, context: int) -> float:
         """Estimated seconds of a plain step at this context (0 before any plain step was seen)."""
@@ -194,7 +193,7 @@ class CostModel:
         best_n, best_v, acc = 0, 1.0, 1.0
         for n, s in enumerate(scores, start=1):
             acc += s
-            v = acc / (table[n + 1] if n < MAX_WIDTH else table[-1] * (n + 1) / MAX_WIDTH)
+            v = acc / _at(table, n + 1)
             if v > best_v:
                 best_n, best_v = n, v
         return best_n
@@ -202,6 +201,11 @@ class CostModel:
     def max_useful(self, cap: int = 64, context: int = 0) -> int:
         """Largest draft worth asking for: beyond it even certain acceptance would not pay."""
         return min(cap, self._max_useful[bucket(context)])
+
+
+def _at(table: list[float], n: int) -> float:
+    """A bucket's tabulated cost of n tokens (proportional beyond the table)."""
+    return table[max(n, 1)] if n <= MAX_WIDTH else table[-1] * n / MAX_WIDTH
 
 
 def _isotonic(y: list[float], w: list[float] | None = None) -> list[float]:

@@ -100,6 +100,15 @@ def best_first(tokens: list[int], parents: list[int], score: list[float], budget
     return Proposal([tokens[i] for i in order], [new.get(parents[i], -1) for i in order], [score[i] for i in order])
 
 
+REQUEST_PRIOR = 3.0  # pseudo-acceptances behind a request's calibration factor
+
+
+def calibration(got: float, pred: float, prior: float, lo: float, hi: float) -> float:
+    """A request's calibration factor: realised over predicted acceptances so far, starting at `prior`
+    (REQUEST_PRIOR pseudo-acceptances behind it), clipped to [lo, hi]."""
+    return min(hi, max(lo, (got + REQUEST_PRIOR * prior) / (pred + REQUEST_PRIOR)))
+
+
 def judge(path: list[int], emitted: list[int]) -> bool | None:
     """Would a draft path (tokens from the root) have been accepted, given what the model emitted (accepted
     drafts + the bonus token)? None when the emitted tokens cannot tell (the path goes past them or leaves

@@ -37,8 +37,8 @@ import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
-from skipjack.drafters.base import Proposal, judge, merge
-from skipjack.drafters.pld import MIN_SCORE, REQUEST_PRIOR, PromptLookup
+from skipjack.drafters.base import Proposal, calibration, judge, merge
+from skipjack.drafters.pld import MIN_SCORE, PromptLookup
 from skipjack.errors import SkipjackError
 
 
@@ -155,8 +155,7 @@ class NGramDrafter:
     def propose(self, context: list[int], budget: int) -> Proposal | None:
         self.table.add(context, self.seen, 2.0)  # the model's own outputs since the last step
         self.seen = len(context)
-        prior = self.got / self.pred  # this request's calibration, shrunk towards all requests'
-        cal = min(3.0, max(0.1, (self.req_got + REQUEST_PRIOR * prior) / (self.req_pred + REQUEST_PRIOR)))
+        cal = calibration(self.req_got, self.req_pred, self.got / self.pred, 0.1, 3.0)  # this request's
         tokens, parents, scores, self.edges, self.paths = [], [], [], [], []
         heap: list = []  # (-priority, tiebreak, token, parent node, path score, edge p, table context)
         tick = itertools.count()

@@ -23,12 +23,11 @@ Nodes are listed best-first (ties: shallower first), which keeps parents before 
 
 from __future__ import annotations
 
-from skipjack.drafters.base import Proposal, best_first
+from skipjack.drafters.base import Proposal, best_first, calibration
 from skipjack.errors import SkipjackError
 
 DEPTHS = 65
 MIN_SCORE = 0.01  # a copied token whose estimated acceptance falls below this ends its candidate
-REQUEST_PRIOR = 3.0  # pseudo-acceptances behind a request's calibration factor (it starts at 1)
 _UNSEEN = ((0,) * DEPTHS, (0,) * DEPTHS)  # (tried, hit) of a bucket with no observations yet
 
 
@@ -80,7 +79,7 @@ class PromptLookup:
         found = self._candidates(context, budget)
         if not found:
             return None
-        self.f = min(4.0, max(0.25, (self.got + REQUEST_PRIOR) / (self.pred + REQUEST_PRIOR)))
+        self.f = calibration(self.got, self.pred, 1.0, 0.25, 4.0)
         nodes: dict[tuple[int, int], int] = {}  # (parent, token) -> node of this step's trie
         tokens, parents, scores = [], [], []
         self.cands = []
