@@ -130,6 +130,13 @@ def test_schema_and_plots(bench_out):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     md = (out / "REPORT.md").read_text()
     assert "## Overall" in md and "## Speedup vs plain by category" in md and "## Acceptance" in md
+    # The verify-cost curves the speculative methods' cost model learned in this run, and their table.
+    curves = res["cost_curves"]
+    assert curves[0]["context"] == [0, 512] and curves[0]["plain_steps"] + curves[0]["verify_steps"] > 0
+    for c in curves:
+        costs = list(c["cost"].values())
+        assert costs == sorted(costs) and costs[0] >= 1.0
+    assert "## Verify cost" in md and "| 0–512 |" in md
 
 
 def test_lossless_methods_and_hf_peer_match_plain(bench_out):
@@ -212,6 +219,18 @@ def test_targets_are_computed_from_the_summary():
     assert "0.94×" in rows["pld (cost model) vs best fixed size (pld:k=4)"]
     assert "pld vs HF prompt lookup" not in rows  # hf-pld did not run
     assert report.targets({"plain": s(10.0)}) == ""
+
+
+def test_job_order_rotates_through_every_position():
+    from skipjack.bench.runner import rotated
+
+    jobs = ["plain", "pld", "ngram", "hf"]
+    orders = [rotated(jobs, k) for k in range(8)]
+    assert orders[0] == jobs and orders[1] == ["pld", "ngram", "hf", "plain"]
+    for pos in range(len(jobs)):  # over 2 full cycles, each job holds each position exactly twice
+        assert sorted(o[pos] for o in orders) == sorted(jobs * 2)
+    for o in orders:  # every order is a permutation of the jobs
+        assert sorted(o) == sorted(jobs)
 
 
 @pytest.mark.parametrize(

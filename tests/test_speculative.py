@@ -130,6 +130,13 @@ def test_cost_model_learns_per_context_bucket():
     assert cm.best_size(scores, 4000) == 2  # 2.7 / c(3) = 2.0 beats 2.8 / c(4) = 1.87 and 1.9 / c(2) = 1.6
     assert cm.cost(8, 2000) >= cm.cost(8, 100)  # an unobserved bucket in between: at least the shorter one's
     assert cm.cost(32, 4000) > 2 * cm.cost(32, 100)  # wide drafts extrapolate from the long curve
+    # What the bench reports: the buckets that saw steps (2049-4096 here), with their learned curves.
+    curves = {tuple(c["context"]): c for c in cm.curves(widths=(4, 8))}
+    assert set(curves) == {(0, 512), (2049, 4096)}
+    long = curves[(2049, 4096)]
+    assert long["plain_steps"] == 60 and long["verify_steps"] == 118  # the first round came before 3 plain steps
+    assert long["cost"] == {"4": pytest.approx(1.5, rel=0.05), "8": pytest.approx(2.0, rel=0.05)}
+    assert long["t1_seconds"] == pytest.approx(cm.t1(4096))
 
 
 class ForeignDrafter(AlwaysAccept):

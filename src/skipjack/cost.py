@@ -11,9 +11,10 @@ where s_i is the drafter's estimate that node i is accepted (its path probabilit
 parents-first, so the expected accepted length of a prefix is the sum of its nodes' scores, and the 1 is
 the bonus token). n = 0 means a plain decoding step.
 
-The context matters: measured here with SmolLM2-135M, c(8) is ~1.0 at L = 128 but ~1.7 at L = 4096 (attention
-over the cache grows with the number of queries, the weights' cost does not). So costs are kept per context
-bucket (L <= 512, then doubling: 1024, 2048, ...).
+The context matters: attention over the cache grows with the number of queries, the weights' cost does not,
+so a wide verify step at a long context costs more, relative to a plain step there, than at a short one (the
+bench reports the curves learned during its run, per context: BENCHMARKS.md, "Verify cost"). So costs are
+kept per context bucket (L <= 512, then doubling: 1024, 2048, ...).
 
 Where c(n | L) comes from:
 1. A prior, measured once per model at L = 256: interleaved rounds of forwards at every width; c(w) =
@@ -197,6 +198,27 @@ class CostModel:
             if v > best_v:
                 best_n, best_v = n, v
         return best_n
+
+    def curves(self, widths: tuple[int, ...] = (2, 4, 8, 12, 16)) -> list[dict]:
+        """What the model believes now, per context bucket that saw any step: its context range, the plain and
+        verify steps observed there, the estimated plain-step seconds at its longest context, and c(n)."""
+        out = []
+        for b in range(BUCKETS):
+            verify = sum(self.count[b].values())
+            if b and not (self.nr[b] or verify):
+                continue
+            lo, hi = (0 if b == 0 else (512 << (b - 1)) + 1), (None if b == BUCKETS - 1 else 512 << b)
+            t1 = self.t1(hi or lo) if self.n1 else None
+            out.append(
+                {
+                    "context": [lo, hi],
+                    "plain_steps": self.nr[b],
+                    "verify_steps": verify,
+                    "t1_seconds": t1,
+                    "cost": {str(n): round(self.tables[b][n], 3) for n in widths},
+                }
+            )
+        return out
 
     def max_useful(self, cap: int = 64, context: int = 0) -> int:
         """Largest draft worth asking for: beyond it even certain acceptance would not pay."""

@@ -161,3 +161,8 @@ def cost_model(model: DecoderLM) -> CostModel:
     if model not in _COSTS:
         _COSTS[model] = CostModel.measure(model)
     return _COSTS[model]
+
+
+def learned_cost_model(model: DecoderLM) -> CostModel | None:
+    """The model's cost model if this process built one (what it has learned so far), else None."""
+    return _COSTS.get(model)

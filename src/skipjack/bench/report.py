@@ -31,6 +31,10 @@ results.json schema (version `SCHEMA_VERSION`; times in seconds, sizes in bytes 
                      bandwidth_utilisation (weight_bytes x forward passes/s / measured bandwidth),
                      by_category: {cat: {prompts, new_tokens, seconds, tokens_per_s, speedup_vs_plain, mean_accepted}}}}
                     A peer that did not run has only kind, status and null numbers.
+    cost_curves     [{context: [lo, hi or null], plain_steps, verify_steps, t1_seconds, cost: {n: c(n)}}] per context
+                     bucket: the verify-cost curves the shared cost model (skipjack.cost) learned by the end of the
+                     run; c(n) = seconds of a forward over n new tokens / a plain step's at that context. Null when
+                     no speculative method ran. (Absent in files written before it existed.)
 
 A speedup is a ratio of tokens/s over the prompts both sides completed (all of them unless interrupted).
 """
@@ -203,6 +207,26 @@ def _acceptance(summary: dict) -> str:
     return _table(["method", "tokens per forward pass", "verify steps with a draft", "accepted drafts: share"], rows)
 
 
+def _cost_curves(curves: list[dict]) -> str:
+    """The cost model's learned curves, one row per context bucket."""
+    ns = list(curves[0]["cost"])
+    head = ["context (tokens)", "plain steps", "verify steps", "plain step (ms)", *(f"c({n})" for n in ns)]
+    rows = []
+    for c in curves:
+        lo, hi = c["context"]
+        span = f"{lo}–{hi}" if hi else f"> {lo - 1}"
+        t1 = None if c["t1_seconds"] is None else c["t1_seconds"] * 1e3
+        rows.append([span, str(c["plain_steps"]), str(c["verify_steps"]), _f(t1, "{:.1f}")])
+        rows[-1] += [_f(c["cost"][n]) for n in ns]
+    notes = (
+        "Learned by the shared cost model (`skipjack.cost`) from every timed decoding step of this run: c(n) is"
+        " the time of one forward over n new tokens relative to a plain step at the same context; the plain"
+        " step time is the model's estimate at the bucket's longest context. The first bucket starts from a"
+        " prior measured at 256 tokens; a bucket with few verify steps stays close to the shorter bucket's curve."
+    )
+    return _table(head, rows) + "\n\n" + notes
+
+
 def _check(label: str, got, want: float | None, how: str) -> list[str]:
     met = "–" if got is None or want is None else ("met" if got >= want else RED.format("missed"))
     return [label, _f(got, "{:.2f}×"), "–" if want is None else f"≥ {want:.2f}×", met, how]
@@ -272,6 +296,8 @@ def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack be
     parts += ["## Speedup vs plain by category", "", _by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
     parts += ["## Tokens/s by category", "", _by_category(summary, "tokens_per_s", "{:.1f}"), ""]
     parts += ["## Acceptance", "", _acceptance(summary), ""]
+    if results.get("cost_curves"):
+        parts += ["## Verify cost", "", _cost_curves(results["cost_curves"]), ""]
     if results.get("skipped"):
         parts += ["## Skipped prompts", ""]
         parts += [f"- `{s['id']}` ({s['category']}): {s['reason']}" for s in results["skipped"]] + [""]

@@ -8,11 +8,13 @@ Procedure (the schema of results.json is documented in `skipjack.bench.report`):
 3. Load the model; tokenize every prompt with its chat template. A prompt whose tokens plus the token budget
    exceed the model's context is skipped and listed under `skipped` with the reason.
 4. Warm-up, excluded from the results: one short generation (8 tokens, shortest prompt) per method and peer.
-5. For each prompt, for each method then each peer: `--repeats` timed runs, the median seconds kept (prompt
-   by prompt interleaving, so slow drift of the machine hits every method alike). Tokens, accepted-length
-   statistics and forward passes come from the first repeat.
+5. For each prompt, `--repeats` rounds; each round runs every method and peer once, in an order rotated by one
+   position per round (`rotated`), so no job always follows the same one (the first run after a peer that
+   allocated gigabytes can pay for page faults; plain used to always run first). The median seconds
+   of the repeats is kept. Interleaving prompt by prompt and round by round makes slow drift of the machine
+   hit every method alike. Tokens, accepted-length statistics and forward passes come from the first repeat.
 
-`plain` always runs first; it is the reference for `speedup_vs_plain` and for `identical` (exact token-list
+`plain` is the reference for `speedup_vs_plain` and for `identical` (exact token-list
 equality with plain's output on the same prompt, at temperature 0; null at T > 0). One drafter object per
 method is reused across prompts, so its online statistics carry over as in a long-lived server; each repeat
 of a prompt starts from the same drafter state (a copy), so repeats are comparable.
@@ -156,24 +158,25 @@ class Bench:
             return None
 
     def measure(self, progress, task) -> None:
-        for p, ids in self.prompts:
-            for name in self.jobs():
-                if name not in self.jobs():  # a peer that failed earlier in this loop
-                    continue
-                reps = []
-                # Every repeat starts from the same drafter state (an adaptive drafter must not learn the
-                # answer in repeat 1 and replay it in repeat 2); the state after repeat 1 is kept.
-                snap = copy.deepcopy(self.drafters.get(name)) if self.drafters.get(name) is not None else None
-                for i in range(self.a.repeats):
-                    progress.update(task, description=f"{name} · {p.id} ({i + 1}/{self.a.repeats})")
-                    d = copy.deepcopy(snap) if i > 0 and snap is not None else None
+        for pi, (p, ids) in enumerate(self.prompts):
+            jobs, R = self.jobs(), self.a.repeats
+            # Every repeat starts from the same drafter state (an adaptive drafter must not learn the
+            # answer in repeat 1 and replay it in repeat 2); the state after repeat 1 is kept.
+            snaps = {n: copy.deepcopy(self.drafters[n]) for n in jobs if n in self.drafters}
+            reps: dict[str, list[dict]] = {n: [] for n in jobs}
+            for i in range(R):
+                for name in rotated(jobs, pi * R + i):
+                    if name not in self.jobs() or len(reps[name]) < i:  # a peer that failed in this loop
+                        continue
+                    progress.update(task, description=f"{name} · {p.id} ({i + 1}/{R})")
+                    d = copy.deepcopy(snaps[name]) if i > 0 and name in snaps else None
                     r = self._guard(name, lambda n=name, x=ids, d=d: self.one(n, x, self.params, d))
                     progress.advance(task)
-                    if r is None:
-                        break
-                    reps.append(r)
-                if len(reps) == self.a.repeats:
-                    self.runs.append(self._record(p, name, ids, reps))
+                    if r is not None:
+                        reps[name].append(r)
+            for name in jobs:  # plain first: it is the reference for `identical`
+                if name in self.jobs() and len(reps[name]) == R:
+                    self.runs.append(self._record(p, name, ids, reps[name]))
                     if not progress.console.is_terminal:  # logs get one line per measurement instead of a bar
                         r = self.runs[-1]
                         progress.console.print(
@@ -207,6 +210,13 @@ class Bench:
             **{k: first[k] for k in ("mean_accepted", "accept_hist", "draft_steps", "forward_passes", "finish")},
             "tokens": first["tokens"],
         }
+
+
+def rotated(jobs: list[str], shift: int) -> list[str]:
+    """The jobs in a cyclic order that moves by one every round, so each job runs in each position (first after
+    the previous prompt, right after a memory-hungry peer, ...) equally often over a run."""
+    k = shift % len(jobs)
+    return jobs[k:] + jobs[:k]
 
 
 def _prepare_prompts(prompts, loaded, max_new: int) -> tuple[list[tuple], list[dict]]:
@@ -303,6 +313,7 @@ def main(a) -> int:
     }
     results["peak_rss_mb"] = round(peak_rss_mb(), 1)
     results["runs"] = bench.runs
+    results["cost_curves"] = _cost_curves(loaded.model)
     results["summary"] = report.summarise(results, sampler.peaks)
     (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     report.write_report(results, out)
@@ -312,6 +323,15 @@ def main(a) -> int:
         print("skipjack: interrupted: partial results written (complete: false)", file=sys.stderr)
         return 130
     return 0
+
+
+def _cost_curves(model) -> list[dict] | None:
+    """The verify-cost curves the speculative methods' shared cost model learned during the run (None if no
+    method used it)."""
+    from skipjack import decode
+
+    cm = decode.learned_cost_model(model)
+    return None if cm is None else cm.curves()
 
 
 def _peer_weights(peer) -> int | None:
