@@ -137,6 +137,9 @@ def test_schema_and_plots(bench_out):
         costs = list(c["cost"].values())
         assert costs == sorted(costs) and costs[0] >= 1.0
     assert "## Verify cost" in md and "| 0–512 |" in md
+    rows = res["linear_rows"]
+    assert rows["pad_rows"] >= 1 and sorted(map(int, rows["ms"])) == list(range(1, 13))
+    assert all(v > 0 for v in rows["ms"].values()) and "**Linear layers by input rows**" in md
 
 
 def test_lossless_methods_and_hf_peer_match_plain(bench_out):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import FAMILIES, hf_model, ours_from_hf
 
 ATOL = 1e-5
@@ -135,3 +136,21 @@ def test_tree_mask_forward_equals_separate_branches():
     out = m(ids, cache, positions=pos, tree_mask=tree_mask(parents)).logits[0]
     torch.testing.assert_close(out[1:3], ref["a"], atol=ATOL, rtol=0)
     torch.testing.assert_close(out[3:5], ref["b"], atol=ATOL, rtol=0)
+
+
+def test_linear_pads_few_rows_without_changing_them():
+    """Packed linears pad inputs of fewer than PAD_ROWS rows with zero rows (faster kernels); the real rows'
+    outputs are those of the layer, and one row's output does not depend on the rows beside it."""
+    from skipjack.models.common import PAD_ROWS, Linear
+
+    torch.manual_seed(0)
+    w, b = torch.randn(40, 24), torch.randn(40)
+    lin = Linear(w, b)
+    for m in sorted({1, 2, PAD_ROWS - 1, PAD_ROWS, PAD_ROWS + 3}):
+        x = torch.randn(1, m, 24)
+        y = lin(x)
+        assert y.shape == (1, m, 40)
+        torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    x = torch.randn(1, 3, 24)
+    if lin.packed:  # padded to the same kernel: bit for bit
+        assert torch.equal(lin(x)[:, :1], lin(x[:, :1]))

@@ -139,6 +139,50 @@ def test_cost_model_learns_per_context_bucket():
     assert long["t1_seconds"] == pytest.approx(cm.t1(4096))
 
 
+def test_cost_prior_is_a_line_in_the_context():
+    """The prior measured at two contexts gives each bucket its own curve; what bucket 0 learns on top of its
+    prior carries over to the longer buckets' priors."""
+    cm = CostModel((1, 4, 8), (1.0, 1.0, 1.1), learn=True, slope=(1e-4, 2e-4, 4e-4))
+    assert cm.cost(8, 100) == pytest.approx(1.1)
+    d = 3072 - 256  # bucket 2049-4096 reads the prior at 3072 cached tokens
+    assert cm.cost(8, 3000) == pytest.approx((1.1 + 4e-4 * d) / (1 + 1e-4 * d))
+    assert cm.cost(4, 3000) == pytest.approx((1.0 + 2e-4 * d) / (1 + 1e-4 * d))
+    before = cm.cost(8, 3000)
+    for _ in range(100):
+        cm.observe(1, 0.010, 100)
+        cm.observe(8, 0.014, 100)  # bucket 0 learns c(8) = 1.4, not the measured 1.1
+    assert cm.cost(8, 100) == pytest.approx(1.4, abs=0.02)
+    assert cm.cost(8, 3000) == pytest.approx(before + cm.cost(8, 100) - 1.1, abs=0.01)
+    flat = CostModel((1, 4, 8), (1.0, 1.0, 1.1))  # no slope: one curve for every context
+    assert flat.cost(8, 3000) == pytest.approx(1.1)
+
+
+def test_cost_prior_is_cached_on_disk(tiny_llama64, tmp_path, monkeypatch):
+    """The measured prior is written atomically, read back by the next process instead of measuring again,
+    and a corrupt or malformed file is measured again and rewritten."""
+    import json
+
+    from skipjack import decode
+
+    monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path))
+    calls = []
+    measure = CostModel.measure.__func__
+    monkeypatch.setattr(CostModel, "measure", classmethod(lambda cls, m: calls.append(1) or measure(cls, m)))
+    cm = decode.cost_model(tiny_llama64, remeasure=True)
+    path = decode.prior_path(tiny_llama64)
+    assert path.parent == tmp_path / "costs" and json.loads(path.read_text()) == cm.prior_json()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    del decode._COSTS[tiny_llama64]  # as in a new process
+    again = decode.cost_model(tiny_llama64)
+    assert len(calls) == 1 and again.learn and (again.widths, again.rel, again.slope) == (cm.widths, cm.rel, cm.slope)
+    for bad in ("{not json", '{"widths": [2, 1], "rel": [1, 1], "slope": [0, 0], "beta": 0}', "[]"):
+        path.write_text(bad)
+        del decode._COSTS[tiny_llama64]
+        decode.cost_model(tiny_llama64)
+        assert CostModel.from_prior_json(json.loads(path.read_text())) is not None
+    assert len(calls) == 4
+
+
 class ForeignDrafter(AlwaysAccept):
     """Right for two tokens, then a token id from another vocabulary and a malformed parent."""
 

@@ -17,23 +17,27 @@ bench reports the curves learned during its run, per context: BENCHMARKS.md, "Ve
 kept per context bucket (L <= 512, then doubling: 1024, 2048, ...).
 
 Where c(n | L) comes from:
-1. A prior, measured once per model at L = 256: interleaved rounds of forwards at every width; c(w) =
-   fastest w-token forward / fastest 1-token forward (on a shared machine the fastest run is the least
-   disturbed one), with a least-squares non-decreasing fit (noise averages out rather than ratcheting the
-   curve up into a plateau that would make every extra node look free).
+1. A prior, measured once per model (and machine: it is cached on disk, see `skipjack.decode.cost_model`):
+   interleaved rounds of forwards at every width, at L = PRIOR_CONTEXT and again at L = LONG_CONTEXT; each
+   width's time is taken as a line in L through the two (its slope is mostly the attention over the
+   cache), so the prior c(w | L) exists at every context. c(w) = fastest w-token forward / fastest 1-token
+   forward (on a shared machine the fastest run is the least disturbed one), with a least-squares
+   non-decreasing fit (noise averages out rather than ratcheting the curve up into a plateau that would
+   make every extra node look free).
 2. Online calibration: the decode loop reports every forward's width, context and wall time (`observe`).
    - The plain-step time t1(L) = a * (1 + beta * L) * r_b: `a` is an exponential moving average (EMA) over
      every plain step (it follows the machine's state), beta is the bytes of KV per cached token over the
      weights' bytes (a plain step streams both), r_b an EMA per bucket of how far the bucket's plain steps
      sit from that line (a bucket without plain steps borrows the nearest shorter bucket's).
    - Each verify step gives c = seconds / t1(L), pooled per (bucket, knot of the prior): a width pools into
-     the smallest knot >= it. An observed knot's value is its EMA shrunk towards its prior by its count. The
-     prior of bucket 0 is the measurement; that of a longer bucket is the shorter bucket's fitted curve.
-     A knot the bucket has not observed is interpolated linearly in width between the observed knots around
-     it (and c(1) = 1), and beyond the widest observed knot it follows the prior's shape, shifted by the gap
-     seen there. (Attention over a long cache makes the cost grow with every extra query; a constant shift
-     learned from wide drafts alone would make the narrow ones look as dear, the curve flat, and every node
-     up to the widest look free.) Knots get a weighted non-decreasing fit; each bucket's table interpolates
+     the smallest knot >= it. An observed knot's value is its EMA shrunk towards its prior by its count. A
+     bucket's prior is the measured prior at a context typical of the bucket, plus what the shorter bucket
+     learned on top of its own measured prior (the machine's state carries over, the shape comes from the
+     measurement). A knot the bucket has not observed is the prior plus the gap between observation and
+     prior, interpolated linearly in width between the observed knots around it (no gap at c(1) = 1), and
+     beyond the widest observed knot, the gap seen there. (A constant shift learned from wide drafts alone
+     would make the narrow ones look as dear, and at long contexts flatten the curve so that every node up
+     to the widest looks free.) Knots get a weighted non-decreasing fit; each bucket's table interpolates
      between them and is rebuilt every `REFRESH` observations, or at once when a knot is first observed.
    - The first `EXPLORE` steps in a bucket beyond the first are plain steps, so that t1 is measured there
      rather than guessed.
@@ -41,6 +45,7 @@ Where c(n | L) comes from:
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -52,6 +57,8 @@ PRIOR_WEIGHT = 4.0  # the prior counts as this many observations
 DECAY = 0.05  # EMA weight of a new observation
 BUCKETS = 8  # context buckets: <= 512, <= 1024, ... , the last one open-ended
 EXPLORE = 3  # plain steps taken at a new context bucket before drafting there
+PRIOR_CONTEXT = 256  # cached tokens at which the prior is measured
+LONG_CONTEXT = 2048  # ... and again here, for how each width's cost grows with the context
 
 
 def bucket(context: int) -> int:
@@ -64,8 +71,17 @@ def _ema(old: float, new: float, n: int) -> float:
 
 
 class CostModel:
-    def __init__(self, widths: tuple[int, ...], rel: tuple[float, ...], learn: bool = False, beta: float = 0.0):
+    def __init__(
+        self,
+        widths: tuple[int, ...],
+        rel: tuple[float, ...],
+        learn: bool = False,
+        beta: float = 0.0,
+        slope: tuple[float, ...] | None = None,
+    ):
         self.widths, self.rel, self.learn, self.beta = tuple(widths), tuple(_isotonic(list(rel))), learn, beta
+        # seconds per extra cached token of a w-token forward, in units of a 1-token forward at PRIOR_CONTEXT
+        self.slope = tuple(slope) if slope is not None else (0.0,) * len(self.widths)
         self.a, self.n1 = 0.0, 0  # EMA of a plain step's seconds / (1 + beta * L), and how many were seen
         self.r = [1.0] * BUCKETS  # per bucket: EMA of a plain step's seconds / (a * (1 + beta * L))
         self.nr = [0] * BUCKETS
@@ -80,36 +96,61 @@ class CostModel:
         return cls((1, 1024), (1.0, 1.0))
 
     @classmethod
-    def measure(cls, model, widths=WIDTHS, context: int = 256, rounds: int = 5) -> CostModel:
+    def measure(cls, model, widths=WIDTHS, rounds: int = 5) -> CostModel:
         """The prior: per width, the fastest of `rounds` forwards over the fastest one-token forward (the
-        fastest run is the one a shared machine disturbed least; rounds interleave the widths)."""
+        fastest run is the one a shared machine disturbed least; rounds interleave the widths), at
+        PRIOR_CONTEXT cached tokens and, where the model's context allows, again at LONG_CONTEXT: the two
+        give each width's cost as a line in the context length (`slope`)."""
         limit = model.config.max_position_embeddings
         widths = tuple(w for w in widths if w <= limit // 2) or (1,)
-        context = max(1, min(context, limit - max(widths) - 1))
-        cache = model.make_cache(context + max(widths) + 1)
-        model(torch.zeros(1, context, dtype=torch.long), cache, logits="none")
-        kv_per_token = cache.nbytes / context
+        short = max(1, min(PRIOR_CONTEXT, limit - max(widths) - 1))
+        best, kv_per_token = _fastest(model, widths, short, rounds)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        best = [float("inf")] * len(widths)
-        for r in range(rounds + 1):  # round 0 is warm-up
-            for i, w in enumerate(widths):
-                x = torch.zeros(1, w, dtype=torch.long)
-                t = time.perf_counter()
-                model(x, cache, logits="all")
-                if r:
-                    best[i] = min(best[i], time.perf_counter() - t)
-                cache.trim(w)
-        return cls(widths, tuple(t / best[0] for t in best), learn=True, beta=kv_per_token / weights)
+        rel = tuple(t / best[0] for t in best)
+        beta, slope = kv_per_token / weights, None
+        if limit >= 2 * LONG_CONTEXT:
+            long, _ = _fastest(model, widths, LONG_CONTEXT, rounds)
+            raw = [(t - u) / (LONG_CONTEXT - short) / best[0] for t, u in zip(long, best)]
+            # More queries never make the cache cheaper to attend over, and a step streams at least the
+            # cache's bytes: a non-decreasing fit, floored at the bandwidth line (timing noise of a few ms
+            # would otherwise set a plain step's growth to zero).
+            slope = [max(x, beta * r) for x, r in zip(_isotonic(raw), rel)]
+        return cls(widths, rel, learn=True, beta=beta, slope=slope)
+
+    def prior_json(self) -> dict:
+        """The measured prior, as stored on disk (what is learned online is not stored)."""
+        return {"widths": list(self.widths), "rel": list(self.rel), "slope": list(self.slope), "beta": self.beta}
+
+    @classmethod
+    def from_prior_json(cls, d) -> CostModel | None:
+        """A learning cost model from `prior_json` output; None if `d` is not a well-formed prior."""
+        try:
+            widths, rel, slope, beta = d["widths"], d["rel"], d["slope"], float(d["beta"])
+            ok = len(widths) == len(rel) == len(slope) >= 1 and widths[0] == 1 and widths == sorted(set(widths))
+            ok = ok and all(isinstance(w, int) for w in widths) and rel[0] > 0
+            ok = ok and all(math.isfinite(x) and x >= 0 for x in [*rel, *slope, beta])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return cls(tuple(widths), tuple(rel), learn=True, beta=beta, slope=tuple(slope)) if ok else None
+
+    def prior_at(self, context: int) -> list[float]:
+        """The measured prior c(w) at `context` cached tokens: each width's time is a line in the context."""
+        d = context - PRIOR_CONTEXT
+        t = [r + s * d for r, s in zip(self.rel, self.slope)]
+        return [x / t[0] for x in t]
 
     def _knot(self, n: int) -> int:
         """The prior's smallest width >= n (the last one beyond them): observations pool per knot."""
         return next((w for w in self.widths if w >= n), self.widths[-1])
 
     def _rebuild(self) -> None:
-        """Fit every bucket's knots (each one's prior is the previous bucket's fit) and tabulate them."""
-        prior = [r / self.rel[0] for r in self.rel]
+        """Fit every bucket's knots and tabulate them. A bucket's prior is the measured prior at its context
+        plus what the shorter bucket learned on top of its own measured prior."""
         self.tables, self._max_useful = [], []
+        learned = [0.0] * len(self.widths)  # the shorter bucket's fit minus its measured prior
         for b in range(BUCKETS):
+            measured = self.prior_at(_typical(b))
+            prior = [max(1.0, m + x) for m, x in zip(measured, learned)]
             seen = {}  # knot index -> observed EMA, shrunk towards the prior
             for i, w in enumerate(self.widths):
                 if (k := self.count[b].get(w, 0)) and w > 1:
@@ -118,8 +159,9 @@ class CostModel:
             for i, w in enumerate(self.widths):
                 vals.append(1.0 if w == 1 else seen.get(i, self._unseen(i, seen, prior)))
                 weights.append(1e9 if w == 1 else self.count[b].get(w, 0) + PRIOR_WEIGHT)  # c(1) = 1
-            prior = _isotonic(vals, weights)
-            self.tables.append(self._tabulate(prior))
+            fit = _isotonic(vals, weights)
+            learned = [f - m for f, m in zip(fit, measured)]
+            self.tables.append(self._tabulate(fit))
             n, table = 1, self.tables[-1]
             while n < MAX_WIDTH - 2 and (n + 2) / table[n + 2] > 1.0:
                 n += 1
@@ -127,16 +169,17 @@ class CostModel:
         self.pending = 0
 
     def _unseen(self, i: int, seen: dict[int, float], prior: list[float]) -> float:
-        """A knot this bucket has not observed: interpolated linearly in width between the observed knots
-        around it (and c(1) = 1); beyond the widest observed one, the prior's shape shifted by the gap seen
-        there; with nothing observed, the prior."""
+        """A knot this bucket has not observed: the prior plus the gap between observation and prior,
+        interpolated linearly in width between the observed knots around it (the gap is 0 at c(1) = 1);
+        beyond the widest observed knot, the gap seen there."""
         w = self.widths
-        lo = max((j for j in seen if j < i), default=0)  # knot 0 is width 1, c = 1
+        lo = max((j for j in seen if j < i), default=0)  # knot 0 is width 1, c = 1: no gap
         hi = min((j for j in seen if j > i), default=None)
-        c_lo = seen.get(lo, 1.0)
-        if hi is not None:
-            return c_lo + (seen[hi] - c_lo) * (w[i] - w[lo]) / (w[hi] - w[lo])
-        return max(1.0, prior[i] + (c_lo - prior[lo] if lo else 0.0))
+        gap_lo = seen[lo] - prior[lo] if lo else 0.0
+        if hi is None:
+            return max(1.0, prior[i] + gap_lo)
+        gap_hi = seen[hi] - prior[hi]
+        return max(1.0, prior[i] + gap_lo + (gap_hi - gap_lo) * (w[i] - w[lo]) / (w[hi] - w[lo]))
 
     def _tabulate(self, knots: list[float]) -> list[float]:
         w, table, i = self.widths, [0.0], 0
@@ -223,6 +266,28 @@ class CostModel:
     def max_useful(self, cap: int = 64, context: int = 0) -> int:
         """Largest draft worth asking for: beyond it even certain acceptance would not pay."""
         return min(cap, self._max_useful[bucket(context)])
+
+
+def _typical(b: int) -> int:
+    """The context a bucket's prior is read at: PRIOR_CONTEXT for the first, 3/4 of the way up for the others."""
+    return PRIOR_CONTEXT if b == 0 else 3 * (128 << b)
+
+
+def _fastest(model, widths: tuple[int, ...], context: int, rounds: int) -> tuple[list[float], float]:
+    """Fastest seconds of a forward over each width after `context` cached tokens (rounds interleave the
+    widths; round 0 is warm-up), and the cache's bytes per cached token."""
+    cache = model.make_cache(context + max(widths) + 1)
+    model(torch.zeros(1, context, dtype=torch.long), cache, logits="none")
+    best = [float("inf")] * len(widths)
+    for r in range(rounds + 1):
+        for i, w in enumerate(widths):
+            x = torch.zeros(1, w, dtype=torch.long)
+            t = time.perf_counter()
+            model(x, cache, logits="all")
+            if r:
+                best[i] = min(best[i], time.perf_counter() - t)
+            cache.trim(w)
+    return best, cache.nbytes / context
 
 
 def _at(table: list[float], n: int) -> float:

@@ -11,10 +11,15 @@ calibrates itself online.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -153,14 +158,61 @@ def _finish(step: Step, params: SamplingParams, left: int, room: int, ctx: list[
     return step, left - len(toks)
 
 
+PRIOR_FORMAT = 2  # bump when the prior's measurement changes: older cached priors are then ignored
 _COSTS: weakref.WeakKeyDictionary[DecoderLM, CostModel] = weakref.WeakKeyDictionary()
 
 
-def cost_model(model: DecoderLM) -> CostModel:
-    """The model's measured cost model (measured once per model object in this process)."""
-    if model not in _COSTS:
-        _COSTS[model] = CostModel.measure(model)
+def cost_model(model: DecoderLM, remeasure: bool = False) -> CostModel:
+    """The model's cost model, one per model object in this process. Its measured prior (several seconds of
+    forwards) is cached on disk per architecture and machine (`prior_path`) and reused by later processes;
+    `remeasure` measures it afresh (the benchmark does, so its prior reflects the run's conditions)."""
+    if model not in _COSTS or remeasure:
+        path = prior_path(model)
+        cm = None if remeasure else _read_prior(path)
+        if cm is None:
+            cm = CostModel.measure(model)
+            _write_prior(path, cm)
+        _COSTS[model] = cm
     return _COSTS[model]
+
+
+def prior_path(model: DecoderLM) -> Path:
+    """Where the measured prior is cached: keyed by what the cost depends on (the architecture and dtype, the
+    CPU, torch's threads and version, the weight layout), never by the weights' values."""
+    from skipjack.bench.machine import cpu_name
+    from skipjack.loading import home
+    from skipjack.models.common import _PACK
+
+    key = {
+        "config": dataclasses.asdict(model.config),
+        "dtype": str(model.dtype),
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "packed": _PACK,
+        "format": PRIOR_FORMAT,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return home() / "costs" / f"{digest}.json"
+
+
+def _read_prior(path: Path) -> CostModel | None:
+    try:
+        return CostModel.from_prior_json(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None  # missing or unreadable: measured again and rewritten
+
+
+def _write_prior(path: Path, cm: CostModel) -> None:
+    """Atomic (write a temporary file, then rename), so concurrent processes never read a partial file; a
+    cache directory that cannot be written only costs the next process a new measurement."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cm.prior_json()))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def learned_cost_model(model: DecoderLM) -> CostModel | None:

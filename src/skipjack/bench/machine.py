@@ -29,7 +29,7 @@ def measure_bandwidth(mb: int | None = None) -> float:
     return 2 * a.numel() * 4 / best / 1e9
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -52,7 +52,7 @@ def machine_info(bandwidth_gbs: float) -> dict:
             return None
 
     return {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "threads": torch.get_num_threads(),

@@ -31,6 +31,8 @@ results.json schema (version `SCHEMA_VERSION`; times in seconds, sizes in bytes 
                      bandwidth_utilisation (weight_bytes x forward passes/s / measured bandwidth),
                      by_category: {cat: {prompts, new_tokens, seconds, tokens_per_s, speedup_vs_plain, mean_accepted}}}}
                     A peer that did not run has only kind, status and null numbers.
+    linear_rows     {pad_rows: skipjack.models.common.PAD_ROWS, ms: {rows: median ms of one pass over the model's packed
+                     linears with that many input rows, unpadded}} (skipjack.bench.rows; absent in older files)
     cost_curves     [{context: [lo, hi or null], plain_steps, verify_steps, t1_seconds, cost: {n: c(n)}}] per context
                      bucket: the verify-cost curves the shared cost model (skipjack.cost) learned by the end of the
                      run; c(n) = seconds of a forward over n new tokens / a plain step's at that context. Null when
@@ -277,8 +279,15 @@ def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack be
         f"- **Suite:** {results['suite']}, {len(results['prompts'])} prompts; max new tokens {st['max_new_tokens']}, "
         f"temperature {st['temperature']}, {st['repeats']} repeats (median kept), warm-up excluded",
         f"- **Command:** `{results['command']}`",
-        "",
     ]
+    rows = results.get("linear_rows") or {}
+    if rows.get("ms"):
+        times = ", ".join(f"{n}: {v:.1f}" for n, v in rows["ms"].items())
+        parts += [
+            f"- **Linear layers by input rows** (one pass over all packed linears, median ms, unpadded): {times}. "
+            f"Forwards over fewer than {rows['pad_rows']} tokens are padded to {rows['pad_rows']} rows."
+        ]
+    parts += [""]
     missing = {n: s["status"] for n, s in summary.items() if s["status"] != "ok"}
     if missing:
         parts += ["Peers that did not run: " + "; ".join(f"`{n}`: {why}" for n, why in missing.items()), ""]

@@ -7,7 +7,8 @@ Procedure (the schema of results.json is documented in `skipjack.bench.report`):
 2. Measure memory bandwidth once (copy of a ~512 MB float32 tensor, best of 3; read + write bytes).
 3. Load the model; tokenize every prompt with its chat template. A prompt whose tokens plus the token budget
    exceed the model's context is skipped and listed under `skipped` with the reason.
-4. Warm-up, excluded from the results: one short generation (8 tokens, shortest prompt) per method and peer.
+4. Warm-up, excluded from the results: the verify-cost prior is measured afresh (`skipjack.decode.cost_model`),
+   then one short generation (8 tokens, shortest prompt) per method and peer.
 5. For each prompt, `--repeats` rounds; each round runs every method and peer once, in an order rotated by one
    position per round (`rotated`), so no job always follows the same one (the first run after a peer that
    allocated gigabytes can pay for page faults; plain used to always run first). The median seconds
@@ -139,6 +140,11 @@ class Bench:
         return [*self.methods, *self.live_peers]
 
     def warm_up(self, progress, task) -> None:
+        from skipjack import decode
+
+        if any(m != "plain" for m in self.methods):  # a prior measured in this run's conditions, not cached
+            progress.update(task, description="measuring the verify-cost prior")
+            decode.cost_model(self.loaded.model, remeasure=True)
         ids = min(self.prompts, key=lambda p: len(p[1]))[1]
         for name in self.jobs():
             progress.update(task, description=f"warm-up {name}")
@@ -261,6 +267,10 @@ def main(a) -> int:
     loaded = load(a.model, a.dtype)
     times = load_times(a.model, a.dtype)
     kept, skipped = _prepare_prompts(prompts, loaded, a.max_new_tokens)
+    from skipjack.bench.rows import linear_ms_by_rows
+    from skipjack.models.common import PAD_ROWS
+
+    results["linear_rows"] = {"pad_rows": PAD_ROWS, "ms": linear_ms_by_rows(loaded.model)}
     if not kept:
         raise SkipjackError(f"no prompt fits the model's context ({skipped[0]['reason']})")
     n_ctx = min(loaded.model.config.max_position_embeddings, max(len(i) for _, i in kept) + a.max_new_tokens + 64)

@@ -229,9 +229,11 @@ def run_attention(q, k, v, kv: LayerKV, start: int, mask_fn, scale: float) -> to
 class Linear(nn.Module):
     """y = x Wᵀ (+ b) with the weight prepacked for oneDNN when available.
 
-    On this CPU a prepacked fp32 weight streams ~2x faster than `F.linear` for one token, and verifying 8
-    tokens costs about the same as 1 (see BENCHMARKS.md), which is what makes speculation pay on CPU.
-    `weight` keeps the plain [out, in] tensor only when `keep_plain` (e.g. a tied embedding).
+    On this CPU a prepacked fp32 weight streams faster than `F.linear` for few tokens, and verifying a few
+    tokens costs about the same as 1 (BENCHMARKS.md), which is what makes speculation pay on CPU. Inputs of
+    fewer than PAD_ROWS rows are padded with zero rows, to the row count oneDNN's kernels run fastest at
+    (`skipjack.bench.rows`); so a plain step and a verify step of up to PAD_ROWS tokens also run the same
+    kernel, and compute every row the same way.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -242,11 +244,15 @@ class Linear(nn.Module):
         w = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 8) if self.packed else weight
         self.weight = param(w)  # [out, in] (opaque oneDNN layout when packed)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: int | None = None) -> torch.Tensor:
         if not self.packed:
             return F.linear(x, self.weight, self.bias)
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], self.out_features)
+        rows = x.reshape(-1, self.in_features)  # [M, in]
+        m, pad = rows.shape[0], PAD_ROWS if pad is None else pad
+        if m < pad and rows.dtype == torch.float32:  # each output row depends only on its input row
+            rows = torch.cat([rows, rows.new_zeros(pad - m, self.in_features)])  # [pad, in]
+        y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")  # [max(m, pad), out]
+        return y[:m].view(*x.shape[:-1], self.out_features)
 
 
 def _can_pack() -> bool:
@@ -259,6 +265,10 @@ def _can_pack() -> bool:
 
 
 _PACK = _can_pack()
+# oneDNN's packed fp32 kernels on this CPU (AVX-512) are fastest at 5-6 rows and slower at 1-4: padding a
+# plain step's one row, or a small verify step's rows, with zero rows up to PAD_ROWS makes it faster, not
+# slower (`python -m skipjack.bench.rows` measures it; the bench records it in results.json).
+PAD_ROWS = 6
 
 
 def fuse(*ws: torch.Tensor | None) -> torch.Tensor | None:
