@@ -136,23 +136,25 @@ def test_cost_model_learns_per_context_bucket():
     long = curves[(2049, 4096)]
     assert long["plain_steps"] == 60 and long["verify_steps"] == 118  # the first round came before 3 plain steps
     assert long["cost"] == {"4": pytest.approx(1.5, rel=0.05), "8": pytest.approx(2.0, rel=0.05)}
-    assert long["t1_seconds"] == pytest.approx(cm.t1(4096))
+    assert long["typical_context"] == 3072 and long["t1_seconds"] == pytest.approx(cm.t1(3072))
 
 
 def test_cost_prior_is_a_line_in_the_context():
-    """The prior measured at two contexts gives each bucket its own curve; what bucket 0 learns on top of its
-    prior carries over to the longer buckets' priors."""
+    """The prior measured at two contexts gives the cost at every context; what bucket 0 learns on top of its
+    prior carries over to the longer buckets."""
     cm = CostModel((1, 4, 8), (1.0, 1.0, 1.1), learn=True, slope=(1e-4, 2e-4, 4e-4))
-    assert cm.cost(8, 100) == pytest.approx(1.1)
-    d = 3072 - 256  # bucket 2049-4096 reads the prior at 3072 cached tokens
-    assert cm.cost(8, 3000) == pytest.approx((1.1 + 4e-4 * d) / (1 + 1e-4 * d))
-    assert cm.cost(4, 3000) == pytest.approx((1.0 + 2e-4 * d) / (1 + 1e-4 * d))
+    assert cm.cost(8, 256) == pytest.approx(1.1)
+    for L in (1000, 3000, 6000):
+        d = L - 256
+        assert cm.cost(8, L) == pytest.approx((1.1 + 4e-4 * d) / (1 + 1e-4 * d))
+        assert cm.cost(4, L) == pytest.approx((1.0 + 2e-4 * d) / (1 + 1e-4 * d))
+    assert cm.cost(8, 4100) < cm.cost(8, 8000)  # within one bucket, too
     before = cm.cost(8, 3000)
     for _ in range(100):
-        cm.observe(1, 0.010, 100)
-        cm.observe(8, 0.014, 100)  # bucket 0 learns c(8) = 1.4, not the measured 1.1
-    assert cm.cost(8, 100) == pytest.approx(1.4, abs=0.02)
-    assert cm.cost(8, 3000) == pytest.approx(before + cm.cost(8, 100) - 1.1, abs=0.01)
+        cm.observe(1, 0.010, 256)
+        cm.observe(8, 0.014, 256)  # bucket 0 learns c(8) = 1.4, not the measured 1.1
+    assert cm.cost(8, 256) == pytest.approx(1.4, abs=0.02)
+    assert cm.cost(8, 3000) == pytest.approx(before + cm.cost(8, 256) - 1.1, abs=0.01)
     flat = CostModel((1, 4, 8), (1.0, 1.0, 1.1))  # no slope: one curve for every context
     assert flat.cost(8, 3000) == pytest.approx(1.1)
 

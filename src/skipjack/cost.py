@@ -30,15 +30,16 @@ Where c(n | L) comes from:
      weights' bytes (a plain step streams both), r_b an EMA per bucket of how far the bucket's plain steps
      sit from that line (a bucket without plain steps borrows the nearest shorter bucket's).
    - Each verify step gives c = seconds / t1(L), pooled per (bucket, knot of the prior): a width pools into
-     the smallest knot >= it. An observed knot's value is its EMA shrunk towards its prior by its count. A
-     bucket's prior is the measured prior at a context typical of the bucket, plus what the shorter bucket
-     learned on top of its own measured prior (the machine's state carries over, the shape comes from the
-     measurement). A knot the bucket has not observed is the prior plus the gap between observation and
-     prior, interpolated linearly in width between the observed knots around it (no gap at c(1) = 1), and
-     beyond the widest observed knot, the gap seen there. (A constant shift learned from wide drafts alone
-     would make the narrow ones look as dear, and at long contexts flatten the curve so that every node up
-     to the widest looks free.) Knots get a weighted non-decreasing fit; each bucket's table interpolates
-     between them and is rebuilt every `REFRESH` observations, or at once when a knot is first observed.
+     the smallest knot >= it. What is learned is the gap between the observed c and the measured prior
+     at the step's own context; a knot's gap is its EMA shrunk towards the shorter bucket's fitted gap
+     (the machine's state carries over, the shape in the context comes from the measurement). The cost
+     used for a step is the measured prior at that step's context plus its bucket's gap. A knot the bucket
+     has not observed gets the gap interpolated linearly in width between the observed knots around it (no
+     gap at c(1) = 1), and beyond the widest observed knot, the gap seen there. (A constant shift learned
+     from wide drafts alone would make the narrow ones look as dear, and at long contexts flatten the curve
+     so that every node up to the widest looks free.) Knots get a weighted non-decreasing fit at the
+     bucket's typical context; the gaps are interpolated between knots and rebuilt every `REFRESH`
+     observations, or at once when a knot is first observed.
    - The first `EXPLORE` steps in a bucket beyond the first are plain steps, so that t1 is measured there
      rather than guessed.
 """
@@ -82,10 +83,12 @@ class CostModel:
         self.widths, self.rel, self.learn, self.beta = tuple(widths), tuple(_isotonic(list(rel))), learn, beta
         # seconds per extra cached token of a w-token forward, in units of a 1-token forward at PRIOR_CONTEXT
         self.slope = tuple(slope) if slope is not None else (0.0,) * len(self.widths)
+        self._rel = _interp(self.widths, list(self.rel), extrapolate=True)  # per n: prior time at PRIOR_CONTEXT
+        self._slope = _interp(self.widths, list(self.slope), extrapolate=True)  # per n: its growth per token
         self.a, self.n1 = 0.0, 0  # EMA of a plain step's seconds / (1 + beta * L), and how many were seen
         self.r = [1.0] * BUCKETS  # per bucket: EMA of a plain step's seconds / (a * (1 + beta * L))
         self.nr = [0] * BUCKETS
-        self.obs: list[dict[int, float]] = [{} for _ in range(BUCKETS)]  # bucket -> knot -> EMA of c(w)
+        self.obs: list[dict[int, float]] = [{} for _ in range(BUCKETS)]  # bucket -> knot -> EMA of the gap
         self.count: list[dict[int, int]] = [{} for _ in range(BUCKETS)]  # bucket -> knot -> observations
         self.pending = 0
         self._rebuild()
@@ -133,71 +136,57 @@ class CostModel:
             return None
         return cls(tuple(widths), tuple(rel), learn=True, beta=beta, slope=tuple(slope)) if ok else None
 
-    def prior_at(self, context: int) -> list[float]:
-        """The measured prior c(w) at `context` cached tokens: each width's time is a line in the context."""
-        d = context - PRIOR_CONTEXT
-        t = [r + s * d for r, s in zip(self.rel, self.slope)]
-        return [x / t[0] for x in t]
+    def prior(self, n: int, context: int) -> float:
+        """The measured prior c(n | L): each width's time is a line in the context, relative to one token's."""
+        n, d = min(max(n, 1), MAX_WIDTH), context - PRIOR_CONTEXT
+        return (self._rel[n] + self._slope[n] * d) / (self._rel[1] + self._slope[1] * d)
 
     def _knot(self, n: int) -> int:
         """The prior's smallest width >= n (the last one beyond them): observations pool per knot."""
         return next((w for w in self.widths if w >= n), self.widths[-1])
 
     def _rebuild(self) -> None:
-        """Fit every bucket's knots and tabulate them. A bucket's prior is the measured prior at its context
-        plus what the shorter bucket learned on top of its own measured prior."""
-        self.tables, self._max_useful = [], []
-        learned = [0.0] * len(self.widths)  # the shorter bucket's fit minus its measured prior
+        """Fit every bucket's knots and tabulate the gaps between them and the measured prior. A knot's prior
+        gap is the shorter bucket's fitted gap there (the machine's state carries over; the shape in the
+        context comes from the measurement)."""
+        self.gaps, self._max_useful = [], []
+        carried = [0.0] * len(self.widths)
         for b in range(BUCKETS):
-            measured = self.prior_at(_typical(b))
-            prior = [max(1.0, m + x) for m, x in zip(measured, learned)]
-            seen = {}  # knot index -> observed EMA, shrunk towards the prior
+            measured = [self.prior(w, _typical(b)) for w in self.widths]
+            seen = {}  # knot index -> observed gap, shrunk towards the carried one
             for i, w in enumerate(self.widths):
                 if (k := self.count[b].get(w, 0)) and w > 1:
-                    seen[i] = (k * self.obs[b][w] + PRIOR_WEIGHT * prior[i]) / (k + PRIOR_WEIGHT)
+                    seen[i] = (k * self.obs[b][w] + PRIOR_WEIGHT * carried[i]) / (k + PRIOR_WEIGHT)
             vals, weights = [], []
             for i, w in enumerate(self.widths):
-                vals.append(1.0 if w == 1 else seen.get(i, self._unseen(i, seen, prior)))
+                gap = seen[i] if i in seen else (self._unseen(i, seen) if seen else carried[i])
+                vals.append(1.0 if w == 1 else max(1.0, measured[i] + gap))
                 weights.append(1e9 if w == 1 else self.count[b].get(w, 0) + PRIOR_WEIGHT)  # c(1) = 1
-            fit = _isotonic(vals, weights)
-            learned = [f - m for f, m in zip(fit, measured)]
-            self.tables.append(self._tabulate(fit))
-            n, table = 1, self.tables[-1]
-            while n < MAX_WIDTH - 2 and (n + 2) / table[n + 2] > 1.0:
+            carried = [f - m for f, m in zip(_isotonic(vals, weights), measured)]
+            self.gaps.append(_interp(self.widths, carried, extrapolate=True))
+            n = 1
+            while n < MAX_WIDTH - 2 and (n + 2) / self.cost(n + 2, _typical(b)) > 1.0:
                 n += 1
             self._max_useful.append(n)
         self.pending = 0
 
-    def _unseen(self, i: int, seen: dict[int, float], prior: list[float]) -> float:
-        """A knot this bucket has not observed: the prior plus the gap between observation and prior,
-        interpolated linearly in width between the observed knots around it (the gap is 0 at c(1) = 1);
-        beyond the widest observed knot, the gap seen there."""
+    def _unseen(self, i: int, seen: dict[int, float]) -> float:
+        """The gap at a knot this bucket has not observed: interpolated linearly in width between the observed
+        knots around it (no gap at c(1) = 1); beyond the widest observed knot, the gap seen there."""
         w = self.widths
-        lo = max((j for j in seen if j < i), default=0)  # knot 0 is width 1, c = 1: no gap
+        lo = max((j for j in seen if j < i), default=0)  # knot 0 is width 1: no gap
         hi = min((j for j in seen if j > i), default=None)
-        gap_lo = seen[lo] - prior[lo] if lo else 0.0
+        gap_lo = seen.get(lo, 0.0)
         if hi is None:
-            return max(1.0, prior[i] + gap_lo)
-        gap_hi = seen[hi] - prior[hi]
-        return max(1.0, prior[i] + gap_lo + (gap_hi - gap_lo) * (w[i] - w[lo]) / (w[hi] - w[lo]))
-
-    def _tabulate(self, knots: list[float]) -> list[float]:
-        w, table, i = self.widths, [0.0], 0
-        for n in range(1, MAX_WIDTH + 1):
-            while i + 1 < len(w) and w[i + 1] < n:
-                i += 1
-            if len(w) == 1 or n <= w[0]:
-                c = knots[0]
-            elif n > w[-1]:
-                c = knots[-1] + (knots[-1] - knots[-2]) / (w[-1] - w[-2]) * (n - w[-1])
-            else:
-                c = knots[i] + (knots[i + 1] - knots[i]) * (n - w[i]) / (w[i + 1] - w[i])
-            table.append(max(c, table[-1], 1.0))
-        return table
+            return gap_lo
+        return gap_lo + (seen[hi] - gap_lo) * (w[i] - w[lo]) / (w[hi] - w[lo])
 
     def cost(self, n: int, context: int = 0) -> float:
-        """Relative cost of verifying n tokens in one forward at a context of `context` cached tokens."""
-        return _at(self.tables[bucket(context)], n)
+        """Relative cost of verifying n tokens in one forward at a context of `context` cached tokens: the
+        measured prior at this very context plus what its bucket learned (proportional beyond the table)."""
+        m = min(max(n, 1), MAX_WIDTH)
+        c = max(1.0, self.prior(m, context) + self.gaps[bucket(context)][m])
+        return c if n <= MAX_WIDTH else c * n / MAX_WIDTH
 
     def t1(self, context: int) -> float:
         """Estimated seconds of a plain step at this context (0 before any plain step was seen)."""
@@ -220,9 +209,9 @@ class CostModel:
             return
         if self.n1 < 3:
             return  # no plain step to compare with yet
-        c, k = seconds / self.t1(context), self._knot(width)
+        gap, k = seconds / self.t1(context) - self.prior(width, context), self._knot(width)
         n = self.count[b].get(k, 0)
-        self.obs[b][k] = _ema(self.obs[b].get(k, 0.0), c, n)
+        self.obs[b][k] = _ema(self.obs[b].get(k, 0.0), gap, n)
         self.count[b][k] = n + 1
         self.pending += 1
         if self.pending >= REFRESH or not n:  # a knot's first observation is news: use it at once
@@ -233,32 +222,32 @@ class CostModel:
         b = bucket(context)
         if self.learn and b and self.nr[b] < EXPLORE:
             return 0  # measure plain steps at this context first (bucket 0 has the measured prior)
-        table = self.tables[b]
         best_n, best_v, acc = 0, 1.0, 1.0
         for n, s in enumerate(scores, start=1):
             acc += s
-            v = acc / _at(table, n + 1)
+            v = acc / self.cost(n + 1, context)
             if v > best_v:
                 best_n, best_v = n, v
         return best_n
 
     def curves(self, widths: tuple[int, ...] = (2, 4, 8, 12, 16)) -> list[dict]:
         """What the model believes now, per context bucket that saw any step: its context range, the plain and
-        verify steps observed there, the estimated plain-step seconds at its longest context, and c(n)."""
+        verify steps observed there, the estimated plain-step seconds and c(n) at a context typical of it."""
         out = []
         for b in range(BUCKETS):
             verify = sum(self.count[b].values())
             if b and not (self.nr[b] or verify):
                 continue
             lo, hi = (0 if b == 0 else (512 << (b - 1)) + 1), (None if b == BUCKETS - 1 else 512 << b)
-            t1 = self.t1(hi or lo) if self.n1 else None
+            t1 = self.t1(_typical(b)) if self.n1 else None
             out.append(
                 {
                     "context": [lo, hi],
                     "plain_steps": self.nr[b],
                     "verify_steps": verify,
                     "t1_seconds": t1,
-                    "cost": {str(n): round(self.tables[b][n], 3) for n in widths},
+                    "typical_context": _typical(b),
+                    "cost": {str(n): round(self.cost(n, _typical(b)), 3) for n in widths},
                 }
             )
         return out
@@ -290,9 +279,21 @@ def _fastest(model, widths: tuple[int, ...], context: int, rounds: int) -> tuple
     return best, cache.nbytes / context
 
 
-def _at(table: list[float], n: int) -> float:
-    """A bucket's tabulated cost of n tokens (proportional beyond the table)."""
-    return table[max(n, 1)] if n <= MAX_WIDTH else table[-1] * n / MAX_WIDTH
+def _interp(widths: tuple[int, ...], knots: list[float], extrapolate: bool) -> list[float]:
+    """Per n = 0..MAX_WIDTH (index 0 unused): linear in n between the knots; beyond the last knot, the last
+    segment's slope (`extrapolate`) or the last value."""
+    w, table, i = widths, [0.0], 0
+    for n in range(1, MAX_WIDTH + 1):
+        while i + 1 < len(w) and w[i + 1] < n:
+            i += 1
+        if len(w) == 1 or n <= w[0]:
+            v = knots[0]
+        elif n > w[-1]:
+            v = knots[-1] + ((knots[-1] - knots[-2]) / (w[-1] - w[-2]) * (n - w[-1]) if extrapolate else 0.0)
+        else:
+            v = knots[i] + (knots[i + 1] - knots[i]) * (n - w[i]) / (w[i + 1] - w[i])
+        table.append(v)
+    return table
 
 
 def _isotonic(y: list[float], w: list[float] | None = None) -> list[float]:

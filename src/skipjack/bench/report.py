@@ -33,10 +33,11 @@ results.json schema (version `SCHEMA_VERSION`; times in seconds, sizes in bytes 
                     A peer that did not run has only kind, status and null numbers.
     linear_rows     {pad_rows: skipjack.models.common.PAD_ROWS, ms: {rows: median ms of one pass over the model's packed
                      linears with that many input rows, unpadded}} (skipjack.bench.rows; absent in older files)
-    cost_curves     [{context: [lo, hi or null], plain_steps, verify_steps, t1_seconds, cost: {n: c(n)}}] per context
-                     bucket: the verify-cost curves the shared cost model (skipjack.cost) learned by the end of the
-                     run; c(n) = seconds of a forward over n new tokens / a plain step's at that context. Null when
-                     no speculative method ran. (Absent in files written before it existed.)
+    cost_curves     [{context: [lo, hi or null], plain_steps, verify_steps, typical_context, t1_seconds,
+                     cost: {n: c(n)}}] per context bucket: the verify-cost curves the shared cost model
+                     (skipjack.cost) learned by the end of the run, read at typical_context; c(n) = seconds of a
+                     forward over n new tokens / a plain step's at that context. Null when no speculative method
+                     ran. (Absent in older files.)
 
 A speedup is a ratio of tokens/s over the prompts both sides completed (all of them unless interrupted).
 """
@@ -212,19 +213,20 @@ def _acceptance(summary: dict) -> str:
 def _cost_curves(curves: list[dict]) -> str:
     """The cost model's learned curves, one row per context bucket."""
     ns = list(curves[0]["cost"])
-    head = ["context (tokens)", "plain steps", "verify steps", "plain step (ms)", *(f"c({n})" for n in ns)]
+    head = ["context (tokens)", "plain steps", "verify steps", "read at", "plain step (ms)", *(f"c({n})" for n in ns)]
     rows = []
     for c in curves:
         lo, hi = c["context"]
         span = f"{lo}–{hi}" if hi else f"> {lo - 1}"
         t1 = None if c["t1_seconds"] is None else c["t1_seconds"] * 1e3
-        rows.append([span, str(c["plain_steps"]), str(c["verify_steps"]), _f(t1, "{:.1f}")])
+        at = str(c.get("typical_context", "–"))
+        rows.append([span, str(c["plain_steps"]), str(c["verify_steps"]), at, _f(t1, "{:.1f}")])
         rows[-1] += [_f(c["cost"][n]) for n in ns]
     notes = (
         "Learned by the shared cost model (`skipjack.cost`) from every timed decoding step of this run: c(n) is"
-        " the time of one forward over n new tokens relative to a plain step at the same context; the plain"
-        " step time is the model's estimate at the bucket's longest context. The first bucket starts from a"
-        " prior measured at 256 tokens; a bucket with few verify steps stays close to the shorter bucket's curve."
+        " the time of one forward over n new tokens relative to a plain step at the same context, read at the"
+        ' context in the "read at" column. Each starts from a prior measured at two contexts before the run;'
+        " what a bucket learns on top of it carries over to the longer buckets."
     )
     return _table(head, rows) + "\n\n" + notes
 
