@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from skipjack.cost import CostModel
+from skipjack.cost import CostModel, cpu_name
 from skipjack.drafters.base import Drafter, Proposal
 from skipjack.errors import SkipjackError
 from skipjack.models import DecoderLM
@@ -179,7 +179,6 @@ def cost_model(model: DecoderLM, remeasure: bool = False) -> CostModel:
 def prior_path(model: DecoderLM) -> Path:
     """Where the measured prior is cached: keyed by what the cost depends on (the architecture and dtype, the
     CPU, torch's threads and version, the weight layout), never by the weights' values."""
-    from skipjack.bench.machine import cpu_name
     from skipjack.loading import home
     from skipjack.models.common import _PACK
 

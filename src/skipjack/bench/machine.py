@@ -8,7 +8,8 @@ import platform
 import sys
 import threading
 import time
-from pathlib import Path
+
+from skipjack.cost import cpu_name
 
 BANDWIDTH_MB = 512  # size of the array copied to measure memory bandwidth
 
@@ -27,16 +28,6 @@ def measure_bandwidth(mb: int | None = None) -> float:
         b.copy_(a)
         best = min(best, time.perf_counter() - t0)
     return 2 * a.numel() * 4 / best / 1e9
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(bandwidth_gbs: float) -> dict:
