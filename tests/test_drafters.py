@@ -205,7 +205,7 @@ def test_corrupt_ngram_file_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "spec",
     ["pld:k=65", "pld:max_ngram=0", "pld:min_ngram=4,max_ngram=3", "ngram:explore=-1", "ngram:width=9"]
-    + ["ngram:lookup=9", "ngram:order=7", "x"],
+    + ["ngram:lookup=9", "ngram:order=7", "x", "pld:k=abc", "pld:k=1.5", "ngram:explore=lots"],
 )
 def test_out_of_range_options(spec):
     with pytest.raises(SkipjackError):
@@ -215,5 +215,7 @@ def test_out_of_range_options(spec):
 def test_parse_method():
     assert parse_method("pld:k=8, max_ngram=4") == ("pld", {"k": 8, "max_ngram": 4})
     assert make_drafter("plain") is None
+    ng = make_drafter("ngram:explore=1,path=7,table=2")  # values take their option's type
+    assert ng.explore == 1.0 and isinstance(ng.explore, float) and str(ng.path) == "7"
     with pytest.raises(SkipjackError):
         parse_method("plain:k=1")

@@ -60,13 +60,27 @@ def make_drafter(spec: str) -> Drafter | None:
     if name == "plain":
         return None
     factory = REGISTRY[name]
-    allowed = set(inspect.signature(factory).parameters)
-    unknown = set(opts) - allowed
+    params = inspect.signature(factory).parameters
+    unknown = set(opts) - set(params)
     if unknown:
         raise SkipjackError(
-            f"{name}: unknown option(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(allowed))}"
+            f"{name}: unknown option(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(params))}"
         )
-    return factory(**opts)
+    return factory(**{key: _typed(name, key, val, params[key].default) for key, val in opts.items()})
+
+
+def _typed(method: str, key: str, val, default):
+    """An option's value as its default's type: `k=1.5` is not a draft length, `path=1` is a file name."""
+    if isinstance(default, bool) or default is inspect.Parameter.empty:
+        return val
+    if isinstance(default, str):
+        return str(val)
+    if isinstance(default, float) and isinstance(val, int):
+        return float(val)
+    if not isinstance(val, type(default)):
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise SkipjackError(f"{method}: option {key} must be {kind} (got {val!r})")
+    return val
 
 
 __all__ = ["Drafter", "Proposal", "REGISTRY", "LOSSLESS", "make_drafter", "method_names", "parse_method", "register"]
