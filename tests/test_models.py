@@ -139,18 +139,62 @@ def test_tree_mask_forward_equals_separate_branches():
 
 
 def test_linear_pads_few_rows_without_changing_them():
-    """Packed linears pad inputs of fewer than PAD_ROWS rows with zero rows (faster kernels); the real rows'
-    outputs are those of the layer, and one row's output does not depend on the rows beside it."""
-    from skipjack.models.common import PAD_ROWS, Linear
+    """A packed linear pads an input of m rows with zero rows to pad_to[m] rows (faster kernels); the real
+    rows' outputs are those of the layer, and one row's output does not depend on the rows beside it."""
+    from skipjack.models.common import Linear
 
     torch.manual_seed(0)
     w, b = torch.randn(40, 24), torch.randn(40)
     lin = Linear(w, b)
-    for m in sorted({1, 2, PAD_ROWS - 1, PAD_ROWS, PAD_ROWS + 3}):
+    lin.pad_to = (0, 6, 6, 3, 6, 6, 6, 9, 9)
+    for m in range(1, 11):
         x = torch.randn(1, m, 24)
         y = lin(x)
         assert y.shape == (1, m, 40)
         torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-    x = torch.randn(1, 3, 24)
+    x = torch.randn(1, 4, 24)
     if lin.packed:  # padded to the same kernel: bit for bit
         assert torch.equal(lin(x)[:, :1], lin(x[:, :1]))
+
+
+def test_padding_choice():
+    """m rows run at the fastest measured row count >= m, only if it is MIN_GAIN faster than m itself."""
+    from skipjack.padding import choose
+
+    ms = {1: 26.0, 2: 30.0, 3: 26.0, 4: 21.0, 5: 20.0, 6: 20.5, 7: 24.0, 8: 24.5, 9: 23.0, 10: 25.0}
+    assert choose(ms) == [0, 5, 5, 5, 5, 5, 6, 9, 9]  # 7 -> 9 is 4% faster; 9 and 10 pad nothing: trimmed
+    assert choose({1: 1.0, 2: 0.99, 3: 1.5}) == [0]  # within MIN_GAIN: no padding at all
+    assert choose({1: 2.0, 2: 1.0}) == [0, 2]
+
+
+def test_padding_is_tuned_per_shape_and_cached(tiny_llama64, tmp_path, monkeypatch):
+    """`tune` measures every weight shape, applies its padding to each packed linear, caches it on disk (the
+    next process reads it; a corrupt file is measured again), and the cost prior's cache key follows it."""
+    from skipjack import decode, padding
+
+    monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path))
+    calls = []
+    real = padding.time_rows
+    monkeypatch.setattr(padding, "time_rows", lambda lins, rows, **k: calls.append(1) or real(lins, rows, rounds=1))
+    pads = padding.tune(tiny_llama64, remeasure=True)
+    groups = padding.linears_by_shape(tiny_llama64)
+    if not groups:
+        assert pads == {}  # no oneDNN here: nothing is packed, nothing padded
+        return
+    assert set(pads) == {f"{i}x{o}" for i, o in groups} and len(calls) == len(groups)
+    for (i, o), lins in groups.items():
+        assert all(lin.pad_to == tuple(pads[f"{i}x{o}"]) for lin in lins)
+        assert sorted(padding.measured(tiny_llama64)[f"{i}x{o}"]) == list(range(1, padding.MAX_ROWS + 1))
+    path = padding.cache_path(tiny_llama64, groups)
+    assert path.parent == tmp_path / "rows" and [p.name for p in path.parent.iterdir()] == [path.name]
+    del padding._TUNED[tiny_llama64]  # as in a new process
+    assert padding.tune(tiny_llama64) == pads and len(calls) == len(groups)
+    for bad in ("{not json", '{"pads": {}, "ms": {}}', '{"pads": {"x": [1]}, "ms": {}}'):
+        path.write_text(bad)
+        del padding._TUNED[tiny_llama64]
+        padding.tune(tiny_llama64)
+    assert len(calls) == 4 * len(groups)
+    before = decode.prior_path(tiny_llama64)
+    padding._TUNED[tiny_llama64] = {"pads": {k: [0, 7] for k in pads}, "ms": {}}
+    assert decode.prior_path(tiny_llama64) != before  # a prior measured under other padding is not reused
+    del padding._TUNED[tiny_llama64]

@@ -12,9 +12,7 @@ calibrates itself online.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 import time
 import weakref
 from collections.abc import Iterator
@@ -23,9 +21,11 @@ from pathlib import Path
 
 import torch
 
+from skipjack import padding
 from skipjack.cost import CostModel, cpu_name
 from skipjack.drafters.base import Drafter, Proposal
 from skipjack.errors import SkipjackError
+from skipjack.loading import cache_file, write_atomic
 from skipjack.models import DecoderLM
 from skipjack.sampling import SamplingParams, penalize, probs, sample
 from skipjack.verify import tree_mask, verify
@@ -63,6 +63,7 @@ def generate(
     cost: CostModel | None = None,
 ) -> Iterator[Step]:
     """Yield `Step`s until a stop token, `max_new_tokens`, or the context is full."""
+    padding.tune(model)  # measured once per model and machine (cached on disk): see skipjack.padding
     cache = model.make_cache(check_prompt(model, prompt, params.max_new_tokens))
     gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     vocab = model.lm_head.out_features
@@ -167,32 +168,34 @@ def cost_model(model: DecoderLM, remeasure: bool = False) -> CostModel:
     forwards) is cached on disk per architecture and machine (`prior_path`) and reused by later processes;
     `remeasure` measures it afresh (the benchmark does, so its prior reflects the run's conditions)."""
     if model not in _COSTS or remeasure:
+        padding.tune(model)  # the prior is measured with the row padding in place
         path = prior_path(model)
         cm = None if remeasure else _read_prior(path)
         if cm is None:
             cm = CostModel.measure(model)
-            _write_prior(path, cm)
+            write_atomic(path, json.dumps(cm.prior_json()))
         _COSTS[model] = cm
     return _COSTS[model]
 
 
 def prior_path(model: DecoderLM) -> Path:
     """Where the measured prior is cached: keyed by what the cost depends on (the architecture and dtype, the
-    CPU, torch's threads and version, the weight layout), never by the weights' values."""
-    from skipjack.loading import home
+    CPU, torch's threads and version, the weight layout and its row padding), never by the weights' values."""
     from skipjack.models.common import _PACK
 
-    key = {
-        "config": dataclasses.asdict(model.config),
-        "dtype": str(model.dtype),
-        "cpu": cpu_name(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "packed": _PACK,
-        "format": PRIOR_FORMAT,
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return home() / "costs" / f"{digest}.json"
+    return cache_file(
+        "costs",
+        {
+            "config": dataclasses.asdict(model.config),
+            "dtype": str(model.dtype),
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "packed": _PACK,
+            "pads": padding.tuned(model),
+            "format": PRIOR_FORMAT,
+        },
+    )
 
 
 def _read_prior(path: Path) -> CostModel | None:
@@ -200,18 +203,6 @@ def _read_prior(path: Path) -> CostModel | None:
         return CostModel.from_prior_json(json.loads(path.read_text()))
     except (OSError, ValueError):
         return None  # missing or unreadable: measured again and rewritten
-
-
-def _write_prior(path: Path, cm: CostModel) -> None:
-    """Atomic (write a temporary file, then rename), so concurrent processes never read a partial file; a
-    cache directory that cannot be written only costs the next process a new measurement."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cm.prior_json()))
-        os.replace(tmp, path)
-    except OSError:
-        pass
 
 
 def learned_cost_model(model: DecoderLM) -> CostModel | None:

@@ -31,8 +31,9 @@ results.json schema (version `SCHEMA_VERSION`; times in seconds, sizes in bytes 
                      bandwidth_utilisation (weight_bytes x forward passes/s / measured bandwidth),
                      by_category: {cat: {prompts, new_tokens, seconds, tokens_per_s, speedup_vs_plain, mean_accepted}}}}
                     A peer that did not run has only kind, status and null numbers.
-    linear_rows     {pad_rows: skipjack.models.common.PAD_ROWS, ms: {rows: median ms of one pass over the model's packed
-                     linears with that many input rows, unpadded}} (skipjack.bench.rows; absent in older files)
+    linear_rows     {ms: {rows: median ms of one pass over the model's packed linears with that many input rows,
+                     unpadded}, ms_by_shape: {"INxOUT": the same per weight shape}, pads: {"INxOUT": [padded rows
+                     for 0, 1, ... rows]}} (skipjack.bench.rows, skipjack.padding; older files: pad_rows, ms)
     cost_curves     [{context: [lo, hi or null], plain_steps, verify_steps, typical_context, t1_seconds,
                      cost: {n: c(n)}}] per context bucket: the verify-cost curves the shared cost model
                      (skipjack.cost) learned by the end of the run, read at typical_context; c(n) = seconds of a
@@ -144,6 +145,17 @@ def summarise(results: dict, rss_peaks: dict | None = None) -> dict:
 
 def _f(x, fmt: str = "{:.2f}", none: str = "–") -> str:
     return none if x is None else fmt.format(x)
+
+
+def _padding_line(rows: dict) -> str:
+    """How forwards were padded in the run: one rule for every shape, or per shape (`skipjack.padding`)."""
+    if "pads" not in rows:  # older files: one row count for every layer
+        return f"Forwards over fewer than {rows['pad_rows']} tokens are padded to {rows['pad_rows']} rows."
+    rules = {s: ", ".join(f"{m}→{q}" for m, q in enumerate(p) if q != m) or "none" for s, p in rows["pads"].items()}
+    if len(set(rules.values())) == 1:
+        return f"Padding in use, every weight shape (rows → padded rows): {next(iter(rules.values()))}."
+    per = "; ".join(f"{s}: {r}" for s, r in rules.items())
+    return f"Padding in use per weight shape (rows → padded rows): {per}."
 
 
 def _lossy(s: dict) -> bool:
@@ -287,7 +299,7 @@ def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack be
         times = ", ".join(f"{n}: {v:.1f}" for n, v in rows["ms"].items())
         parts += [
             f"- **Linear layers by input rows** (one pass over all packed linears, median ms, unpadded): {times}. "
-            f"Forwards over fewer than {rows['pad_rows']} tokens are padded to {rows['pad_rows']} rows."
+            + _padding_line(rows)
         ]
     parts += [""]
     missing = {n: s["status"] for n, s in summary.items() if s["status"] != "ok"}

@@ -172,7 +172,7 @@ class Bench:
             reps: dict[str, list[dict]] = {n: [] for n in jobs}
             for i in range(R):
                 for name in rotated(jobs, pi * R + i):
-                    if name not in self.jobs() or len(reps[name]) < i:  # a peer that failed in this loop
+                    if name not in self.jobs():  # a peer that failed (`_guard` dropped it from the jobs)
                         continue
                     progress.update(task, description=f"{name} · {p.id} ({i + 1}/{R})")
                     d = copy.deepcopy(snaps[name]) if i > 0 and name in snaps else None
@@ -267,10 +267,9 @@ def main(a) -> int:
     loaded = load(a.model, a.dtype)
     times = load_times(a.model, a.dtype)
     kept, skipped = _prepare_prompts(prompts, loaded, a.max_new_tokens)
-    from skipjack.bench.rows import linear_ms_by_rows
-    from skipjack.models.common import PAD_ROWS
+    from skipjack.bench.rows import linear_rows
 
-    results["linear_rows"] = {"pad_rows": PAD_ROWS, "ms": linear_ms_by_rows(loaded.model)}
+    results["linear_rows"] = linear_rows(loaded.model)  # measures the row padding afresh and applies it
     if not kept:
         raise SkipjackError(f"no prompt fits the model's context ({skipped[0]['reason']})")
     n_ctx = min(loaded.model.config.max_position_embeddings, max(len(i) for _, i in kept) + a.max_new_tokens + 64)

@@ -230,11 +230,12 @@ class Linear(nn.Module):
     """y = x Wᵀ (+ b) with the weight prepacked for oneDNN when available.
 
     On this CPU a prepacked fp32 weight streams faster than `F.linear` for few tokens, and verifying a few
-    tokens costs about the same as 1 (BENCHMARKS.md), which is what makes speculation pay on CPU. Inputs of
-    fewer than PAD_ROWS rows are padded with zero rows, to the row count oneDNN's kernels run fastest at
-    (`skipjack.bench.rows`); so a plain step and a verify step of up to PAD_ROWS tokens also run the same
-    kernel, and compute every row the same way.
+    tokens costs about the same as 1 (BENCHMARKS.md), which is what makes speculation pay on CPU. An input
+    of m < len(pad_to) rows is padded with zero rows to pad_to[m] rows, the row count oneDNN's kernels run
+    fastest at for this weight shape on this machine (`skipjack.padding` measures it; untuned: no padding).
     """
+
+    pad_to: tuple[int, ...] = ()
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -248,7 +249,9 @@ class Linear(nn.Module):
         if not self.packed:
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, self.in_features)  # [M, in]
-        m, pad = rows.shape[0], PAD_ROWS if pad is None else pad
+        m = rows.shape[0]
+        if pad is None:
+            pad = self.pad_to[m] if m < len(self.pad_to) else m
         if m < pad and rows.dtype == torch.float32:  # each output row depends only on its input row
             rows = torch.cat([rows, rows.new_zeros(pad - m, self.in_features)])  # [pad, in]
         y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")  # [max(m, pad), out]
@@ -265,10 +268,6 @@ def _can_pack() -> bool:
 
 
 _PACK = _can_pack()
-# oneDNN's packed fp32 kernels on this CPU (AVX-512) are fastest at 5-6 rows and slower at 1-4: padding a
-# plain step's one row, or a small verify step's rows, with zero rows up to PAD_ROWS makes it faster, not
-# slower (`python -m skipjack.bench.rows` measures it; the bench records it in results.json).
-PAD_ROWS = 6
 
 
 def fuse(*ws: torch.Tensor | None) -> torch.Tensor | None:
