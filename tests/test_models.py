@@ -10,11 +10,15 @@ from conftest import FAMILIES, hf_model, ours_from_hf
 ATOL = 1e-5
 
 
+def pair(family: str, shape: tuple[int, int], seed: int = 0):
+    """A tiny random HF model, ours converted from it, and random token ids of `shape`."""
+    hf = hf_model(family, seed=seed)
+    return hf, ours_from_hf(hf), torch.randint(0, hf.config.vocab_size, shape)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_hf_without_cache(family):
-    hf = hf_model(family)
-    ours = ours_from_hf(hf)
-    ids = torch.randint(0, hf.config.vocab_size, (2, 23))
+    hf, ours, ids = pair(family, (2, 23))
     with torch.no_grad():
         ref = hf(ids).logits
     torch.testing.assert_close(ours(ids).logits, ref, atol=ATOL, rtol=0)
@@ -23,9 +27,7 @@ def test_logits_match_hf_without_cache(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_match_hf_prefill_then_decode(family):
     """Prefill 9 tokens, then decode one at a time and in a chunk of 4: each step equals HF's full forward."""
-    hf = hf_model(family, seed=3)
-    ours = ours_from_hf(hf)
-    ids = torch.randint(0, hf.config.vocab_size, (1, 20))
+    hf, ours, ids = pair(family, (1, 20), seed=3)
     with torch.no_grad():
         ref = hf(ids).logits  # [1, 20, V]
     cache = ours.make_cache(64)
@@ -40,9 +42,7 @@ def test_logits_match_hf_prefill_then_decode(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_cached_decode_matches(family):
     """HF's own cached decode (its DynamicCache) agrees with our cached decode token by token."""
-    hf = hf_model(family, seed=4)
-    ours = ours_from_hf(hf)
-    ids = torch.randint(0, hf.config.vocab_size, (1, 12))
+    hf, ours, ids = pair(family, (1, 12), seed=4)
     with torch.no_grad():
         out = hf(ids[:, :8], use_cache=True)
         past, hf_steps = out.past_key_values, [out.logits[:, -1]]
