@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/python -m skipjack.demo "$(PROMPT)"
 
 test: install
-	$(BIN)/skipjack models --fetch smollm2-135m
+	$(BIN)/skipjack models --fetch smollm2-135m gemma3-270m
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter, greedy_continuation
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from skipjack.cost import CostModel
-from skipjack.decode import generate
+from skipjack.decode import generate, prefill
 from skipjack.drafters import make_drafter
 from skipjack.drafters.base import Proposal
+from skipjack.errors import SkipjackError
 from skipjack.sampling import SamplingParams
 
 
@@ -75,6 +77,33 @@ def test_never_accept_degrades_to_plain(tiny_llama64):
     assert spec == plain
     assert d.proposed > 0 and d.accepted == 0
     assert all(len(s.tokens) == 1 for s in steps)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_prefilled_prompt_is_reused_unchanged(tiny_llama64, tiny_gemma64, family):
+    """Requests started from one `prefill` decode exactly as requests that run the prompt themselves (greedy:
+    any method; seeded sampling: the same method), and leave the prefilled cache as it was, for reuse."""
+    model = tiny_llama64 if family == "llama" else tiny_gemma64
+    prompt = [5, 6, 7, 8, 5, 6, 7, 9, 5, 6] * 3
+    pre = prefill(model, prompt, 24)
+    snapshot = [(layer.offset, layer.k.clone(), layer.v.clone()) for layer in pre.cache]
+    greedy, sampled = SamplingParams(max_new_tokens=24), SamplingParams(max_new_tokens=24, temperature=0.9, seed=4)
+    plain, _ = run(model, prompt, greedy)
+    for params, method in [(greedy, m) for m in ("plain", "pld", "ngram", "pld:k=3")] + [
+        (sampled, "plain"),
+        (sampled, "pld"),
+    ]:
+        fresh, _ = run(model, prompt, params, make_drafter(method))
+        steps = list(generate(model, prompt, params, make_drafter(method), CostModel.flat(), prefilled=pre))
+        assert [t for s in steps for t in s.tokens] == fresh, method
+        assert params is sampled or fresh == plain
+        assert steps[0].forward_tokens == 0  # the prompt did not run again
+    for layer, (offset, k, v) in zip(pre.cache, snapshot):
+        assert layer.offset == offset and torch.equal(layer.k, k) and torch.equal(layer.v, v)
+    with pytest.raises(SkipjackError, match="not this request's prompt"):
+        list(generate(model, prompt[:-1], SamplingParams(max_new_tokens=4), prefilled=pre))
+    with pytest.raises(SkipjackError, match="this request needs"):
+        list(generate(model, prompt, SamplingParams(max_new_tokens=200), prefilled=pre))
 
 
 def test_cost_model_sizes_drafts():

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from skipjack.cost import CostModel
-from skipjack.decode import Step, cost_model, generate
+from skipjack.decode import Prefilled, Step, cost_model, generate
 from skipjack.drafters import make_drafter
 from skipjack.drafters.base import Drafter
 from skipjack.loading import Loaded
@@ -57,11 +57,12 @@ def stream_text(
     drafter: Drafter | None = None,
     stop: tuple[str, ...] = (),
     cost: CostModel | None = None,
+    prefilled: Prefilled | None = None,
 ) -> Iterator[tuple[str, Step]]:
     """Yield (new text, step) pairs. Text never splits a character and never shows part of a stop string."""
     dec = StreamDecoder(loaded.tokenizer, prompt)
     shown = 0
-    steps = generate(loaded.model, prompt, params, drafter, cost)
+    steps = generate(loaded.model, prompt, params, drafter, cost, prefilled)
     for step in steps:
         dec.push(step.tokens)
         if step.finish:
@@ -89,8 +90,9 @@ def complete(
     on_text: Callable[[str], None] | None = None,
     drafter: Drafter | None = None,
     cost: CostModel | None = None,
+    prefilled: Prefilled | None = None,
 ) -> Result:
-    """Run one request to the end and summarise it."""
+    """Run one request to the end and summarise it (`prefilled`: see `skipjack.decode.prefill`)."""
     drafter = drafter if drafter is not None else make_drafter(method)
     text, tokens, hist = [], [], Counter()
     accepted = passes = drafts = 0
@@ -99,7 +101,7 @@ def complete(
         cost = cost_model(loaded.model)  # measured once per model, outside the timed region
     t0 = time.perf_counter()
     t_first = None
-    for i, (delta, step) in enumerate(stream_text(loaded, prompt, params, drafter, stop, cost)):
+    for i, (delta, step) in enumerate(stream_text(loaded, prompt, params, drafter, stop, cost, prefilled)):
         text.append(delta)
         tokens.extend(step.tokens)
         if on_text and delta:

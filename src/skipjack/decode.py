@@ -11,6 +11,7 @@ calibrates itself online.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from skipjack import padding
+from skipjack.cache import KVCache
 from skipjack.cost import CostModel, cpu_name
 from skipjack.drafters.base import Drafter, Proposal
 from skipjack.errors import SkipjackError
@@ -55,16 +57,54 @@ def check_prompt(model: DecoderLM, prompt: list[int], max_new_tokens: int) -> in
     return min(ctx, len(prompt) + max_new_tokens + MAX_DRAFT + 1)
 
 
+@dataclass
+class Prefilled:
+    """A prompt run through the model once: its KV cache and the next-token logits after it.
+
+    Prompt caching, as llama.cpp's and mlx-lm's prompt caches: requests over the same prompt (several methods,
+    samples or retries) start from a copy of this instead of each running the prompt again. Made by
+    `prefill`; `generate(..., prefilled=p)` copies it and never changes it."""
+
+    prompt: tuple[int, ...]
+    cache: KVCache
+    logits: torch.Tensor  # [V] fp32
+
+
+def prefill(model: DecoderLM, prompt: list[int], max_new_tokens: int) -> Prefilled:
+    """Run `prompt` once, with a cache sized for requests of up to `max_new_tokens` new tokens."""
+    padding.tune(model)  # measured once per model and machine (cached on disk): see skipjack.padding
+    cache = model.make_cache(check_prompt(model, prompt, max_new_tokens))
+    logits = model(torch.tensor([prompt]), cache, logits="last").logits[0, -1]  # [V]
+    return Prefilled(tuple(prompt), cache, logits)
+
+
+def _reuse(model: DecoderLM, prompt: list[int], max_new_tokens: int, prefilled: Prefilled) -> Prefilled:
+    """A copy of `prefilled` for this request (its cache is written to; the original stays as it was)."""
+    need = check_prompt(model, prompt, max_new_tokens)
+    if list(prefilled.prompt) != list(prompt):
+        raise SkipjackError("the prefilled prompt is not this request's prompt")
+    if prefilled.cache.capacity < need:
+        raise SkipjackError(
+            f"the prefilled cache holds {prefilled.cache.capacity} positions; this request needs {need}"
+        )
+    return Prefilled(prefilled.prompt, copy.deepcopy(prefilled.cache), prefilled.logits)
+
+
 def generate(
     model: DecoderLM,
     prompt: list[int],
     params: SamplingParams,
     drafter: Drafter | None = None,
     cost: CostModel | None = None,
+    prefilled: Prefilled | None = None,
 ) -> Iterator[Step]:
-    """Yield `Step`s until a stop token, `max_new_tokens`, or the context is full."""
-    padding.tune(model)  # measured once per model and machine (cached on disk): see skipjack.padding
-    cache = model.make_cache(check_prompt(model, prompt, params.max_new_tokens))
+    """Yield `Step`s until a stop token, `max_new_tokens`, or the context is full. With `prefilled` (from
+    `prefill` on the same prompt), decoding starts from a copy of its cache rather than running the prompt."""
+    if prefilled is None:
+        start = prefill(model, prompt, params.max_new_tokens)
+    else:
+        start = _reuse(model, prompt, params.max_new_tokens, prefilled)
+    cache = start.cache
     gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     vocab = model.lm_head.out_features
     seen = None
@@ -86,8 +126,7 @@ def generate(
         if cost is None and not drafter.fixed_length:
             cost = cost_model(model)
     try:
-        logits = model(torch.tensor([prompt]), cache, logits="last").logits[0, -1]  # [V]
-        step = Step([pick(logits)], forward_tokens=len(prompt))
+        step = Step([pick(start.logits)], forward_tokens=len(prompt) if prefilled is None else 0)
         while True:
             step, left = _finish(step, params, left, cache.capacity_left(), ctx, seen)
             yield step
