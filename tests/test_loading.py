@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import gguf
 import numpy as np
@@ -148,6 +150,22 @@ def test_interrupted_conversion_leaves_no_entry(tmp_path, home, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("SKIPJACK_HOME", str(home))
     assert loading.load(str(path)).converted
+
+
+def test_reconversion_drops_the_stale_entry(tmp_path, home, capfd):
+    """A replaced GGUF is converted again and its old fp32 copy deleted; a same-named file elsewhere keeps its own."""
+    path, other = tmp_path / "tiny.gguf", tmp_path / "elsewhere" / "tiny.gguf"
+    write_tiny_gguf(path, _pick)
+    other.parent.mkdir()
+    shutil.copy(path, other)
+    assert loading.load(str(path)).converted and loading.load(str(other)).converted
+    assert "converting tiny.gguf to fp32 safetensors, once" in capfd.readouterr().err
+    first = {e.name for e in (home / "converted").iterdir()}
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # the file was replaced
+    assert loading.load(str(path)).converted
+    now = {e.name for e in (home / "converted").iterdir()}
+    assert len(first) == len(now) == 2 and len(first & now) == 1  # other's entry stays, path's old one is gone
+    assert not loading.load(str(path)).converted
 
 
 def test_k_quant_blocks_dequantise(tmp_path):

@@ -154,6 +154,7 @@ def convert_gguf(path: Path, chat_template: str | None = None) -> tuple[Path, bo
     entry = home() / "converted" / f"{path.stem}-{_cache_key(path)}"
     if (entry / "skipjack.json").exists():
         return entry, False
+    print(f"skipjack: converting {path.name} to fp32 safetensors, once (cached in {entry.parent})", file=sys.stderr)
     config, tok_cfg = gguf_io.read_config(path)
     tensors = gguf_io.read_tensors(path, config)
     tok = gguf_io.read_tokenizer(path)
@@ -173,7 +174,22 @@ def convert_gguf(path: Path, chat_template: str | None = None) -> tuple[Path, bo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _drop_stale(entry, path)
     return entry, True
+
+
+def _drop_stale(entry: Path, source: Path) -> None:
+    """Delete older conversions of the same GGUF path (the file was replaced or re-fetched since): each one is
+    a full fp32 copy of the model that no key will ever match again."""
+    for old in entry.parent.glob(f"{source.stem}-*"):
+        if old == entry or ".tmp-" in old.name or not (old / "skipjack.json").exists():
+            continue  # ours, or a conversion still being written
+        try:
+            same = json.loads((old / "skipjack.json").read_text()).get("source") == str(source)
+        except (OSError, ValueError):
+            continue
+        if same:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[DecoderLM, Tokenizer]:
