@@ -167,34 +167,39 @@ def test_padding_choice():
     assert choose({1: 2.0, 2: 1.0}) == [0, 2]
 
 
-def test_padding_is_tuned_per_shape_and_cached(tiny_llama64, tmp_path, monkeypatch):
+def test_padding_is_tuned_per_shape_and_cached(tmp_path, monkeypatch):
     """`tune` measures every weight shape, applies its padding to each packed linear, caches it on disk (the
     next process reads it; a corrupt file is measured again), and the cost prior's cache key follows it."""
     from skipjack import decode, padding
+    from skipjack.models.common import _PACK
 
     monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path))
     calls = []
     real = padding.time_rows
     monkeypatch.setattr(padding, "time_rows", lambda lins, rows, **k: calls.append(1) or real(lins, rows, rounds=1))
-    pads = padding.tune(tiny_llama64, remeasure=True)
-    groups = padding.linears_by_shape(tiny_llama64)
-    if not groups:
-        assert pads == {}  # no oneDNN here: nothing is packed, nothing padded
+    model = ours_from_hf(hf_model("llama", seed=1, vocab=48))  # fp32: the dtype whose weights are packed
+    pads = padding.tune(model, remeasure=True)
+    groups = padding.linears_by_shape(model)
+    if not _PACK:
+        assert pads == {} and not groups  # no oneDNN on this machine: nothing is packed, nothing padded
         return
+    assert len(groups) == 5  # q/k/v, o, gate/up, down, lm_head
     assert set(pads) == {f"{i}x{o}" for i, o in groups} and len(calls) == len(groups)
     for (i, o), lins in groups.items():
         assert all(lin.pad_to == tuple(pads[f"{i}x{o}"]) for lin in lins)
-        assert sorted(padding.measured(tiny_llama64)[f"{i}x{o}"]) == list(range(1, padding.MAX_ROWS + 1))
-    path = padding.cache_path(tiny_llama64, groups)
+        assert sorted(padding.measured(model)[f"{i}x{o}"]) == list(range(1, padding.MAX_ROWS + 1))
+    path = padding.cache_path(model, groups)
     assert path.parent == tmp_path / "rows" and [p.name for p in path.parent.iterdir()] == [path.name]
-    del padding._TUNED[tiny_llama64]  # as in a new process
-    assert padding.tune(tiny_llama64) == pads and len(calls) == len(groups)
+    del padding._TUNED[model]  # as in a new process
+    assert padding.tune(model) == pads and len(calls) == len(groups)
     for bad in ("{not json", '{"pads": {}, "ms": {}}', '{"pads": {"x": [1]}, "ms": {}}'):
         path.write_text(bad)
-        del padding._TUNED[tiny_llama64]
-        padding.tune(tiny_llama64)
+        del padding._TUNED[model]
+        padding.tune(model)
     assert len(calls) == 4 * len(groups)
-    before = decode.prior_path(tiny_llama64)
-    padding._TUNED[tiny_llama64] = {"pads": {k: [0, 7] for k in pads}, "ms": {}}
-    assert decode.prior_path(tiny_llama64) != before  # a prior measured under other padding is not reused
-    del padding._TUNED[tiny_llama64]
+    before = decode.prior_path(model)
+    padding._TUNED[model] = {"pads": {k: [0, 7] for k in pads}, "ms": {}}
+    assert decode.prior_path(model) != before  # a prior measured under other padding is not reused
+    bf16 = ours_from_hf(hf_model("llama", seed=3), torch.bfloat16)
+    assert padding.tune(bf16) == {} and len(calls) == 4 * len(groups)  # bf16 pads nothing, measures nothing
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # and leaves no file behind

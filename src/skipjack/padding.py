@@ -83,7 +83,8 @@ def tune(model: DecoderLM, remeasure: bool = False) -> dict[str, list[int]]:
     if found is None:
         ms = {_name(s): time_rows(lins, range(1, MAX_ROWS + 1)) for s, lins in groups.items()}
         found = {"pads": {k: choose(v) for k, v in ms.items()}, "ms": ms}
-        write_atomic(path, json.dumps(found))
+        if groups:  # nothing packed (bf16, no oneDNN): nothing measured, nothing worth a file
+            write_atomic(path, json.dumps(found))
     for shape, lins in groups.items():
         for lin in lins:
             lin.pad_to = tuple(found["pads"][_name(shape)])
