@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?=
 
-.PHONY: demo test install lint bench bench-quick bench-llamacpp bench-sizing benchmarks-md bench-peers clean
+.PHONY: demo test install lint bench bench-quick bench-llamacpp bench-sizing bench-outputs benchmarks-md bench-peers clean
 
 $(BIN)/skipjack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench-llamacpp: install
 	$(BIN)/skipjack bench --suite full --methods plain,pld --peers llamacpp,llamacpp-pld \
 		--max-new-tokens 64 --out bench-out/llamacpp
 
+# Longer outputs (256 new tokens) on 18 of the full suite's prompts (3 per category): how the end-to-end
+# speedup grows as decoding outweighs the prompt's prefill (~25 min).
+bench-outputs: install
+	$(BIN)/skipjack bench --suite sample --methods plain,pld,ngram --max-new-tokens 256 --out bench-out/outputs
+
 # Draft sizing on the quick suite: the cost model against every fixed draft size (~10 min).
 bench-sizing: install
 	$(BIN)/skipjack bench --suite quick --methods plain,pld,pld:k=2,pld:k=4,pld:k=8,pld:k=16 \
@@ -50,7 +55,8 @@ bench-sizing: install
 
 # BENCHMARKS.md from the full run, plus the sizing run and the llama.cpp prompt-lookup run when they exist.
 EXTRA_RUNS = $(if $(wildcard bench-out/llamacpp/results.json),--extra "llama.cpp peers (full suite, separate run)=bench-out/llamacpp") \
-	$(if $(wildcard bench-out/sizing/results.json),--extra "Draft sizing (quick suite, separate run)=bench-out/sizing")
+	$(if $(wildcard bench-out/sizing/results.json),--extra "Draft sizing (quick suite, separate run)=bench-out/sizing") \
+	$(if $(wildcard bench-out/outputs/results.json),--extra "Longer outputs: 256 new tokens (18-prompt sample, separate run)=bench-out/outputs")
 benchmarks-md: install
 	$(BIN)/python -m skipjack.bench.report bench-out/full --benchmarks-md BENCHMARKS.md $(EXTRA_RUNS) \
 		--notes docs/bench/NOTES.md

@@ -347,3 +347,14 @@ def test_llamacpp_peer_with_a_stand_in_module(monkeypatch, tmp_path):
     assert got["llamacpp"].run([1, 3, 4], 2, 0.0, 0, frozenset({2})).tokens == [5, 6]
     folder = peers.make_peers(["llamacpp"], SimpleNamespace(source=tmp_path), "fp32", 256)["llamacpp"]
     assert folder.status.startswith("unavailable") and "GGUF" in folder.status
+
+
+def test_sample_suite_is_three_prompts_of_every_category():
+    from collections import Counter
+
+    from skipjack.bench.suite import load_suite
+
+    full, sample = load_suite("full"), load_suite("sample")
+    assert {p.id for p in sample} < {p.id for p in full}
+    counts = Counter(p.category for p in sample)
+    assert set(counts) == {p.category for p in full} and set(counts.values()) == {3}

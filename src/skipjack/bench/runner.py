@@ -47,7 +47,9 @@ WARMUP_TOKENS = 8
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="named model, .gguf file, HF folder or hub id")
-    p.add_argument("--suite", default="quick", help="quick (6 prompts) | full (60 prompts)")
+    p.add_argument(
+        "--suite", default="quick", help="quick (6 prompts) | sample (18: 3 per category of full) | full (60 prompts)"
+    )
     p.add_argument("--methods", default="plain,pld,ngram", help="comma list (e.g. plain,pld,pld:k=8) or 'all'")
     p.add_argument("--peers", default="", help="comma list of hf,hf-pld,llamacpp,llamacpp-pld (default: none)")
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)

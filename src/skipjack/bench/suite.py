@@ -17,7 +17,8 @@ from pathlib import Path
 
 from skipjack.errors import SkipjackError
 
-SUITES = ("quick", "full")
+SUITES = ("quick", "sample", "full")
+SAMPLE = ("01", "04", "07")  # `sample`: these three prompts of each category of `full`
 PEERS = ("hf", "hf-pld", "llamacpp", "llamacpp-pld")
 FIXED_LENGTHS = (2, 4, 8, 16)  # `--methods all` adds pld:k=N for these (the draft-length plot)
 ROLES = {"system", "user", "assistant"}
@@ -75,9 +76,12 @@ def parse_prompts(text: str, where: str, lenient: bool = True) -> list[Prompt]:
 
 
 def load_suite(name: str) -> list[Prompt]:
-    """The shipped suite `quick` or `full` (package data `skipjack.bench/prompts/<name>.jsonl`)."""
+    """The shipped suite `quick` or `full` (package data `skipjack.bench/prompts/<name>.jsonl`), or `sample`:
+    three prompts of each category of `full` (18), for runs too long to do on all 60."""
     if name not in SUITES:
         raise SkipjackError(f"unknown suite {name!r}; choose one of: {', '.join(SUITES)}")
+    if name == "sample":
+        return [p for p in load_suite("full") if p.id.rsplit("-", 1)[-1] in SAMPLE]
     res = resources.files("skipjack.bench").joinpath("prompts", f"{name}.jsonl")
     try:
         text = res.read_text(encoding="utf-8")

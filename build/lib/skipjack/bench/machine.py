@@ -1,0 +1,91 @@
+"""Facts about the machine for results.json: CPU, versions, measured memory bandwidth, and RSS sampling."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import sys
+import threading
+import time
+
+from skipjack.cost import cpu_name
+
+BANDWIDTH_MB = 512  # size of the array copied to measure memory bandwidth
+
+
+def measure_bandwidth(mb: int | None = None) -> float:
+    """Memory bandwidth in GB/s: best of 3 copies of an `mb` MB float32 tensor (read + write bytes)."""
+    import torch
+
+    mb = mb or BANDWIDTH_MB
+    a = torch.ones(mb * (1 << 20) // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+def machine_info(bandwidth_gbs: float) -> dict:
+    import psutil
+    import torch
+
+    def version(mod: str):
+        try:
+            from importlib.metadata import version as v
+
+            return v(mod)
+        except Exception:
+            return None
+
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "threads": torch.get_num_threads(),
+        "ram_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "llama_cpp_python": version("llama-cpp-python"),
+        "bandwidth_gbs": round(bandwidth_gbs, 2),
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # busy machine?
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+class RssSampler(threading.Thread):
+    """Samples the process RSS every `period` s; `peaks[label]` is the max seen while `label` was current."""
+
+    def __init__(self, period: float = 0.02):
+        import psutil
+
+        super().__init__(daemon=True)
+        self.proc, self.period, self.label = psutil.Process(), period, None
+        self.peaks: dict[str, float] = {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.period):
+            self.sample()
+
+    def sample(self) -> None:
+        label = self.label
+        if label is not None:
+            mb = self.proc.memory_info().rss / 2**20
+            self.peaks[label] = max(self.peaks.get(label, 0.0), mb)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)

@@ -1,0 +1,50 @@
+"""`python -m skipjack.bench.rows [MODEL]`: time the model's linear layers by the number of rows they multiply.
+
+Why `skipjack.padding` exists: oneDNN's packed fp32 kernels are not fastest at one row on every CPU (on
+AVX-512 they block rows by five or six), so a plain step can be made faster by padding its one row with zero
+rows. This measures afresh, for each weight shape, one pass over the model's linears of that shape, unpadded,
+at each row count (rounds interleaved, median kept), and prints the padding chosen from it. The bench records
+the same measurement in results.json (`linear_rows`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def linear_rows(model) -> dict:
+    """Measure and apply the padding; {"ms": {rows: ms of one pass over all packed linears}, "pads": {...}}."""
+    from skipjack import padding
+
+    pads = padding.tune(model, remeasure=True)
+    per_shape = padding.measured(model)
+    total = {n: round(sum(v[n] for v in per_shape.values()), 2) for n in next(iter(per_shape.values()), {})}
+    return {"ms": total, "pads": pads, "ms_by_shape": per_shape}
+
+
+def main(argv: list[str]) -> int:
+    from skipjack.errors import SkipjackError
+    from skipjack.loading import load
+
+    try:
+        loaded = load(argv[0] if argv else None)
+    except SkipjackError as e:
+        print(f"skipjack: {e}", file=sys.stderr)
+        return 2
+    rows = linear_rows(loaded.model)
+    if not rows["ms"]:
+        print("no packed linear layers (oneDNN unavailable or a non-fp32 dtype): nothing is padded")
+        return 0
+    shapes = list(rows["ms_by_shape"])
+    print(f"{loaded.name}: one pass over its packed linear layers, median ms by input rows (unpadded)")
+    print(f"{'rows':>4}  {'all':>8}" + "".join(f"  {s:>11}" for s in shapes))
+    for n, v in rows["ms"].items():
+        print(f"{n:>4}  {v:8.2f}" + "".join(f"  {rows['ms_by_shape'][s][n]:11.3f}" for s in shapes))
+    print("padding in use (rows -> padded rows), per shape:")
+    for s, p in rows["pads"].items():
+        print(f"  {s}: " + (", ".join(f"{m}->{q}" for m, q in enumerate(p) if q != m) or "none"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,134 @@
+"""Per-layer KV cache: preallocated tensors written in place, rolled back with `trim`.
+
+Every layer owns one object with the same small interface (mlx-lm style):
+`update(k, v, start) -> (keys, values, first_pos)`, `offset`, `trim(n)`, `keep(start, idx)`, `nbytes`.
+Eviction or compression policies (later issues) subclass `LayerKV` and are chosen per layer.
+
+Writes are position-addressed (gpt-fast style): a forward pass writes its keys at `[start, start + T)`, so a
+speculative step can overwrite a rejected draft without any copy, and skipped layers simply do not write.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from skipjack.errors import SkipjackError
+
+
+class LayerKV:
+    """Full-attention layer cache. Buffers k, v: [B, H_kv, capacity, D]; positions [0, offset) are valid."""
+
+    def __init__(self, batch: int, heads: int, head_dim: int, capacity: int, dtype: torch.dtype):
+        self.k = torch.zeros(batch, heads, capacity, head_dim, dtype=dtype)  # [B, H_kv, C, D]
+        self.v = torch.zeros(batch, heads, capacity, head_dim, dtype=dtype)  # [B, H_kv, C, D]
+        self.capacity = capacity
+        self.offset = 0  # absolute position one past the last valid key
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
+        """Write k, v [B, H_kv, T, D] at positions [start, start+T); return all valid keys/values and the
+        absolute position of the first returned key."""
+        end = start + k.shape[2]
+        if start > self.offset or end > self.capacity:
+            raise SkipjackError(f"context length {end} exceeds the cache capacity {self.capacity}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.offset = end
+        return self.k[:, :, :end], self.v[:, :, :end], 0  # [B, H_kv, end, D] x2
+
+    def trim(self, n: int) -> int:
+        """Forget the newest n positions (rollback). Returns how many were dropped."""
+        n = min(n, self.offset)
+        self.offset -= n
+        return n
+
+    def keep(self, start: int, idx: list[int]) -> None:
+        """Compact a verified token tree: positions start+idx[j] move to start+j; the rest after start go."""
+        src = torch.tensor(idx, dtype=torch.long) + (start - self._first())
+        dst = slice(start - self._first(), start - self._first() + len(idx))
+        self.k[:, :, dst] = self.k.index_select(2, src)
+        self.v[:, :, dst] = self.v.index_select(2, src)
+        self.offset = start + len(idx)
+
+    def _first(self) -> int:
+        return 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys/values currently held (valid positions only)."""
+        held = self.offset - self._first()
+        return 2 * held * self.k[:, :, :1].numel() * self.k.element_size()
+
+
+class SlidingLayerKV(LayerKV):
+    """Sliding-window layer cache (Gemma 3 local layers): holds at most window + 2·slack positions.
+
+    The buffer's index 0 is absolute position `first`. When a write would overflow, the oldest keys are
+    dropped, but never those that a query may still need after a rollback of up to `slack` positions:
+    we keep positions >= start - window - slack.
+    """
+
+    def __init__(self, batch, heads, head_dim, window: int, dtype, slack: int = 128):
+        super().__init__(batch, heads, head_dim, window + 2 * slack, dtype)
+        self.window, self.slack, self.first = window, slack, 0
+
+    def _first(self) -> int:
+        return self.first
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
+        T = k.shape[2]
+        if start > self.offset or start < self.first:
+            raise SkipjackError(f"cannot write position {start}: the sliding cache holds [{self.first}, {self.offset})")
+        lo = max(self.first, start - self.window - self.slack)  # oldest position still needed
+        if start - lo + T > self.capacity:  # a long prefill chunk: attend over a concatenation, store the tail
+            keys = torch.cat([self.k[:, :, lo - self.first : start - self.first], k], dim=2)  # [B, H, S, D]
+            vals = torch.cat([self.v[:, :, lo - self.first : start - self.first], v], dim=2)  # [B, H, S, D]
+            tail = self.capacity - self.slack
+            self.k[:, :, :tail] = keys[:, :, -tail:]
+            self.v[:, :, :tail] = vals[:, :, -tail:]
+            self.first, self.offset = start + T - tail, start + T
+            return keys, vals, lo
+        if start - self.first + T > self.capacity:  # shift the still-needed keys to the front
+            n = start - lo
+            self.k[:, :, :n] = self.k[:, :, lo - self.first : start - self.first].clone()
+            self.v[:, :, :n] = self.v[:, :, lo - self.first : start - self.first].clone()
+            self.first = lo
+        a = start - self.first
+        self.k[:, :, a : a + T] = k
+        self.v[:, :, a : a + T] = v
+        self.offset = start + T
+        return self.k[:, :, : a + T], self.v[:, :, : a + T], self.first
+
+    def trim(self, n: int) -> int:
+        n = min(n, self.offset - self.first)
+        self.offset -= n
+        return n
+
+
+class KVCache(list):
+    """One cache object per layer, in layer order. The sequence offset is the furthest any layer reached."""
+
+    def __init__(self, layers=(), capacity: int = 0):
+        super().__init__(layers)
+        self.capacity = capacity  # positions the request may reach
+
+    def capacity_left(self) -> int:
+        return self.capacity - self.offset
+
+    @property
+    def offset(self) -> int:
+        return max(layer.offset for layer in self)
+
+    def trim(self, n: int) -> None:
+        target = self.offset - n
+        for layer in self:
+            if layer.offset > target:
+                layer.trim(layer.offset - target)
+
+    def keep(self, start: int, idx: list[int]) -> None:
+        for layer in self:
+            if layer.offset > start:
+                layer.keep(start, idx)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self)

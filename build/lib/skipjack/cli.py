@@ -1,0 +1,181 @@
+"""`skipjack` command line: generate, chat, models, bench. Thin: each subcommand calls library functions.
+
+Any `SkipjackError` (bad input, missing model, ...) is printed as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from skipjack.errors import SkipjackError
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="named model, .gguf file, HF folder or hub id")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default: fastest with greedy output identical to HF) | bf16")
+    p.add_argument("--method", default="plain", help="decoding method: plain | pld | ngram (options: pld:k=8)")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=256)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _params(a, tokenizer=None):
+    """Sampling settings from the arguments; validated before any model is loaded."""
+    from skipjack.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty,
+        seed=a.seed,
+        max_new_tokens=a.max_new_tokens,
+        stop_token_ids=tokenizer.stop_ids if tokenizer else frozenset(),
+    )
+
+
+def cmd_generate(a) -> int:
+    from skipjack.api import complete
+    from skipjack.drafters import make_drafter
+    from skipjack.loading import load
+
+    prompt_text = sys.stdin.read() if a.prompt == "-" else a.prompt
+    if not prompt_text.strip():
+        raise SkipjackError("the prompt is empty")
+    _params(a)  # validate everything before the (slow) load
+    drafter = make_drafter(a.method)
+    loaded = load(a.model, a.dtype)
+    params = _params(a, loaded.tokenizer)
+    prompt = loaded.tokenizer.prompt_ids(prompt_text, raw=a.raw)
+
+    def show(t):
+        sys.stdout.write(t)
+        sys.stdout.flush()
+
+    res = complete(loaded, prompt, params, a.method, tuple(a.stop), None if a.json else show, drafter)
+    if a.json:
+        out = res.to_json() | {"model": loaded.name, "dtype": a.dtype, "load_seconds": round(loaded.seconds, 3)}
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        print(
+            f"[{res.new_tokens} tokens, {res.tokens_per_s:.1f} tok/s, method {res.method}, "
+            f"{res.mean_accepted:.2f} tokens/step, finish: {res.finish}]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from skipjack.api import complete
+    from skipjack.drafters import make_drafter
+    from skipjack.loading import load
+
+    _params(a)
+    drafter = make_drafter(a.method)
+    loaded = load(a.model, a.dtype)
+    if not loaded.tokenizer.chat_template:
+        raise SkipjackError(f"model {loaded.name!r} has no chat template; use `skipjack generate --raw`")
+    params = _params(a, loaded.tokenizer)
+    messages: list[dict] = []
+    print("skipjack chat: /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages.clear()
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = loaded.tokenizer.prompt_ids(messages)
+        res = complete(loaded, prompt, params, a.method, tuple(a.stop), lambda t: print(t, end="", flush=True), drafter)
+        print(f"\n[{res.new_tokens} tokens, {res.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+        messages.append({"role": "assistant", "content": res.text})
+
+
+def cmd_models(a) -> int:
+    from skipjack.loading import DEFAULT_MODEL, NAMED, fetch_named, named_path
+
+    if a.fetch:
+        for name in a.fetch:
+            if name not in NAMED:
+                raise SkipjackError(f"unknown named model {name!r}; choose one of: {', '.join(NAMED)}")
+            print(f"{name}: {fetch_named(name)}")
+        return 0
+    for name, spec in NAMED.items():
+        have = named_path(name).exists()
+        mark = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name:14s} {'fetched' if have else 'not fetched':12s} {spec.about}{mark}")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from skipjack.bench.runner import main as bench_main
+
+    return bench_main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="skipjack", description="Faster LLM decoding by working with layers and KV cache."
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    _sampling_args(g)
+    g.add_argument("--raw", action="store_true", help="send the prompt as plain text, not through the chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("prompt", help="the prompt ('-' reads standard input)")
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    _sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+    m = sub.add_parser("models", help="list named models, or fetch them")
+    m.add_argument("--fetch", nargs="+", metavar="NAME", help="download these named models")
+    m.set_defaults(func=cmd_models)
+    from skipjack.bench.runner import add_arguments
+
+    b = sub.add_parser("bench", help="benchmark methods and peers on a prompt suite")
+    add_arguments(b)
+    b.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("SKIPJACK_THREADS", torch.get_num_threads())))
+        return args.func(args)
+    except SkipjackError as e:
+        print(f"skipjack: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nskipjack: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal bug: still one line, unless SKIPJACK_DEBUG asks for the traceback
+        if os.environ.get("SKIPJACK_DEBUG"):
+            raise
+        print(
+            f"skipjack: internal error: {type(e).__name__}: {e} (set SKIPJACK_DEBUG=1 for a traceback)", file=sys.stderr
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

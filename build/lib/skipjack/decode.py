@@ -1,0 +1,249 @@
+"""The one decode generator. The CLI, the server and the benchmark all consume `generate()`.
+
+Plain decoding: prefill the prompt, then one forward per token. Speculative decoding (any drafter): the
+cache holds every token except the pending one (the last emitted); each step the drafter proposes a chain
+or tree, the cost model trims it to the size with the best expected tokens per unit cost, one forward over
+[pending] + draft verifies it (tree mask, positions by depth), `verify` picks the accepted path plus a bonus
+token, and the cache is rolled back (`trim`) or, for trees, the accepted path's KV is compacted into place.
+Every step's forward (with verification and rollback) is timed and reported to the cost model, which
+calibrates itself online.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from skipjack import padding
+from skipjack.cache import KVCache
+from skipjack.cost import CostModel, cpu_name
+from skipjack.drafters.base import Drafter, Proposal
+from skipjack.errors import SkipjackError
+from skipjack.loading import cache_file, write_atomic
+from skipjack.models import DecoderLM
+from skipjack.sampling import SamplingParams, penalize, probs, sample
+from skipjack.verify import tree_mask, verify
+
+MAX_DRAFT = 64  # hard cap on draft nodes per step (also the sliding caches' rollback slack)
+
+
+@dataclass
+class Step:
+    tokens: list[int]  # tokens emitted by this step (stop tokens excluded)
+    drafted: int = 0  # draft nodes verified in this step
+    accepted: int = 0  # of which accepted
+    forward_tokens: int = 1  # tokens run through the model in this step
+    finish: str | None = None  # "stop" | "length" on the last step
+
+
+def check_prompt(model: DecoderLM, prompt: list[int], max_new_tokens: int) -> int:
+    """Validate the prompt; return the cache capacity the request needs."""
+    ctx = model.config.max_position_embeddings
+    if not prompt:
+        raise SkipjackError("the prompt is empty")
+    vocab = model.embed_tokens.shape[0]
+    if min(prompt) < 0 or max(prompt) >= vocab:
+        raise SkipjackError(f"prompt token ids must be in [0, {vocab})")
+    if len(prompt) >= ctx:
+        raise SkipjackError(f"the prompt has {len(prompt)} tokens but the model's context is {ctx}")
+    return min(ctx, len(prompt) + max_new_tokens + MAX_DRAFT + 1)
+
+
+@dataclass
+class Prefilled:
+    """A prompt run through the model once: its KV cache and the next-token logits after it.
+
+    Prompt caching, as llama.cpp's and mlx-lm's prompt caches: requests over the same prompt (several methods,
+    samples or retries) start from a copy of this instead of each running the prompt again. Made by
+    `prefill`; `generate(..., prefilled=p)` copies it and never changes it."""
+
+    prompt: tuple[int, ...]
+    cache: KVCache
+    logits: torch.Tensor  # [V] fp32
+
+
+def prefill(model: DecoderLM, prompt: list[int], max_new_tokens: int) -> Prefilled:
+    """Run `prompt` once, with a cache sized for requests of up to `max_new_tokens` new tokens."""
+    padding.tune(model)  # measured once per model and machine (cached on disk): see skipjack.padding
+    cache = model.make_cache(check_prompt(model, prompt, max_new_tokens))
+    logits = model(torch.tensor([prompt]), cache, logits="last").logits[0, -1]  # [V]
+    return Prefilled(tuple(prompt), cache, logits)
+
+
+def _reuse(model: DecoderLM, prompt: list[int], max_new_tokens: int, prefilled: Prefilled) -> Prefilled:
+    """A copy of `prefilled` for this request (its cache is written to; the original stays as it was)."""
+    need = check_prompt(model, prompt, max_new_tokens)
+    if list(prefilled.prompt) != list(prompt):
+        raise SkipjackError("the prefilled prompt is not this request's prompt")
+    if prefilled.cache.capacity < need:
+        raise SkipjackError(
+            f"the prefilled cache holds {prefilled.cache.capacity} positions; this request needs {need}"
+        )
+    return Prefilled(prefilled.prompt, copy.deepcopy(prefilled.cache), prefilled.logits)
+
+
+def generate(
+    model: DecoderLM,
+    prompt: list[int],
+    params: SamplingParams,
+    drafter: Drafter | None = None,
+    cost: CostModel | None = None,
+    prefilled: Prefilled | None = None,
+) -> Iterator[Step]:
+    """Yield `Step`s until a stop token, `max_new_tokens`, or the context is full. With `prefilled` (from
+    `prefill` on the same prompt), decoding starts from a copy of its cache rather than running the prompt."""
+    if prefilled is None:
+        start = prefill(model, prompt, params.max_new_tokens)
+    else:
+        start = _reuse(model, prompt, params.max_new_tokens, prefilled)
+    cache = start.cache
+    gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    vocab = model.lm_head.out_features
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(vocab, dtype=torch.bool)  # [V]
+        seen[torch.tensor(prompt)] = True
+
+    def pick(logits: torch.Tensor) -> int:  # logits [V] -> next token
+        if seen is not None:
+            logits = penalize(logits[None], seen[None], params.repetition_penalty)[0]
+        if params.greedy:
+            return int(logits.argmax())
+        return sample(probs(logits[None], params)[0], gen)
+
+    ctx = list(prompt)
+    left = params.max_new_tokens
+    if drafter is not None:
+        drafter.begin(list(prompt))
+        if cost is None and not drafter.fixed_length:
+            cost = cost_model(model)
+    try:
+        step = Step([pick(start.logits)], forward_tokens=len(prompt) if prefilled is None else 0)
+        while True:
+            step, left = _finish(step, params, left, cache.capacity_left(), ctx, seen)
+            yield step
+            if step.finish:
+                return
+            pending = ctx[-1]
+            proposal = None
+            if drafter is not None:
+                budget = min(MAX_DRAFT, left - 1, cache.capacity_left() - 2)
+                if drafter.fixed_length:
+                    budget = min(budget, drafter.fixed_length)
+                elif cost is not None:
+                    budget = min(budget, cost.max_useful(MAX_DRAFT, cache.offset))
+                proposal = drafter.propose(ctx, budget) if budget > 0 else None
+                if proposal is not None:
+                    proposal = proposal.prefix(min(budget, proposal.valid_length(vocab)))
+                if proposal is not None and not drafter.fixed_length and proposal.scores is not None:
+                    proposal = proposal.prefix(cost.best_size(proposal.scores, cache.offset))
+            if not proposal:
+                at, t = cache.offset, time.perf_counter()
+                logits = model(torch.tensor([[pending]]), cache).logits[0, -1]
+                step = Step([pick(logits)])
+                if cost is not None:
+                    cost.observe(1, time.perf_counter() - t, at)
+                if proposal is not None:  # drafted but sized down to nothing: still a lesson for the drafter
+                    drafter.observe(step.tokens, proposal)
+                continue
+            at, t = cache.offset, time.perf_counter()
+            step = _speculate(model, cache, pending, proposal, params, gen, seen)
+            if cost is not None:
+                cost.observe(step.forward_tokens, time.perf_counter() - t, at)
+            drafter.observe(step.tokens, proposal)
+    finally:
+        if drafter is not None:
+            drafter.end()
+
+
+def _speculate(model, cache, pending, proposal: Proposal, params, gen, seen) -> Step:
+    start = cache.offset
+    chain = proposal.is_chain
+    positions = start + torch.tensor([0] + proposal.depths())  # [T]
+    mask = None if chain else tree_mask(proposal.parents)  # [T, T]
+    ids = torch.tensor([[pending] + proposal.tokens])  # [1, T]
+    logits = model(ids, cache, positions=positions, tree_mask=mask).logits[0]  # [T, V]
+    verdict = verify(logits, proposal, params, gen, seen)
+    proposal.path = verdict.path
+    if chain:
+        cache.trim(len(proposal) - len(verdict.path))
+    else:
+        cache.keep(start, [0] + [c + 1 for c in verdict.path])
+    return Step(verdict.tokens, drafted=len(proposal), accepted=len(verdict.path), forward_tokens=len(ids[0]))
+
+
+def _finish(step: Step, params: SamplingParams, left: int, room: int, ctx: list[int], seen) -> tuple[Step, int]:
+    """Apply stop tokens, the token budget and the context limit to a step; extend the context."""
+    toks = step.tokens
+    for i, t in enumerate(toks):
+        if t in params.stop_token_ids:
+            toks, step.finish = toks[:i], "stop"
+            break
+    if len(toks) >= left:
+        toks, step.finish = toks[:left], step.finish or "length"
+    elif room <= 1 and not step.finish:
+        step.finish = "length"
+    step.tokens = toks
+    ctx.extend(toks)
+    if seen is not None and toks:
+        seen[torch.tensor(toks)] = True
+    return step, left - len(toks)
+
+
+PRIOR_FORMAT = 2  # bump when the prior's measurement changes: older cached priors are then ignored
+_COSTS: weakref.WeakKeyDictionary[DecoderLM, CostModel] = weakref.WeakKeyDictionary()
+
+
+def cost_model(model: DecoderLM, remeasure: bool = False) -> CostModel:
+    """The model's cost model, one per model object in this process. Its measured prior (several seconds of
+    forwards) is cached on disk per architecture and machine (`prior_path`) and reused by later processes;
+    `remeasure` measures it afresh (the benchmark does, so its prior reflects the run's conditions)."""
+    if model not in _COSTS or remeasure:
+        padding.tune(model)  # the prior is measured with the row padding in place
+        path = prior_path(model)
+        cm = None if remeasure else _read_prior(path)
+        if cm is None:
+            cm = CostModel.measure(model)
+            write_atomic(path, json.dumps(cm.prior_json()))
+        _COSTS[model] = cm
+    return _COSTS[model]
+
+
+def prior_path(model: DecoderLM) -> Path:
+    """Where the measured prior is cached: keyed by what the cost depends on (the architecture and dtype, the
+    CPU, torch's threads and version, the weight layout and its row padding), never by the weights' values."""
+    from skipjack.models.common import _PACK
+
+    return cache_file(
+        "costs",
+        {
+            "config": dataclasses.asdict(model.config),
+            "dtype": str(model.dtype),
+            "cpu": cpu_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "packed": _PACK,
+            "pads": padding.tuned(model),
+            "format": PRIOR_FORMAT,
+        },
+    )
+
+
+def _read_prior(path: Path) -> CostModel | None:
+    try:
+        return CostModel.from_prior_json(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None  # missing or unreadable: measured again and rewritten
+
+
+def learned_cost_model(model: DecoderLM) -> CostModel | None:
+    """The model's cost model if this process built one (what it has learned so far), else None."""
+    return _COSTS.get(model)

@@ -1,0 +1,136 @@
+"""What a drafter proposes, and the protocol every drafter implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Proposal:
+    """A chain or token tree of draft tokens hanging off the pending token (the root).
+
+    Nodes are listed parents-first, so any prefix of the list is itself a valid tree.
+    """
+
+    tokens: list[int]  # [N] draft tokens
+    parents: list[int]  # [N] parent node index, -1 for the root
+    scores: list[float] | None = None  # [N] drafter's estimate that each node gets accepted (for sizing)
+    q: torch.Tensor | None = None  # [N, V] distribution each token was sampled from; None = deterministic
+    path: list[int] = field(default_factory=list)  # accepted nodes, filled in after verification
+
+    @classmethod
+    def chain(cls, tokens: list[int], scores: list[float] | None = None, q=None) -> Proposal:
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), scores, q)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def is_chain(self) -> bool:
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
+    def depths(self) -> list[int]:
+        """Depth of each node (children of the root have depth 1)."""
+        d: list[int] = []
+        for p in self.parents:
+            d.append(1 if p < 0 else d[p] + 1)
+        return d
+
+    def children(self) -> list[dict[int, int]]:
+        """Per verify row (0 = root, i+1 = node i): token -> child node index, in proposal order."""
+        out: list[dict[int, int]] = [{} for _ in range(len(self.tokens) + 1)]
+        for i, (t, p) in enumerate(zip(self.tokens, self.parents)):
+            out[p + 1].setdefault(t, i)
+        return out
+
+    def valid_length(self, vocab: int) -> int:
+        """How many leading nodes are well formed: a token id in [0, vocab) and a parent listed before it.
+        The engine verifies only that prefix, so a drafter trained on another vocabulary (a shared or
+        persisted table) cannot crash the forward pass; its out-of-range guesses are simply not tried."""
+        for i, (t, p) in enumerate(zip(self.tokens, self.parents)):
+            if not (0 <= t < vocab and -1 <= p < i):
+                return i
+        return min(len(self.tokens), len(self.parents))
+
+    def prefix(self, n: int) -> Proposal:
+        if n >= len(self.tokens) == len(self.parents):
+            return self  # the common case in the decode loop: nothing to cut, nothing to copy
+        sc = None if self.scores is None else self.scores[:n]
+        q = None if self.q is None else self.q[:n]
+        return Proposal(self.tokens[:n], self.parents[:n], sc, q)
+
+
+def merge(proposals: list[Proposal], budget: int) -> Proposal | None:
+    """Merge scored proposals into one trie (a token under the same parent becomes one node, keeping the
+    highest score) and list the best `budget` nodes best-first (ties: shallower first). Scores never grow
+    along a path, so every parent sorts before its children and any prefix is a valid tree."""
+    node: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+    tokens, parents, depth, score = [], [], [], []
+    for prop in proposals:
+        ids: list[int] = []  # this proposal's node -> merged node
+        for tok, par, s in zip(prop.tokens, prop.parents, prop.scores or [1.0] * len(prop)):
+            up = ids[par] if par >= 0 else -1
+            i = node.get((up, tok))
+            if i is None:
+                i = node[(up, tok)] = len(tokens)
+                tokens.append(tok)
+                parents.append(up)
+                depth.append(1 if up < 0 else depth[up] + 1)
+                score.append(s)
+            else:
+                score[i] = max(score[i], s)
+            ids.append(i)
+    return best_first(tokens, parents, score, budget, depth)
+
+
+def best_first(tokens: list[int], parents: list[int], score: list[float], budget: int, depth=None) -> Proposal | None:
+    """A trie (parents listed before children) re-listed best-first by score (ties: shallower first), cut to
+    `budget` nodes. Scores never grow along a path, so parents still come before their children."""
+    if depth is None:
+        depth = []
+        for p in parents:
+            depth.append(1 if p < 0 else depth[p] + 1)
+    order = sorted(range(len(tokens)), key=lambda i: (-score[i], depth[i], i))[:budget]
+    new = {old: k for k, old in enumerate(order)}
+    if not order:
+        return None
+    return Proposal([tokens[i] for i in order], [new.get(parents[i], -1) for i in order], [score[i] for i in order])
+
+
+REQUEST_PRIOR = 3.0  # pseudo-acceptances behind a request's calibration factor
+
+
+def calibration(got: float, pred: float, prior: float, lo: float, hi: float) -> float:
+    """A request's calibration factor: realised over predicted acceptances so far, starting at `prior`
+    (REQUEST_PRIOR pseudo-acceptances behind it), clipped to [lo, hi]."""
+    return min(hi, max(lo, (got + REQUEST_PRIOR * prior) / (pred + REQUEST_PRIOR)))
+
+
+def judge(path: list[int], emitted: list[int]) -> bool | None:
+    """Would a draft path (tokens from the root) have been accepted, given what the model emitted (accepted
+    drafts + the bonus token)? None when the emitted tokens cannot tell (the path goes past them or leaves
+    them before its last token). Used to score every candidate, verified or pruned (greedy-exact)."""
+    d = len(path)
+    if d > len(emitted) or path[: d - 1] != emitted[: d - 1]:
+        return None
+    return path[-1] == emitted[d - 1]
+
+
+class Drafter(Protocol):
+    """A draft source. `begin` starts a request; `propose` drafts up to `budget` nodes after `context`
+    (prompt + everything emitted, whose last token is the pending root); `observe` sees what was emitted
+    (accepted drafts + the bonus token) with `proposal.path` filled in; `end` closes the request."""
+
+    name: str
+    fixed_length: int  # > 0: always draft this many nodes (no cost model)
+
+    def begin(self, prompt: list[int]) -> None: ...
+
+    def propose(self, context: list[int], budget: int) -> Proposal | None: ...
+
+    def observe(self, emitted: list[int], proposal: Proposal) -> None: ...
+
+    def end(self) -> None: ...

@@ -1,0 +1,205 @@
+"""`ngram`: adaptive n-gram drafts in the spirit of ADED (Liu et al. 2024, "Adaptive Draft-Verification").
+
+Table: counts of the next token after each (a, b) bigram context (a tri-gram table), with a (b,) back-off,
+built from the prompt (weight 1) and from the model's own outputs (weight 2: the model repeats itself), and
+shared by every request in the process. It adapts online: every emitted token updates it.
+
+Draft tree: ADED grows the tree with MCTS, balancing exploitation of likely continuations and exploration
+of rarely seen ones. We use its cheaper one-step equivalent: best-first expansion from the context's last two
+tokens, where a child's priority is its parent's priority times an upper-confidence value
+min(1, p + c * sqrt(ln(1 + N) / (1 + n))) (p = count / N, N = the context's total count, n = the child's),
+so well-attested branches come first and under-explored ones still get a place (a node whose calibrated
+path probability is below pld's `MIN_SCORE` is not expanded: no cost model would verify it). Nodes come out in
+expansion order (parents first); each carries a calibrated path probability (product of p along the path,
+times an online calibration factor) that the engine's cost model uses to size the tree. The factor is the
+ratio of realised to predicted acceptances over every table node the emitted tokens can judge, in this
+request, shrunk towards the same ratio over all requests.
+
+In-request matches (`lookup` > 0): the table's contexts are two tokens long, but within one request a
+longer suffix match is much stronger evidence (ADED likewise retrieves by suffix match). So the drafter
+also runs prompt lookup (`pld`, with `lookup` candidate matches and its own learned acceptance rates) over
+the request's tokens and merges both trees into one trie (a shared node keeps its higher score), listed
+best-first for the cost model. `lookup=0` is the table alone.
+
+Memory cap: at most `max_contexts` contexts (least recently updated evicted first) with at most
+`max_children` next tokens each (the rarest dropped), i.e. O(max_contexts * max_children) entries.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import heapq
+import itertools
+import json
+import math
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+from skipjack.drafters.base import Proposal, calibration, judge, merge
+from skipjack.drafters.pld import MIN_SCORE, PromptLookup
+from skipjack.errors import SkipjackError
+
+
+class NGramTable:
+    def __init__(self, max_contexts: int = 200_000, max_children: int = 8, order: int = 3):
+        self.max_contexts, self.max_children, self.order = max_contexts, max_children, order
+        self.next: OrderedDict[tuple[int, ...], dict[int, float]] = OrderedDict()
+
+    def add(self, tokens: list[int], start: int, weight: float) -> None:
+        """Count the transitions that end at positions >= start, after contexts of 1 .. order-1 tokens."""
+        for j in range(max(start, 1), len(tokens)):
+            for n in range(1, min(self.order - 1, j) + 1):
+                key = tuple(tokens[j - n : j])
+                kids = self.next.get(key)
+                if kids is None:
+                    kids = self.next[key] = {}
+                    if len(self.next) > self.max_contexts:
+                        self.next.popitem(last=False)
+                else:
+                    self.next.move_to_end(key)
+                kids[tokens[j]] = kids.get(tokens[j], 0.0) + weight
+                if len(kids) > self.max_children:
+                    del kids[min(kids, key=kids.get)]
+
+    def lookup(self, *context: int) -> dict[int, float] | None:
+        """Next-token counts after the longest known suffix of `context` (back-off to shorter ones)."""
+        for n in range(min(len(context), self.order - 1), 0, -1):
+            if kids := self.next.get(tuple(context[-n:])):
+                return kids
+        return None
+
+    def merge_row(self, key: tuple[int, ...], kids: dict[int, float]) -> None:
+        """Max-merge one context's counts (a persisted row), within the table's caps and order."""
+        if not 1 <= len(key) < self.order:
+            return
+        mine = self.next.setdefault(key, {})
+        self.next.move_to_end(key)
+        for t, c in kids.items():
+            mine[t] = max(mine.get(t, 0.0), c)
+        while len(mine) > self.max_children:
+            del mine[min(mine, key=mine.get)]
+        while len(self.next) > self.max_contexts:
+            self.next.popitem(last=False)
+
+    def save(self, path: Path) -> None:
+        """Merge into `path` under an exclusive lock and replace it atomically (safe for concurrent writers)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(str(path) + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            merged = NGramTable(self.max_contexts, self.max_children, self.order)
+            merged.load(path)
+            for key, kids in self.next.items():
+                merged.merge_row(key, kids)
+            rows = [[list(k), {str(t): c for t, c in v.items()}] for k, v in merged.next.items()]
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"format": 1, "rows": rows}, f)
+            os.replace(tmp, path)
+
+    def load(self, path: Path) -> None:
+        if not Path(path).exists():
+            return
+        try:
+            data = json.loads(Path(path).read_text())
+            for k, v in data["rows"]:
+                self.merge_row(tuple(int(x) for x in k), {int(t): float(c) for t, c in v.items()})
+        except (ValueError, KeyError, TypeError) as e:
+            raise SkipjackError(f"ngram: cannot read table {path}: {e}") from None
+
+
+_SHARED: dict[str, NGramTable] = {}
+
+
+class NGramDrafter:
+    name = "ngram"
+
+    def __init__(
+        self,
+        k: int = 0,
+        width: int = 4,
+        explore: float = 0.3,
+        table: str = "",
+        path: str = "",
+        lookup: int = 4,
+        order: int = 3,
+    ):
+        if not 0 <= k <= 64:
+            raise SkipjackError(f"ngram: k (fixed tree size, 0 = cost model) must be in [0, 64] (got {k})")
+        if not 1 <= width <= 8:
+            raise SkipjackError(f"ngram: width (children per node) must be in [1, 8] (got {width})")
+        if not 0 <= explore <= 4:
+            raise SkipjackError(f"ngram: explore must be in [0, 4] (got {explore})")
+        if not 0 <= lookup <= 8:
+            raise SkipjackError(f"ngram: lookup (in-request match branches, 0 = off) must be in [0, 8] (got {lookup})")
+        if not 2 <= order <= 6:
+            raise SkipjackError(f"ngram: order (table n-gram length) must be in [2, 6] (got {order})")
+        self.fixed_length, self.width, self.explore = k, width, explore
+        self.path = Path(path) if path else None
+        self.table = _SHARED.setdefault(f"{table or 'default'}/{order}", NGramTable(order=order))
+        self.lookup = PromptLookup(branches=lookup) if lookup else None
+        self.pred, self.got = 1.0, 1.0  # calibration over all requests: predicted vs realised acceptances
+        self.paths: list[list[int]] = []
+
+    def begin(self, prompt: list[int]) -> None:
+        if self.path is not None:
+            self.table.load(self.path)
+        self.table.add(prompt, 0, 1.0)
+        self.seen = len(prompt)
+        self.req_pred, self.req_got = 0.0, 0  # the same, this request only
+        if self.lookup is not None:
+            self.lookup.begin(prompt)
+
+    def propose(self, context: list[int], budget: int) -> Proposal | None:
+        self.table.add(context, self.seen, 2.0)  # the model's own outputs since the last step
+        self.seen = len(context)
+        cal = calibration(self.req_got, self.req_pred, self.got / self.pred, 0.1, 3.0)  # this request's
+        tokens, parents, scores, self.edges, self.paths = [], [], [], [], []
+        heap: list = []  # (-priority, tiebreak, token, parent node, path score, edge p, table context)
+        tick = itertools.count()
+        self._push(heap, tick, tuple(context[-(self.table.order - 1) :]), -1, 1.0, 1.0, cal)
+        while heap and len(tokens) < budget:
+            negpri, _, tok, par, score, p, ctx = heapq.heappop(heap)
+            tokens.append(tok)
+            parents.append(par)
+            scores.append(score)
+            self.edges.append(p)
+            self.paths.append((self.paths[par] if par >= 0 else []) + [tok])
+            self._push(heap, tick, ctx[1:] + (tok,), len(tokens) - 1, score, -negpri, cal)
+        props = [Proposal(tokens, parents, scores)] if tokens else []
+        if self.lookup is not None and (copied := self.lookup.propose(context, budget)) is not None:
+            props.append(copied)
+        return merge(props, budget)
+
+    def _push(self, heap, tick, ctx, parent, score, pri, cal):
+        kids = self.table.lookup(*ctx)
+        if not kids:
+            return
+        total = sum(kids.values())
+        for tok, c in sorted(kids.items(), key=lambda kv: -kv[1])[: self.width]:
+            p = c / total
+            if score * p * cal < MIN_SCORE:
+                break  # never worth a verify slot (children are sorted by count: the rest score lower)
+            ucb = min(1.0, p + self.explore * math.sqrt(math.log1p(total) / (1.0 + c)))
+            heapq.heappush(heap, (-pri * ucb, next(tick), tok, parent, score * min(1.0, p * cal), p, ctx))
+
+    def observe(self, emitted: list[int], proposal: Proposal) -> None:
+        """Calibrate: the raw edge probabilities of the table's nodes that the emitted tokens can judge
+        (verified or pruned) against how many of them would have been accepted."""
+        if self.lookup is not None:
+            self.lookup.observe(emitted, proposal)
+        for p, path in zip(self.edges, self.paths):
+            ok = judge(path, emitted)
+            if ok is not None:
+                self.pred += p
+                self.got += ok
+                self.req_pred += p
+                self.req_got += ok
+
+    def end(self) -> None:
+        if self.lookup is not None:
+            self.lookup.end()
+        if self.path is not None:
+            self.table.save(self.path)

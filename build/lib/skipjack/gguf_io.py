@@ -1,0 +1,112 @@
+"""Read a GGUF file into an HF config dict and an HF-named fp32 state dict.
+
+Tensors are dequantised with the `gguf` package (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, Q2_K..Q6_K, ...).
+Config metadata is parsed by transformers' GGUF mapping; the tokenizer by transformers' GGUF converter.
+llama.cpp stores Llama q/k weights with rows permuted for its RoPE layout and Gemma norms as (1 + w): both
+are undone here so that the state dict matches the original HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skipjack.errors import SkipjackError
+
+_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def check_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SkipjackError(f"{path} is not a GGUF file (bad magic bytes)")
+
+
+def read_config(path: Path) -> tuple[dict, dict]:
+    """(HF config dict, tokenizer config dict incl. chat_template) from GGUF metadata."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    check_magic(path)
+    try:
+        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    except ValueError as e:  # transformers: unsupported architecture
+        raise SkipjackError(f"{path.name}: {e}") from None
+    except Exception as e:  # truncated or corrupt metadata
+        raise SkipjackError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
+    return parsed["config"], parsed.get("tokenizer_config", {})
+
+
+def _hf_name(name: str, model_type: str) -> str:
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m:
+        i, part, kind = m.groups()
+        if part == "ffn_norm":
+            hf = "pre_feedforward_layernorm" if model_type == "gemma3_text" else "post_attention_layernorm"
+        else:
+            hf = _LAYER.get(part)
+        if hf is None:
+            raise SkipjackError(f"unexpected GGUF tensor {name!r}")
+        return f"model.layers.{i}.{hf}.{kind}"
+    base, _, kind = name.rpartition(".")
+    if base not in _TOP:
+        raise SkipjackError(f"unexpected GGUF tensor {name!r}")
+    return f"{_TOP[base]}.{kind}"
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation: rows (h, 2, D/2) -> (h, D/2, 2) as in the HF checkpoint."""
+    d = w.shape[0] // n_head // 2
+    return w.reshape(n_head, d, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def read_tensors(path: Path, config: dict) -> dict[str, torch.Tensor]:
+    """Dequantise every tensor to fp32 with HF names."""
+    from gguf import GGUFReader, dequantize
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:
+        raise SkipjackError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
+    mt = config["model_type"]
+    out = {}
+    for t in reader.tensors:
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise SkipjackError(f"GGUF tensor type {t.tensor_type.name} is not supported ({t.name})") from None
+        w = np.array(w, dtype=np.float32, copy=True).reshape(tuple(reversed([int(x) for x in t.shape])))
+        if mt in ("llama", "mistral") and ".attn_q." in t.name:
+            w = _unpermute(w, config["num_attention_heads"])
+        elif mt in ("llama", "mistral") and ".attn_k." in t.name:
+            w = _unpermute(w, config["num_key_value_heads"])
+        if mt == "gemma3_text" and t.name.endswith("norm.weight"):
+            w = w - 1.0
+        out[_hf_name(t.name, mt)] = torch.from_numpy(np.ascontiguousarray(w))
+    return out
+
+
+def read_tokenizer(path: Path):
+    """The HF fast tokenizer that transformers builds from GGUF metadata."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise SkipjackError(f"cannot build a tokenizer from {path.name}: {type(e).__name__}: {e}") from None

@@ -1,0 +1,46 @@
+"""Model families, keyed by HF `model_type`. Each family file exports a config dataclass and `Model`."""
+
+from __future__ import annotations
+
+import torch
+
+from skipjack.errors import SkipjackError
+from skipjack.models import gemma3, llama
+from skipjack.models.common import DecoderLM, ForwardOut
+
+FAMILIES = {
+    "llama": (llama.LlamaConfig, llama.Model),
+    "mistral": (llama.LlamaConfig, llama.Model),
+    "qwen2": (llama.LlamaConfig, llama.Model),
+    "gemma3_text": (gemma3.Gemma3Config, gemma3.Model),
+}
+
+
+def normalise_config(d: dict) -> dict:
+    """Fill an HF config dict's defaults through transformers' own config class (ignores unknown keys)."""
+    from transformers import AutoConfig
+
+    mt = d.get("model_type")
+    if mt == "gemma3":  # a multimodal Gemma 3 config: take its text part
+        d = {**d.get("text_config", {}), "model_type": "gemma3_text"}
+        mt = "gemma3_text"
+    if mt not in FAMILIES:
+        raise SkipjackError(f"unknown architecture {mt!r}; supported: {', '.join(sorted(FAMILIES))}")
+    extra = {k: v for k, v in d.items() if k not in ("model_type", "transformers_version")}
+    return AutoConfig.for_model(mt, **extra).to_dict() | {"model_type": mt}
+
+
+def build_model(config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> DecoderLM:
+    """Instantiate our implementation from an HF config dict and an HF-named state dict."""
+    d = normalise_config(config)
+    cfg_cls, model_cls = FAMILIES[d["model_type"]]
+    cfg = cfg_cls.from_hf(d)
+    sd = {k: v.to(dtype) for k, v in state_dict.items()}
+    try:
+        model = model_cls(cfg, sd)
+    except KeyError as e:
+        raise SkipjackError(f"weights are missing tensor {e.args[0]!r} for a {d['model_type']} model") from None
+    return model.eval()
+
+
+__all__ = ["FAMILIES", "DecoderLM", "ForwardOut", "build_model", "normalise_config"]

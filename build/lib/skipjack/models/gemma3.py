@@ -1,0 +1,122 @@
+"""Gemma 3 text decoder (Gemma Team 2025).
+
+Differences from Llama: embeddings scaled by sqrt(hidden); four norms per block (pre/post attention, pre/post
+FFN) whose scale is (1 + w); RMS QK-norm per head; GELU-tanh gated FFN; attention scale
+query_pre_attn_scalar^-1/2; local layers with a sliding window and their own RoPE base, global layers every
+`sliding_window_pattern`-th layer with the global base.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skipjack.models.common import (
+    DecoderLM,
+    Linear,
+    apply_rope,
+    config_from_dict,
+    fuse,
+    param,
+    rms_norm,
+    rope_tables,
+    run_attention,
+)
+
+
+@dataclass
+class Gemma3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0  # global layers
+    rope_local_theta: float = 10_000.0  # sliding layers
+    rope_scale: float = 1.0  # linear scaling of the global RoPE
+    query_pre_attn_scalar: float = 256
+    sliding_window: int = 512
+    layer_types: list[str] = field(default_factory=list)  # "sliding_attention" | "full_attention" per layer
+    max_position_embeddings: int = 32768
+    final_logit_softcapping: float | None = None
+    tie_word_embeddings: bool = True
+
+    @classmethod
+    def from_hf(cls, d: dict) -> Gemma3Config:
+        d = dict(d)
+        rope = d.get("rope_parameters") or {}
+        full, local = rope.get("full_attention", {}), rope.get("sliding_attention", {})
+        d["rope_theta"] = full.get("rope_theta", d.get("rope_theta", 1e6))
+        d["rope_local_theta"] = local.get("rope_theta", d.get("rope_local_base_freq", 1e4))
+        if full.get("rope_type") == "linear":
+            d["rope_scale"] = full["factor"]
+        return config_from_dict(cls, d)
+
+
+class Block(nn.Module):
+    def __init__(self, c: Gemma3Config, sd: dict[str, torch.Tensor], p: str):
+        super().__init__()
+        self.c = c
+        self.n_q, self.n_kv = c.num_attention_heads, c.num_key_value_heads
+
+        def norm(name):  # Gemma's RMSNorm multiplies by (1 + w): fold the 1 in once
+            return param(sd[p + name] + 1.0)
+
+        self.attn_pre, self.attn_post = norm("input_layernorm.weight"), norm("post_attention_layernorm.weight")
+        self.ffn_pre, self.ffn_post = (
+            norm("pre_feedforward_layernorm.weight"),
+            norm("post_feedforward_layernorm.weight"),
+        )
+        self.q_norm, self.k_norm = norm("self_attn.q_norm.weight"), norm("self_attn.k_norm.weight")
+        a = p + "self_attn."
+        self.wqkv = Linear(fuse(*(sd[a + n + "_proj.weight"] for n in "qkv")))
+        self.wo = Linear(sd[a + "o_proj.weight"])
+        m = p + "mlp."
+        self.wgu = Linear(fuse(sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]))
+        self.wd = Linear(sd[m + "down_proj.weight"])
+        self.scale = c.query_pre_attn_scalar**-0.5
+
+    def forward(self, h, kv, start, rope, mask_fn, attn=True, ffn=True):
+        B, T, _ = h.shape
+        c, eps = self.c, self.c.rms_norm_eps
+        if attn:
+            x = rms_norm(h, self.attn_pre, eps)
+            qkv = self.wqkv(x).view(B, T, self.n_q + 2 * self.n_kv, c.head_dim)  # [B, T, Hq+2Hkv, D]
+            q = rms_norm(qkv[:, :, : self.n_q], self.q_norm, eps)  # [B, T, Hq, D]
+            k = rms_norm(qkv[:, :, self.n_q : self.n_q + self.n_kv], self.k_norm, eps)  # [B, T, Hkv, D]
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            o = run_attention(q, k, qkv[:, :, self.n_q + self.n_kv :], kv, start, mask_fn, self.scale)  # [B, T, H*D]
+            h = h + rms_norm(self.wo(o), self.attn_post, eps)
+        if ffn:
+            x = rms_norm(h, self.ffn_pre, eps)
+            g, u = self.wgu(x).chunk(2, dim=-1)  # [B, T, F] x2
+            h = h + rms_norm(self.wd(F.gelu(g, approximate="tanh") * u), self.ffn_post, eps)
+        return h
+
+
+class Model(DecoderLM):
+    def __init__(self, c: Gemma3Config, sd: dict[str, torch.Tensor]):
+        super().__init__()
+        self._build(c, sd, Block, norm_shift=1.0)
+        self.kinds = [
+            (c.sliding_window, "local") if t == "sliding_attention" else (None, "global") for t in c.layer_types
+        ]
+        self.embed_scale = math.sqrt(c.hidden_size)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        e = F.embedding(ids, self.embed_tokens)  # [B, T, Dm]
+        return e * torch.tensor(self.embed_scale, dtype=e.dtype)
+
+    def ropes(self, positions):
+        c, dt = self.config, self.dtype
+        return {
+            "local": rope_tables(positions, c.head_dim, c.rope_local_theta, dt),
+            "global": rope_tables(positions, c.head_dim, c.rope_theta, dt, c.rope_scale),
+        }

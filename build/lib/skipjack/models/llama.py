@@ -1,0 +1,110 @@
+"""Llama-architecture decoder: Llama 2/3, SmolLM2, Mistral, Qwen2 (q/k/v bias).
+
+Pre-norm blocks: h += Wo·attn(RoPE(Wq·n(h)), RoPE(Wk·n(h)), Wv·n(h)); h += Wd·(silu(Wg·n(h)) * Wu·n(h)).
+Q, K, V are one fused matmul, gate and up another; RoPE is applied to q and k heads in one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skipjack.models.common import (
+    DecoderLM,
+    Linear,
+    apply_rope,
+    config_from_dict,
+    fuse,
+    param,
+    rms_norm,
+    rope_tables,
+    run_attention,
+)
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int = 0  # derived from hidden / heads when 0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scale: float = 1.0  # linear RoPE scaling factor
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q/k/v
+    sliding_window: int | None = None  # Mistral / Qwen2 with use_sliding_window
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, d: dict) -> LlamaConfig:
+        """Build from an HF config dict (already normalised by transformers); unknown keys are ignored."""
+        d = dict(d)
+        rope = d.get("rope_parameters") or {}
+        d["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        if rope.get("rope_type") == "linear":
+            d["rope_scale"] = rope["factor"]
+        elif rope.get("rope_type", "default") != "default":
+            from skipjack.errors import SkipjackError
+
+            raise SkipjackError(f"RoPE scaling type {rope['rope_type']!r} is not supported yet")
+        if d.get("model_type") == "qwen2":
+            d["attention_bias"] = True
+            d["sliding_window"] = d.get("sliding_window") if d.get("use_sliding_window") else None
+        return config_from_dict(cls, d)
+
+
+class Block(nn.Module):
+    def __init__(self, c: LlamaConfig, sd: dict[str, torch.Tensor], p: str):
+        super().__init__()
+        self.c = c
+        self.n_q, self.n_kv = c.num_attention_heads, c.num_key_value_heads
+        self.attn_norm = param(sd[p + "input_layernorm.weight"])
+        self.ffn_norm = param(sd[p + "post_attention_layernorm.weight"])
+        a = p + "self_attn."
+        qkv = [a + n + "_proj." for n in "qkv"]
+        bias = fuse(*(sd.get(n + "bias") for n in qkv)) if c.attention_bias else None
+        self.wqkv = Linear(fuse(*(sd[n + "weight"] for n in qkv)), bias)
+        self.wo = Linear(sd[a + "o_proj.weight"])
+        m = p + "mlp."
+        self.wgu = Linear(fuse(sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]))
+        self.wd = Linear(sd[m + "down_proj.weight"])
+        self.scale = c.head_dim**-0.5
+
+    def forward(self, h, kv, start, rope, mask_fn, attn=True, ffn=True):
+        B, T, _ = h.shape
+        D = self.c.head_dim
+        if attn:
+            x = rms_norm(h, self.attn_norm, self.c.rms_norm_eps)
+            qkv = self.wqkv(x).view(B, T, self.n_q + 2 * self.n_kv, D)  # [B, T, Hq+2Hkv, D]
+            qk = apply_rope(qkv[:, :, : self.n_q + self.n_kv], *rope)  # [B, T, Hq+Hkv, D]
+            q, k, v = qk[:, :, : self.n_q], qk[:, :, self.n_q :], qkv[:, :, self.n_q + self.n_kv :]
+            h = h + self.wo(run_attention(q, k, v, kv, start, mask_fn, self.scale))  # [B, T, Dm]
+        if ffn:
+            x = rms_norm(h, self.ffn_norm, self.c.rms_norm_eps)
+            g, u = self.wgu(x).chunk(2, dim=-1)  # [B, T, F] x2
+            h = h + self.wd(F.silu(g) * u)  # [B, T, Dm]
+        return h
+
+
+class Model(DecoderLM):
+    def __init__(self, c: LlamaConfig, sd: dict[str, torch.Tensor]):
+        super().__init__()
+        self._build(c, sd, Block)
+        self.kinds = [(c.sliding_window, "rope")] * c.num_hidden_layers
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed_tokens)  # [B, T, Dm]
+
+    def ropes(self, positions):
+        c = self.config
+        return {"rope": rope_tables(positions, c.head_dim, c.rope_theta, self.dtype, c.rope_scale)}

@@ -1,0 +1,79 @@
+"""Sampling parameters and the logits -> probabilities transform shared by plain decoding and verification.
+
+The same `probs()` is applied to the target model's logits in plain sampling and in speculative
+verification (and to a drafter's logits when it has them), so speculative sampling preserves exactly the
+distribution of plain sampling with these settings. Order (as HF): repetition penalty, temperature, top-k,
+top-p, min-p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from skipjack.errors import SkipjackError
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # in (0, 1]
+    min_p: float = 0.0  # in [0, 1)
+    repetition_penalty: float = 1.0  # > 0; 1 = off (CTRL-style, over prompt + output)
+    seed: int | None = None
+    max_new_tokens: int = 256
+    stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+    def __post_init__(self):
+        checks = [
+            (self.temperature >= 0, f"temperature must be >= 0 (got {self.temperature})"),
+            (self.top_k >= 0, f"top-k must be >= 0 (got {self.top_k})"),
+            (0 < self.top_p <= 1, f"top-p must be in (0, 1] (got {self.top_p})"),
+            (0 <= self.min_p < 1, f"min-p must be in [0, 1) (got {self.min_p})"),
+            (self.repetition_penalty > 0, f"repetition penalty must be > 0 (got {self.repetition_penalty})"),
+            (self.max_new_tokens >= 1, f"max new tokens must be >= 1 (got {self.max_new_tokens})"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise SkipjackError(msg)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL repetition penalty: logits [N, V] of tokens marked in `seen` [N, V] are divided (if > 0) or
+    multiplied (if < 0) by `penalty`."""
+    if penalty == 1.0:
+        return logits
+    pen = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, pen, logits)
+
+
+def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Warped next-token distribution [N, V] from logits [N, V] (penalty already applied). For greedy
+    settings this is one-hot at the argmax."""
+    if p.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    x = logits / p.temperature
+    if p.top_k and p.top_k < x.shape[-1]:
+        kth = torch.topk(x, p.top_k, dim=-1).values[..., -1:]  # [N, 1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if p.top_p < 1.0:
+        srt, idx = torch.sort(x, dim=-1, descending=True)  # [N, V]
+        cum = srt.softmax(-1).cumsum(-1)
+        drop = (cum - srt.softmax(-1)) >= p.top_p  # keep the smallest prefix reaching top_p
+        x = x.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    pr = x.softmax(-1)
+    if p.min_p > 0:
+        pr = pr.masked_fill(pr < p.min_p * pr.max(-1, keepdim=True).values, 0.0)
+        pr = pr / pr.sum(-1, keepdim=True)
+    return pr
+
+
+def sample(pr: torch.Tensor, gen: torch.Generator | None) -> int:
+    """Draw one token from a distribution [V]."""
+    return int(torch.multinomial(pr, 1, generator=gen))

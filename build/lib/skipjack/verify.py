@@ -1,0 +1,100 @@
+"""The one verifier: decide which drafted tokens the target model accepts, for chains and token trees.
+
+Layout: the verify forward runs T = 1 + N tokens: index 0 is the pending (last emitted, not yet cached)
+token, index i+1 is draft node i. Logits at index j give the target's next-token distribution after the
+path root..j, so node c (child of j) is judged against row j.
+
+Greedy: walk from the root, following the child whose token equals the target's argmax; emit the accepted
+tokens and then the target's own argmax at the last accepted node (the bonus token). This reproduces plain
+greedy decoding exactly.
+
+Sampling: speculative rejection sampling (Leviathan et al. 2023, Alg. 1; Chen et al. 2023), extended to
+trees with SpecInfer's multi-candidate rule (Miao et al. 2024): at node j with target distribution p, try its
+children c_1..c_m in order; accept c_i with probability min(1, p(x_i) / q_i(x_i)); on rejection set
+p <- norm(max(0, p - q_i)) and try the next child; if no child is accepted, sample from the residual p.
+A deterministic draft (prompt lookup, n-grams) has one-hot q, so rejection simply removes x_i from p.
+This preserves the target distribution exactly when siblings are distinct deterministic tokens or i.i.d.
+samples of q. All distributions pass through `sampling.probs`, so the warpers apply to p and q alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from skipjack.drafters.base import Proposal
+from skipjack.sampling import SamplingParams, penalize, probs
+
+
+@dataclass
+class Verdict:
+    tokens: list[int]  # accepted draft tokens followed by the bonus token
+    path: list[int]  # accepted node indices (into proposal.tokens), root first
+
+
+def tree_mask(parents: list[int]) -> torch.Tensor:
+    """Ancestor-or-self mask [T, T] over root + nodes; `parents` uses -1 for the root."""
+    T = len(parents) + 1
+    m = torch.eye(T, dtype=torch.bool)  # [T, T]
+    m[:, 0] = True
+    for i, par in enumerate(parents, start=1):
+        if par >= 0:
+            m[i] |= m[par + 1]
+    return m
+
+
+def target_probs(logits, proposal: Proposal, params: SamplingParams, seen: torch.Tensor | None):
+    """Warped target distributions [T, V] for every verify row. `seen` [V] marks tokens already in the
+    context (for the repetition penalty); each row also counts the draft tokens on its own path."""
+    if seen is not None and params.repetition_penalty != 1.0:
+        T = logits.shape[0]
+        onehot = torch.zeros(T, logits.shape[-1], dtype=torch.bool)  # [T, V]
+        if T > 1:
+            onehot[torch.arange(1, T), torch.tensor(proposal.tokens)] = True
+        anc = tree_mask(proposal.parents).float()  # [T, T]
+        rows = (anc @ onehot.float()) > 0  # [T, V] tokens on each row's path
+        logits = penalize(logits, rows | seen[None, :], params.repetition_penalty)
+    return probs(logits, params)
+
+
+def verify(
+    logits: torch.Tensor,  # [T, V] fp32 target logits for root + nodes
+    proposal: Proposal,
+    params: SamplingParams,
+    gen: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,  # [V] bool, tokens in the context (repetition penalty)
+) -> Verdict:
+    children = proposal.children()
+    toks = proposal.tokens
+    penalised = seen is not None and params.repetition_penalty != 1.0
+    if params.greedy:
+        target = (target_probs(logits, proposal, params, seen) if penalised else logits).argmax(-1).tolist()
+        path, row = [], 0
+        while (c := children[row].get(target[row])) is not None:
+            path.append(c)
+            row = c + 1
+        return Verdict([toks[c] for c in path] + [target[row]], path)
+    p_all = target_probs(logits, proposal, params, seen)  # [T, V]
+    path, row = [], 0
+    while True:
+        p = p_all[row].clone()
+        accepted = None
+        for tok, c in children[row].items():
+            q = proposal.q[c] if proposal.q is not None else None  # [V] or one-hot
+            qx = float(q[tok]) if q is not None else 1.0
+            u = float(torch.rand((), generator=gen))
+            if qx > 0 and u < min(1.0, float(p[tok]) / qx):
+                accepted = c
+                break
+            p = (p - q).clamp_min(0) if q is not None else p.index_fill(0, torch.tensor([tok]), 0.0)
+            total = p.sum()
+            if total <= 0:  # cannot happen for a valid q; guard against fp round-off
+                p = p_all[row].clone()
+                break
+            p = p / total
+        if accepted is None:
+            bonus = int(torch.multinomial(p, 1, generator=gen))
+            return Verdict([toks[c] for c in path] + [bonus], path)
+        path.append(accepted)
+        row = accepted + 1
