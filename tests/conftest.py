@@ -9,7 +9,8 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FAMILIES = ("llama", "qwen2", "mistral", "gemma3_text")
+# "-sw": sliding-window attention over 5 positions (Mistral on every layer; Qwen2 above max_window_layers)
+FAMILIES = ("llama", "qwen2", "mistral", "gemma3_text", "mistral-sw", "qwen2-sw")
 
 
 def hf_config(family: str, vocab: int = 96, **kw):
@@ -29,8 +30,12 @@ def hf_config(family: str, vocab: int = 96, **kw):
         return LlamaConfig(**common, rope_theta=500.0)
     if family == "qwen2":
         return Qwen2Config(**common)
+    if family == "qwen2-sw":
+        return Qwen2Config(**common, use_sliding_window=True, sliding_window=5, max_window_layers=1)
     if family == "mistral":
         return MistralConfig(**common, sliding_window=None)
+    if family == "mistral-sw":
+        return MistralConfig(**common, sliding_window=5)
     if family == "gemma3_text":
         common.setdefault("num_hidden_layers", 3)
         common["num_hidden_layers"] = max(common["num_hidden_layers"], 3)
@@ -71,6 +76,13 @@ def tiny_llama64():
 @pytest.fixture(scope="session")
 def tiny_gemma64():
     return ours_from_hf(hf_model("gemma3_text", seed=2, vocab=48), torch.float64)
+
+
+@pytest.fixture(scope="session")
+def sliding_gemma64():
+    """fp64 tiny Gemma 3 (window 6) with room for caches long enough to get sliding layers that evict
+    (`make_cache` gives local layers a sliding cache only when the request is > window + 256 positions)."""
+    return ours_from_hf(hf_model("gemma3_text", seed=2, vocab=48, max_position_embeddings=1024), torch.float64)
 
 
 CORPUS = [

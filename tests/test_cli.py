@@ -37,7 +37,7 @@ def assert_one_line_error(code, err, needle):
         (["--max-new-tokens", "0", "hi"], "max new tokens"),
         (["   "], "empty"),
         (["--method", "magic", "hi"], "unknown method"),
-        (["--method", "pld:k=999", "hi"], "k"),
+        (["--method", "pld:k=999", "hi"], "must be in [0, 64] (got 999)"),
         (["--method", "ngram:width=0", "hi"], "width"),
         (["--method", "pld:bogus=1", "hi"], "unknown option"),
         (["--dtype", "fp8", "hi"], "dtype"),

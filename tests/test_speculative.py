@@ -56,6 +56,26 @@ def test_greedy_identity_property(tiny_llama64, tiny_gemma64, prompt, max_new, s
     assert steps[-1].finish in ("stop", "length")
 
 
+@pytest.mark.parametrize("drafter", ["random-tree", "pld", "ngram"])
+def test_greedy_identity_over_evicting_sliding_caches(sliding_gemma64, drafter):
+    """Gemma 3's local layers on sliding caches that have evicted (a 320-token prompt, window 6): tree and
+    chain drafts verified, rolled back and compacted there still give plain greedy's tokens."""
+    from skipjack.cache import SlidingLayerKV
+
+    model = sliding_gemma64
+    g = torch.Generator().manual_seed(0)
+    prompt = (torch.randint(0, 48, (30,), generator=g).tolist() * 11)[:320]
+    assert any(isinstance(layer, SlidingLayerKV) for layer in model.make_cache(len(prompt) + 40 + 65))
+    accepted = 0
+    for seed, penalty in [(0, 1.0), (1, 1.3)]:
+        params = SamplingParams(max_new_tokens=40, repetition_penalty=penalty)
+        plain, _ = run(model, prompt, params)
+        spec, steps = run(model, prompt, params, make(drafter, model, seed))
+        assert spec == plain
+        accepted += sum(s.accepted for s in steps)
+    assert accepted > 0
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 def test_always_accept_accepts_everything(tiny_llama64, tiny_gemma64, family):
     model = tiny_llama64 if family == "llama" else tiny_gemma64
@@ -215,23 +235,34 @@ def test_cost_prior_is_cached_on_disk(tiny_llama64, tmp_path, monkeypatch):
 
 
 class ForeignDrafter(AlwaysAccept):
-    """Right for two tokens, then a token id from another vocabulary and a malformed parent."""
+    """Right for two tokens, then either a token id from another vocabulary or a parent that does not come
+    first (each followed by an otherwise valid node)."""
+
+    def __init__(self, model, flaw):
+        super().__init__(model)
+        self.flaw = flaw
 
     def propose(self, context, budget):
         right = greedy_continuation(self.model, context, 2)
-        return Proposal(right + [10_000, 1], [-1, 0, 1, 7], [0.9] * 4)
+        if self.flaw == "token":
+            return Proposal(right + [10_000, 1], [-1, 0, 1, 2], [0.9] * 4)
+        return Proposal(right + [1, 2], [-1, 0, 7, 2], [0.9] * 4)
 
 
-def test_out_of_vocab_drafts_are_pruned_not_fatal(tiny_llama64):
+@pytest.mark.parametrize("flaw", ["token", "parent"])
+def test_out_of_vocab_drafts_are_pruned_not_fatal(tiny_llama64, flaw):
     """A shared n-gram table filled by a larger-vocabulary model (the CI failure of session 1), or any
     drafter proposing ids >= vocab or a parent that does not come first, must not crash the forward pass."""
     params = SamplingParams(max_new_tokens=20)
     plain, _ = run(tiny_llama64, [1, 2, 3], params)
-    d = ForeignDrafter(tiny_llama64)
-    spec, steps = run(tiny_llama64, [1, 2, 3], params, d)
+    spec, steps = run(tiny_llama64, [1, 2, 3], params, ForeignDrafter(tiny_llama64, flaw))
     assert spec == plain
     assert max(s.drafted for s in steps) == 2  # the two valid nodes were verified, the rest dropped
-    ng = make_drafter("ngram:table=foreign")
-    ng.table.add([0, 500, 600, 0, 500, 600, 0, 500], 0, 5.0)  # ids far outside the 48-token vocab
-    spec, _ = run(tiny_llama64, [0, 500 % 48, 0], params, ng)
-    assert spec == run(tiny_llama64, [0, 500 % 48, 0], params)[0]
+    ng = make_drafter(f"ngram:table=foreign-{flaw}")
+    for t in range(48):  # every token of the 48-token vocab is followed by ids far outside it
+        ng.table.add([t, 500 + t, 600 + t], 0, 5.0)
+    proposed, propose = [], ng.propose
+    ng.propose = lambda ctx, budget: proposed.append(p := propose(ctx, budget)) or p
+    spec, _ = run(tiny_llama64, [0, 5, 0], params, ng)
+    assert spec == run(tiny_llama64, [0, 5, 0], params)[0]
+    assert any(p is not None and max(p.tokens) >= 48 for p in proposed)  # foreign ids really were drafted

@@ -41,6 +41,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q/k/v
     sliding_window: int | None = None  # Mistral / Qwen2 with use_sliding_window
+    layer_types: list[str] | None = None  # per layer "sliding_attention" | "full_attention" (None: all slide)
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
@@ -100,7 +101,8 @@ class Model(DecoderLM):
     def __init__(self, c: LlamaConfig, sd: dict[str, torch.Tensor]):
         super().__init__()
         self._build(c, sd, Block)
-        self.kinds = [(c.sliding_window, "rope")] * c.num_hidden_layers
+        types = c.layer_types or ["sliding_attention"] * c.num_hidden_layers  # Qwen2: only above max_window_layers
+        self.kinds = [(c.sliding_window if t == "sliding_attention" else None, "rope") for t in types]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embed_tokens)  # [B, T, Dm]
