@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import sys
 
 import gguf
 import numpy as np
@@ -152,14 +154,23 @@ def test_interrupted_conversion_leaves_no_entry(tmp_path, home, monkeypatch):
     assert loading.load(str(path)).converted
 
 
-def test_reconversion_drops_the_stale_entry(tmp_path, home, capfd):
-    """A replaced GGUF is converted again and its old fp32 copy deleted; a same-named file elsewhere keeps its own."""
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_reconversion_drops_the_stale_entry(tmp_path, home, monkeypatch):
+    """A replaced GGUF is converted again and its old fp32 copy deleted; a same-named file elsewhere keeps its
+    own. A terminal is told that the conversion runs (it takes a while), a pipe is not."""
     path, other = tmp_path / "tiny.gguf", tmp_path / "elsewhere" / "tiny.gguf"
     write_tiny_gguf(path, _pick)
     other.parent.mkdir()
     shutil.copy(path, other)
-    assert loading.load(str(path)).converted and loading.load(str(other)).converted
-    assert "converting tiny.gguf to fp32 safetensors, once" in capfd.readouterr().err
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert loading.load(str(path)).converted
+    assert "converting tiny.gguf to fp32 safetensors, once" in sys.stderr.getvalue()
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert loading.load(str(other)).converted and sys.stderr.getvalue() == ""
     first = {e.name for e in (home / "converted").iterdir()}
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # the file was replaced
     assert loading.load(str(path)).converted

@@ -154,8 +154,9 @@ def convert_gguf(path: Path, chat_template: str | None = None) -> tuple[Path, bo
     entry = home() / "converted" / f"{path.stem}-{_cache_key(path)}"
     if (entry / "skipjack.json").exists():
         return entry, False
-    print(f"skipjack: converting {path.name} to fp32 safetensors, once (cached in {entry.parent})", file=sys.stderr)
     config, tok_cfg = gguf_io.read_config(path)
+    if sys.stderr.isatty():  # for a person waiting (a minute for Gemma 3 here); pipes get results and errors only
+        print(f"skipjack: converting {path.name} to fp32 safetensors, once (cached in {entry.parent})", file=sys.stderr)
     tensors = gguf_io.read_tensors(path, config)
     tok = gguf_io.read_tokenizer(path)
     template = tok_cfg.get("chat_template") or getattr(tok, "chat_template", None) or chat_template
