@@ -142,6 +142,11 @@ def test_cost_model_sizes_drafts():
     mid = CostModel((1, 2, 4, 8), (1.0, 1.1, 1.3, 2.5))
     assert mid.best_size([0.9, 0.8, 0.7, 0.05, 0.01]) == 3
     assert mid.cost(3) == pytest.approx(1.2)
+    # Below the prior's context a wide forward's steeper growth can make c(n) dip (here c(3) < c(2) at
+    # context 0): a useless node must not look worth verifying because its width happens to cost less.
+    dip = CostModel((1, 2, 4), (1.0, 1.3, 1.35), slope=(0.0, 0.0, 0.001))
+    assert dip.cost(3, 0) < dip.cost(2, 0)
+    assert dip.best_size([0.9, 0.0], 0) == 1
 
 
 def test_cost_model_calibrates_online_from_observed_step_times():

@@ -9,7 +9,8 @@ verifies the number of draft nodes n that maximises
 
 where s_i is the drafter's estimate that node i is accepted (its path probability; nodes are listed
 parents-first, so the expected accepted length of a prefix is the sum of its nodes' scores, and the 1 is
-the bonus token). n = 0 means a plain decoding step.
+the bonus token). n = 0 means a plain decoding step. c is taken non-decreasing in n (a running maximum), so
+a dip in the table never makes a useless node look worth verifying.
 
 The context matters: attention over the cache grows with the number of queries, the weights' cost does not,
 so a wide verify step at a long context costs more, relative to a plain step there, than at a short one (the
@@ -235,10 +236,11 @@ class CostModel:
         b = bucket(context)
         if self.learn and b and self.nr[b] < EXPLORE:
             return 0  # measure plain steps at this context first (bucket 0 has the measured prior)
-        best_n, best_v, acc = 0, 1.0, 1.0
+        best_n, best_v, acc, c = 0, 1.0, 1.0, 1.0
         for n, s in enumerate(scores, start=1):
             acc += s
-            v = acc / self.cost(n + 1, context)
+            c = max(c, self.cost(n + 1, context))  # a wider forward never costs less (the table can dip)
+            v = acc / c
             if v > best_v:
                 best_n, best_v = n, v
         return best_n
