@@ -133,6 +133,37 @@ def test_ngram_merges_in_request_suffix_matches_into_its_tree():
     assert hybrid.got > 1.0 - 1e-9 and hybrid.lookup.pooled[1][1] == 1
 
 
+def test_ngram_learns_from_the_rows_of_rejected_nodes():
+    d = NGramDrafter(table="rows", lookup=0, jacobi=2, rows=1.5)
+    ctx = [31, 32, 33]
+    d.begin(ctx)
+    assert d.propose(ctx, 8) is None  # an unseen context: nothing to draft yet
+    # A verified tree: root children 40 and 41 (both rejected; the target said 50), and 42 under 40.
+    # Row argmaxes: root -> 50 (the bonus), after 40 -> 60, after 41 -> 61, after 40, 42 -> 62.
+    prop = Proposal([40, 41, 42], [-1, -1, 0], [0.5, 0.4, 0.3])
+    prop.path, prop.predicted = [], [50, 60, 61, 62]
+    d.observe([50], prop)
+    assert d.table.next[(33, 40)] == {60: 1.5} and d.table.next[(33, 41)] == {61: 1.5}
+    assert d.table.next[(40, 42)] == {62: 1.5}  # deeper rows too: the table context is the path's last two
+    assert (33, 50) not in d.table.next  # the accepted row is the emitted token: counted when it is emitted
+    nxt = d.propose(ctx + [50], 8)
+    roots = {t: s for t, p, s in zip(nxt.tokens, nxt.parents, nxt.scores) if p == -1}
+    assert roots == {60: 0.25, 61: 0.25}  # Jacobi guesses for the token after the bonus, at the prior rate
+    d.observe([60, 7], nxt)
+    assert d.jstats == [[2.0, 5.0], [1.0, 5.0]]  # rank 1 was right, rank 2 wrong
+    d.end()
+
+
+def test_ngram_without_row_learning_ignores_the_rows():
+    d = NGramDrafter(table="no-rows", lookup=0, jacobi=0, rows=0)
+    d.begin([31, 32, 33])
+    assert d.propose([31, 32, 33], 8) is None
+    prop = Proposal([40], [-1], [0.5])
+    prop.path, prop.predicted = [], [50, 60]
+    d.observe([50], prop)
+    assert (33, 40) not in d.table.next and d.propose([31, 32, 33, 50], 8) is None
+
+
 def test_merge_builds_one_best_first_trie():
     a = Proposal.chain([5, 6, 7], [0.9, 0.5, 0.2])
     b = Proposal.chain([5, 8], [0.8, 0.7])
@@ -205,7 +236,8 @@ def test_corrupt_ngram_file_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "spec",
     ["pld:k=65", "pld:max_ngram=0", "pld:min_ngram=4,max_ngram=3", "ngram:explore=-1", "ngram:width=9"]
-    + ["ngram:lookup=9", "ngram:order=7", "x", "pld:k=abc", "pld:k=1.5", "ngram:explore=lots"],
+    + ["ngram:lookup=9", "ngram:order=7", "x", "pld:k=abc", "pld:k=1.5", "ngram:explore=lots"]
+    + ["ngram:jacobi=9", "ngram:jacobi=-1", "ngram:rows=5", "ngram:rows=-0.5"],
 )
 def test_out_of_range_options(spec):
     with pytest.raises(SkipjackError):

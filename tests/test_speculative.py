@@ -97,6 +97,39 @@ def test_always_accept_accepts_everything(tiny_llama64, tiny_gemma64, family):
     assert len(steps) <= 1 + -(-29 // 6)  # 6 tokens per verify step
 
 
+class RowRecorder(RandomDrafter):
+    """Random trees that keep each verified proposal with the context it was drafted after."""
+
+    def begin(self, prompt):
+        super().begin(prompt)
+        self.seen = []
+
+    def propose(self, context, budget):
+        prop = super().propose(context, budget)
+        self.ctx = list(context)
+        return prop
+
+    def observe(self, emitted, proposal):
+        super().observe(emitted, proposal)
+        self.seen.append((self.ctx, proposal))
+
+
+def test_verify_rows_report_the_targets_argmax_after_every_node(tiny_llama64):
+    d = RowRecorder(tiny_llama64, seed=3, tree=True)
+    run(tiny_llama64, [4, 5, 6, 7], SamplingParams(max_new_tokens=48), d)
+    rejected = 0
+    for ctx, prop in d.seen:
+        assert len(prop.predicted) == len(prop) + 1
+        paths = []
+        for t, p in zip(prop.tokens, prop.parents):
+            paths.append((paths[p] if p >= 0 else []) + [t])
+        assert prop.predicted[0] == greedy_continuation(tiny_llama64, ctx, 1)[0]
+        for i, path in enumerate(paths):  # a fresh forward after the node's own path, accepted or not
+            assert prop.predicted[i + 1] == greedy_continuation(tiny_llama64, ctx + path, 1)[0]
+            rejected += i not in prop.path
+    assert len(d.seen) > 3 and rejected > 10
+
+
 def test_never_accept_degrades_to_plain(tiny_llama64):
     params = SamplingParams(max_new_tokens=25)
     plain, _ = run(tiny_llama64, [4, 5, 6], params)

@@ -20,6 +20,7 @@ class Proposal:
     scores: list[float] | None = None  # [N] drafter's estimate that each node gets accepted (for sizing)
     q: torch.Tensor | None = None  # [N, V] distribution each token was sampled from; None = deterministic
     path: list[int] = field(default_factory=list)  # accepted nodes, filled in after verification
+    predicted: list[int] = field(default_factory=list)  # [1 + N] target's argmax per verify row, filled in too
 
     @classmethod
     def chain(cls, tokens: list[int], scores: list[float] | None = None, q=None) -> Proposal:

@@ -21,6 +21,16 @@ also runs prompt lookup (`pld`, with `lookup` candidate matches and its own lear
 the request's tokens and merges both trees into one trie (a shared node keeps its higher score), listed
 best-first for the cost model. `lookup=0` is the table alone.
 
+The target's own predictions (ADED's table stands in for the LLM's output distribution): the verify forward
+computes the target's next token after every draft node, not only after the accepted ones. The argmax of a
+rejected node's row is the model's continuation of a path that did not happen, which is still informative:
+  - Jacobi guesses (`jacobi` > 0; Jacobi decoding, Santilli et al. 2023; lookahead decoding, Fu et al. 2024):
+    a rejected child of the last accepted node stood where the bonus token now stands, so its row's argmax
+    is a guess for the token after the bonus. Up to `jacobi` such guesses join the next step's tree as
+    children of the root, scored by their acceptance rate per rank (learned online, across requests).
+  - Table learning (`rows` > 0): every off-path row's argmax is counted after its path with weight `rows`.
+Both cost nothing but a few Python operations: the rows are computed anyway.
+
 Memory cap: at most `max_contexts` contexts (least recently updated evicted first) with at most
 `max_children` next tokens each (the rarest dropped), i.e. O(max_contexts * max_children) entries.
 """
@@ -50,18 +60,22 @@ class NGramTable:
     def add(self, tokens: list[int], start: int, weight: float) -> None:
         """Count the transitions that end at positions >= start, after contexts of 1 .. order-1 tokens."""
         for j in range(max(start, 1), len(tokens)):
-            for n in range(1, min(self.order - 1, j) + 1):
-                key = tuple(tokens[j - n : j])
-                kids = self.next.get(key)
-                if kids is None:
-                    kids = self.next[key] = {}
-                    if len(self.next) > self.max_contexts:
-                        self.next.popitem(last=False)
-                else:
-                    self.next.move_to_end(key)
-                kids[tokens[j]] = kids.get(tokens[j], 0.0) + weight
-                if len(kids) > self.max_children:
-                    del kids[min(kids, key=kids.get)]
+            self.count(tokens, j, tokens[j], weight)
+
+    def count(self, tokens: list[int], j: int, nxt: int, weight: float) -> None:
+        """Count `nxt` after the contexts of 1 .. order-1 tokens that end just before position j."""
+        for n in range(1, min(self.order - 1, j) + 1):
+            key = tuple(tokens[j - n : j])
+            kids = self.next.get(key)
+            if kids is None:
+                kids = self.next[key] = {}
+                if len(self.next) > self.max_contexts:
+                    self.next.popitem(last=False)
+            else:
+                self.next.move_to_end(key)
+            kids[nxt] = kids.get(nxt, 0.0) + weight
+            if len(kids) > self.max_children:
+                del kids[min(kids, key=kids.get)]
 
     def lookup(self, *context: int) -> dict[int, float] | None:
         """Next-token counts after the longest known suffix of `context` (back-off to shorter ones)."""
@@ -125,6 +139,8 @@ class NGramDrafter:
         path: str = "",
         lookup: int = 4,
         order: int = 3,
+        jacobi: int = 2,
+        rows: float = 1.0,
     ):
         if not 0 <= k <= 64:
             raise SkipjackError(f"ngram: k (fixed tree size, 0 = cost model) must be in [0, 64] (got {k})")
@@ -136,12 +152,20 @@ class NGramDrafter:
             raise SkipjackError(f"ngram: lookup (in-request match branches, 0 = off) must be in [0, 8] (got {lookup})")
         if not 2 <= order <= 6:
             raise SkipjackError(f"ngram: order (table n-gram length) must be in [2, 6] (got {order})")
+        if not 0 <= jacobi <= 8:
+            raise SkipjackError(f"ngram: jacobi (guesses from rejected rows, 0 = off) must be in [0, 8] (got {jacobi})")
+        if not 0 <= rows <= 4:
+            raise SkipjackError(f"ngram: rows (table weight of verify-row predictions) must be in [0, 4] (got {rows})")
         self.fixed_length, self.width, self.explore = k, width, explore
         self.path = Path(path) if path else None
         self.table = _SHARED.setdefault(f"{table or 'default'}/{order}", NGramTable(order=order))
         self.lookup = PromptLookup(branches=lookup) if lookup else None
         self.pred, self.got = 1.0, 1.0  # calibration over all requests: predicted vs realised acceptances
         self.paths: list[list[int]] = []
+        self.jacobi, self.rows = jacobi, rows
+        self.jstats = [[1.0, 4.0] for _ in range(jacobi)]  # per guess rank: (hits, tries), a weak prior of 0.25
+        self.guesses: list[int] = []  # Jacobi guesses for the token after the last bonus token
+        self.asked: list[int] = []  # the guesses proposed in this step
 
     def begin(self, prompt: list[int]) -> None:
         if self.path is not None:
@@ -149,6 +173,7 @@ class NGramDrafter:
         self.table.add(prompt, 0, 1.0)
         self.seen = len(prompt)
         self.req_pred, self.req_got = 0.0, 0  # the same, this request only
+        self.guesses, self.asked = [], []
         if self.lookup is not None:
             self.lookup.begin(prompt)
 
@@ -169,6 +194,11 @@ class NGramDrafter:
             self.paths.append((self.paths[par] if par >= 0 else []) + [tok])
             self._push(heap, tick, ctx[1:] + (tok,), len(tokens) - 1, score, -negpri, cal)
         props = [Proposal(tokens, parents, scores)] if tokens else []
+        self.tail = context[-(self.table.order - 1) :]
+        if self.guesses:  # Jacobi guesses from the last verify (see `_learn_rows`), at their learned rates
+            rates = [min(0.98, h / t) for h, t in self.jstats[: len(self.guesses)]]
+            props.append(Proposal(self.guesses, [-1] * len(self.guesses), rates))
+        self.asked, self.guesses = self.guesses, []
         if self.lookup is not None and (copied := self.lookup.propose(context, budget)) is not None:
             props.append(copied)
         return merge(props, budget)
@@ -190,6 +220,12 @@ class NGramDrafter:
         (verified or pruned) against how many of them would have been accepted."""
         if self.lookup is not None:
             self.lookup.observe(emitted, proposal)
+        for r, g in enumerate(self.asked):
+            self.jstats[r][0] += g == emitted[0]
+            self.jstats[r][1] += 1
+        self.asked = []
+        if proposal.predicted:
+            self._learn_rows(proposal)
         for p, path in zip(self.edges, self.paths):
             ok = judge(path, emitted)
             if ok is not None:
@@ -197,6 +233,22 @@ class NGramDrafter:
                 self.got += ok
                 self.req_pred += p
                 self.req_got += ok
+
+    def _learn_rows(self, proposal: Proposal) -> None:
+        """Learn from the verify rows off the accepted path: the target's argmax there is its own next token
+        after a path that did not happen. Those of the bonus row's rejected children become Jacobi guesses
+        for the next step; all of them are counted in the table after their path (weight `rows`)."""
+        pred, row = proposal.predicted, (proposal.path[-1] + 1 if proposal.path else 0)
+        if self.jacobi:
+            for i, p in enumerate(proposal.parents):
+                if p + 1 == row and pred[i + 1] not in self.guesses and len(self.guesses) < self.jacobi:
+                    self.guesses.append(pred[i + 1])
+        if self.rows:
+            on, seqs = set(proposal.path), []
+            for i, (t, p) in enumerate(zip(proposal.tokens, proposal.parents)):
+                seqs.append((seqs[p] if p >= 0 else list(self.tail)) + [t])  # table context + path to node i
+                if i not in on:
+                    self.table.count(seqs[i], len(seqs[i]), pred[i + 1], self.rows)
 
     def end(self) -> None:
         if self.lookup is not None:
