@@ -123,7 +123,9 @@ def judge(path: list[int], emitted: list[int]) -> bool | None:
 class Drafter(Protocol):
     """A draft source. `begin` starts a request; `propose` drafts up to `budget` nodes after `context`
     (prompt + everything emitted, whose last token is the pending root); `observe` sees what was emitted
-    (accepted drafts + the bonus token) with `proposal.path` filled in; `end` closes the request."""
+    (accepted drafts + the bonus token) with `proposal.path` (the accepted nodes) and, after a verify forward,
+    `proposal.predicted` (the target's argmax after every node, rejected ones too) filled in; `end` closes the
+    request."""
 
     name: str
     fixed_length: int  # > 0: always draft this many nodes (no cost model)
