@@ -172,8 +172,7 @@ def _speculate(model, cache, pending, proposal: Proposal, params, gen, seen) -> 
     ids = torch.tensor([[pending] + proposal.tokens])  # [1, T]
     logits = model(ids, cache, positions=positions, tree_mask=mask).logits[0]  # [T, V]
     verdict = verify(logits, proposal, params, gen, seen)
-    proposal.path = verdict.path
-    proposal.predicted = logits.argmax(-1).tolist()  # [T] the target's own guess after every row (drafters learn)
+    proposal.path, proposal.predicted = verdict.path, verdict.argmax  # what the drafter learns from
     if chain:
         cache.trim(len(proposal) - len(verdict.path))
     else:

@@ -31,6 +31,7 @@ from skipjack.sampling import SamplingParams, penalize, probs
 class Verdict:
     tokens: list[int]  # accepted draft tokens followed by the bonus token
     path: list[int]  # accepted node indices (into proposal.tokens), root first
+    argmax: list[int]  # [T] the raw logits' argmax per row: the target's own guess after every node
 
 
 def tree_mask(parents: list[int]) -> torch.Tensor:
@@ -68,13 +69,14 @@ def verify(
     children = proposal.children()
     toks = proposal.tokens
     penalised = seen is not None and params.repetition_penalty != 1.0
+    raw = logits.argmax(-1).tolist()  # [T]
     if params.greedy:
-        target = (target_probs(logits, proposal, params, seen) if penalised else logits).argmax(-1).tolist()
+        target = target_probs(logits, proposal, params, seen).argmax(-1).tolist() if penalised else raw
         path, row = [], 0
         while (c := children[row].get(target[row])) is not None:
             path.append(c)
             row = c + 1
-        return Verdict([toks[c] for c in path] + [target[row]], path)
+        return Verdict([toks[c] for c in path] + [target[row]], path, raw)
     p_all = target_probs(logits, proposal, params, seen)  # [T, V]
     path, row = [], 0
     while True:
@@ -95,6 +97,6 @@ def verify(
             p = p / total
         if accepted is None:
             bonus = int(torch.multinomial(p, 1, generator=gen))
-            return Verdict([toks[c] for c in path] + [bonus], path)
+            return Verdict([toks[c] for c in path] + [bonus], path, raw)
         path.append(accepted)
         row = accepted + 1

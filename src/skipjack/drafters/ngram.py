@@ -244,11 +244,11 @@ class NGramDrafter:
                 if p + 1 == row and pred[i + 1] not in self.guesses and len(self.guesses) < self.jacobi:
                     self.guesses.append(pred[i + 1])
         if self.rows:
-            on, seqs = set(proposal.path), []
+            on, keep, ends = set(proposal.path), self.table.order - 1, []
             for i, (t, p) in enumerate(zip(proposal.tokens, proposal.parents)):
-                seqs.append((seqs[p] if p >= 0 else list(self.tail)) + [t])  # table context + path to node i
+                ends.append(((ends[p] if p >= 0 else tuple(self.tail)) + (t,))[-keep:])  # table context at node i
                 if i not in on:
-                    self.table.count(seqs[i], len(seqs[i]), pred[i + 1], self.rows)
+                    self.table.count(ends[i], len(ends[i]), pred[i + 1], self.rows)
 
     def end(self) -> None:
         if self.lookup is not None:
