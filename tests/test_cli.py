@@ -92,6 +92,34 @@ def test_streamed_text_equals_json_text(capsys, tiny_folder):
     assert streamed.rstrip("\n") == json.loads(out)["text"]
 
 
+def test_chat_keeps_the_conversation_cached(capsys, monkeypatch, tiny_folder):
+    """Three turns and a /reset: after the first turn, each prompt's history comes from the cache; after the
+    reset, nothing does."""
+    import io
+    import re
+
+    lines = "hello world\nthe quick brown fox\n/reset\nstop here please\n/exit\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    code, out, err = run_cli(capsys, "chat", "--model", str(tiny_folder), "-n", "6", "--method", "pld")
+    assert code == 0, err
+    stats = [tuple(map(int, m)) for m in re.findall(r"(\d+) of (\d+) prompt tokens cached", err)]
+    assert len(stats) == 3, err
+    (c1, p1), (c2, p2), (c3, p3) = stats
+    assert c1 == 0 and 0 < c2 < p2 and c2 >= p1 and c3 == 0
+
+
+def test_chat_survives_a_turn_too_long_for_the_context(capsys, monkeypatch, tiny_folder):
+    import io
+
+    lines = "hello " * 200 + "\nhello world\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    code, out, err = run_cli(capsys, "chat", "--model", str(tiny_folder), "-n", "4")
+    assert code == 0, err
+    errors = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(errors) == 1 and "context" in errors[0] and "Traceback" not in err
+    assert err.count("prompt tokens cached") == 1  # the next turn ran, without the dropped one in its history
+
+
 def test_models_lists_named_models(capsys):
     code, out, _ = run_cli(capsys, "models")
     assert code == 0 and "smollm2-135m" in out and "gemma3-270m" in out

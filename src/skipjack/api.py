@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from skipjack.cost import CostModel
-from skipjack.decode import Prefilled, Step, cost_model, generate
+from skipjack.decode import Prefilled, PromptCache, Step, cost_model, generate
 from skipjack.drafters import make_drafter
 from skipjack.drafters.base import Drafter
 from skipjack.loading import Loaded
@@ -34,6 +34,7 @@ class Result:
     accept_hist: dict[int, int] = field(default_factory=dict)  # accepted drafts per verify step -> count
     forward_passes: int = 0  # decoding forward passes (prefill excluded)
     prefill_seconds: float = 0.0  # time to the first token (prompt forward pass + first pick)
+    cached_tokens: int = 0  # prompt tokens not run again: taken from a prefilled prompt or a prompt cache
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -58,11 +59,12 @@ def stream_text(
     stop: tuple[str, ...] = (),
     cost: CostModel | None = None,
     prefilled: Prefilled | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[tuple[str, Step]]:
     """Yield (new text, step) pairs. Text never splits a character and never shows part of a stop string."""
     dec = StreamDecoder(loaded.tokenizer, prompt)
     shown = 0
-    steps = generate(loaded.model, prompt, params, drafter, cost, prefilled)
+    steps = generate(loaded.model, prompt, params, drafter, cost, prefilled, prompt_cache)
     for step in steps:
         dec.push(step.tokens)
         if step.finish:
@@ -91,8 +93,9 @@ def complete(
     drafter: Drafter | None = None,
     cost: CostModel | None = None,
     prefilled: Prefilled | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Result:
-    """Run one request to the end and summarise it (`prefilled`: see `skipjack.decode.prefill`)."""
+    """Run one request to the end and summarise it (`prefilled`, `prompt_cache`: see `skipjack.decode`)."""
     drafter = drafter if drafter is not None else make_drafter(method)
     text, tokens, hist = [], [], Counter()
     accepted = passes = drafts = 0
@@ -100,14 +103,16 @@ def complete(
     if drafter is not None and cost is None and not drafter.fixed_length:
         cost = cost_model(loaded.model)  # measured once per model, outside the timed region
     t0 = time.perf_counter()
-    t_first = None
-    for i, (delta, step) in enumerate(stream_text(loaded, prompt, params, drafter, stop, cost, prefilled)):
+    t_first, cached = None, 0
+    for i, (delta, step) in enumerate(
+        stream_text(loaded, prompt, params, drafter, stop, cost, prefilled, prompt_cache)
+    ):
         text.append(delta)
         tokens.extend(step.tokens)
         if on_text and delta:
             on_text(delta)
         if i == 0:
-            t_first = time.perf_counter() - t0
+            t_first, cached = time.perf_counter() - t0, len(prompt) - step.forward_tokens
         else:
             passes += 1
             accepted += step.accepted
@@ -130,4 +135,5 @@ def complete(
         accept_hist=dict(sorted(hist.items())),
         forward_passes=passes,
         prefill_seconds=t_first or 0.0,
+        cached_tokens=cached,
     )

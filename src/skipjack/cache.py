@@ -1,7 +1,8 @@
 """Per-layer KV cache: preallocated tensors written in place, rolled back with `trim`.
 
 Every layer owns one object with the same small interface (mlx-lm style):
-`update(k, v, start) -> (keys, values, first_pos)`, `offset`, `trim(n)`, `keep(start, idx)`, `nbytes`.
+`update(k, v, start) -> (keys, values, first_pos)`, `offset`, `trim(n)`, `keep(start, idx)`, `nbytes`, and for
+carrying a conversation's cache to its next request, `resumable(n)` and `moved(fresh)`.
 Eviction or compression policies (later issues) subclass `LayerKV` and are chosen per layer.
 
 Writes are position-addressed (gpt-fast style): a forward pass writes its keys at `[start, start + T)`, so a
@@ -51,6 +52,16 @@ class LayerKV:
 
     def _first(self) -> int:
         return 0
+
+    def resumable(self, n: int) -> bool:
+        """Whether, trimmed to its first n positions, this layer still holds every key a query at position n
+        may attend to (a sliding layer may have dropped them)."""
+        return n <= self.offset
+
+    def moved(self, fresh: LayerKV) -> LayerKV:
+        """This layer's keys/values in `fresh` (the same layer of a new, larger cache)."""
+        fresh.update(self.k[:, :, : self.offset], self.v[:, :, : self.offset], 0)
+        return fresh
 
     @property
     def nbytes(self) -> int:
@@ -103,6 +114,12 @@ class SlidingLayerKV(LayerKV):
         self.offset -= n
         return n
 
+    def resumable(self, n: int) -> bool:
+        return self.first <= max(0, n - self.window + 1) and n <= self.offset
+
+    def moved(self, fresh: LayerKV) -> LayerKV:
+        return self  # its size does not depend on the request's capacity
+
 
 class KVCache(list):
     """One cache object per layer, in layer order. The sequence offset is the furthest any layer reached."""
@@ -123,6 +140,14 @@ class KVCache(list):
         for layer in self:
             if layer.offset > target:
                 layer.trim(layer.offset - target)
+
+    def resumable(self, n: int) -> bool:
+        return all(layer.resumable(n) for layer in self)
+
+    def moved(self, fresh: KVCache) -> KVCache:
+        """These keys/values in `fresh`, a new cache for the same model with more capacity."""
+        fresh[:] = [old.moved(new) for old, new in zip(self, fresh)]
+        return fresh
 
     def keep(self, start: int, idx: list[int]) -> None:
         for layer in self:

@@ -77,6 +77,7 @@ def cmd_generate(a) -> int:
 
 def cmd_chat(a) -> int:
     from skipjack.api import complete
+    from skipjack.decode import PromptCache
     from skipjack.drafters import make_drafter
     from skipjack.loading import load
 
@@ -87,6 +88,11 @@ def cmd_chat(a) -> int:
         raise SkipjackError(f"model {loaded.name!r} has no chat template; use `skipjack generate --raw`")
     params = _params(a, loaded.tokenizer)
     messages: list[dict] = []
+    history = PromptCache()  # each turn runs only what the conversation's cache does not hold yet
+
+    def show(t: str) -> None:
+        print(t, end="", flush=True)
+
     print("skipjack chat: /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
@@ -98,13 +104,21 @@ def cmd_chat(a) -> int:
             return 0
         if line.strip() == "/reset":
             messages.clear()
+            history.clear()
             continue
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        prompt = loaded.tokenizer.prompt_ids(messages)
-        res = complete(loaded, prompt, params, a.method, tuple(a.stop), lambda t: print(t, end="", flush=True), drafter)
-        print(f"\n[{res.new_tokens} tokens, {res.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+        try:
+            prompt = loaded.tokenizer.prompt_ids(messages)
+            res = complete(loaded, prompt, params, a.method, tuple(a.stop), show, drafter, prompt_cache=history)
+        except (SkipjackError, KeyboardInterrupt) as e:  # this turn is dropped; the chat goes on
+            messages.pop()
+            why = f"skipjack: error: {e} (/reset starts over)" if isinstance(e, SkipjackError) else "[interrupted]"
+            print(f"\n{why}", file=sys.stderr)
+            continue
+        cached = f", {res.cached_tokens} of {res.prompt_tokens} prompt tokens cached"
+        print(f"\n[{res.new_tokens} tokens, {res.tokens_per_s:.1f} tok/s{cached}]", file=sys.stderr)
         messages.append({"role": "assistant", "content": res.text})
 
 

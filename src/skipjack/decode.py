@@ -90,6 +90,58 @@ def _reuse(model: DecoderLM, prompt: list[int], max_new_tokens: int, prefilled: 
     return Prefilled(prefilled.prompt, copy.deepcopy(prefilled.cache), prefilled.logits)
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+class PromptCache:
+    """A conversation's KV cache, carried from each request to the next (multi-turn prompt caching, as
+    llama.cpp's `cache_prompt` and mlx-lm's chat prompt cache).
+
+    After a request it holds the keys/values of every token that request ran: the prompt and the output up
+    to the last token fed back. The next request, whose prompt usually extends the conversation, keeps the
+    longest common prefix of the two and runs only the rest of its prompt: one turn's new message rather
+    than the whole history. A request takes the cache over (no copy) and leaves its own state behind; a
+    request that fails part way clears it. The kept prefix is exact (the same keys/values); the rest of the
+    prompt runs as one chunk after it, so the logits match a fresh prefill to float rounding, as for any
+    chunked prefill. Falls back to a full prefill for another model, no common prefix, or a sliding-window
+    layer that has already dropped keys the new tokens need."""
+
+    def __init__(self) -> None:
+        self.model: DecoderLM | None = None
+        self.tokens: list[int] = []  # the tokens whose keys/values `cache` holds, in order
+        self.cache: KVCache | None = None
+        self.reused = 0  # prompt tokens the last request took from here rather than running them
+
+    def clear(self) -> None:
+        self.model, self.tokens, self.cache = None, [], None
+
+    def start(self, model: DecoderLM, prompt: list[int], max_new_tokens: int) -> Prefilled:
+        """`prompt` prefilled for a request, reusing what this cache holds; sets `reused`."""
+        need = check_prompt(model, prompt, max_new_tokens)
+        cache, held, same = self.cache, self.tokens, self.model is model
+        self.clear()  # taken over by this request
+        n = common_prefix(held, prompt[:-1]) if cache is not None and same else 0  # the last token must run
+        if n == 0 or not cache.resumable(n):
+            self.reused = 0
+            return prefill(model, prompt, max_new_tokens)
+        cache.trim(cache.offset - n)
+        if cache.capacity < need:  # grown geometrically: a long conversation is copied O(log n) times
+            longest = model.config.max_position_embeddings
+            cache = cache.moved(model.make_cache(min(longest, max(need, 2 * cache.capacity))))
+        logits = model(torch.tensor([prompt[n:]]), cache, logits="last").logits[0, -1]  # [V]
+        self.reused = n
+        return Prefilled(tuple(prompt), cache, logits)
+
+    def hold(self, model: DecoderLM, cache: KVCache, ctx: list[int]) -> None:
+        """Keep a finished request's cache. Position i holds ctx[i] for every i below both the cache's offset
+        and len(ctx): accepted drafts are emitted tokens, and a stop or length cut only shortens the tail."""
+        n = min(cache.offset, len(ctx))
+        cache.trim(cache.offset - n)
+        self.model, self.tokens, self.cache = model, list(ctx[:n]), cache
+
+
 def generate(
     model: DecoderLM,
     prompt: list[int],
@@ -97,13 +149,22 @@ def generate(
     drafter: Drafter | None = None,
     cost: CostModel | None = None,
     prefilled: Prefilled | None = None,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[Step]:
     """Yield `Step`s until a stop token, `max_new_tokens`, or the context is full. With `prefilled` (from
-    `prefill` on the same prompt), decoding starts from a copy of its cache rather than running the prompt."""
-    if prefilled is None:
-        start = prefill(model, prompt, params.max_new_tokens)
+    `prefill` on the same prompt), decoding starts from a copy of its cache rather than running the prompt.
+    With `prompt_cache` (a conversation's), it reuses the prefix that cache shares with the prompt, and leaves
+    this request's cache there for the next one."""
+    if prefilled is not None and prompt_cache is not None:
+        raise SkipjackError("give a request either a prefilled prompt or a prompt cache, not both")
+    ran = len(prompt)  # prompt tokens this request runs through the model
+    if prefilled is not None:
+        start, ran = _reuse(model, prompt, params.max_new_tokens, prefilled), 0
+    elif prompt_cache is not None:
+        start = prompt_cache.start(model, prompt, params.max_new_tokens)
+        ran -= prompt_cache.reused
     else:
-        start = _reuse(model, prompt, params.max_new_tokens, prefilled)
+        start = prefill(model, prompt, params.max_new_tokens)
     cache = start.cache
     gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     vocab = model.lm_head.out_features
@@ -126,7 +187,7 @@ def generate(
         if cost is None and not drafter.fixed_length:
             cost = cost_model(model)
     try:
-        step = Step([pick(start.logits)], forward_tokens=len(prompt) if prefilled is None else 0)
+        step = Step([pick(start.logits)], forward_tokens=ran)
         while True:
             step, left = _finish(step, params, left, cache.capacity_left(), ctx, seen)
             yield step
@@ -159,9 +220,16 @@ def generate(
             if cost is not None:
                 cost.observe(step.forward_tokens, time.perf_counter() - t, at)
             drafter.observe(step.tokens, proposal)
+    except GeneratorExit:  # closed between steps (a stop string, a client gone): the cache is whole
+        raise
+    except BaseException:  # a forward may have stopped half way through the layers
+        prompt_cache = None
+        raise
     finally:
         if drafter is not None:
             drafter.end()
+        if prompt_cache is not None:
+            prompt_cache.hold(model, cache, ctx)
 
 
 def _speculate(model, cache, pending, proposal: Proposal, params, gen, seen) -> Step:
