@@ -161,7 +161,8 @@ class Terminal(io.StringIO):
 
 def test_reconversion_drops_the_stale_entry(tmp_path, home, monkeypatch):
     """A replaced GGUF is converted again and its old fp32 copy deleted; a same-named file elsewhere keeps its
-    own. A terminal is told that the conversion runs (it takes a while), a pipe is not."""
+    own; the copy of a deleted GGUF goes at the next conversion. A terminal is told that the conversion runs
+    (it takes a while), a pipe is not."""
     path, other = tmp_path / "tiny.gguf", tmp_path / "elsewhere" / "tiny.gguf"
     write_tiny_gguf(path, _pick)
     other.parent.mkdir()
@@ -177,6 +178,15 @@ def test_reconversion_drops_the_stale_entry(tmp_path, home, monkeypatch):
     now = {e.name for e in (home / "converted").iterdir()}
     assert len(first) == len(now) == 2 and len(first & now) == 1  # other's entry stays, path's old one is gone
     assert not loading.load(str(path)).converted
+    gone = tmp_path / "gone" / "tiny.gguf"  # a GGUF converted, then deleted: its copy goes at the next conversion
+    gone.parent.mkdir()
+    shutil.copy(path, gone)
+    assert loading.load(str(gone)).converted
+    shutil.rmtree(gone.parent)
+    os.utime(other, ns=(other.stat().st_atime_ns, other.stat().st_mtime_ns + 10**9))
+    assert loading.load(str(other)).converted
+    sources = [json.loads((e / "skipjack.json").read_text())["source"] for e in (home / "converted").iterdir()]
+    assert sorted(sources) == sorted([str(path), str(other)])
 
 
 def test_k_quant_blocks_dequantise(tmp_path):

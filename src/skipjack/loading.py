@@ -180,16 +180,17 @@ def convert_gguf(path: Path, chat_template: str | None = None) -> tuple[Path, bo
 
 
 def _drop_stale(entry: Path, source: Path) -> None:
-    """Delete older conversions of the same GGUF path (the file was replaced or re-fetched since): each one is
-    a full fp32 copy of the model that no key will ever match again."""
-    for old in entry.parent.glob(f"{source.stem}-*"):
+    """After a conversion, delete the conversions no key will ever match again, each a full fp32 copy of a
+    model: older ones of the same GGUF path (the file was replaced or re-fetched since), and those whose GGUF
+    no longer exists (deleted, or a temporary file)."""
+    for old in entry.parent.iterdir():
         if old == entry or ".tmp-" in old.name or not (old / "skipjack.json").exists():
             continue  # ours, or a conversion still being written
         try:
-            same = json.loads((old / "skipjack.json").read_text()).get("source") == str(source)
+            src = json.loads((old / "skipjack.json").read_text()).get("source")
         except (OSError, ValueError):
             continue
-        if same:
+        if src == str(source) or (isinstance(src, str) and not Path(src).exists()):
             shutil.rmtree(old, ignore_errors=True)
 
 
