@@ -362,3 +362,18 @@ def test_sample_suite_is_three_prompts_of_every_category():
     assert {p.id for p in sample} < {p.id for p in full}
     counts = Counter(p.category for p in sample)
     assert set(counts) == {p.category for p in full} and set(counts.values()) == {3}
+
+
+def test_prefill_bound_says_what_decoding_speedup_an_end_to_end_target_needs():
+    """Plain: 40 s of prefill in 100 s. 1.5× end to end = 66.7 s, so decoding must go from 60 s to 26.7 s:
+    2.25×. With 80 s of prefill, even free decoding cannot reach it."""
+
+    def results(pre):
+        runs = [{"method": "plain", "seconds": 50.0, "prefill_seconds": pre / 2} for _ in range(2)]
+        runs += [{"method": "pld", "seconds": 40.0, "prefill_seconds": pre / 2}]
+        return {"summary": {"plain": {}, "pld": {}}, "runs": runs}
+
+    assert "40 of its 100 s (40%)" in report.prefill_bound(results(40.0))
+    assert "needs 2.25× on the decoding phase" in report.prefill_bound(results(40.0))
+    assert "more than any decoding speedup can give" in report.prefill_bound(results(80.0))
+    assert report.prefill_bound({"summary": {"plain": {}}, "runs": results(40.0)["runs"]}) == ""

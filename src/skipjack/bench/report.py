@@ -274,6 +274,24 @@ def targets(summary: dict) -> str:
     return _table(["target", "measured", "wanted", "", "how"], rows)
 
 
+def prefill_bound(results: dict, want: float = 1.5) -> str:
+    """Where plain's time goes, and the decoding-phase speedup an end-to-end target of `want` needs: speculation
+    leaves the prompt's forward pass as it is, so with plain's prefill time P of its total T, the target needs
+    decoding (T - P) to shrink to T / want - P (impossible when that is <= 0). Empty without pld in the run."""
+    if "pld" not in results.get("summary", {}):
+        return ""
+    runs = [r for r in results.get("runs", []) if r["method"] == "plain" and r.get("prefill_seconds") is not None]
+    total, pre = sum(r["seconds"] for r in runs), sum(r["prefill_seconds"] for r in runs)
+    if not runs or total <= 0:
+        return ""
+    left = total / want - pre
+    needs = f"{(total - pre) / left:.2f}×" if left > 0 else "more than any decoding speedup can give"
+    return (
+        f"Plain spends {pre:.0f} of its {total:.0f} s ({pre / total:.0%}) on the prompts' forward passes, which "
+        f"speculation does not change: {want:.1f}× end to end needs {needs} on the decoding phase."
+    )
+
+
 def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack benchmark report") -> str:
     m, model, st, summary = results["machine"], results["model"], results["settings"], results["summary"]
     peers = [n for n, s in summary.items() if s["kind"] == "peer" and s["status"] == "ok" and s["prompts"]]
@@ -311,6 +329,7 @@ def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack be
     checks = targets(summary)
     if checks:
         parts += ["## Targets", "", checks, ""]
+        parts += [prefill_bound(results), ""] if prefill_bound(results) else []
     parts += ["## Overall", "", _overall(summary, peers), ""]
     parts += ["tokens/s = total new tokens / total seconds; × X = ratio of tokens/s; tokens/pass = new tokens per "]
     parts += ["decoding forward pass; BW util = weight bytes × forward passes/s ÷ measured bandwidth;"]
@@ -372,6 +391,7 @@ def render_extra(results: dict, heading: str) -> str:
     parts += [f"Separate run, {results['machine']['date']}: `{results['command']}`", ""]
     checks = targets(summary)
     parts += [checks, ""] if checks else []
+    parts += [prefill_bound(results), ""] if checks and prefill_bound(results) else []
     parts += [_overall(summary, peers), "", _by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
     return "\n".join(parts)
 
