@@ -328,8 +328,8 @@ def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack be
         parts += [RED.format("**NOT IDENTICAL to plain greedy output (lossy): " + ", ".join(lossy) + "**"), ""]
     checks = targets(summary)
     if checks:
-        parts += ["## Targets", "", checks, ""]
-        parts += [prefill_bound(results), ""] if prefill_bound(results) else []
+        bound = prefill_bound(results)
+        parts += ["## Targets", "", checks, ""] + ([bound, ""] if bound else [])
     parts += ["## Overall", "", _overall(summary, peers), ""]
     parts += ["tokens/s = total new tokens / total seconds; × X = ratio of tokens/s; tokens/pass = new tokens per "]
     parts += ["decoding forward pass; BW util = weight bytes × forward passes/s ÷ measured bandwidth;"]
@@ -390,8 +390,9 @@ def render_extra(results: dict, heading: str) -> str:
         parts += [RED.format("**Partial results: the run was interrupted (complete: false).**"), ""]
     parts += [f"Separate run, {results['machine']['date']}: `{results['command']}`", ""]
     checks = targets(summary)
+    bound = prefill_bound(results) if checks else ""
     parts += [checks, ""] if checks else []
-    parts += [prefill_bound(results), ""] if checks and prefill_bound(results) else []
+    parts += [bound, ""] if bound else []
     parts += [_overall(summary, peers), "", _by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
     return "\n".join(parts)
 
