@@ -55,7 +55,7 @@ def test_a_conversation_reuses_its_cache_turn_after_turn(tiny_llama64, sliding_g
         assert out == fresh, (i, method)
         n = common_prefix(held, convo[:-1])
         assert (n > 0) == (i > 0) and steps[0].forward_tokens == len(convo) - n
-        assert pc.reused == n and len(pc.tokens) >= len(convo)
+        assert len(pc.tokens) >= len(convo)
         assert pc.tokens == (convo + out)[: len(pc.tokens)]
         assert_holds_what_it_says(model, pc)
         capacities.add(pc.cache.capacity)
@@ -77,7 +77,7 @@ def test_a_prompt_that_leaves_the_conversation_early(tiny_llama64, sliding_gemma
     out, steps = decode(model, other, GREEDY, "pld", prompt_cache=pc)
     assert out == decode(model, other, GREEDY)[0]
     kept = 3 if family == "llama" else 0
-    assert pc.reused == kept and steps[0].forward_tokens == len(other) - kept
+    assert steps[0].forward_tokens == len(other) - kept
     assert_holds_what_it_says(model, pc)
 
 

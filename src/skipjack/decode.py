@@ -70,11 +70,15 @@ class Prefilled:
     logits: torch.Tensor  # [V] fp32
 
 
-def prefill(model: DecoderLM, prompt: list[int], max_new_tokens: int) -> Prefilled:
-    """Run `prompt` once, with a cache sized for requests of up to `max_new_tokens` new tokens."""
+def prefill(
+    model: DecoderLM, prompt: list[int], max_new_tokens: int, cache: KVCache | None = None, held: int = 0
+) -> Prefilled:
+    """Run `prompt` once, with a cache sized for requests of up to `max_new_tokens` new tokens; or, given a
+    `cache` that already holds the first `held` prompt tokens (and room for the request), run only the rest."""
     padding.tune(model)  # measured once per model and machine (cached on disk): see skipjack.padding
-    cache = model.make_cache(check_prompt(model, prompt, max_new_tokens))
-    logits = model(torch.tensor([prompt]), cache, logits="last").logits[0, -1]  # [V]
+    if cache is None:
+        cache, held = model.make_cache(check_prompt(model, prompt, max_new_tokens)), 0
+    logits = model(torch.tensor([prompt[held:]]), cache, logits="last").logits[0, -1]  # [V]
     return Prefilled(tuple(prompt), cache, logits)
 
 
@@ -112,27 +116,23 @@ class PromptCache:
         self.model: DecoderLM | None = None
         self.tokens: list[int] = []  # the tokens whose keys/values `cache` holds, in order
         self.cache: KVCache | None = None
-        self.reused = 0  # prompt tokens the last request took from here rather than running them
 
     def clear(self) -> None:
         self.model, self.tokens, self.cache = None, [], None
 
-    def start(self, model: DecoderLM, prompt: list[int], max_new_tokens: int) -> Prefilled:
-        """`prompt` prefilled for a request, reusing what this cache holds; sets `reused`."""
+    def start(self, model: DecoderLM, prompt: list[int], max_new_tokens: int) -> tuple[Prefilled, int]:
+        """`prompt` prefilled for a request, reusing what this cache holds; and how many prompt tokens it reused."""
         need = check_prompt(model, prompt, max_new_tokens)
         cache, held, same = self.cache, self.tokens, self.model is model
         self.clear()  # taken over by this request
         n = common_prefix(held, prompt[:-1]) if cache is not None and same else 0  # the last token must run
         if n == 0 or not cache.resumable(n):
-            self.reused = 0
-            return prefill(model, prompt, max_new_tokens)
+            return prefill(model, prompt, max_new_tokens), 0
         cache.trim(cache.offset - n)
         if cache.capacity < need:  # grown geometrically: a long conversation is copied O(log n) times
             longest = model.config.max_position_embeddings
             cache = cache.moved(model.make_cache(min(longest, max(need, 2 * cache.capacity))))
-        logits = model(torch.tensor([prompt[n:]]), cache, logits="last").logits[0, -1]  # [V]
-        self.reused = n
-        return Prefilled(tuple(prompt), cache, logits)
+        return prefill(model, prompt, max_new_tokens, cache, n), n
 
     def hold(self, model: DecoderLM, cache: KVCache, ctx: list[int]) -> None:
         """Keep a finished request's cache. Position i holds ctx[i] for every i below both the cache's offset
@@ -161,8 +161,8 @@ def generate(
     if prefilled is not None:
         start, ran = _reuse(model, prompt, params.max_new_tokens, prefilled), 0
     elif prompt_cache is not None:
-        start = prompt_cache.start(model, prompt, params.max_new_tokens)
-        ran -= prompt_cache.reused
+        start, reused = prompt_cache.start(model, prompt, params.max_new_tokens)
+        ran -= reused
     else:
         start = prefill(model, prompt, params.max_new_tokens)
     cache = start.cache
