@@ -377,3 +377,34 @@ def test_prefill_bound_says_what_decoding_speedup_an_end_to_end_target_needs():
     assert "needs 2.25× on the decoding phase" in report.prefill_bound(results(40.0))
     assert "more than any decoding speedup can give" in report.prefill_bound(results(80.0))
     assert report.prefill_bound({"summary": {"plain": {}}, "runs": results(40.0)["runs"]}) == ""
+
+
+def test_self_repeat_share_counts_spans_seen_earlier_in_the_output():
+    from skipjack.bench.loops import self_repeat_share
+
+    assert self_repeat_share([]) == 0.0
+    assert self_repeat_share(list(range(40))) == 0.0  # never repeats
+    # A 4-token cycle, 40 tokens: the 8-grams ending at positions 11..39 (29 of them) were all seen 4 tokens earlier.
+    assert self_repeat_share([1, 2, 3, 4] * 10) == pytest.approx(29 / 40)
+    assert self_repeat_share([5, 6, 5, 6, 5], n=2) == pytest.approx(2 / 5)  # (5,6) and (6,5) recur once each
+
+
+def test_loop_split_separates_prompts_whose_plain_output_loops():
+    """Prompt a: plain's output loops, pld is 3x faster. Prompt b: clean text, pld 1.25x. Decoding phase: a is
+    (10-1)/(3.33-1) = 3.86x, b is (10-2)/(8-2) = 1.33x. A lossy method is left out."""
+    from skipjack.bench.loops import loop_split
+
+    loop, clean = [1, 2, 3] * 20, list(range(60))
+
+    def run(m, i, secs, pre, tokens):
+        return {"id": i, "method": m, "seconds": secs, "prefill_seconds": pre, "tokens": tokens}
+
+    runs = [run("plain", "a", 10.0, 1.0, loop), run("plain", "b", 10.0, 2.0, clean)]
+    runs += [run("pld", "a", 10 / 3, 1.0, loop), run("pld", "b", 8.0, 2.0, clean)]
+    runs += [run("lossy", "a", 1.0, 1.0, loop), run("lossy", "b", 1.0, 1.0, clean)]
+    summary = {m: {"kind": "method", "identical_fraction": f} for m, f in (("plain", 1), ("pld", 1), ("lossy", 0.5))}
+    md = loop_split({"runs": runs, "summary": summary})
+    row = next(ln for ln in md.splitlines() if ln.startswith("| `pld`"))
+    assert row == "| `pld` | 1.25× | 1.33× | 3.00× | 3.86× |"
+    assert "clean (1)" in md and "looping (1)" in md and "`lossy`" not in md
+    assert loop_split({"runs": runs, "summary": {"plain": summary["plain"]}}) == ""

@@ -51,6 +51,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from skipjack.bench.loops import loop_split
+
 SCHEMA_VERSION = 1
 PLOTS = ("speedup_by_category.png", "draft_length.png", "accept_hist.png")
 RED = '<span style="color:red">{}</span>'
@@ -330,6 +332,9 @@ def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack be
     if checks:
         bound = prefill_bound(results)
         parts += ["## Targets", "", checks, ""] + ([bound, ""] if bound else [])
+    split = loop_split(results)
+    if split:
+        parts += ["## Clean and looping outputs", "", split, ""]
     parts += ["## Overall", "", _overall(summary, peers), ""]
     parts += ["tokens/s = total new tokens / total seconds; × X = ratio of tokens/s; tokens/pass = new tokens per "]
     parts += ["decoding forward pass; BW util = weight bytes × forward passes/s ÷ measured bandwidth;"]
@@ -394,6 +399,8 @@ def render_extra(results: dict, heading: str) -> str:
     parts += [checks, ""] if checks else []
     parts += [bound, ""] if bound else []
     parts += [_overall(summary, peers), "", _by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
+    split = loop_split(results, explain=False)
+    parts += [split, ""] if split else []
     return "\n".join(parts)
 
 
