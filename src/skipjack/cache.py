@@ -1,8 +1,9 @@
 """Per-layer KV cache: preallocated tensors written in place, rolled back with `trim`.
 
 Every layer owns one object with the same small interface (mlx-lm style):
-`update(k, v, start) -> (keys, values, first_pos)`, `offset`, `trim(n)`, `keep(start, idx)`, `nbytes`, and for
-carrying a conversation's cache to its next request, `resumable(n)` and `moved(fresh)`.
+`update(k, v, start) -> (keys, values, first_pos)`, `offset`, `trim(n)`, `keep(start, idx)`, `nbytes`; for
+carrying a conversation's cache to its next request, `resumable(n)` and `moved(fresh)`; and for saving it to
+a file and loading it back, `stored()` and `restore(k, v, first)`.
 Eviction or compression policies (later issues) subclass `LayerKV` and are chosen per layer.
 
 Writes are position-addressed (gpt-fast style): a forward pass writes its keys at `[start, start + T)`, so a
@@ -63,6 +64,25 @@ class LayerKV:
         fresh.update(self.k[:, :, : self.offset], self.v[:, :, : self.offset], 0)
         return fresh
 
+    def stored(self):
+        """The keys/values this layer holds [B, H_kv, n, D] x2 (views), and the absolute position of the first."""
+        n = self.offset - self._first()
+        return self.k[:, :, :n], self.v[:, :, :n], self._first()
+
+    def restore(self, k: torch.Tensor, v: torch.Tensor, first: int) -> None:
+        """Fill this empty layer with what `stored` returned (for example from a file): positions first, ...."""
+        n = k.shape[2]
+        want = (*self.k.shape[:2], n, self.k.shape[3])
+        if tuple(k.shape) != want or tuple(v.shape) != want or k.dtype != self.k.dtype or n > self.capacity:
+            raise SkipjackError(f"saved keys {tuple(k.shape)} {k.dtype} do not fit this cache layer")
+        self._set_first(first)
+        self.k[:, :, :n], self.v[:, :, :n] = k, v
+        self.offset = first + n
+
+    def _set_first(self, first: int) -> None:
+        if first != 0:
+            raise SkipjackError("a full-attention layer's saved keys must start at position 0")
+
     @property
     def nbytes(self) -> int:
         """Bytes of keys/values currently held (valid positions only)."""
@@ -84,6 +104,9 @@ class SlidingLayerKV(LayerKV):
 
     def _first(self) -> int:
         return self.first
+
+    def _set_first(self, first: int) -> None:
+        self.first = first
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
         T = k.shape[2]

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from skipjack.errors import SkipjackError
 
@@ -43,25 +44,38 @@ def _params(a, tokenizer=None):
     )
 
 
+def _notice(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def cmd_generate(a) -> int:
     from skipjack.api import complete
     from skipjack.drafters import make_drafter
     from skipjack.loading import load
+    from skipjack.prompt_file import check_path, load_prompt_cache, save_prompt_cache
 
     prompt_text = sys.stdin.read() if a.prompt == "-" else a.prompt
     if not prompt_text.strip():
         raise SkipjackError("the prompt is empty")
     _params(a)  # validate everything before the (slow) load
     drafter = make_drafter(a.method)
+    cache_file = Path(a.prompt_cache) if a.prompt_cache else None
+    if cache_file:
+        check_path(cache_file)
     loaded = load(a.model, a.dtype)
     params = _params(a, loaded.tokenizer)
     prompt = loaded.tokenizer.prompt_ids(prompt_text, raw=a.raw)
+    saved = load_prompt_cache(cache_file, loaded.model, _notice) if cache_file else None
 
     def show(t):
         sys.stdout.write(t)
         sys.stdout.flush()
 
-    res = complete(loaded, prompt, params, a.method, tuple(a.stop), None if a.json else show, drafter)
+    res = complete(
+        loaded, prompt, params, a.method, tuple(a.stop), None if a.json else show, drafter, prompt_cache=saved
+    )
+    if cache_file:
+        save_prompt_cache(cache_file, saved)
     if a.json:
         out = res.to_json() | {"model": loaded.name, "dtype": a.dtype, "load_seconds": round(loaded.seconds, 3)}
         print(json.dumps(out, ensure_ascii=False))
@@ -69,7 +83,9 @@ def cmd_generate(a) -> int:
         sys.stdout.write("\n")
         print(
             f"[{res.new_tokens} tokens, {res.tokens_per_s:.1f} tok/s, method {res.method}, "
-            f"{res.mean_accepted:.2f} tokens/step, finish: {res.finish}]",
+            f"{res.mean_accepted:.2f} tokens/step, finish: {res.finish}"
+            + (f", {res.cached_tokens} of {res.prompt_tokens} prompt tokens from {cache_file}" if cache_file else "")
+            + "]",
             file=sys.stderr,
         )
     return 0
@@ -153,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(g)
     g.add_argument("--raw", action="store_true", help="send the prompt as plain text, not through the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument(
+        "--prompt-cache",
+        metavar="FILE",
+        default=None,
+        help="reuse the keys/values saved in FILE for the prompt's shared prefix, then save this run's there",
+    )
     g.add_argument("prompt", help="the prompt ('-' reads standard input)")
     g.set_defaults(func=cmd_generate)
     c = sub.add_parser("chat", help="interactive chat with the model's chat template")

@@ -1,0 +1,127 @@
+"""A prompt cache kept in a file between runs (llama.cpp's `--prompt-cache`, mlx-lm's `cache_prompt`).
+
+`skipjack generate --prompt-cache FILE` loads FILE's keys/values into a `PromptCache` before the request and
+saves the request's state (prompt and output) back after it, so a later run whose prompt starts the same way
+(the same long document, a new question) runs only the tokens after the shared prefix. The reuse is
+`PromptCache.start`'s, so the output is what a fresh request gives (see its docstring).
+
+- Format: safetensors. Tensors `{layer}.k`, `{layer}.v` hold each layer's valid positions [B, H_kv, n, D],
+  stored exactly (the cache's dtype). Metadata: `format`, `version`, `fingerprint` (the model's), `tokens`
+  (the ids the cache holds, JSON), `first` (per layer: the absolute position of its first stored key, > 0
+  only for a sliding-window layer that has dropped old keys, JSON) and `capacity` (the saving request's cache
+  size: a cache made at that size has the same kind of layer, full or sliding, at every depth).
+- Fingerprint: a hash of the model's config, dtype and a few of its weights, so a cache made by another model
+  or precision is never reused (a notice says it will be replaced).
+- Writes go to a temporary file in the same folder, then replace FILE in one rename: a crash or a concurrent
+  run never leaves a half-written cache, only the old one or a whole new one.
+- A FILE that exists but is not a skipjack prompt cache is an error, and it is left untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from skipjack.decode import PromptCache
+from skipjack.errors import SkipjackError
+from skipjack.models.common import DecoderLM
+
+FORMAT, VERSION = "skipjack-prompt-cache", "1"
+
+
+def fingerprint(model: DecoderLM) -> str:
+    """Identifies a model's weights and precision: its config, dtype, and the bytes of its first embedding rows
+    and final norm (two different checkpoints of one architecture differ there)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str).encode())
+    h.update(str(model.dtype).encode())
+    for t in (model.embed_tokens[:64], model.norm_weight):
+        h.update(t.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def check_path(path: Path) -> None:
+    """Fail early (before any model load) on a path that could not be read back or written."""
+    if path.is_dir():
+        raise SkipjackError(f"prompt cache {path} is a folder, not a file")
+    if not path.parent.is_dir():
+        raise SkipjackError(f"prompt cache folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise SkipjackError(f"prompt cache folder {path.parent} is not writable")
+    if path.exists():
+        _read_meta(path)
+
+
+def _read_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # safetensors raises its own error types for a header it cannot parse
+        raise SkipjackError(f"{path} is not a skipjack prompt cache; not touching it") from None
+    if meta.get("format") != FORMAT:
+        raise SkipjackError(f"{path} is not a skipjack prompt cache; not touching it")
+    if meta.get("version") != VERSION:
+        raise SkipjackError(f"{path} is a prompt cache of format version {meta.get('version')}; delete it to rebuild")
+    return meta
+
+
+def load_prompt_cache(path: Path, model: DecoderLM, notice=print) -> PromptCache:
+    """The prompt cache saved in `path` for `model`; an empty one if there is no file or it is another model's."""
+    from safetensors import safe_open
+
+    pc = PromptCache()
+    if not path.exists():
+        return pc
+    meta = _read_meta(path)
+    if meta.get("fingerprint") != fingerprint(model):
+        notice(f"skipjack: prompt cache {path} was made by another model or precision; it will be replaced")
+        return pc
+    try:
+        tokens, first, capacity = json.loads(meta["tokens"]), json.loads(meta["first"]), int(meta["capacity"])
+        cache = model.make_cache(capacity)  # the saving request's size: every layer is of the kind it was
+        if len(first) != len(cache) or not len(tokens) <= capacity:
+            raise SkipjackError(f"it does not match the model's {len(cache)} layers")
+        with safe_open(str(path), framework="pt") as f:
+            for i, layer in enumerate(cache):
+                layer.restore(f.get_tensor(f"{i}.k"), f.get_tensor(f"{i}.v"), first[i])
+    except (SkipjackError, RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise SkipjackError(f"{path} is damaged ({e}); delete it to rebuild") from None
+    pc.model, pc.tokens, pc.cache = model, tokens, cache
+    return pc
+
+
+def save_prompt_cache(path: Path, pc: PromptCache) -> None:
+    """Write `pc` to `path` atomically (temporary file + rename). An empty cache writes nothing."""
+    from safetensors.torch import save_file
+
+    if pc.cache is None or pc.model is None:
+        return
+    tensors, first = {}, []
+    for i, layer in enumerate(pc.cache):
+        k, v, f = layer.stored()
+        tensors[f"{i}.k"], tensors[f"{i}.v"] = k.contiguous(), v.contiguous()
+        first.append(f)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "fingerprint": fingerprint(pc.model),
+        "tokens": json.dumps(pc.tokens),
+        "first": json.dumps(first),
+        "capacity": str(pc.cache.capacity),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise SkipjackError(f"cannot write the prompt cache {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
