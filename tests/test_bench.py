@@ -403,8 +403,7 @@ def test_loop_split_separates_prompts_whose_plain_output_loops():
     runs += [run("pld", "a", 10 / 3, 1.0, loop), run("pld", "b", 8.0, 2.0, clean)]
     runs += [run("lossy", "a", 1.0, 1.0, loop), run("lossy", "b", 1.0, 1.0, clean)]
     summary = {m: {"kind": "method", "identical_fraction": f} for m, f in (("plain", 1), ("pld", 1), ("lossy", 0.5))}
-    md = loop_split({"runs": runs, "summary": summary})
-    row = next(ln for ln in md.splitlines() if ln.startswith("| `pld`"))
-    assert row == "| `pld` | 1.25× | 1.33× | 3.00× | 3.86× |"
-    assert "clean (1)" in md and "looping (1)" in md and "`lossy`" not in md
-    assert loop_split({"runs": runs, "summary": {"plain": summary["plain"]}}) == ""
+    head, rows, note = loop_split({"runs": runs, "summary": summary})
+    assert rows == [["`pld`", "1.25×", "1.33×", "3.00×", "3.86×"]]  # `lossy` is left out
+    assert "clean (1)" in head[1] and "looping (1)" in head[3] and "1 of the 2 prompts loops" in note
+    assert loop_split({"runs": runs, "summary": {"plain": summary["plain"]}}) is None

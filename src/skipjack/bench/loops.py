@@ -43,11 +43,11 @@ def _x(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×" if a and b else "–"
 
 
-def loop_split(results: dict, explain: bool = True) -> str:
-    """Markdown: each lossless speculative method's speedup over plain on clean and on looping prompts ('' when the
-    run has no greedy plain outputs or no such method). Every method ran the same prompts to the same tokens (it
-    is lossless), so a ratio of summed seconds is the ratio of tokens/s. `explain=False` leaves out the paragraph
-    that defines the split (for a second run in the same document)."""
+def loop_split(results: dict) -> tuple[list[str], list[list[str]], str] | None:
+    """A table (header, rows) of each lossless speculative method's speedup over plain on clean and on looping
+    prompts, and the paragraph that defines the split; None when the run has no greedy plain outputs or no such
+    method. Every method ran the same prompts to the same tokens (it is lossless), so a ratio of summed seconds
+    is the ratio of tokens/s."""
     runs = results.get("runs", [])
     plain = {r["id"]: r for r in runs if r["method"] == "plain" and r.get("tokens")}
     summary = results.get("summary", {})
@@ -55,7 +55,7 @@ def loop_split(results: dict, explain: bool = True) -> str:
         m for m, s in summary.items() if m != "plain" and s.get("kind") == "method" and s.get("identical_fraction") == 1
     ]
     if not plain or not methods:
-        return ""
+        return None
     loops = {i for i, r in plain.items() if self_repeat_share(r["tokens"]) > LOOP_SHARE}
     rows = []
     for m in methods:
@@ -73,13 +73,10 @@ def loop_split(results: dict, explain: bool = True) -> str:
         f"× plain, looping ({len(loops)})",
         "× plain (decode), looping",
     ]
-    from skipjack.bench.report import _table
-
-    table = _table(head, rows)
     note = (
         f"Clean and looping prompts: plain's output on {len(loops)} of the {len(plain)} prompts loops, i.e. more "
         f"than {LOOP_SHARE:.0%} of its positions end an {N}-token span that already occurred earlier in the same "
         "output (`skipjack.bench.loops`). Drafters copy such loops easily, so the clean columns are the fairer "
         "measure of what speculation gives on text a user wants."
     )
-    return table + "\n\n" + note if explain else table
+    return head, rows, note

@@ -334,7 +334,7 @@ def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack be
         parts += ["## Targets", "", checks, ""] + ([bound, ""] if bound else [])
     split = loop_split(results)
     if split:
-        parts += ["## Clean and looping outputs", "", split, ""]
+        parts += ["## Clean and looping outputs", "", _table(*split[:2]), "", split[2], ""]
     parts += ["## Overall", "", _overall(summary, peers), ""]
     parts += ["tokens/s = total new tokens / total seconds; × X = ratio of tokens/s; tokens/pass = new tokens per "]
     parts += ["decoding forward pass; BW util = weight bytes × forward passes/s ÷ measured bandwidth;"]
@@ -399,8 +399,8 @@ def render_extra(results: dict, heading: str) -> str:
     parts += [checks, ""] if checks else []
     parts += [bound, ""] if bound else []
     parts += [_overall(summary, peers), "", _by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
-    split = loop_split(results, explain=False)
-    parts += [split, ""] if split else []
+    split = loop_split(results)
+    parts += [_table(*split[:2]), ""] if split else []  # the split is defined in the main run's section
     return "\n".join(parts)
 
 
