@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?=
 
-.PHONY: demo test install lint bench bench-quick bench-llamacpp bench-sizing bench-outputs benchmarks-md bench-peers clean
+.PHONY: demo test install lint bench bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers clean
 
 $(BIN)/skipjack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,15 @@ bench-llamacpp: install
 bench-outputs: install
 	$(BIN)/skipjack bench --suite sample --methods plain,pld,ngram --max-new-tokens 256 --out bench-out/outputs
 
+# The same drafters with the model in bf16 (lossy against fp32: see bench-quality), full suite (~15 min).
+bench-bf16: install
+	$(BIN)/skipjack bench --suite full --methods plain,pld,ngram --dtype bf16 --max-new-tokens 64 --out bench-out/bf16
+
+# What bf16 costs in quality: perplexity and top-1 agreement against fp32 on the full suite's texts, and plain's
+# greedy outputs of the fp32 and bf16 runs compared (needs bench and bench-bf16; ~5 min).
+bench-quality: install
+	$(BIN)/python -m skipjack.bench.quality --dtype bf16 --runs bench-out/full bench-out/bf16 --out bench-out/quality
+
 # Draft sizing on the quick suite: the cost model against every fixed draft size (~10 min).
 bench-sizing: install
 	$(BIN)/skipjack bench --suite quick --methods plain,pld,pld:k=2,pld:k=4,pld:k=8,pld:k=16 \
@@ -56,10 +65,11 @@ bench-sizing: install
 # BENCHMARKS.md from the full run, plus the sizing run and the llama.cpp prompt-lookup run when they exist.
 EXTRA_RUNS = $(if $(wildcard bench-out/llamacpp/results.json),--extra "llama.cpp peers (full suite, separate run)=bench-out/llamacpp") \
 	$(if $(wildcard bench-out/sizing/results.json),--extra "Draft sizing (quick suite, separate run)=bench-out/sizing") \
-	$(if $(wildcard bench-out/outputs/results.json),--extra "Longer outputs: 256 new tokens (18-prompt sample, separate run)=bench-out/outputs")
+	$(if $(wildcard bench-out/outputs/results.json),--extra "Longer outputs: 256 new tokens (18-prompt sample, separate run)=bench-out/outputs") \
+	$(if $(wildcard bench-out/bf16/results.json),--extra "bf16 weights and activations (full suite, separate run)=bench-out/bf16")
 benchmarks-md: install
 	$(BIN)/python -m skipjack.bench.report bench-out/full --benchmarks-md BENCHMARKS.md $(EXTRA_RUNS) \
-		--notes docs/bench/NOTES.md
+		$(if $(wildcard bench-out/quality/quality.json),--quality bench-out/quality) --notes docs/bench/NOTES.md
 
 clean:
 	rm -rf $(VENV) bench-out

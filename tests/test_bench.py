@@ -7,6 +7,7 @@ long prompt stays a few thousand tokens) and checks what it wrote. Nothing here 
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from importlib import resources
@@ -407,3 +408,45 @@ def test_loop_split_separates_prompts_whose_plain_output_loops():
     assert rows == [["`pld`", "1.25×", "1.33×", "3.00×", "3.86×"]]  # `lossy` is left out
     assert "clean (1)" in head[1] and "looping (1)" in head[3] and "1 of the 2 prompts loops" in note
     assert loop_split({"runs": runs, "summary": {"plain": summary["plain"]}}) is None
+
+
+def test_quality_compare_sums_nll_agreement_and_kl():
+    """Against itself a model agrees everywhere with zero KL, and its NLL is the one computed from the full
+    logits; in bf16 the same weights give a positive KL and nearly the same perplexity."""
+    import torch
+    from conftest import hf_model, ours_from_hf
+
+    from skipjack.bench.quality import compare, summarise
+
+    hf = hf_model("llama", seed=1, vocab=48, num_hidden_layers=2)
+    ref, low = ours_from_hf(hf, torch.float32), ours_from_hf(hf, torch.bfloat16)
+    ids = torch.randint(0, 48, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    same = compare(ref, ref, ids, chunk=16)  # three chunks: 16 + 16 + 7 positions
+    assert same["tokens"] == 39 and same["agree"] == 39 and abs(same["kl"]) < 1e-6
+    logits = ref(torch.tensor([ids])).logits[0, :-1]  # [39, V]
+    direct = -torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
+    assert same["nll_ref"] == pytest.approx(direct, rel=1e-5) and same["nll_other"] == same["nll_ref"]
+    lossy = compare(ref, low, ids, chunk=16)
+    assert lossy["kl"] > 0 and lossy["nll_ref"] == pytest.approx(direct, rel=1e-5)
+    s = summarise([same, lossy])
+    assert s["tokens"] == 78 and s["ppl_ref"] == pytest.approx(math.exp(direct / 39), rel=1e-5)
+    assert abs(s["ppl_change"]) < 0.05 and 0.5 < s["top1_agreement"] <= 1
+
+
+def test_quality_command_and_its_benchmarks_md_section(tiny, bench_out, tmp_path, capsys):
+    from skipjack.bench import quality
+
+    out, _ = bench_out
+    argv = ["--model", str(tiny), "--suite", "quick", "--runs", str(out), str(out), "--out", str(tmp_path / "q")]
+    assert quality.main(argv) == 0
+    q = json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert q["dtype"] == "bf16" and q["overall"]["texts"] == 6 and len(q["rows"]) == 6
+    assert q["greedy"]["identical"] == 1.0  # a run against itself
+    assert "perplexity bf16" in capsys.readouterr().out
+    target = tmp_path / "BENCHMARKS.md"
+    assert report.main([str(out), "--benchmarks-md", str(target), "--quality", str(tmp_path / "q")]) == 0
+    md = target.read_text()
+    assert "## Quality: bf16 against fp32" in md and "| **all** | 6 |" in md
+    assert (tmp_path / "docs" / "bench" / "quality.json").exists()
+    assert quality.main(["--dtype", "int3", "--out", str(tmp_path / "q")]) == 2
+    assert "--dtype must be one of" in capsys.readouterr().err

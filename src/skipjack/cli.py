@@ -16,7 +16,12 @@ from skipjack.errors import SkipjackError
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="named model, .gguf file, HF folder or hub id")
-    p.add_argument("--dtype", default="fp32", help="fp32 (default: fastest with greedy output identical to HF) | bf16")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        help="fp32 (default: greedy output identical to HF, and speculation to plain decoding) | bf16 (faster; "
+        "its quality and speed are in BENCHMARKS.md)",
+    )
     p.add_argument("--method", default="plain", help="decoding method: plain | pld | ngram (options: pld:k=8)")
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy")
@@ -48,9 +53,22 @@ def _notice(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def _method_notice(a) -> None:
+    """Say so when a lossless method will not give plain decoding's exact tokens at this dtype."""
+    from skipjack.drafters import LOSSLESS, identical_to_plain, parse_method
+    from skipjack.loading import DTYPES
+
+    name, _ = parse_method(a.method)
+    if name in LOSSLESS and a.dtype in DTYPES and not identical_to_plain(a.method, a.dtype):
+        _notice(
+            f"skipjack: note: in {a.dtype}, {name}'s output can differ from plain decoding's (the kernels round a "
+            "pass over several tokens differently from a pass over one); --dtype fp32 keeps them identical"
+        )
+
+
 def cmd_generate(a) -> int:
     from skipjack.api import complete
-    from skipjack.drafters import make_drafter
+    from skipjack.drafters import identical_to_plain, make_drafter
     from skipjack.loading import load
     from skipjack.prompt_file import check_path, load_prompt_cache, save_prompt_cache
 
@@ -59,6 +77,7 @@ def cmd_generate(a) -> int:
         raise SkipjackError("the prompt is empty")
     _params(a)  # validate everything before the (slow) load
     drafter = make_drafter(a.method)
+    _method_notice(a)
     cache_file = Path(a.prompt_cache) if a.prompt_cache else None
     if cache_file:
         check_path(cache_file)
@@ -78,6 +97,7 @@ def cmd_generate(a) -> int:
         save_prompt_cache(cache_file, saved)
     if a.json:
         out = res.to_json() | {"model": loaded.name, "dtype": a.dtype, "load_seconds": round(loaded.seconds, 3)}
+        out["identical_to_plain"] = identical_to_plain(a.method, a.dtype)
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
@@ -99,6 +119,7 @@ def cmd_chat(a) -> int:
 
     _params(a)
     drafter = make_drafter(a.method)
+    _method_notice(a)
     loaded = load(a.model, a.dtype)
     if not loaded.tokenizer.chat_template:
         raise SkipjackError(f"model {loaded.name!r} has no chat template; use `skipjack generate --raw`")

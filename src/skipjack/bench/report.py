@@ -405,15 +405,25 @@ def render_extra(results: dict, heading: str) -> str:
 
 
 def write_benchmarks_md(
-    results_dir: Path, target: Path, extra: list[tuple[str, Path]] = (), notes: Path | None = None
+    results_dir: Path,
+    target: Path,
+    extra: list[tuple[str, Path]] = (),
+    notes: Path | None = None,
+    quality: Path | None = None,
 ) -> Path:
     """BENCHMARKS.md at `target` from results_dir/results.json; plots are copied to docs/bench/ beside it.
-    `extra` runs (heading, dir) are appended as sections, then the hand-written `notes` file verbatim (notes
-    must not type figures: every number in BENCHMARKS.md comes from a results.json)."""
+    `extra` runs (heading, dir) are appended as sections, then the `quality` folder's quality.json
+    (`skipjack.bench.quality`), then the hand-written `notes` file verbatim (notes must not type figures: every
+    number in BENCHMARKS.md comes from a results.json or quality.json)."""
+    from skipjack.bench.quality import render
     from skipjack.errors import SkipjackError
 
     results = _read(results_dir)
     extras = [(h, _read(d)) for h, d in extra]
+    try:
+        q = json.loads((Path(quality) / "quality.json").read_text()) if quality else None
+    except (OSError, json.JSONDecodeError) as e:
+        raise SkipjackError(f"cannot read {Path(quality) / 'quality.json'}: {e}") from None
     try:
         note_text = Path(notes).read_text() if notes else ""
     except OSError as e:
@@ -434,6 +444,10 @@ def write_benchmarks_md(
         raw = docs / f"results-{Path(d).resolve().name}.json"
         shutil.copyfile(Path(d) / "results.json", raw)
         md += "\n" + render_extra(res, heading) + f"\nRaw data: `docs/bench/{raw.name}`.\n"
+    if q:
+        shutil.copyfile(Path(quality) / "quality.json", docs / "quality.json")
+        md += f"\n## Quality: {q['dtype']} against fp32 (separate run)\n\n" + render(q)
+        md += "\n\nRaw data: `docs/bench/quality.json`.\n"
     if note_text:
         md += "\n" + note_text.rstrip()
     target.write_text(md + "\n")
@@ -452,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         "--extra", action="append", default=[], metavar="HEADING=DIR", help="append another run as a section"
     )
     ap.add_argument("--notes", default=None, help="append this hand-written markdown file (no typed figures)")
+    ap.add_argument("--quality", default=None, help="append a `skipjack.bench.quality --out` folder's results")
     a = ap.parse_args(argv)
     try:
         extra = []
@@ -462,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
             extra.append((heading, Path(d)))
         if a.benchmarks_md:
             notes = Path(a.notes) if a.notes else None
-            print(f"wrote {write_benchmarks_md(Path(a.dir), Path(a.benchmarks_md), extra, notes)}")
+            quality = Path(a.quality) if a.quality else None
+            print(f"wrote {write_benchmarks_md(Path(a.dir), Path(a.benchmarks_md), extra, notes, quality)}")
         else:
             results = json.loads((Path(a.dir) / "results.json").read_text())
             write_report(results, Path(a.dir))
