@@ -3,3 +3,17 @@
 
 class SkipjackError(Exception):
     """A problem with the user's input or environment, phrased for the user (no traceback)."""
+
+
+def run_command(body) -> int:
+    """Exit status of a `python -m skipjack...` command: 0 when body() returns; 2 with one line on stderr for a
+    SkipjackError, an OS error or a JSON file that does not parse."""
+    import json
+    import sys
+
+    try:
+        body()
+    except (SkipjackError, OSError, json.JSONDecodeError) as e:
+        print(f"skipjack: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -116,7 +116,7 @@ def render(q: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from skipjack.bench.suite import load_suite
-    from skipjack.errors import SkipjackError
+    from skipjack.errors import SkipjackError, run_command
     from skipjack.loading import DTYPES, load
 
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.quality", description=__doc__.splitlines()[0])
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", nargs=2, metavar=("REF", "OTHER"), help="two bench folders: fp32, then --dtype")
     ap.add_argument("--out", required=True, help="folder for quality.json")
     a = ap.parse_args(argv)
-    try:
+
+    def body() -> None:
         if a.dtype not in DTYPES or a.dtype == "fp32":
             raise SkipjackError(f"--dtype must be one of {', '.join(d for d in DTYPES if d != 'fp32')}")
         prompts = load_suite(a.suite)
@@ -153,10 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         (out / "quality.json").write_text(json.dumps(q, indent=1))
         print(render(q))
-    except (SkipjackError, OSError, json.JSONDecodeError) as e:
-        print(f"skipjack: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

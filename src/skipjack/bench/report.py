@@ -455,7 +455,7 @@ def write_benchmarks_md(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from skipjack.errors import SkipjackError
+    from skipjack.errors import SkipjackError, run_command
 
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.report", description=__doc__.splitlines()[0])
     ap.add_argument("dir", help="a `skipjack bench --out` folder holding results.json")
@@ -468,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--notes", default=None, help="append this hand-written markdown file (no typed figures)")
     ap.add_argument("--quality", default=None, help="append a `skipjack.bench.quality --out` folder's results")
     a = ap.parse_args(argv)
-    try:
+
+    def body() -> None:
         extra = []
         for item in a.extra:
             heading, eq, d = item.partition("=")
@@ -483,10 +484,8 @@ def main(argv: list[str] | None = None) -> int:
             results = json.loads((Path(a.dir) / "results.json").read_text())
             write_report(results, Path(a.dir))
             print(f"wrote {Path(a.dir) / 'REPORT.md'}")
-    except (SkipjackError, OSError, json.JSONDecodeError) as e:
-        print(f"skipjack: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command(body)
 
 
 if __name__ == "__main__":
