@@ -48,14 +48,16 @@ bench-llamacpp: install
 bench-outputs: install
 	$(BIN)/skipjack bench --suite sample --methods plain,pld,ngram --max-new-tokens 256 --out bench-out/outputs
 
-# The same drafters with the model in bf16 (lossy against fp32: see bench-quality), full suite (~15 min).
+# fp32 and bf16 in one run: our methods on the model in fp32 (the reference) and in bf16 (lossy against fp32:
+# see bench-quality), full suite (~40 min).
 bench-bf16: install
-	$(BIN)/skipjack bench --suite full --methods plain,pld,ngram --dtype bf16 --max-new-tokens 64 --out bench-out/bf16
+	$(BIN)/skipjack bench --suite full --methods plain,pld,ngram,plain@bf16,pld@bf16,ngram@bf16 \
+		--max-new-tokens 64 --out bench-out/bf16
 
-# What bf16 costs in quality: perplexity and top-1 agreement against fp32 on the full suite's texts, and plain's
-# greedy outputs of the fp32 and bf16 runs compared (needs bench and bench-bf16; ~5 min).
+# What bf16 costs in quality: perplexity, next-token agreement and KL against fp32, teacher-forced on the full
+# suite's texts (~3 min).
 bench-quality: install
-	$(BIN)/python -m skipjack.bench.quality --dtype bf16 --runs bench-out/full bench-out/bf16 --out bench-out/quality
+	$(BIN)/python -m skipjack.bench.quality --dtype bf16 --out bench-out/quality
 
 # Draft sizing on the quick suite: the cost model against every fixed draft size (~10 min).
 bench-sizing: install
@@ -66,7 +68,7 @@ bench-sizing: install
 EXTRA_RUNS = $(if $(wildcard bench-out/llamacpp/results.json),--extra "llama.cpp peers (full suite, separate run)=bench-out/llamacpp") \
 	$(if $(wildcard bench-out/sizing/results.json),--extra "Draft sizing (quick suite, separate run)=bench-out/sizing") \
 	$(if $(wildcard bench-out/outputs/results.json),--extra "Longer outputs: 256 new tokens (18-prompt sample, separate run)=bench-out/outputs") \
-	$(if $(wildcard bench-out/bf16/results.json),--extra "bf16 weights and activations (full suite, separate run)=bench-out/bf16")
+	$(if $(wildcard bench-out/bf16/results.json),--extra "fp32 and bf16 in one run (full suite, separate run)=bench-out/bf16")
 benchmarks-md: install
 	$(BIN)/python -m skipjack.bench.report bench-out/full --benchmarks-md BENCHMARKS.md $(EXTRA_RUNS) \
 		$(if $(wildcard bench-out/quality/quality.json),--quality bench-out/quality) --notes docs/bench/NOTES.md

@@ -437,11 +437,10 @@ def test_quality_command_and_its_benchmarks_md_section(tiny, bench_out, tmp_path
     from skipjack.bench import quality
 
     out, _ = bench_out
-    argv = ["--model", str(tiny), "--suite", "quick", "--runs", str(out), str(out), "--out", str(tmp_path / "q")]
+    argv = ["--model", str(tiny), "--suite", "quick", "--out", str(tmp_path / "q")]
     assert quality.main(argv) == 0
     q = json.loads((tmp_path / "q" / "quality.json").read_text())
     assert q["dtype"] == "bf16" and q["overall"]["texts"] == 6 and len(q["rows"]) == 6
-    assert q["greedy"]["identical"] == 1.0  # a run against itself
     assert "perplexity bf16" in capsys.readouterr().out
     target = tmp_path / "BENCHMARKS.md"
     assert report.main([str(out), "--benchmarks-md", str(target), "--quality", str(tmp_path / "q")]) == 0
@@ -450,3 +449,24 @@ def test_quality_command_and_its_benchmarks_md_section(tiny, bench_out, tmp_path
     assert (tmp_path / "docs" / "bench" / "quality.json").exists()
     assert quality.main(["--dtype", "int3", "--out", str(tmp_path / "q")]) == 2
     assert "--dtype must be one of" in capsys.readouterr().err
+
+
+def test_methods_on_the_model_in_another_dtype_in_the_same_run(tiny, tmp_path, capsys):
+    """`plain@bf16` and `pld@bf16` run on the model loaded in bf16 beside the fp32 methods, with fp32 `plain` as
+    the reference: they are not lossless against it (whatever their identical share), and their bandwidth
+    figure counts bf16 weights. An unknown dtype is a one-line error before the model load."""
+    out = tmp_path / "out"
+    argv = ["bench", "--model", str(tiny), "--suite", "quick", "--methods", "pld,plain@bf16,pld@bf16"]
+    assert cli_main([*argv, "--max-new-tokens", "6", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    s = res["summary"]
+    assert list(s) == ["plain", "pld", "plain@bf16", "pld@bf16"]
+    assert s["pld"]["lossless"] is True and s["plain@bf16"]["lossless"] is False and s["pld@bf16"]["lossless"] is False
+    by_dtype = res["model"]["weight_bytes_by_dtype"]
+    assert by_dtype["bf16"] * 2 == by_dtype["fp32"] == s["plain"]["weight_bytes"] == 2 * s["pld@bf16"]["weight_bytes"]
+    assert all(s[m]["prompts"] == 6 and s[m]["speedup_vs_plain"] for m in s)
+    assert all(r["identical"] is not None for r in res["runs"])
+    capsys.readouterr()
+    code = cli_main([*argv[:-1], "plain@int3", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown dtype 'int3'" in err and len(err.strip().splitlines()) == 1

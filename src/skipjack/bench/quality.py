@@ -9,9 +9,9 @@ compares the two next-token distributions p (fp32) and q:
 - whether the two argmaxes agree (a greedy decoder would pick the same token here);
 - KL(p || q).
 
-Sums per category and overall go to DIR/quality.json; `--runs REF OTHER` (two `skipjack bench --out` folders
-of the same suite at temperature 0, one per dtype) adds how many of plain's greedy outputs are identical and
-the mean length of their common prefix. `python -m skipjack.bench.report ... --quality DIR` renders it.
+Sums per category and overall go to DIR/quality.json; `python -m skipjack.bench.report ... --quality DIR`
+renders them. (How often whole greedy outputs agree is the benchmark's job: `skipjack bench --methods
+plain,plain@bf16` reports bf16's `identical` share against fp32 plain.)
 """
 
 from __future__ import annotations
@@ -63,27 +63,6 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
-def greedy_agreement(ref_results: dict, other_results: dict) -> dict | None:
-    """Plain's greedy outputs of two bench runs on the same prompts: identical share, mean common prefix."""
-    from skipjack.decode import common_prefix
-
-    def plain(res):
-        return {r["id"]: r["tokens"] for r in res.get("runs", []) if r["method"] == "plain" and "tokens" in r}
-
-    a, b = plain(ref_results), plain(other_results)
-    ids = sorted(a.keys() & b.keys())
-    if not ids or ref_results["settings"]["temperature"] or other_results["settings"]["temperature"]:
-        return None
-    return {
-        "prompts": len(ids),
-        "identical": sum(a[i] == b[i] for i in ids) / len(ids),
-        "mean_common_prefix": sum(common_prefix(a[i], b[i]) for i in ids) / len(ids),
-        "mean_tokens": sum(len(a[i]) for i in ids) / len(ids),
-        "ref_command": ref_results.get("command"),
-        "other_command": other_results.get("command"),
-    }
-
-
 def render(q: dict) -> str:
     """The markdown section for BENCHMARKS.md."""
     head = "| texts | tokens | perplexity fp32 | perplexity {d} | change | top-1 agreement | mean KL (nats) |"
@@ -103,14 +82,6 @@ def render(q: dict) -> str:
         f"Teacher-forced over every prompt's tokens (chat template included): the model in fp32 against the same "
         f"weights in {q['dtype']}; top-1 agreement is the share of positions where both pick the same next token.",
     ]
-    g = q.get("greedy")
-    if g:
-        lines += [
-            "",
-            f"Plain greedy outputs, fp32 run against {q['dtype']} run: {g['identical']:.0%} of {g['prompts']} are "
-            f"identical; on average the first {g['mean_common_prefix']:.1f} of {g['mean_tokens']:.1f} tokens agree "
-            f"(`{g['ref_command']}` against `{g['other_command']}`).",
-        ]
     return "\n".join(lines)
 
 
@@ -123,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", "-m", default=None)
     ap.add_argument("--dtype", default="bf16", help="the precision to compare with fp32")
     ap.add_argument("--suite", default="full")
-    ap.add_argument("--runs", nargs=2, metavar=("REF", "OTHER"), help="two bench folders: fp32, then --dtype")
     ap.add_argument("--out", required=True, help="folder for quality.json")
     a = ap.parse_args(argv)
 
@@ -131,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         if a.dtype not in DTYPES or a.dtype == "fp32":
             raise SkipjackError(f"--dtype must be one of {', '.join(d for d in DTYPES if d != 'fp32')}")
         prompts = load_suite(a.suite)
-        runs = [json.loads((Path(d) / "results.json").read_text()) for d in a.runs or ()]
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         ref, other = load(a.model, "fp32"), load(a.model, a.dtype)
@@ -149,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
             "suite": a.suite,
             "by_category": {c: summarise(r) for c, r in cats.items()},
             "overall": summarise(rows),
-            "greedy": greedy_agreement(*runs) if runs else None,
             "rows": rows,
         }
         (out / "quality.json").write_text(json.dumps(q, indent=1))

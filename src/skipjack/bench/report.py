@@ -8,7 +8,8 @@ results.json schema (version `SCHEMA_VERSION`; times in seconds, sizes in bytes 
     machine         {cpu, cores, physical_cores, threads, ram_gb, platform, python, torch, transformers,
                      llama_cpp_python (null if not installed), bandwidth_gbs (measured copy bandwidth),
                      load_avg_1m (at the start: other load on the machine skews timings), date (ISO)}
-    model           {name, source, dtype, weight_bytes, params, context, load_seconds, load_cold_s, load_warm_s}
+    model           {name, source, dtype, weight_bytes, params, context, load_seconds, load_cold_s, load_warm_s,
+                     weight_bytes_by_dtype ({dtype: bytes} for the run's dtype and each `method@dtype`'s)}
     suite           "quick" | "full" | "custom" (--prompts); prompts_file: the path or null
     settings        {methods: [...], peers: [...], max_new_tokens, temperature, seed, repeats}
     prompts         [{id, category, prompt_tokens}]  the prompts that were run
@@ -21,7 +22,9 @@ results.json schema (version `SCHEMA_VERSION`; times in seconds, sizes in bytes 
                      tokens == plain's on this prompt; null at T > 0), mean_accepted (tokens per decoding forward
                      pass), accept_hist ({accepted drafts per verify step: count}; {} for peers), draft_steps
                      (null for peers), forward_passes (decoding passes, prefill excluded), finish, tokens}
-    summary         {method or peer: {kind, status, lossless (skipjack.drafters.LOSSLESS; null for peers), prompts,
+    summary         {method or peer: {kind, status, lossless (skipjack.drafters.LOSSLESS, and false for a
+                     `method@dtype` in another dtype than the run's, whose reference `plain` it is not; null for
+                     peers), prompts,
                      new_tokens, seconds, tokens_per_s (total tokens / total seconds), speedup_vs_plain,
                      speedup_vs_<peer> for each peer that ran (e.g. speedup_vs_hf, speedup_vs_hf-pld),
                      decode_tokens_per_s and decode_speedup_vs_plain (the decoding phase alone: tokens after the
@@ -93,6 +96,7 @@ def _speedup(runs: list[dict], ref: list[dict], rate=lambda rs: _agg(rs)["tokens
 
 def summarise(results: dict, rss_peaks: dict | None = None) -> dict:
     """The `summary` section, computed from `runs` (see the module docstring)."""
+    from skipjack.bench.suite import split_dtype
     from skipjack.drafters import LOSSLESS, parse_method
 
     runs, peers = results.get("runs", []), results.get("peers", {})
@@ -103,13 +107,16 @@ def summarise(results: dict, rss_peaks: dict | None = None) -> dict:
     ran_peers = [n for n, p in peers.items() if p["status"] == "ok" and by.get(n)]
     bw = (results.get("machine") or {}).get("bandwidth_gbs")
     greedy = results.get("settings", {}).get("temperature", 0) == 0
+    model = results.get("model") or {}
     out: dict[str, dict] = {}
     for name in [*results.get("settings", {}).get("methods", []), *peers]:
         is_peer = name in peers
         status = peers[name]["status"] if is_peer else "ok"
         rs = by.get(name, [])
         s = {"kind": "peer" if is_peer else "method", "status": status}
-        s["lossless"] = None if is_peer else parse_method(name)[0] in LOSSLESS
+        spec, dtype = split_dtype(name)  # `method@dtype`: the model in another dtype than the run's (and plain's)
+        same_dtype = dtype in (None, model.get("dtype"))
+        s["lossless"] = None if is_peer else same_dtype and parse_method(spec)[0] in LOSSLESS
         s |= _agg(rs) if rs else dict.fromkeys(("prompts", "new_tokens", "seconds", "tokens_per_s", "mean_accepted"))
         s["speedup_vs_plain"] = _speedup(rs, plain) if rs else None
         s["decode_tokens_per_s"] = _decode_rate(rs)
@@ -125,7 +132,8 @@ def summarise(results: dict, rss_peaks: dict | None = None) -> dict:
         marks = [r["identical"] for r in rs if r["identical"] is not None]
         s["identical_fraction"] = sum(marks) / len(marks) if greedy and marks else None
         s["peak_rss_mb"] = round(rss_peaks[name], 1) if rss_peaks and name in rss_peaks else None
-        weights = peers[name].get("weight_bytes") if is_peer else (results.get("model") or {}).get("weight_bytes")
+        weights = model.get("weight_bytes") if same_dtype else (model.get("weight_bytes_by_dtype") or {}).get(dtype)
+        weights = peers[name].get("weight_bytes") if is_peer else weights
         fps = s["forward_passes"] / s["seconds"] if rs and s["seconds"] else None
         s["forward_passes_per_s"] = fps
         s["weight_bytes"] = weights
@@ -266,7 +274,7 @@ def targets(summary: dict) -> str:
         for c in ("chat", "math"):
             rows.append(_check(f"ngram vs pld, {c}", _ratio(cat("ngram", c), cat("pld", c)), 1.0, "category tokens/s"))
     for key, how in (("tokens_per_s", "tokens/s ratio"), ("decode_tokens_per_s", "decoding phase only")):
-        fixed = {n: s.get(key) for n, s in ok.items() if n.startswith("pld:k=") and s.get(key)}
+        fixed = {n: s.get(key) for n, s in ok.items() if n.startswith("pld:k=") and "@" not in n and s.get(key)}
         if "pld" in ok and fixed:
             best = max(fixed, key=fixed.get)
             got = _ratio(ok["pld"].get(key), fixed[best])

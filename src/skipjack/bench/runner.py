@@ -15,6 +15,9 @@ Procedure (the schema of results.json is documented in `skipjack.bench.report`):
    of the repeats is kept. Interleaving prompt by prompt and round by round makes slow drift of the machine
    hit every method alike. Tokens, accepted-length statistics and forward passes come from the first repeat.
 
+A method spec may end in `@dtype` (`plain@bf16`, `ngram@bf16`): it then runs on the same model loaded in that
+dtype, so one run compares precisions as ratios, with `plain` (the run's --dtype) as the reference for both.
+
 `plain` is the reference for `speedup_vs_plain` and for `identical` (exact token-list
 equality with plain's output on the same prompt, at temperature 0; null at T > 0). One drafter object per
 method is reused across prompts, so its online statistics carry over as in a long-lived server; each repeat
@@ -39,7 +42,14 @@ from pathlib import Path
 from skipjack.bench import peers as peers_mod
 from skipjack.bench import report
 from skipjack.bench.machine import RssSampler, machine_info, measure_bandwidth, peak_rss_mb
-from skipjack.bench.suite import load_prompts_file, load_suite, parse_methods, parse_peers, probe_out_dir
+from skipjack.bench.suite import (
+    load_prompts_file,
+    load_suite,
+    parse_methods,
+    parse_peers,
+    probe_out_dir,
+    split_dtype,
+)
 from skipjack.errors import SkipjackError
 
 WARMUP_TOKENS = 8
@@ -50,7 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--suite", default="quick", help="quick (6 prompts) | sample (18: 3 per category of full) | full (60 prompts)"
     )
-    p.add_argument("--methods", default="plain,pld,ngram", help="comma list (e.g. plain,pld,pld:k=8) or 'all'")
+    p.add_argument(
+        "--methods",
+        default="plain,pld,ngram",
+        help="comma list (e.g. plain,pld,pld:k=8; NAME@bf16 runs on the model in bf16) or 'all'",
+    )
     p.add_argument("--peers", default="", help="comma list of hf,hf-pld,llamacpp,llamacpp-pld (default: none)")
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (identical_fraction needs it)")
@@ -87,12 +101,15 @@ def _check_numbers(a) -> None:
 class Bench:
     """Holds the loaded model, drafters and peers, and the runs measured so far."""
 
-    def __init__(self, a, loaded, methods: list[str], peers: dict, prompts: list[tuple], sampler: RssSampler):
+    def __init__(
+        self, a, loaded, methods: list[str], peers: dict, prompts: list[tuple], sampler: RssSampler, models=None
+    ):
         from skipjack.drafters import make_drafter
         from skipjack.sampling import SamplingParams
 
         self.a, self.loaded, self.methods, self.peers, self.prompts = a, loaded, methods, peers, prompts
-        self.drafters = {m: make_drafter(m) for m in methods}
+        self.models = models or {None: loaded}  # dtype after a method's `@` (None: the run's) -> Loaded
+        self.drafters = {m: make_drafter(split_dtype(m)[0]) for m in methods}
         stop = loaded.tokenizer.stop_ids
         seed = a.seed if a.temperature > 0 else None
         mk = lambda n: SamplingParams(temperature=a.temperature, seed=seed, max_new_tokens=n, stop_token_ids=stop)
@@ -103,7 +120,8 @@ class Bench:
     def _ours(self, method: str, ids: list[int], params, drafter=None) -> dict:
         from skipjack import api
 
-        r = api.complete(self.loaded, ids, params, method, drafter=drafter or self.drafters[method])
+        spec, dtype = split_dtype(method)
+        r = api.complete(self.models[dtype], ids, params, spec, drafter=drafter or self.drafters[method])
         return {
             "tokens": list(r.tokens),
             "seconds": r.seconds,
@@ -144,9 +162,10 @@ class Bench:
     def warm_up(self, progress, task) -> None:
         from skipjack import decode
 
-        if any(m != "plain" for m in self.methods):  # a prior measured in this run's conditions, not cached
+        speculative = {split_dtype(m)[1] for m in self.methods if split_dtype(m)[0] != "plain"}
+        for dtype in speculative:  # a prior measured in this run's conditions (per model), not cached
             progress.update(task, description="measuring the verify-cost prior")
-            decode.cost_model(self.loaded.model, remeasure=True)
+            decode.cost_model(self.models[dtype].model, remeasure=True)
         ids = min(self.prompts, key=lambda p: len(p[1]))[1]
         for name in self.jobs():
             progress.update(task, description=f"warm-up {name}")
@@ -303,7 +322,10 @@ def main(a) -> int:
     }
     sampler = RssSampler()
     sampler.start()
-    bench = Bench(a, loaded, methods, peers, kept, sampler)
+    others = {split_dtype(m)[1] for m in methods} - {None, a.dtype}  # `method@dtype`: the model in that dtype too
+    models = {None: loaded, a.dtype: loaded} | {d: load(a.model, d) for d in sorted(others)}
+    results["model"]["weight_bytes_by_dtype"] = {d: m.weight_bytes for d, m in models.items() if d}
+    bench = Bench(a, loaded, methods, peers, kept, sampler, models)
     interrupted = False
     try:
         with _progress() as progress:

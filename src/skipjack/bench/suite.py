@@ -101,9 +101,17 @@ def load_prompts_file(path: str) -> list[Prompt]:
     return parse_prompts(text, str(path))
 
 
+def split_dtype(spec: str) -> tuple[str, str | None]:
+    """A benchmark method spec may name the model's dtype after `@`: 'ngram:width=2@bf16' -> ('ngram:width=2',
+    'bf16'); without `@` the run's --dtype applies (None)."""
+    method, at, dtype = spec.partition("@")
+    return method.strip(), (dtype.strip() if at else None)
+
+
 def parse_methods(spec: str) -> list[str]:
-    """`plain,pld,...` or `all` -> validated method specs, `plain` first, duplicates dropped."""
+    """`plain,pld,plain@bf16,...` or `all` -> validated method specs, `plain` first, duplicates dropped."""
     from skipjack.drafters import make_drafter, method_names
+    from skipjack.loading import DTYPES
 
     if spec.strip() == "all":
         items = [*method_names(), *(f"pld:k={k}" for k in FIXED_LENGTHS)]
@@ -113,7 +121,10 @@ def parse_methods(spec: str) -> list[str]:
         raise SkipjackError("--methods is empty")
     out = ["plain"]
     for m in items:
-        make_drafter(m)  # raises SkipjackError for an unknown method or option
+        method, dtype = split_dtype(m)
+        make_drafter(method)  # raises SkipjackError for an unknown method or option
+        if dtype is not None and dtype not in DTYPES:
+            raise SkipjackError(f"{m}: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         if m not in out:
             out.append(m)
     return out
