@@ -466,6 +466,8 @@ def test_methods_on_the_model_in_another_dtype_in_the_same_run(tiny, tmp_path, c
     assert by_dtype["bf16"] * 2 == by_dtype["fp32"] == s["plain"]["weight_bytes"] == 2 * s["pld@bf16"]["weight_bytes"]
     assert all(s[m]["prompts"] == 6 and s[m]["speedup_vs_plain"] for m in s)
     assert all(r["identical"] is not None for r in res["runs"])
+    assert s["pld@bf16"]["identical_in_dtype"] is not None and s["pld"]["identical_in_dtype"] is None
+    assert "Against plain decoding on the model in the same dtype" in (out / "REPORT.md").read_text()
     capsys.readouterr()
     code = cli_main([*argv[:-1], "plain@int3", "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err

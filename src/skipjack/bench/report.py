@@ -30,7 +30,8 @@ results.json schema (version `SCHEMA_VERSION`; times in seconds, sizes in bytes 
                      decode_tokens_per_s and decode_speedup_vs_plain (the decoding phase alone: tokens after the
                      first over seconds after the first token; null for peers, whose prefill time is not known),
                      mean_accepted, accept_hist, draft_steps, forward_passes, forward_passes_per_s,
-                     identical_fraction (null at T > 0), peak_rss_mb (sampled while it ran), weight_bytes,
+                     identical_fraction (null at T > 0), identical_in_dtype (a `method@dtype`'s share of outputs
+                     equal to `plain@dtype`'s; null without it), peak_rss_mb (sampled while it ran), weight_bytes,
                      bandwidth_utilisation (weight_bytes x forward passes/s / measured bandwidth),
                      by_category: {cat: {prompts, new_tokens, seconds, tokens_per_s, speedup_vs_plain, mean_accepted}}}}
                     A peer that did not run has only kind, status and null numbers.
@@ -131,6 +132,9 @@ def summarise(results: dict, rss_peaks: dict | None = None) -> dict:
         s["draft_steps"] = None if is_peer or not rs else sum(r["draft_steps"] for r in rs)
         marks = [r["identical"] for r in rs if r["identical"] is not None]
         s["identical_fraction"] = sum(marks) / len(marks) if greedy and marks else None
+        own = {r["id"]: r["tokens"] for r in by.get(f"plain@{dtype}", [])} if spec != "plain" else {}
+        pairs = [r["tokens"] == own[r["id"]] for r in rs if r["id"] in own and "tokens" in r]
+        s["identical_in_dtype"] = sum(pairs) / len(pairs) if greedy and pairs else None
         s["peak_rss_mb"] = round(rss_peaks[name], 1) if rss_peaks and name in rss_peaks else None
         weights = model.get("weight_bytes") if same_dtype else (model.get("weight_bytes_by_dtype") or {}).get(dtype)
         weights = peers[name].get("weight_bytes") if is_peer else weights
@@ -202,6 +206,18 @@ def _overall(summary: dict, peers: list[str]) -> str:
         row += [_f(s["mean_accepted"]), ident, _f(s["peak_rss_mb"], "{:.0f}"), _f(s["bandwidth_utilisation"], "{:.1%}")]
         rows.append(row)
     return _table(head, rows)
+
+
+def _in_dtype(summary: dict) -> str:
+    """A line on how `method@dtype` outputs compare with plain decoding in the same dtype ('' if none ran)."""
+    shares = {n: s["identical_in_dtype"] for n, s in summary.items() if s.get("identical_in_dtype") is not None}
+    if not shares:
+        return ""
+    each = ", ".join(f"`{n}` {v:.0%}" for n, v in shares.items())
+    return (
+        "Against plain decoding on the model in the same dtype (`plain@...`), share of identical outputs: "
+        f"{each}. The `identical` column compares with `plain`, in the run's dtype."
+    )
 
 
 def _categories(summary: dict) -> list[str]:
@@ -344,6 +360,7 @@ def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack be
     if split:
         parts += ["## Clean and looping outputs", "", _table(*split[:2]), "", split[2], ""]
     parts += ["## Overall", "", _overall(summary, peers), ""]
+    parts += [_in_dtype(summary), ""] if _in_dtype(summary) else []
     parts += ["tokens/s = total new tokens / total seconds; × X = ratio of tokens/s; tokens/pass = new tokens per "]
     parts += ["decoding forward pass; BW util = weight bytes × forward passes/s ÷ measured bandwidth;"]
     parts += ["× plain (decode) = the same ratio over the decoding phase only (after the first token; speculation"]
@@ -406,7 +423,8 @@ def render_extra(results: dict, heading: str) -> str:
     bound = prefill_bound(results) if checks else ""
     parts += [checks, ""] if checks else []
     parts += [bound, ""] if bound else []
-    parts += [_overall(summary, peers), "", _by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
+    parts += [_overall(summary, peers), ""] + ([_in_dtype(summary), ""] if _in_dtype(summary) else [])
+    parts += [_by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
     split = loop_split(results)
     parts += [_table(*split[:2]), ""] if split else []  # the split is defined in the main run's section
     return "\n".join(parts)
