@@ -20,7 +20,7 @@ LOSSLESS = {"plain", "pld", "ngram"}  # methods whose output provably equals pla
 # pass runs several tokens through the model at once, and the CPU kernels (attention above all) round a
 # pass over several tokens differently from a pass over one. In fp32 the differences are far below the gaps
 # between logits: every benchmark prompt gives identical tokens (a real-model test checks them). In bf16
-# they are not: see the bf16 run in BENCHMARKS.md.
+# they are not: see the "fp32 and bf16 in one run" section of BENCHMARKS.md.
 EXACT_DTYPES = {"fp32", "fp64"}
 
 
