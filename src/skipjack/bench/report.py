@@ -359,8 +359,8 @@ def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack be
     split = loop_split(results)
     if split:
         parts += ["## Clean and looping outputs", "", _table(*split[:2]), "", split[2], ""]
-    parts += ["## Overall", "", _overall(summary, peers), ""]
-    parts += [_in_dtype(summary), ""] if _in_dtype(summary) else []
+    in_dtype = _in_dtype(summary)
+    parts += ["## Overall", "", _overall(summary, peers), ""] + ([in_dtype, ""] if in_dtype else [])
     parts += ["tokens/s = total new tokens / total seconds; × X = ratio of tokens/s; tokens/pass = new tokens per "]
     parts += ["decoding forward pass; BW util = weight bytes × forward passes/s ÷ measured bandwidth;"]
     parts += ["× plain (decode) = the same ratio over the decoding phase only (after the first token; speculation"]
@@ -423,7 +423,8 @@ def render_extra(results: dict, heading: str) -> str:
     bound = prefill_bound(results) if checks else ""
     parts += [checks, ""] if checks else []
     parts += [bound, ""] if bound else []
-    parts += [_overall(summary, peers), ""] + ([_in_dtype(summary), ""] if _in_dtype(summary) else [])
+    in_dtype = _in_dtype(summary)
+    parts += [_overall(summary, peers), ""] + ([in_dtype, ""] if in_dtype else [])
     parts += [_by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
     split = loop_split(results)
     parts += [_table(*split[:2]), ""] if split else []  # the split is defined in the main run's section
