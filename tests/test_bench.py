@@ -393,12 +393,13 @@ def test_self_repeat_share_counts_spans_seen_earlier_in_the_output():
 def test_loop_split_separates_prompts_whose_plain_output_loops():
     """Prompt a: plain's output loops, pld is 3x faster. Prompt b: clean text, pld 1.25x. Decoding phase: a is
     (10-1)/(3.33-1) = 3.86x, b is (10-2)/(8-2) = 1.33x. A lossy method is left out."""
-    from skipjack.bench.loops import loop_split
+    from skipjack.bench.report import loop_split
 
     loop, clean = [1, 2, 3] * 20, list(range(60))
 
     def run(m, i, secs, pre, tokens):
-        return {"id": i, "method": m, "seconds": secs, "prefill_seconds": pre, "tokens": tokens}
+        r = {"id": i, "method": m, "seconds": secs, "prefill_seconds": pre, "tokens": tokens}
+        return r | {"new_tokens": len(tokens), "forward_passes": len(tokens) - 1, "mean_accepted": 1.0}
 
     runs = [run("plain", "a", 10.0, 1.0, loop), run("plain", "b", 10.0, 2.0, clean)]
     runs += [run("pld", "a", 10 / 3, 1.0, loop), run("pld", "b", 8.0, 2.0, clean)]

@@ -10,7 +10,7 @@ compares the two next-token distributions p (fp32) and q:
 - KL(p || q).
 
 Sums per category and overall go to DIR/quality.json; `python -m skipjack.bench.report ... --quality DIR`
-renders them. (How often whole greedy outputs agree is the benchmark's job: `skipjack bench --methods
+renders them (`render_quality`). (How often whole greedy outputs agree is the benchmark's job: `skipjack bench --methods
 plain,plain@bf16` reports bf16's `identical` share against fp32 plain.)
 """
 
@@ -63,28 +63,6 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
-def render(q: dict) -> str:
-    """The markdown section for BENCHMARKS.md."""
-    head = "| texts | tokens | perplexity fp32 | perplexity {d} | change | top-1 agreement | mean KL (nats) |"
-    lines = [
-        f"Command: `{q['command']}`",
-        "",
-        "| category " + head.format(d=q["dtype"]),
-        "|---" * 8 + "|",
-    ]
-    for cat, s in [*q["by_category"].items(), ("**all**", q["overall"])]:
-        lines.append(
-            f"| {cat} | {s['texts']} | {s['tokens']} | {s['ppl_ref']:.3f} | {s['ppl_other']:.3f} | "
-            f"{s['ppl_change']:+.2%} | {s['top1_agreement']:.2%} | {s['mean_kl']:.5f} |"
-        )
-    lines += [
-        "",
-        f"Teacher-forced over every prompt's tokens (chat template included): the model in fp32 against the same "
-        f"weights in {q['dtype']}; top-1 agreement is the share of positions where both pick the same next token.",
-    ]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     from skipjack.bench.suite import load_suite
     from skipjack.errors import SkipjackError, run_command
@@ -121,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
         }
         (out / "quality.json").write_text(json.dumps(q, indent=1))
-        print(render(q))
+        from skipjack.bench.report import render_quality
+
+        print(render_quality(q))
 
     return run_command(body)
 

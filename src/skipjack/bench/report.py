@@ -55,7 +55,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from skipjack.bench.loops import loop_split
+from skipjack.bench import loops
 
 SCHEMA_VERSION = 1
 PLOTS = ("speedup_by_category.png", "draft_length.png", "accept_hist.png")
@@ -136,8 +136,10 @@ def summarise(results: dict, rss_peaks: dict | None = None) -> dict:
         pairs = [r["tokens"] == own[r["id"]] for r in rs if r["id"] in own and "tokens" in r]
         s["identical_in_dtype"] = sum(pairs) / len(pairs) if greedy and pairs else None
         s["peak_rss_mb"] = round(rss_peaks[name], 1) if rss_peaks and name in rss_peaks else None
-        weights = model.get("weight_bytes") if same_dtype else (model.get("weight_bytes_by_dtype") or {}).get(dtype)
-        weights = peers[name].get("weight_bytes") if is_peer else weights
+        if is_peer:
+            weights = peers[name].get("weight_bytes")
+        else:
+            weights = model.get("weight_bytes") if same_dtype else (model.get("weight_bytes_by_dtype") or {}).get(dtype)
         fps = s["forward_passes"] / s["seconds"] if rs and s["seconds"] else None
         s["forward_passes_per_s"] = fps
         s["weight_bytes"] = weights
@@ -206,6 +208,48 @@ def _overall(summary: dict, peers: list[str]) -> str:
         row += [_f(s["mean_accepted"]), ident, _f(s["peak_rss_mb"], "{:.0f}"), _f(s["bandwidth_utilisation"], "{:.1%}")]
         rows.append(row)
     return _table(head, rows)
+
+
+def loop_split(results: dict) -> tuple[list[str], list[list[str]], str] | None:
+    """A table (header, rows) of each lossless speculative method's speedup over plain on the prompts whose plain
+    output is clean and on those where it loops (`skipjack.bench.loops`), and the paragraph that defines the
+    split; None when the run has no greedy plain outputs or no such method."""
+    prompts, looping = loops.looping_prompts(results)
+    summary = results.get("summary", {})
+    methods = [
+        m for m, s in summary.items() if m != "plain" and s.get("kind") == "method" and s.get("identical_fraction") == 1
+    ]
+    if not prompts or not methods:
+        return None
+    by: dict[str, list[dict]] = {}
+    for r in results.get("runs", []):
+        by.setdefault(r["method"], []).append(r)
+    rows = []
+    for m in methods:
+        cells = [f"`{m}`"]
+        for group in (prompts - looping, looping):
+            mine, ref = ([r for r in by.get(n, []) if r["id"] in group] for n in (m, "plain"))
+            cells += [_f(_speedup(mine, ref), "{:.2f}×"), _f(_speedup(mine, ref, _decode_rate), "{:.2f}×")]
+        rows.append(cells)
+    head = ["method", f"× plain, clean ({len(prompts - looping)})", "× plain (decode), clean"]
+    head += [f"× plain, looping ({len(looping)})", "× plain (decode), looping"]
+    return head, rows, loops.explain(len(looping), len(prompts))
+
+
+def render_quality(q: dict) -> str:
+    """The markdown section for a `skipjack.bench.quality` result (quality.json)."""
+    head = ["category", "texts", "tokens", "perplexity fp32", f"perplexity {q['dtype']}", "change"]
+    head += ["top-1 agreement", "mean KL (nats)"]
+    rows = [
+        [cat, str(s["texts"]), str(s["tokens"]), f"{s['ppl_ref']:.3f}", f"{s['ppl_other']:.3f}"]
+        + [f"{s['ppl_change']:+.2%}", f"{s['top1_agreement']:.2%}", f"{s['mean_kl']:.5f}"]
+        for cat, s in [*q["by_category"].items(), ("**all**", q["overall"])]
+    ]
+    note = (
+        "Teacher-forced over every prompt's tokens (chat template included): the model in fp32 against the same "
+        f"weights in {q['dtype']}; top-1 agreement is the share of positions where both pick the same next token."
+    )
+    return f"Command: `{q['command']}`\n\n" + _table(head, rows) + "\n\n" + note
 
 
 def _in_dtype(summary: dict) -> str:
@@ -442,7 +486,6 @@ def write_benchmarks_md(
     `extra` runs (heading, dir) are appended as sections, then the `quality` folder's quality.json
     (`skipjack.bench.quality`), then the hand-written `notes` file verbatim (notes must not type figures: every
     number in BENCHMARKS.md comes from a results.json or quality.json)."""
-    from skipjack.bench.quality import render
     from skipjack.errors import SkipjackError
 
     results = _read(results_dir)
@@ -473,7 +516,7 @@ def write_benchmarks_md(
         md += "\n" + render_extra(res, heading) + f"\nRaw data: `docs/bench/{raw.name}`.\n"
     if q:
         shutil.copyfile(Path(quality) / "quality.json", docs / "quality.json")
-        md += f"\n## Quality: {q['dtype']} against fp32 (separate run)\n\n" + render(q)
+        md += f"\n## Quality: {q['dtype']} against fp32 (separate run)\n\n" + render_quality(q)
         md += "\n\nRaw data: `docs/bench/quality.json`.\n"
     if note_text:
         md += "\n" + note_text.rstrip()
