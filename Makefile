@@ -36,6 +36,7 @@ bench-quick: install
 bench: install
 	$(BIN)/skipjack bench --suite full --methods plain,pld,ngram,pld:k=4,pld:k=8 --peers hf,hf-pld \
 		--max-new-tokens 64 --out bench-out/full
+	$(BIN)/python -m skipjack.bench.headroom bench-out/full
 	$(MAKE) benchmarks-md
 
 # The llama.cpp peers beside our plain and pld (needs `make bench-peers`; full suite, ~45 min).

@@ -473,3 +473,24 @@ def test_methods_on_the_model_in_another_dtype_in_the_same_run(tiny, tmp_path, c
     code = cli_main([*argv[:-1], "plain@int3", "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err
     assert code == 2 and "unknown dtype 'int3'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_headroom_command_and_its_line_in_the_report(bench_out, tmp_path, capsys):
+    from skipjack.bench import headroom
+
+    out, res = bench_out
+    assert headroom.main([str(out)]) == 0
+    h = json.loads((out / "headroom.json").read_text())
+    assert h["prompts"] == len(res["prompts"]) and h["run_date"] == res["machine"]["date"]
+    assert h["decode_speedup"] >= 1.0 and h["oracle_tokens_per_pass"] >= 1.0
+    assert "Best case for any prompt-lookup drafter" in capsys.readouterr().out
+    target = tmp_path / "BENCHMARKS.md"
+    assert report.main([str(out), "--benchmarks-md", str(target)]) == 0
+    assert f"{h['decode_speedup']:.2f}× on the decoding phase" in target.read_text()
+    assert (tmp_path / "docs" / "bench" / "headroom.json").exists()
+    (out / "headroom.json").write_text(json.dumps(dict(h, run_date="another run")))
+    assert report.main([str(out), "--benchmarks-md", str(target)]) == 0
+    assert "Best case" not in target.read_text() and "computed from another run" in capsys.readouterr().err
+    (out / "headroom.json").unlink()
+    assert headroom.main([str(tmp_path / "nowhere")]) == 2
+    assert "cannot read" in capsys.readouterr().err

@@ -362,7 +362,20 @@ def prefill_bound(results: dict, want: float = 1.5) -> str:
     )
 
 
-def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack benchmark report") -> str:
+def headroom_line(h: dict) -> str:
+    """The paragraph for a `skipjack.bench.headroom` result: what the best prompt-lookup drafter could reach."""
+    return (
+        "Best case for any prompt-lookup drafter (`skipjack.bench.headroom`): a copy oracle that always knows which "
+        "span of the prompt and output so far the next greedy tokens repeat, drafts the length that minimises time "
+        f"under this run's verify costs, and drafts for free would reach {h['decode_speedup']:.2f}× on the decoding "
+        f"phase and {h['end_to_end_speedup']:.2f}× end to end, at {h['oracle_tokens_per_pass']:.2f} tokens per pass "
+        f"({h['free_tokens_per_pass']:.2f} if verifying any number of tokens cost one plain step)."
+    )
+
+
+def render_markdown(
+    results: dict, img_dir: str = ".", title: str = "skipjack benchmark report", headroom: dict | None = None
+) -> str:
     m, model, st, summary = results["machine"], results["model"], results["settings"], results["summary"]
     peers = [n for n, s in summary.items() if s["kind"] == "peer" and s["status"] == "ok" and s["prompts"]]
     parts = [f"# {title}", ""]
@@ -400,6 +413,7 @@ def render_markdown(results: dict, img_dir: str = ".", title: str = "skipjack be
     if checks:
         bound = prefill_bound(results)
         parts += ["## Targets", "", checks, ""] + ([bound, ""] if bound else [])
+        parts += [headroom_line(headroom), ""] if headroom else []
     split = loop_split(results)
     if split:
         parts += ["## Clean and looping outputs", "", _table(*split[:2]), "", split[2], ""]
@@ -442,7 +456,7 @@ def write_report(results: dict, out: Path) -> None:
     from skipjack.bench.plots import write_plots
 
     write_plots(results, Path(out))
-    (Path(out) / "REPORT.md").write_text(render_markdown(results) + "\n")
+    (Path(out) / "REPORT.md").write_text(render_markdown(results, headroom=_headroom(results, Path(out))) + "\n")
 
 
 def _read(results_dir: Path) -> dict:
@@ -453,6 +467,18 @@ def _read(results_dir: Path) -> dict:
         return json.loads(src.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise SkipjackError(f"cannot read {src}: {e}") from None
+
+
+def _headroom(results: dict, results_dir: Path) -> dict | None:
+    """results_dir/headroom.json (`skipjack.bench.headroom`) if it was computed from this very run, else None."""
+    try:
+        h = json.loads((Path(results_dir) / "headroom.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if h.get("run_date") != results["machine"]["date"]:
+        print(f"skipjack: ignoring {Path(results_dir) / 'headroom.json'}: computed from another run", file=sys.stderr)
+        return None
+    return h
 
 
 def render_extra(results: dict, heading: str) -> str:
@@ -509,7 +535,10 @@ def write_benchmarks_md(
     for png in PLOTS:
         shutil.copyfile(Path(results_dir) / png, docs / png)
     shutil.copyfile(Path(results_dir) / "results.json", docs / "results.json")  # the raw data, under version control
-    md = render_markdown(results, "docs/bench", "Benchmarks") + "\nRaw data: `docs/bench/results.json`.\n"
+    headroom = _headroom(results, Path(results_dir))
+    if headroom:
+        shutil.copyfile(Path(results_dir) / "headroom.json", docs / "headroom.json")
+    md = render_markdown(results, "docs/bench", "Benchmarks", headroom) + "\nRaw data: `docs/bench/results.json`.\n"
     for (heading, d), (_, res) in zip(extra, extras):
         raw = docs / f"results-{Path(d).resolve().name}.json"
         shutil.copyfile(Path(d) / "results.json", raw)
