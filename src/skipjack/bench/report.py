@@ -36,7 +36,8 @@ results.json schema (version `SCHEMA_VERSION`; times in seconds, sizes in bytes 
                      by_category: {cat: {prompts, new_tokens, seconds, tokens_per_s, speedup_vs_plain, mean_accepted}}}}
                     A peer that did not run has only kind, status and null numbers.
     linear_rows     {ms: {rows: median ms of one pass over the model's packed linears with that many input rows,
-                     unpadded}, ms_by_shape: {"INxOUT": the same per weight shape}, pads: {"INxOUT": [padded rows
+                     unpadded}, ms_by_shape: {"INxOUT": the same per weight shape}, plain_ms_by_shape: {"INxOUT":
+                     {rows: ms with the plain-layout weights (F.linear)}}, pads: {"INxOUT": [padded rows, or -1: plain,
                      for 0, 1, ... rows]}} (skipjack.bench.rows, skipjack.padding; older files: pad_rows, ms)
     cost_curves     [{context: [lo, hi or null], plain_steps, verify_steps, typical_context, t1_seconds,
                      cost: {n: c(n)}}] per context bucket: the verify-cost curves the shared cost model
@@ -167,11 +168,19 @@ def _padding_line(rows: dict) -> str:
     """How forwards were padded in the run: one rule for every shape, or per shape (`skipjack.padding`)."""
     if "pads" not in rows:  # older files: one row count for every layer
         return f"Forwards over fewer than {rows['pad_rows']} tokens are padded to {rows['pad_rows']} rows."
-    rules = {s: ", ".join(f"{m}→{q}" for m, q in enumerate(p) if q != m) or "none" for s, p in rows["pads"].items()}
+    rules = {s: ", ".join(f"{m}→{_pad(q)}" for m, q in enumerate(p) if q != m) for s, p in rows["pads"].items()}
+    rules = {s: r or "none" for s, r in rules.items()}
+    how = "rows → padded rows, or → plain: the weight's plain layout (F.linear)"
     if len(set(rules.values())) == 1:
-        return f"Padding in use, every weight shape (rows → padded rows): {next(iter(rules.values()))}."
+        return f"Padding in use, every weight shape ({how}): {next(iter(rules.values()))}."
     per = "; ".join(f"{s}: {r}" for s, r in rules.items())
-    return f"Padding in use per weight shape (rows → padded rows): {per}."
+    return f"Padding in use per weight shape ({how}): {per}."
+
+
+def _pad(q: int) -> str:
+    from skipjack.models.common import PLAIN
+
+    return "plain" if q == PLAIN else str(q)
 
 
 def _lossy(s: dict) -> bool:
@@ -488,7 +497,8 @@ def render_extra(results: dict, heading: str) -> str:
     parts = [f"## {heading}", ""]
     if not results["complete"]:
         parts += [RED.format("**Partial results: the run was interrupted (complete: false).**"), ""]
-    parts += [f"Separate run, {results['machine']['date']}: `{results['command']}`", ""]
+    m = results["machine"]
+    parts += [f"Separate run, {m['date']}, on {m['cpu']} ({m['cores']} cores): `{results['command']}`", ""]
     checks = targets(summary)
     bound = prefill_bound(results) if checks else ""
     parts += [checks, ""] if checks else []

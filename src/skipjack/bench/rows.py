@@ -3,7 +3,8 @@
 Why `skipjack.padding` exists: oneDNN's packed fp32 kernels are not fastest at one row on every CPU (on
 AVX-512 they block rows by five or six), so a plain step can be made faster by padding its one row with zero
 rows. This measures afresh, for each weight shape, one pass over the model's linears of that shape, unpadded,
-at each row count (rounds interleaved, median kept), and prints the padding chosen from it. The bench records
+at each row count (rounds interleaved, median kept), and in the plain layout at one to a few rows, and prints
+the choice made from it. The bench records
 the same measurement in results.json (`linear_rows`).
 """
 
@@ -19,7 +20,12 @@ def linear_rows(model) -> dict:
     pads = padding.tune(model, remeasure=True)
     per_shape = padding.measured(model)
     total = {n: round(sum(v[n] for v in per_shape.values()), 2) for n in next(iter(per_shape.values()), {})}
-    return {"ms": total, "pads": pads, "ms_by_shape": per_shape}
+    return {
+        "ms": total,
+        "pads": pads,
+        "ms_by_shape": per_shape,
+        "plain_ms_by_shape": padding.measured(model, plain=True),
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -40,9 +46,14 @@ def main(argv: list[str]) -> int:
     print(f"{'rows':>4}  {'all':>8}" + "".join(f"  {s:>11}" for s in shapes))
     for n, v in rows["ms"].items():
         print(f"{n:>4}  {v:8.2f}" + "".join(f"  {rows['ms_by_shape'][s][n]:11.3f}" for s in shapes))
-    print("padding in use (rows -> padded rows), per shape:")
+    plain = rows["plain_ms_by_shape"]
+    if plain:
+        print("the same in the plain [out, in] layout (F.linear), at the row counts where it is timed:")
+        for s, v in plain.items():
+            print(f"  {s}: " + ", ".join(f"{n} rows {t:.3f}" for n, t in v.items()))
+    print("in use (rows -> padded rows, or -> plain layout), per shape:")
     for s, p in rows["pads"].items():
-        print(f"  {s}: " + (", ".join(f"{m}->{q}" for m, q in enumerate(p) if q != m) or "none"))
+        print(f"  {s}: " + (", ".join(f"{m}->{'plain' if q < 0 else q}" for m, q in enumerate(p) if q != m) or "none"))
     return 0
 
 

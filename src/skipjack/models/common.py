@@ -226,13 +226,19 @@ def run_attention(q, k, v, kv: LayerKV, start: int, mask_fn, scale: float) -> to
     return o.transpose(1, 2).reshape(B, T, -1)  # [B, T, H*D]
 
 
+PLAIN = -1  # Linear.pad_to entry: multiply these rows by the plain-layout weight (F.linear)
+
+
 class Linear(nn.Module):
     """y = x Wᵀ (+ b) with the weight prepacked for oneDNN when available.
 
-    On this CPU a prepacked fp32 weight streams faster than `F.linear` for few tokens, and verifying a few
+    On this CPU a prepacked fp32 weight streams faster than `F.linear` for a few tokens, and verifying a few
     tokens costs about the same as 1 (BENCHMARKS.md), which is what makes speculation pay on CPU. An input
     of m < len(pad_to) rows is padded with zero rows to pad_to[m] rows, the row count oneDNN's kernels run
-    fastest at for this weight shape on this machine (`skipjack.padding` measures it; untuned: no padding).
+    fastest at for this weight shape on this machine, or, where pad_to[m] is PLAIN, multiplied by the
+    weight in its plain [out, in] layout with `F.linear` (BLAS's matrix-vector kernel streams one or two
+    rows faster than oneDNN's blocked one here). `skipjack.padding` measures both and keeps the plain copy
+    only where it is used; untuned, neither is used.
     """
 
     pad_to: tuple[int, ...] = ()
@@ -244,6 +250,7 @@ class Linear(nn.Module):
         self.packed = _PACK and weight.dtype in (torch.float32, torch.bfloat16)
         w = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 8) if self.packed else weight
         self.weight = param(w)  # [out, in] (opaque oneDNN layout when packed)
+        self.plain = weight.contiguous() if self.packed else None  # [out, in]; dropped by tuning if unused
 
     def forward(self, x: torch.Tensor, pad: int | None = None) -> torch.Tensor:
         if not self.packed:
@@ -252,6 +259,10 @@ class Linear(nn.Module):
         m = rows.shape[0]
         if pad is None:
             pad = self.pad_to[m] if m < len(self.pad_to) else m
+        if pad == PLAIN:
+            if self.plain is not None:
+                return F.linear(x, self.plain, self.bias)
+            pad = m
         if m < pad and rows.dtype == torch.float32:  # each output row depends only on its input row
             rows = torch.cat([rows, rows.new_zeros(pad - m, self.in_features)])  # [pad, in]
         y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")  # [max(m, pad), out]
