@@ -66,7 +66,8 @@ bench-sizing: install
 		--max-new-tokens 64 --out bench-out/sizing
 
 # BENCHMARKS.md from the full run, plus the sizing run and the llama.cpp prompt-lookup run when they exist.
-EXTRA_RUNS = $(if $(wildcard bench-out/llamacpp/results.json),--extra "llama.cpp peers (full suite, separate run)=bench-out/llamacpp") \
+EXTRA_RUNS = $(if $(wildcard bench-out/full-amd/results.json),--extra "Earlier full run on another CPU (before the plain-layout kernel; full suite, separate run)=bench-out/full-amd") \
+	$(if $(wildcard bench-out/llamacpp/results.json),--extra "llama.cpp peers (full suite, separate run)=bench-out/llamacpp") \
 	$(if $(wildcard bench-out/sizing/results.json),--extra "Draft sizing (quick suite, separate run)=bench-out/sizing") \
 	$(if $(wildcard bench-out/outputs/results.json),--extra "Longer outputs: 256 new tokens (18-prompt sample, separate run)=bench-out/outputs") \
 	$(if $(wildcard bench-out/bf16/results.json),--extra "fp32 and bf16 in one run (full suite, separate run)=bench-out/bf16")
