@@ -36,7 +36,7 @@ bench-quick: install
 bench: install
 	$(BIN)/skipjack bench --suite full --methods plain,pld,ngram,pld:k=4,pld:k=8 --peers hf,hf-pld \
 		--max-new-tokens 64 --out bench-out/full
-	$(BIN)/python -m skipjack.bench.headroom bench-out/full
+	$(BIN)/python -m skipjack.bench.analysis.headroom bench-out/full
 	$(MAKE) benchmarks-md
 
 # The llama.cpp peers beside our plain and pld (needs `make bench-peers`; full suite, ~45 min).
@@ -58,7 +58,7 @@ bench-bf16: install
 # What bf16 costs in quality: perplexity, next-token agreement and KL against fp32, teacher-forced on the full
 # suite's texts (~3 min).
 bench-quality: install
-	$(BIN)/python -m skipjack.bench.quality --dtype bf16 --out bench-out/quality
+	$(BIN)/python -m skipjack.bench.analysis.quality --dtype bf16 --out bench-out/quality
 
 # Draft sizing on the quick suite: the cost model against every fixed draft size (~10 min).
 bench-sizing: install
@@ -72,7 +72,7 @@ EXTRA_RUNS = $(if $(wildcard bench-out/full-amd/results.json),--extra "Earlier f
 	$(if $(wildcard bench-out/outputs/results.json),--extra "Longer outputs: 256 new tokens (18-prompt sample, separate run)=bench-out/outputs") \
 	$(if $(wildcard bench-out/bf16/results.json),--extra "fp32 and bf16 in one run (full suite, separate run)=bench-out/bf16")
 benchmarks-md: install
-	$(BIN)/python -m skipjack.bench.report bench-out/full --benchmarks-md BENCHMARKS.md $(EXTRA_RUNS) \
+	$(BIN)/python -m skipjack.bench.benchmarks_md bench-out/full --benchmarks-md BENCHMARKS.md $(EXTRA_RUNS) \
 		$(if $(wildcard bench-out/quality/quality.json),--quality bench-out/quality) --notes docs/bench/NOTES.md
 
 clean:

@@ -1,4 +1,5 @@
-"""Mock drafters for the lossless tests: always right, never right, random, and random trees."""
+"""Mock drafters for the lossless tests (always right, never right, random, and random trees), and `decode`,
+which runs any method or drafter through the one decode generator."""
 
 from __future__ import annotations
 
@@ -6,7 +7,23 @@ import random
 
 import torch
 
+from skipjack.cost import CostModel
+from skipjack.decode import generate
+from skipjack.drafters import make_method
 from skipjack.drafters.base import Proposal
+from skipjack.sizing import CostSizer
+
+
+def decode(model, prompt, params, method="plain", cost=None, session=None):
+    """(tokens, steps) of `generate` with a method spec (`pld:k=3`: a fixed size) or a drafter object, its
+    drafts sized by `cost` (default: a flat cost model, which verifies every node it is given)."""
+    if isinstance(method, str):
+        m = make_method(method)
+        drafter, sizer = m.drafter, m.sizer(cost or CostModel.flat())
+    else:
+        drafter, sizer = method, CostSizer(cost or CostModel.flat())
+    steps = list(generate(model, prompt, params, drafter, sizer, session))
+    return [t for s in steps for t in s.tokens], steps
 
 
 def greedy_continuation(model, context: list[int], n: int) -> list[int]:
@@ -21,14 +38,14 @@ def greedy_continuation(model, context: list[int], n: int) -> list[int]:
 
 
 class _Base:
-    fixed_length = 0
+    lossless = True
 
     def begin(self, prompt):
         self.proposed = self.accepted = 0
 
-    def observe(self, emitted, proposal):
+    def observe(self, proposal, verdict):
         self.proposed += len(proposal)
-        self.accepted += len(proposal.path)
+        self.accepted += len(verdict.path)
 
     def end(self):
         pass
@@ -42,9 +59,9 @@ class AlwaysAccept(_Base):
     def __init__(self, model, k=5):
         self.model, self.k = model, k
 
-    def propose(self, context, budget):
-        n = min(self.k, budget)
-        return Proposal.chain(greedy_continuation(self.model, context, n), [0.99] * n) if n > 0 else None
+    def propose(self, ctx):
+        n = min(self.k, ctx.budget)
+        return Proposal.chain(greedy_continuation(self.model, ctx.tokens, n), [0.99] * n) if n > 0 else None
 
 
 class NeverAccept(_Base):
@@ -55,11 +72,11 @@ class NeverAccept(_Base):
     def __init__(self, model, k=4):
         self.model, self.k = model, k
 
-    def propose(self, context, budget):
-        n = min(self.k, budget)
+    def propose(self, ctx):
+        n = min(self.k, ctx.budget)
         if n <= 0:
             return None
-        right = greedy_continuation(self.model, context, 1)[0]
+        right = greedy_continuation(self.model, ctx.tokens, 1)[0]
         vocab = self.model.lm_head.out_features
         return Proposal.chain([(right + 1) % vocab] + [0] * (n - 1), [0.9] * n)
 
@@ -72,12 +89,12 @@ class RandomDrafter(_Base):
     def __init__(self, model, seed=0, tree=False, k=6):
         self.model, self.rng, self.tree, self.k = model, random.Random(seed), tree, k
 
-    def propose(self, context, budget):
-        n = min(self.k, budget)
+    def propose(self, ctx):
+        n = min(self.k, ctx.budget)
         if n <= 0:
             return None
         vocab = self.model.lm_head.out_features
-        truth = greedy_continuation(self.model, context, n) if self.rng.random() < 0.6 else []
+        truth = greedy_continuation(self.model, ctx.tokens, n) if self.rng.random() < 0.6 else []
         cut = self.rng.randint(0, len(truth))
         tokens = truth[:cut] + [self.rng.randrange(vocab) for _ in range(n - cut)]
         if not self.tree:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import hf_config
 
-from skipjack.bench import machine, report
+from skipjack.bench import benchmarks_md, machine, render
 from skipjack.cli import main as cli_main
 
 CHAT = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
@@ -46,11 +46,11 @@ def make_tiny_model(folder: Path) -> Path:
 
 
 def _perturbed(orig):
-    """api.complete, except that method `lossy-test` gets a wrong extra token on even-length prompts."""
+    """Engine.complete, except that method `lossy-test` gets a wrong extra token on even-length prompts."""
 
-    def complete(loaded, prompt, params, method="plain", *args, **kw):
-        res = orig(loaded, prompt, params, method, *args, **kw)
-        if method == "lossy-test" and len(prompt) % 2 == 0:
+    def complete(engine, request, *args, **kw):
+        res = orig(engine, request, *args, **kw)
+        if res.method == "lossy-test" and len(request.prompt) % 2 == 0:
             res.tokens = [*res.tokens, 0]
             res.new_tokens += 1
         return res
@@ -66,16 +66,18 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bench_out(tiny, tmp_path_factory):
     """One benchmark run shared by the tests below: our methods, a lossy test method, HF and llama.cpp peers."""
-    import skipjack.api
-    from skipjack.drafters import REGISTRY, PromptLookup, register
+    from skipjack.drafters import REGISTRY, PromptLookup
+    from skipjack.engine import Engine
+
+    class LossyTest(PromptLookup):
+        lossless = False
 
     out = tmp_path_factory.mktemp("bench") / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(machine, "BANDWIDTH_MB", 16)
         mp.setitem(sys.modules, "llama_cpp", None)  # as on a machine without llama-cpp-python: import fails
-        mp.setattr(skipjack.api, "complete", _perturbed(skipjack.api.complete))
-        mp.setitem(REGISTRY, "lossy-test", PromptLookup)
-        register("lossy-test", PromptLookup, lossless=False)
+        mp.setattr(Engine, "complete", _perturbed(Engine.complete))
+        mp.setitem(REGISTRY, "lossy-test", LossyTest)
         argv = ["bench", "--model", str(tiny), "--suite", "quick", "--methods", "pld,ngram,pld:k=4,lossy-test"]
         argv += ["--peers", "hf,llamacpp", "--max-new-tokens", "8", "--repeats", "2", "--out", str(out)]
         assert cli_main(argv) == 0
@@ -94,7 +96,7 @@ def test_schema_and_plots(bench_out):
     assert len(res["prompts"]) + len(res["skipped"]) == 6
     cats = {p["category"] for p in res["prompts"]}
     assert cats == {"chat", "summarization", "rag", "code", "math", "long"}
-    run_keys = {"id", "category", "method", "new_tokens", "seconds", "tokens_per_s", "mean_accepted", "accept_hist"}
+    run_keys = {"id", "category", "method", "new_tokens", "seconds", "tokens_per_s", "tokens_per_pass", "accept_hist"}
     run_keys |= {"identical", "tokens", "forward_passes", "prefill_seconds"}
     ran = ["plain", "pld", "ngram", "pld:k=4", "lossy-test", "hf"]
     assert {r["method"] for r in res["runs"]} == set(ran)
@@ -105,14 +107,14 @@ def test_schema_and_plots(bench_out):
     assert len(res["runs"]) == len(ran) * len(res["prompts"])
     for name in ran:
         s = res["summary"][name]
-        for key in ("tokens_per_s", "speedup_vs_plain", "speedup_vs_hf", "mean_accepted", "identical_fraction"):
+        for key in ("tokens_per_s", "speedup_vs_plain", "speedup_vs_hf", "tokens_per_pass", "identical_fraction"):
             assert s[key] is not None, (name, key)
         for key in ("peak_rss_mb", "bandwidth_utilisation", "lossless", "by_category", "accept_hist"):
             assert key in s, (name, key)
         assert s["peak_rss_mb"] > 0 and s["bandwidth_utilisation"] > 0
         assert set(s["by_category"]) == cats
         for c in s["by_category"].values():
-            assert {"tokens_per_s", "speedup_vs_plain", "mean_accepted"} <= set(c)
+            assert {"tokens_per_s", "speedup_vs_plain", "tokens_per_pass"} <= set(c)
     plain = res["summary"]["plain"]
     assert plain["speedup_vs_plain"] == pytest.approx(1.0)
     assert plain["identical_fraction"] == 1.0 and plain["lossless"] is True
@@ -126,7 +128,7 @@ def test_schema_and_plots(bench_out):
     assert all(0 < r["prefill_seconds"] < r["seconds"] for r in tot)
     assert res["summary"]["plain"]["decode_speedup_vs_plain"] == pytest.approx(1.0)
     assert res["summary"]["hf"]["decode_speedup_vs_plain"] is None
-    for png in report.PLOTS:
+    for png in render.PLOTS:
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     md = (out / "REPORT.md").read_text()
@@ -151,7 +153,7 @@ def test_lossless_methods_and_hf_peer_match_plain(bench_out):
         assert res["summary"][name]["identical_fraction"] == 1.0, name
         assert all(r["identical"] for r in res["runs"] if r["method"] == name)
     assert all(res["summary"][name]["draft_steps"] > 0 for name in ("pld", "ngram", "pld:k=4"))
-    assert res["summary"]["ngram"]["mean_accepted"] > 1.0
+    assert res["summary"]["ngram"]["tokens_per_pass"] > 1.0
 
 
 def test_identical_fraction_is_computed(bench_out):
@@ -186,17 +188,17 @@ def test_missing_peer_is_reported(bench_out):
 def test_benchmarks_md(bench_out, tmp_path):
     out, _ = bench_out
     target = tmp_path / "BENCHMARKS.md"
-    assert report.main([str(out), "--benchmarks-md", str(target)]) == 0
+    assert benchmarks_md.main([str(out), "--benchmarks-md", str(target)]) == 0
     md = target.read_text()
     assert "skipjack bench" in md and "**Date:**" in md and "**Machine:**" in md
-    for png in report.PLOTS:
+    for png in render.PLOTS:
         assert (tmp_path / "docs" / "bench" / png).exists()
         assert f"(docs/bench/{png})" in md
     # A second run appended as a section, then hand-written notes; a bad --extra is a one-line error.
     notes = tmp_path / "notes.md"
     notes.write_text("## Notes\n\nhand-written\n")
     argv = [str(out), "--benchmarks-md", str(target), "--extra", f"Sizing={out}", "--notes", str(notes)]
-    assert report.main(argv) == 0
+    assert benchmarks_md.main(argv) == 0
     md = target.read_text()
     assert "## Sizing" in md and md.rstrip().endswith("hand-written") and md.count("## Targets") == 1
     assert (tmp_path / "docs" / "bench" / "results.json").exists()
@@ -204,7 +206,7 @@ def test_benchmarks_md(bench_out, tmp_path):
         f"docs/bench/results-{out.name}.json" in md
         and (tmp_path / "docs" / "bench" / f"results-{out.name}.json").exists()
     )
-    assert report.main([str(out), "--benchmarks-md", str(target), "--extra", "nodir"]) == 2
+    assert benchmarks_md.main([str(out), "--benchmarks-md", str(target), "--extra", "nodir"]) == 2
 
 
 def test_targets_are_computed_from_the_summary():
@@ -220,13 +222,69 @@ def test_targets_are_computed_from_the_summary():
         "pld:k=8": s(12.0),
         "hf": s(6.0),
     }
-    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in report.targets(summary).splitlines()[2:]}
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in render.targets(summary).splitlines()[2:]}
     assert "| met |" in rows["plain vs HF `generate` greedy"]
     assert "1.08×" in rows["ngram vs pld, chat"] and "| met |" in rows["ngram vs pld, chat"]
     assert "0.95×" in rows["ngram vs pld, math"] and "missed" in rows["ngram vs pld, math"]
     assert "0.94×" in rows["pld (cost model) vs best fixed size (pld:k=4)"]
     assert "pld vs HF prompt lookup" not in rows  # hf-pld did not run
-    assert report.targets({"plain": s(10.0)}) == ""
+    assert render.targets({"plain": s(10.0)}) == ""
+
+
+def test_targets_table_is_built_from_targets_json(tmp_path, monkeypatch):
+    """The targets are data: a target taken out of targets.json leaves the table, a changed `want` shows."""
+    from skipjack.bench import summary as numbers
+
+    def s(tps, cats, **kw):
+        return {"status": "ok", "prompts": 3, "tokens_per_s": tps, "by_category": cats, **kw}
+
+    summary = {
+        "plain": s(10.0, {}),
+        "pld": s(16.0, {"chat": {"tokens_per_s": 12.0}}, speedup_vs_plain=1.6),
+        "ngram": s(15.0, {"chat": {"tokens_per_s": 13.0}}),
+    }
+    assert "| ngram vs pld, chat | 1.08× | ≥ 1.00× | met |" in render.targets(summary)
+    data = json.loads(numbers.TARGETS_FILE.read_text(encoding="utf-8"))
+    data["targets"] = [t for t in data["targets"] if t["label"] != "ngram vs pld, chat"]
+    for t in data["targets"]:
+        if t["key"] == "speedup_vs_plain":
+            t["want"] = 2.0
+    patched = tmp_path / "targets.json"
+    patched.write_text(json.dumps(data))
+    monkeypatch.setattr(numbers, "TARGETS_FILE", patched)
+    table = render.targets(summary)
+    assert "ngram vs pld, chat" not in table
+    assert "| pld vs our plain | 1.60× | ≥ 2.00× | " in table and "missed" in table
+
+
+def test_upgrade_maps_an_old_results_file(bench_out, tmp_path):
+    """A results.json from before `mean_accepted` became `tokens_per_pass` reads as the current schema (keys
+    renamed in place, order kept), and BENCHMARKS.md from it is the same as from the current file."""
+    from skipjack.bench.schema import read_results, upgrade
+
+    out, res = bench_out
+    old = {
+        "runs": [{"id": "a", "mean_accepted": 1.5, "accept_hist": {}}],
+        "summary": {"pld": {"kind": "method", "mean_accepted": 1.5, "by_category": {"chat": {"mean_accepted": 2.0}}}},
+    }
+    new = upgrade(old)
+    assert new["runs"] == [{"id": "a", "tokens_per_pass": 1.5, "accept_hist": {}}]
+    assert list(new["summary"]["pld"]) == ["kind", "tokens_per_pass", "by_category"]
+    assert new["summary"]["pld"]["by_category"]["chat"] == {"tokens_per_pass": 2.0}
+    assert upgrade(json.loads(json.dumps(res))) == res  # a current file is left as it is
+    text = (out / "results.json").read_text()
+    mds = []
+    for name, raw in (("current", text), ("old", text.replace('"tokens_per_pass"', '"mean_accepted"'))):
+        run = tmp_path / name / "run"
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(raw)
+        assert ('"mean_accepted"' in raw) == (name == "old")
+        for png in render.PLOTS:
+            (run / png).write_bytes((out / png).read_bytes())
+        assert read_results(run) == res
+        assert benchmarks_md.main([str(run), "--benchmarks-md", str(tmp_path / name / "BENCHMARKS.md")]) == 0
+        mds.append((tmp_path / name / "BENCHMARKS.md").read_text())
+    assert mds[0] == mds[1]
 
 
 def test_job_order_rotates_through_every_position():
@@ -276,12 +334,12 @@ def test_bad_input_is_one_line(extra, pattern, tmp_path, capsys):
 
 def test_user_prompts_and_interrupt(tiny, tmp_path, monkeypatch, capsys):
     """--prompts runs the user's prompts; Ctrl-C mid-run writes partial results marked incomplete, exit != 0."""
-    import skipjack.api
+    from skipjack.engine import Engine
 
     msg = lambda i: [{"role": "user", "content": "the cat sat " * (i + 2)}]
     lines = [json.dumps({"id": f"u{i}", "category": "mine", "messages": msg(i)}) for i in range(4)]
     (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
-    orig, calls = skipjack.api.complete, []
+    orig, calls = Engine.complete, []
 
     def complete(*args, **kw):
         calls.append(1)
@@ -290,7 +348,7 @@ def test_user_prompts_and_interrupt(tiny, tmp_path, monkeypatch, capsys):
         return orig(*args, **kw)
 
     monkeypatch.setattr(machine, "BANDWIDTH_MB", 16)
-    monkeypatch.setattr(skipjack.api, "complete", complete)
+    monkeypatch.setattr(Engine, "complete", complete)
     out = tmp_path / "out"
     argv = ["bench", "--model", str(tiny), "--prompts", str(tmp_path / "p.jsonl"), "--methods", "pld"]
     argv += ["--max-new-tokens", "4", "--repeats", "2", "--out", str(out)]
@@ -374,14 +432,14 @@ def test_prefill_bound_says_what_decoding_speedup_an_end_to_end_target_needs():
         runs += [{"method": "pld", "seconds": 40.0, "prefill_seconds": pre / 2}]
         return {"summary": {"plain": {}, "pld": {}}, "runs": runs}
 
-    assert "40 of its 100 s (40%)" in report.prefill_bound(results(40.0))
-    assert "needs 2.25× on the decoding phase" in report.prefill_bound(results(40.0))
-    assert "more than any decoding speedup can give" in report.prefill_bound(results(80.0))
-    assert report.prefill_bound({"summary": {"plain": {}}, "runs": results(40.0)["runs"]}) == ""
+    assert "40 of its 100 s (40%)" in render.prefill_bound(results(40.0))
+    assert "needs 2.25× on the decoding phase" in render.prefill_bound(results(40.0))
+    assert "more than any decoding speedup can give" in render.prefill_bound(results(80.0))
+    assert render.prefill_bound({"summary": {"plain": {}}, "runs": results(40.0)["runs"]}) == ""
 
 
 def test_self_repeat_share_counts_spans_seen_earlier_in_the_output():
-    from skipjack.bench.loops import self_repeat_share
+    from skipjack.bench.analysis.loops import self_repeat_share
 
     assert self_repeat_share([]) == 0.0
     assert self_repeat_share(list(range(40))) == 0.0  # never repeats
@@ -393,13 +451,13 @@ def test_self_repeat_share_counts_spans_seen_earlier_in_the_output():
 def test_loop_split_separates_prompts_whose_plain_output_loops():
     """Prompt a: plain's output loops, pld is 3x faster. Prompt b: clean text, pld 1.25x. Decoding phase: a is
     (10-1)/(3.33-1) = 3.86x, b is (10-2)/(8-2) = 1.33x. A lossy method is left out."""
-    from skipjack.bench.report import loop_split
+    from skipjack.bench.analysis.loops import loop_split
 
     loop, clean = [1, 2, 3] * 20, list(range(60))
 
     def run(m, i, secs, pre, tokens):
         r = {"id": i, "method": m, "seconds": secs, "prefill_seconds": pre, "tokens": tokens}
-        return r | {"new_tokens": len(tokens), "forward_passes": len(tokens) - 1, "mean_accepted": 1.0}
+        return r | {"new_tokens": len(tokens), "forward_passes": len(tokens) - 1, "tokens_per_pass": 1.0}
 
     runs = [run("plain", "a", 10.0, 1.0, loop), run("plain", "b", 10.0, 2.0, clean)]
     runs += [run("pld", "a", 10 / 3, 1.0, loop), run("pld", "b", 8.0, 2.0, clean)]
@@ -417,7 +475,7 @@ def test_quality_compare_sums_nll_agreement_and_kl():
     import torch
     from conftest import hf_model, ours_from_hf
 
-    from skipjack.bench.quality import compare, summarise
+    from skipjack.bench.analysis.quality import compare, summarise
 
     hf = hf_model("llama", seed=1, vocab=48, num_hidden_layers=2)
     ref, low = ours_from_hf(hf, torch.float32), ours_from_hf(hf, torch.bfloat16)
@@ -435,7 +493,7 @@ def test_quality_compare_sums_nll_agreement_and_kl():
 
 
 def test_quality_command_and_its_benchmarks_md_section(tiny, bench_out, tmp_path, capsys):
-    from skipjack.bench import quality
+    from skipjack.bench.analysis import quality
 
     out, _ = bench_out
     argv = ["--model", str(tiny), "--suite", "quick", "--out", str(tmp_path / "q")]
@@ -444,7 +502,7 @@ def test_quality_command_and_its_benchmarks_md_section(tiny, bench_out, tmp_path
     assert q["dtype"] == "bf16" and q["overall"]["texts"] == 6 and len(q["rows"]) == 6
     assert "perplexity bf16" in capsys.readouterr().out
     target = tmp_path / "BENCHMARKS.md"
-    assert report.main([str(out), "--benchmarks-md", str(target), "--quality", str(tmp_path / "q")]) == 0
+    assert benchmarks_md.main([str(out), "--benchmarks-md", str(target), "--quality", str(tmp_path / "q")]) == 0
     md = target.read_text()
     assert "## Quality: bf16 against fp32" in md and "| **all** | 6 |" in md
     assert (tmp_path / "docs" / "bench" / "quality.json").exists()
@@ -476,7 +534,7 @@ def test_methods_on_the_model_in_another_dtype_in_the_same_run(tiny, tmp_path, c
 
 
 def test_headroom_command_and_its_line_in_the_report(bench_out, tmp_path, capsys):
-    from skipjack.bench import headroom
+    from skipjack.bench.analysis import headroom
 
     out, res = bench_out
     assert headroom.main([str(out)]) == 0
@@ -485,11 +543,11 @@ def test_headroom_command_and_its_line_in_the_report(bench_out, tmp_path, capsys
     assert h["decode_speedup"] >= 1.0 and h["oracle_tokens_per_pass"] >= 1.0
     assert "Best case for any prompt-lookup drafter" in capsys.readouterr().out
     target = tmp_path / "BENCHMARKS.md"
-    assert report.main([str(out), "--benchmarks-md", str(target)]) == 0
+    assert benchmarks_md.main([str(out), "--benchmarks-md", str(target)]) == 0
     assert f"{h['decode_speedup']:.2f}× on the decoding phase" in target.read_text()
     assert (tmp_path / "docs" / "bench" / "headroom.json").exists()
     (out / "headroom.json").write_text(json.dumps(dict(h, run_date="another run")))
-    assert report.main([str(out), "--benchmarks-md", str(target)]) == 0
+    assert benchmarks_md.main([str(out), "--benchmarks-md", str(target)]) == 0
     assert "Best case" not in target.read_text() and "computed from another run" in capsys.readouterr().err
     (out / "headroom.json").unlink()
     assert headroom.main([str(tmp_path / "nowhere")]) == 2

@@ -79,7 +79,7 @@ def test_generate_json_fields(capsys, tiny_folder):
     )
     assert code == 0, err
     res = json.loads(out)
-    for key in ("text", "tokens", "new_tokens", "seconds", "tokens_per_s", "mean_accepted", "draft_steps", "method"):
+    for key in ("text", "tokens", "new_tokens", "seconds", "tokens_per_s", "tokens_per_pass", "draft_steps", "method"):
         assert key in res
     assert res["new_tokens"] == len(res["tokens"]) <= 12 and res["method"] == "pld"
 

@@ -7,9 +7,10 @@ import multiprocessing as mp
 
 import pytest
 
-from skipjack.drafters import make_drafter, parse_method
-from skipjack.drafters.base import Proposal, judge, merge
-from skipjack.drafters.ngram import NGramDrafter, NGramTable
+from skipjack.drafters import make_method, parse_method
+from skipjack.drafters.base import DraftContext, Proposal, Verdict, judge, merge
+from skipjack.drafters.ngram import NGramDrafter
+from skipjack.drafters.ngram_table import NGramTable
 from skipjack.drafters.pld import PromptLookup
 from skipjack.errors import SkipjackError
 
@@ -19,30 +20,29 @@ def test_pld_prefers_longest_then_most_recent_match():
     ctx = [1, 2, 3, 9, 9, 2, 3, 7, 7, 5, 2, 3]
     d.begin(ctx)
     # suffix (2, 3) occurs at 1-2 and 5-6; (5, 2, 3) never earlier -> 2-gram, most recent: followed by 7, 7
-    assert d.propose(ctx, 3).tokens == [7, 7, 5]
+    assert d.propose(DraftContext(ctx, 3)).tokens == [7, 7, 5]
     ctx2 = ctx + [4, 1, 2, 3]  # now (1, 2, 3) matches the prompt start: the 3-gram wins over the newer 2-gram
-    assert d.propose(ctx2, 2).tokens == [9, 9]
+    assert d.propose(DraftContext(ctx2, 2)).tokens == [9, 9]
 
 
 def test_pld_index_is_incremental_and_never_matches_itself():
     d = PromptLookup(branches=1)
     ctx = [5, 6, 7]
     d.begin(ctx)
-    assert d.propose(ctx, 4) is None  # the suffix occurs only as itself
+    assert d.propose(DraftContext(ctx, 4)) is None  # the suffix occurs only as itself
     ctx += [5, 6]
-    assert d.propose(ctx, 4).tokens == [7, 5, 6]
+    assert d.propose(DraftContext(ctx, 4)).tokens == [7, 5, 6]
     assert d.indexed == len(ctx) - 1
 
 
 def test_pld_scores_follow_observed_acceptance():
     d = PromptLookup()
     d.begin([1, 2, 1, 2, 1, 2])
-    prop = d.propose([1, 2, 1, 2, 1, 2], 4)
+    prop = d.propose(DraftContext([1, 2, 1, 2, 1, 2], 4))
     before = prop.scores
     for _ in range(20):  # depth 1 always rejected
-        prop.path = []
-        d.observe([0], prop)
-    after = d.propose([1, 2, 1, 2, 1, 2], 4).scores
+        d.observe(prop, Verdict([0], [], []))
+    after = d.propose(DraftContext([1, 2, 1, 2, 1, 2], 4)).scores
     assert after[0] < before[0] / 4 and all(b <= a for a, b in zip(after, after[1:]))
 
 
@@ -53,30 +53,30 @@ def test_pld_calibrates_per_request():
     ctx = [1, 2, 3, 4] * 4
     d.begin(ctx)
     for _ in range(10):
-        prop = d.propose(ctx, 4)
-        d.observe(prop.tokens + [0], prop)  # every copied token accepted
-    assert d.f > 1.0
+        prop = d.propose(DraftContext(ctx, 4))
+        d.observe(prop, Verdict(prop.tokens + [0], list(range(len(prop))), []))  # every copied token accepted
+    assert d.factor() > 1.0
     d.begin(ctx)
-    shared = d.propose(ctx, 4).scores
-    assert d.f == 1.0
+    shared = d.propose(DraftContext(ctx, 4)).scores
+    assert d.factor() == 1.0
     for _ in range(10):
-        prop = d.propose(ctx, 4)
-        d.observe([0], prop)  # depth 1 rejected every time
-    assert d.f < 0.5
-    assert d.propose(ctx, 4).scores[0] < 0.5 * d._base((3, False), 1)
+        prop = d.propose(DraftContext(ctx, 4))
+        d.observe(prop, Verdict([0], [], []))  # depth 1 rejected every time
+    assert d.factor() < 0.5
+    assert d.propose(DraftContext(ctx, 4)).scores[0] < 0.5 * d._base((3, False), 1)
     d.begin(ctx)
-    again = d.propose(ctx, 4).scores
-    assert d.f == 1.0 and again[0] == pytest.approx(d._base((3, False), 1)) and again[0] < shared[0]
+    again = d.propose(DraftContext(ctx, 4)).scores
+    assert d.factor() == 1.0 and again[0] == pytest.approx(d._base((3, False), 1)) and again[0] < shared[0]
 
 
 def test_pld_tree_merges_candidates_best_first():
     d = PromptLookup(max_ngram=2, branches=3)
     ctx = [1, 2, 3, 4, 9, 1, 2, 3, 5, 8, 1, 2]
     d.begin(ctx)
-    prop = d.propose(ctx, 5)
+    prop = d.propose(DraftContext(ctx, 5))
     # candidates: after the latest (1, 2): [3, 5, 8, 1, 2]; after the older one: [3, 4, 9, 1, 2];
     # after the 1-gram (2,) nothing new. They share the first token, so the trie has one root child.
-    assert [(c, own) for _, c, own in d.cands] == [([3, 5, 8, 1, 2], 1), ([3, 4, 9, 1, 2], 2)]
+    assert [(c, own) for _, c, own in prop.state] == [([3, 5, 8, 1, 2], 1), ([3, 4, 9, 1, 2], 2)]
     assert prop.children()[0] == {3: 0}
     assert all(p < i for i, p in enumerate(prop.parents))  # parents first
     assert all(a >= b for a, b in zip(prop.scores, prop.scores[1:]))  # best first
@@ -84,7 +84,7 @@ def test_pld_tree_merges_candidates_best_first():
     assert primary == [3, 5, 8] and prop.tokens[1] == 5  # the primary copy outranks the alternative
     # Observation scores every candidate's own branch against the emitted tokens, pruned ones included:
     # the alternative from its depth 2 on (depth 1 is the primary's node), the primary from depth 1.
-    d.observe([3, 4, 9], prop.prefix(0))
+    d.observe(prop.prefix(0), Verdict([3, 4, 9], [], []))
     assert d.stats[(2, True)][0][1:4] == [1, 1, 0] and d.stats[(2, True)][1][1:4] == [1, 1, 0]
     assert d.stats[(2, False)][1][1:3] == [1, 0]
 
@@ -108,7 +108,7 @@ def test_ngram_builds_a_tree_of_several_branches():
     d = NGramDrafter(table="test-tree", width=3)
     prompt = [1, 2, 3, 1, 2, 4, 1, 2, 3, 1, 2, 5, 3, 1, 2]
     d.begin(prompt)
-    prop = d.propose(prompt, 8)
+    prop = d.propose(DraftContext(prompt, 8))
     assert prop is not None and not prop.is_chain
     roots = [t for t, p in zip(prop.tokens, prop.parents) if p == -1]
     assert set(roots) == {3, 4, 5} and roots[0] == 3  # most frequent continuation first
@@ -120,16 +120,16 @@ def test_ngram_merges_in_request_suffix_matches_into_its_tree():
     prompt = [11, 12, 20, 11, 12, 20, 11, 12, 20, 11, 12, 13, 14, 15, 11, 12]
     table_only = NGramDrafter(table="hybrid-a", width=1, lookup=0)
     table_only.begin(prompt)
-    assert 13 not in table_only.propose(prompt, 8).tokens  # the table's (11, 12) context prefers 20
+    assert 13 not in table_only.propose(DraftContext(prompt, 8)).tokens  # the table's (11, 12) context prefers 20
     hybrid = NGramDrafter(table="hybrid-b", width=1, lookup=1)
     hybrid.begin(prompt)
-    prop = hybrid.propose(prompt, 32)
+    prop = hybrid.propose(DraftContext(prompt, 32))
     tok = dict(enumerate(prop.tokens))
     chain = [i for i in range(len(prop)) if tok[i] in (13, 14, 15)]
     assert [tok[i] for i in chain] == [13, 14, 15]  # the most recent match's copy, as one path
     assert [prop.parents[i] for i in chain] == [-1, chain[0], chain[1]]
     assert 20 in tok.values()  # next to the table's own branch
-    hybrid.observe([13, 14, 15, 11], prop)  # both sources learn from the same step
+    hybrid.observe(prop, Verdict([13, 14, 15, 11], [], []))  # both sources learn from the same step
     assert hybrid.got > 1.0 - 1e-9 and hybrid.lookup.pooled[1][1] == 1
 
 
@@ -137,19 +137,19 @@ def test_ngram_learns_from_the_rows_of_rejected_nodes():
     d = NGramDrafter(table="rows", lookup=0, jacobi=2, rows=1.5)
     ctx = [31, 32, 33]
     d.begin(ctx)
-    assert d.propose(ctx, 8) is None  # an unseen context: nothing to draft yet
+    assert d.propose(DraftContext(ctx, 8)) is None  # an unseen context: nothing to draft yet
     # A verified tree: root children 40 and 41 (both rejected; the target said 50), and 42 under 40.
     # Row argmaxes: root -> 50 (the bonus), after 40 -> 60, after 41 -> 61, after 40, 42 -> 62.
-    prop = Proposal([40, 41, 42], [-1, -1, 0], [0.5, 0.4, 0.3])
-    prop.path, prop.predicted = [], [50, 60, 61, 62]
-    d.observe([50], prop)
+    state = {"edges": [], "paths": [], "tail": (32, 33), "asked": [], "lookup": None}  # as `propose` keeps it
+    prop = Proposal([40, 41, 42], [-1, -1, 0], [0.5, 0.4, 0.3], state=state)
+    d.observe(prop, Verdict([50], [], [50, 60, 61, 62]))
     assert d.table.next[(33, 40)] == {60: 1.5} and d.table.next[(33, 41)] == {61: 1.5}
     assert d.table.next[(40, 42)] == {62: 1.5}  # deeper rows too: the table context is the path's last two
     assert (33, 50) not in d.table.next  # the accepted row is the emitted token: counted when it is emitted
-    nxt = d.propose(ctx + [50], 8)
+    nxt = d.propose(DraftContext(ctx + [50], 8))
     roots = {t: s for t, p, s in zip(nxt.tokens, nxt.parents, nxt.scores) if p == -1}
     assert roots == {60: 0.25, 61: 0.25}  # Jacobi guesses for the token after the bonus, at the prior rate
-    d.observe([60, 7], nxt)
+    d.observe(nxt, Verdict([60, 7], [], []))
     assert d.jstats == [[2.0, 5.0], [1.0, 5.0]]  # rank 1 was right, rank 2 wrong
     d.end()
 
@@ -157,11 +157,11 @@ def test_ngram_learns_from_the_rows_of_rejected_nodes():
 def test_ngram_without_row_learning_ignores_the_rows():
     d = NGramDrafter(table="no-rows", lookup=0, jacobi=0, rows=0)
     d.begin([31, 32, 33])
-    assert d.propose([31, 32, 33], 8) is None
-    prop = Proposal([40], [-1], [0.5])
-    prop.path, prop.predicted = [], [50, 60]
-    d.observe([50], prop)
-    assert (33, 40) not in d.table.next and d.propose([31, 32, 33, 50], 8) is None
+    assert d.propose(DraftContext([31, 32, 33], 8)) is None
+    state = {"edges": [], "paths": [], "tail": (32, 33), "asked": [], "lookup": None}
+    prop = Proposal([40], [-1], [0.5], state=state)
+    d.observe(prop, Verdict([50], [], [50, 60]))
+    assert (33, 40) not in d.table.next and d.propose(DraftContext([31, 32, 33, 50], 8)) is None
 
 
 def test_merge_builds_one_best_first_trie():
@@ -180,11 +180,15 @@ def test_judge_scores_a_path_against_the_emitted_tokens():
 
 
 def test_ngram_table_is_shared_across_requests():
-    a = NGramDrafter(table="shared-test")
+    """Drafters made for one engine (one shared store) count into one table per name; another engine's
+    store (another model) keeps its own."""
+    store = {}
+    a = NGramDrafter(table="shared-test", shared=store)
     a.begin([7, 8, 9, 7, 8])
-    b = NGramDrafter(table="shared-test")
+    b = make_method("ngram:table=shared-test", store).drafter
     b.begin([1])
     assert b.table is a.table and b.table.lookup(7, 8) == {9: 1.0}
+    assert make_method("ngram:table=shared-test", {}).drafter.table is not a.table
 
 
 def _save(path, offset):
@@ -209,7 +213,7 @@ def test_ngram_persistence_merges_and_survives_concurrent_writers(tmp_path):
     assert data["format"] == 1
     d = NGramDrafter(table="persist-test", path=str(path))
     d.begin([0, 1])
-    assert d.propose([0, 1], 3).tokens[0] == 2
+    assert d.propose(DraftContext([0, 1], 3)).tokens[0] == 2
 
 
 def test_persisted_ngram_table_stays_within_the_cap(tmp_path):
@@ -235,19 +239,23 @@ def test_corrupt_ngram_file_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize(
     "spec",
-    ["pld:k=65", "pld:max_ngram=0", "pld:min_ngram=4,max_ngram=3", "ngram:explore=-1", "ngram:width=9"]
+    ["pld:k=65", "pld:k=-1", "pld:max_ngram=0", "pld:min_ngram=4,max_ngram=3", "ngram:explore=-1", "ngram:width=9"]
     + ["ngram:lookup=9", "ngram:order=7", "x", "pld:k=abc", "pld:k=1.5", "ngram:explore=lots"]
     + ["ngram:jacobi=9", "ngram:jacobi=-1", "ngram:rows=5", "ngram:rows=-0.5"],
 )
 def test_out_of_range_options(spec):
     with pytest.raises(SkipjackError):
-        make_drafter(spec)
+        make_method(spec)
 
 
 def test_parse_method():
     assert parse_method("pld:k=8, max_ngram=4") == ("pld", {"k": 8, "max_ngram": 4})
-    assert make_drafter("plain") is None
-    ng = make_drafter("ngram:explore=1,path=7,table=2")  # values take their option's type
+    assert make_method("plain").drafter is None and make_method("plain").lossless
+    ng = make_method("ngram:explore=1,path=7,table=2").drafter  # values take their option's type
     assert ng.explore == 1.0 and isinstance(ng.explore, float) and str(ng.path) == "7"
+    m = make_method("pld:k=8")
+    assert m.k == 8 and m.drafter.name == "pld" and m.lossless and not hasattr(m.drafter, "fixed_length")
+    with pytest.raises(SkipjackError, match="shared"):
+        make_method("ngram:shared=1")  # the engine's store is not a user option
     with pytest.raises(SkipjackError):
         parse_method("plain:k=1")

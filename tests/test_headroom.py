@@ -1,4 +1,4 @@
-"""The copy oracle (`skipjack.bench.headroom`): span search, the dynamic programme, and the run-level bound."""
+"""The copy oracle (`skipjack.bench.analysis.headroom`): span search, the dynamic programme, and the run-level bound."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skipjack.bench import headroom
+from skipjack.bench.analysis import headroom
 from skipjack.errors import SkipjackError
 
 

@@ -76,14 +76,9 @@ def test_layer_subsets_compose(family):
 
 
 def _run_layers_from(m, h, cache, layers):
-    """Drive blocks directly from a hidden state (what a self-speculative verifier does)."""
+    """Run the remaining layers from a hidden state (what a self-speculative verifier does)."""
     positions = torch.arange(0, h.shape[1])
-    ropes = m.ropes(positions)
-    memo = {}
-    for i in layers:
-        window, key = m.kinds[i]
-        h = m.layers[i](h, cache[i], 0, ropes[key], lambda kf, n, w=window: m._mask(memo, positions, 0, kf, n, None, w))
-    return h
+    return m(None, cache, hidden=h, positions=positions, layers=layers, logits="none").last_hidden
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
@@ -141,11 +136,12 @@ def test_tree_mask_forward_equals_separate_branches():
 def test_linear_pads_few_rows_without_changing_them():
     """A packed linear pads an input of m rows with zero rows to pad_to[m] rows (faster kernels); the real
     rows' outputs are those of the layer, and one row's output does not depend on the rows beside it."""
-    from skipjack.models.common import PLAIN, Linear
+    from skipjack.linear import PLAIN, DenseLinear, PackedLinear, packing_available
 
     torch.manual_seed(0)
     w, b = torch.randn(40, 24), torch.randn(40)
-    lin = Linear(w, b)
+    packed = packing_available()
+    lin = PackedLinear(w, b) if packed else DenseLinear(w, b)
     lin.pad_to = (0, 6, PLAIN, 3, 6, 6, 6, 9, 9)
     for m in range(1, 11):
         x = torch.randn(1, m, 24)
@@ -153,7 +149,7 @@ def test_linear_pads_few_rows_without_changing_them():
         assert y.shape == (1, m, 40)
         torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     x = torch.randn(1, 4, 24)
-    if lin.packed:  # padded to the same kernel: bit for bit; PLAIN rows run F.linear on the plain layout
+    if packed:  # padded to the same kernel: bit for bit; PLAIN rows run F.linear on the plain layout
         assert torch.equal(lin(x)[:, :1], lin(x[:, :1]))
         assert torch.equal(lin(x[:, :2]), F.linear(x[:, :2], w, b))
         lin.plain = None  # a dropped plain copy falls back to the packed kernel, unpadded
@@ -162,8 +158,8 @@ def test_linear_pads_few_rows_without_changing_them():
 
 def test_padding_choice():
     """m rows run at the fastest measured row count >= m, only if it is MIN_GAIN faster than m itself."""
-    from skipjack.models.common import PLAIN
-    from skipjack.padding import choose
+    from skipjack.linear import PLAIN
+    from skipjack.tuning import choose
 
     ms = {1: 26.0, 2: 30.0, 3: 26.0, 4: 21.0, 5: 20.0, 6: 20.5, 7: 24.0, 8: 24.5, 9: 23.0, 10: 25.0}
     assert choose(ms) == [0, 5, 5, 5, 5, 5, 6, 9, 9]  # 7 -> 9 is 4% faster; 9 and 10 pad nothing: trimmed
@@ -176,21 +172,21 @@ def test_padding_choice():
 
 
 def test_padding_is_tuned_per_shape_and_cached(tmp_path, monkeypatch):
-    """`tune` measures every weight shape, applies its padding to each packed linear, caches it on disk (the
-    next process reads it; a corrupt file is measured again), and the cost prior's cache key follows it."""
-    from skipjack import decode, padding
-    from skipjack.models.common import _PACK, PLAIN
+    """`tune_rows` measures every weight shape, applies its padding to each packed linear, caches it on disk
+    (the next process reads it; a corrupt file is measured again), and the cost prior's cache key follows it."""
+    from skipjack import tuning
+    from skipjack.linear import PLAIN, packing_available
 
     monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path))
     calls = []
-    real = padding.time_rows
+    real = tuning.time_rows
     monkeypatch.setattr(
-        padding, "time_rows", lambda lins, rows, **k: calls.append(1) or real(lins, rows, **(k | {"rounds": 1}))
+        tuning, "time_rows", lambda lins, rows, **k: calls.append(1) or real(lins, rows, **(k | {"rounds": 1}))
     )
     model = ours_from_hf(hf_model("llama", seed=1, vocab=48))  # fp32: the dtype whose weights are packed
-    pads = padding.tune(model, remeasure=True)
-    groups = padding.linears_by_shape(model)
-    if not _PACK:
+    tuned = tuning.tune_rows(model, remeasure=True)
+    pads, groups = tuned.pads, tuning.linears_by_shape(model)
+    if not packing_available():
         assert pads == {} and not groups  # no oneDNN on this machine: nothing is packed, nothing padded
         return
     assert len(groups) == 5  # q/k/v, o, gate/up, down, lm_head
@@ -200,21 +196,17 @@ def test_padding_is_tuned_per_shape_and_cached(tmp_path, monkeypatch):
         assert all(lin.pad_to == tuple(pads[f"{i}x{o}"]) for lin in lins)
         # the plain copy stays only where it is used
         assert all((lin.plain is not None) == (PLAIN in lin.pad_to) for lin in lins)
-        assert sorted(padding.measured(model)[f"{i}x{o}"]) == list(range(1, padding.MAX_ROWS + 1))
-        assert sorted(padding.measured(model, plain=True)[f"{i}x{o}"]) == list(range(1, padding.PLAIN_ROWS + 1))
-    path = padding.cache_path(model, groups)
+        assert sorted(tuned.ms[f"{i}x{o}"]) == list(range(1, tuning.MAX_ROWS + 1))
+        assert sorted(tuned.plain_ms[f"{i}x{o}"]) == list(range(1, tuning.PLAIN_ROWS + 1))
+    path = tuning.rows_path(model, groups)
     assert path.parent == tmp_path / "rows" and [p.name for p in path.parent.iterdir()] == [path.name]
-    del padding._TUNED[model]  # as in a new process
-    assert padding.tune(model) == pads and len(calls) == n
+    assert tuning.tune_rows(model).pads == pads and len(calls) == n  # read back, as a new process would
     for bad in ("{not json", '{"pads": {}, "ms": {}}', '{"pads": {"x": [1]}, "ms": {}, "plain_ms": {}}'):
         path.write_text(bad)
-        del padding._TUNED[model]
-        padding.tune(model)
+        tuning.tune_rows(model)
     assert len(calls) >= 4 * len(groups)  # measured again each time (plain only where the copies are still held)
     calls.clear()
-    before = decode.prior_path(model)
-    padding._TUNED[model] = {"pads": {k: [0, 7] for k in pads}, "ms": {}}
-    assert decode.prior_path(model) != before  # a prior measured under other padding is not reused
+    assert tuning.prior_path(model, {k: [0, 7] for k in pads}) != tuning.prior_path(model, pads)  # not reused
     bf16 = ours_from_hf(hf_model("llama", seed=3), torch.bfloat16)
-    assert padding.tune(bf16) == {} and not calls  # bf16 pads nothing, measures nothing
+    assert tuning.tune_rows(bf16).pads == {} and not calls  # bf16 pads nothing, measures nothing
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # and leaves no file behind

@@ -1,29 +1,28 @@
-"""Multi-turn prompt caching (`skipjack.decode.PromptCache`): each turn reuses the conversation's cache, runs
-only what it does not hold, and decodes exactly as a request that runs its whole prompt."""
+"""Multi-turn prompt caching (`skipjack.session.Session`, take-over): each turn reuses the conversation's cache,
+runs only what it does not hold, and decodes exactly as a request that runs its whole prompt."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from drafters_mock import AlwaysAccept
+from drafters_mock import decode as run
 from test_cache import assert_same_cache
 
-from skipjack.cost import CostModel
-from skipjack.decode import PromptCache, common_prefix, generate, prefill
-from skipjack.drafters import make_drafter
+from skipjack.decode import generate
 from skipjack.errors import SkipjackError
 from skipjack.sampling import SamplingParams
+from skipjack.session import Session, common_prefix
 
 GREEDY = SamplingParams(max_new_tokens=12)
 SAMPLED = SamplingParams(max_new_tokens=12, temperature=0.9, seed=7)
 
 
 def decode(model, prompt, params, method="plain", prompt_cache=None):
-    steps = list(generate(model, prompt, params, make_drafter(method), CostModel.flat(), prompt_cache=prompt_cache))
-    return [t for s in steps for t in s.tokens], steps
+    return run(model, prompt, params, method, session=prompt_cache)
 
 
-def assert_holds_what_it_says(model, pc: PromptCache):
+def assert_holds_what_it_says(model, pc: Session):
     """The cache equals a fresh prefill of the tokens it claims to hold."""
     fresh = model.make_cache(pc.cache.capacity)
     model(torch.tensor([pc.tokens]), fresh)
@@ -40,7 +39,7 @@ def test_a_conversation_reuses_its_cache_turn_after_turn(tiny_llama64, sliding_g
     g = torch.Generator().manual_seed(1)
     words = lambda n: torch.randint(0, 48, (n,), generator=g).tolist()  # noqa: E731
     convo = words(20 if family == "llama" else 300)
-    pc, capacities = PromptCache(), set()
+    pc, capacities = Session(), set()
     turns = [
         ("plain", GREEDY, 6),
         ("pld", GREEDY, 90),
@@ -71,7 +70,7 @@ def test_a_prompt_that_leaves_the_conversation_early(tiny_llama64, sliding_gemma
     model = tiny_llama64 if family == "llama" else sliding_gemma64
     g = torch.Generator().manual_seed(2)
     first = torch.randint(0, 48, (280,), generator=g).tolist()
-    pc = PromptCache()
+    pc = Session()
     decode(model, first, GREEDY, prompt_cache=pc)
     other = first[:3] + [(t + 1) % 48 for t in first[3:40]]
     out, steps = decode(model, other, GREEDY, "pld", prompt_cache=pc)
@@ -88,9 +87,8 @@ def test_a_stop_inside_a_verify_step_is_not_held(tiny_llama64):
     free, _ = decode(tiny_llama64, prompt, SamplingParams(max_new_tokens=20))
     stop = free[6]
     params = SamplingParams(max_new_tokens=20, stop_token_ids=frozenset({stop}))
-    pc = PromptCache()
-    steps = list(generate(tiny_llama64, prompt, params, AlwaysAccept(tiny_llama64), CostModel.flat(), prompt_cache=pc))
-    out = [t for s in steps for t in s.tokens]
+    pc = Session()
+    out, steps = decode(tiny_llama64, prompt, params, AlwaysAccept(tiny_llama64), prompt_cache=pc)
     assert steps[-1].finish == "stop" and steps[-1].accepted > len(steps[-1].tokens)  # the stop cut a step
     assert out == free[: free.index(stop)] and pc.tokens == prompt + out
     assert_holds_what_it_says(tiny_llama64, pc)
@@ -99,7 +97,7 @@ def test_a_stop_inside_a_verify_step_is_not_held(tiny_llama64):
 def test_the_same_prompt_again_runs_one_token(tiny_llama64):
     """Regenerating: the cache holds the whole prompt, and only its last token runs (for its logits)."""
     prompt = [5, 6, 7, 8, 5, 6, 7, 9] * 3
-    pc = PromptCache()
+    pc = Session()
     first, _ = decode(tiny_llama64, prompt, GREEDY, prompt_cache=pc)
     again, steps = decode(tiny_llama64, prompt, GREEDY, "ngram", prompt_cache=pc)
     assert again == first and steps[0].forward_tokens == 1
@@ -107,7 +105,7 @@ def test_the_same_prompt_again_runs_one_token(tiny_llama64):
 
 def test_another_model_or_a_failed_request_starts_afresh(tiny_llama64, tiny_gemma64):
     prompt = [3, 4, 5, 6, 7] * 4
-    pc = PromptCache()
+    pc = Session()
     decode(tiny_llama64, prompt, GREEDY, prompt_cache=pc)
     out, steps = decode(tiny_gemma64, prompt, GREEDY, prompt_cache=pc)  # not this model's keys
     assert steps[0].forward_tokens == len(prompt) and out == decode(tiny_gemma64, prompt, GREEDY)[0]
@@ -117,19 +115,19 @@ def test_another_model_or_a_failed_request_starts_afresh(tiny_llama64, tiny_gemm
     assert pc.tokens == held
 
     class Broken:
-        name, fixed_length = "broken", 0
+        name, lossless = "broken", True
 
         def begin(self, prompt):
             pass
 
-        def propose(self, context, budget):
+        def propose(self, ctx):
             raise RuntimeError("drafter failed")
 
         def end(self):
             pass
 
     with pytest.raises(RuntimeError, match="drafter failed"):
-        list(generate(tiny_gemma64, prompt, GREEDY, Broken(), CostModel.flat(), prompt_cache=pc))
+        decode(tiny_gemma64, prompt, GREEDY, Broken(), prompt_cache=pc)
     assert pc.cache is None and pc.tokens == []  # a failed request leaves nothing half written behind
     assert decode(tiny_gemma64, prompt, GREEDY, prompt_cache=pc)[1][0].forward_tokens == len(prompt)
 
@@ -137,19 +135,21 @@ def test_another_model_or_a_failed_request_starts_afresh(tiny_llama64, tiny_gemm
 def test_a_request_closed_early_leaves_a_whole_cache(tiny_llama64):
     """A client that stops reading (a stop string, a dropped connection) closes the generator between steps."""
     prompt = [9, 8, 7, 6, 5] * 4
-    pc = PromptCache()
-    steps = generate(tiny_llama64, prompt, SamplingParams(max_new_tokens=30), prompt_cache=pc)
+    pc = Session()
+    steps = generate(tiny_llama64, prompt, SamplingParams(max_new_tokens=30), session=pc)
     got = [t for _, s in zip(range(4), steps) for t in s.tokens]
     steps.close()
     assert pc.tokens == (prompt + got)[: len(pc.tokens)] and len(pc.tokens) >= len(prompt) + 3
     assert_holds_what_it_says(tiny_llama64, pc)
 
 
-def test_a_prompt_cache_and_a_prefilled_prompt_together_are_refused(tiny_llama64):
-    prompt = [1, 2, 3]
-    with pytest.raises(SkipjackError, match="not both"):
-        list(
-            generate(
-                tiny_llama64, prompt, GREEDY, prefilled=prefill(tiny_llama64, prompt, 12), prompt_cache=PromptCache()
-            )
-        )
+def test_a_prefilled_session_is_copied_from_never_taken_over(tiny_llama64):
+    """A prefilled session (copy-from) keeps its prompt and cache after requests, where a conversation's
+    session (take-over) would hold the request's output."""
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    pre = Session.prefilled(tiny_llama64, prompt, 12)
+    cache, offset = pre.cache, pre.cache.offset
+    for method in ("plain", "pld"):
+        out, steps = decode(tiny_llama64, prompt, GREEDY, method, prompt_cache=pre)
+        assert out == decode(tiny_llama64, prompt, GREEDY)[0] and steps[0].forward_tokens == 0
+    assert pre.tokens == prompt and pre.cache is cache and cache.offset == offset

@@ -12,9 +12,9 @@ import pytest
 import torch
 from test_prompt_cache import GREEDY, assert_holds_what_it_says, decode
 
-from skipjack.decode import PromptCache
 from skipjack.errors import SkipjackError
 from skipjack.prompt_file import check_path, fingerprint, load_prompt_cache, save_prompt_cache
+from skipjack.session import Session
 
 
 def _same_bits(a, b):
@@ -28,14 +28,14 @@ def _same_bits(a, b):
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 def test_a_saved_cache_loads_back_exactly_and_is_reused(tiny_llama64, sliding_gemma64, family, tmp_path):
-    """Save after one request, load in a new PromptCache (as a new process would): every layer holds the same
+    """Save after one request, load in a new Session (as a new process would): every layer holds the same
     bits at the same positions (the Gemma request is long enough that its sliding layers have evicted). A
     follow-up prompt extending the first reuses the loaded prefix and decodes exactly as a fresh request."""
     model = tiny_llama64 if family == "llama" else sliding_gemma64
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, 48, (30 if family == "llama" else 300,), generator=g).tolist()
     path = tmp_path / "p.cache"
-    pc = PromptCache()
+    pc = Session()
     out, _ = decode(model, prompt, GREEDY, "pld", prompt_cache=pc)
     save_prompt_cache(path, pc)
     loaded = load_prompt_cache(path, model)
@@ -52,7 +52,7 @@ def test_a_saved_cache_loads_back_exactly_and_is_reused(tiny_llama64, sliding_ge
 
 def test_another_models_cache_is_replaced_with_a_notice(tiny_llama64, tiny_gemma64, tmp_path):
     path = tmp_path / "p.cache"
-    pc = PromptCache()
+    pc = Session()
     decode(tiny_llama64, [3, 4, 5, 6] * 3, GREEDY, prompt_cache=pc)
     save_prompt_cache(path, pc)
     said = []
@@ -81,7 +81,7 @@ def test_a_damaged_cache_is_a_one_line_error(tiny_llama64, tmp_path):
     from safetensors.torch import save_file
 
     path = tmp_path / "p.cache"
-    pc = PromptCache()
+    pc = Session()
     decode(tiny_llama64, [3, 4, 5, 6] * 3, GREEDY, prompt_cache=pc)
     save_prompt_cache(path, pc)
     with safe_open(str(path), framework="pt") as f:
@@ -97,7 +97,7 @@ def test_a_damaged_cache_is_a_one_line_error(tiny_llama64, tmp_path):
 
 def test_a_failed_write_keeps_the_old_file(tiny_llama64, tmp_path, monkeypatch):
     path = tmp_path / "p.cache"
-    pc = PromptCache()
+    pc = Session()
     decode(tiny_llama64, [3, 4, 5, 6] * 3, GREEDY, prompt_cache=pc)
     save_prompt_cache(path, pc)
     before = path.read_bytes()

@@ -13,10 +13,10 @@ from importlib import resources
 import pytest
 import torch
 
-from skipjack.api import complete
-from skipjack.decode import prefill
-from skipjack.loading import DEFAULT_MODEL, fetch_named, load
+from skipjack.engine import Engine, Request
+from skipjack.loading import DEFAULT_MODEL, fetch_named
 from skipjack.sampling import SamplingParams
+from skipjack.session import Session
 
 pytestmark = pytest.mark.real
 
@@ -31,7 +31,11 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def real():
-    return load(DEFAULT_MODEL)
+    return Engine.load(DEFAULT_MODEL)
+
+
+def complete(engine, ids, params, method="plain", session=None):
+    return engine.complete(Request(ids, params, method, session=session))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,7 @@ def test_gemma3_checkpoint_matches_hf():
     against HF's own GGUF loader: logits on a chat prompt, greedy tokens, and prompt lookup's tokens."""
     from transformers import AutoModelForCausalLM
 
-    gemma = load("gemma3-270m")
+    gemma = Engine.load("gemma3-270m")
     path = fetch_named("gemma3-270m")
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     ids = gemma.tokenizer.prompt_ids("Name three rivers in Europe and the seas they flow into.")
@@ -98,16 +102,16 @@ def identity_prompts() -> list[dict]:
 
 def test_speculative_identical_on_every_benchmark_prompt(real):
     """pld and ngram against plain greedy on all 60 prompts. The three decode from one prefill of each prompt
-    (`skipjack.decode.prefill`; `test_prefilled_prompt_is_reused_unchanged` shows that reuse changes no
-    token), so the long prompts run once rather than three times."""
+    (`skipjack.session.Session.prefilled`; `test_prefilled_prompt_is_reused_unchanged` shows that reuse changes
+    no token), so the long prompts run once rather than three times."""
     params = SamplingParams(max_new_tokens=32, stop_token_ids=real.tokenizer.stop_ids)
     accepted = {"pld": 0, "ngram": 0}
     for p in identity_prompts():
         ids = real.tokenizer.prompt_ids(p["messages"])
-        pre = prefill(real.model, ids, params.max_new_tokens)
-        plain = complete(real, ids, params, prefilled=pre).tokens
+        pre = Session.prefilled(real.model, ids, params.max_new_tokens)
+        plain = complete(real, ids, params, session=pre).tokens
         for method in accepted:
-            res = complete(real, ids, params, method, prefilled=pre)
+            res = complete(real, ids, params, method, session=pre)
             assert res.tokens == plain, (p["id"], method)
             accepted[method] += sum(k * v for k, v in res.accept_hist.items())
     assert all(accepted.values()), accepted  # each drafter really drafted and was accepted somewhere

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter, greedy_continuation
+from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter, decode, greedy_continuation
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from skipjack.cost import CostModel
-from skipjack.decode import generate, prefill
-from skipjack.drafters import make_drafter
+from skipjack.drafters import make_method
 from skipjack.drafters.base import Proposal
 from skipjack.errors import SkipjackError
 from skipjack.sampling import SamplingParams
+from skipjack.session import Session
 
 
-def run(model, prompt, params, drafter=None, cost=None):
-    steps = list(generate(model, prompt, params, drafter, cost or CostModel.flat()))
-    return [t for s in steps for t in s.tokens], steps
+def run(model, prompt, params, drafter="plain", cost=None):
+    return decode(model, prompt, params, drafter, cost)
 
 
 prompts = st.lists(st.integers(0, 47), min_size=1, max_size=24).flatmap(
@@ -34,7 +33,7 @@ def make(name, model, seed):
         return NeverAccept(model)
     if name.startswith("random"):
         return RandomDrafter(model, seed, tree=name.endswith("tree"))
-    return make_drafter(name)
+    return name  # a method spec
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -104,29 +103,30 @@ class RowRecorder(RandomDrafter):
         super().begin(prompt)
         self.seen = []
 
-    def propose(self, context, budget):
-        prop = super().propose(context, budget)
-        self.ctx = list(context)
+    def propose(self, ctx):
+        prop = super().propose(ctx)
+        if prop is not None:
+            prop.state = list(ctx.tokens)  # handed back in observe: the context it was drafted after
         return prop
 
-    def observe(self, emitted, proposal):
-        super().observe(emitted, proposal)
-        self.seen.append((self.ctx, proposal))
+    def observe(self, proposal, verdict):
+        super().observe(proposal, verdict)
+        self.seen.append((proposal.state, proposal, verdict))
 
 
 def test_verify_rows_report_the_targets_argmax_after_every_node(tiny_llama64):
     d = RowRecorder(tiny_llama64, seed=3, tree=True)
     run(tiny_llama64, [4, 5, 6, 7], SamplingParams(max_new_tokens=48), d)
     rejected = 0
-    for ctx, prop in d.seen:
-        assert len(prop.predicted) == len(prop) + 1
+    for ctx, prop, verdict in d.seen:
+        assert len(verdict.argmax) == len(prop) + 1
         paths = []
         for t, p in zip(prop.tokens, prop.parents):
             paths.append((paths[p] if p >= 0 else []) + [t])
-        assert prop.predicted[0] == greedy_continuation(tiny_llama64, ctx, 1)[0]
+        assert verdict.argmax[0] == greedy_continuation(tiny_llama64, ctx, 1)[0]
         for i, path in enumerate(paths):  # a fresh forward after the node's own path, accepted or not
-            assert prop.predicted[i + 1] == greedy_continuation(tiny_llama64, ctx + path, 1)[0]
-            rejected += i not in prop.path
+            assert verdict.argmax[i + 1] == greedy_continuation(tiny_llama64, ctx + path, 1)[0]
+            rejected += i not in verdict.path
     assert len(d.seen) > 3 and rejected > 10
 
 
@@ -142,11 +142,12 @@ def test_never_accept_degrades_to_plain(tiny_llama64):
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 def test_prefilled_prompt_is_reused_unchanged(tiny_llama64, tiny_gemma64, family):
-    """Requests started from one `prefill` decode exactly as requests that run the prompt themselves (greedy:
-    any method; seeded sampling: the same method), and leave the prefilled cache as it was, for reuse."""
+    """Requests started from one prefilled session (copy-from) decode exactly as requests that run the prompt
+    themselves (greedy: any method; seeded sampling: the same method), and leave the prefilled cache as it
+    was, for reuse."""
     model = tiny_llama64 if family == "llama" else tiny_gemma64
     prompt = [5, 6, 7, 8, 5, 6, 7, 9, 5, 6] * 3
-    pre = prefill(model, prompt, 24)
+    pre = Session.prefilled(model, prompt, 24)
     snapshot = [(layer.offset, layer.k.clone(), layer.v.clone()) for layer in pre.cache]
     greedy, sampled = SamplingParams(max_new_tokens=24), SamplingParams(max_new_tokens=24, temperature=0.9, seed=4)
     plain, _ = run(model, prompt, greedy)
@@ -154,17 +155,17 @@ def test_prefilled_prompt_is_reused_unchanged(tiny_llama64, tiny_gemma64, family
         (sampled, "plain"),
         (sampled, "pld"),
     ]:
-        fresh, _ = run(model, prompt, params, make_drafter(method))
-        steps = list(generate(model, prompt, params, make_drafter(method), CostModel.flat(), prefilled=pre))
-        assert [t for s in steps for t in s.tokens] == fresh, method
+        fresh, _ = run(model, prompt, params, method)
+        out, steps = decode(model, prompt, params, method, session=pre)
+        assert out == fresh, method
         assert params is sampled or fresh == plain
         assert steps[0].forward_tokens == 0  # the prompt did not run again
     for layer, (offset, k, v) in zip(pre.cache, snapshot):
         assert layer.offset == offset and torch.equal(layer.k, k) and torch.equal(layer.v, v)
     with pytest.raises(SkipjackError, match="not this request's prompt"):
-        list(generate(model, prompt[:-1], SamplingParams(max_new_tokens=4), prefilled=pre))
+        decode(model, prompt[:-1], SamplingParams(max_new_tokens=4), session=pre)
     with pytest.raises(SkipjackError, match="this request needs"):
-        list(generate(model, prompt, SamplingParams(max_new_tokens=200), prefilled=pre))
+        decode(model, prompt, SamplingParams(max_new_tokens=200), session=pre)
 
 
 def test_cost_model_sizes_drafts():
@@ -259,23 +260,22 @@ def test_cost_prior_is_cached_on_disk(tiny_llama64, tmp_path, monkeypatch):
     and a corrupt or malformed file is measured again and rewritten."""
     import json
 
-    from skipjack import decode
+    from skipjack import tuning
 
     monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path))
     calls = []
     measure = CostModel.measure.__func__
     monkeypatch.setattr(CostModel, "measure", classmethod(lambda cls, m: calls.append(1) or measure(cls, m)))
-    cm = decode.cost_model(tiny_llama64, remeasure=True)
-    path = decode.prior_path(tiny_llama64)
+    cm = tuning.cost_prior(tiny_llama64, {}, remeasure=True)
+    path = tuning.prior_path(tiny_llama64, {})
     assert path.parent == tmp_path / "costs" and json.loads(path.read_text()) == cm.prior_json()
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
-    del decode._COSTS[tiny_llama64]  # as in a new process
-    again = decode.cost_model(tiny_llama64)
+    again = tuning.cost_prior(tiny_llama64, {})  # as in a new process
     assert len(calls) == 1 and again.learn and (again.widths, again.rel, again.slope) == (cm.widths, cm.rel, cm.slope)
+    assert again is not cm  # each engine gets a cost model of its own, which then learns
     for bad in ("{not json", '{"widths": [2, 1], "rel": [1, 1], "slope": [0, 0], "beta": 0}', "[]"):
         path.write_text(bad)
-        del decode._COSTS[tiny_llama64]
-        decode.cost_model(tiny_llama64)
+        tuning.cost_prior(tiny_llama64, {})
         assert CostModel.from_prior_json(json.loads(path.read_text())) is not None
     assert len(calls) == 4
 
@@ -288,8 +288,8 @@ class ForeignDrafter(AlwaysAccept):
         super().__init__(model)
         self.flaw = flaw
 
-    def propose(self, context, budget):
-        right = greedy_continuation(self.model, context, 2)
+    def propose(self, ctx):
+        right = greedy_continuation(self.model, ctx.tokens, 2)
         if self.flaw == "token":
             return Proposal(right + [10_000, 1], [-1, 0, 1, 2], [0.9] * 4)
         return Proposal(right + [1, 2], [-1, 0, 7, 2], [0.9] * 4)
@@ -309,11 +309,11 @@ def test_out_of_vocab_drafts_are_pruned_not_fatal(tiny_llama64, flaw):
 def test_foreign_ngram_table_is_pruned_not_fatal(tiny_llama64):
     """A shared n-gram table filled by a larger-vocabulary model (the CI failure of session 1)."""
     params = SamplingParams(max_new_tokens=20)
-    ng = make_drafter("ngram:table=foreign")
+    ng = make_method("ngram:table=foreign").drafter
     for t in range(48):  # every token of the 48-token vocab is followed by ids far outside it
         ng.table.add([t, 500 + t, 600 + t], 0, 5.0)
     proposed, propose = [], ng.propose
-    ng.propose = lambda ctx, budget: proposed.append(p := propose(ctx, budget)) or p
+    ng.propose = lambda ctx: proposed.append(p := propose(ctx)) or p
     spec, _ = run(tiny_llama64, [0, 5, 0], params, ng)
     assert spec == run(tiny_llama64, [0, 5, 0], params)[0]
     assert any(p is not None and max(p.tokens) >= 48 for p in proposed)  # foreign ids really were drafted

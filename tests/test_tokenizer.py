@@ -6,7 +6,7 @@ from conftest import byte_bpe_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skipjack.api import _held_back
+from skipjack.engine import _held_back
 from skipjack.tokenizer import StreamDecoder, Tokenizer
 
 TEXTS = ["héllo wörld 日本語 🙂 naïve café", "the quick brown fox 🙂🙂 jumps", "  leading spaces kept"]
@@ -62,17 +62,17 @@ def test_held_back_prefix_of_stop_string():
 
 
 def test_stop_strings_cut_text(tiny_folder):
-    from skipjack.api import complete
-    from skipjack.loading import load
+    from skipjack.engine import Engine, Request
     from skipjack.sampling import SamplingParams
 
-    loaded = load(str(tiny_folder))
-    prompt = loaded.tokenizer.prompt_ids("hello world")
-    full = complete(loaded, prompt, SamplingParams(max_new_tokens=30))
+    engine = Engine.load(str(tiny_folder))
+    prompt = engine.tokenizer.prompt_ids("hello world")
+    params = SamplingParams(max_new_tokens=30)
+    full = engine.complete(Request(prompt, params))
     assert len(full.text) > 6
     stop = full.text[3:6]
-    cut = complete(loaded, prompt, SamplingParams(max_new_tokens=30), stop=(stop,))
+    cut = engine.complete(Request(prompt, params, stop=(stop,)))
     assert cut.text == full.text[: full.text.find(stop)] and cut.finish == "stop"
     streamed = []
-    complete(loaded, prompt, SamplingParams(max_new_tokens=30), "pld", (stop,), streamed.append)
+    engine.complete(Request(prompt, params, "pld", (stop,)), streamed.append)
     assert "".join(streamed) == cut.text

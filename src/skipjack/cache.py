@@ -1,10 +1,14 @@
-"""Per-layer KV cache: preallocated tensors written in place, rolled back with `trim`.
+"""Per-layer KV cache: preallocated tensors written in place, rolled back with `trim`; and cache policies.
 
 Every layer owns one object with the same small interface (mlx-lm style):
-`update(k, v, start) -> (keys, values, first_pos)`, `offset`, `trim(n)`, `keep(start, idx)`, `nbytes`; for
+`update(k, v, start) -> (keys, values, past)`, `offset`, `trim(n)`, `keep(start, idx)`, `nbytes`; for
 carrying a conversation's cache to its next request, `resumable(n)` and `moved(fresh)`; and for saving it to
 a file and loading it back, `stored()` and `restore(k, v, first)`.
-Eviction or compression policies (later issues) subclass `LayerKV` and are chosen per layer.
+
+`past` is the absolute positions of the keys `update` returns before the new ones (a `range` when they are
+contiguous, else a LongTensor), and attention masks are built from it (`skipjack.models.common`), so a layer
+that evicts keys (and holds positions with holes) is just another `LayerKV`. A cache policy makes each
+layer's object (`CachePolicy.layer`); `DecoderLM.make_cache(capacity, policy=...)` asks it once per layer.
 
 Writes are position-addressed (gpt-fast style): a forward pass writes its keys at `[start, start + T)`, so a
 speculative step can overwrite a rejected draft without any copy, and skipped layers simply do not write.
@@ -12,9 +16,15 @@ speculative step can overwrite a rejected draft without any copy, and skipped la
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 
 from skipjack.errors import SkipjackError
+from skipjack.limits import MAX_DRAFT
+
+SLACK = 2 * MAX_DRAFT  # a sliding layer keeps this many positions beyond its window on each side (rollback)
 
 
 class LayerKV:
@@ -27,15 +37,15 @@ class LayerKV:
         self.offset = 0  # absolute position one past the last valid key
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
-        """Write k, v [B, H_kv, T, D] at positions [start, start+T); return all valid keys/values and the
-        absolute position of the first returned key."""
+        """Write k, v [B, H_kv, T, D] at positions [start, start+T); return all valid keys/values (the new ones
+        last) and the positions of the keys before the new ones."""
         end = start + k.shape[2]
         if start > self.offset or end > self.capacity:
             raise SkipjackError(f"context length {end} exceeds the cache capacity {self.capacity}")
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         self.offset = end
-        return self.k[:, :, :end], self.v[:, :, :end], 0  # [B, H_kv, end, D] x2
+        return self.k[:, :, :end], self.v[:, :, :end], range(0, start)  # [B, H_kv, end, D] x2
 
     def trim(self, n: int) -> int:
         """Forget the newest n positions (rollback). Returns how many were dropped."""
@@ -98,7 +108,7 @@ class SlidingLayerKV(LayerKV):
     we keep positions >= start - window - slack.
     """
 
-    def __init__(self, batch, heads, head_dim, window: int, dtype, slack: int = 128):
+    def __init__(self, batch, heads, head_dim, window: int, dtype, slack: int = SLACK):
         super().__init__(batch, heads, head_dim, window + 2 * slack, dtype)
         self.window, self.slack, self.first = window, slack, 0
 
@@ -120,7 +130,7 @@ class SlidingLayerKV(LayerKV):
             self.k[:, :, :tail] = keys[:, :, -tail:]
             self.v[:, :, :tail] = vals[:, :, -tail:]
             self.first, self.offset = start + T - tail, start + T
-            return keys, vals, lo
+            return keys, vals, range(lo, start)
         if start - self.first + T > self.capacity:  # shift the still-needed keys to the front
             n = start - lo
             self.k[:, :, :n] = self.k[:, :, lo - self.first : start - self.first].clone()
@@ -130,7 +140,7 @@ class SlidingLayerKV(LayerKV):
         self.k[:, :, a : a + T] = k
         self.v[:, :, a : a + T] = v
         self.offset = start + T
-        return self.k[:, :, : a + T], self.v[:, :, : a + T], self.first
+        return self.k[:, :, : a + T], self.v[:, :, : a + T], range(self.first, start)
 
     def trim(self, n: int) -> int:
         n = min(n, self.offset - self.first)
@@ -180,3 +190,32 @@ class KVCache(list):
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a cache policy needs to know to make one layer's cache."""
+
+    index: int  # layer number
+    batch: int
+    heads: int  # KV heads
+    head_dim: int
+    capacity: int  # positions the request may reach
+    window: int | None  # sliding-window size of the layer's attention, None for full attention
+    dtype: torch.dtype
+
+
+class CachePolicy(Protocol):
+    def layer(self, spec: LayerSpec) -> LayerKV:
+        """The cache object for one layer."""
+        ...
+
+
+class FullKV:
+    """Keep every key: a full buffer per layer, or a sliding buffer for a sliding-window layer where that is
+    smaller (its window plus the rollback slack on both sides is less than the request's capacity)."""
+
+    def layer(self, spec: LayerSpec) -> LayerKV:
+        if spec.window is not None and spec.window + 2 * SLACK < spec.capacity:
+            return SlidingLayerKV(spec.batch, spec.heads, spec.head_dim, spec.window, spec.dtype)
+        return LayerKV(spec.batch, spec.heads, spec.head_dim, spec.capacity, spec.dtype)

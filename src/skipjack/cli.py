@@ -31,6 +31,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument(
+        "--no-tune", action="store_true", help="skip measuring this machine's fastest kernels (once per model, cached)"
+    )
 
 
 def _params(a, tokenizer=None):
@@ -55,55 +58,63 @@ def _notice(line: str) -> None:
 
 def _method_notice(a) -> None:
     """Say so when a lossless method will not give plain decoding's exact tokens at this dtype."""
-    from skipjack.drafters import LOSSLESS, identical_to_plain, parse_method
+    from skipjack.drafters import identical_to_plain, lossless_methods, parse_method
     from skipjack.loading import DTYPES
 
     name, _ = parse_method(a.method)
-    if name in LOSSLESS and a.dtype in DTYPES and not identical_to_plain(a.method, a.dtype):
+    if name in lossless_methods() and a.dtype in DTYPES and not identical_to_plain(a.method, a.dtype):
         _notice(
             f"skipjack: note: in {a.dtype}, {name}'s output can differ from plain decoding's (the kernels round a "
             "pass over several tokens differently from a pass over one); --dtype fp32 keeps them identical"
         )
 
 
+def _engine(a, spec: str | None = None):
+    """Validate the request's settings and method first (they are cheap), then load and tune the model."""
+    from skipjack.drafters import make_method
+    from skipjack.engine import Engine
+
+    _params(a)
+    method = make_method(a.method)
+    _method_notice(a)
+    engine = Engine.load(spec or a.model, a.dtype, tune=not a.no_tune)
+    return engine, method
+
+
 def cmd_generate(a) -> int:
-    from skipjack.api import complete
-    from skipjack.drafters import identical_to_plain, make_drafter
-    from skipjack.loading import load
+    from skipjack.drafters import identical_to_plain
+    from skipjack.engine import Request
     from skipjack.prompt_file import check_path, load_prompt_cache, save_prompt_cache
 
     prompt_text = sys.stdin.read() if a.prompt == "-" else a.prompt
     if not prompt_text.strip():
         raise SkipjackError("the prompt is empty")
-    _params(a)  # validate everything before the (slow) load
-    drafter = make_drafter(a.method)
-    _method_notice(a)
-    cache_file = Path(a.prompt_cache) if a.prompt_cache else None
+    cache_file = Path(a.prompt_cache).expanduser() if a.prompt_cache else None
     if cache_file:
         check_path(cache_file)
-    loaded = load(a.model, a.dtype)
-    params = _params(a, loaded.tokenizer)
-    prompt = loaded.tokenizer.prompt_ids(prompt_text, raw=a.raw)
-    saved = load_prompt_cache(cache_file, loaded.model, _notice) if cache_file else None
+    engine, method = _engine(a)
+    params = _params(a, engine.tokenizer)
+    prompt = engine.tokenizer.prompt_ids(prompt_text, raw=a.raw)
+    saved = load_prompt_cache(cache_file, engine.model, _notice) if cache_file else None
 
     def show(t):
         sys.stdout.write(t)
         sys.stdout.flush()
 
-    res = complete(
-        loaded, prompt, params, a.method, tuple(a.stop), None if a.json else show, drafter, prompt_cache=saved
-    )
+    request = Request(prompt, params, engine.method(a.method), tuple(a.stop), saved)
+    res = engine.complete(request, None if a.json else show)
     if cache_file:
         save_prompt_cache(cache_file, saved)
     if a.json:
-        out = res.to_json() | {"model": loaded.name, "dtype": a.dtype, "load_seconds": round(loaded.seconds, 3)}
+        out = res.to_json() | {"model": engine.name, "dtype": a.dtype, "load_seconds": round(engine.loaded.seconds, 3)}
+        out["lossless"] = method.lossless
         out["identical_to_plain"] = identical_to_plain(a.method, a.dtype)
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
         print(
             f"[{res.new_tokens} tokens, {res.tokens_per_s:.1f} tok/s, method {res.method}, "
-            f"{res.mean_accepted:.2f} tokens/step, finish: {res.finish}"
+            f"{res.tokens_per_pass:.2f} tokens/step, finish: {res.finish}"
             + (f", {res.cached_tokens} of {res.prompt_tokens} prompt tokens from {cache_file}" if cache_file else "")
             + "]",
             file=sys.stderr,
@@ -112,20 +123,15 @@ def cmd_generate(a) -> int:
 
 
 def cmd_chat(a) -> int:
-    from skipjack.api import complete
-    from skipjack.decode import PromptCache
-    from skipjack.drafters import make_drafter
-    from skipjack.loading import load
+    from skipjack.engine import Request
+    from skipjack.session import Session
 
-    _params(a)
-    drafter = make_drafter(a.method)
-    _method_notice(a)
-    loaded = load(a.model, a.dtype)
-    if not loaded.tokenizer.chat_template:
-        raise SkipjackError(f"model {loaded.name!r} has no chat template; use `skipjack generate --raw`")
-    params = _params(a, loaded.tokenizer)
+    engine, _ = _engine(a)
+    if not engine.tokenizer.chat_template:
+        raise SkipjackError(f"model {engine.name!r} has no chat template; use `skipjack generate --raw`")
+    params = _params(a, engine.tokenizer)
     messages: list[dict] = []
-    history = PromptCache()  # each turn runs only what the conversation's cache does not hold yet
+    history = Session()  # each turn runs only what the conversation's cache does not hold yet
 
     def show(t: str) -> None:
         print(t, end="", flush=True)
@@ -147,8 +153,8 @@ def cmd_chat(a) -> int:
             continue
         messages.append({"role": "user", "content": line})
         try:
-            prompt = loaded.tokenizer.prompt_ids(messages)
-            res = complete(loaded, prompt, params, a.method, tuple(a.stop), show, drafter, prompt_cache=history)
+            prompt = engine.tokenizer.prompt_ids(messages)
+            res = engine.complete(Request(prompt, params, a.method, tuple(a.stop), history), show)
         except (SkipjackError, KeyboardInterrupt) as e:  # this turn is dropped; the chat goes on
             messages.pop()
             why = f"skipjack: error: {e} (/reset starts over)" if isinstance(e, SkipjackError) else "[interrupted]"

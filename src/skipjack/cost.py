@@ -1,7 +1,7 @@
 """Draft sizing from a measured cost model, calibrated online per context length.
 
-On a CPU, verifying n tokens in one forward is not free (ANCHORS: 8 tokens cost 2.8-3.5x one with plain
-matmuls; with prepacked oneDNN weights it is much flatter). c(n | L) is the cost of a forward over n new
+On a CPU, verifying n tokens in one forward is not free, and how much more it costs than one token depends
+on the kernels, the machine and the context (BENCHMARKS.md, "Verify cost"). c(n | L) is the cost of a forward over n new
 tokens at a context of L cached tokens, relative to one token at the same context. For each step the engine
 verifies the number of draft nodes n that maximises
 
@@ -18,7 +18,7 @@ bench reports the curves learned during its run, per context: BENCHMARKS.md, "Ve
 kept per context bucket (L <= 512, then doubling: 1024, 2048, ...).
 
 Where c(n | L) comes from:
-1. A prior, measured once per model (and machine: it is cached on disk, see `skipjack.decode.cost_model`):
+1. A prior, measured once per model (and machine: it is cached on disk, see `skipjack.tuning`):
    interleaved rounds of forwards at every width, at L = PRIOR_CONTEXT and again at L = LONG_CONTEXT; each
    width's time is taken as a line in L through the two (its slope is mostly the attention over the
    cache), so the prior c(w | L) exists at every context. c(w) = fastest w-token forward / fastest 1-token
@@ -54,8 +54,10 @@ from pathlib import Path
 
 import torch
 
+from skipjack.limits import MAX_DRAFT
+
 WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
-MAX_WIDTH = 66  # widths the table covers (MAX_DRAFT + root + one spare)
+MAX_WIDTH = MAX_DRAFT + 2  # widths the table covers (the drafts, the root, and one spare)
 REFRESH = 8  # observations between table rebuilds
 PRIOR_WEIGHT = 4.0  # the prior counts as this many observations
 DECAY = 0.05  # EMA weight of a new observation
@@ -99,18 +101,20 @@ class CostModel:
         self.slope = tuple(slope) if slope is not None else (0.0,) * len(self.widths)
         self._rel = _interp(self.widths, list(self.rel), extrapolate=True)  # per n: prior time at PRIOR_CONTEXT
         self._slope = _interp(self.widths, list(self.slope), extrapolate=True)  # per n: its growth per token
-        self.a, self.n1 = 0.0, 0  # EMA of a plain step's seconds / (1 + beta * L), and how many were seen
-        self.r = [1.0] * BUCKETS  # per bucket: EMA of a plain step's seconds / (a * (1 + beta * L))
-        self.nr = [0] * BUCKETS
-        self.obs: list[dict[int, float]] = [{} for _ in range(BUCKETS)]  # bucket -> knot -> EMA of the gap
-        self.count: list[dict[int, int]] = [{} for _ in range(BUCKETS)]  # bucket -> knot -> observations
+        self.plain_s = 0.0  # EMA of a plain step's seconds / (1 + beta * L): the line t1 follows
+        self.plain_seen = 0  # plain steps observed
+        self.bucket_ratio = [1.0] * BUCKETS  # per bucket: EMA of a plain step's seconds / (plain_s * (1 + beta * L))
+        self.bucket_plain_seen = [0] * BUCKETS  # per bucket: plain steps observed there
+        self.gap: list[dict[int, float]] = [{} for _ in range(BUCKETS)]  # bucket -> knot -> EMA of the gap
+        self.gap_seen: list[dict[int, int]] = [{} for _ in range(BUCKETS)]  # bucket -> knot -> observations
         self.pending = 0
         self._rebuild()
 
     @classmethod
-    def flat(cls) -> CostModel:
-        """Every width costs the same and nothing is learned (tests; 'always draft the maximum')."""
-        return cls((1, 1024), (1.0, 1.0))
+    def flat(cls, learn: bool = False) -> CostModel:
+        """Every width costs the same: 'always draft the maximum' (tests), or, with `learn`, a start that
+        knows nothing and learns the real curve from the steps it times (an engine with tuning off)."""
+        return cls((1, 1024), (1.0, 1.0), learn=learn)
 
     @classmethod
     def measure(cls, model, widths=WIDTHS, rounds: int = 5) -> CostModel:
@@ -169,13 +173,13 @@ class CostModel:
             measured = [self.prior(w, _typical(b)) for w in self.widths]
             seen = {}  # knot index -> observed gap, shrunk towards the carried one
             for i, w in enumerate(self.widths):
-                if (k := self.count[b].get(w, 0)) and w > 1:
-                    seen[i] = (k * self.obs[b][w] + PRIOR_WEIGHT * carried[i]) / (k + PRIOR_WEIGHT)
+                if (k := self.gap_seen[b].get(w, 0)) and w > 1:
+                    seen[i] = (k * self.gap[b][w] + PRIOR_WEIGHT * carried[i]) / (k + PRIOR_WEIGHT)
             vals, weights = [], []
             for i, w in enumerate(self.widths):
                 gap = seen[i] if i in seen else (self._unseen(i, seen) if seen else carried[i])
                 vals.append(1.0 if w == 1 else max(1.0, measured[i] + gap))
-                weights.append(1e9 if w == 1 else self.count[b].get(w, 0) + PRIOR_WEIGHT)  # c(1) = 1
+                weights.append(1e9 if w == 1 else self.gap_seen[b].get(w, 0) + PRIOR_WEIGHT)  # c(1) = 1
             carried = [f - m for f, m in zip(_isotonic(vals, weights), measured)]
             self.gaps.append(_interp(self.widths, carried, extrapolate=True))
             n = 1
@@ -205,9 +209,9 @@ class CostModel:
     def t1(self, context: int) -> float:
         """Estimated seconds of a plain step at this context (0 before any plain step was seen)."""
         b = bucket(context)
-        while b and not self.nr[b]:
+        while b and not self.bucket_plain_seen[b]:
             b -= 1  # no plain step here yet: the nearest shorter bucket's offset from the line
-        return self.a * (1 + self.beta * context) * (self.r[b] if self.nr[b] else 1.0)
+        return self.plain_s * (1 + self.beta * context) * (self.bucket_ratio[b] if self.bucket_plain_seen[b] else 1.0)
 
     def observe(self, width: int, seconds: float, context: int = 0) -> None:
         """The decode loop ran a forward over `width` new tokens after `context` cached ones in `seconds`."""
@@ -215,18 +219,20 @@ class CostModel:
             return
         b, line = bucket(context), 1 + self.beta * context
         if width == 1:
-            if self.n1:
-                self.r[b] = _ema(self.r[b], seconds / (self.a * line), self.nr[b])
-                self.nr[b] += 1
-            self.a = _ema(self.a, seconds / line / (self.r[b] if self.nr[b] else 1.0), self.n1)
-            self.n1 += 1
+            if self.plain_seen:
+                ratio = seconds / (self.plain_s * line)
+                self.bucket_ratio[b] = _ema(self.bucket_ratio[b], ratio, self.bucket_plain_seen[b])
+                self.bucket_plain_seen[b] += 1
+            off = self.bucket_ratio[b] if self.bucket_plain_seen[b] else 1.0
+            self.plain_s = _ema(self.plain_s, seconds / line / off, self.plain_seen)
+            self.plain_seen += 1
             return
-        if self.n1 < 3:
+        if self.plain_seen < 3:
             return  # no plain step to compare with yet
         gap, k = seconds / self.t1(context) - self.prior(width, context), self._knot(width)
-        n = self.count[b].get(k, 0)
-        self.obs[b][k] = _ema(self.obs[b].get(k, 0.0), gap, n)
-        self.count[b][k] = n + 1
+        n = self.gap_seen[b].get(k, 0)
+        self.gap[b][k] = _ema(self.gap[b].get(k, 0.0), gap, n)
+        self.gap_seen[b][k] = n + 1
         self.pending += 1
         if self.pending >= REFRESH or not n:  # a knot's first observation is news: use it at once
             self._rebuild()
@@ -234,7 +240,7 @@ class CostModel:
     def best_size(self, scores: list[float], context: int = 0) -> int:
         """Number of leading nodes to verify (0 = plain step)."""
         b = bucket(context)
-        if self.learn and b and self.nr[b] < EXPLORE:
+        if self.learn and b and self.bucket_plain_seen[b] < EXPLORE:
             return 0  # measure plain steps at this context first (bucket 0 has the measured prior)
         best_n, best_v, acc, c = 0, 1.0, 1.0, 1.0
         for n, s in enumerate(scores, start=1):
@@ -250,15 +256,15 @@ class CostModel:
         verify steps observed there, the estimated plain-step seconds and c(n) at a context typical of it."""
         out = []
         for b in range(BUCKETS):
-            verify = sum(self.count[b].values())
-            if b and not (self.nr[b] or verify):
+            verify = sum(self.gap_seen[b].values())
+            if b and not (self.bucket_plain_seen[b] or verify):
                 continue
             lo, hi = (0 if b == 0 else (512 << (b - 1)) + 1), (None if b == BUCKETS - 1 else 512 << b)
-            t1 = self.t1(_typical(b)) if self.n1 else None
+            t1 = self.t1(_typical(b)) if self.plain_seen else None
             out.append(
                 {
                     "context": [lo, hi],
-                    "plain_steps": self.nr[b],
+                    "plain_steps": self.bucket_plain_seen[b],
                     "verify_steps": verify,
                     "t1_seconds": t1,
                     "typical_context": _typical(b),
@@ -267,7 +273,7 @@ class CostModel:
             )
         return out
 
-    def max_useful(self, cap: int = 64, context: int = 0) -> int:
+    def max_useful(self, cap: int = MAX_DRAFT, context: int = 0) -> int:
         """Largest draft worth asking for: beyond it even certain acceptance would not pay."""
         return min(cap, self._max_useful[bucket(context)])
 

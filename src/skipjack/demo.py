@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from skipjack.api import complete
-from skipjack.decode import cost_model
-from skipjack.loading import DEFAULT_MODEL, load
+from skipjack.engine import Engine, Request
+from skipjack.loading import DEFAULT_MODEL
 from skipjack.sampling import SamplingParams
 
 FASTEST_LOSSLESS = "ngram"  # fastest lossless method overall in BENCHMARKS.md (regenerate: `make bench`)
@@ -25,22 +24,23 @@ def moving_average(values, window):
 
 def main(argv: list[str]) -> int:
     prompt_text = argv[0] if argv and argv[0].strip() else DEFAULT_PROMPT
-    loaded = load(DEFAULT_MODEL)
+    engine = Engine.load(DEFAULT_MODEL)  # loads, then tunes the kernels for this machine (once; cached)
+    loaded = engine.loaded
     print(f"model {loaded.name} loaded in {loaded.seconds:.1f}s ({'converted' if loaded.converted else 'cached'})")
-    tok = loaded.tokenizer
+    tok = engine.tokenizer
     ids = tok.prompt_ids(prompt_text)
     params = SamplingParams(max_new_tokens=160, stop_token_ids=tok.stop_ids)
-    complete(loaded, ids[:16], SamplingParams(max_new_tokens=4))  # warm-up
-    cost_model(loaded.model)
+    engine.complete(Request(ids[:16], SamplingParams(max_new_tokens=4)))  # warm-up
+    show = lambda t: print(t, end="", flush=True)  # noqa: E731
     print(f"\n--- plain greedy ---\nprompt: {prompt_text.strip()[:200]}\n")
-    plain = complete(loaded, ids, params, on_text=lambda t: print(t, end="", flush=True))
+    plain = engine.complete(Request(ids, params), show)
     print(f"\n[plain: {plain.new_tokens} tokens, {plain.tokens_per_s:.1f} tok/s]")
     print(f"\n--- {FASTEST_LOSSLESS} (lossless speculation) ---\n")
-    fast = complete(loaded, ids, params, FASTEST_LOSSLESS, on_text=lambda t: print(t, end="", flush=True))
+    fast = engine.complete(Request(ids, params, FASTEST_LOSSLESS), show)
     same = "identical tokens" if fast.tokens == plain.tokens else "DIFFERENT TOKENS (bug!)"
     print(
         f"\n[{FASTEST_LOSSLESS}: {fast.new_tokens} tokens, {fast.tokens_per_s:.1f} tok/s, "
-        f"{fast.mean_accepted:.2f} tokens per forward pass]"
+        f"{fast.tokens_per_pass:.2f} tokens per forward pass]"
     )
     print(f"\nspeedup {fast.tokens_per_s / plain.tokens_per_s:.2f}x over plain decoding, {same}")
     return 0 if fast.tokens == plain.tokens else 1

@@ -26,6 +26,7 @@ import torch
 from skipjack.errors import SkipjackError
 from skipjack.gguf_io import check_magic
 from skipjack.models import DecoderLM, build_model, normalise_config
+from skipjack.store import home
 from skipjack.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -65,28 +66,6 @@ NAMED = {
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def home() -> Path:
-    return Path(os.environ.get("SKIPJACK_HOME", Path.home() / ".cache" / "skipjack"))
-
-
-def cache_file(kind: str, key: dict) -> Path:
-    """A measurement's cache file under home()/kind, named by a digest of what the measurement depends on."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return home() / kind / f"{digest}.json"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a temporary file, then rename it over `path`: concurrent processes never read a partial file.
-    A cache directory that cannot be written only costs the next process a new measurement."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError:
-        pass
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """A prompt cache kept in a file between runs (llama.cpp's `--prompt-cache`, mlx-lm's `cache_prompt`).
 
-`skipjack generate --prompt-cache FILE` loads FILE's keys/values into a `PromptCache` before the request and
+`skipjack generate --prompt-cache FILE` loads FILE's keys/values into a `Session` before the request and
 saves the request's state (prompt and output) back after it, so a later run whose prompt starts the same way
 (the same long document, a new question) runs only the tokens after the shared prefix. The reuse is
-`PromptCache.start`'s, so the output is what a fresh request gives (see its docstring).
+`Session.start`'s, so the output is what a fresh request gives (see `skipjack.session`).
 
 - Format: safetensors. Tensors `{layer}.k`, `{layer}.v` hold each layer's valid positions [B, H_kv, n, D],
   stored exactly (the cache's dtype). Metadata: `format`, `version`, `fingerprint` (the model's), `tokens`
@@ -26,9 +26,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from skipjack.decode import PromptCache
 from skipjack.errors import SkipjackError
 from skipjack.models.common import DecoderLM
+from skipjack.session import Session
 
 FORMAT, VERSION = "skipjack-prompt-cache", "1"
 
@@ -71,11 +71,11 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def load_prompt_cache(path: Path, model: DecoderLM, notice=print) -> PromptCache:
+def load_prompt_cache(path: Path, model: DecoderLM, notice=print) -> Session:
     """The prompt cache saved in `path` for `model`; an empty one if there is no file or it is another model's."""
     from safetensors import safe_open
 
-    pc = PromptCache()
+    pc = Session()
     if not path.exists():
         return pc
     meta = _read_meta(path)
@@ -96,7 +96,7 @@ def load_prompt_cache(path: Path, model: DecoderLM, notice=print) -> PromptCache
     return pc
 
 
-def save_prompt_cache(path: Path, pc: PromptCache) -> None:
+def save_prompt_cache(path: Path, pc: Session) -> None:
     """Write `pc` to `path` atomically (temporary file + rename). An empty cache writes nothing."""
     from safetensors.torch import save_file
 

@@ -77,3 +77,29 @@ def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 def sample(pr: torch.Tensor, gen: torch.Generator | None) -> int:
     """Draw one token from a distribution [V]."""
     return int(torch.multinomial(pr, 1, generator=gen))
+
+
+class Sampler:
+    """Picks one request's tokens: its sampling settings, its seeded generator, and the repetition penalty's
+    record of the tokens seen so far (prompt + output)."""
+
+    def __init__(self, params: SamplingParams, prompt: list[int], vocab: int):
+        self.params = params
+        self.gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.seen: torch.Tensor | None = None  # [V] bool, only with a repetition penalty
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab, dtype=torch.bool)
+            self.seen[torch.tensor(prompt)] = True
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token after logits [V]."""
+        if self.seen is not None:
+            logits = penalize(logits[None], self.seen[None], self.params.repetition_penalty)[0]
+        if self.params.greedy:
+            return int(logits.argmax())
+        return sample(probs(logits[None], self.params)[0], self.gen)
+
+    def saw(self, tokens: list[int]) -> None:
+        """Tokens were emitted: the penalty now applies to them too."""
+        if self.seen is not None and tokens:
+            self.seen[torch.tensor(tokens)] = True

@@ -19,19 +19,10 @@ samples of q. All distributions pass through `sampling.probs`, so the warpers ap
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from skipjack.drafters.base import Proposal
+from skipjack.drafters.base import Proposal, Verdict
 from skipjack.sampling import SamplingParams, penalize, probs
-
-
-@dataclass
-class Verdict:
-    tokens: list[int]  # accepted draft tokens followed by the bonus token
-    path: list[int]  # accepted node indices (into proposal.tokens), root first
-    argmax: list[int]  # [T] the raw logits' argmax per row: the target's own guess after every node
 
 
 def tree_mask(parents: list[int]) -> torch.Tensor:

@@ -10,7 +10,7 @@ A peer that cannot run is never faked: its `status` says why ("not installed" wh
 "unavailable: ..." when the model is not in a form it reads, "failed: ..." when it broke mid-run).
 Every peer strips the trailing stop token, so its token list compares with skipjack's `Result.tokens`.
 Forward passes are counted by wrapping the engine's forward (HF) or `eval` (llama.cpp); the prefill pass is
-excluded, as in `skipjack.api.Result.forward_passes`. llama.cpp uses as many threads as torch does.
+excluded, as in `skipjack.engine.Result.forward_passes`. llama.cpp uses as many threads as torch does.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 - `speedup_by_category.png`: per category (and overall) one bar per method and peer: speedup vs plain
   (plain itself is the dashed line at 1).
 - `draft_length.png`: tokens/s vs fixed draft length for the `pld:k=N` methods that ran, with the cost-model
-  `pld` (and `plain`) as horizontal lines; without fixed-length runs, tokens/s vs mean accepted per method.
+  `pld` (and `plain`) as horizontal lines; without fixed-length runs, tokens/s vs tokens per pass per method.
 - `accept_hist.png`: per drafting method, the share of verify steps that accepted 0, 1, 2, ... drafts.
 """
 
@@ -73,9 +73,9 @@ def draft_length(results: dict, path: Path) -> None:
         ax.legend()
     elif ran:
         for name, s in ran.items():
-            ax.scatter(s["mean_accepted"], s["tokens_per_s"], marker="s" if s["kind"] == "peer" else "o")
+            ax.scatter(s["tokens_per_pass"], s["tokens_per_s"], marker="s" if s["kind"] == "peer" else "o")
             ax.annotate(
-                name, (s["mean_accepted"], s["tokens_per_s"]), fontsize=8, xytext=(4, 4), textcoords="offset points"
+                name, (s["tokens_per_pass"], s["tokens_per_s"]), fontsize=8, xytext=(4, 4), textcoords="offset points"
             )
         ax.set_xlabel("mean tokens per forward pass")
         ax.set_ylabel("tokens/s")

@@ -1,14 +1,15 @@
 """`skipjack bench`: time decoding methods and peer engines on a prompt suite; write results.json, REPORT.md, plots.
 
-Procedure (the schema of results.json is documented in `skipjack.bench.report`):
+Procedure (results.json's schema: `skipjack.bench.schema`):
 
-1. Validate everything before the slow model load: methods (`skipjack.drafters.make_drafter`), peers, the
+1. Validate everything before the slow model load: methods (`skipjack.drafters.make_method`), peers, the
    suite or `--prompts` file, numbers, and that `--out` is writable (a probe file is written there).
 2. Measure memory bandwidth once (copy of a ~512 MB float32 tensor, best of 3; read + write bytes).
-3. Load the model; tokenize every prompt with its chat template. A prompt whose tokens plus the token budget
-   exceed the model's context is skipped and listed under `skipped` with the reason.
-4. Warm-up, excluded from the results: the verify-cost prior is measured afresh (`skipjack.decode.cost_model`),
-   then one short generation (8 tokens, shortest prompt) per method and peer.
+3. Load the model as an `Engine`, tuned afresh (`skipjack.tuning`: the row padding and the verify-cost prior
+   are measured in this run's conditions, not read from the cache); tokenize every prompt with its chat
+   template. A prompt whose tokens plus the token budget exceed the model's context is skipped and listed
+   under `skipped` with the reason.
+4. Warm-up, excluded from the results: one short generation (8 tokens, shortest prompt) per method and peer.
 5. For each prompt, `--repeats` rounds; each round runs every method and peer once, in an order rotated by one
    position per round (`rotated`), so no job always follows the same one (the first run after a peer that
    allocated gigabytes can pay for page faults; plain used to always run first). The median seconds
@@ -40,8 +41,10 @@ import sys
 from pathlib import Path
 
 from skipjack.bench import peers as peers_mod
-from skipjack.bench import report
+from skipjack.bench.benchmarks_md import write_report
 from skipjack.bench.machine import RssSampler, machine_info, measure_bandwidth, peak_rss_mb
+from skipjack.bench.render import summary_text
+from skipjack.bench.schema import SCHEMA_VERSION
 from skipjack.bench.suite import (
     load_prompts_file,
     load_suite,
@@ -50,6 +53,7 @@ from skipjack.bench.suite import (
     probe_out_dir,
     split_dtype,
 )
+from skipjack.bench.summary import summarise
 from skipjack.errors import SkipjackError
 
 WARMUP_TOKENS = 8
@@ -73,6 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed runs per prompt (median kept); >= 2")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16")
     p.add_argument("--out", required=True, help="output folder for results.json, REPORT.md and plots")
+    p.add_argument("--no-tune", action="store_true", help="run without tuning the kernels for this machine")
 
 
 def _command(a) -> str:
@@ -99,18 +104,16 @@ def _check_numbers(a) -> None:
 
 
 class Bench:
-    """Holds the loaded model, drafters and peers, and the runs measured so far."""
+    """Holds the engines, the methods' drafters and peers, and the runs measured so far."""
 
-    def __init__(
-        self, a, loaded, methods: list[str], peers: dict, prompts: list[tuple], sampler: RssSampler, models=None
-    ):
-        from skipjack.drafters import make_drafter
+    def __init__(self, a, engines: dict, methods: list[str], peers: dict, prompts: list[tuple], sampler: RssSampler):
         from skipjack.sampling import SamplingParams
 
-        self.a, self.loaded, self.methods, self.peers, self.prompts = a, loaded, methods, peers, prompts
-        self.models = models or {None: loaded}  # dtype after a method's `@` (None: the run's) -> Loaded
-        self.drafters = {m: make_drafter(split_dtype(m)[0]) for m in methods}
-        stop = loaded.tokenizer.stop_ids
+        self.a, self.methods, self.peers, self.prompts = a, methods, peers, prompts
+        self.engines = engines  # dtype after a method's `@` (None: the run's) -> Engine
+        self.tokenizer = engines[None].tokenizer
+        self.drafters = {m: engines[split_dtype(m)[1]].new_method(split_dtype(m)[0]) for m in methods}
+        stop = self.tokenizer.stop_ids
         seed = a.seed if a.temperature > 0 else None
         mk = lambda n: SamplingParams(temperature=a.temperature, seed=seed, max_new_tokens=n, stop_token_ids=stop)
         self.params, self.warm_params = mk(a.max_new_tokens), mk(min(WARMUP_TOKENS, a.max_new_tokens))
@@ -118,14 +121,14 @@ class Bench:
         self.live_peers = [n for n, p in peers.items() if p.status == "ok"]
 
     def _ours(self, method: str, ids: list[int], params, drafter=None) -> dict:
-        from skipjack import api
+        from skipjack.engine import Request
 
-        spec, dtype = split_dtype(method)
-        r = api.complete(self.models[dtype], ids, params, spec, drafter=drafter or self.drafters[method])
+        engine = self.engines[split_dtype(method)[1]]
+        r = engine.complete(Request(ids, params, drafter or self.drafters[method]))
         return {
             "tokens": list(r.tokens),
             "seconds": r.seconds,
-            "mean_accepted": r.mean_accepted,
+            "tokens_per_pass": r.tokens_per_pass,
             "accept_hist": {str(k): v for k, v in sorted(r.accept_hist.items())},
             "draft_steps": r.draft_steps,
             "forward_passes": r.forward_passes,
@@ -134,13 +137,13 @@ class Bench:
         }
 
     def _peer(self, name: str, ids: list[int], params) -> dict:
-        a, stop = self.a, self.loaded.tokenizer.stop_ids
+        a, stop = self.a, self.tokenizer.stop_ids
         out = self.peers[name].run(ids, params.max_new_tokens, a.temperature, a.seed, stop)
         n = len(out.tokens)
         return {
             "tokens": out.tokens,
             "seconds": out.seconds,
-            "mean_accepted": (n - 1) / out.forward_passes if out.forward_passes and n > 1 else 1.0,
+            "tokens_per_pass": (n - 1) / out.forward_passes if out.forward_passes and n > 1 else 1.0,
             "accept_hist": {},
             "draft_steps": None,
             "forward_passes": out.forward_passes,
@@ -160,12 +163,6 @@ class Bench:
         return [*self.methods, *self.live_peers]
 
     def warm_up(self, progress, task) -> None:
-        from skipjack import decode
-
-        speculative = {split_dtype(m)[1] for m in self.methods if split_dtype(m)[0] != "plain"}
-        for dtype in speculative:  # a prior measured in this run's conditions (per model), not cached
-            progress.update(task, description="measuring the verify-cost prior")
-            decode.cost_model(self.models[dtype].model, remeasure=True)
         ids = min(self.prompts, key=lambda p: len(p[1]))[1]
         for name in self.jobs():
             progress.update(task, description=f"warm-up {name}")
@@ -234,7 +231,7 @@ class Bench:
             if first["prefill_seconds"] is None
             else statistics.median(r["prefill_seconds"] for r in reps),
             "identical": identical,
-            **{k: first[k] for k in ("mean_accepted", "accept_hist", "draft_steps", "forward_passes", "finish")},
+            **{k: first[k] for k in ("tokens_per_pass", "accept_hist", "draft_steps", "forward_passes", "finish")},
             "tokens": first["tokens"],
         }
 
@@ -276,37 +273,49 @@ def _progress():
 
 def main(a) -> int:
     """Run the benchmark for parsed `bench` arguments; returns the exit status (130 when interrupted)."""
-    from skipjack.loading import load, load_times
+    from skipjack.engine import Engine
+    from skipjack.loading import load_times
 
     _check_numbers(a)
     methods = parse_methods(a.methods)
     peer_names = parse_peers(a.peers)
     prompts = load_prompts_file(a.prompts) if a.prompts else load_suite(a.suite)
     out = probe_out_dir(a.out)
-    results: dict = {"schema": report.SCHEMA_VERSION, "command": _command(a), "complete": False}
+    results: dict = {"schema": SCHEMA_VERSION, "command": _command(a), "complete": False}
     results["machine"] = machine_info(measure_bandwidth())
-    loaded = load(a.model, a.dtype)
+    engine = Engine.load(a.model, a.dtype, tune=not a.no_tune, remeasure=True)  # tuned in this run's conditions
+    loaded = engine.loaded
     times = load_times(a.model, a.dtype)
     kept, skipped = _prepare_prompts(prompts, loaded, a.max_new_tokens)
-    from skipjack.bench.rows import linear_rows
-
-    results["linear_rows"] = linear_rows(loaded.model)  # measures the row padding afresh and applies it
+    results["linear_rows"] = engine.tuning.linear_rows() if engine.tuning else {}
+    results["tuning"] = engine.tuning is not None
     if not kept:
         raise SkipjackError(f"no prompt fits the model's context ({skipped[0]['reason']})")
     n_ctx = min(loaded.model.config.max_position_embeddings, max(len(i) for _, i in kept) + a.max_new_tokens + 64)
     peers = peers_mod.make_peers(peer_names, loaded, a.dtype, n_ctx, a.seed)
-    results |= {
-        "model": {
-            "name": loaded.name,
-            "source": str(loaded.source),
-            "dtype": a.dtype,
-            "weight_bytes": loaded.weight_bytes,
-            "params": sum(p.numel() for p in loaded.model.parameters()),
-            "context": loaded.model.config.max_position_embeddings,
-            "load_seconds": round(loaded.seconds, 3),
-            "load_cold_s": times["cold_s"],  # GGUF -> conversion cache -> model, into an empty cache
-            "load_warm_s": times["warm_s"],  # from the conversion cache
-        },
+    results |= _run_record(a, loaded, times, methods, peer_names, kept, skipped)
+    sampler = RssSampler()
+    sampler.start()
+    engines = _engines(a, engine, methods)
+    results["model"]["weight_bytes_by_dtype"] = {d: e.loaded.weight_bytes for d, e in engines.items() if d}
+    bench = Bench(a, engines, methods, peers, kept, sampler)
+    interrupted = _run(bench)
+    results["complete"] = not interrupted
+    _record_results(results, bench, engine)
+    (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    write_report(results, out)
+    print(summary_text(results))
+    print(f"wrote {out / 'results.json'}, {out / 'REPORT.md'} and plots")
+    if interrupted:
+        print("skipjack: interrupted: partial results written (complete: false)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _run_record(a, loaded, times: dict, methods: list[str], peer_names: list[str], kept, skipped) -> dict:
+    """What the run is: model, suite, settings, the prompts run and those skipped (`schema.Results`)."""
+    return {
+        "model": _model_record(loaded, a.dtype, times),
         "suite": "custom" if a.prompts else a.suite,
         "prompts_file": a.prompts,
         "settings": {
@@ -320,51 +329,60 @@ def main(a) -> int:
         "prompts": [{"id": p.id, "category": p.category, "prompt_tokens": len(i)} for p, i in kept],
         "skipped": skipped,
     }
-    sampler = RssSampler()
-    sampler.start()
-    others = {split_dtype(m)[1] for m in methods} - {None, a.dtype}  # `method@dtype`: the model in that dtype too
-    models = {None: loaded, a.dtype: loaded} | {d: load(a.model, d) for d in sorted(others)}
-    results["model"]["weight_bytes_by_dtype"] = {d: m.weight_bytes for d, m in models.items() if d}
-    bench = Bench(a, loaded, methods, peers, kept, sampler, models)
-    interrupted = False
+
+
+def _engines(a, engine, methods: list[str]) -> dict:
+    """dtype -> Engine: the run's engine (under None and its dtype), and the model loaded in each other dtype
+    a `method@dtype` asks for."""
+    from skipjack.engine import Engine
+
+    others = {split_dtype(m)[1] for m in methods} - {None, a.dtype}
+    engines = {None: engine, a.dtype: engine}
+    engines |= {d: Engine.load(a.model, d, tune=not a.no_tune, remeasure=True) for d in sorted(others)}
+    return engines
+
+
+def _run(bench: Bench) -> bool:
+    """Warm-up, then the measurements, under a progress bar; True when interrupted (Ctrl-C). Stops the RSS
+    sampler and closes the peers either way."""
     try:
         with _progress() as progress:
             warm = progress.add_task("warm-up", total=len(bench.jobs()))
             bench.warm_up(progress, warm)
             progress.remove_task(warm)
-            task = progress.add_task("bench", total=len(kept) * len(bench.jobs()) * a.repeats)
+            task = progress.add_task("bench", total=len(bench.prompts) * len(bench.jobs()) * bench.a.repeats)
             bench.measure(progress, task)
-        results["complete"] = True
+        return False
     except KeyboardInterrupt:
-        interrupted = True
+        return True
     finally:
-        sampler.stop()
-        for p in peers.values():
+        bench.sampler.stop()
+        for p in bench.peers.values():
             p.close()
-    results["peers"] = {
-        n: {"status": bench.peers[n].status, "weight_bytes": _peer_weights(bench.peers[n])} for n in peers
-    }
+
+
+def _record_results(results: dict, bench: Bench, engine) -> None:
+    """The measured part of results.json: peers' status, peak RSS, runs, the learned cost curves, the summary."""
+    results["peers"] = {n: {"status": p.status, "weight_bytes": _peer_weights(p)} for n, p in bench.peers.items()}
     results["peak_rss_mb"] = round(peak_rss_mb(), 1)
     results["runs"] = bench.runs
-    results["cost_curves"] = _cost_curves(loaded.model)
-    results["summary"] = report.summarise(results, sampler.peaks)
-    (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    report.write_report(results, out)
-    print(report.summary_text(results))
-    print(f"wrote {out / 'results.json'}, {out / 'REPORT.md'} and plots")
-    if interrupted:
-        print("skipjack: interrupted: partial results written (complete: false)", file=sys.stderr)
-        return 130
-    return 0
+    sized = any(m.drafter is not None and not m.k for n, m in bench.drafters.items() if split_dtype(n)[1] is None)
+    results["cost_curves"] = engine.cost.curves() if sized else None  # what the run's shared cost model learned
+    results["summary"] = summarise(results, bench.sampler.peaks)
 
 
-def _cost_curves(model) -> list[dict] | None:
-    """The verify-cost curves the speculative methods' shared cost model learned during the run (None if no
-    method used it)."""
-    from skipjack import decode
-
-    cm = decode.learned_cost_model(model)
-    return None if cm is None else cm.curves()
+def _model_record(loaded, dtype: str, times: dict) -> dict:
+    return {
+        "name": loaded.name,
+        "source": str(loaded.source),
+        "dtype": dtype,
+        "weight_bytes": loaded.weight_bytes,
+        "params": sum(p.numel() for p in loaded.model.parameters()),
+        "context": loaded.model.config.max_position_embeddings,
+        "load_seconds": round(loaded.seconds, 3),
+        "load_cold_s": times["cold_s"],  # GGUF -> conversion cache -> model, into an empty cache
+        "load_warm_s": times["warm_s"],  # from the conversion cache
+    }
 
 
 def _peer_weights(peer) -> int | None:

@@ -110,7 +110,7 @@ def split_dtype(spec: str) -> tuple[str, str | None]:
 
 def parse_methods(spec: str) -> list[str]:
     """`plain,pld,plain@bf16,...` or `all` -> validated method specs, `plain` first, duplicates dropped."""
-    from skipjack.drafters import make_drafter, method_names
+    from skipjack.drafters import make_method, method_names
     from skipjack.loading import DTYPES
 
     if spec.strip() == "all":
@@ -122,7 +122,7 @@ def parse_methods(spec: str) -> list[str]:
     out = ["plain"]
     for m in items:
         method, dtype = split_dtype(m)
-        make_drafter(method)  # raises SkipjackError for an unknown method or option
+        make_method(method)  # raises SkipjackError for an unknown method or option
         if dtype is not None and dtype not in DTYPES:
             raise SkipjackError(f"{m}: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         if m not in out:

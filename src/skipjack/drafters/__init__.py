@@ -1,21 +1,26 @@
-"""Drafter registry: `--method NAME[:key=value,...]` in the CLI, the server and the benchmark.
+"""Method registry: `--method NAME[:key=value,...]` in the CLI, the server and the benchmark.
 
-`plain` means no drafter. A method spec such as `pld:k=8` passes options to the drafter's constructor
-(here: a fixed draft length instead of the cost model).
+`plain` means no drafter. A spec such as `pld:max_ngram=4` passes options to the drafter's constructor; the
+option `k` (any method) fixes the draft size instead of letting the cost model size each draft. A `Method`
+is what a spec makes: the drafter (None for plain), the fixed size, and whether it is lossless.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from skipjack.drafters.base import Drafter, Proposal
+from skipjack.cost import CostModel
+from skipjack.drafters.base import DraftContext, Drafter, Proposal, Verdict
 from skipjack.drafters.ngram import NGramDrafter
 from skipjack.drafters.pld import PromptLookup
 from skipjack.errors import SkipjackError
+from skipjack.limits import MAX_DRAFT
+from skipjack.sizing import CostSizer, FixedSizer, NoDraft, Sizer
 
 REGISTRY: dict[str, Callable[..., Drafter]] = {"pld": PromptLookup, "ngram": NGramDrafter}
-LOSSLESS = {"plain", "pld", "ngram"}  # methods whose output provably equals plain decoding
+INTERNAL = {"shared"}  # constructor arguments the engine passes, never a user option
 # Dtypes whose rounding keeps a lossless method's tokens identical to plain decoding's in practice. A verify
 # pass runs several tokens through the model at once, and the CPU kernels (attention above all) round a
 # pass over several tokens differently from a pass over one. In fp32 the differences are far below the gaps
@@ -24,16 +29,20 @@ LOSSLESS = {"plain", "pld", "ngram"}  # methods whose output provably equals pla
 EXACT_DTYPES = {"fp32", "fp64"}
 
 
+def lossless_methods() -> set[str]:
+    """Methods whose output provably equals plain decoding's: plain, and every drafter that says so."""
+    return {"plain"} | {name for name, f in REGISTRY.items() if getattr(f, "lossless", False)}
+
+
 def identical_to_plain(spec: str, dtype: str) -> bool:
     """Whether method `spec` with the model in `dtype` is expected to give plain decoding's exact tokens."""
     name, _ = parse_method(spec)
-    return name == "plain" or (name in LOSSLESS and dtype in EXACT_DTYPES)
+    return name == "plain" or (name in lossless_methods() and dtype in EXACT_DTYPES)
 
 
-def register(name: str, factory: Callable[..., Drafter], lossless: bool) -> None:
+def register(name: str, factory: Callable[..., Drafter]) -> None:
+    """Add a drafter class (or factory) under `name`; its `lossless` attribute says whether it is lossless."""
     REGISTRY[name] = factory
-    if lossless:
-        LOSSLESS.add(name)
 
 
 def method_names() -> list[str]:
@@ -66,19 +75,44 @@ def _value(v: str):
     return v
 
 
-def make_drafter(spec: str) -> Drafter | None:
-    """A fresh drafter for a method spec, or None for plain decoding."""
+@dataclass
+class Method:
+    """A parsed method spec: its drafter (None for plain) and its draft sizing (k > 0: fixed size)."""
+
+    spec: str
+    name: str
+    drafter: Drafter | None
+    k: int = 0
+
+    @property
+    def lossless(self) -> bool:
+        return self.drafter is None or bool(self.drafter.lossless)
+
+    def sizer(self, cost: CostModel) -> Sizer:
+        """How this method's drafts are sized: a fixed k, the cost model, or not at all (plain)."""
+        if self.drafter is None:
+            return NoDraft()
+        return FixedSizer(self.k) if self.k else CostSizer(cost)
+
+
+def make_method(spec: str, shared: dict | None = None) -> Method:
+    """A fresh `Method` for a spec. `shared`: the engine's store for what drafters share across requests."""
     name, opts = parse_method(spec)
+    k = opts.pop("k", 0)
+    if not isinstance(k, int) or not 0 <= k <= MAX_DRAFT:
+        raise SkipjackError(f"{name}: k (fixed draft length, 0 = cost model) must be in [0, {MAX_DRAFT}] (got {k})")
     if name == "plain":
-        return None
+        return Method(spec, name, None)
     factory = REGISTRY[name]
-    params = inspect.signature(factory).parameters
+    params = {n: p for n, p in inspect.signature(factory).parameters.items() if n not in INTERNAL}
     unknown = set(opts) - set(params)
     if unknown:
-        raise SkipjackError(
-            f"{name}: unknown option(s) {', '.join(sorted(unknown))}; allowed: {', '.join(sorted(params))}"
-        )
-    return factory(**{key: _typed(name, key, val, params[key].default) for key, val in opts.items()})
+        allowed = ", ".join(sorted([*params, "k"]))
+        raise SkipjackError(f"{name}: unknown option(s) {', '.join(sorted(unknown))}; allowed: {allowed}")
+    kwargs = {key: _typed(name, key, val, params[key].default) for key, val in opts.items()}
+    if "shared" in inspect.signature(factory).parameters:
+        kwargs["shared"] = shared
+    return Method(spec, name, factory(**kwargs), k)
 
 
 def _typed(method: str, key: str, val, default):
@@ -96,13 +130,16 @@ def _typed(method: str, key: str, val, default):
 
 
 __all__ = [
+    "DraftContext",
     "Drafter",
+    "EXACT_DTYPES",
+    "Method",
     "Proposal",
     "REGISTRY",
-    "LOSSLESS",
-    "EXACT_DTYPES",
+    "Verdict",
     "identical_to_plain",
-    "make_drafter",
+    "lossless_methods",
+    "make_method",
     "method_names",
     "parse_method",
     "register",

@@ -1,11 +1,41 @@
-"""What a drafter proposes, and the protocol every drafter implements."""
+"""What a drafter sees, what it proposes, what it learns from, and the protocol every drafter implements.
+
+The engine owns all state that verification changes: a drafter gets a read-only `DraftContext` in `propose`,
+returns a `Proposal` (which may carry the drafter's own working data in `state`, handed back to it), and in
+`observe` gets that proposal back with the `Verdict`. Nothing is written into a proposal after it is made.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from skipjack.cache import KVCache
+    from skipjack.models import DecoderLM
+
+
+@dataclass(frozen=True)
+class DraftContext:
+    """What a drafter may look at to propose. Read-only by contract: a drafter may run the model's layers
+    (self-speculation does), but it must leave `cache` as it found it; the engine owns the cache state."""
+
+    tokens: list[int]  # prompt + everything emitted; the last one is the pending root (not yet in the cache)
+    budget: int  # most draft nodes the engine will verify this step (>= 1)
+    model: DecoderLM | None = None
+    cache: KVCache | None = None  # holds every token of `tokens` but the last
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What verification decided about a proposal."""
+
+    tokens: list[int]  # emitted: accepted draft tokens followed by the bonus token
+    path: list[int]  # accepted node indices (into proposal.tokens), root first
+    argmax: list[int]  # [1 + N] the target's raw argmax per verify row (after the root, then after node i);
+    # empty when the proposal was sized down to nothing and no verify forward ran
 
 
 @dataclass
@@ -19,12 +49,11 @@ class Proposal:
     parents: list[int]  # [N] parent node index, -1 for the root
     scores: list[float] | None = None  # [N] drafter's estimate that each node gets accepted (for sizing)
     q: torch.Tensor | None = None  # [N, V] distribution each token was sampled from; None = deterministic
-    path: list[int] = field(default_factory=list)  # accepted nodes, filled in after verification
-    predicted: list[int] = field(default_factory=list)  # [1 + N] target's argmax per verify row, filled in too
+    state: Any = None  # the drafter's own working data for `observe` (kept by `prefix`)
 
     @classmethod
-    def chain(cls, tokens: list[int], scores: list[float] | None = None, q=None) -> Proposal:
-        return cls(list(tokens), list(range(-1, len(tokens) - 1)), scores, q)
+    def chain(cls, tokens: list[int], scores: list[float] | None = None, q=None, state=None) -> Proposal:
+        return cls(list(tokens), list(range(-1, len(tokens) - 1)), scores, q, state)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -61,7 +90,7 @@ class Proposal:
             return self  # the common case in the decode loop: nothing to cut, nothing to copy
         sc = None if self.scores is None else self.scores[:n]
         q = None if self.q is None else self.q[:n]
-        return Proposal(self.tokens[:n], self.parents[:n], sc, q)
+        return Proposal(self.tokens[:n], self.parents[:n], sc, q, self.state)
 
 
 def merge(proposals: list[Proposal], budget: int) -> Proposal | None:
@@ -87,7 +116,9 @@ def merge(proposals: list[Proposal], budget: int) -> Proposal | None:
     return best_first(tokens, parents, score, budget, depth)
 
 
-def best_first(tokens: list[int], parents: list[int], score: list[float], budget: int, depth=None) -> Proposal | None:
+def best_first(
+    tokens: list[int], parents: list[int], score: list[float], budget: int, depth=None, state=None
+) -> Proposal | None:
     """A trie (parents listed before children) re-listed best-first by score (ties: shallower first), cut to
     `budget` nodes. Scores never grow along a path, so parents still come before their children."""
     if depth is None:
@@ -98,7 +129,8 @@ def best_first(tokens: list[int], parents: list[int], score: list[float], budget
     new = {old: k for k, old in enumerate(order)}
     if not order:
         return None
-    return Proposal([tokens[i] for i in order], [new.get(parents[i], -1) for i in order], [score[i] for i in order])
+    kept = [tokens[i] for i in order], [new.get(parents[i], -1) for i in order], [score[i] for i in order]
+    return Proposal(*kept, state=state)
 
 
 REQUEST_PRIOR = 3.0  # pseudo-acceptances behind a request's calibration factor
@@ -121,19 +153,18 @@ def judge(path: list[int], emitted: list[int]) -> bool | None:
 
 
 class Drafter(Protocol):
-    """A draft source. `begin` starts a request; `propose` drafts up to `budget` nodes after `context`
-    (prompt + everything emitted, whose last token is the pending root); `observe` sees what was emitted
-    (accepted drafts + the bonus token) with `proposal.path` (the accepted nodes) and, after a verify forward,
-    `proposal.predicted` (the target's argmax after every node, rejected ones too) filled in; `end` closes the
-    request."""
+    """A draft source. `begin` starts a request with its prompt; `propose` drafts up to `ctx.budget` nodes
+    after `ctx.tokens`; `observe` gets back every proposal that `propose` returned (cut to what was verified,
+    possibly to nothing) with the verdict; `end` closes the request. `lossless`: whether its output provably
+    equals plain decoding's (through the one verifier)."""
 
     name: str
-    fixed_length: int  # > 0: always draft this many nodes (no cost model)
+    lossless: bool
 
     def begin(self, prompt: list[int]) -> None: ...
 
-    def propose(self, context: list[int], budget: int) -> Proposal | None: ...
+    def propose(self, ctx: DraftContext) -> Proposal | None: ...
 
-    def observe(self, emitted: list[int], proposal: Proposal) -> None: ...
+    def observe(self, proposal: Proposal, verdict: Verdict) -> None: ...
 
     def end(self) -> None: ...

@@ -37,102 +37,23 @@ Memory cap: at most `max_contexts` contexts (least recently updated evicted firs
 
 from __future__ import annotations
 
-import fcntl
 import heapq
 import itertools
-import json
 import math
-import os
-import tempfile
-from collections import OrderedDict
 from pathlib import Path
 
-from skipjack.drafters.base import Proposal, calibration, judge, merge
+from skipjack.drafters.base import DraftContext, Proposal, Verdict, calibration, judge, merge
+from skipjack.drafters.ngram_table import NGramTable
 from skipjack.drafters.pld import MIN_SCORE, PromptLookup
 from skipjack.errors import SkipjackError
 
 
-class NGramTable:
-    def __init__(self, max_contexts: int = 200_000, max_children: int = 8, order: int = 3):
-        self.max_contexts, self.max_children, self.order = max_contexts, max_children, order
-        self.next: OrderedDict[tuple[int, ...], dict[int, float]] = OrderedDict()
-
-    def add(self, tokens: list[int], start: int, weight: float) -> None:
-        """Count the transitions that end at positions >= start, after contexts of 1 .. order-1 tokens."""
-        for j in range(max(start, 1), len(tokens)):
-            self.count(tokens, j, tokens[j], weight)
-
-    def count(self, tokens: list[int], j: int, nxt: int, weight: float) -> None:
-        """Count `nxt` after the contexts of 1 .. order-1 tokens that end just before position j."""
-        for n in range(1, min(self.order - 1, j) + 1):
-            key = tuple(tokens[j - n : j])
-            kids = self.next.get(key)
-            if kids is None:
-                kids = self.next[key] = {}
-                if len(self.next) > self.max_contexts:
-                    self.next.popitem(last=False)
-            else:
-                self.next.move_to_end(key)
-            kids[nxt] = kids.get(nxt, 0.0) + weight
-            if len(kids) > self.max_children:
-                del kids[min(kids, key=kids.get)]
-
-    def lookup(self, *context: int) -> dict[int, float] | None:
-        """Next-token counts after the longest known suffix of `context` (back-off to shorter ones)."""
-        for n in range(min(len(context), self.order - 1), 0, -1):
-            if kids := self.next.get(tuple(context[-n:])):
-                return kids
-        return None
-
-    def merge_row(self, key: tuple[int, ...], kids: dict[int, float]) -> None:
-        """Max-merge one context's counts (a persisted row), within the table's caps and order."""
-        if not 1 <= len(key) < self.order:
-            return
-        mine = self.next.setdefault(key, {})
-        self.next.move_to_end(key)
-        for t, c in kids.items():
-            mine[t] = max(mine.get(t, 0.0), c)
-        while len(mine) > self.max_children:
-            del mine[min(mine, key=mine.get)]
-        while len(self.next) > self.max_contexts:
-            self.next.popitem(last=False)
-
-    def save(self, path: Path) -> None:
-        """Merge into `path` under an exclusive lock and replace it atomically (safe for concurrent writers)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(str(path) + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            merged = NGramTable(self.max_contexts, self.max_children, self.order)
-            merged.load(path)
-            for key, kids in self.next.items():
-                merged.merge_row(key, kids)
-            rows = [[list(k), {str(t): c for t, c in v.items()}] for k, v in merged.next.items()]
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"format": 1, "rows": rows}, f)
-            os.replace(tmp, path)
-
-    def load(self, path: Path) -> None:
-        if not Path(path).exists():
-            return
-        try:
-            data = json.loads(Path(path).read_text())
-            for k, v in data["rows"]:
-                self.merge_row(tuple(int(x) for x in k), {int(t): float(c) for t, c in v.items()})
-        except (ValueError, KeyError, TypeError) as e:
-            raise SkipjackError(f"ngram: cannot read table {path}: {e}") from None
-
-
-_SHARED: dict[str, NGramTable] = {}
-
-
 class NGramDrafter:
     name = "ngram"
+    lossless = True
 
     def __init__(
         self,
-        k: int = 0,
         width: int = 4,
         explore: float = 0.3,
         table: str = "",
@@ -141,9 +62,10 @@ class NGramDrafter:
         order: int = 3,
         jacobi: int = 2,
         rows: float = 1.0,
+        shared: dict | None = None,
     ):
-        if not 0 <= k <= 64:
-            raise SkipjackError(f"ngram: k (fixed tree size, 0 = cost model) must be in [0, 64] (got {k})")
+        """`shared`: the engine's store of n-gram tables (by `table` name and order), so that every request of one
+        engine, whatever drafter object serves it, counts into the same table. Not a user option."""
         if not 1 <= width <= 8:
             raise SkipjackError(f"ngram: width (children per node) must be in [1, 8] (got {width})")
         if not 0 <= explore <= 4:
@@ -156,16 +78,15 @@ class NGramDrafter:
             raise SkipjackError(f"ngram: jacobi (guesses from rejected rows, 0 = off) must be in [0, 8] (got {jacobi})")
         if not 0 <= rows <= 4:
             raise SkipjackError(f"ngram: rows (table weight of verify-row predictions) must be in [0, 4] (got {rows})")
-        self.fixed_length, self.width, self.explore = k, width, explore
-        self.path = Path(path) if path else None
-        self.table = _SHARED.setdefault(f"{table or 'default'}/{order}", NGramTable(order=order))
+        self.width, self.explore = width, explore
+        self.path = Path(path).expanduser() if path else None
+        store = shared if shared is not None else {}
+        self.table = store.setdefault(f"{table or 'default'}/{order}", NGramTable(order=order))
         self.lookup = PromptLookup(branches=lookup) if lookup else None
         self.pred, self.got = 1.0, 1.0  # calibration over all requests: predicted vs realised acceptances
-        self.paths: list[list[int]] = []
         self.jacobi, self.rows = jacobi, rows
         self.jstats = [[1.0, 4.0] for _ in range(jacobi)]  # per guess rank: (hits, tries), a weak prior of 0.25
         self.guesses: list[int] = []  # Jacobi guesses for the token after the last bonus token
-        self.asked: list[int] = []  # the guesses proposed in this step
 
     def begin(self, prompt: list[int]) -> None:
         if self.path is not None:
@@ -173,35 +94,43 @@ class NGramDrafter:
         self.table.add(prompt, 0, 1.0)
         self.seen = len(prompt)
         self.req_pred, self.req_got = 0.0, 0  # the same, this request only
-        self.guesses, self.asked = [], []
+        self.guesses = []
         if self.lookup is not None:
             self.lookup.begin(prompt)
 
-    def propose(self, context: list[int], budget: int) -> Proposal | None:
+    def propose(self, ctx: DraftContext) -> Proposal | None:
+        """The table's best-first tree, the Jacobi guesses and prompt lookup's trie, merged. `state` keeps what
+        `observe` scores: each table node's edge probability and path, the table context before the root, the
+        guesses asked, and prompt lookup's own proposal."""
+        context, budget = ctx.tokens, ctx.budget
         self.table.add(context, self.seen, 2.0)  # the model's own outputs since the last step
         self.seen = len(context)
         cal = calibration(self.req_got, self.req_pred, self.got / self.pred, 0.1, 3.0)  # this request's
-        tokens, parents, scores, self.edges, self.paths = [], [], [], [], []
+        tokens, parents, scores, edges, paths = [], [], [], [], []
         heap: list = []  # (-priority, tiebreak, token, parent node, path score, edge p, table context)
         tick = itertools.count()
-        self._push(heap, tick, tuple(context[-(self.table.order - 1) :]), -1, 1.0, 1.0, cal)
+        tail = tuple(context[-(self.table.order - 1) :])
+        self._push(heap, tick, tail, -1, 1.0, 1.0, cal)
         while heap and len(tokens) < budget:
-            negpri, _, tok, par, score, p, ctx = heapq.heappop(heap)
+            negpri, _, tok, par, score, p, key = heapq.heappop(heap)
             tokens.append(tok)
             parents.append(par)
             scores.append(score)
-            self.edges.append(p)
-            self.paths.append((self.paths[par] if par >= 0 else []) + [tok])
-            self._push(heap, tick, ctx[1:] + (tok,), len(tokens) - 1, score, -negpri, cal)
+            edges.append(p)
+            paths.append((paths[par] if par >= 0 else []) + [tok])
+            self._push(heap, tick, key[1:] + (tok,), len(tokens) - 1, score, -negpri, cal)
         props = [Proposal(tokens, parents, scores)] if tokens else []
-        self.tail = context[-(self.table.order - 1) :]
-        if self.guesses:  # Jacobi guesses from the last verify (see `_learn_rows`), at their learned rates
-            rates = [min(0.98, h / t) for h, t in self.jstats[: len(self.guesses)]]
-            props.append(Proposal(self.guesses, [-1] * len(self.guesses), rates))
-        self.asked, self.guesses = self.guesses, []
-        if self.lookup is not None and (copied := self.lookup.propose(context, budget)) is not None:
+        asked, self.guesses = self.guesses, []
+        if asked:  # Jacobi guesses from the last verify (see `_learn_rows`), at their learned rates
+            rates = [min(0.98, h / t) for h, t in self.jstats[: len(asked)]]
+            props.append(Proposal(asked, [-1] * len(asked), rates))
+        copied = self.lookup.propose(ctx) if self.lookup is not None else None
+        if copied is not None:
             props.append(copied)
-        return merge(props, budget)
+        merged = merge(props, budget)
+        if merged is not None:
+            merged.state = {"edges": edges, "paths": paths, "tail": tail, "asked": asked, "lookup": copied}
+        return merged
 
     def _push(self, heap, tick, ctx, parent, score, pri, cal):
         kids = self.table.lookup(*ctx)
@@ -215,18 +144,18 @@ class NGramDrafter:
             ucb = min(1.0, p + self.explore * math.sqrt(math.log1p(total) / (1.0 + c)))
             heapq.heappush(heap, (-pri * ucb, next(tick), tok, parent, score * min(1.0, p * cal), p, ctx))
 
-    def observe(self, emitted: list[int], proposal: Proposal) -> None:
+    def observe(self, proposal: Proposal, verdict: Verdict) -> None:
         """Calibrate: the raw edge probabilities of the table's nodes that the emitted tokens can judge
         (verified or pruned) against how many of them would have been accepted."""
-        if self.lookup is not None:
-            self.lookup.observe(emitted, proposal)
-        for r, g in enumerate(self.asked):
+        st, emitted = proposal.state, verdict.tokens
+        if st["lookup"] is not None:
+            self.lookup.observe(st["lookup"], verdict)
+        for r, g in enumerate(st["asked"]):
             self.jstats[r][0] += g == emitted[0]
             self.jstats[r][1] += 1
-        self.asked = []
-        if proposal.predicted:
-            self._learn_rows(proposal)
-        for p, path in zip(self.edges, self.paths):
+        if verdict.argmax:
+            self._learn_rows(proposal, verdict, st["tail"])
+        for p, path in zip(st["edges"], st["paths"]):
             ok = judge(path, emitted)
             if ok is not None:
                 self.pred += p
@@ -234,19 +163,19 @@ class NGramDrafter:
                 self.req_pred += p
                 self.req_got += ok
 
-    def _learn_rows(self, proposal: Proposal) -> None:
+    def _learn_rows(self, proposal: Proposal, verdict: Verdict, tail: tuple[int, ...]) -> None:
         """Learn from the verify rows off the accepted path: the target's argmax there is its own next token
         after a path that did not happen. Those of the bonus row's rejected children become Jacobi guesses
         for the next step; all of them are counted in the table after their path (weight `rows`)."""
-        pred, row = proposal.predicted, (proposal.path[-1] + 1 if proposal.path else 0)
+        pred, row = verdict.argmax, (verdict.path[-1] + 1 if verdict.path else 0)
         if self.jacobi:
             for i, p in enumerate(proposal.parents):
                 if p + 1 == row and pred[i + 1] not in self.guesses and len(self.guesses) < self.jacobi:
                     self.guesses.append(pred[i + 1])
         if self.rows:
-            on, keep, ends = set(proposal.path), self.table.order - 1, []
+            on, keep, ends = set(verdict.path), self.table.order - 1, []
             for i, (t, p) in enumerate(zip(proposal.tokens, proposal.parents)):
-                ends.append(((ends[p] if p >= 0 else tuple(self.tail)) + (t,))[-keep:])  # table context at node i
+                ends.append(((ends[p] if p >= 0 else tail) + (t,))[-keep:])  # table context at node i
                 if i not in on:
                     self.table.count(ends[i], len(ends[i]), pred[i + 1], self.rows)
 

@@ -23,28 +23,27 @@ Nodes are listed best-first (ties: shallower first), which keeps parents before 
 
 from __future__ import annotations
 
-from skipjack.drafters.base import Proposal, best_first, calibration
+from skipjack.drafters.base import DraftContext, Proposal, Verdict, best_first, calibration
 from skipjack.errors import SkipjackError
+from skipjack.limits import MAX_DRAFT
 
-DEPTHS = 65
+DEPTHS = MAX_DRAFT + 1  # acceptance statistics per depth of a candidate's own branch (index 0 unused)
 MIN_SCORE = 0.01  # a copied token whose estimated acceptance falls below this ends its candidate
 _UNSEEN = ((0,) * DEPTHS, (0,) * DEPTHS)  # (tried, hit) of a bucket with no observations yet
 
 
 class PromptLookup:
     name = "pld"
+    lossless = True
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, k: int = 0, branches: int = 4):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, branches: int = 4):
         if not 1 <= min_ngram <= max_ngram <= 16:
             raise SkipjackError(f"pld: need 1 <= min_ngram <= max_ngram <= 16 (got {min_ngram}, {max_ngram})")
-        if not 0 <= k <= 64:
-            raise SkipjackError(f"pld: k (fixed draft length, 0 = cost model) must be in [0, 64] (got {k})")
         if not 1 <= branches <= 8:
             raise SkipjackError(f"pld: branches (copied candidates per step) must be in [1, 8] (got {branches})")
-        self.max_ngram, self.min_ngram, self.fixed_length, self.branches = max_ngram, min_ngram, k, branches
+        self.max_ngram, self.min_ngram, self.branches = max_ngram, min_ngram, branches
         self.pooled = ([0] * DEPTHS, [0] * DEPTHS)  # per depth: (times tried, times accepted), all buckets
         self.stats: dict[tuple[int, bool], tuple[list[int], list[int]]] = {}
-        self.cands: list[tuple[tuple[int, bool], list[int], int]] = []  # (bucket, copy, first own depth)
 
     def begin(self, prompt: list[int]) -> None:
         self.pred, self.got = 0.0, 0  # this request: sum of predicted vs realised acceptances of own nodes
@@ -74,15 +73,17 @@ class PromptLookup:
                         return out
         return out
 
-    def propose(self, context: list[int], budget: int) -> Proposal | None:
+    def propose(self, ctx: DraftContext) -> Proposal | None:
+        """The candidates' trie, best-first; `state` lists (bucket, copy, first own depth) per candidate."""
+        context, budget = ctx.tokens, ctx.budget
         self._index_upto(context, len(context) - 1)  # never match the suffix with itself
         found = self._candidates(context, budget)
         if not found:
             return None
-        self.f = calibration(self.got, self.pred, 1.0, 0.25, 4.0)
+        f = self.factor()
         nodes: dict[tuple[int, int], int] = {}  # (parent, token) -> node of this step's trie
         tokens, parents, scores = [], [], []
-        self.cands = []
+        cands: list[tuple[tuple[int, bool], list[int], int]] = []
         for bucket, draft in found:
             par, s, own = -1, 1.0, 0
             for d, tok in enumerate(draft, start=1):
@@ -91,7 +92,7 @@ class PromptLookup:
                     par, s = hit, scores[hit]
                     continue
                 own = own or d  # first depth this candidate adds to the tree
-                s *= self._rate(bucket, d - own + 1)
+                s *= min(0.98, self._base(bucket, d - own + 1) * f)
                 if s < MIN_SCORE and d > 1:
                     break  # never worth a verify slot; stops long copies costing Python time per step
                 nodes[(par, tok)] = len(tokens)
@@ -99,27 +100,29 @@ class PromptLookup:
                 parents.append(par)
                 scores.append(s)
                 par = len(tokens) - 1
-            self.cands.append((bucket, draft, own or len(draft) + 1))
-        return best_first(tokens, parents, scores, budget)
+            cands.append((bucket, draft, own or len(draft) + 1))
+        return best_first(tokens, parents, scores, budget, state=cands)
+
+    def factor(self) -> float:
+        """This request's calibration factor: realised over predicted acceptances of its own nodes so far."""
+        return calibration(self.got, self.pred, 1.0, 0.25, 4.0)
 
     def _base(self, bucket: tuple[int, bool], d: int) -> float:
         """Estimated P(the d-th token of a candidate's own branch is accepted | the path to it was), over
-        every request so far: the bucket's rate shrunk towards the depth's pooled rate."""
+        every request so far: the bucket's rate shrunk towards the depth's pooled rate. A proposal scores it
+        times this request's calibration factor (copying pays far more in code or retrieval answers than in a
+        summary; the factor is realised / predicted acceptances so far), capped at 0.98."""
         tried, hit = self.stats.get(bucket, _UNSEEN)
         pooled = (self.pooled[1][d] + 1) / (self.pooled[0][d] + 2)
         if bucket[1]:
             pooled *= 0.5  # an alternative copy starts out less trusted than the primary one
         return (hit[d] + 2 * pooled) / (tried[d] + 2)
 
-    def _rate(self, bucket: tuple[int, bool], d: int) -> float:
-        """The base rate times this request's calibration factor (copying pays far more in code or
-        retrieval answers than in a summary; the factor is realised / predicted acceptances so far)."""
-        return min(0.98, self._base(bucket, d) * self.f)
-
-    def observe(self, emitted: list[int], proposal: Proposal) -> None:
+    def observe(self, proposal: Proposal, verdict: Verdict) -> None:
         """Score every candidate (verified or pruned) against the tokens the model actually emitted: the
         part it added to the tree, from its own first depth, when the shared path before it was accepted."""
-        for bucket, draft, own in self.cands:
+        emitted = verdict.tokens
+        for bucket, draft, own in proposal.state:
             if draft[: own - 1] != emitted[: own - 1]:
                 continue
             tried, hit = self.stats.setdefault(bucket, ([0] * DEPTHS, [0] * DEPTHS))

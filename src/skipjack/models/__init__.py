@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from skipjack.errors import SkipjackError
+from skipjack.linear import FORMATS, default_format
 from skipjack.models import gemma3, llama
 from skipjack.models.common import DecoderLM, ForwardOut
 
@@ -30,14 +31,20 @@ def normalise_config(d: dict) -> dict:
     return AutoConfig.for_model(mt, **extra).to_dict() | {"model_type": mt}
 
 
-def build_model(config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> DecoderLM:
-    """Instantiate our implementation from an HF config dict and an HF-named state dict."""
+def build_model(
+    config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, weights: str | None = None
+) -> DecoderLM:
+    """Instantiate our implementation from an HF config dict and an HF-named state dict, every linear layer in
+    the weight format `weights` (`skipjack.linear.FORMATS`; default: the best one for the dtype here)."""
     d = normalise_config(config)
     cfg_cls, model_cls = FAMILIES[d["model_type"]]
     cfg = cfg_cls.from_hf(d)
     sd = {k: v.to(dtype) for k, v in state_dict.items()}
+    fmt = weights or default_format(dtype)
+    if fmt not in FORMATS:
+        raise SkipjackError(f"unknown weight format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     try:
-        model = model_cls(cfg, sd)
+        model = model_cls(cfg, sd, FORMATS[fmt])
     except KeyError as e:
         raise SkipjackError(f"weights are missing tensor {e.args[0]!r} for a {d['model_type']} model") from None
     return model.eval()

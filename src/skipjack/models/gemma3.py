@@ -15,13 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skipjack.linear import param
 from skipjack.models.common import (
     DecoderLM,
-    Linear,
     apply_rope,
     config_from_dict,
     fuse,
-    param,
     rms_norm,
     rope_tables,
     run_attention,
@@ -61,7 +60,7 @@ class Gemma3Config:
 
 
 class Block(nn.Module):
-    def __init__(self, c: Gemma3Config, sd: dict[str, torch.Tensor], p: str):
+    def __init__(self, c: Gemma3Config, sd: dict[str, torch.Tensor], p: str, linear):
         super().__init__()
         self.c = c
         self.n_q, self.n_kv = c.num_attention_heads, c.num_key_value_heads
@@ -76,11 +75,11 @@ class Block(nn.Module):
         )
         self.q_norm, self.k_norm = norm("self_attn.q_norm.weight"), norm("self_attn.k_norm.weight")
         a = p + "self_attn."
-        self.wqkv = Linear(fuse(*(sd[a + n + "_proj.weight"] for n in "qkv")))
-        self.wo = Linear(sd[a + "o_proj.weight"])
+        self.wqkv = linear(fuse(*(sd[a + n + "_proj.weight"] for n in "qkv")))
+        self.wo = linear(sd[a + "o_proj.weight"])
         m = p + "mlp."
-        self.wgu = Linear(fuse(sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]))
-        self.wd = Linear(sd[m + "down_proj.weight"])
+        self.wgu = linear(fuse(sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]))
+        self.wd = linear(sd[m + "down_proj.weight"])
         self.scale = c.query_pre_attn_scalar**-0.5
 
     def forward(self, h, kv, start, rope, mask_fn, attn=True, ffn=True):
@@ -102,9 +101,9 @@ class Block(nn.Module):
 
 
 class Model(DecoderLM):
-    def __init__(self, c: Gemma3Config, sd: dict[str, torch.Tensor]):
+    def __init__(self, c: Gemma3Config, sd: dict[str, torch.Tensor], linear):
         super().__init__()
-        self._build(c, sd, Block, norm_shift=1.0)
+        self._build(c, sd, Block, linear, norm_shift=1.0)
         self.kinds = [
             (c.sliding_window, "local") if t == "sliding_attention" else (None, "global") for t in c.layer_types
         ]

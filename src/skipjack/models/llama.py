@@ -12,13 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from skipjack.linear import param
 from skipjack.models.common import (
     DecoderLM,
-    Linear,
     apply_rope,
     config_from_dict,
     fuse,
-    param,
     rms_norm,
     rope_tables,
     run_attention,
@@ -65,7 +64,7 @@ class LlamaConfig:
 
 
 class Block(nn.Module):
-    def __init__(self, c: LlamaConfig, sd: dict[str, torch.Tensor], p: str):
+    def __init__(self, c: LlamaConfig, sd: dict[str, torch.Tensor], p: str, linear):
         super().__init__()
         self.c = c
         self.n_q, self.n_kv = c.num_attention_heads, c.num_key_value_heads
@@ -74,11 +73,11 @@ class Block(nn.Module):
         a = p + "self_attn."
         qkv = [a + n + "_proj." for n in "qkv"]
         bias = fuse(*(sd.get(n + "bias") for n in qkv)) if c.attention_bias else None
-        self.wqkv = Linear(fuse(*(sd[n + "weight"] for n in qkv)), bias)
-        self.wo = Linear(sd[a + "o_proj.weight"])
+        self.wqkv = linear(fuse(*(sd[n + "weight"] for n in qkv)), bias)
+        self.wo = linear(sd[a + "o_proj.weight"])
         m = p + "mlp."
-        self.wgu = Linear(fuse(sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]))
-        self.wd = Linear(sd[m + "down_proj.weight"])
+        self.wgu = linear(fuse(sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]))
+        self.wd = linear(sd[m + "down_proj.weight"])
         self.scale = c.head_dim**-0.5
 
     def forward(self, h, kv, start, rope, mask_fn, attn=True, ffn=True):
@@ -98,9 +97,9 @@ class Block(nn.Module):
 
 
 class Model(DecoderLM):
-    def __init__(self, c: LlamaConfig, sd: dict[str, torch.Tensor]):
+    def __init__(self, c: LlamaConfig, sd: dict[str, torch.Tensor], linear):
         super().__init__()
-        self._build(c, sd, Block)
+        self._build(c, sd, Block, linear)
         types = c.layer_types or ["sliding_attention"] * c.num_hidden_layers  # Qwen2: only above max_window_layers
         self.kinds = [(c.sliding_window if t == "sliding_attention" else None, "rope") for t in types]
 

@@ -1,11 +1,11 @@
-"""`python -m skipjack.bench.rows [MODEL]`: time the model's linear layers by the number of rows they multiply.
+"""`python -m skipjack.bench.analysis.rows [MODEL]`: time the model's linear layers by the number of rows they multiply.
 
-Why `skipjack.padding` exists: oneDNN's packed fp32 kernels are not fastest at one row on every CPU (on
-AVX-512 they block rows by five or six), so a plain step can be made faster by padding its one row with zero
-rows. This measures afresh, for each weight shape, one pass over the model's linears of that shape, unpadded,
-at each row count (rounds interleaved, median kept), and in the plain layout at one to a few rows, and prints
-the choice made from it. The bench records
-the same measurement in results.json (`linear_rows`).
+Why the row tuning exists (`skipjack.tuning`): oneDNN's packed fp32 kernels are not fastest at one row on every
+CPU, so a plain step can be made faster by padding its one row with zero rows, or by BLAS's matrix-vector
+kernel on the plain layout. This measures afresh, for each weight shape, one pass over the model's linears of
+that shape, unpadded, at each row count (rounds interleaved, median kept), and in the plain layout at one to a
+few rows, and prints the choice made from it. The bench records the same measurement in results.json
+(`linear_rows`).
 """
 
 from __future__ import annotations
@@ -13,31 +13,17 @@ from __future__ import annotations
 import sys
 
 
-def linear_rows(model) -> dict:
-    """Measure and apply the padding; {"ms": {rows: ms of one pass over all packed linears}, "pads": {...}}."""
-    from skipjack import padding
-
-    pads = padding.tune(model, remeasure=True)
-    per_shape = padding.measured(model)
-    total = {n: round(sum(v[n] for v in per_shape.values()), 2) for n in next(iter(per_shape.values()), {})}
-    return {
-        "ms": total,
-        "pads": pads,
-        "ms_by_shape": per_shape,
-        "plain_ms_by_shape": padding.measured(model, plain=True),
-    }
-
-
 def main(argv: list[str]) -> int:
     from skipjack.errors import SkipjackError
     from skipjack.loading import load
+    from skipjack.tuning import tune_rows
 
     try:
         loaded = load(argv[0] if argv else None)
     except SkipjackError as e:
         print(f"skipjack: {e}", file=sys.stderr)
         return 2
-    rows = linear_rows(loaded.model)
+    rows = tune_rows(loaded.model, remeasure=True).linear_rows()
     if not rows["ms"]:
         print("no packed linear layers (oneDNN unavailable or a non-fp32 dtype): nothing is padded")
         return 0

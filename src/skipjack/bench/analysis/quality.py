@@ -1,6 +1,6 @@
 """What a lower precision costs in quality: perplexity and next-token agreement against fp32.
 
-`python -m skipjack.bench.quality --dtype bf16 --out DIR` loads the model twice, in fp32 (the reference) and
+`python -m skipjack.bench.analysis.quality --dtype bf16 --out DIR` loads the model twice, in fp32 (the reference) and
 in the other dtype, and runs every prompt of the suite (real text: Python documentation, licences, HumanEval,
 hand-written questions, through the chat template) through both, teacher-forced. At every position it
 compares the two next-token distributions p (fp32) and q:
@@ -9,9 +9,9 @@ compares the two next-token distributions p (fp32) and q:
 - whether the two argmaxes agree (a greedy decoder would pick the same token here);
 - KL(p || q).
 
-Sums per category and overall go to DIR/quality.json; `python -m skipjack.bench.report ... --quality DIR`
-renders them (`render_quality`). (How often whole greedy outputs agree is the benchmark's job: `skipjack bench --methods
-plain,plain@bf16` reports bf16's `identical` share against fp32 plain.)
+Sums per category and overall go to DIR/quality.json; `python -m skipjack.bench.benchmarks_md ... --quality DIR`
+renders them (`skipjack.bench.render.render_quality`). (How often whole greedy outputs agree is the benchmark's
+job: `skipjack bench --methods plain,plain@bf16` reports bf16's `identical` share against fp32 plain.)
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from skipjack.errors import SkipjackError, run_command
     from skipjack.loading import DTYPES, load
 
-    ap = argparse.ArgumentParser(prog="python -m skipjack.bench.quality", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m skipjack.bench.analysis.quality", description=__doc__.splitlines()[0])
     ap.add_argument("--model", "-m", default=None)
     ap.add_argument("--dtype", default="bf16", help="the precision to compare with fp32")
     ap.add_argument("--suite", default="full")
@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             cats.setdefault(p.category, []).append(row)
             print(f"{p.id}: {row['agree'] / row['tokens']:.2%} top-1 agreement", file=sys.stderr)
+        args = argv if argv is not None else sys.argv[1:]
         q = {
-            "command": "python -m skipjack.bench.quality " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m skipjack.bench.analysis.quality " + " ".join(args),
             "model": ref.name,
             "dtype": a.dtype,
             "suite": a.suite,
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             "rows": rows,
         }
         (out / "quality.json").write_text(json.dumps(q, indent=1))
-        from skipjack.bench.report import render_quality
+        from skipjack.bench.render import render_quality
 
         print(render_quality(q))
 

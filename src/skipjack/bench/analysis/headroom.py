@@ -14,8 +14,8 @@ Costs come from the run's own verify-cost curves (`cost_curves`: plain-step seco
 bucket), for the oracle and for plain alike, so their ratio bounds the decoding-phase speedup of every
 prompt-lookup drafter on that machine; with plain's measured prefill it bounds the end-to-end speedup.
 
-`python -m skipjack.bench.headroom RUN_DIR` writes RUN_DIR/headroom.json; the report renders it under the
-targets (`report.headroom_line`).
+`python -m skipjack.bench.analysis.headroom RUN_DIR` writes RUN_DIR/headroom.json; the report renders it under
+the targets (`skipjack.bench.render.headroom_line`).
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from skipjack.bench.render import headroom_line
+from skipjack.bench.schema import Results, read_results
 from skipjack.cost import _interp, _isotonic
+from skipjack.limits import MAX_DRAFT
 
-CAP = 64  # longest draft the engine verifies (decode.MAX_DRAFT)
+CAP = MAX_DRAFT  # longest draft the engine verifies
 
 
 def copyable(context: np.ndarray, rest: list[int], cap: int = CAP) -> int:
@@ -88,7 +91,7 @@ def oracle(prompt: list[int], tokens: list[int], tables, cap: int = CAP) -> dict
     return {"seconds": best[1], "passes": passes[1], "plain_seconds": plain, "free_passes": free}
 
 
-def headroom(results: dict, prompt_ids: dict[str, list[int]]) -> dict:
+def headroom(results: Results, prompt_ids: dict[str, list[int]]) -> dict:
     """The copy oracle over every prompt plain ran in `results`, against plain: modelled decoding-phase speedup,
     and the end-to-end speedup it implies with plain's measured prefill and decoding seconds."""
     from skipjack.errors import SkipjackError
@@ -125,26 +128,20 @@ def headroom(results: dict, prompt_ids: dict[str, list[int]]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from skipjack.bench.suite import load_prompts_file, load_suite
-    from skipjack.errors import SkipjackError, run_command
+    from skipjack.errors import run_command
     from skipjack.loading import load
 
-    ap = argparse.ArgumentParser(prog="python -m skipjack.bench.headroom", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m skipjack.bench.analysis.headroom", description=__doc__.splitlines()[0])
     ap.add_argument("dir", help="a `skipjack bench --out` folder holding results.json")
     a = ap.parse_args(argv)
 
     def body() -> None:
-        src = Path(a.dir) / "results.json"
-        try:
-            results = json.loads(src.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SkipjackError(f"cannot read {src}: {e}") from None
+        results = read_results(Path(a.dir))
         f = results.get("prompts_file")
         prompts = load_prompts_file(f) if f else load_suite(results["suite"])
         tok = load(results["model"]["name"], results["model"].get("dtype", "fp32")).tokenizer
         h = headroom(results, {p.id: tok.prompt_ids(p.messages) for p in prompts})
         (Path(a.dir) / "headroom.json").write_text(json.dumps(h, indent=1) + "\n")
-        from skipjack.bench.report import headroom_line
-
         print(headroom_line(h))
 
     return run_command(body)

@@ -1,0 +1,163 @@
+"""The markdown files on disk: a run's REPORT.md, and BENCHMARKS.md from several runs
+(`python -m skipjack.bench.benchmarks_md DIR --benchmarks-md F`).
+
+BENCHMARKS.md is the main run's report, then each `--extra` run as a section, then the quality comparison
+(`skipjack.bench.analysis.quality`), then the hand-written notes verbatim. Notes must not type figures:
+every number in BENCHMARKS.md comes from a results.json, headroom.json or quality.json, copied beside it
+under docs/bench/ so the raw data is under version control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from skipjack.bench import render
+from skipjack.bench.analysis.loops import loop_split
+from skipjack.bench.render import PLOTS
+from skipjack.bench.schema import Results, read_results
+
+
+def read_headroom(results: Results, results_dir: Path) -> dict | None:
+    """results_dir/headroom.json (`skipjack.bench.analysis.headroom`) if it was computed from this very run."""
+    try:
+        h = json.loads((Path(results_dir) / "headroom.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if h.get("run_date") != results["machine"]["date"]:
+        print(f"skipjack: ignoring {Path(results_dir) / 'headroom.json'}: computed from another run", file=sys.stderr)
+        return None
+    return h
+
+
+def write_report(results: Results, out: Path) -> None:
+    """REPORT.md and the PNG plots into `out`."""
+    from skipjack.bench.plots import write_plots
+
+    write_plots(results, Path(out))
+    md = render.render_markdown(results, headroom=read_headroom(results, Path(out)), split=loop_split(results))
+    (Path(out) / "REPORT.md").write_text(md + "\n")
+
+
+def render_extra(results: Results, heading: str) -> str:
+    """A second run (e.g. the draft-sizing sweep) as one more section: its command, targets and tables."""
+    summary = results["summary"]
+    parts = [f"## {heading}", "", *render.partial(results)]
+    m = results["machine"]
+    parts += [f"Separate run, {m['date']}, on {m['cpu']} ({m['cores']} cores): `{results['command']}`", ""]
+    checks = render.targets(summary)
+    bound = render.prefill_bound(results) if checks else ""
+    parts += [checks, ""] if checks else []
+    parts += [bound, ""] if bound else []
+    in_dtype = render.in_dtype(summary)
+    parts += [render.overall(summary, render.ran_peers(summary)), ""] + ([in_dtype, ""] if in_dtype else [])
+    parts += [render.by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
+    split = loop_split(results)
+    parts += [render.table(*split[:2]), ""] if split else []  # the split is defined in the main run's section
+    return "\n".join(parts)
+
+
+def _read_text(path: Path, what: str) -> str:
+    from skipjack.errors import SkipjackError
+
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise SkipjackError(f"cannot read {what}{path}: {e}") from None
+
+
+def _copy_plots(results: Results, results_dir: Path, docs: Path) -> None:
+    """The run's plots into docs/, drawn first if the run folder lacks any."""
+    if not all((Path(results_dir) / png).exists() for png in PLOTS):
+        from skipjack.bench.plots import write_plots
+
+        write_plots(results, Path(results_dir))
+    for png in PLOTS:
+        shutil.copyfile(Path(results_dir) / png, docs / png)
+
+
+def write_benchmarks_md(
+    results_dir: Path,
+    target: Path,
+    extra: list[tuple[str, Path]] = (),
+    notes: Path | None = None,
+    quality: Path | None = None,
+) -> Path:
+    """BENCHMARKS.md at `target` from results_dir/results.json; plots and raw data are copied to docs/bench/
+    beside it. `extra` runs (heading, dir) are appended as sections, then the `quality` folder's quality.json,
+    then the hand-written `notes` file verbatim."""
+    from skipjack.errors import SkipjackError
+
+    results = read_results(results_dir)
+    extras = [(h, read_results(d)) for h, d in extra]
+    try:
+        q = json.loads(_read_text(Path(quality) / "quality.json", "")) if quality else None
+    except json.JSONDecodeError as e:
+        raise SkipjackError(f"cannot read {Path(quality) / 'quality.json'}: {e}") from None
+    note_text = _read_text(notes, "notes ") if notes else ""
+    docs = target.parent / "docs" / "bench"
+    docs.mkdir(parents=True, exist_ok=True)
+    _copy_plots(results, results_dir, docs)
+    shutil.copyfile(Path(results_dir) / "results.json", docs / "results.json")  # the raw data, under version control
+    headroom = read_headroom(results, Path(results_dir))
+    if headroom:
+        shutil.copyfile(Path(results_dir) / "headroom.json", docs / "headroom.json")
+    md = render.render_markdown(results, "docs/bench", "Benchmarks", headroom, loop_split(results))
+    md += "\nRaw data: `docs/bench/results.json`.\n"
+    for (heading, d), (_, res) in zip(extra, extras):
+        raw = docs / f"results-{Path(d).resolve().name}.json"
+        shutil.copyfile(Path(d) / "results.json", raw)
+        md += "\n" + render_extra(res, heading) + f"\nRaw data: `docs/bench/{raw.name}`.\n"
+    if q:
+        shutil.copyfile(Path(quality) / "quality.json", docs / "quality.json")
+        md += f"\n## Quality: {q['dtype']} against fp32 (separate run)\n\n" + render.render_quality(q)
+        md += "\n\nRaw data: `docs/bench/quality.json`.\n"
+    if note_text:
+        md += "\n" + note_text.rstrip()
+    target.write_text(md + "\n")
+    return target
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m skipjack.bench.benchmarks_md", description=__doc__.splitlines()[0])
+    ap.add_argument("dir", help="a `skipjack bench --out` folder holding results.json")
+    ap.add_argument(
+        "--benchmarks-md", default=None, help="write this BENCHMARKS.md (plots go to docs/bench/ beside it)"
+    )
+    ap.add_argument(
+        "--extra", action="append", default=[], metavar="HEADING=DIR", help="append another run as a section"
+    )
+    ap.add_argument("--notes", default=None, help="append this hand-written markdown file (no typed figures)")
+    ap.add_argument("--quality", default=None, help="append a `skipjack.bench.analysis.quality --out` folder's results")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """BENCHMARKS.md with --benchmarks-md; otherwise DIR's REPORT.md and plots, redrawn from its results.json."""
+    from skipjack.errors import SkipjackError, run_command
+
+    a = _parser().parse_args(argv)
+
+    def body() -> None:
+        extra = []
+        for item in a.extra:
+            heading, eq, d = item.partition("=")
+            if not eq or not heading or not d:
+                raise SkipjackError(f"--extra wants HEADING=DIR (got {item!r})")
+            extra.append((heading, Path(d)))
+        if a.benchmarks_md:
+            notes = Path(a.notes) if a.notes else None
+            quality = Path(a.quality) if a.quality else None
+            print(f"wrote {write_benchmarks_md(Path(a.dir), Path(a.benchmarks_md), extra, notes, quality)}")
+        else:
+            write_report(read_results(Path(a.dir)), Path(a.dir))
+            print(f"wrote {Path(a.dir) / 'REPORT.md'}")
+
+    return run_command(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
