@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/python -m skipjack.demo "$(PROMPT)"
 
 test: install
-	$(BIN)/skipjack models --fetch smollm2-135m gemma3-270m
+	$(BIN)/skipjack models --fetch smollm2-135m gemma3-270m qwen2.5-coder-0.5b
 	$(BIN)/python -m pytest -q
 
 lint: install
@@ -27,7 +27,7 @@ lint: install
 	$(BIN)/ruff format --check src tests
 
 bench-peers: install
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install 'llama-cpp-python==0.3.36'
+	BIN=$(BIN) bash tools/build-llamacpp.sh
 
 bench-quick: install
 	$(BIN)/skipjack bench --suite quick --methods plain,pld,ngram --peers hf,hf-pld,llamacpp,llamacpp-pld --out bench-out/quick

@@ -61,10 +61,11 @@ def hf_model(family: str, seed: int = 0, dtype=torch.float32, **kw):
     return model.to(dtype)
 
 
-def ours_from_hf(hf, dtype=torch.float32):
+def ours_from_hf(hf, dtype=torch.float32, weights: str | None = None):
+    """Our model from an HF one; `weights` "q4" / "q8": every linear quantised to blocks (fp32 compute)."""
     from skipjack.models import build_model
 
-    return build_model(hf.config.to_dict(), hf.state_dict(), dtype)
+    return build_model(hf.config.to_dict(), hf.state_dict(), dtype, weights)
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +77,17 @@ def tiny_llama64():
 @pytest.fixture(scope="session")
 def tiny_gemma64():
     return ours_from_hf(hf_model("gemma3_text", seed=2, vocab=48), torch.float64)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_q4():
+    """The same tiny Llama with q4 weights: its forward is batch-invariant (bit-identical rows), not fp64."""
+    return ours_from_hf(hf_model("llama", seed=1, vocab=48, num_hidden_layers=2), weights="q4")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_q4():
+    return ours_from_hf(hf_model("gemma3_text", seed=2, vocab=48), weights="q4")
 
 
 @pytest.fixture(scope="session")

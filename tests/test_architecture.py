@@ -15,6 +15,8 @@ LAYERS = {  # module (or package) -> layer; the longest matching prefix decides 
     "skipjack.sampling": 1,
     "skipjack.cache": 1,
     "skipjack.linear": 1,
+    "skipjack.quant": 1,
+    "skipjack.kernels": 1,
     "skipjack.tokenizer": 1,
     "skipjack.models": 2,
     "skipjack.gguf_io": 3,

@@ -119,7 +119,7 @@ def home(tmp_path, monkeypatch):
 def test_gguf_quant_types_and_layout(tmp_path, home):
     path = tmp_path / "tiny.gguf"
     hf, held = write_tiny_gguf(path, _pick)
-    first = loading.load(str(path))
+    first = loading.load(str(path), "fp32")
     assert first.converted
     from skipjack.models import build_model
 
@@ -131,10 +131,36 @@ def test_gguf_quant_types_and_layout(tmp_path, home):
     with torch.no_grad():
         torch.testing.assert_close(first.model(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
     assert first.tokenizer.chat_template and "assistant:" in first.tokenizer.chat_template
-    second = loading.load(str(path))
+    second = loading.load(str(path), "fp32")
     assert not second.converted
     torch.testing.assert_close(second.model(ids).logits, first.model(ids).logits, atol=0, rtol=0)
     assert second.tokenizer.encode("the quick brown fox") == first.tokenizer.encode("the quick brown fox")
+
+
+def test_q4_load_keeps_the_files_blocks(tmp_path, home):
+    """A q4 load reads the blocks themselves (cached apart from the fp32 conversion): a linear whose type maps
+    exactly holds the very values of the fp32 load, the others are requantised and the load line says so;
+    at q8 (4-bit blocks promoted exactly, other tensors requantised to 8 bits) its logits stay near fp32's."""
+    path = tmp_path / "tiny.gguf"
+    hf, held = write_tiny_gguf(path, _pick)
+    from skipjack.linear import QuantLinear
+    from skipjack.models import build_model
+
+    ref = build_model(hf.config.to_dict(), held, weights="dense")
+    q4 = loading.load(str(path), "q4")
+    assert q4.converted and q4.dtype == "q4" and q4.model.invariant
+    exact = 0
+    for ours, theirs in zip(q4.model.linears(), ref.linears()):
+        assert isinstance(ours, QuantLinear)
+        if "Q" in ours.source and "requantised" not in ours.source:
+            assert torch.equal(ours.weight().dequantize(), theirs.weight)
+            exact += 1
+    assert exact and "as stored" in q4.info["weights"]
+    ids = torch.tensor([q4.tokenizer.prompt_ids("hello world")])
+    q8 = loading.load(str(path), "q8")  # 4-bit values promoted exactly, the rest requantised to 8 bits
+    got, want = q8.model(ids).logits, ref(ids).logits
+    assert (got - want).abs().mean() <= 0.05 * want.abs().mean() and (got - want).abs().max() <= 0.1 * want.abs().max()
+    assert not loading.load(str(path), "q4").converted  # the blocks are cached
 
 
 def test_interrupted_conversion_leaves_no_entry(tmp_path, home, monkeypatch):
@@ -147,11 +173,11 @@ def test_interrupted_conversion_leaves_no_entry(tmp_path, home, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(KeyboardInterrupt):
-        loading.load(str(path))
+        loading.load(str(path), "fp32")
     assert list((home / "converted").iterdir()) == []
     monkeypatch.undo()
     monkeypatch.setenv("SKIPJACK_HOME", str(home))
-    assert loading.load(str(path)).converted
+    assert loading.load(str(path), "fp32").converted
 
 
 class Terminal(io.StringIO):
@@ -168,23 +194,23 @@ def test_reconversion_drops_the_stale_entry(tmp_path, home, monkeypatch):
     other.parent.mkdir()
     shutil.copy(path, other)
     monkeypatch.setattr(sys, "stderr", Terminal())
-    assert loading.load(str(path)).converted
-    assert "converting tiny.gguf to fp32 safetensors, once" in sys.stderr.getvalue()
+    assert loading.load(str(path), "fp32").converted
+    assert "converting tiny.gguf (fp32 weights), once" in sys.stderr.getvalue()
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    assert loading.load(str(other)).converted and sys.stderr.getvalue() == ""
+    assert loading.load(str(other), "fp32").converted and sys.stderr.getvalue() == ""
     first = {e.name for e in (home / "converted").iterdir()}
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # the file was replaced
-    assert loading.load(str(path)).converted
+    assert loading.load(str(path), "fp32").converted
     now = {e.name for e in (home / "converted").iterdir()}
     assert len(first) == len(now) == 2 and len(first & now) == 1  # other's entry stays, path's old one is gone
-    assert not loading.load(str(path)).converted
+    assert not loading.load(str(path), "fp32").converted
     gone = tmp_path / "gone" / "tiny.gguf"  # a GGUF converted, then deleted: its copy goes at the next conversion
     gone.parent.mkdir()
     shutil.copy(path, gone)
-    assert loading.load(str(gone)).converted
+    assert loading.load(str(gone), "fp32").converted
     shutil.rmtree(gone.parent)
     os.utime(other, ns=(other.stat().st_atime_ns, other.stat().st_mtime_ns + 10**9))
-    assert loading.load(str(other)).converted
+    assert loading.load(str(other), "fp32").converted
     sources = [json.loads((e / "skipjack.json").read_text())["source"] for e in (home / "converted").iterdir()]
     assert sorted(sources) == sorted([str(path), str(other)])
 

@@ -43,16 +43,29 @@ def make(name, model, seed):
     stops=st.sets(st.integers(0, 47), max_size=3),
     stop_at=st.one_of(st.none(), st.integers(0, 39)),
     drafter=st.sampled_from(DRAFTERS),
-    family=st.sampled_from(["llama", "gemma"]),
+    family=st.sampled_from(["llama", "gemma", "llama-q4", "gemma-q4"]),
     seed=st.integers(0, 10_000),
     penalty=st.sampled_from([1.0, 1.0, 1.3]),
 )
 def test_greedy_identity_property(
-    tiny_llama64, tiny_gemma64, prompt, max_new, stops, stop_at, drafter, family, seed, penalty
+    tiny_llama64,
+    tiny_gemma64,
+    tiny_llama_q4,
+    tiny_gemma_q4,
+    prompt,
+    max_new,
+    stops,
+    stop_at,
+    drafter,
+    family,
+    seed,
+    penalty,
 ):
     """`stop_at` also makes a token of plain's own output a stop token, so that about half the cases stop
-    inside the output (often inside a verify step's accepted tokens) rather than rarely, by chance."""
-    model = tiny_llama64 if family == "llama" else tiny_gemma64
+    inside the output (often inside a verify step's accepted tokens) rather than rarely, by chance. The q4
+    models are fp32 with 4-bit weights: identity there rests on the batch-invariant forward, not on fp64."""
+    models = {"llama": tiny_llama64, "gemma": tiny_gemma64, "llama-q4": tiny_llama_q4, "gemma-q4": tiny_gemma_q4}
+    model = models[family]
     if stop_at is not None:
         free, _ = run(model, prompt, SamplingParams(max_new_tokens=max_new, repetition_penalty=penalty))
         stops = stops | {free[stop_at % len(free)]}

@@ -18,9 +18,10 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="named model, .gguf file, HF folder or hub id")
     p.add_argument(
         "--dtype",
-        default="fp32",
-        help="fp32 (default: greedy output identical to HF, and speculation to plain decoding) | bf16 (faster; "
-        "its quality and speed are in BENCHMARKS.md)",
+        default="auto",
+        help="auto (default: q4 for a GGUF file, fp32 for a checkpoint) | q4 (the GGUF's 4-bit blocks on "
+        "skipjack's batch-invariant kernels: speculation bit-identical to plain decoding) | q8 | fp32 (greedy "
+        "output identical to HF) | bf16 (quality and speed in BENCHMARKS.md)",
     )
     p.add_argument("--method", default="plain", help="decoding method: plain | pld | ngram (options: pld:k=8)")
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
@@ -59,13 +60,12 @@ def _notice(line: str) -> None:
 def _method_notice(a) -> None:
     """Say so when a lossless method will not give plain decoding's exact tokens at this dtype."""
     from skipjack.drafters import identical_to_plain, lossless_methods, parse_method
-    from skipjack.loading import DTYPES
 
     name, _ = parse_method(a.method)
-    if name in lossless_methods() and a.dtype in DTYPES and not identical_to_plain(a.method, a.dtype):
+    if name in lossless_methods() and not identical_to_plain(a.method, a.dtype):
         _notice(
             f"skipjack: note: in {a.dtype}, {name}'s output can differ from plain decoding's (the kernels round a "
-            "pass over several tokens differently from a pass over one); --dtype fp32 keeps them identical"
+            "pass over several tokens differently from a pass over one); --dtype q4 or fp32 keeps them identical"
         )
 
 
@@ -73,11 +73,19 @@ def _engine(a, spec: str | None = None):
     """Validate the request's settings and method first (they are cheap), then load and tune the model."""
     from skipjack.drafters import make_method
     from skipjack.engine import Engine
+    from skipjack.loading import resolve_dtype
 
     _params(a)
     method = make_method(a.method)
+    a.dtype, note = resolve_dtype(spec or a.model, a.dtype)  # "auto" -> what it loads as
+    if note:
+        _notice(note)
     _method_notice(a)
     engine = Engine.load(spec or a.model, a.dtype, tune=not a.no_tune)
+    if a.dtype in ("q4", "q8"):
+        _notice(f"skipjack: {a.dtype} weights: {engine.loaded.info['weights']}")
+        if not engine.model.invariant:
+            _notice("skipjack: note: some weights stay dense here, so the forward is not batch-invariant")
     return engine, method
 
 
@@ -108,6 +116,7 @@ def cmd_generate(a) -> int:
     if a.json:
         out = res.to_json() | {"model": engine.name, "dtype": a.dtype, "load_seconds": round(engine.loaded.seconds, 3)}
         out["lossless"] = method.lossless
+        out["weights"] = engine.loaded.info.get("weights")
         out["identical_to_plain"] = identical_to_plain(a.method, a.dtype)
         print(json.dumps(out, ensure_ascii=False))
     else:

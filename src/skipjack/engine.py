@@ -70,7 +70,7 @@ class Engine:
         self._methods: dict[str, Method] = {}
 
     @classmethod
-    def load(cls, spec: str | None = None, dtype: str = "fp32", tune: bool = True, remeasure: bool = False) -> Engine:
+    def load(cls, spec: str | None = None, dtype: str = "auto", tune: bool = True, remeasure: bool = False) -> Engine:
         """Load a model (`skipjack.loading.load`) and tune it (`skipjack.tuning.tune`; `remeasure`: afresh)."""
         loaded = loading.load(spec, dtype)
         return cls(loaded, tuning.tune(loaded.model, remeasure) if tune else None)

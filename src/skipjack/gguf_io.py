@@ -1,4 +1,5 @@
-"""Read a GGUF file into an HF config dict and an HF-named fp32 state dict.
+"""Read a GGUF file into an HF config dict and an HF-named state dict: fp32 (`read_tensors`), or with the
+weights in their 4-/8-bit blocks as the file stores them (`read_blocks`).
 
 Tensors are dequantised with the `gguf` package (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, Q2_K..Q6_K, ...).
 Config metadata is parsed by transformers' GGUF mapping; the tokenizer by transformers' GGUF converter.
@@ -78,28 +79,71 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def read_tensors(path: Path, config: dict) -> dict[str, torch.Tensor]:
     """Dequantise every tensor to fp32 with HF names."""
-    from gguf import GGUFReader, dequantize
-
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:
-        raise SkipjackError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
     mt = config["model_type"]
     out = {}
-    for t in reader.tensors:
-        try:
-            w = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise SkipjackError(f"GGUF tensor type {t.tensor_type.name} is not supported ({t.name})") from None
-        w = np.array(w, dtype=np.float32, copy=True).reshape(tuple(reversed([int(x) for x in t.shape])))
-        if mt in ("llama", "mistral") and ".attn_q." in t.name:
-            w = _unpermute(w, config["num_attention_heads"])
-        elif mt in ("llama", "mistral") and ".attn_k." in t.name:
-            w = _unpermute(w, config["num_key_value_heads"])
-        if mt == "gemma3_text" and t.name.endswith("norm.weight"):
-            w = w - 1.0
-        out[_hf_name(t.name, mt)] = torch.from_numpy(np.ascontiguousarray(w))
+    for t in _reader(path).tensors:
+        shape = tuple(reversed([int(x) for x in t.shape]))
+        out[_hf_name(t.name, mt)] = torch.from_numpy(_fixed(t, _dequantized(t), shape, mt, config))
     return out
+
+
+def _reader(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:
+        raise SkipjackError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
+
+
+def read_blocks(path: Path, config: dict) -> dict:
+    """HF-named tensors, the 2-D weights whose block type maps exactly onto a kernel format (`quant.EXACT`) as
+    `QuantTensor`s holding the file's own values, every other tensor dequantised to fp32 (norms, biases, and
+    weights of other types, which the weight format then quantises, saying so)."""
+    from skipjack.quant import EXACT, from_gguf
+
+    mt = config["model_type"]
+    out = {}
+    for t in _reader(path).tensors:
+        shape = tuple(reversed([int(x) for x in t.shape]))
+        if len(shape) == 2 and t.tensor_type.name in EXACT:
+            w = from_gguf(t.data, t.tensor_type.name, *shape)
+            heads = _rope_heads(t.name, mt, config)
+            if heads:
+                w = w.rows(torch.from_numpy(_unpermute(np.arange(shape[0]), heads)))
+        else:
+            w = torch.from_numpy(_fixed(t, _dequantized(t), shape, mt, config))
+        out[_hf_name(t.name, mt)] = w
+    return out
+
+
+def _dequantized(t) -> np.ndarray:
+    from gguf import dequantize
+
+    try:
+        return dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise SkipjackError(f"GGUF tensor type {t.tensor_type.name} is not supported ({t.name})") from None
+
+
+def _rope_heads(name: str, mt: str, config: dict) -> int:
+    """The head count whose row permutation llama.cpp applied to this tensor (Llama q/k), else 0."""
+    if mt in ("llama", "mistral") and ".attn_q." in name:
+        return config["num_attention_heads"]
+    if mt in ("llama", "mistral") and ".attn_k." in name:
+        return config["num_key_value_heads"]
+    return 0
+
+
+def _fixed(t, w, shape, mt: str, config: dict) -> np.ndarray:
+    """A dequantised tensor as the HF checkpoint holds it: q/k rows unpermuted, Gemma norms without the 1."""
+    w = np.array(w, dtype=np.float32, copy=True).reshape(shape)
+    heads = _rope_heads(t.name, mt, config)
+    if heads:
+        w = _unpermute(w, heads)
+    if mt == "gemma3_text" and t.name.endswith("norm.weight"):
+        w = w - 1.0
+    return np.ascontiguousarray(w)
 
 
 def read_tokenizer(path: Path):

@@ -4,6 +4,9 @@ A weight format is a `Linear` subclass built from a dense weight [out, in] (and 
 the format for a model (`default_format`), so another format (int4, int8) is one more class, not a branch.
 
 - `DenseLinear`: `F.linear` on the plain [out, in] weight (BLAS).
+- `QuantLinear`: 4- or 8-bit blocks (`skipjack.quant`) through skipjack's C++ kernels (`skipjack.kernels`),
+  batch-invariant: a row's output is bit-identical whatever the other rows in the call.
+- `ConcatLinear`: fused projections whose parts have no common block format, run side by side.
 - `PackedLinear`: the weight prepacked for oneDNN (fp32, bf16). oneDNN's blocked kernels run some row counts
   faster than others, and BLAS's matrix-vector kernel on the plain layout can beat them at one or two rows, so
   each row count m < len(pad_to) runs as tuning chose (`skipjack.tuning`): padded with zero rows to pad_to[m]
@@ -18,6 +21,10 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from skipjack import quant
+from skipjack.limits import MAX_DRAFT
+from skipjack.quant import QuantTensor
 
 PLAIN = -1  # PackedLinear.pad_to entry: multiply these rows by the plain-layout weight (F.linear)
 
@@ -100,7 +107,167 @@ def packing_available(dtype: torch.dtype = torch.float32) -> bool:
         return False
 
 
-FORMATS: dict[str, type[Linear]] = {"dense": DenseLinear, "packed": PackedLinear}
+class QuantLinear(Linear):
+    """W in q4 or q8 blocks (`skipjack.quant.QuantTensor`), multiplied by the C++ kernels: each input row is
+    quantised to 8 bits per block of 32 (as llama.cpp's Q8_1), block dot products are exact integer sums, the
+    scales fp32, every reduction in a fixed order; so each output row is bit-identical whatever the number of
+    rows in the call (`invariant`). Passes wider than any verify step (`WIDE` rows: a prompt) multiply by an
+    fp32 copy of W dequantised for that call instead (BLAS GEMM, far faster at many rows); that only changes
+    the state decoding starts from, never how a token's logits depend on its pass."""
+
+    WIDE = MAX_DRAFT + 1  # widest pass on the kernels: a verify step of MAX_DRAFT drafts + 1
+    invariant = True
+
+    def __init__(self, w: QuantTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        from skipjack.kernels import kernels
+
+        self.out_features, self.in_features = w.shape
+        self.kind, self.bs, self.source = w.kind, w.bs, w.source
+        self.qs = param(w.qs.contiguous())  # q4: uint8 [out, in/2]; q8: int8 [out, in]
+        self.d = param(w.d.float().contiguous())  # [out, in/bs]
+        self.m = None if w.m is None else param(w.m.float().contiguous())  # [out, in/bs] or None
+        self.bias = None if bias is None else param(bias.float())
+        self.ops = kernels()
+
+    def weight(self) -> QuantTensor:
+        return QuantTensor(self.kind, self.qs, self.d, self.m, self.bs, self.source)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > self.WIDE * self.in_features:  # a prompt: one GEMM on a transient fp32 copy
+            w = self.ops.dequantize(self.qs, self.d, self.m, self.kind == "q4", self.bs)  # [out, in]
+            return F.linear(x, w, self.bias)
+        if self.kind == "q4":
+            return self.ops.q4_linear(x, self.qs, self.d, self.m, self.bias)
+        return self.ops.q8_linear(x, self.qs, self.d, self.m, self.bs, self.bias)
+
+
+class ConcatLinear(Linear):
+    """Fused projections (q, k, v or gate, up) whose weights share no block format: each part is its own
+    linear and the outputs are concatenated (what one fused matmul would give, row for row)."""
+
+    def __init__(self, parts: list[Linear], bias: torch.Tensor | None = None):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features, self.out_features = parts[0].in_features, sum(p.out_features for p in parts)
+        self.bias = None if bias is None else param(bias)
+        self.invariant = all(getattr(p, "invariant", False) for p in parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([p(x) for p in self.parts], dim=-1)  # [..., out]
+        return y if self.bias is None else y + self.bias
+
+
+class Embedding(nn.Module):
+    """Token embeddings: rows of a table [V, D], dense or in blocks (a block table's rows are dequantised as
+    they are looked up, exactly). The table is a plain attribute, not a parameter: a tied LM head holds the
+    same tensors, and a pass reads only its tokens' rows, so it is no part of a pass's streamed bytes."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table  # [V, D]: a tensor or a QuantTensor
+        self.num_embeddings, self.embedding_dim = table.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.table.dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.table, QuantTensor):
+            return self.table.dequantize(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)  # [..., D]
+        return F.embedding(ids, self.table)  # [..., D]
+
+
+class Parts(list):
+    """Weights to fuse along the output dim that have no common format (`fuse` returns it; the format's
+    factory makes a `ConcatLinear` of it)."""
+
+
+def fuse(*ws):
+    """Concatenate projection weights along the output dim (one matmul instead of several): dense tensors
+    with `torch.cat`, blocks with `quant.cat` (exact), a `Parts` list where blocks share no format."""
+    if any(w is None for w in ws):
+        return None
+    if not any(isinstance(w, QuantTensor) for w in ws):
+        return torch.cat(ws, dim=0)
+    if all(isinstance(w, QuantTensor) for w in ws):
+        joined = quant.cat(list(ws))
+        if joined is not None:
+            return joined
+    return Parts(ws)
+
+
+def _dense(w) -> torch.Tensor:
+    return w.dequantize() if isinstance(w, QuantTensor) else w
+
+
+def blocks(kind: str):
+    """The factory of format `kind` ("q4" or "q8"): GGUF blocks as they are (q4 blocks promoted exactly to q8
+    for "q8"); a dense weight quantised (`quant.quantize`); a dense weight the kernels cannot take (an input
+    width that is not a multiple of 32) kept dense in fp32, which `fallbacks` reports."""
+
+    def make(w, bias=None) -> Linear:
+        if isinstance(w, Parts):  # dense beside blocks, or blocks with no common format
+            qs = (
+                [p if isinstance(p, QuantTensor) else quant.quantize(p, kind) for p in w]
+                if w[0].shape[1] % 32 == 0
+                else None
+            )
+            joined = quant.cat(qs) if qs else None
+            return make(joined, bias) if joined is not None else ConcatLinear([make(p) for p in w], bias)
+        if isinstance(w, QuantTensor):
+            return QuantLinear(w.to_q8() if kind == "q8" else w, bias)
+        if w.shape[1] % 32:
+            return DenseLinear(w.float(), None if bias is None else bias.float())
+        return QuantLinear(quant.quantize(w, kind), bias)
+
+    return make
+
+
+def dense_factory(cls: type[Linear]):
+    """A dense format's factory: blocks dequantised (exact fp32 values), parts concatenated."""
+
+    def make(w, bias=None) -> Linear:
+        if isinstance(w, Parts):
+            w = torch.cat([_dense(p) for p in w])
+        return cls(_dense(w), bias)
+
+    return make
+
+
+FORMATS = {
+    "dense": dense_factory(DenseLinear),
+    "packed": dense_factory(PackedLinear),
+    "q4": blocks("q4"),
+    "q8": blocks("q8"),
+}
+
+
+def describe(linears, head: Linear | None = None) -> str:
+    """One line on how the weights are held: per kind, how many linears keep the file's blocks as stored and
+    how many were quantised here or kept dense (and why), the LM head named apart."""
+    from collections import Counter
+
+    def kinds(m: Linear) -> list[str]:
+        if isinstance(m, ConcatLinear):
+            return [k for p in m.parts for k in kinds(p)]
+        if isinstance(m, QuantLinear):
+            how = m.source if m.source.startswith("requantised") else f"as stored ({m.source})"
+            return [f"{m.kind} {how}"]
+        if isinstance(m, DenseLinear) and m.weight.dtype == torch.float32 and m.in_features % 32:
+            return ["fp32 dense (input width not a multiple of 32)"]
+        return [str(getattr(m, "weight", None).dtype).removeprefix("torch.") + f" {type(m).__name__}"]
+
+    body = Counter(k for m in linears if m is not head for k in kinds(m))
+    parts = [f"{n} {k}" for k, n in body.most_common()]
+    if head is not None:
+        parts.append("LM head " + "+".join(kinds(head)))
+    return "; ".join(parts)
+
+
+def is_invariant(linears) -> bool:
+    """Whether every linear gives each row the same bits whatever the rows beside it."""
+    return all(getattr(m, "invariant", False) for m in linears)
 
 
 def default_format(dtype: torch.dtype) -> str:

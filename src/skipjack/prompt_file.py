@@ -26,6 +26,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from skipjack.errors import SkipjackError
 from skipjack.models.common import DecoderLM
 from skipjack.session import Session
@@ -38,8 +40,8 @@ def fingerprint(model: DecoderLM) -> str:
     and final norm (two different checkpoints of one architecture differ there)."""
     h = hashlib.sha256()
     h.update(json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str).encode())
-    h.update(str(model.dtype).encode())
-    for t in (model.embed_tokens[:64], model.norm_weight):
+    h.update(f"{model.dtype} {model.weights}".encode())
+    for t in (model.embedding(torch.arange(min(64, model.embedding.num_embeddings))), model.norm_weight):
         h.update(t.detach().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 

@@ -34,7 +34,7 @@ def check_prompt(model: DecoderLM, prompt: list[int], max_new_tokens: int) -> in
     ctx = model.config.max_position_embeddings
     if not prompt:
         raise SkipjackError("the prompt is empty")
-    vocab = model.embed_tokens.shape[0]
+    vocab = model.embedding.num_embeddings
     if min(prompt) < 0 or max(prompt) >= vocab:
         raise SkipjackError(f"prompt token ids must be in [0, {vocab})")
     if len(prompt) >= ctx:

@@ -30,6 +30,19 @@ def measure_bandwidth(mb: int | None = None) -> float:
     return 2 * a.numel() * 4 / best / 1e9
 
 
+def _llamacpp_build() -> str | None:
+    """Which llama.cpp build `make bench-peers` made and smoke-tested (tools/build-llamacpp.sh), if any."""
+    import json
+
+    from skipjack.store import home
+
+    try:
+        b = json.loads((home() / "llamacpp-build.json").read_text())
+        return f"{b['build']} build ({b['cmake_args']})"
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def machine_info(bandwidth_gbs: float) -> dict:
     import psutil
     import torch
@@ -53,6 +66,7 @@ def machine_info(bandwidth_gbs: float) -> dict:
         "torch": torch.__version__,
         "transformers": version("transformers"),
         "llama_cpp_python": version("llama-cpp-python"),
+        "llama_cpp_build": _llamacpp_build(),
         "bandwidth_gbs": round(bandwidth_gbs, 2),
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # busy machine?
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -29,6 +29,7 @@ class PeerOut:
     tokens: list[int]  # generated ids, stop token excluded
     seconds: float  # prefill + decode, wall time
     forward_passes: int  # decoding forward passes (prefill excluded)
+    prefill_seconds: float | None = None  # time to the first token, where the peer streams (llama.cpp)
 
 
 class Peer:
@@ -125,12 +126,14 @@ class LlamaCppPeer(Peer):
         self.llm.reset()  # n_tokens = 0: no KV prefix reuse from the previous request (repeats stay honest)
         self.calls = 0
         toks: list[int] = []
+        first = None
         t0 = time.perf_counter()
         gen = self.llm.generate(
             prompt, top_k=0 if temperature else 1, top_p=1.0, min_p=0.0, temp=temperature, repeat_penalty=1.0
         )
         try:
             for t in gen:
+                first = first if first is not None else time.perf_counter() - t0
                 if t in stop_ids:
                     break
                 toks.append(int(t))
@@ -139,7 +142,7 @@ class LlamaCppPeer(Peer):
         finally:
             gen.close()
         dt = time.perf_counter() - t0
-        return PeerOut(toks, dt, max(self.calls - 1, 0))
+        return PeerOut(toks, dt, max(self.calls - 1, 0), first)
 
     def close(self) -> None:
         close = getattr(self.llm, "close", None)
@@ -167,7 +170,8 @@ def make_peers(names: list[str], loaded, dtype: str, n_ctx: int, seed: int = 0) 
 
             hf_logging.disable_progress_bar()
             hf_logging.set_verbosity_error()
-            model = AutoModelForCausalLM.from_pretrained(str(_hf_folder(loaded)), dtype=DTYPES[dtype]).eval()
+            hf_dtype = DTYPES.get(dtype, DTYPES["fp32"])  # a q4 / q8 run compares with HF in fp32
+            model = AutoModelForCausalLM.from_pretrained(str(_hf_folder(loaded)), dtype=hf_dtype).eval()
         except ImportError:
             model, why = None, "not installed"
         except Exception as e:  # a model transformers cannot read
@@ -189,3 +193,12 @@ def make_peers(names: list[str], loaded, dtype: str, n_ctx: int, seed: int = 0) 
         except Exception as e:
             out[n] = Missing(n, f"unavailable: {type(e).__name__}: {str(e)[:120]}")
     return {n: out[n] for n in names}
+
+
+def weight_bytes(peer) -> int | None:
+    """Bytes of the weights a peer runs on (HF: its parameters; llama.cpp: the GGUF file)."""
+    if isinstance(peer, HFPeer):
+        return sum(p.numel() * p.element_size() for p in peer.model.parameters())
+    if isinstance(peer, LlamaCppPeer):
+        return Path(peer.llm.model_path).stat().st_size
+    return None

@@ -81,6 +81,31 @@ def overall(summary: dict[str, MethodSummary], peers: list[str]) -> str:
     return table(head, rows)
 
 
+def phases(summary: dict[str, MethodSummary]) -> str:
+    """Decode, prompt and end-to-end rates and peak RSS, one row per method and peer that ran."""
+    head = ["method", "decode tok/s", "prompt tok/s", "prompt tok/s (long)", "end-to-end tok/s", "peak RSS MB"]
+    rows = [
+        [_label(n, s), fmt(s.get("decode_tokens_per_s"), "{:.1f}"), fmt(s.get("prompt_tokens_per_s"), "{:.0f}")]
+        + [fmt(s.get("long_prompt_tokens_per_s"), "{:.0f}"), fmt(s["tokens_per_s"], "{:.1f}")]
+        + [fmt(s["peak_rss_mb"], "{:.0f}")]
+        for n, s in summary.items()
+        if s["prompts"]
+    ]
+    return table(head, rows)
+
+
+def step_line(steps: dict | None) -> str:
+    """The plain decoding step's breakdown (`skipjack.bench.steps`), or ''."""
+    if not steps:
+        return ""
+    return (
+        f"Plain decoding step at {steps['context']} tokens of context, median of {steps['steps']}: "
+        f"{steps['total_ms']:.1f} ms = linear kernels {steps['linears_ms']:.1f} ms + attention "
+        f"{steps['attention_ms']:.1f} ms + the rest (Python dispatch, norms, RoPE, elementwise) "
+        f"{steps['other_ms']:.1f} ms (each part timed alone; `skipjack.bench.steps`)."
+    )
+
+
 def render_quality(q: dict) -> str:
     """The markdown section for a `skipjack.bench.analysis.quality` result (quality.json)."""
     head = ["category", "texts", "tokens", "perplexity fp32", f"perplexity {q['dtype']}", "change"]
@@ -212,10 +237,11 @@ def _header(results: Results) -> list[str]:
         f"- **Machine:** {m['cpu']}, {m['cores']} cores ({m['threads']} threads used), {m['ram_gb']} GB RAM, "
         f"measured memory bandwidth {m['bandwidth_gbs']} GB/s, load average {m.get('load_avg_1m', '?')} at start; "
         f"torch {m['torch']}, transformers {m['transformers']}, "
-        f"llama-cpp-python {m['llama_cpp_python'] or 'not installed'}",
+        f"llama-cpp-python {m['llama_cpp_python'] or 'not installed'}"
+        + (f", {m['llama_cpp_build']}" if m.get("llama_cpp_build") else ""),
         f"- **Model:** {model['name']} ({model['dtype']}, {model['params'] / 1e6:.1f}M parameters, "
         f"{model['weight_bytes'] / 1e6:.1f} MB of weights, context {model['context']}); load time: "
-        f"cold {fmt(model.get('load_cold_s'), '{:.1f}')} s (GGUF dequantised and converted into an empty cache), "
+        f"cold {fmt(model.get('load_cold_s'), '{:.1f}')} s (GGUF read and converted into an empty cache), "
         f"warm {fmt(model.get('load_warm_s'), '{:.1f}')} s (from the conversion cache)",
         f"- **Suite:** {results['suite']}, {len(results['prompts'])} prompts; max new tokens {st['max_new_tokens']}, "
         f"temperature {st['temperature']}, {st['repeats']} repeats (median kept), warm-up excluded",
@@ -267,6 +293,11 @@ def render_markdown(
     parts += ["decoding forward pass; BW util = weight bytes × forward passes/s ÷ measured bandwidth;"]
     parts += ["× plain (decode) = the same ratio over the decoding phase only (after the first token; speculation"]
     parts += ["does not change the prompt's forward pass, which dominates the long-context prompts).", ""]
+    parts += ["## Decode, prompt and memory", "", phases(summary), ""]
+    steps = step_line(results.get("step_breakdown"))
+    parts += [steps, ""] if steps else []
+    parts += ["prompt tok/s = prompt tokens / seconds to the first token (HF does not stream: –). Peak RSS is the"]
+    parts += ["process's while it ran: every engine of the run lives in one process, so it is an upper bound.", ""]
     parts += ["## Speedup vs plain by category", "", by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
     parts += ["## Tokens/s by category", "", by_category(summary, "tokens_per_s", "{:.1f}"), ""]
     parts += ["## Acceptance", "", _acceptance(summary), ""]

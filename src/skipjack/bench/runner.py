@@ -19,12 +19,13 @@ Procedure (results.json's schema: `skipjack.bench.schema`):
 A method spec may end in `@dtype` (`plain@bf16`, `ngram@bf16`): it then runs on the same model loaded in that
 dtype, so one run compares precisions as ratios, with `plain` (the run's --dtype) as the reference for both.
 
-`plain` is the reference for `speedup_vs_plain` and for `identical` (exact token-list
-equality with plain's output on the same prompt, at temperature 0; null at T > 0). One drafter object per
-method is reused across prompts, so its online statistics carry over as in a long-lived server; each repeat
-of a prompt starts from the same drafter state (a copy), so repeats are comparable.
-At T > 0 every run uses `--seed` (default 0). Peak RSS is sampled every 20 ms by a background thread and
-attributed to the method running at that moment (the whole process: every loaded model is included).
+`plain` is the reference for `speedup_vs_plain` and for `identical` (exact token-list equality with plain's
+output on the same prompt, at temperature 0; null at T > 0). One drafter object per method is reused across
+prompts, so its online statistics carry over as in a long-lived server; each repeat of a prompt starts from
+the same drafter state (a copy), so repeats are comparable. At T > 0 every run uses `--seed` (default 0).
+Peak RSS is sampled every 20 ms and attributed to the method running then (the whole process: every loaded
+model is included); after the runs, the plain step's breakdown (`steps`) and each engine's own peak RSS in
+a child process (`footprint`) are measured.
 
 Ctrl-C writes what has been measured so far with `"complete": false` and exits with status 130.
 """
@@ -40,11 +41,13 @@ import statistics
 import sys
 from pathlib import Path
 
+from skipjack.bench import footprint
 from skipjack.bench import peers as peers_mod
 from skipjack.bench.benchmarks_md import write_report
 from skipjack.bench.machine import RssSampler, machine_info, measure_bandwidth, peak_rss_mb
 from skipjack.bench.render import summary_text
 from skipjack.bench.schema import SCHEMA_VERSION
+from skipjack.bench.steps import breakdown
 from skipjack.bench.suite import (
     load_prompts_file,
     load_suite,
@@ -75,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed at temperature > 0")
     p.add_argument("--prompts", default=None, help="JSONL file of your own prompts instead of --suite")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per prompt (median kept); >= 2")
-    p.add_argument("--dtype", default="fp32", help="fp32 | bf16")
+    p.add_argument("--dtype", default="auto", help="auto (q4 for a GGUF) | q4 | q8 | fp32 | bf16")
     p.add_argument("--out", required=True, help="output folder for results.json, REPORT.md and plots")
     p.add_argument("--no-tune", action="store_true", help="run without tuning the kernels for this machine")
 
@@ -148,7 +151,7 @@ class Bench:
             "draft_steps": None,
             "forward_passes": out.forward_passes,
             "finish": "length" if n >= params.max_new_tokens else "stop",
-            "prefill_seconds": None,  # peers do not report their time to first token
+            "prefill_seconds": out.prefill_seconds,  # llama.cpp's time to first token; null for HF
         }
 
     def one(self, name: str, ids: list[int], params, drafter=None) -> dict:
@@ -274,9 +277,12 @@ def _progress():
 def main(a) -> int:
     """Run the benchmark for parsed `bench` arguments; returns the exit status (130 when interrupted)."""
     from skipjack.engine import Engine
-    from skipjack.loading import load_times
+    from skipjack.loading import load_times, resolve_dtype
 
     _check_numbers(a)
+    a.dtype, note = resolve_dtype(a.model, a.dtype)
+    if note:
+        print(note, file=sys.stderr)
     methods = parse_methods(a.methods)
     peer_names = parse_peers(a.peers)
     prompts = load_prompts_file(a.prompts) if a.prompts else load_suite(a.suite)
@@ -302,6 +308,9 @@ def main(a) -> int:
     interrupted = _run(bench)
     results["complete"] = not interrupted
     _record_results(results, bench, engine)
+    results["step_breakdown"] = breakdown(engine.model)
+    gguf = str(loaded.source) if any(n.startswith("llamacpp") for n in peer_names) else None
+    results["footprint_mb"] = footprint.measure(a.model, [d for d in engines if d], gguf)
     (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     write_report(results, out)
     print(summary_text(results))
@@ -363,7 +372,8 @@ def _run(bench: Bench) -> bool:
 
 def _record_results(results: dict, bench: Bench, engine) -> None:
     """The measured part of results.json: peers' status, peak RSS, runs, the learned cost curves, the summary."""
-    results["peers"] = {n: {"status": p.status, "weight_bytes": _peer_weights(p)} for n, p in bench.peers.items()}
+    weights = peers_mod.weight_bytes
+    results["peers"] = {n: {"status": p.status, "weight_bytes": weights(p)} for n, p in bench.peers.items()}
     results["peak_rss_mb"] = round(peak_rss_mb(), 1)
     results["runs"] = bench.runs
     sized = any(m.drafter is not None and not m.k for n, m in bench.drafters.items() if split_dtype(n)[1] is None)
@@ -377,17 +387,9 @@ def _model_record(loaded, dtype: str, times: dict) -> dict:
         "source": str(loaded.source),
         "dtype": dtype,
         "weight_bytes": loaded.weight_bytes,
-        "params": sum(p.numel() for p in loaded.model.parameters()),
+        "params": loaded.params,
         "context": loaded.model.config.max_position_embeddings,
         "load_seconds": round(loaded.seconds, 3),
         "load_cold_s": times["cold_s"],  # GGUF -> conversion cache -> model, into an empty cache
         "load_warm_s": times["warm_s"],  # from the conversion cache
     }
-
-
-def _peer_weights(peer) -> int | None:
-    if isinstance(peer, peers_mod.HFPeer):
-        return sum(p.numel() * p.element_size() for p in peer.model.parameters())
-    if isinstance(peer, peers_mod.LlamaCppPeer):
-        return Path(peer.llm.model_path).stat().st_size
-    return None

@@ -81,7 +81,7 @@ class Run(TypedDict):
     seconds: float  # median over the repeats, prefill included
     seconds_all: list[float]  # every repeat's seconds
     tokens_per_s: float  # new_tokens / seconds
-    prefill_seconds: float | None  # median time to the first token; null for peers
+    prefill_seconds: float | None  # median time to the first token; null for HF peers
     identical: bool | None  # output tokens == plain's on this prompt; null at T > 0
     tokens_per_pass: float  # tokens per decoding forward pass (`mean_accepted` in older files)
     accept_hist: dict[str, int]  # {accepted drafts per verify step: count}; {} for peers
@@ -114,8 +114,10 @@ class MethodSummary(TypedDict):
     tokens_per_pass: float | None  # new tokens per decoding forward pass (`mean_accepted` in older files)
     forward_passes: int  # decoding forward passes
     speedup_vs_plain: float | None  # tokens/s ratio against plain
-    decode_tokens_per_s: float | None  # tokens after the first over seconds after the first token; null for peers
+    decode_tokens_per_s: float | None  # tokens after the first over seconds after the first token; null for HF
     decode_speedup_vs_plain: float | None  # the same ratio against plain's decoding phase; null for peers
+    prompt_tokens_per_s: NotRequired[float | None]  # prompt tokens / seconds to the first token; null for HF
+    long_prompt_tokens_per_s: NotRequired[float | None]  # the same over the long-document prompts
     accept_hist: dict[str, int]  # {accepted drafts per verify step: count}, summed over the prompts
     draft_steps: int | None  # verify steps with a draft; null for peers
     identical_fraction: float | None  # share of outputs equal to plain's; null at T > 0

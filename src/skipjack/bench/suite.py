@@ -111,7 +111,9 @@ def split_dtype(spec: str) -> tuple[str, str | None]:
 def parse_methods(spec: str) -> list[str]:
     """`plain,pld,plain@bf16,...` or `all` -> validated method specs, `plain` first, duplicates dropped."""
     from skipjack.drafters import make_method, method_names
-    from skipjack.loading import DTYPES
+    from skipjack.loading import CHOICES
+
+    dtypes = [c for c in CHOICES if c != "auto"]
 
     if spec.strip() == "all":
         items = [*method_names(), *(f"pld:k={k}" for k in FIXED_LENGTHS)]
@@ -123,8 +125,8 @@ def parse_methods(spec: str) -> list[str]:
     for m in items:
         method, dtype = split_dtype(m)
         make_method(method)  # raises SkipjackError for an unknown method or option
-        if dtype is not None and dtype not in DTYPES:
-            raise SkipjackError(f"{m}: unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        if dtype is not None and dtype not in dtypes:
+            raise SkipjackError(f"{m}: unknown dtype {dtype!r}; choose one of {', '.join(dtypes)}")
         if m not in out:
             out.append(m)
     return out

@@ -37,6 +37,14 @@ def decode_rate(runs: list[Run]) -> float | None:
     return sum(max(r["new_tokens"] - 1, 0) for r in runs) / secs if secs > 0 else None
 
 
+def prompt_rate(runs: list[Run]) -> float | None:
+    """Prompt tokens over the seconds to the first token (the prompt's forward pass and the first pick)."""
+    if not runs or any(r.get("prefill_seconds") is None for r in runs):
+        return None
+    secs = sum(r["prefill_seconds"] for r in runs)
+    return sum(r["prompt_tokens"] for r in runs) / secs if secs > 0 else None
+
+
 def ratio(a, b):
     return a / b if a and b else None
 
@@ -76,6 +84,8 @@ def summarise(results: Results, rss_peaks: dict | None = None) -> dict[str, Meth
         s["speedup_vs_plain"] = speedup(rs, plain) if rs else None
         s["decode_tokens_per_s"] = decode_rate(rs)
         s["decode_speedup_vs_plain"] = speedup(rs, plain, decode_rate) if rs else None
+        s["prompt_tokens_per_s"] = prompt_rate(rs)
+        s["long_prompt_tokens_per_s"] = prompt_rate([r for r in rs if r.get("category") == "long"])
         for p in ran_peers:
             s[f"speedup_vs_{p}"] = speedup(rs, by[p]) if rs else None
         hist: dict[str, int] = {}

@@ -26,7 +26,7 @@ INTERNAL = {"shared"}  # constructor arguments the engine passes, never a user o
 # pass over several tokens differently from a pass over one. In fp32 the differences are far below the gaps
 # between logits: every benchmark prompt gives identical tokens (a real-model test checks them). In bf16
 # they are not: see the "fp32 and bf16 in one run" section of BENCHMARKS.md.
-EXACT_DTYPES = {"fp32", "fp64"}
+EXACT_DTYPES = {"fp32", "fp64", "q4", "q8"}  # q4 / q8: a batch-invariant forward, identical by construction
 
 
 def lossless_methods() -> set[str]:

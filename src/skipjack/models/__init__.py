@@ -39,7 +39,7 @@ def build_model(
     d = normalise_config(config)
     cfg_cls, model_cls = FAMILIES[d["model_type"]]
     cfg = cfg_cls.from_hf(d)
-    sd = {k: v.to(dtype) for k, v in state_dict.items()}
+    sd = {k: v.to(dtype) for k, v in state_dict.items()}  # block weights (QuantTensor) keep their format
     fmt = weights or default_format(dtype)
     if fmt not in FORMATS:
         raise SkipjackError(f"unknown weight format {fmt!r}; choose one of: {', '.join(FORMATS)}")
@@ -47,6 +47,7 @@ def build_model(
         model = model_cls(cfg, sd, FORMATS[fmt])
     except KeyError as e:
         raise SkipjackError(f"weights are missing tensor {e.args[0]!r} for a {d['model_type']} model") from None
+    model.weights = fmt
     return model.eval()
 
 

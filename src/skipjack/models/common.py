@@ -18,7 +18,8 @@ from torch import nn
 
 from skipjack.cache import CachePolicy, FullKV, KVCache, LayerKV, LayerSpec
 from skipjack.errors import SkipjackError
-from skipjack.linear import Linear, param
+from skipjack.limits import MAX_DRAFT
+from skipjack.linear import ConcatLinear, Embedding, Linear, is_invariant, param
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -34,6 +35,34 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: tor
     ang = (positions.float()[:, None] / scale) * inv[None, :]  # [T, D/2]
     emb = torch.cat([ang, ang], dim=-1)  # [T, D]
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Rope:
+    """RoPE tables by position, computed in fixed chunks of CHUNK positions and kept: a position's cos/sin
+    are the same bits whichever positions share its pass (a batch-invariant forward needs that)."""
+
+    CHUNK = 256
+
+    def __init__(self, head_dim: int, theta: float, dtype: torch.dtype, scale: float = 1.0):
+        self.args = (head_dim, theta, dtype, scale)
+        self.chunks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _chunk(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if c not in self.chunks:
+            head_dim, theta, dtype, scale = self.args
+            self.chunks[c] = rope_tables(
+                torch.arange(c * self.CHUNK, (c + 1) * self.CHUNK), head_dim, theta, dtype, scale
+            )
+        return self.chunks[c]
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, D] at positions [T]."""
+        lo, hi = int(positions.min()) // self.CHUNK, int(positions.max()) // self.CHUNK
+        parts = [self._chunk(c) for c in range(lo, hi + 1)]
+        cos = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])  # [n * CHUNK, D]
+        sin = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
+        idx = positions - lo * self.CHUNK  # [T]
+        return cos[idx], sin[idx]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -78,6 +107,16 @@ def additive_mask(mask: torch.Tensor, G: int, dtype: torch.dtype) -> torch.Tenso
     return m.repeat(G, 1) if folds(G, mask.shape[0]) else m  # [G*T, S] or [T, S]
 
 
+def kernel_attend(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q [B, H, T, D], k/v [B, H_kv, S, D], mask bool [T, S] or None -> [B, H, T, D], by the C++ kernel: each
+    query's softmax and weighted sum run over its visible keys in slot order with fixed-order sums, so a
+    query's output does not depend on the other queries in the pass (`skipjack.kernels`)."""
+    from skipjack.kernels import kernels
+
+    o = kernels().attention(q.transpose(1, 2).contiguous(), k, v, mask, scale)  # [B, T, H, D]
+    return o.transpose(1, 2)
+
+
 def attend(q, k, v, mask, scale: float, causal: bool) -> torch.Tensor:
     """q [B, H, T, D], k/v [B, H_kv, S, D] -> [B, H, T, D]. Grouped-query attention via SDPA.
 
@@ -103,21 +142,30 @@ class ForwardOut:
 class DecoderLM(nn.Module):
     """Base of every family: a stack of blocks with a layer-addressable forward.
 
-    Subclasses set: `self.config`, `self.embed_tokens`, `self.layers`, `self.norm_weight`, `self.lm_head` (a Linear),
-    and `self.kinds` (per layer: (window or None, rope key)); and implement `embed(ids)` and `ropes(positions)`.
+    Subclasses set: `self.config`, `self.embedding` (an `Embedding`), `self.layers`, `self.norm_weight`,
+    `self.lm_head` (a Linear), and `self.kinds` (per layer: (window or None, rope key)); and implement
+    `embed(ids)` and `ropes(positions)`.
+
+    `invariant` says whether the forward is batch-invariant: every linear is (the block formats), so the
+    passes of up to MAX_DRAFT + 1 tokens attend with the invariant kernel too, and a token's logits are then
+    bit-identical whether it runs alone, in a verify chain or in a tree.
     """
 
     kinds: list[tuple[int | None, str]]
+    invariant: bool = False
+    weights: str = "dense"  # the weight format's name (`skipjack.linear.FORMATS`), set by `build_model`
 
     def _build(self, c, sd: dict[str, torch.Tensor], block_cls, linear, norm_shift: float = 0.0) -> None:
         """The parts every family shares: embeddings, blocks, final norm (+ shift), LM head (tied or not).
         `linear(weight, bias=None)` makes every linear layer (`skipjack.linear`: the weight format)."""
         self.config = c
-        self.embed_tokens = param(sd["model.embed_tokens.weight"])  # [V, Dm]
+        self.embedding = Embedding(sd["model.embed_tokens.weight"])  # [V, Dm], dense or blocks
         self.layers = nn.ModuleList(block_cls(c, sd, f"model.layers.{i}.", linear) for i in range(c.num_hidden_layers))
         self.norm_weight = param(sd["model.norm.weight"] + norm_shift)
         head = sd.get("lm_head.weight")
-        self.lm_head = linear(sd["model.embed_tokens.weight"] if c.tie_word_embeddings or head is None else head)
+        self.tied = c.tie_word_embeddings or head is None  # the LM head is the embedding table
+        self.lm_head = linear(sd["model.embed_tokens.weight"] if self.tied else head)
+        self.invariant = is_invariant(self.linears())
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -131,11 +179,12 @@ class DecoderLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.dtype
+        return self.embedding.dtype
 
     def linears(self) -> list[Linear]:
-        """Every linear layer, in module order (the LM head last)."""
-        return [m for m in self.modules() if isinstance(m, Linear)]
+        """Every linear layer, in module order (the LM head last); a `ConcatLinear`'s parts are in it, not here."""
+        inner = {id(p) for m in self.modules() if isinstance(m, ConcatLinear) for p in m.parts}
+        return [m for m in self.modules() if isinstance(m, Linear) and id(m) not in inner]
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: [B, T, D] -> logits [B, T, V] (fp32)."""
@@ -208,19 +257,21 @@ class DecoderLM(nn.Module):
         return out
 
     def _mask(self, memo: dict, positions, past, tree, window):
-        """A layer's mask (None, "causal", or SDPA's additive float mask), built once per forward for each
-        (past positions, window) and shared across layers. Layers that evict return their own positions
-        tensor; those masks are not shared."""
+        """A layer's attention: ("kernel", bool mask or None), ("causal", None) or ("sdpa", SDPA's additive
+        float mask or None), built once per forward for each (past positions, window) and shared across
+        layers. Layers that evict return their own positions tensor; those masks are not shared."""
         key = (past, window) if isinstance(past, range) else None
         if key is not None and key in memo:
             return memo[key]
         T = positions.shape[0]
-        if tree is None and len(past) == 0 and (window is None or T <= window):
-            out = "causal"  # a prefill from an empty cache: SDPA's causal kernel
+        if self.invariant and T <= MAX_DRAFT + 1:  # a decoding or verify step: the invariant kernel
+            out = ("kernel", attention_mask(positions, past, tree, window))  # bool [T, P + T] or None
+        elif tree is None and len(past) == 0 and (window is None or T <= window):
+            out = ("causal", None)  # a prefill from an empty cache: SDPA's causal kernel
         else:
             m = attention_mask(positions, past, tree, window)  # [T, P + T] or None
             G = self.config.num_attention_heads // self.config.num_key_value_heads
-            out = None if m is None else additive_mask(m, G, self.dtype)
+            out = ("sdpa", None if m is None else additive_mask(m, G, self.dtype))
         if key is not None:
             memo[key] = out
         return out
@@ -231,15 +282,12 @@ def run_attention(q, k, v, kv: LayerKV, start: int, mask_fn, scale: float) -> to
     B, T = q.shape[:2]
     keys, vals, past = kv.update(k.transpose(1, 2), v.transpose(1, 2), start)  # [B, H_kv, S, D]; S = |past| + T
     assert keys.shape[2] == len(past) + T
-    mask = mask_fn(past)
-    causal = isinstance(mask, str)
-    o = attend(q.transpose(1, 2), keys, vals, None if causal else mask, scale, causal)  # [B, H, T, D]
+    how, mask = mask_fn(past)
+    if how == "kernel":
+        o = kernel_attend(q.transpose(1, 2), keys, vals, mask, scale)  # [B, H, T, D]
+    else:
+        o = attend(q.transpose(1, 2), keys, vals, mask, scale, how == "causal")  # [B, H, T, D]
     return o.transpose(1, 2).reshape(B, T, -1)  # [B, T, H*D]
-
-
-def fuse(*ws: torch.Tensor | None) -> torch.Tensor | None:
-    """Concatenate projection weights along the output dim (one matmul instead of several)."""
-    return None if any(w is None for w in ws) else torch.cat(ws, dim=0)
 
 
 def config_from_dict(cls, d: dict):

@@ -15,14 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipjack.linear import param
+from skipjack.linear import fuse, param
 from skipjack.models.common import (
     DecoderLM,
+    Rope,
     apply_rope,
     config_from_dict,
-    fuse,
     rms_norm,
-    rope_tables,
     run_attention,
 )
 
@@ -108,14 +107,12 @@ class Model(DecoderLM):
             (c.sliding_window, "local") if t == "sliding_attention" else (None, "global") for t in c.layer_types
         ]
         self.embed_scale = math.sqrt(c.hidden_size)
+        self.rope_local = Rope(c.head_dim, c.rope_local_theta, self.dtype)
+        self.rope_global = Rope(c.head_dim, c.rope_theta, self.dtype, c.rope_scale)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        e = F.embedding(ids, self.embed_tokens)  # [B, T, Dm]
+        e = self.embedding(ids)  # [B, T, Dm]
         return e * torch.tensor(self.embed_scale, dtype=e.dtype)
 
     def ropes(self, positions):
-        c, dt = self.config, self.dtype
-        return {
-            "local": rope_tables(positions, c.head_dim, c.rope_local_theta, dt),
-            "global": rope_tables(positions, c.head_dim, c.rope_theta, dt, c.rope_scale),
-        }
+        return {"local": self.rope_local(positions), "global": self.rope_global(positions)}

@@ -12,14 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipjack.linear import param
+from skipjack.linear import fuse, param
 from skipjack.models.common import (
     DecoderLM,
+    Rope,
     apply_rope,
     config_from_dict,
-    fuse,
     rms_norm,
-    rope_tables,
     run_attention,
 )
 
@@ -102,10 +101,10 @@ class Model(DecoderLM):
         self._build(c, sd, Block, linear)
         types = c.layer_types or ["sliding_attention"] * c.num_hidden_layers  # Qwen2: only above max_window_layers
         self.kinds = [(c.sliding_window if t == "sliding_attention" else None, "rope") for t in types]
+        self.rope = Rope(c.head_dim, c.rope_theta, self.dtype, c.rope_scale)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.embed_tokens)  # [B, T, Dm]
+        return self.embedding(ids)  # [B, T, Dm]
 
     def ropes(self, positions):
-        c = self.config
-        return {"rope": rope_tables(positions, c.head_dim, c.rope_theta, self.dtype, c.rope_scale)}
+        return {"rope": self.rope(positions)}

@@ -1,0 +1,56 @@
+"""Where a plain decoding step's time goes: the linear kernels, attention, and the rest.
+
+`breakdown(model)` prefills `context` tokens, then times `steps` one-token forward passes (median). It then
+times each part alone at that shape: every linear on one input row, and every layer's attention over the
+cache it holds (the invariant kernel where the model uses it, SDPA otherwise). The rest of the step (Python
+dispatch, norms, RoPE, elementwise ops, the sampler's argmax excluded) is the step minus both.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from skipjack.models import DecoderLM
+from skipjack.models.common import attend, kernel_attend
+
+
+def _median_ms(fn, n: int) -> float:
+    fn()  # warm
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def breakdown(model: DecoderLM, context: int = 256, steps: int = 16) -> dict:
+    c = model.config
+    cache = model.make_cache(context + steps + 8)
+    model(torch.arange(context)[None] % c.vocab_size, cache)
+    step = iter(range(10**6))
+    total = _median_ms(lambda: model(torch.tensor([[next(step) % c.vocab_size]]), cache, logits="last"), steps)
+    linears = 0.0
+    for lin in model.linears():
+        x = torch.randn(1, 1, lin.in_features, dtype=model.dtype)
+        linears += _median_ms(lambda lin=lin, x=x: lin(x), steps)
+    q = torch.randn(1, c.num_attention_heads, 1, c.head_dim, dtype=model.dtype)  # [B, H, 1, D]
+    attention = 0.0
+    for layer in cache:
+        k, v, _ = layer.stored()  # [B, H_kv, n, D] x2
+        if model.invariant:
+            attention += _median_ms(lambda k=k, v=v: kernel_attend(q, k, v, None, 0.125), steps)
+        else:
+            attention += _median_ms(lambda k=k, v=v: attend(q, k, v, None, 0.125, False), steps)
+    return {
+        "context": context,
+        "steps": steps,
+        "total_ms": round(total, 2),
+        "linears_ms": round(linears, 2),
+        "attention_ms": round(attention, 2),
+        "other_ms": round(max(total - linears - attention, 0.0), 2),
+    }

@@ -1,0 +1,73 @@
+"""skipjack's C++ kernels (`qk.cpp`): block-quantised matmuls and batch-invariant attention, built on first use.
+
+The extension is compiled once per machine with `-O3 -march=native` (gcc, through torch's cpp_extension and
+ninja) into `$SKIPJACK_HOME/kernels/<name>/`, where the name carries a digest of the source and of the CPU's
+instruction-set flags: a cache made on another CPU is never loaded. `kernels()` returns the module;
+`available()` says whether it could be built here (a one-line reason otherwise).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from skipjack.errors import SkipjackError
+from skipjack.store import home
+
+SOURCE = Path(__file__).with_name("qk.cpp")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return " ".join(
+                    sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "f16c", "amx")))
+                )
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def build_name() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode()).hexdigest()[:12]
+    return f"skipjack_qk_{digest}"
+
+
+@functools.cache
+def _load():
+    import torch.utils.cpp_extension as ext
+
+    name = build_name()
+    where = home() / "kernels" / name
+    where.mkdir(parents=True, exist_ok=True)
+    if sys.stderr.isatty() and not any(where.glob("*.so")):
+        print("skipjack: compiling the CPU kernels for this machine, once (about a minute)", file=sys.stderr)
+    return ext.load(
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(where),
+        verbose=False,
+    )
+
+
+def kernels():
+    """The compiled extension (built on first use)."""
+    try:
+        return _load()
+    except Exception as e:  # no compiler, no ninja, a failed build: a clear message rather than a traceback
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        raise SkipjackError(f"the q4/q8 CPU kernels could not be built here ({last}); use --dtype fp32") from None
+
+
+def available() -> bool:
+    try:
+        kernels()
+        return True
+    except SkipjackError:
+        return False
