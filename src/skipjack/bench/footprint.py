@@ -1,6 +1,6 @@
 """Peak resident memory of one engine alone: each measured in its own child process (load, prefill a prompt,
 decode 32 tokens), so engines that share the benchmark's process do not add up. `skipjack(spec, dtype)` and
-`llamacpp(gguf)` return the child's peak RSS in MB (`ru_maxrss`), or None when it could not run."""
+`llamacpp(gguf)` return the child's peak RSS in MB (`VmHWM`, which, unlike `ru_maxrss`, does not carry the parent's peak across exec), or None when it could not run."""
 
 from __future__ import annotations
 
@@ -11,20 +11,22 @@ import sys
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 _OURS = """
-import json, resource, sys
+import json, sys
+_hwm = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
 from skipjack.engine import Engine, Request
 from skipjack.sampling import SamplingParams
 e = Engine.load(sys.argv[1] or None, sys.argv[2], tune=False)
 e.complete(Request(e.tokenizer.prompt_ids(sys.argv[3]), SamplingParams(max_new_tokens=32)))
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+print(json.dumps(_hwm()))
 """
 
 _LLAMA = """
-import json, resource, sys
+import json, sys
+_hwm = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
 from llama_cpp import Llama
 llm = Llama(model_path=sys.argv[1], n_ctx=512, verbose=False)
 llm(sys.argv[3], max_tokens=32, temperature=0.0)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+print(json.dumps(_hwm()))
 """
 
 
