@@ -1,6 +1,7 @@
-"""Peak resident memory of one engine alone: each measured in its own child process (load, prefill a prompt,
+"""Peak resident memory of one engine alone, each measured in its own child process (load, prefill a prompt,
 decode 32 tokens), so engines that share the benchmark's process do not add up. `skipjack(spec, dtype)` and
-`llamacpp(gguf)` return the child's peak RSS in MB (`VmHWM`, which, unlike `ru_maxrss`, does not carry the parent's peak across exec), or None when it could not run."""
+`llamacpp(gguf)` return the child's peak RSS in MB (`VmHWM`: unlike `ru_maxrss`, it does not carry the
+parent's peak across exec), or None when it could not run."""
 
 from __future__ import annotations
 
