@@ -73,7 +73,7 @@ def _engine(a, spec: str | None = None):
     """Validate the request's settings and method first (they are cheap), then load and tune the model."""
     from skipjack.drafters import make_method
     from skipjack.engine import Engine
-    from skipjack.loading import resolve_dtype
+    from skipjack.loading import BLOCKS, resolve_dtype
 
     _params(a)
     method = make_method(a.method)
@@ -82,7 +82,7 @@ def _engine(a, spec: str | None = None):
         _notice(note)
     _method_notice(a)
     engine = Engine.load(spec or a.model, a.dtype, tune=not a.no_tune)
-    if a.dtype in ("q4", "q8"):
+    if a.dtype in BLOCKS:
         _notice(f"skipjack: {a.dtype} weights: {engine.loaded.info['weights']}")
         if not engine.model.invariant:
             _notice("skipjack: note: some weights stay dense here, so the forward is not batch-invariant")

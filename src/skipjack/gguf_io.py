@@ -34,10 +34,14 @@ _LAYER = {
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def check_magic(path: Path) -> None:
+def has_magic(path: Path) -> bool:
     with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise SkipjackError(f"{path} is not a GGUF file (bad magic bytes)")
+        return f.read(4) == b"GGUF"
+
+
+def check_magic(path: Path) -> None:
+    if not has_magic(path):
+        raise SkipjackError(f"{path} is not a GGUF file (bad magic bytes)")
 
 
 def read_config(path: Path) -> tuple[dict, dict]:

@@ -204,16 +204,13 @@ def _dense(w) -> torch.Tensor:
 def blocks(kind: str):
     """The factory of format `kind` ("q4" or "q8"): GGUF blocks as they are (q4 blocks promoted exactly to q8
     for "q8"); a dense weight quantised (`quant.quantize`); a dense weight the kernels cannot take (an input
-    width that is not a multiple of 32) kept dense in fp32, which `fallbacks` reports."""
+    width that is not a multiple of 32) kept dense in fp32, which `describe` reports."""
 
     def make(w, bias=None) -> Linear:
         if isinstance(w, Parts):  # dense beside blocks, or blocks with no common format
-            qs = (
-                [p if isinstance(p, QuantTensor) else quant.quantize(p, kind) for p in w]
-                if w[0].shape[1] % 32 == 0
-                else None
-            )
-            joined = quant.cat(qs) if qs else None
+            joined = None
+            if w[0].shape[1] % 32 == 0:
+                joined = quant.cat([p if isinstance(p, QuantTensor) else quant.quantize(p, kind) for p in w])
             return make(joined, bias) if joined is not None else ConcatLinear([make(p) for p in w], bias)
         if isinstance(w, QuantTensor):
             return QuantLinear(w.to_q8() if kind == "q8" else w, bias)

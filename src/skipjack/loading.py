@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from skipjack.errors import SkipjackError
-from skipjack.gguf_io import check_magic
+from skipjack.gguf_io import check_magic, has_magic
 from skipjack.models import DecoderLM, build_model, normalise_config
 from skipjack.store import home
 from skipjack.tokenizer import Tokenizer
@@ -111,10 +111,7 @@ def is_gguf(spec: str | None) -> bool:
     if spec is None or spec in NAMED:
         return True
     path = Path(spec).expanduser()
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+    return path.is_file() and has_magic(path)
 
 
 def resolve_dtype(spec: str | None, dtype: str) -> tuple[str, str | None]:

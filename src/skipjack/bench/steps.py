@@ -39,13 +39,13 @@ def breakdown(model: DecoderLM, context: int = 256, steps: int = 16) -> dict:
         x = torch.randn(1, 1, lin.in_features, dtype=model.dtype)
         linears += _median_ms(lambda lin=lin, x=x: lin(x), steps)
     q = torch.randn(1, c.num_attention_heads, 1, c.head_dim, dtype=model.dtype)  # [B, H, 1, D]
-    attention = 0.0
+    attention, scale = 0.0, c.head_dim**-0.5
     for layer in cache:
         k, v, _ = layer.stored()  # [B, H_kv, n, D] x2
         if model.invariant:
-            attention += _median_ms(lambda k=k, v=v: kernel_attend(q, k, v, None, 0.125), steps)
+            attention += _median_ms(lambda k=k, v=v: kernel_attend(q, k, v, None, scale), steps)
         else:
-            attention += _median_ms(lambda k=k, v=v: attend(q, k, v, None, 0.125, False), steps)
+            attention += _median_ms(lambda k=k, v=v: attend(q, k, v, None, scale, False), steps)
     return {
         "context": context,
         "steps": steps,

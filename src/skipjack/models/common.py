@@ -18,6 +18,7 @@ from torch import nn
 
 from skipjack.cache import CachePolicy, FullKV, KVCache, LayerKV, LayerSpec
 from skipjack.errors import SkipjackError
+from skipjack.kernels import kernels
 from skipjack.limits import MAX_DRAFT
 from skipjack.linear import ConcatLinear, Embedding, Linear, is_invariant, param
 
@@ -111,8 +112,6 @@ def kernel_attend(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Ten
     """q [B, H, T, D], k/v [B, H_kv, S, D], mask bool [T, S] or None -> [B, H, T, D], by the C++ kernel: each
     query's softmax and weighted sum run over its visible keys in slot order with fixed-order sums, so a
     query's output does not depend on the other queries in the pass (`skipjack.kernels`)."""
-    from skipjack.kernels import kernels
-
     o = kernels().attention(q.transpose(1, 2).contiguous(), k, v, mask, scale)  # [B, T, H, D]
     return o.transpose(1, 2)
 
