@@ -174,6 +174,29 @@ class KVCache(list):
             if layer.offset > target:
                 layer.trim(layer.offset - target)
 
+    def span(self, lo: int, hi: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of every layer's keys/values at positions [lo, hi) (all held), to `put_span` back later."""
+        out = []
+        for layer in self:
+            a = lo - layer._first()
+            if a < 0 or hi > layer.offset:
+                raise SkipjackError(f"positions [{lo}, {hi}) are not all held by cache layer")
+            out.append((layer.k[:, :, a : a + hi - lo].clone(), layer.v[:, :, a : a + hi - lo].clone()))
+        return out
+
+    def put_span(self, lo: int, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write back what `span(lo, ...)` copied (a scratch pass overwrote those positions)."""
+        for layer, (k, v) in zip(self, saved):
+            a = lo - layer._first()
+            layer.k[:, :, a : a + k.shape[2]] = k
+            layer.v[:, :, a : a + v.shape[2]] = v
+
+    def rewind(self, position: int) -> None:
+        """Forget every key at or after `position` in every layer (a draft's scratch keys)."""
+        for layer in self:
+            if layer.offset > position:
+                layer.trim(layer.offset - position)
+
     def resumable(self, n: int) -> bool:
         return all(layer.resumable(n) for layer in self)
 

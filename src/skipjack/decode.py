@@ -76,36 +76,53 @@ def generate(
 
 
 def _step(model, cache: KVCache, ctx: list[int], left: int, drafter, sizer: Sizer, sampler: Sampler) -> Step:
-    """One decoding step: draft (if there is a drafter and room), one timed forward, verify, learn."""
+    """One decoding step: draft (if there is a drafter and room; the draft is timed and its cost reported to
+    the sizer), one timed forward, verify, learn."""
     proposal = None
     room = min(MAX_DRAFT, left - 1, cache.capacity_left() - 2)
     budget = sizer.budget(room, cache.offset) if drafter is not None else 0
+    at = cache.offset
     if budget > 0:
-        proposal = drafter.propose(DraftContext(ctx, budget, model, cache))
+        t = time.perf_counter()
+        proposal = drafter.propose(DraftContext(ctx, budget, model, cache, sizer.more))
+        once = getattr(drafter, "search_seconds", 0.0)  # one-off work (a skip-set search), not a draft's cost
+        sizer.observe_draft(len(proposal or ()), time.perf_counter() - t - once, at)
         if proposal is not None:
             proposal = proposal.prefix(min(budget, proposal.valid_length(model.lm_head.out_features)))
-            proposal = sizer.size(proposal, cache.offset)
-    at, t = cache.offset, time.perf_counter()
+            proposal = sizer.size(proposal, at)
+    cache.rewind(at + (1 + len(proposal) if proposal and proposal.resume else 0))  # a draft's leftover keys
+    t = time.perf_counter()
     if not proposal:
         logits = model(torch.tensor([[ctx[-1]]]), cache).logits[0, -1]  # [V]
         step, verdict = Step([sampler.pick(logits)]), None
     else:
-        step, verdict = _speculate(model, cache, ctx[-1], proposal, sampler)
-    sizer.observe(step.forward_tokens, time.perf_counter() - t, at)
+        step, verdict = _speculate(model, cache, ctx[-1], proposal, sampler, at)
+    seconds = time.perf_counter() - t
+    if proposal and proposal.resume:  # a verify over the top layers only: as a full pass, for the cost table
+        seconds *= model.num_layers / max(1, model.num_layers - proposal.resume[0] - 1)
+    sizer.observe(step.forward_tokens, seconds, at)
     if proposal is not None:  # drafted but sized down to nothing: still a lesson for the drafter
         drafter.observe(proposal, verdict or Verdict(step.tokens, [], []))
     return step
 
 
-def _speculate(model, cache: KVCache, pending: int, proposal: Proposal, sampler: Sampler) -> tuple[Step, Verdict]:
-    """Verify a proposal in one forward over [pending] + its nodes, and keep only the accepted path's KV."""
-    start = cache.offset
+def _speculate(
+    model, cache: KVCache, pending: int, proposal: Proposal, sampler: Sampler, start: int
+) -> tuple[Step, Verdict]:
+    """Verify a proposal in one forward over [pending] + its nodes, and keep only the accepted path's KV. A
+    proposal with `resume` runs only the layers above its exit, from the hidden state its draft left."""
     chain = proposal.is_chain
     positions = start + torch.tensor([0] + proposal.depths())  # [T]
     mask = None if chain else tree_mask(proposal.parents)  # [T, T]
     ids = torch.tensor([[pending] + proposal.tokens])  # [1, T]
-    logits = model(ids, cache, positions=positions, tree_mask=mask).logits[0]  # [T, V]
-    verdict = verify(logits, proposal, sampler.params, sampler.gen, sampler.seen)
+    kw = {"positions": positions, "tree_mask": mask, "return_hidden": proposal.want}
+    if proposal.resume is not None:
+        exit_layer, hidden = proposal.resume  # hidden [1, T, D]
+        out = model(None, cache, hidden=hidden, layers=range(exit_layer + 1, model.num_layers), **kw)
+    else:
+        out = model(ids, cache, **kw)
+    verdict = verify(out.logits[0], proposal, sampler.params, sampler.gen, sampler.seen)  # logits [T, V]
+    verdict.hidden.update({i: h[0] for i, h in out.hidden.items()})  # [T, D] each
     if chain:
         cache.trim(len(proposal) - len(verdict.path))
     else:

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from skipjack import loading, tuning
+from skipjack import loading, tuning, vocab
 from skipjack.cost import CostModel
 from skipjack.decode import Step, generate
 from skipjack.drafters import Method, make_method
@@ -65,7 +65,9 @@ class Engine:
         self.tuning = tuned  # None: tuning was switched off
         # Untuned, the cost model starts from "verifying costs nothing" and learns the real costs online.
         self.cost = tuned.prior if tuned is not None and tuned.prior is not None else CostModel.flat(learn=True)
-        self.shared: dict = {}  # what drafters share across requests (n-gram tables)
+        # what drafters share across requests: n-gram tables; the target (a draft model checks its tokenizer);
+        # token frequencies for reduced-vocabulary draft heads (computed on first use)
+        self.shared: dict = {"target": loaded, "token_counts": lambda: vocab.token_counts(loaded.tokenizer)}
         self.lock = threading.RLock()
         self._methods: dict[str, Method] = {}
 

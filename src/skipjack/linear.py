@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skipjack import quant
+from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
 from skipjack.quant import QuantTensor
 
@@ -195,6 +196,20 @@ def fuse(*ws):
         if joined is not None:
             return joined
     return Parts(ws)
+
+
+def rows(linear: Linear, ids: torch.Tensor) -> Linear:
+    """A linear computing only output rows `ids` [n] of `linear`, in the same format (a reduced-vocabulary LM
+    head: FR-Spec). Each kept row gives the bits the full linear gives it."""
+    b = None if linear.bias is None else linear.bias[ids]
+    if isinstance(linear, QuantLinear):
+        w = linear.weight()
+        m = None if w.m is None else w.m[ids]
+        return QuantLinear(QuantTensor(w.kind, w.qs[ids], w.d[ids], m, w.bs, w.source), b)
+    dense = linear.weight if isinstance(linear, DenseLinear) else getattr(linear, "plain", None)
+    if not isinstance(dense, torch.Tensor):
+        raise SkipjackError(f"a reduced-vocabulary head needs the LM head's rows; {type(linear).__name__} keeps none")
+    return DenseLinear(dense.detach()[ids], b)
 
 
 def _dense(w) -> torch.Tensor:

@@ -19,31 +19,17 @@ saves the request's state (prompt and output) back after it, so a later run whos
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from skipjack.errors import SkipjackError
+from skipjack.models import fingerprint
 from skipjack.models.common import DecoderLM
 from skipjack.session import Session
 
 FORMAT, VERSION = "skipjack-prompt-cache", "1"
-
-
-def fingerprint(model: DecoderLM) -> str:
-    """Identifies a model's weights and precision: its config, dtype, and the bytes of its first embedding rows
-    and final norm (two different checkpoints of one architecture differ there)."""
-    h = hashlib.sha256()
-    h.update(json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str).encode())
-    h.update(f"{model.dtype} {model.weights}".encode())
-    for t in (model.embedding(torch.arange(min(64, model.embedding.num_embeddings))), model.norm_weight):
-        h.update(t.detach().float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def check_path(path: Path) -> None:

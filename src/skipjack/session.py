@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from skipjack.cache import KVCache
+from skipjack.drafters.base import common_prefix
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
 from skipjack.models import DecoderLM
@@ -40,11 +41,6 @@ def check_prompt(model: DecoderLM, prompt: list[int], max_new_tokens: int) -> in
     if len(prompt) >= ctx:
         raise SkipjackError(f"the prompt has {len(prompt)} tokens but the model's context is {ctx}")
     return min(ctx, len(prompt) + max_new_tokens + MAX_DRAFT + 1)
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 @dataclass

@@ -2,12 +2,19 @@
 
 - `NoDraft`: plain decoding (no drafter, or drafting switched off).
 - `FixedSizer(k)`: always ask for, and verify, up to k nodes (`--method pld:k=8`).
-- `CostSizer(cost)`: ask for as many nodes as could ever pay (`CostModel.max_useful`), then verify the prefix
-  that maximises expected tokens per unit of verify cost (`CostModel.best_size`), learning the cost curve
-  from every timed step (`CostModel.observe`).
+- `CostSizer(cost, draft)`: ask for as many nodes as could ever pay (`CostModel.max_useful`), then verify the
+  prefix that maximises expected tokens per unit of verify cost (`CostModel.best_size`), learning the cost
+  curve from every timed step (`CostModel.observe`).
 
-The decode loop calls `budget` before the drafter proposes, `size` on what it proposed, and `observe` with the
-width, wall time and context of every forward it ran.
+Drafting is not free: a draft that runs the model's own layers, or a smaller model, costs a share of a plain
+step per node. `DraftCost` learns that share online (the decode loop times every `propose`), and
+`CostSizer.more` tells a drafter that drafts node by node whether one more node can still pay: with nodes
+of scores s_1..s_n drafted at d plain steps each, the step is worth (1 + S_m) / (c(m + 1) + n·d) tokens per
+plain step for the best prefix m; one more node (at best as likely as the last) must raise that.
+
+The decode loop calls `budget` before the drafter proposes, passes `more` to it, reports the draft's time to
+`observe_draft`, calls `size` on what it proposed, and `observe` with the width, wall time and context of
+every forward it ran.
 """
 
 from __future__ import annotations
@@ -33,8 +40,52 @@ class Sizer(Protocol):
         """A forward over `width` new tokens after `context` cached ones took `seconds`."""
         ...
 
+    def more(self, scores: list[float]) -> bool:
+        """Whether drafting one more node after nodes with these scores can still pay."""
+        ...
 
-class NoDraft:
+    def observe_draft(self, nodes: int, seconds: float, context: int) -> None:
+        """A `propose` call drafted `nodes` nodes in `seconds` at `context` cached tokens."""
+        ...
+
+
+class DraftCost:
+    """A drafter's own cost, learned online: seconds per drafted node, in plain steps (EMAs of a call's
+    seconds over the plain-step time, and of its nodes). Kept by the method, so it carries over requests."""
+
+    DECAY = 0.1
+
+    def __init__(self, prior=None):
+        self.call, self.nodes, self.seen = 0.0, 0.0, 0
+        self.prior = prior  # () -> plain steps per node before any draft was timed (the drafter's estimate)
+
+    def observe(self, nodes: int, seconds: float, t1: float) -> None:
+        if t1 <= 0:
+            return  # no plain step measured yet to compare with
+        a = 1.0 if not self.seen else self.DECAY
+        self.call += a * (seconds / t1 - self.call)
+        self.nodes += a * (max(nodes, 1) - self.nodes)
+        self.seen += 1
+
+    @property
+    def per_node(self) -> float:
+        """Plain steps a drafted node costs (before any draft was timed: the prior, else 0)."""
+        if self.seen:
+            return self.call / self.nodes
+        return float(self.prior()) if self.prior is not None else 0.0
+
+
+class _Free:
+    """Sizers that ignore draft cost."""
+
+    def more(self, scores: list[float]) -> bool:
+        return True
+
+    def observe_draft(self, nodes: int, seconds: float, context: int) -> None:
+        pass
+
+
+class NoDraft(_Free):
     def budget(self, room: int, context: int) -> int:
         return 0
 
@@ -45,7 +96,7 @@ class NoDraft:
         pass
 
 
-class FixedSizer:
+class FixedSizer(_Free):
     def __init__(self, k: int):
         if not 1 <= k <= MAX_DRAFT:
             raise SkipjackError(f"k (fixed draft length) must be in [1, {MAX_DRAFT}] (got {k})")
@@ -62,10 +113,13 @@ class FixedSizer:
 
 
 class CostSizer:
-    def __init__(self, cost: CostModel):
-        self.cost = cost
+    def __init__(self, cost: CostModel, draft: DraftCost | None = None):
+        self.cost, self.draft = cost, draft or DraftCost()
+        self.context = 0
+        self.step_s = 0.0  # EMA of a forward's seconds over its relative cost: a plain step's time, from verifies too
 
     def budget(self, room: int, context: int) -> int:
+        self.context = context
         return min(room, self.cost.max_useful(MAX_DRAFT, context))
 
     def size(self, proposal: Proposal, context: int) -> Proposal:
@@ -75,3 +129,20 @@ class CostSizer:
 
     def observe(self, width: int, seconds: float, context: int) -> None:
         self.cost.observe(width, seconds, context)
+        one = seconds / self.cost.cost(width, context)
+        self.step_s = one if not self.step_s else self.step_s + 0.1 * (one - self.step_s)
+
+    def observe_draft(self, nodes: int, seconds: float, context: int) -> None:
+        self.draft.observe(nodes, seconds, self.cost.t1(context) or self.step_s)
+
+    def more(self, scores: list[float]) -> bool:
+        n, d = len(scores), self.draft.per_node
+        if not n or not d:
+            return True
+        best, acc, c = 1.0 / (1 + n * d), 1.0, 1.0
+        for m, s in enumerate(scores, start=1):
+            acc += s
+            c = max(c, self.cost.cost(m + 1, self.context))
+            best = max(best, acc / (c + n * d))
+        c = max(c, self.cost.cost(n + 2, self.context))
+        return (acc + scores[-1]) / (c + (n + 1) * d) > best

@@ -9,18 +9,29 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from skipjack.cost import CostModel
 from skipjack.drafters.base import DraftContext, Drafter, Proposal, Verdict
+from skipjack.drafters.draft_model import DraftModel
+from skipjack.drafters.early_exit import EarlyExit
+from skipjack.drafters.mix import Mix
 from skipjack.drafters.ngram import NGramDrafter
 from skipjack.drafters.pld import PromptLookup
+from skipjack.drafters.swift import Swift
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
-from skipjack.sizing import CostSizer, FixedSizer, NoDraft, Sizer
+from skipjack.sizing import CostSizer, DraftCost, FixedSizer, NoDraft, Sizer
 
-REGISTRY: dict[str, Callable[..., Drafter]] = {"pld": PromptLookup, "ngram": NGramDrafter}
-INTERNAL = {"shared"}  # constructor arguments the engine passes, never a user option
+REGISTRY: dict[str, Callable[..., Drafter]] = {
+    "pld": PromptLookup,
+    "ngram": NGramDrafter,
+    "swift": Swift,
+    "del": EarlyExit,
+    "draft": DraftModel,
+    "mix": Mix,
+}
+INTERNAL = {"shared", "registry"}  # constructor arguments the engine passes, never a user option
 # Dtypes whose rounding keeps a lossless method's tokens identical to plain decoding's in practice. A verify
 # pass runs several tokens through the model at once, and the CPU kernels (attention above all) round a
 # pass over several tokens differently from a pass over one. In fp32 the differences are far below the gaps
@@ -83,6 +94,7 @@ class Method:
     name: str
     drafter: Drafter | None
     k: int = 0
+    draft_cost: DraftCost = field(default_factory=DraftCost)  # what its drafts cost, learned over requests
 
     @property
     def lossless(self) -> bool:
@@ -92,7 +104,7 @@ class Method:
         """How this method's drafts are sized: a fixed k, the cost model, or not at all (plain)."""
         if self.drafter is None:
             return NoDraft()
-        return FixedSizer(self.k) if self.k else CostSizer(cost)
+        return FixedSizer(self.k) if self.k else CostSizer(cost, self.draft_cost)
 
 
 def make_method(spec: str, shared: dict | None = None) -> Method:
@@ -112,7 +124,10 @@ def make_method(spec: str, shared: dict | None = None) -> Method:
     kwargs = {key: _typed(name, key, val, params[key].default) for key, val in opts.items()}
     if "shared" in inspect.signature(factory).parameters:
         kwargs["shared"] = shared
-    return Method(spec, name, factory(**kwargs), k)
+    if "registry" in inspect.signature(factory).parameters:
+        kwargs["registry"] = REGISTRY
+    drafter = factory(**kwargs)
+    return Method(spec, name, drafter, k, DraftCost(lambda: getattr(drafter, "cost_prior", 0.0)))
 
 
 def _typed(method: str, key: str, val, default):

@@ -7,7 +7,8 @@ returns a `Proposal` (which may carry the drafter's own working data in `state`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -26,6 +27,8 @@ class DraftContext:
     budget: int  # most draft nodes the engine will verify this step (>= 1)
     model: DecoderLM | None = None
     cache: KVCache | None = None  # holds every token of `tokens` but the last
+    more: Callable[[list[float]], bool] = lambda scores: True  # the sizer: given the scores of the nodes
+    # drafted so far, whether drafting one more can still pay (drafting is not free: `sizing.CostSizer.more`)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class Verdict:
     path: list[int]  # accepted node indices (into proposal.tokens), root first
     argmax: list[int]  # [1 + N] the target's raw argmax per verify row (after the root, then after node i);
     # empty when the proposal was sized down to nothing and no verify forward ran
+    hidden: dict = field(default_factory=dict)  # layer -> [1 + N, D] its output per verify row, for the
+    # layers the proposal asked for (`Proposal.want`) that the verify forward ran
 
 
 @dataclass
@@ -50,6 +55,10 @@ class Proposal:
     scores: list[float] | None = None  # [N] drafter's estimate that each node gets accepted (for sizing)
     q: torch.Tensor | None = None  # [N, V] distribution each token was sampled from; None = deterministic
     state: Any = None  # the drafter's own working data for `observe` (kept by `prefix`)
+    resume: tuple[int, torch.Tensor] | None = None  # (E, hidden [1, 1 + N, D] after layer E for root + nodes):
+    # a chain whose draft ran the model's own layers 0..E on every verify row and left their keys in the
+    # cache; verification runs only layers E+1.. from there (exact where the model is batch-invariant)
+    want: tuple[int, ...] = ()  # layers whose per-row output the verify forward returns (`Verdict.hidden`)
 
     @classmethod
     def chain(cls, tokens: list[int], scores: list[float] | None = None, q=None, state=None) -> Proposal:
@@ -90,7 +99,8 @@ class Proposal:
             return self  # the common case in the decode loop: nothing to cut, nothing to copy
         sc = None if self.scores is None else self.scores[:n]
         q = None if self.q is None else self.q[:n]
-        return Proposal(self.tokens[:n], self.parents[:n], sc, q, self.state)
+        resume = None if self.resume is None else (self.resume[0], self.resume[1][:, : n + 1])
+        return Proposal(self.tokens[:n], self.parents[:n], sc, q, self.state, resume, self.want)
 
 
 def merge(proposals: list[Proposal], budget: int) -> Proposal | None:
@@ -131,6 +141,11 @@ def best_first(
         return None
     kept = [tokens[i] for i in order], [new.get(parents[i], -1) for i in order], [score[i] for i in order]
     return Proposal(*kept, state=state)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 REQUEST_PRIOR = 3.0  # pseudo-acceptances behind a request's calibration factor

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+
 import torch
 
 from skipjack.errors import SkipjackError
@@ -51,4 +55,15 @@ def build_model(
     return model.eval()
 
 
-__all__ = ["FAMILIES", "DecoderLM", "ForwardOut", "build_model", "normalise_config"]
+def fingerprint(model: DecoderLM) -> str:
+    """Identifies a model's weights and precision: its config, dtype, and the bytes of its first embedding rows
+    and final norm (two different checkpoints of one architecture differ there)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str).encode())
+    h.update(f"{model.dtype} {model.weights}".encode())
+    for t in (model.embedding(torch.arange(min(64, model.embedding.num_embeddings))), model.norm_weight):
+        h.update(t.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+__all__ = ["FAMILIES", "DecoderLM", "ForwardOut", "build_model", "fingerprint", "normalise_config"]

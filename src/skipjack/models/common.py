@@ -136,6 +136,8 @@ class ForwardOut:
     logits: torch.Tensor | None  # [B, T', V] for the requested positions
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer index -> [B, T, D] after that layer
     last_hidden: torch.Tensor | None = None  # [B, T, D] before the final norm
+    trace: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> cosine
+    # similarity [B, T] of each token's hidden state before and after its attention, and its FFN, sub-layer
 
 
 class DecoderLM(nn.Module):
@@ -185,10 +187,11 @@ class DecoderLM(nn.Module):
         inner = {id(p) for m in self.modules() if isinstance(m, ConcatLinear) for p in m.parts}
         return [m for m in self.modules() if isinstance(m, Linear) and id(m) not in inner]
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm + LM head: [B, T, D] -> logits [B, T, V] (fp32)."""
+    def head(self, h: torch.Tensor, lm_head: Linear | None = None) -> torch.Tensor:
+        """Final norm + LM head (or `lm_head`, for example a reduced-vocabulary one): [B, T, D] -> logits
+        [B, T, V] (fp32)."""
         h = rms_norm(h, self.norm_weight, self.config.rms_norm_eps)
-        logits = self.lm_head(h).float()  # [B, T, V]
+        logits = (lm_head or self.lm_head)(h).float()  # [B, T, V]
         cap = getattr(self.config, "final_logit_softcapping", None)
         return logits if not cap else torch.tanh(logits / cap) * cap
 
@@ -219,6 +222,7 @@ class DecoderLM(nn.Module):
         exit_layer: int | None = None,  # stop after this layer; norm + head are applied to its output
         return_hidden: Iterable[int] = (),  # layers whose output hidden state is returned
         logits: str | slice = "all",  # "all", "last", "none", or a slice over T
+        trace: bool = False,  # run each layer's sub-layers as two calls and return their cosines (`ForwardOut.trace`)
     ) -> ForwardOut:
         B, T = (ids if hidden is None else hidden).shape[:2]
         if positions is None:
@@ -235,15 +239,17 @@ class DecoderLM(nn.Module):
         h = self.embed(ids) if hidden is None else hidden  # [B, T, D]
         for i in order:
             window, rope_key = self.kinds[i]
-            h = self.layers[i](
-                h,
-                cache[i],
-                start,
-                ropes[rope_key],
-                lambda past, w=window: self._mask(masks, positions, past, tree_mask, w),
-                attn=i not in skip_attn,
-                ffn=i not in skip_ffn,
+            run = lambda x, a, f, i=i, w=window, r=rope_key: self.layers[i](  # noqa: E731
+                x, cache[i], start, ropes[r], lambda past: self._mask(masks, positions, past, tree_mask, w), a, f
             )
+            attn, ffn = i not in skip_attn, i not in skip_ffn
+            if trace:
+                mid = run(h, attn, False)  # [B, T, D]
+                nxt = run(mid, False, ffn)  # [B, T, D]
+                out.trace[i] = (F.cosine_similarity(h, mid, dim=-1), F.cosine_similarity(mid, nxt, dim=-1))
+                h = nxt
+            else:
+                h = run(h, attn, ffn)
             if i in want:
                 out.hidden[i] = h
             if i == exit_layer:
