@@ -24,6 +24,7 @@ import torch
 
 from skipjack.bench import machine
 from skipjack.drafters.base import DraftContext
+from skipjack.drafters.early_exit import EarlyExit
 from skipjack.drafters.swift import Swift, value
 from skipjack.engine import Engine
 from skipjack.errors import SkipjackError
@@ -59,8 +60,10 @@ def probe_text(model, ids: list[int], swift: Swift) -> dict:
         "attn": [float(out.trace[i][0].mean()) for i in range(L)],
         "ffn": [float(out.trace[i][1].mean()) for i in range(L)],
     }
-    layer_cos = [float(torch.nn.functional.cosine_similarity(
-        out.hidden[i - 1] if i else model.embed(torch.tensor([ids])), out.hidden[i], dim=-1).mean()) for i in range(L)]  # fmt: skip
+    before = [model.embed(torch.tensor([ids]))] + [out.hidden[i] for i in range(L - 1)]  # [1, T, D] each
+    layer_cos = [
+        float(torch.nn.functional.cosine_similarity(before[i], out.hidden[i], dim=-1).mean()) for i in range(L)
+    ]
     shadow = [float((model.head(out.hidden[i]).argmax(-1)[0] == truth).float().mean()) for i in range(L)]
     ctx = DraftContext(ids + [ids[-1]], 8, model, cache)
     if swift.times is None:
@@ -77,14 +80,13 @@ def probe_text(model, ids: list[int], swift: Swift) -> dict:
     return {"cos_attn": cos["attn"], "cos_ffn": cos["ffn"], "cos_layer": layer_cos, "shadow": shadow, "sets": sets}
 
 
-def del_value(alpha: float, exit_layer: int, L: int, depth: int = 16) -> float:
-    """`del`'s expected tokens per plain step of layer compute for an exit with acceptance alpha (resumed)."""
-    best, total, power = 1.0, 1.0, 1.0
-    for k in range(1, depth + 1):
-        power *= alpha
-        total += power
-        best = max(best, total / (((k + 1) * (exit_layer + 1) + L - exit_layer - 1) / L))
-    return best
+def del_value(model, alpha: float, exit_layer: int) -> float:
+    """`del`'s expected tokens per plain step's compute for an exit with acceptance alpha (resumed verify)."""
+    d = EarlyExit(exit=exit_layer)
+    d._setup(model, [])
+    d.seen, d.hits = [10**6] * len(d.seen), [round(alpha * 10**6)] * len(d.seen)
+    d.choose(16, resume=True)
+    return d.worth
 
 
 def mean(rows: list[list[float]]) -> list[float]:
@@ -107,7 +109,7 @@ def probe(spec: str, n_texts: int, tokens: int) -> dict:
     ]
     for s in sets:
         s["value"] = value(s["match"], s["share"])
-    dels = [del_value(shadow[i], i, L) for i in range(L - 1)]
+    dels = [del_value(model, shadow[i], i) for i in range(L - 1)]
     return {
         "model": eng.name, "dtype": eng.loaded.dtype, "layers": L, "texts": len(runs), "tokens": tokens,
         "machine": machine.info() if hasattr(machine, "info") else {},
@@ -166,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"{name}.json").write_text(json.dumps(d, indent=1))
     plot(d, out / f"{name}.png")
     best = max(d["sets"], key=lambda s: s["value"])
-    print(f"{d['model']}: best skip ratio {best['ratio']:.0%} match {best['match']:.2f} at {best['share']:.2f} of a step "
-          f"-> value {best['value']:.2f}; best exit {d['del_best']['exit']} value {d['del_best']['value']:.2f}")  # fmt: skip
+    print(
+        f"{d['model']}: best skip ratio {best['ratio']:.0%} match {best['match']:.2f} at {best['share']:.2f} "
+        f"of a step -> value {best['value']:.2f}; best exit {d['del_best']['exit']} value {d['del_best']['value']:.2f}"
+    )
     return 0
 
 

@@ -8,11 +8,12 @@ Choosing E and the draft length: α_ℓ, the chance that an exit after layer ℓ
 token, is estimated from shadow tokens: every `probe_every` steps the head is applied to layer ℓ's hidden
 state at each verify row whose next token was just decided (the root and the accepted nodes), for a rotating
 set of layers; a hit is a shadow token equal to the emitted token. α_ℓ is the hit rate with a prior of mean
-(ℓ + 1) / L worth two tokens. With c the verify pass, E and the length k maximise the expected tokens per
-layer of compute (L layers = one plain step):
+(ℓ + 1) / L worth two tokens. E and the length k maximise the expected tokens per layer of compute, with
+the LM head counted as H layers (its weight bytes over a layer's; a plain step is L + H, a verify pass of a
+few tokens costs about one plain step):
 
-    (1 + α + ... + α^k) / ((k + 1)(ℓ + 1) / L + (L - ℓ - 1) / L)    (resumed verify, below)
-    (1 + α + ... + α^k) / (k (ℓ + 1) / L + 1)                       (full verify)
+    (1 + α + ... + α^k) / (((k + 1)(ℓ + 1 + H) + (L - ℓ - 1) + H) / (L + H))    (resumed verify, below)
+    (1 + α + ... + α^k) / ((k (ℓ + 1 + H) + L + H) / (L + H))                  (full verify)
 
 k caps the draft. The choice is deterministic (no sampling), so it is reproducible. Where no exit is expected
 to beat plain decoding (value <= 1: a small model's early exits rarely agree with its last layer), `del`
@@ -69,6 +70,8 @@ class EarlyExit:
         self.model = model
         self.head = DraftHead(model, self.vocab, self.shared.get("token_counts"), tokens)
         self.hits, self.seen = [0] * (L - 1), [0] * (L - 1)
+        per_layer = sum(lin.nbytes for lin in model.linears()[:-1]) / L
+        self.head_layers = (self.head.linear or model.lm_head).nbytes / per_layer  # the draft head, in layers
 
     def begin(self, prompt: list[int]) -> None:
         pass
@@ -83,7 +86,7 @@ class EarlyExit:
 
     def choose(self, budget: int, resume: bool) -> tuple[int, int]:
         """(exit layer, draft length) with the best expected tokens per layer of compute (module doc)."""
-        L = self.model.num_layers
+        L, H = self.model.num_layers, self.head_layers
         layers = [self.fixed] if self.fixed else range(L - 1)
         best = (0.0, 0, 1)
         for ell in layers:
@@ -91,7 +94,8 @@ class EarlyExit:
             for k in range(1, max(1, min(budget, 32)) + 1):
                 power *= a
                 total += power
-                cost = ((k + 1) * (ell + 1) + L - ell - 1) / L if resume else (k * (ell + 1) + L) / L
+                draft = (k + 1 if resume else k) * (ell + 1 + H)  # draft passes: layers 0..ell and the head
+                cost = (draft + (L - ell - 1 if resume else L) + H) / (L + H)
                 best = max(best, (total / cost, -ell, k))
         self.worth = best[0]
         return -best[1], (best[2] if best[0] > 1.0 else 1)

@@ -157,6 +157,7 @@ class Swift:
 
         full = fastest()
         no_attn, no_ffn = fastest(skip_attn=layers), fastest(skip_ffn=layers)
+        ctx.cache.rewind(int(pos))  # the passes' keys were scratch
         self.times = (full, max(0.0, full - no_attn) / n, max(0.0, full - no_ffn) / n)
 
     @property
