@@ -121,7 +121,10 @@ def test_schema_and_plots(bench_out):
     tot = [r for r in res["runs"] if r["method"] == "pld"]
     want = sum(r["new_tokens"] for r in tot) / sum(r["seconds"] for r in tot)
     assert res["summary"]["pld"]["tokens_per_s"] == pytest.approx(want)
-    assert res["summary"]["pld"]["draft_steps"] > 0
+    for m in ("pld", "ngram"):  # per-run draft steps add up (whether a random tiny model's output repeats the
+        # prompt, which pld needs, depends on the CPU's rounding: some drafter must have drafted)
+        assert res["summary"][m]["draft_steps"] == sum(r["draft_steps"] for r in res["runs"] if r["method"] == m)
+    assert max(res["summary"][m]["draft_steps"] for m in ("pld", "ngram", "pld:k=4")) > 0
     # Decode-phase rate: tokens after the first over seconds after the first token; peers have none.
     want = sum(r["new_tokens"] - 1 for r in tot) / sum(r["seconds"] - r["prefill_seconds"] for r in tot)
     assert res["summary"]["pld"]["decode_tokens_per_s"] == pytest.approx(want)

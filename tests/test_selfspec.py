@@ -381,3 +381,23 @@ def test_mismatched_tokenizers_are_one_line():
     with pytest.raises(SkipjackError, match="does not share") as e:
         check_tokenizers(L("a", {"x": 0, "y": 1}), L("b", {"x": 1, "y": 0}))
     assert "\n" not in str(e.value)
+
+
+def test_humaneval_prompts_are_a_suite():
+    from skipjack.bench.suite import load_suite, parse_peers
+
+    he = load_suite("humaneval")
+    assert len(he) == 9 and {p.category for p in he} == {"humaneval"}
+    assert "def " in he[0].messages[-1]["content"]
+    assert len(load_suite("code")) == len(load_suite("quick")) + 9
+    assert parse_peers("hf-assist,hf-early-exit") == ["hf-assist", "hf-early-exit"]
+
+
+def test_hf_assist_peer_needs_a_named_pair():
+    from skipjack.bench.peers import Missing, _hf_peer
+
+    class Loaded:
+        name = "smollm2-135m"
+
+    peer = _hf_peer("hf-assist", object(), Loaded(), torch.float32)
+    assert isinstance(peer, Missing) and "no draft model" in peer.status

@@ -23,7 +23,12 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
         "skipjack's batch-invariant kernels: speculation bit-identical to plain decoding) | q8 | fp32 (greedy "
         "output identical to HF) | bf16 (quality and speed in BENCHMARKS.md)",
     )
-    p.add_argument("--method", default="plain", help="decoding method: plain | pld | ngram (options: pld:k=8)")
+    p.add_argument(
+        "--method",
+        default="plain",
+        help="decoding method: plain | pld | ngram | swift | del | draft:model=NAME | mix:of=pld+swift "
+        "(options: pld:k=8)",
+    )
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -118,6 +123,9 @@ def cmd_generate(a) -> int:
         out["lossless"] = method.lossless
         out["weights"] = engine.loaded.info.get("weights")
         out["identical_to_plain"] = identical_to_plain(a.method, a.dtype)
+        drafter = engine.method(a.method).drafter
+        if hasattr(drafter, "describe"):  # the skip set or exit layer a model-based drafter chose
+            out["drafter"] = drafter.describe()
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")

@@ -85,6 +85,7 @@ def write_benchmarks_md(
     extra: list[tuple[str, Path]] = (),
     notes: Path | None = None,
     quality: Path | None = None,
+    layers: Path | None = None,
 ) -> Path:
     """BENCHMARKS.md at `target` from results_dir/results.json; plots and raw data are copied to docs/bench/
     beside it. `extra` runs (heading, dir) are appended as sections, then the `quality` folder's quality.json,
@@ -115,10 +116,28 @@ def write_benchmarks_md(
         shutil.copyfile(Path(quality) / "quality.json", docs / "quality.json")
         md += f"\n## Quality: {q['dtype']} against fp32 (separate run)\n\n" + render.render_quality(q)
         md += "\n\nRaw data: `docs/bench/quality.json`.\n"
+    if layers:
+        md += "\n" + layer_probe_section(Path(layers), docs)
     if note_text:
         md += "\n" + note_text.rstrip()
     target.write_text(md + "\n")
     return target
+
+
+def layer_probe_section(folder: Path, docs: Path) -> str:
+    """The layer probe's table and plots (`python -m skipjack.bench.layers` results under `folder`)."""
+    from skipjack.bench.layers import table
+
+    plots = sorted(folder.glob("*.png"))
+    for p in plots:
+        shutil.copyfile(p, docs / f"layers-{p.name}")
+    for f in sorted(folder.glob("*.json")):
+        shutil.copyfile(f, docs / f"layers-{f.name}")
+    md = "## Layer probe: what the models' own layers could draft (separate runs)\n\n"
+    md += "`python -m skipjack.bench.layers --model M`: teacher-forced on local text (HumanEval prompts, pydoc "
+    md += "topics). Value = expected tokens per plain step's time at the best draft length (> 1 pays).\n\n"
+    md += table(folder) + "\n\n" + "".join(f"![{p.stem}](docs/bench/layers-{p.name})\n" for p in plots)
+    return md
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,6 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--notes", default=None, help="append this hand-written markdown file (no typed figures)")
     ap.add_argument("--quality", default=None, help="append a `skipjack.bench.analysis.quality --out` folder's results")
+    ap.add_argument("--layers", default=None, help="append the layer probe's results (`skipjack.bench.layers --out`)")
     return ap
 
 
@@ -151,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.benchmarks_md:
             notes = Path(a.notes) if a.notes else None
             quality = Path(a.quality) if a.quality else None
-            print(f"wrote {write_benchmarks_md(Path(a.dir), Path(a.benchmarks_md), extra, notes, quality)}")
+            layers = Path(a.layers) if a.layers else None
+            print(f"wrote {write_benchmarks_md(Path(a.dir), Path(a.benchmarks_md), extra, notes, quality, layers)}")
         else:
             write_report(read_results(Path(a.dir)), Path(a.dir))
             print(f"wrote {Path(a.dir) / 'REPORT.md'}")

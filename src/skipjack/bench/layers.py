@@ -148,13 +148,37 @@ def plot(d: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def table(folder: Path) -> str:
+    """A markdown table of every probe result under `folder` (for BENCHMARKS.md)."""
+    head = (
+        "| model | layers | mean cosine attn / FFN | shadow acceptance at L/2, L-2 | best skip set: skipped, match, "
+        "draft token time, value | best exit: layer, acceptance, value |\n|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for f in sorted(folder.glob("*.json")):
+        d = json.loads(f.read_text())
+        L, sh, best = d["layers"], d["shadow"], max(d["sets"], key=lambda s: s["value"])
+        e = d["del_best"]
+        ca, cf = sum(d["cos_attn"]) / L, sum(d["cos_ffn"]) / L
+        lines.append(
+            f"| {d['model']} ({d['dtype']}) | {L} | {ca:.3f} / {cf:.3f} | {sh[L // 2]:.2f}, {sh[L - 2]:.2f} | "
+            f"{best['ratio']:.0%}, {best['match']:.2f}, {best['share']:.2f}, {best['value']:.2f} | "
+            f"{e['exit']}, {sh[e['exit']]:.2f}, {e['value']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.layers", description=__doc__.splitlines()[0])
     ap.add_argument("--model", "-m", default=None)
     ap.add_argument("--texts", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--out", default="bench-out/layers")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of the results under --out")
     a = ap.parse_args(argv)
+    if a.table:
+        print(table(Path(a.out)))
+        return 0
     try:
         if a.texts < 1 or a.tokens < 16:
             raise SkipjackError("need --texts >= 1 and --tokens >= 16")

@@ -3,6 +3,9 @@
 - `hf`: HF transformers `generate`, greedy (or sampling at T > 0), on the same weights (for a GGUF, the HF
   folder skipjack converted it into; for an HF folder, the folder itself).
 - `hf-pld`: the same with HF's prompt lookup decoding, `prompt_lookup_num_tokens=10`.
+- `hf-assist`: HF's assisted generation (`assistant_model`) with the smaller model of the same tokenizer that
+  `DRAFT_FOR` names for the target (Qwen2.5-Coder 1.5B: the 0.5B), the same pair as `draft:model=`.
+- `hf-early-exit`: HF's `assistant_early_exit` (self-speculation: the target's first L/2 layers draft).
 - `llamacpp`: llama.cpp through `llama-cpp-python` on the same GGUF file, plain decoding.
 - `llamacpp-pld`: the same with its prompt-lookup draft model (`LlamaPromptLookupDecoding(num_pred_tokens=10)`).
 
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 NUM_PRED_TOKENS = 10  # prompt lookup draft length for hf-pld and llamacpp-pld
+DRAFT_FOR = {"qwen2.5-coder-1.5b": "qwen2.5-coder-0.5b"}  # hf-assist's draft model, by named target
 
 
 @dataclass
@@ -51,8 +55,8 @@ class Missing(Peer):
 
 
 class HFPeer(Peer):
-    def __init__(self, name: str, model, lookup: int = 0):
-        self.name, self.model, self.lookup = name, model, lookup
+    def __init__(self, name: str, model, lookup: int = 0, extra: dict | None = None):
+        self.name, self.model, self.lookup, self.extra = name, model, lookup, extra or {}
         self.calls = 0
         model.register_forward_hook(self._count)
 
@@ -68,6 +72,8 @@ class HFPeer(Peer):
             kw = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
         if self.lookup:
             kw["prompt_lookup_num_tokens"] = self.lookup
+        assistant = self.extra.get("assistant_model")
+        kw |= {k: v for k, v in self.extra.items() if k != "assistant_model"}
         gc = GenerationConfig(
             max_new_tokens=max_new_tokens, eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0, **kw
         )
@@ -78,7 +84,8 @@ class HFPeer(Peer):
         self.calls = 0
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = self.model.generate(ids, attention_mask=mask, generation_config=gc)
+            extra = {"assistant_model": assistant} if assistant is not None else {}
+            out = self.model.generate(ids, attention_mask=mask, generation_config=gc, **extra)
         dt = time.perf_counter() - t0
         toks = out[0, len(prompt) :].tolist()
         for i, t in enumerate(toks):  # generate stops at the first stop token (and may pad after it)
@@ -157,6 +164,26 @@ def _hf_folder(loaded) -> Path:
     return convert_gguf(src)[0] if src.is_file() else src
 
 
+def _hf_peer(name: str, model, loaded, dtype) -> Peer:
+    """An HF peer: plain, prompt lookup, assisted by the named draft model, or early-exit self-speculation."""
+    if name == "hf-pld":
+        return HFPeer(name, model, NUM_PRED_TOKENS)
+    if name == "hf-early-exit":
+        return HFPeer(name, model, extra={"assistant_early_exit": model.config.num_hidden_layers // 2})
+    if name == "hf-assist":
+        draft = DRAFT_FOR.get(loaded.name)
+        if draft is None:
+            return Missing(name, f"unavailable: no draft model of the same tokenizer is named for {loaded.name}")
+        from transformers import AutoModelForCausalLM
+
+        from skipjack.loading import convert_gguf, fetch_named
+
+        folder = convert_gguf(fetch_named(draft))[0]
+        small = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+        return HFPeer(name, model, extra={"assistant_model": small})
+    return HFPeer(name, model)
+
+
 def make_peers(names: list[str], loaded, dtype: str, n_ctx: int, seed: int = 0) -> dict[str, Peer]:
     """Build the requested peers; each one that cannot run comes back as `Missing` with the reason."""
     out: dict[str, Peer] = {}
@@ -177,7 +204,7 @@ def make_peers(names: list[str], loaded, dtype: str, n_ctx: int, seed: int = 0) 
         except Exception as e:  # a model transformers cannot read
             model, why = None, f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
         for n in hf_names:
-            out[n] = HFPeer(n, model, NUM_PRED_TOKENS if n == "hf-pld" else 0) if model is not None else Missing(n, why)
+            out[n] = _hf_peer(n, model, loaded, hf_dtype) if model is not None else Missing(n, why)
     for n in (n for n in names if n.startswith("llamacpp")):
         try:
             import llama_cpp  # noqa: F401

