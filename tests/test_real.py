@@ -171,3 +171,44 @@ def test_q4_chain_and_tree_bit_identical_on_the_real_model(real_q4):
     cache = prefilled()
     branch = torch.stack([m(torch.tensor([[t]]), cache).logits[0, -1] for t in (cont[0], 900, 901)])
     assert torch.equal(tree.logits[0, :4], single[:4]) and torch.equal(tree.logits[0, [0, 4, 5]], branch)
+
+
+SELF_DRAFTS = [
+    "swift:skip=a4+f6+a9+f11+a14+f17+a20+f23,threshold=0.4,save=0",  # a fixed skip set: always drafts
+    "swift:save=0,search=8",  # the search on each prompt's text (drafts only where a set pays)
+    "del:exit=24,threshold=0.3",  # resumed verify passes (q4 is batch-invariant)
+    "del:vocab=8192,probe_every=1",
+    "mix:of=pld+del",
+]
+
+
+def test_self_drafting_identical_on_the_quick_prompts(real_q4):
+    """swift, del and mix against plain greedy on the default model (q4) over the quick suite's prompts."""
+    params = SamplingParams(max_new_tokens=32, stop_token_ids=real_q4.tokenizer.stop_ids)
+    drafted = dict.fromkeys(SELF_DRAFTS, 0)
+    for p in [p for p in identity_prompts() if p["id"] in {q["id"] for q in suite("quick")}]:
+        ids = real_q4.tokenizer.prompt_ids(p["messages"])
+        pre = Session.prefilled(real_q4.model, ids, params.max_new_tokens)
+        plain = complete(real_q4, ids, params, session=pre).tokens
+        for method in SELF_DRAFTS:
+            res = complete(real_q4, ids, params, method, session=pre)
+            assert res.tokens == plain, (p["id"], method)
+            drafted[method] += res.draft_steps
+    assert drafted[SELF_DRAFTS[0]] and drafted[SELF_DRAFTS[2]], drafted  # the fixed drafts really ran
+
+
+def test_draft_model_identical_and_bad_pairs_are_one_line(real_q4):
+    """`draft:model=` on Qwen2.5-Coder 0.5B drafting for itself (the pair the tests fetch; the 1.5B is the
+    benchmark's target): identical to plain greedy; a draft model with another tokenizer is one line."""
+    from skipjack.errors import SkipjackError
+
+    qwen = Engine.load("qwen2.5-coder-0.5b", tune=False)
+    params = SamplingParams(max_new_tokens=24, stop_token_ids=qwen.tokenizer.stop_ids)
+    for text in PROMPTS[:3]:
+        ids = qwen.tokenizer.prompt_ids(text)
+        plain = complete(qwen, ids, params).tokens
+        res = complete(qwen, ids, params, "draft:model=qwen2.5-coder-0.5b")
+        assert res.tokens == plain and res.draft_steps > 0
+    with pytest.raises(SkipjackError, match="does not share") as e:
+        real_q4.method("draft:model=qwen2.5-coder-0.5b")
+    assert "\n" not in str(e.value)
