@@ -401,3 +401,15 @@ def test_hf_assist_peer_needs_a_named_pair():
 
     peer = _hf_peer("hf-assist", object(), Loaded(), torch.float32)
     assert isinstance(peer, Missing) and "no draft model" in peer.status
+
+
+def test_deepcopy_keeps_learned_state_and_shares_the_models(models):
+    """The bench snapshots drafters between repeats: the copy shares the models, not what was learned."""
+    import copy
+
+    d = EarlyExit(probe_every=1)
+    decode(models["llama-q4"], [1, 2, 3, 4, 1, 2], SamplingParams(max_new_tokens=12), d, CostModel.flat())
+    c = copy.deepcopy(d)
+    assert c.model is d.model and c.head is d.head and c.seen == d.seen and c.seen is not d.seen
+    m = DraftModel(models["draft"], threshold=0.0)
+    assert copy.deepcopy(m).model is m.model

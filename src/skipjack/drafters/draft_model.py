@@ -18,13 +18,13 @@ import torch
 
 from skipjack import loading
 from skipjack.drafters.base import DraftContext, Proposal, Verdict, common_prefix
-from skipjack.drafters.layered import Calibrated, DraftHead, draft
+from skipjack.drafters.layered import Calibrated, DraftHead, SharesModels, draft
 from skipjack.errors import SkipjackError
 
 GROW = 1024  # the draft cache grows by at least this many positions at a time
 
 
-class DraftModel:
+class DraftModel(SharesModels):
     name = "draft"
     lossless = True
 

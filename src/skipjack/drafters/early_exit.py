@@ -33,13 +33,13 @@ import dataclasses
 import torch
 
 from skipjack.drafters.base import DraftContext, Proposal, Verdict
-from skipjack.drafters.layered import Calibrated, DraftHead, draft, resumable
+from skipjack.drafters.layered import Calibrated, DraftHead, SharesModels, draft, resumable
 from skipjack.errors import SkipjackError
 
 PROBE_ROWS = 64  # the most hidden states one shadow-token head call takes (a kernel-width pass)
 
 
-class EarlyExit:
+class EarlyExit(SharesModels):
     name = "del"
     lossless = True
 

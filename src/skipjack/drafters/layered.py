@@ -24,6 +24,7 @@ exactly the verify pass's own (there the loop keeps them).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -33,6 +34,20 @@ from skipjack.errors import SkipjackError
 from skipjack.linear import rows
 
 LEAF = 0.05  # a leaf sibling scored below this is not worth a verify row
+
+
+class SharesModels:
+    """A drafter that refers to a model: `copy.deepcopy` (the bench snapshots what a drafter learned before
+    each repeat) copies its learned state, never the models, heads, caches or shared stores it refers to."""
+
+    SHARED = ("model", "head", "shared", "loaded", "cache")
+
+    def __deepcopy__(self, memo):
+        new = copy.copy(self)
+        for key, val in self.__dict__.items():
+            if key not in self.SHARED:
+                setattr(new, key, copy.deepcopy(val, memo))
+        return new
 
 
 def ranking(counts: dict[int, int] | None, vocab: int, seen: list[int] = ()) -> list[int]:

@@ -40,7 +40,7 @@ import torch
 
 from skipjack import store
 from skipjack.drafters.base import DraftContext, Proposal, Verdict
-from skipjack.drafters.layered import Calibrated, DraftHead, draft
+from skipjack.drafters.layered import Calibrated, DraftHead, SharesModels, draft
 from skipjack.errors import SkipjackError
 from skipjack.models import fingerprint
 
@@ -73,7 +73,7 @@ def value(match: float, share: float, depth: int = 16) -> float:
     return best
 
 
-class Swift:
+class Swift(SharesModels):
     name = "swift"
     lossless = True
 
