@@ -26,7 +26,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default="plain",
-        help="decoding method: plain | pld | ngram | swift | del | draft:model=NAME | mix:of=pld+swift "
+        help="decoding method: plain | pld | ngram | swift | del | kangaroo | draft:model=NAME | mix:of=pld+swift "
         "(options: pld:k=8)",
     )
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
@@ -198,6 +198,24 @@ def cmd_models(a) -> int:
     return 0
 
 
+def cmd_train_adapter(a) -> int:
+    from skipjack import loading
+    from skipjack.distil import Settings, train
+
+    s = Settings(layers=a.layers, tokens=a.tokens, steps=a.steps, lr=a.lr, seed=a.seed)
+    if not 1 <= s.layers <= 8:
+        raise SkipjackError(f"--layers must be in [1, 8] (got {s.layers}); Kangaroo uses 2-4")
+    out = Path(a.out).expanduser() if a.out else None
+    loaded = loading.load(a.model, a.dtype)
+    _notice(f"skipjack: distilling a kangaroo adapter after layer {s.layers - 1} of {loaded.name} ({a.dtype})")
+    res = train(loaded, s, out, progress=not a.quiet)
+    print(
+        f"saved {res['path']}: top-1 agreement with the full model on held-out text {res['agreement']:.1%} "
+        f"(untrained: {res['agreement_before']:.1%}); use it with --method kangaroo"
+    )
+    return 0
+
+
 def cmd_bench(a) -> int:
     from skipjack.bench.runner import main as bench_main
 
@@ -227,6 +245,19 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list named models, or fetch them")
     m.add_argument("--fetch", nargs="+", metavar="NAME", help="download these named models")
     m.set_defaults(func=cmd_models)
+    t = sub.add_parser(
+        "train-adapter", help="distil a Kangaroo adapter for --method kangaroo (resumes if interrupted)"
+    )
+    t.add_argument("--model", "-m", default=None, help="named model, .gguf file, HF folder or hub id")
+    t.add_argument("--dtype", default="auto", help="the precision the teacher runs in (auto: q4 for a GGUF)")
+    t.add_argument("--layers", type=int, default=2, help="shallow layers before the adapter (2-4)")
+    t.add_argument("--tokens", type=int, default=24_576, help="training tokens of local text")
+    t.add_argument("--steps", type=int, default=120, help="optimiser steps (8 x 256 tokens each)")
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=None, help="adapter file (default: beside the model cache, found by kangaroo)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train_adapter)
     from skipjack.bench.runner import add_arguments
 
     b = sub.add_parser("bench", help="benchmark methods and peers on a prompt suite")

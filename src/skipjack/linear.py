@@ -212,6 +212,26 @@ def rows(linear: Linear, ids: torch.Tensor) -> Linear:
     return DenseLinear(dense.detach()[ids], b)
 
 
+def dense(linear: Linear) -> torch.Tensor:
+    """The weight [out, in] of any format as a dense fp32 tensor (for training against it: a distilled draft's
+    frozen LM head). Blocks are dequantised exactly; a packed weight without its plain copy is multiplied out."""
+    if isinstance(linear, DenseLinear):
+        return linear.weight.detach().float()
+    if isinstance(linear, QuantLinear):
+        return linear.weight().dequantize().float()
+    if isinstance(linear, ConcatLinear):
+        return torch.cat([dense(p) for p in linear.parts])
+    if getattr(linear, "plain", None) is not None:
+        return linear.plain.detach().float()
+    eye = torch.eye(linear.in_features, dtype=torch.float32)  # [in, in]
+    bias = 0.0 if linear.bias is None else linear.bias.float()
+    return (linear(eye.to(param_dtype(linear))).float() - bias).T.contiguous()  # [out, in]
+
+
+def param_dtype(linear: Linear) -> torch.dtype:
+    return next((p.dtype for p in linear.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _dense(w) -> torch.Tensor:
     return w.dequantize() if isinstance(w, QuantTensor) else w
 

@@ -15,6 +15,7 @@ from skipjack.cost import CostModel
 from skipjack.drafters.base import DraftContext, Drafter, Proposal, Verdict
 from skipjack.drafters.draft_model import DraftModel
 from skipjack.drafters.early_exit import EarlyExit
+from skipjack.drafters.kangaroo import Kangaroo
 from skipjack.drafters.mix import Mix
 from skipjack.drafters.ngram import NGramDrafter
 from skipjack.drafters.pld import PromptLookup
@@ -28,6 +29,7 @@ REGISTRY: dict[str, Callable[..., Drafter]] = {
     "ngram": NGramDrafter,
     "swift": Swift,
     "del": EarlyExit,
+    "kangaroo": Kangaroo,
     "draft": DraftModel,
     "mix": Mix,
 }

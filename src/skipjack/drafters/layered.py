@@ -61,11 +61,11 @@ def ranking(counts: dict[int, int] | None, vocab: int, seen: list[int] = ()) -> 
 class DraftHead:
     """Final norm + LM head for drafts; `vocab` > 0 keeps only the `vocab` most frequent tokens (FR-Spec)."""
 
-    def __init__(self, model, vocab: int = 0, counts: dict[int, int] | None = None, seen: list[int] = ()):
+    def __init__(self, model, vocab: int = 0, counts=None, seen: list[int] = (), norm: torch.Tensor | None = None):
         V = model.lm_head.out_features
         if vocab < 0:
             raise SkipjackError(f"vocab (draft head size, 0 = full) must be >= 0 (got {vocab})")
-        self.model, self.ids, self.linear = model, None, None
+        self.model, self.ids, self.linear, self.norm = model, None, None, norm  # norm: a draft's own final norm
         if 0 < vocab < V:
             counts = counts() if callable(counts) else counts
             self.ids = torch.tensor(sorted(ranking(counts, V, seen)[:vocab]))  # [V']
@@ -73,7 +73,7 @@ class DraftHead:
 
     def top(self, h: torch.Tensor, k: int = 1) -> tuple[list[list[int]], list[list[float]]]:
         """Top-k tokens and probabilities per row of h [T, D] (probabilities over the head's vocabulary)."""
-        logits = self.model.head(h[None], self.linear)[0]  # [T, V']
+        logits = self.model.head(h[None], self.linear, self.norm)[0]  # [T, V']
         p, idx = torch.softmax(logits, dim=-1).topk(k, dim=-1)  # [T, k] x2
         if self.ids is not None:
             idx = self.ids[idx]

@@ -55,14 +55,19 @@ def build_model(
     return model.eval()
 
 
-def fingerprint(model: DecoderLM) -> str:
+def fingerprint(model: DecoderLM, precision: bool = True) -> str:
     """Identifies a model's weights and precision: its config, dtype, and the bytes of its first embedding rows
-    and final norm (two different checkpoints of one architecture differ there)."""
+    and final norm (two different checkpoints of one architecture differ there). `precision=False`: the
+    weights whatever their precision (values rounded to 2 significant digits; the dtype left out)."""
     h = hashlib.sha256()
     h.update(json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str).encode())
-    h.update(f"{model.dtype} {model.weights}".encode())
+    if precision:
+        h.update(f"{model.dtype} {model.weights}".encode())
     for t in (model.embedding(torch.arange(min(64, model.embedding.num_embeddings))), model.norm_weight):
-        h.update(t.detach().float().contiguous().numpy().tobytes())
+        t = t.detach().float().contiguous()
+        if not precision:
+            t = torch.tensor([float(f"{x:.2g}") for x in t.flatten().tolist()])
+        h.update(t.numpy().tobytes())
     return h.hexdigest()[:32]
 
 

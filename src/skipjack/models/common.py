@@ -187,10 +187,10 @@ class DecoderLM(nn.Module):
         inner = {id(p) for m in self.modules() if isinstance(m, ConcatLinear) for p in m.parts}
         return [m for m in self.modules() if isinstance(m, Linear) and id(m) not in inner]
 
-    def head(self, h: torch.Tensor, lm_head: Linear | None = None) -> torch.Tensor:
-        """Final norm + LM head (or `lm_head`, for example a reduced-vocabulary one): [B, T, D] -> logits
-        [B, T, V] (fp32)."""
-        h = rms_norm(h, self.norm_weight, self.config.rms_norm_eps)
+    def head(self, h: torch.Tensor, lm_head: Linear | None = None, norm: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm + LM head (or `lm_head`, for example a reduced-vocabulary one; `norm`, a draft's own final
+        norm weight): [B, T, D] -> logits [B, T, V] (fp32)."""
+        h = rms_norm(h, self.norm_weight if norm is None else norm, self.config.rms_norm_eps)
         logits = (lm_head or self.lm_head)(h).float()  # [B, T, V]
         cap = getattr(self.config, "final_logit_softcapping", None)
         return logits if not cap else torch.tanh(logits / cap) * cap

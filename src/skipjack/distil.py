@@ -1,0 +1,198 @@
+"""`skipjack train-adapter`: distil Kangaroo's adapter (`skipjack.drafters.kangaroo`) on the model's own outputs.
+
+1. Text: local, offline (`vocab.local_text`: pydoc topics and stdlib sources), cut into `seq`-token chunks;
+   the last `VAL_CHUNKS` chunks are held out.
+2. Teacher pass, once per chunk: the full model's hidden state after the shallow layers (the adapter's input)
+   and its `TOP_K` likeliest next tokens with their probabilities (the distillation target).
+3. Training: the adapter (the model frozen, its LM head a dense fp32 copy) minimises the cross-entropy of its
+   next-token distribution against the teacher's top-k probabilities (Kangaroo's loss, truncated to the top
+   k), with AdamW, a short warm-up and cosine decay. Batches are a function of (seed, step), so a run that
+   is stopped and resumed makes the same updates as one that is not.
+4. Checkpoints (adapter, optimiser, step) are written atomically every `save_every` steps beside the
+   adapter's file, with the teacher data, so a killed run resumes where it stopped; both go when it ends.
+   The held-out top-1 agreement with the full model is measured before and after (before: the untrained
+   adapter, which is an early exit after the shallow layers) and kept in the adapter file's metadata.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from skipjack.drafters.kangaroo import Adapter, default_path, identity, save
+from skipjack.errors import SkipjackError
+from skipjack.linear import dense
+from skipjack.models.common import rms_norm
+from skipjack.vocab import CHUNK, local_text
+
+TOP_K = 16  # teacher probabilities kept per position
+VAL_CHUNKS = 8
+
+
+@dataclass
+class Settings:
+    layers: int = 2  # shallow layers before the adapter
+    tokens: int = 24_576  # training tokens (teacher-forced)
+    seq: int = 256  # tokens per chunk
+    batch: int = 8  # chunks per step
+    steps: int = 120
+    lr: float = 3e-3
+    seed: int = 0
+    save_every: int = 10
+
+
+def _chunks(tokenizer, s: Settings) -> torch.Tensor:
+    """[n, seq] token chunks of local text: the training ones, then VAL_CHUNKS held out."""
+    need = (s.tokens // s.seq + VAL_CHUNKS) * s.seq
+    text, ids = local_text(), []
+    for i in range(0, len(text), CHUNK):
+        ids += tokenizer.encode(text[i : i + CHUNK], add_special_tokens=False)
+        if len(ids) >= need:
+            break
+    n = len(ids) // s.seq
+    if n < VAL_CHUNKS + 1:
+        raise SkipjackError(f"train-adapter: only {len(ids)} tokens of local text; need {need}")
+    return torch.tensor(ids[: n * s.seq]).view(n, s.seq)
+
+
+@torch.inference_mode()
+def _teacher(model, chunks: torch.Tensor, layers: int, tick) -> dict:
+    """Per chunk: the hidden state after the shallow layers [n, seq, D] and the full model's top-k next tokens."""
+    hid, prob, idx = [], [], []
+    for c in chunks:
+        out = model(c[None], None, return_hidden=[layers - 1], logits="all")
+        p, i = torch.softmax(out.logits[0].float(), -1).topk(TOP_K, -1)  # [seq, K] x2
+        hid.append(out.hidden[layers - 1][0].float())
+        prob.append(p.half())
+        idx.append(i.int())
+        tick()
+    return {"hidden": torch.stack(hid), "prob": torch.stack(prob), "idx": torch.stack(idx)}
+
+
+class Head:
+    """The frozen LM head as a differentiable function of the draft's output: its final norm, the model's head
+    weight (dense fp32) and the model's logit soft-capping."""
+
+    def __init__(self, model):
+        self.w = dense(model.lm_head)  # [V, D]
+        self.eps, self.cap = model.config.rms_norm_eps, getattr(model.config, "final_logit_softcapping", None)
+
+    def __call__(self, h: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(rms_norm(h, norm, self.eps), self.w)  # [..., V]
+        return torch.tanh(logits / self.cap) * self.cap if self.cap else logits
+
+
+def agreement(adapter: Adapter, head: Head, data: dict, rows: slice) -> float:
+    """Share of held-out positions where the draft's top-1 token is the full model's."""
+    with torch.no_grad():
+        h = data["hidden"][rows]
+        got = head(adapter(h, torch.arange(h.shape[1])), adapter.norm2).argmax(-1)  # [n, seq]
+        return float((got == data["idx"][rows][..., 0]).float().mean())
+
+
+def _lr(s: Settings, step: int) -> float:
+    warm = max(1, s.steps // 12)
+    if step < warm:
+        return s.lr * (step + 1) / warm
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, s.steps - warm))))
+
+
+def _batch(s: Settings, step: int, n: int) -> torch.Tensor:
+    """The chunk indices of a step: epoch-wise permutations seeded by (seed, epoch)."""
+    per = max(1, n // s.batch)
+    epoch, k = divmod(step, per)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(s.seed * 1_000_003 + epoch))
+    return perm[k * s.batch : (k + 1) * s.batch]
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def train(loaded, s: Settings, out: Path | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Distil an adapter for `loaded` (module doc); returns what was measured. `stop_after`: end the run after
+    that many steps as if killed (the checkpoint stays; tests resume from it)."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if s.tokens < s.seq * s.batch or s.steps < 1 or s.lr <= 0 or s.seq < 8:
+        raise SkipjackError("train-adapter: need --tokens >= 8 chunks of --seq, --steps >= 1, --lr > 0")
+    torch.manual_seed(s.seed)
+    adapter = Adapter.for_model(model, s.layers)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=s.lr, weight_decay=0.0)
+    out = out or default_path(model)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SkipjackError(f"train-adapter: cannot write beside {out}: {e.strerror}") from None
+    ckpt, cached = out.with_suffix(".ckpt"), out.with_suffix(".teacher")
+    key = asdict(s) | {"model": identity(model)}
+    state = _load(ckpt, key)
+    with _bar(progress) as bar:
+        data = _load(cached, key)
+        if data is None:
+            chunks = _chunks(tokenizer, s)
+            task = bar.add_task("teacher pass", total=len(chunks))
+            data = _teacher(model, chunks, s.layers, lambda: bar.advance(task))
+            data = {k: v.clone() for k, v in data.items()} | {"key": key}  # normal tensors, for autograd
+            _save_atomic(data, cached)
+        n = len(data["hidden"]) - VAL_CHUNKS
+        head, val = Head(model), slice(n, None)
+        before = agreement(adapter, head, data, val)
+        start = 0
+        if state is not None:
+            adapter.load_state_dict(state["adapter"])
+            opt.load_state_dict(state["opt"])
+            start = state["step"]
+        task = bar.add_task("training", total=s.steps, completed=start)
+        t0, loss = time.perf_counter(), float("nan")
+        for step in range(start, s.steps):
+            if stop_after is not None and step - start >= stop_after:
+                return {"stopped_at": step}
+            for g in opt.param_groups:
+                g["lr"] = _lr(s, step)
+            pick = _batch(s, step, n)
+            h, p, i = data["hidden"][pick], data["prob"][pick].float(), data["idx"][pick].long()
+            logp = torch.log_softmax(head(adapter(h, torch.arange(s.seq)), adapter.norm2), -1)  # [B, seq, V]
+            lossv = -(p * logp.gather(-1, i)).sum(-1).mean()
+            opt.zero_grad()
+            lossv.backward()
+            torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
+            opt.step()
+            loss = float(lossv.detach())
+            bar.update(task, advance=1, description=f"training (loss {loss:.3f})")
+            if (step + 1) % s.save_every == 0 and step + 1 < s.steps:
+                _save_atomic({"adapter": adapter.state_dict(), "opt": opt.state_dict(), "step": step + 1, "key": key},
+                             ckpt)  # fmt: skip
+    after = agreement(adapter, head, data, val)
+    about = {
+        "model_name": loaded.name, "layers": s.layers, "steps": s.steps, "tokens": n * s.seq, "loss": round(loss, 4),
+        "agreement_before": round(before, 4), "agreement": round(after, 4),
+        "train_seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    save(adapter, model, out, about)
+    for f in (ckpt, cached):
+        f.unlink(missing_ok=True)
+    return about | {"path": str(out)}
+
+
+def _load(path: Path, key: dict):
+    """A checkpoint or teacher file made with the same settings for the same model, else None."""
+    try:
+        obj = torch.load(path, weights_only=True)
+    except Exception:  # absent, truncated or foreign: start over
+        return None
+    return obj if isinstance(obj, dict) and obj.get("key") == key else None
+
+
+def _bar(progress: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*cols, disable=not progress, transient=False)

@@ -1,0 +1,240 @@
+"""`kangaroo` (shallow layers + a distilled adapter) and `skipjack train-adapter`: lossless (greedy identity,
+the distribution under sampling, the cache after rollback, the adapter's own cache), verification resumed from
+the shallow layers' hidden states where the forward is batch-invariant, training that learns and resumes to the
+same weights, and one-line errors for missing, damaged and foreign adapters."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import hf_model, ours_from_hf
+from drafters_mock import decode
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from skipjack.cache import LayerKV
+from skipjack.cost import CostModel
+from skipjack.distil import Settings, train
+from skipjack.drafters import make_method
+from skipjack.drafters.base import DraftContext
+from skipjack.drafters.kangaroo import Adapter, Kangaroo, default_path, load, save
+from skipjack.errors import SkipjackError
+from skipjack.sampling import SamplingParams, probs
+from skipjack.session import Session
+
+
+def deep(family: str, weights=None, dtype=torch.float32, seed=3, layers=5, vocab=48):
+    kind = "gemma3_text" if family == "gemma" else "llama"
+    hf = hf_model(kind, seed=seed, vocab=vocab, num_hidden_layers=layers)
+    return ours_from_hf(hf, dtype if weights is None else torch.float32, weights)
+
+
+def random_adapter(model, layers: int, path, seed=0):
+    """An adapter with random (non-identity) weights, so the draft really runs through its attention."""
+    torch.manual_seed(seed)
+    a = Adapter.for_model(model, layers)
+    with torch.no_grad():
+        a.wo.weight.normal_(std=0.3)
+    save(a, model, path, {"model_name": "tiny"})
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """5-layer tiny models (fp64: exact by precision; q4: by the batch-invariant forward), each with an adapter."""
+    out = {f: deep(f, dtype=torch.float64) for f in ("llama", "gemma")}
+    out |= {f + "-q4": deep(f, weights="q4") for f in ("llama", "gemma")}
+    d = tmp_path_factory.mktemp("adapters")
+    out["adapters"] = {name: random_adapter(m, 2, d / f"{name}.safetensors") for name, m in list(out.items())}
+    return out
+
+
+def kangaroo(models, family, threshold=0.0, vocab=0):
+    return Kangaroo(threshold=threshold, vocab=vocab, adapter=str(models["adapters"][family]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    prompt=st.lists(st.integers(0, 47), min_size=1, max_size=20),
+    max_new=st.integers(1, 30),
+    family=st.sampled_from(["llama", "gemma", "llama-q4", "gemma-q4"]),
+    threshold=st.sampled_from([0.0, 0.3]),
+    vocab=st.sampled_from([0, 20]),
+)
+def test_greedy_identity_property(models, prompt, max_new, family, threshold, vocab):
+    model = models[family]
+    params = SamplingParams(max_new_tokens=max_new)
+    plain, _ = decode(model, prompt, params)
+    got, steps = decode(model, prompt, params, kangaroo(models, family, threshold, vocab), CostModel.flat())
+    assert got == plain
+    if threshold == 0.0 and max_new > 3:
+        assert any(s.drafted for s in steps)
+
+
+@pytest.mark.parametrize("family", ["llama-q4", "gemma-q4"])
+def test_cache_after_drafting_equals_plain_decodings(models, family):
+    """Every layer's keys after a request equal plain decoding's, bit for bit, though the shallow layers' keys
+    of accepted drafts were written by the draft and kept (the verify pass resumed above them)."""
+    model = models[family]
+    prompt, params = [3, 1, 4, 1, 5, 9, 2, 6], SamplingParams(max_new_tokens=24)
+    ref, got = Session(), Session()
+    decode(model, prompt, params, None, session=ref)
+    _, steps = decode(model, prompt, params, kangaroo(models, family), CostModel.flat(), session=got)
+    assert got.tokens == ref.tokens and sum(s.accepted for s in steps) > 0
+    for a, b in zip(got.cache, ref.cache):
+        n = b.offset
+        assert a.offset == n
+        assert torch.equal(a.k[:, :, :n], b.k[:, :, :n]) and torch.equal(a.v[:, :, :n], b.v[:, :, :n])
+
+
+def _ctx(model, tokens, budget=6):
+    cache = model.make_cache(64)
+    model(torch.tensor([tokens[:-1]]), cache)
+    return DraftContext(list(tokens), budget, model, cache)
+
+
+def test_verify_resumes_from_the_shallow_layers_only_where_the_forward_is_invariant(models):
+    q4, f64 = models["llama-q4"], models["llama"]
+    ctx = _ctx(q4, [7, 3, 9, 1, 4, 4, 2], budget=4)
+    start = ctx.cache.offset
+    prop = kangaroo(models, "llama-q4").propose(ctx)
+    E, hidden = prop.resume
+    assert E == 1 and hidden.shape[1] == len(prop) + 1
+    pos = torch.arange(start, start + len(prop) + 1)
+    resumed = q4(None, ctx.cache, hidden=hidden, positions=pos, layers=range(E + 1, q4.num_layers)).logits
+    ctx.cache.rewind(start)
+    full = q4(torch.tensor([[ctx.tokens[-1]] + prop.tokens]), ctx.cache, positions=pos).logits
+    assert torch.equal(resumed, full)
+    assert kangaroo(models, "llama").propose(_ctx(f64, [7, 3, 9, 1, 4])).resume is None
+
+
+def test_the_adapters_cache_is_rolled_back_with_the_target(models):
+    """After decoding, and after a rollback, the adapter's keys equal a fresh adapter pass over the shallow
+    layers' hidden states of the tokens it holds."""
+    model = models["llama"]
+    d = kangaroo(models, "llama")
+    prompt = [5, 6, 7, 8, 5, 6, 7]
+    toks, _ = decode(model, prompt, SamplingParams(max_new_tokens=20), d, CostModel.flat())
+    ctx = prompt + toks
+    d.begin(prompt)
+    cache = model.make_cache(64)
+    model(torch.tensor([ctx[:-1]]), cache)
+    full = DraftContext(ctx, 4, model, cache)
+    d.propose(full)  # syncs from nothing (the prompt path), then drafts
+    d.sync(DraftContext(ctx[:9], 4, model, cache))  # a rollback: keeps the common prefix only
+    assert d.held == ctx[:8] and d.kv.offset == 8
+    h = model(torch.tensor([ctx[:8]]), None, layers=range(2), logits="none").last_hidden.float()
+    kv = LayerKV(1, d.adapter.kv_heads, d.adapter.head_dim, 64, torch.float32)
+    with torch.inference_mode():
+        d.adapter(h, torch.arange(8), kv)  # the same adapter on a fresh cache
+    assert torch.allclose(d.kv.k[:, :, :8], kv.k[:, :, :8], atol=1e-6)
+    assert torch.allclose(d.kv.v[:, :, :8], kv.v[:, :, :8], atol=1e-6)
+
+
+def test_sampling_distribution_is_preserved(tmp_path):
+    """χ² on the law of the 2nd and 3rd generated tokens (drawn through verification steps)."""
+    from scipy.stats import chisquare
+
+    model = ours_from_hf(
+        hf_model("llama", seed=21, vocab=12, hidden_size=32, intermediate_size=64, num_hidden_layers=3), torch.float64
+    )
+    path = random_adapter(model, 1, tmp_path / "a.safetensors")
+    params = SamplingParams(temperature=1.0, top_k=8)
+    prompt = [5, 0, 7, 2, 9, 4, 11, 1]
+
+    def law_after(ctx):
+        return probs(model(torch.tensor([ctx])).logits[0, -1][None], params)[0]
+
+    law = dict.fromkeys(itertools.product(range(12), repeat=2), 0.0)
+    first = law_after(prompt)
+    for a in range(12):
+        second = law_after(prompt + [a]) if first[a] > 0 else None
+        for b in range(12) if second is not None else ():
+            third = law_after(prompt + [a, b]) if second[b] > 0 else None
+            for c in range(12) if third is not None else ():
+                law[(b, c)] += float(first[a] * second[b] * third[c])
+    d, counts, drafted, n = Kangaroo(threshold=0.0, adapter=str(path)), dict.fromkeys(law, 0), 0, 2000
+    for i in range(n):
+        toks, steps = decode(model, prompt, SamplingParams(temperature=1.0, top_k=8, max_new_tokens=3, seed=i), d)
+        counts[(toks[1], toks[2])] += 1
+        drafted += sum(s.drafted for s in steps)
+    assert drafted >= n
+    keys = [k for k in law if law[k] > 0]
+    exp = [law[k] * n for k in keys]
+    big = [i for i, e in enumerate(exp) if e >= 5]
+    obs = [counts[keys[i]] for i in big] + [n - sum(counts[keys[i]] for i in big)]
+    e = [exp[i] for i in big] + [n - sum(exp[i] for i in big)]
+    assert chisquare(obs, e).pvalue > 1e-3
+
+
+class CharTokenizer:
+    """Local text as token ids (characters modulo a tiny vocabulary)."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % self.vocab for c in text]
+
+
+def _loaded(model):
+    return SimpleNamespace(model=model, tokenizer=CharTokenizer(48), name="tiny")
+
+
+def test_training_learns_and_a_resumed_run_makes_the_same_weights(models, tmp_path):
+    loaded = _loaded(deep("llama", seed=5))
+    s = Settings(layers=2, tokens=512, seq=32, batch=4, steps=24, lr=1e-2, save_every=4)
+    res = train(loaded, s, tmp_path / "a.safetensors", progress=False)
+    assert res["agreement"] > res["agreement_before"]  # it learns the full model's next token
+    assert not (tmp_path / "a.ckpt").exists() and not (tmp_path / "a.teacher").exists()
+    first = load(loaded.model, tmp_path / "a.safetensors")[0].state_dict()
+    assert train(loaded, s, tmp_path / "b.safetensors", progress=False, stop_after=10) == {"stopped_at": 10}
+    assert (tmp_path / "b.ckpt").exists() and (tmp_path / "b.teacher").exists()
+    train(loaded, s, tmp_path / "b.safetensors", progress=False)  # resumes at step 8 (the last checkpoint)
+    second = load(loaded.model, tmp_path / "b.safetensors")[0].state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_bad_adapters_are_one_line(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path / "home"))
+    model = models["llama"]
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 100)
+    good = models["adapters"]["llama"]
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-50])
+    cases = {
+        "train-adapter": lambda: Kangaroo().propose(_ctx(model, [1, 2, 3])),  # none trained for this model
+        "damaged": lambda: Kangaroo(adapter=str(junk)).propose(_ctx(model, [1, 2, 3])),
+        "damaged ": lambda: Kangaroo(adapter=str(cut)).propose(_ctx(model, [1, 2, 3])),
+        "trained for tiny": lambda: Kangaroo(adapter=str(models["adapters"]["gemma"])).propose(_ctx(model, [1, 2])),
+        "threshold": lambda: make_method("kangaroo:threshold=1.0"),
+        "layers": lambda: Adapter.for_model(model, 4),
+    }
+    for want, case in cases.items():
+        with pytest.raises(SkipjackError) as e:
+            case()
+        assert want.strip() in str(e.value) and "\n" not in str(e.value)
+    assert default_path(model).parent == tmp_path / "home" / "adapters"
+    with pytest.raises(SkipjackError, match="skipjack train-adapter"):
+        load(model, default_path(model))
+
+
+def test_an_adapter_fits_every_precision_of_its_model(models):
+    """q4 and fp64 loads of one checkpoint are the same model to an adapter (it names the weights, not the dtype)."""
+    from skipjack.drafters.kangaroo import identity
+
+    assert identity(deep("llama", weights="q4")) == identity(deep("llama", dtype=torch.float32))
+    assert identity(models["llama"]) != identity(models["gemma"])
+
+
+def test_cli_without_an_adapter_names_the_command(tiny_folder, tmp_path, capsys, monkeypatch):
+    from skipjack.cli import main
+
+    monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path))
+    rc = main(["generate", "--model", str(tiny_folder), "--no-tune", "-n", "4", "--method", "kangaroo", "hi"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "skipjack train-adapter" in err[-1] and err[-1].startswith("skipjack: error: kangaroo")
