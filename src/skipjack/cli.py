@@ -245,9 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list named models, or fetch them")
     m.add_argument("--fetch", nargs="+", metavar="NAME", help="download these named models")
     m.set_defaults(func=cmd_models)
-    t = sub.add_parser(
-        "train-adapter", help="distil a Kangaroo adapter for --method kangaroo (resumes if interrupted)"
-    )
+    t = sub.add_parser("train-adapter", help="distil a Kangaroo adapter for --method kangaroo (resumes if interrupted)")
     t.add_argument("--model", "-m", default=None, help="named model, .gguf file, HF folder or hub id")
     t.add_argument("--dtype", default="auto", help="the precision the teacher runs in (auto: q4 for a GGUF)")
     t.add_argument("--layers", type=int, default=2, help="shallow layers before the adapter (2-4)")

@@ -35,6 +35,7 @@ class Step:
     drafted: int = 0  # draft nodes verified in this step
     accepted: int = 0  # of which accepted
     forward_tokens: int = 1  # tokens run through the model in this step
+    draft_seconds: float = 0.0  # time the drafter took to propose (one-off searches excluded)
     finish: str | None = None  # "stop" | "length" on the last step
 
 
@@ -78,7 +79,7 @@ def generate(
 def _step(model, cache: KVCache, ctx: list[int], left: int, drafter, sizer: Sizer, sampler: Sampler) -> Step:
     """One decoding step: draft (if there is a drafter and room; the draft is timed and its cost reported to
     the sizer), one timed forward, verify, learn."""
-    proposal = None
+    proposal, drafting = None, 0.0
     room = min(MAX_DRAFT, left - 1, cache.capacity_left() - 2)
     budget = sizer.budget(room, cache.offset) if drafter is not None else 0
     at = cache.offset
@@ -86,7 +87,8 @@ def _step(model, cache: KVCache, ctx: list[int], left: int, drafter, sizer: Size
         t = time.perf_counter()
         proposal = drafter.propose(DraftContext(ctx, budget, model, cache, sizer.more))
         once = getattr(drafter, "search_seconds", 0.0)  # one-off work (a skip-set search), not a draft's cost
-        sizer.observe_draft(len(proposal or ()), time.perf_counter() - t - once, at)
+        drafting = time.perf_counter() - t - once
+        sizer.observe_draft(len(proposal or ()), drafting, at)
         if proposal is not None:
             proposal = proposal.prefix(min(budget, proposal.valid_length(model.lm_head.out_features)))
             proposal = sizer.size(proposal, at)
@@ -101,6 +103,7 @@ def _step(model, cache: KVCache, ctx: list[int], left: int, drafter, sizer: Size
     if proposal and proposal.resume:  # a verify over the top layers only: as a full pass, for the cost table
         seconds *= model.num_layers / max(1, model.num_layers - proposal.resume[0] - 1)
     sizer.observe(step.forward_tokens, seconds, at)
+    step.draft_seconds = drafting
     if proposal is not None:  # drafted but sized down to nothing: still a lesson for the drafter
         drafter.observe(proposal, verdict or Verdict(step.tokens, [], []))
     return step

@@ -55,7 +55,7 @@ def _chunks(tokenizer, s: Settings) -> torch.Tensor:
         ids += tokenizer.encode(text[i : i + CHUNK], add_special_tokens=False)
         if len(ids) >= need:
             break
-    n = len(ids) // s.seq
+    n = min(len(ids), need) // s.seq
     if n < VAL_CHUNKS + 1:
         raise SkipjackError(f"train-adapter: only {len(ids)} tokens of local text; need {need}")
     return torch.tensor(ids[: n * s.seq]).view(n, s.seq)
@@ -120,7 +120,7 @@ def _save_atomic(obj, path: Path) -> None:
 def train(loaded, s: Settings, out: Path | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
     """Distil an adapter for `loaded` (module doc); returns what was measured. `stop_after`: end the run after
     that many steps as if killed (the checkpoint stays; tests resume from it)."""
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model = loaded.model
     if s.tokens < s.seq * s.batch or s.steps < 1 or s.lr <= 0 or s.seq < 8:
         raise SkipjackError("train-adapter: need --tokens >= 8 chunks of --seq, --steps >= 1, --lr > 0")
     torch.manual_seed(s.seed)
@@ -133,53 +133,57 @@ def train(loaded, s: Settings, out: Path | None = None, progress: bool = True, s
         raise SkipjackError(f"train-adapter: cannot write beside {out}: {e.strerror}") from None
     ckpt, cached = out.with_suffix(".ckpt"), out.with_suffix(".teacher")
     key = asdict(s) | {"model": identity(model)}
-    state = _load(ckpt, key)
     with _bar(progress) as bar:
         data = _load(cached, key)
         if data is None:
-            chunks = _chunks(tokenizer, s)
+            chunks = _chunks(loaded.tokenizer, s)
             task = bar.add_task("teacher pass", total=len(chunks))
             data = _teacher(model, chunks, s.layers, lambda: bar.advance(task))
             data = {k: v.clone() for k, v in data.items()} | {"key": key}  # normal tensors, for autograd
             _save_atomic(data, cached)
-        n = len(data["hidden"]) - VAL_CHUNKS
-        head, val = Head(model), slice(n, None)
-        before = agreement(adapter, head, data, val)
-        start = 0
+        head = Head(model)
+        before = agreement(adapter, head, data, slice(-VAL_CHUNKS, None))
+        start, state = 0, _load(ckpt, key)
         if state is not None:
             adapter.load_state_dict(state["adapter"])
             opt.load_state_dict(state["opt"])
             start = state["step"]
         task = bar.add_task("training", total=s.steps, completed=start)
         t0, loss = time.perf_counter(), float("nan")
-        for step in range(start, s.steps):
-            if stop_after is not None and step - start >= stop_after:
-                return {"stopped_at": step}
-            for g in opt.param_groups:
-                g["lr"] = _lr(s, step)
-            pick = _batch(s, step, n)
-            h, p, i = data["hidden"][pick], data["prob"][pick].float(), data["idx"][pick].long()
-            logp = torch.log_softmax(head(adapter(h, torch.arange(s.seq)), adapter.norm2), -1)  # [B, seq, V]
-            lossv = -(p * logp.gather(-1, i)).sum(-1).mean()
-            opt.zero_grad()
-            lossv.backward()
-            torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
-            opt.step()
-            loss = float(lossv.detach())
+        end = s.steps if stop_after is None else min(s.steps, start + stop_after)
+        for step in range(start, end):
+            loss = _step(adapter, opt, head, data, s, step)
             bar.update(task, advance=1, description=f"training (loss {loss:.3f})")
             if (step + 1) % s.save_every == 0 and step + 1 < s.steps:
-                _save_atomic({"adapter": adapter.state_dict(), "opt": opt.state_dict(), "step": step + 1, "key": key},
-                             ckpt)  # fmt: skip
-    after = agreement(adapter, head, data, val)
+                state = {"adapter": adapter.state_dict(), "opt": opt.state_dict(), "step": step + 1, "key": key}
+                _save_atomic(state, ckpt)
+    if end < s.steps:
+        return {"stopped_at": end}
+    n = len(data["hidden"]) - VAL_CHUNKS
     about = {
         "model_name": loaded.name, "layers": s.layers, "steps": s.steps, "tokens": n * s.seq, "loss": round(loss, 4),
-        "agreement_before": round(before, 4), "agreement": round(after, 4),
+        "agreement_before": round(before, 4), "agreement": round(agreement(adapter, head, data, slice(n, None)), 4),
         "train_seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     save(adapter, model, out, about)
     for f in (ckpt, cached):
         f.unlink(missing_ok=True)
     return about | {"path": str(out)}
+
+
+def _step(adapter: Adapter, opt, head: Head, data: dict, s: Settings, step: int) -> float:
+    """One optimiser step on the step's batch (`_batch`) at the step's learning rate (`_lr`); its loss."""
+    for g in opt.param_groups:
+        g["lr"] = _lr(s, step)
+    pick = _batch(s, step, len(data["hidden"]) - VAL_CHUNKS)
+    h, p, i = data["hidden"][pick], data["prob"][pick].float(), data["idx"][pick].long()
+    logp = torch.log_softmax(head(adapter(h, torch.arange(s.seq)), adapter.norm2), -1)  # [B, seq, V]
+    loss = -(p * logp.gather(-1, i)).sum(-1).mean()
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
 
 
 def _load(path: Path, key: dict):

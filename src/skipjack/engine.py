@@ -54,6 +54,7 @@ class Result:
     forward_passes: int = 0  # decoding forward passes (prefill excluded)
     prefill_seconds: float = 0.0  # time to the first token (prompt forward pass + first pick)
     cached_tokens: int = 0  # prompt tokens not run again: taken from a session
+    draft_seconds: float = 0.0  # time spent drafting (proposals; one-off searches excluded)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -102,6 +103,7 @@ class Engine:
         """Run one request to the end and summarise it; `on_text` gets the text as it streams."""
         text, tokens, hist = [], [], Counter()
         accepted = passes = drafts = 0
+        drafting = 0.0
         finish, t_first, cached = "length", None, 0
         t0 = time.perf_counter()
         for i, (delta, step) in enumerate(self.stream(request)):
@@ -118,6 +120,7 @@ class Engine:
                 drafts += 1
                 hist[step.accepted] += 1
             finish = step.finish or finish
+            drafting += step.draft_seconds
         dt = time.perf_counter() - t0
         spec = request.method if isinstance(request.method, str) else request.method.spec
         return Result(
@@ -135,6 +138,7 @@ class Engine:
             forward_passes=passes,
             prefill_seconds=t_first or 0.0,
             cached_tokens=cached,
+            draft_seconds=drafting,
         )
 
 

@@ -7,6 +7,8 @@ Sections computed by an analysis tool (the copy oracle's bound, the clean/loopin
 
 from __future__ import annotations
 
+import json
+
 from skipjack.bench import summary as numbers
 from skipjack.bench.schema import CostCurve, LinearRows, MethodSummary, Results
 
@@ -159,8 +161,19 @@ def _acceptance(summary: dict[str, MethodSummary]) -> str:
         hist = s["accept_hist"]
         steps = sum(hist.values())
         shown = ", ".join(f"{k}: {v / steps:.0%}" for k, v in hist.items()) if steps else "–"
-        rows.append([_label(name, s), fmt(s["tokens_per_pass"]), fmt(s["draft_steps"], "{}"), shown])
-    return table(["method", "tokens per forward pass", "verify steps with a draft", "accepted drafts: share"], rows)
+        share = fmt(s.get("draft_share"), "{:.1%}")
+        rows.append([_label(name, s), fmt(s["tokens_per_pass"]), fmt(s["draft_steps"], "{}"), share, shown])
+    head = ["method", "tokens per forward pass", "verify steps with a draft", "drafting: share of time"]
+    return table([*head, "accepted drafts: share"], rows)
+
+
+def drafters_line(results: Results) -> list[str]:
+    """What each model-based drafter chose by the end of the run (skip set, exit layer, adapter), one bullet each."""
+    out = []
+    for name, d in (results.get("drafters") or {}).items():
+        shown = ", ".join(f"{k}: {json.dumps(v)}" for k, v in d.items() if k != "alpha")
+        out.append(f"- `{name}`: {shown}")
+    return out
 
 
 def _cost_curves(curves: list[CostCurve]) -> str:
@@ -301,6 +314,8 @@ def render_markdown(
     parts += ["## Speedup vs plain by category", "", by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
     parts += ["## Tokens/s by category", "", by_category(summary, "tokens_per_s", "{:.1f}"), ""]
     parts += ["## Acceptance", "", _acceptance(summary), ""]
+    chose = drafters_line(results)
+    parts += ["What the drafters chose by the end of the run:", "", *chose, ""] if chose else []
     if results.get("cost_curves"):
         parts += ["## Verify cost", "", _cost_curves(results["cost_curves"]), ""]
     if results.get("skipped"):

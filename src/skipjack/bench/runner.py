@@ -139,6 +139,7 @@ class Bench:
             "forward_passes": r.forward_passes,
             "finish": r.finish,
             "prefill_seconds": r.prefill_seconds,
+            "draft_seconds": r.draft_seconds,
         }
 
     def _peer(self, name: str, ids: list[int], params) -> dict:
@@ -154,6 +155,7 @@ class Bench:
             "forward_passes": out.forward_passes,
             "finish": "length" if n >= params.max_new_tokens else "stop",
             "prefill_seconds": out.prefill_seconds,  # llama.cpp's time to first token; null for HF
+            "draft_seconds": None,
         }
 
     def one(self, name: str, ids: list[int], params, drafter=None) -> dict:
@@ -236,6 +238,9 @@ class Bench:
             if first["prefill_seconds"] is None
             else statistics.median(r["prefill_seconds"] for r in reps),
             "identical": identical,
+            "draft_seconds": None
+            if first["draft_seconds"] is None
+            else statistics.median(r["draft_seconds"] for r in reps),  # fmt: skip
             **{k: first[k] for k in ("tokens_per_pass", "accept_hist", "draft_steps", "forward_passes", "finish")},
             "tokens": first["tokens"],
         }
@@ -380,7 +385,15 @@ def _record_results(results: dict, bench: Bench, engine) -> None:
     results["runs"] = bench.runs
     sized = any(m.drafter is not None and not m.k for n, m in bench.drafters.items() if split_dtype(n)[1] is None)
     results["cost_curves"] = engine.cost.curves() if sized else None  # what the run's shared cost model learned
+    results["drafters"] = {  # what each model-based drafter chose by the end of the run (skip set, exit layer)
+        n: _jsonable(m.drafter.describe()) for n, m in bench.drafters.items() if hasattr(m.drafter, "describe")
+    }
     results["summary"] = summarise(results, bench.sampler.peaks)
+
+
+def _jsonable(x):
+    """A drafter's description as JSON values (tuples and sets become lists)."""
+    return json.loads(json.dumps(x, default=lambda o: sorted(o) if isinstance(o, set | frozenset) else str(o)))
 
 
 def _model_record(loaded, dtype: str, times: dict) -> dict:

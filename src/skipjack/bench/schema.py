@@ -83,6 +83,7 @@ class Run(TypedDict):
     tokens_per_s: float  # new_tokens / seconds
     prefill_seconds: float | None  # median time to the first token; null for HF peers
     identical: bool | None  # output tokens == plain's on this prompt; null at T > 0
+    draft_seconds: NotRequired[float | None]  # median time spent drafting (one-off searches excluded); null for peers
     tokens_per_pass: float  # tokens per decoding forward pass (`mean_accepted` in older files)
     accept_hist: dict[str, int]  # {accepted drafts per verify step: count}; {} for peers
     draft_steps: int | None  # verify steps with a draft; null for peers
@@ -120,6 +121,7 @@ class MethodSummary(TypedDict):
     long_prompt_tokens_per_s: NotRequired[float | None]  # the same over the long-document prompts
     accept_hist: dict[str, int]  # {accepted drafts per verify step: count}, summed over the prompts
     draft_steps: int | None  # verify steps with a draft; null for peers
+    draft_share: NotRequired[float | None]  # drafting's share of the total seconds; null for peers and older files
     identical_fraction: float | None  # share of outputs equal to plain's; null at T > 0
     identical_in_dtype: float | None  # a `method@dtype`'s share of outputs equal to `plain@dtype`'s; null without
     peak_rss_mb: float | None  # process RSS peak sampled while it ran
@@ -168,6 +170,7 @@ class Results(TypedDict):
     peak_rss_mb: float  # the process's peak RSS (getrusage)
     runs: list[Run]  # one per method/peer x prompt
     cost_curves: NotRequired[list[CostCurve] | None]  # null when no speculative method ran; absent in older files
+    drafters: NotRequired[dict[str, dict]]  # method -> what its drafter chose by the end (skip set, exit layer...)
     summary: dict[str, MethodSummary]  # method or peer -> its summary, in settings order, then the peers
 
 

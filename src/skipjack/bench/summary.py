@@ -94,6 +94,8 @@ def summarise(results: Results, rss_peaks: dict | None = None) -> dict[str, Meth
                 hist[str(k)] = hist.get(str(k), 0) + v
         s["accept_hist"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
         s["draft_steps"] = None if is_peer or not rs else sum(r["draft_steps"] for r in rs)
+        drafting = [r.get("draft_seconds") for r in rs]
+        s["draft_share"] = sum(drafting) / s["seconds"] if rs and None not in drafting and s["seconds"] else None
         marks = [r["identical"] for r in rs if r["identical"] is not None]
         s["identical_fraction"] = sum(marks) / len(marks) if greedy and marks else None
         own = {r["id"]: r["tokens"] for r in by.get(f"plain@{dtype}", [])} if spec != "plain" else {}

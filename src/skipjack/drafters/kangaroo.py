@@ -58,7 +58,9 @@ class Adapter(nn.Module):
     def for_model(cls, model, layers: int) -> Adapter:
         c = model.config
         if not 1 <= layers < model.num_layers - 1:
-            raise SkipjackError(f"kangaroo: layers must be in [1, {model.num_layers - 2}] for this model (got {layers})")
+            raise SkipjackError(
+                f"kangaroo: layers must be in [1, {model.num_layers - 2}] for this model (got {layers})"
+            )
         a = cls(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps, layers)
         with torch.no_grad():
             a.norm2.copy_(model.norm_weight.float())
