@@ -32,6 +32,7 @@ LAYERS = {  # module (or package) -> layer; the longest matching prefix decides 
     "skipjack.prompt_file": 6,
     "skipjack.vocab": 6,
     "skipjack.distil": 6,
+    "skipjack.corpus": 6,
     "skipjack.cli": 7,
     "skipjack.demo": 7,
     "skipjack.bench": 7,

@@ -171,13 +171,21 @@ def test_sampling_distribution_is_preserved(tmp_path):
 
 
 class CharTokenizer:
-    """Local text as token ids (characters modulo a tiny vocabulary)."""
+    """Local text as token ids (characters modulo a tiny vocabulary), enough of a tokenizer for the engine."""
+
+    stop_ids = frozenset()
 
     def __init__(self, vocab):
         self.vocab = vocab
 
     def encode(self, text, add_special_tokens=False):
         return [ord(c) % self.vocab for c in text]
+
+    def prompt_ids(self, text):
+        return self.encode(text)[:200]
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
 
 
 def _loaded(model):
@@ -186,7 +194,7 @@ def _loaded(model):
 
 def test_training_learns_and_a_resumed_run_makes_the_same_weights(models, tmp_path):
     loaded = _loaded(deep("llama", seed=5))
-    s = Settings(layers=2, tokens=512, seq=32, batch=4, steps=24, lr=1e-2, save_every=4)
+    s = Settings(layers=2, tokens=512, seq=32, batch=4, steps=24, lr=1e-2, save_every=4, prompts=3, answer=8)
     res = train(loaded, s, tmp_path / "a.safetensors", progress=False)
     assert res["agreement"] > res["agreement_before"]  # it learns the full model's next token
     assert not (tmp_path / "a.ckpt").exists() and not (tmp_path / "a.teacher").exists()
@@ -196,6 +204,22 @@ def test_training_learns_and_a_resumed_run_makes_the_same_weights(models, tmp_pa
     train(loaded, s, tmp_path / "b.safetensors", progress=False)  # resumes at step 8 (the last checkpoint)
     second = load(loaded.model, tmp_path / "b.safetensors")[0].state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_reduced_vocabulary_adapter_drafts_over_that_vocabulary(tmp_path):
+    """FR-Spec in training: the adapter learns against the most frequent tokens' head rows, and kangaroo then
+    drafts over that many tokens (unless told otherwise), still lossless."""
+    loaded = _loaded(deep("llama", seed=5))
+    s = Settings(layers=2, tokens=256, seq=32, batch=4, steps=4, vocab=20, prompts=2, answer=8)
+    res = train(loaded, s, tmp_path / "v.safetensors", progress=False)
+    assert res["vocab"] == 20
+    d = Kangaroo(threshold=0.0, adapter=str(tmp_path / "v.safetensors"))
+    plain, _ = decode(loaded.model, [1, 2, 3, 4], SamplingParams(max_new_tokens=12))
+    got, _ = decode(loaded.model, [1, 2, 3, 4], SamplingParams(max_new_tokens=12), d, CostModel.flat())
+    assert got == plain and len(d.head.ids) == 20
+    d = Kangaroo(threshold=0.0, vocab=0, adapter=str(tmp_path / "v.safetensors"))
+    d.propose(_ctx(loaded.model, [1, 2, 3]))
+    assert d.head.ids is None
 
 
 def test_bad_adapters_are_one_line(models, tmp_path, monkeypatch):

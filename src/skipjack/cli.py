@@ -202,7 +202,11 @@ def cmd_train_adapter(a) -> int:
     from skipjack import loading
     from skipjack.distil import Settings, train
 
-    s = Settings(layers=a.layers, tokens=a.tokens, steps=a.steps, lr=a.lr, seed=a.seed)
+    s = Settings(
+        layers=a.layers, tokens=a.tokens, steps=a.steps, lr=a.lr, seed=a.seed, prompts=a.prompts, vocab=a.vocab
+    )
+    if s.vocab < 0 or s.prompts < 0:
+        raise SkipjackError("--vocab and --prompts must be >= 0")
     if not 1 <= s.layers <= 8:
         raise SkipjackError(f"--layers must be in [1, 8] (got {s.layers}); Kangaroo uses 2-4")
     out = Path(a.out).expanduser() if a.out else None
@@ -251,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=int, default=2, help="shallow layers before the adapter (2-4)")
     t.add_argument("--tokens", type=int, default=24_576, help="training tokens of local text")
     t.add_argument("--steps", type=int, default=120, help="optimiser steps (8 x 256 tokens each)")
+    t.add_argument("--prompts", type=int, default=48, help="chat prompts the model answers for the training text")
+    t.add_argument(
+        "--vocab",
+        type=int,
+        default=0,
+        help="train against the N most frequent tokens' head rows (0: all; "
+        "kangaroo then drafts over those N, as FR-Spec): for a large vocabulary",
+    )
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="adapter file (default: beside the model cache, found by kangaroo)")

@@ -1,9 +1,11 @@
 """`skipjack train-adapter`: distil Kangaroo's adapter (`skipjack.drafters.kangaroo`) on the model's own outputs.
 
-1. Text: local, offline (`vocab.local_text`: pydoc topics and stdlib sources), cut into `seq`-token chunks;
-   the last `VAL_CHUNKS` chunks are held out.
-2. Teacher pass, once per chunk: the full model's hidden state after the shallow layers (the adapter's input)
-   and its `TOP_K` likeliest next tokens with their probabilities (the distillation target).
+1. Text, local and offline (`skipjack.corpus`): the model's own greedy answers to `prompts` chat prompts built
+   from the stdlib (what a draft has to predict is the model's own text), after raw stdlib source up to
+   `tokens` tokens in all.
+2. Teacher pass, once per document: the full model's hidden state after the shallow layers (the adapter's
+   input) and its `TOP_K` likeliest next tokens with their probabilities (the distillation target). The
+   positions are packed into `seq`-token chunks; the last `VAL_CHUNKS` chunks (the last answers) are held out.
 3. Training: the adapter (the model frozen, its LM head a dense fp32 copy) minimises the cross-entropy of its
    next-token distribution against the teacher's top-k probabilities (Kangaroo's loss, truncated to the top
    k), with AdamW, a short warm-up and cosine decay. Batches are a function of (seed, step), so a run that
@@ -25,11 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from skipjack import corpus
 from skipjack.drafters.kangaroo import Adapter, default_path, identity, save
 from skipjack.errors import SkipjackError
 from skipjack.linear import dense
 from skipjack.models.common import rms_norm
-from skipjack.vocab import CHUNK, local_text
 
 TOP_K = 16  # teacher probabilities kept per position
 VAL_CHUNKS = 8
@@ -38,7 +40,10 @@ VAL_CHUNKS = 8
 @dataclass
 class Settings:
     layers: int = 2  # shallow layers before the adapter
-    tokens: int = 24_576  # training tokens (teacher-forced)
+    tokens: int = 24_576  # training tokens (teacher-forced), answers included
+    prompts: int = 48  # chat prompts the model answers
+    answer: int = 128  # most tokens per answer
+    vocab: int = 0  # train against the head rows of the `vocab` most frequent tokens only (0: all)
     seq: int = 256  # tokens per chunk
     batch: int = 8  # chunks per step
     steps: int = 120
@@ -47,40 +52,49 @@ class Settings:
     save_every: int = 10
 
 
-def _chunks(tokenizer, s: Settings) -> torch.Tensor:
-    """[n, seq] token chunks of local text: the training ones, then VAL_CHUNKS held out."""
-    need = (s.tokens // s.seq + VAL_CHUNKS) * s.seq
-    text, ids = local_text(), []
-    for i in range(0, len(text), CHUNK):
-        ids += tokenizer.encode(text[i : i + CHUNK], add_special_tokens=False)
-        if len(ids) >= need:
-            break
-    n = min(len(ids), need) // s.seq
-    if n < VAL_CHUNKS + 1:
-        raise SkipjackError(f"train-adapter: only {len(ids)} tokens of local text; need {need}")
-    return torch.tensor(ids[: n * s.seq]).view(n, s.seq)
+def _documents(loaded, s: Settings, bar) -> list[list[int]]:
+    """Token lists to teacher-force: stdlib source in `seq`-token pieces, then the model's answers (last, so
+    the held-out chunks are answers)."""
+    from skipjack.engine import Engine
+
+    task = bar.add_task("the model's answers", total=s.prompts)
+    talk = corpus.answers(Engine(loaded, None), corpus.prompts(s.prompts, s.seed), s.answer, lambda: bar.advance(task))
+    rest = s.tokens + VAL_CHUNKS * s.seq - sum(map(len, talk))
+    src = loaded.tokenizer.encode(corpus.source_text(8 * max(0, rest)), add_special_tokens=False)[: max(0, rest)]
+    docs = [src[i : i + s.seq] for i in range(0, len(src) - s.seq + 1, s.seq)] + talk
+    if sum(map(len, docs)) < (VAL_CHUNKS + s.batch) * s.seq:
+        raise SkipjackError(f"train-adapter: only {sum(map(len, docs))} tokens of text for --tokens {s.tokens}")
+    return docs
 
 
 @torch.inference_mode()
-def _teacher(model, chunks: torch.Tensor, layers: int, tick) -> dict:
-    """Per chunk: the hidden state after the shallow layers [n, seq, D] and the full model's top-k next tokens."""
+def _teacher(model, docs: list[list[int]], s: Settings, tick) -> dict:
+    """Per document: the hidden state after the shallow layers and the full model's top-k next tokens; all
+    positions packed into [n, seq] chunks."""
     hid, prob, idx = [], [], []
-    for c in chunks:
-        out = model(c[None], None, return_hidden=[layers - 1], logits="all")
-        p, i = torch.softmax(out.logits[0].float(), -1).topk(TOP_K, -1)  # [seq, K] x2
-        hid.append(out.hidden[layers - 1][0].float())
+    for d in docs:
+        out = model(torch.tensor([d]), None, return_hidden=[s.layers - 1], logits="all")
+        p, i = torch.softmax(out.logits[0].float(), -1).topk(TOP_K, -1)  # [T, K] x2
+        hid.append(out.hidden[s.layers - 1][0].float())  # [T, D]
         prob.append(p.half())
         idx.append(i.int())
         tick()
-    return {"hidden": torch.stack(hid), "prob": torch.stack(prob), "idx": torch.stack(idx)}
+    n = sum(len(d) for d in docs) // s.seq * s.seq
+    pack = lambda xs: torch.cat(xs)[:n].reshape(n // s.seq, s.seq, -1).clone()  # noqa: E731  [n, seq, ...]
+    return {"hidden": pack(hid), "prob": pack(prob), "idx": pack(idx)}
 
 
 class Head:
     """The frozen LM head as a differentiable function of the draft's output: its final norm, the model's head
-    weight (dense fp32) and the model's logit soft-capping."""
+    weight (dense fp32) and the model's logit soft-capping; with `ids`, only those tokens' rows (FR-Spec's
+    reduced vocabulary: a large vocabulary's head dominates a training step's time)."""
 
-    def __init__(self, model):
-        self.w = dense(model.lm_head)  # [V, D]
+    def __init__(self, model, ids: torch.Tensor | None = None):
+        V = model.lm_head.out_features
+        self.ids = torch.arange(V) if ids is None else ids  # [V']
+        self.w = dense(model.lm_head)[self.ids].contiguous()  # [V', D]
+        self.pos = torch.full((V,), -1, dtype=torch.long)  # token -> its row here, -1 if absent
+        self.pos[self.ids] = torch.arange(len(self.ids))
         self.eps, self.cap = model.config.rms_norm_eps, getattr(model.config, "final_logit_softcapping", None)
 
     def __call__(self, h: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -92,8 +106,17 @@ def agreement(adapter: Adapter, head: Head, data: dict, rows: slice) -> float:
     """Share of held-out positions where the draft's top-1 token is the full model's."""
     with torch.no_grad():
         h = data["hidden"][rows]
-        got = head(adapter(h, torch.arange(h.shape[1])), adapter.norm2).argmax(-1)  # [n, seq]
+        got = head.ids[head(adapter(h, torch.arange(h.shape[1])), adapter.norm2).argmax(-1)]  # [n, seq]
         return float((got == data["idx"][rows][..., 0]).float().mean())
+
+
+def _frequent(data: dict, vocab: int, V: int) -> torch.Tensor | None:
+    """The `vocab` tokens most often among the teacher's top-k over the corpus (None: all tokens)."""
+    if not 0 < vocab < V:
+        return None
+    counts = torch.bincount(data["idx"].flatten().long(), minlength=V)  # [V]
+    order = sorted(range(V), key=lambda t: (-int(counts[t]), t))
+    return torch.tensor(sorted(order[:vocab]))
 
 
 def _lr(s: Settings, step: int) -> float:
@@ -136,12 +159,12 @@ def train(loaded, s: Settings, out: Path | None = None, progress: bool = True, s
     with _bar(progress) as bar:
         data = _load(cached, key)
         if data is None:
-            chunks = _chunks(loaded.tokenizer, s)
-            task = bar.add_task("teacher pass", total=len(chunks))
-            data = _teacher(model, chunks, s.layers, lambda: bar.advance(task))
+            docs = _documents(loaded, s, bar)
+            task = bar.add_task("teacher pass", total=len(docs))
+            data = _teacher(model, docs, s, lambda: bar.advance(task))
             data = {k: v.clone() for k, v in data.items()} | {"key": key}  # normal tensors, for autograd
             _save_atomic(data, cached)
-        head = Head(model)
+        head = Head(model, _frequent(data, s.vocab, model.lm_head.out_features))
         before = agreement(adapter, head, data, slice(-VAL_CHUNKS, None))
         start, state = 0, _load(ckpt, key)
         if state is not None:
@@ -161,7 +184,8 @@ def train(loaded, s: Settings, out: Path | None = None, progress: bool = True, s
         return {"stopped_at": end}
     n = len(data["hidden"]) - VAL_CHUNKS
     about = {
-        "model_name": loaded.name, "layers": s.layers, "steps": s.steps, "tokens": n * s.seq, "loss": round(loss, 4),
+        "model_name": loaded.name, "layers": s.layers, "vocab": s.vocab, "steps": s.steps, "tokens": n * s.seq,
+        "loss": round(loss, 4),
         "agreement_before": round(before, 4), "agreement": round(agreement(adapter, head, data, slice(n, None)), 4),
         "train_seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
@@ -176,9 +200,10 @@ def _step(adapter: Adapter, opt, head: Head, data: dict, s: Settings, step: int)
     for g in opt.param_groups:
         g["lr"] = _lr(s, step)
     pick = _batch(s, step, len(data["hidden"]) - VAL_CHUNKS)
-    h, p, i = data["hidden"][pick], data["prob"][pick].float(), data["idx"][pick].long()
-    logp = torch.log_softmax(head(adapter(h, torch.arange(s.seq)), adapter.norm2), -1)  # [B, seq, V]
-    loss = -(p * logp.gather(-1, i)).sum(-1).mean()
+    h, p, i = data["hidden"][pick], data["prob"][pick].float(), head.pos[data["idx"][pick].long()]  # [B, seq, K]
+    p = p * (i >= 0)  # teacher tokens outside a reduced head's vocabulary are not trained on
+    logp = torch.log_softmax(head(adapter(h, torch.arange(s.seq)), adapter.norm2), -1)  # [B, seq, V']
+    loss = -(p * logp.gather(-1, i.clamp(min=0))).sum(-1).mean()
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)

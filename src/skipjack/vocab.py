@@ -20,14 +20,18 @@ def local_text(limit: int = 1_500_000) -> str:
     """Offline English and Python text: pydoc's topics, then stdlib sources, up to `limit` characters."""
     from pydoc_data.topics import topics
 
-    parts = list(topics.values())
-    lib = Path(sysconfig.get_paths()["stdlib"])
+    return "\n".join([*topics.values(), stdlib_sources()])[:limit]
+
+
+def stdlib_sources() -> str:
+    """The source of a few stdlib modules (`SOURCES`), joined."""
+    lib, parts = Path(sysconfig.get_paths()["stdlib"]), []
     for name in SOURCES:
         try:
             parts.append((lib / name).read_text())
         except OSError:
             continue
-    return "\n".join(parts)[:limit]
+    return "\n".join(parts)
 
 
 def token_counts(tokenizer) -> dict[int, int]:

@@ -3,8 +3,9 @@
 
 Draft: the model's first `layers` layers (2-4), then the adapter: one attention block (pre-norm, RoPE, the
 model's head counts, residual) and its own final norm, then the model's shared LM head (or FR-Spec's reduced
-head: `vocab`). One token at a time from the pending token, until the top-1 probability falls below
-`threshold` (0.6, as the paper's second early exit), the budget is spent, or one more node cannot pay.
+head: `vocab`; by default the reduced vocabulary the adapter was trained against, if any). One token at a
+time from the pending token, until the top-1 probability falls below `threshold` (0.6, as the paper's second
+early exit), the budget is spent, or one more node cannot pay.
 
 The adapter is distilled on the model's own outputs (`skipjack train-adapter`, `skipjack.distil`): its logits
 are trained towards the full model's distribution after the same token. It keeps its own one-layer KV cache,
@@ -140,7 +141,7 @@ class Kangaroo(SharesModels):
     name = "kangaroo"
     lossless = True
 
-    def __init__(self, threshold: float = 0.6, vocab: int = 0, adapter: str = "", shared: dict | None = None):
+    def __init__(self, threshold: float = 0.6, vocab: int = -1, adapter: str = "", shared: dict | None = None):
         if not 0.0 <= threshold < 1.0:
             raise SkipjackError(f"kangaroo: threshold must be in [0, 1) (got {threshold})")
         self.threshold, self.vocab, self.file = threshold, vocab, Path(adapter).expanduser() if adapter else None
@@ -158,7 +159,8 @@ class Kangaroo(SharesModels):
         if self.layers >= model.num_layers - 1:
             raise SkipjackError(f"kangaroo: the adapter follows layer {self.layers - 1}, too deep for this model")
         norm = self.adapter.norm2.detach().to(model.dtype)
-        self.head = DraftHead(model, self.vocab, self.shared.get("token_counts"), tokens, norm=norm)
+        vocab = self.about.get("vocab", 0) if self.vocab < 0 else self.vocab  # -1: the vocabulary it was trained on
+        self.head = DraftHead(model, vocab, self.shared.get("token_counts"), tokens, norm=norm)
         self.adapter.to(torch.float32)
         per_layer = sum(lin.nbytes for lin in model.linears()[:-1]) / model.num_layers
         own = sum(p.numel() * 4 for p in self.adapter.parameters()) / per_layer

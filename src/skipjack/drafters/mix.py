@@ -1,5 +1,6 @@
 """`mix:of=A+B`: several drafters' proposals merged into one token tree, verified in one pass (for example a
-model-free `pld` copy beside a layer draft: `mix:of=pld+swift`).
+model-free `pld` copy beside a layer draft: `mix:of=pld+swift`). `model=NAME` goes to the parts that draft
+with another model (`mix:of=pld+draft,model=qwen2.5-coder-0.5b`).
 
 Each drafter proposes on the same context (the cache is rewound between them: their scratch keys never
 meet); the proposals are merged into one trie (a token under the same parent is one node, keeping the higher
@@ -20,7 +21,9 @@ class Mix:
     name = "mix"
     lossless = True
 
-    def __init__(self, of: str = "pld+swift", shared: dict | None = None, registry: dict | None = None):
+    def __init__(
+        self, of: str = "pld+swift", model: str = "", shared: dict | None = None, registry: dict | None = None
+    ):
         names = [n.strip() for n in str(of).split("+") if n.strip()]
         registry = registry or {}
         bad = [n for n in names if n not in registry or n == "mix"]
@@ -31,7 +34,9 @@ class Mix:
         self.parts = []
         for n in names:
             factory = registry[n]
-            self.parts.append(factory(shared=shared) if _takes(factory, "shared") else factory())
+            kw = {"shared": shared} if _takes(factory, "shared") else {}
+            kw |= {"model": model} if model and _takes(factory, "model") else {}
+            self.parts.append(factory(**kw))
         self.lossless = all(p.lossless for p in self.parts)
         self.search_seconds = 0.0
 
@@ -84,6 +89,11 @@ class Mix:
                 path.append(where[m])
             argmax = [verdict.argmax[0], *(verdict.argmax[m + 1] for m in ids)] if verdict.argmax else []
             part.observe(own, Verdict(verdict.tokens, _prefix_path(own, path), argmax))
+
+    @property
+    def cost_prior(self) -> float:
+        """A draft token's cost before one is timed: the parts' together (each drafts its own proposal)."""
+        return sum(getattr(p, "cost_prior", 0.0) for p in self.parts)
 
     def describe(self) -> dict:
         return {p.name: p.describe() for p in self.parts if hasattr(p, "describe")}
