@@ -131,6 +131,11 @@ def test_schema_and_plots(bench_out):
     assert all(0 < r["prefill_seconds"] < r["seconds"] for r in tot)
     assert res["summary"]["plain"]["decode_speedup_vs_plain"] == pytest.approx(1.0)
     assert res["summary"]["hf"]["decode_speedup_vs_plain"] is None
+    # Drafting's share of the time: the drafter's propose calls over the run's seconds; none for peers.
+    spent = sum(r["draft_seconds"] for r in tot)
+    assert res["summary"]["pld"]["draft_share"] == pytest.approx(spent / res["summary"]["pld"]["seconds"])
+    assert 0 < res["summary"]["pld"]["draft_share"] < 1 and res["summary"]["hf"]["draft_share"] is None
+    assert res["summary"]["plain"]["draft_share"] == 0 and "drafting: share of time" in (out / "REPORT.md").read_text()
     for png in render.PLOTS:
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
@@ -210,6 +215,27 @@ def test_benchmarks_md(bench_out, tmp_path):
         and (tmp_path / "docs" / "bench" / f"results-{out.name}.json").exists()
     )
     assert benchmarks_md.main([str(out), "--benchmarks-md", str(target), "--extra", "nodir"]) == 2
+
+
+def test_probe_beside_the_measured_methods(bench_out, tmp_path):
+    """BENCHMARKS.md's layer-probe section puts what the probe expected of swift and del next to what a run on
+    the same model measured, and the drafters' choices are listed."""
+    from skipjack.bench.layers import versus
+
+    _, res = bench_out
+    name = res["model"]["name"]
+    probe = {"model": name, "swift_best_value": 0.93, "del_best": {"exit": 3, "value": 0.71}}
+    (tmp_path / "p.json").write_text(json.dumps(probe))
+    fake = json.loads(json.dumps(res))
+    fake["summary"]["swift"] = fake["summary"]["pld"] | {"decode_speedup_vs_plain": 1.01}
+    fake["summary"]["kangaroo"] = fake["summary"]["pld"]
+    fake["drafters"] = {"kangaroo": {"layers": 2, "adapter": {"agreement": 0.338}}, "swift": {"skip_ffn": [3]}}
+    table = versus(tmp_path, [fake])
+    assert f"| {name} | `swift` | 0.93 | 1.01× |" in table and "top-1 agreement 34%" in table
+    assert "del" not in table.split("\n", 2)[2]  # no del run: no row
+    assert render.drafters_line(fake) == ['- `kangaroo`: layers: 2, adapter: {"agreement": 0.338}',
+                                          '- `swift`: skip_ffn: [3]']  # fmt: skip
+    assert versus(tmp_path, [res | {"model": {"name": "another"}}]) == ""
 
 
 def test_targets_are_computed_from_the_summary():

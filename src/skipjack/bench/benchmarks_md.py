@@ -55,6 +55,10 @@ def render_extra(results: Results, heading: str) -> str:
     in_dtype = render.in_dtype(summary)
     parts += [render.overall(summary, render.ran_peers(summary)), ""] + ([in_dtype, ""] if in_dtype else [])
     parts += [render.by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
+    if any(s.get("draft_share") for s in summary.values()):
+        parts += [render.acceptance(summary), ""]
+    chose = render.drafters_line(results)
+    parts += ["What the drafters chose by the end of the run:", "", *chose, ""] if chose else []
     split = loop_split(results)
     parts += [render.table(*split[:2]), ""] if split else []  # the split is defined in the main run's section
     return "\n".join(parts)
@@ -117,16 +121,17 @@ def write_benchmarks_md(
         md += f"\n## Quality: {q['dtype']} against fp32 (separate run)\n\n" + render.render_quality(q)
         md += "\n\nRaw data: `docs/bench/quality.json`.\n"
     if layers:
-        md += "\n" + layer_probe_section(Path(layers), docs)
+        md += "\n" + layer_probe_section(Path(layers), docs, [results, *(r for _, r in extras)])
     if note_text:
         md += "\n" + note_text.rstrip()
     target.write_text(md + "\n")
     return target
 
 
-def layer_probe_section(folder: Path, docs: Path) -> str:
-    """The layer probe's table and plots (`python -m skipjack.bench.layers` results under `folder`)."""
-    from skipjack.bench.layers import table
+def layer_probe_section(folder: Path, docs: Path, runs: list[Results] = ()) -> str:
+    """The layer probe's table and plots (`python -m skipjack.bench.layers` results under `folder`), and what
+    the bench `runs` measured on the probed models beside what the probe expected."""
+    from skipjack.bench.layers import table, versus
 
     plots = sorted(folder.glob("*.png"))
     for p in plots:
@@ -136,7 +141,11 @@ def layer_probe_section(folder: Path, docs: Path) -> str:
     md = "## Layer probe: what the models' own layers could draft (separate runs)\n\n"
     md += "`python -m skipjack.bench.layers --model M`: teacher-forced on local text (HumanEval prompts, pydoc "
     md += "topics). Value = expected tokens per plain step's time at the best draft length (> 1 pays).\n\n"
-    md += table(folder) + "\n\n" + "".join(f"![{p.stem}](docs/bench/layers-{p.name})\n" for p in plots)
+    md += table(folder) + "\n\n"
+    side = versus(folder, list(runs))
+    if side:
+        md += "What the probe expected and what the bench measured, on the same models:\n\n" + side + "\n\n"
+    md += "".join(f"![{p.stem}](docs/bench/layers-{p.name})\n" for p in plots)
     return md
 
 

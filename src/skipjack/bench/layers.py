@@ -168,6 +168,33 @@ def table(folder: Path) -> str:
     return "\n".join(lines)
 
 
+def versus(folder: Path, runs: list[dict]) -> str:
+    """Probe and bench side by side, per model with both: what the probe expected of `swift` and `del` (tokens
+    per plain step's time at the best set or exit) and what the bench measured (decoding-phase speedup over
+    plain, tokens per pass, drafting's share of the time); `kangaroo` with its adapter's held-out agreement."""
+    rows = ["| model | method | probe: expected value | measured: decode × plain | tokens/pass | drafting share |"]
+    rows.append("|---|---|---|---|---|---|")
+    probes = {json.loads(f.read_text())["model"]: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))}
+    for res in runs:
+        d = probes.get((res.get("model") or {}).get("name"))
+        if d is None:
+            continue
+        for name, s in res["summary"].items():
+            kind = name.split(":")[0]
+            if s["kind"] != "method" or kind not in ("swift", "del", "kangaroo"):
+                continue
+            expect = {"swift": f"{d['swift_best_value']:.2f}", "del": f"{d['del_best']['value']:.2f}"}.get(kind)
+            if kind == "kangaroo":
+                about = ((res.get("drafters") or {}).get(name) or {}).get("adapter") or {}
+                expect = f"(trained: top-1 agreement {about['agreement']:.0%})" if "agreement" in about else "–"
+            f = lambda x, form="{:.2f}": "–" if x is None else form.format(x)  # noqa: E731
+            rows.append(
+                f"| {d['model']} | `{name}` | {expect} | {f(s.get('decode_speedup_vs_plain'), '{:.2f}×')} | "
+                f"{f(s.get('tokens_per_pass'))} | {f(s.get('draft_share'), '{:.0%}')} |"
+            )
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.layers", description=__doc__.splitlines()[0])
     ap.add_argument("--model", "-m", default=None)

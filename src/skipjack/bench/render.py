@@ -153,7 +153,7 @@ def by_category(summary: dict[str, MethodSummary], key: str, form: str) -> str:
     return table(["method", *cats, "overall"], rows)
 
 
-def _acceptance(summary: dict[str, MethodSummary]) -> str:
+def acceptance(summary: dict[str, MethodSummary]) -> str:
     rows = []
     for name, s in summary.items():
         if s["status"] != "ok" or not s["prompts"]:
@@ -313,7 +313,7 @@ def render_markdown(
     parts += ["process's while it ran: every engine of the run lives in one process, so it is an upper bound.", ""]
     parts += ["## Speedup vs plain by category", "", by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
     parts += ["## Tokens/s by category", "", by_category(summary, "tokens_per_s", "{:.1f}"), ""]
-    parts += ["## Acceptance", "", _acceptance(summary), ""]
+    parts += ["## Acceptance", "", acceptance(summary), ""]
     chose = drafters_line(results)
     parts += ["What the drafters chose by the end of the run:", "", *chose, ""] if chose else []
     if results.get("cost_curves"):
