@@ -197,6 +197,31 @@ def test_self_drafting_identical_on_the_quick_prompts(real_q4):
     assert drafted[SELF_DRAFTS[0]] and drafted[SELF_DRAFTS[2]], drafted  # the fixed drafts really ran
 
 
+def test_kangaroo_identical_on_the_quick_prompts(real_q4, tmp_path):
+    """kangaroo on the default model (q4) with a briefly trained adapter: forced to draft (threshold 0), its
+    verify passes resume from the shallow layers' hidden states; identical to plain greedy."""
+    from skipjack.distil import Settings, train
+
+    s = Settings(tokens=1024, seq=128, batch=4, steps=4, prompts=2, answer=32, save_every=100)
+    about = train(real_q4.loaded, s, tmp_path / "k.safetensors", progress=False)
+    assert about["agreement"] > about["agreement_before"]
+    params = SamplingParams(max_new_tokens=32, stop_token_ids=real_q4.tokenizer.stop_ids)
+    methods = [
+        f"kangaroo:threshold=0,adapter={tmp_path / 'k.safetensors'}",
+        f"kangaroo:vocab=4096,adapter={tmp_path / 'k.safetensors'}",
+    ]
+    drafted = dict.fromkeys(methods, 0)
+    for p in [p for p in identity_prompts() if p["id"] in {q["id"] for q in suite("quick")}]:
+        ids = real_q4.tokenizer.prompt_ids(p["messages"])
+        pre = Session.prefilled(real_q4.model, ids, params.max_new_tokens)
+        plain = complete(real_q4, ids, params, session=pre).tokens
+        for method in methods:
+            res = complete(real_q4, ids, params, method, session=pre)
+            assert res.tokens == plain, (p["id"], method)
+            drafted[method] += res.draft_steps
+    assert drafted[methods[0]], drafted
+
+
 def test_draft_model_identical_and_bad_pairs_are_one_line(real_q4):
     """`draft:model=` on Qwen2.5-Coder 0.5B drafting for itself (the pair the tests fetch; the 1.5B is the
     benchmark's target): identical to plain greedy; a draft model with another tokenizer is one line."""
