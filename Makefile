@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?=
 
-.PHONY: demo test install lint bench bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers clean
+.PHONY: demo test install lint bench bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec clean
 
 $(BIN)/skipjack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -65,15 +65,41 @@ bench-sizing: install
 	$(BIN)/skipjack bench --suite quick --methods plain,pld,pld:k=2,pld:k=4,pld:k=8,pld:k=16 \
 		--max-new-tokens 64 --out bench-out/sizing
 
-# BENCHMARKS.md from the full run, plus the sizing run and the llama.cpp prompt-lookup run when they exist.
-EXTRA_RUNS = $(if $(wildcard bench-out/full-amd/results.json),--extra "Earlier full run on another CPU (before the plain-layout kernel; full suite, separate run)=bench-out/full-amd") \
-	$(if $(wildcard bench-out/llamacpp/results.json),--extra "llama.cpp peers (full suite, separate run)=bench-out/llamacpp") \
-	$(if $(wildcard bench-out/sizing/results.json),--extra "Draft sizing (quick suite, separate run)=bench-out/sizing") \
-	$(if $(wildcard bench-out/outputs/results.json),--extra "Longer outputs: 256 new tokens (18-prompt sample, separate run)=bench-out/outputs") \
-	$(if $(wildcard bench-out/bf16/results.json),--extra "fp32 and bf16 in one run (full suite, separate run)=bench-out/bf16")
+# Self-speculation (#18). The layer probe on the three models (~25 min), then the drafting methods and their
+# peers on SmolLM2-135M (code suite: quick + 9 HumanEval prompts, ~45 min) and on Qwen2.5-Coder-1.5B with its
+# 0.5B sibling as the draft model (~40 min). kangaroo needs an adapter per model: `make adapters` (~25 min).
+bench-layers: install
+	for m in smollm2-135m gemma3-270m qwen2.5-coder-1.5b; do $(BIN)/python -m skipjack.bench.layers --model $$m --out bench-out/layers; done
+
+adapters: install
+	$(BIN)/skipjack train-adapter --model smollm2-135m
+	$(BIN)/skipjack train-adapter --model qwen2.5-coder-1.5b --vocab 16384 --tokens 12288 --prompts 32 --steps 80
+
+bench-selfspec: install
+	$(BIN)/skipjack bench --suite code --max-new-tokens 128 --out bench-out/selfspec-smollm2 \
+		--methods plain,pld,swift,del,kangaroo,kangaroo:vocab=8192,mix:of=pld+kangaroo \
+		--peers hf,hf-early-exit,llamacpp,llamacpp-pld
+	$(BIN)/skipjack bench --model qwen2.5-coder-1.5b --prompts src/skipjack/bench/prompts/selfspec.jsonl \
+		--max-new-tokens 128 --out bench-out/selfspec-qwen \
+		--methods plain,pld,swift,del,kangaroo,draft:model=qwen2.5-coder-0.5b,mix:of=pld+draft,model=qwen2.5-coder-0.5b,mix:of=pld+kangaroo \
+		--peers hf,hf-assist,llamacpp
+
+# BENCHMARKS.md from the runs that exist: the q4 quick run with the llama.cpp peers as the main one, then the
+# others as sections. `tools/restore-runs.sh` first puts back, from docs/bench/, any run this checkout has
+# not measured itself, so the file can be rebuilt on any machine from the data under version control.
+EXTRA = "Self-speculation on SmolLM2-135M (code suite, separate run)=bench-out/selfspec-smollm2" \
+	"Self-speculation and a draft model on Qwen2.5-Coder-1.5B (separate run)=bench-out/selfspec-qwen" \
+	"Earlier full run, fp32 (Intel Xeon, full suite, 64 new tokens, separate run)=bench-out/full-xeon-fp32" \
+	"Earlier full run on AMD EPYC, fp32 (separate run)=bench-out/full-amd" \
+	"llama.cpp peers, fp32 (full suite, separate run)=bench-out/llamacpp" \
+	"Longer outputs, fp32: 256 new tokens (18-prompt sample, separate run)=bench-out/outputs" \
+	"fp32 and bf16 in one run (full suite, separate run)=bench-out/bf16"
 benchmarks-md: install
-	$(BIN)/python -m skipjack.bench.benchmarks_md bench-out/full --benchmarks-md BENCHMARKS.md $(EXTRA_RUNS) \
-		$(if $(wildcard bench-out/quality/quality.json),--quality bench-out/quality) --notes docs/bench/NOTES.md
+	bash tools/restore-runs.sh
+	$(BIN)/python -m skipjack.bench.benchmarks_md bench-out/q4-quick --benchmarks-md BENCHMARKS.md \
+		$(foreach e,$(EXTRA),$(if $(wildcard $(lastword $(subst =, ,$(e)))/results.json),--extra $(e))) \
+		$(if $(wildcard bench-out/quality/quality.json),--quality bench-out/quality) \
+		$(if $(wildcard bench-out/layers/*.json),--layers bench-out/layers) --notes docs/bench/NOTES.md
 
 clean:
 	rm -rf $(VENV) bench-out

@@ -581,3 +581,14 @@ def test_headroom_command_and_its_line_in_the_report(bench_out, tmp_path, capsys
     (out / "headroom.json").unlink()
     assert headroom.main([str(tmp_path / "nowhere")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_methods_with_several_options_in_one_list():
+    """`--methods` splits on commas, and an item `key=value` continues the method before it."""
+    from skipjack.bench.suite import parse_methods
+    from skipjack.errors import SkipjackError
+
+    got = parse_methods("pld:k=8,max_ngram=4,ngram,swift:skip=a1+f2,threshold=0.5,save=0,plain@bf16")
+    assert got == ["plain", "pld:k=8,max_ngram=4", "ngram", "swift:skip=a1+f2,threshold=0.5,save=0", "plain@bf16"]
+    with pytest.raises(SkipjackError, match="unknown"):
+        parse_methods("ngram,k=3")  # no method takes it: ngram has no ':' to continue

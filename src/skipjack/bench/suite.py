@@ -126,7 +126,8 @@ def split_dtype(spec: str) -> tuple[str, str | None]:
 
 
 def parse_methods(spec: str) -> list[str]:
-    """`plain,pld,plain@bf16,...` or `all` -> validated method specs, `plain` first, duplicates dropped."""
+    """`plain,pld,plain@bf16,...` or `all` -> validated method specs, `plain` first, duplicates dropped. An item
+    `key=value` with no method name continues the method before it: `pld:k=8,max_ngram=4,ngram` is two."""
     from skipjack.drafters import make_method, method_names
     from skipjack.loading import CHOICES
 
@@ -135,7 +136,12 @@ def parse_methods(spec: str) -> list[str]:
     if spec.strip() == "all":
         items = [*method_names(), *(f"pld:k={k}" for k in FIXED_LENGTHS)]
     else:
-        items = [s.strip() for s in spec.split(",") if s.strip()]
+        items = []
+        for s in filter(None, (s.strip() for s in spec.split(","))):
+            if "=" in s and ":" not in s.split("=")[0] and items and ":" in items[-1]:
+                items[-1] += "," + s
+            else:
+                items.append(s)
     if not items:
         raise SkipjackError("--methods is empty")
     out = ["plain"]

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Put back under bench-out/ the runs whose raw data BENCHMARKS.md was built from (docs/bench/), for each run
+# this checkout has not measured itself, so `make benchmarks-md` can rebuild the file on any machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+put() {  # put SOURCE DIR: SOURCE as DIR/results.json unless DIR already holds a run
+  if [ -f "$1" ] && [ ! -f "$2/results.json" ]; then mkdir -p "$2" && cp "$1" "$2/results.json"; fi
+}
+put docs/bench/results.json bench-out/q4-quick
+for f in docs/bench/results-*.json; do
+  name=$(basename "$f" .json); put "$f" "bench-out/${name#results-}"
+done
+if [ -f docs/bench/quality.json ] && [ ! -f bench-out/quality/quality.json ]; then
+  mkdir -p bench-out/quality && cp docs/bench/quality.json bench-out/quality/
+fi
+if ! ls bench-out/layers/*.json >/dev/null 2>&1 && ls docs/bench/layers-*.json >/dev/null 2>&1; then
+  mkdir -p bench-out/layers
+  for f in docs/bench/layers-*; do cp "$f" "bench-out/layers/$(basename "$f" | sed 's/^layers-//')"; done
+fi
