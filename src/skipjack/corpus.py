@@ -65,9 +65,9 @@ def prompts(n: int, seed: int = 0) -> list[str]:
     return pool[:n]
 
 
-def answers(engine, texts: list[str], max_new: int, tick: Callable[[], None] = lambda: None) -> list[list[int]]:
-    """Each prompt through the chat template followed by the model's greedy answer (token ids); a prompt too long
-    for the model's context is left out."""
+def answers(engine, texts: list[str], max_new: int, keep: Callable[[list[int]], None] | None = None) -> list[list[int]]:
+    """Each prompt through the chat template followed by the model's greedy answer (token ids), each also handed
+    to `keep` as it comes; a prompt too long for the model's context gets [] (no answer)."""
     from skipjack.engine import Request
     from skipjack.sampling import SamplingParams
 
@@ -76,9 +76,9 @@ def answers(engine, texts: list[str], max_new: int, tick: Callable[[], None] = l
     out = []
     for text in texts:
         ids = tok.prompt_ids(text)
-        if len(ids) <= room:
-            out.append(ids + engine.complete(Request(ids, params, "pld")).tokens)
-        tick()
+        out.append(ids + engine.complete(Request(ids, params, "pld")).tokens if len(ids) <= room else [])
+        if keep is not None:
+            keep(out[-1])
     return out
 
 

@@ -52,13 +52,23 @@ class Settings:
     save_every: int = 10
 
 
-def _documents(loaded, s: Settings, bar) -> list[list[int]]:
+def _documents(loaded, s: Settings, bar, saved: Path, key: dict, tune: bool) -> list[list[int]]:
     """Token lists to teacher-force: stdlib source in `seq`-token pieces, then the model's answers (last, so
-    the held-out chunks are answers)."""
+    the held-out chunks are answers). Each answer is saved as it comes (`saved`), so a killed run keeps them."""
+    from skipjack import tuning
     from skipjack.engine import Engine
 
-    task = bar.add_task("the model's answers", total=s.prompts)
-    talk = corpus.answers(Engine(loaded, None), corpus.prompts(s.prompts, s.seed), s.answer, lambda: bar.advance(task))
+    talk = (_load(saved, key) or {}).get("talk", [])
+    task = bar.add_task("the model's answers", total=s.prompts, completed=len(talk))
+
+    def keep(ids: list[int]) -> None:
+        talk.append(ids)
+        _save_atomic({"talk": talk, "key": key}, saved)
+        bar.advance(task)
+
+    engine = Engine(loaded, tuning.tune(loaded.model) if tune else None)  # tuned: prompt lookup sized well
+    corpus.answers(engine, corpus.prompts(s.prompts, s.seed)[len(talk) :], s.answer, keep)
+    talk = [t for t in talk if t]
     rest = s.tokens + VAL_CHUNKS * s.seq - sum(map(len, talk))
     src = loaded.tokenizer.encode(corpus.source_text(8 * max(0, rest)), add_special_tokens=False)[: max(0, rest)]
     docs = [src[i : i + s.seq] for i in range(0, len(src) - s.seq + 1, s.seq)] + talk
@@ -140,9 +150,12 @@ def _save_atomic(obj, path: Path) -> None:
     tmp.replace(path)
 
 
-def train(loaded, s: Settings, out: Path | None = None, progress: bool = True, stop_after: int | None = None) -> dict:
+def train(
+    loaded, s: Settings, out: Path | None = None, progress: bool = True, stop_after: int | None = None, tune=True
+) -> dict:
     """Distil an adapter for `loaded` (module doc); returns what was measured. `stop_after`: end the run after
-    that many steps as if killed (the checkpoint stays; tests resume from it)."""
+    that many steps as if killed (the checkpoint stays; tests resume from it). `tune`: measure the kernels
+    first (`skipjack.tuning`, cached per machine) for the answers' decoding."""
     model = loaded.model
     if s.tokens < s.seq * s.batch or s.steps < 1 or s.lr <= 0 or s.seq < 8:
         raise SkipjackError("train-adapter: need --tokens >= 8 chunks of --seq, --steps >= 1, --lr > 0")
@@ -154,12 +167,12 @@ def train(loaded, s: Settings, out: Path | None = None, progress: bool = True, s
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SkipjackError(f"train-adapter: cannot write beside {out}: {e.strerror}") from None
-    ckpt, cached = out.with_suffix(".ckpt"), out.with_suffix(".teacher")
+    ckpt, cached, talk = out.with_suffix(".ckpt"), out.with_suffix(".teacher"), out.with_suffix(".answers")
     key = asdict(s) | {"model": identity(model)}
     with _bar(progress) as bar:
         data = _load(cached, key)
         if data is None:
-            docs = _documents(loaded, s, bar)
+            docs = _documents(loaded, s, bar, talk, key, tune)
             task = bar.add_task("teacher pass", total=len(docs))
             data = _teacher(model, docs, s, lambda: bar.advance(task))
             data = {k: v.clone() for k, v in data.items()} | {"key": key}  # normal tensors, for autograd
@@ -190,7 +203,7 @@ def train(loaded, s: Settings, out: Path | None = None, progress: bool = True, s
         "train_seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     save(adapter, model, out, about)
-    for f in (ckpt, cached):
+    for f in (ckpt, cached, talk):
         f.unlink(missing_ok=True)
     return about | {"path": str(out)}
 
