@@ -156,7 +156,7 @@ def train(
     """Distil an adapter for `loaded` (module doc); returns what was measured. `stop_after`: end the run after
     that many steps as if killed (the checkpoint stays; tests resume from it). `tune`: measure the kernels
     first (`skipjack.tuning`, cached per machine) for the answers' decoding."""
-    model = loaded.model
+    model, began = loaded.model, time.perf_counter()
     if s.tokens < s.seq * s.batch or s.steps < 1 or s.lr <= 0 or s.seq < 8:
         raise SkipjackError("train-adapter: need --tokens >= 8 chunks of --seq, --steps >= 1, --lr > 0")
     torch.manual_seed(s.seed)
@@ -201,6 +201,7 @@ def train(
         "loss": round(loss, 4),
         "agreement_before": round(before, 4), "agreement": round(agreement(adapter, head, data, slice(n, None)), 4),
         "train_seconds": round(time.perf_counter() - t0, 1),
+        "total_seconds": round(time.perf_counter() - began, 1),  # this call's (a resumed run: since it resumed)
     }  # fmt: skip
     save(adapter, model, out, about)
     for f in (ckpt, cached, talk):
