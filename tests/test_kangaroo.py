@@ -262,3 +262,21 @@ def test_cli_without_an_adapter_names_the_command(tiny_folder, tmp_path, capsys,
     rc = main(["generate", "--model", str(tiny_folder), "--no-tune", "-n", "4", "--method", "kangaroo", "hi"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "skipjack train-adapter" in err[-1] and err[-1].startswith("skipjack: error: kangaroo")
+
+
+def test_training_prompts_are_reproducible_and_keep_off_the_benchmarks_sources():
+    """The chat prompts come from the stdlib in a seeded order; none quotes the pydoc topics, licenses or
+    HumanEval problems the benchmark prompts are made of."""
+    import json
+    from importlib import resources
+
+    from skipjack import corpus
+
+    a, b = corpus.prompts(40, seed=0), corpus.prompts(40, seed=0)
+    assert a == b and a != corpus.prompts(40, seed=1) and len(set(a)) == 40
+    bench = resources.files("skipjack.bench").joinpath("prompts/full.jsonl").read_text().splitlines()
+    texts = [m["content"] for line in bench for m in json.loads(line)["messages"]]
+    for p in corpus.prompts(400):
+        body = p.split("\n", 1)[-1][:200]
+        assert len(body) < 60 or not any(body in t for t in texts)
+    assert "def " in corpus.source_text(5000)
