@@ -11,7 +11,8 @@
    k), with AdamW, a short warm-up and cosine decay. Batches are a function of (seed, step), so a run that
    is stopped and resumed makes the same updates as one that is not.
 4. Checkpoints (adapter, optimiser, step) are written atomically every `save_every` steps beside the
-   adapter's file, with the teacher data, so a killed run resumes where it stopped; both go when it ends.
+   adapter's file, with the teacher data, so a killed run resumes where it stopped; both go when it ends
+   (the answers stay: another training of the model, with other layers or steps, reuses them).
    The held-out top-1 agreement with the full model is measured before and after (before: the untrained
    adapter, which is an early exit after the shallow layers) and kept in the adapter file's metadata.
 """
@@ -31,6 +32,7 @@ from skipjack import corpus
 from skipjack.drafters.kangaroo import Adapter, default_path, identity, save
 from skipjack.errors import SkipjackError
 from skipjack.linear import dense
+from skipjack.models import fingerprint
 from skipjack.models.common import rms_norm
 
 TOP_K = 16  # teacher probabilities kept per position
@@ -52,13 +54,15 @@ class Settings:
     save_every: int = 10
 
 
-def _documents(loaded, s: Settings, bar, saved: Path, key: dict, tune: bool) -> list[list[int]]:
+def _documents(loaded, s: Settings, bar, saved: Path, tune: bool) -> list[list[int]]:
     """Token lists to teacher-force: stdlib source in `seq`-token pieces, then the model's answers (last, so
-    the held-out chunks are answers). Each answer is saved as it comes (`saved`), so a killed run keeps them."""
+    the held-out chunks are answers). Each answer is saved as it comes (`saved`, kept for later trainings of
+    the same model: they reuse as many as they need), so a killed run keeps them too."""
     from skipjack import tuning
     from skipjack.engine import Engine
 
-    talk = (_load(saved, key) or {}).get("talk", [])
+    key = {"model": fingerprint(loaded.model), "answer": s.answer, "seed": s.seed}
+    talk = (_load(saved, key) or {}).get("talk", [])[: s.prompts]
     task = bar.add_task("the model's answers", total=s.prompts, completed=len(talk))
 
     def keep(ids: list[int]) -> None:
@@ -167,15 +171,17 @@ def train(
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SkipjackError(f"train-adapter: cannot write beside {out}: {e.strerror}") from None
-    ckpt, cached, talk = out.with_suffix(".ckpt"), out.with_suffix(".teacher"), out.with_suffix(".answers")
+    ckpt, cached = out.with_suffix(".ckpt"), out.with_suffix(".teacher")
+    talk = out.parent / f"answers-{fingerprint(model)[:20]}.pt"
     key = asdict(s) | {"model": identity(model)}
+    corpus_key = {k: v for k, v in key.items() if k not in ("steps", "lr", "batch", "save_every", "vocab")}
     with _bar(progress) as bar:
-        data = _load(cached, key)
+        data = _load(cached, corpus_key)
         if data is None:
-            docs = _documents(loaded, s, bar, talk, key, tune)
+            docs = _documents(loaded, s, bar, talk, tune)
             task = bar.add_task("teacher pass", total=len(docs))
             data = _teacher(model, docs, s, lambda: bar.advance(task))
-            data = {k: v.clone() for k, v in data.items()} | {"key": key}  # normal tensors, for autograd
+            data = {k: v.clone() for k, v in data.items()} | {"key": corpus_key}  # normal tensors, for autograd
             _save_atomic(data, cached)
         head = Head(model, _frequent(data, s.vocab, model.lm_head.out_features))
         before = agreement(adapter, head, data, slice(-VAL_CHUNKS, None))
@@ -204,7 +210,7 @@ def train(
         "total_seconds": round(time.perf_counter() - began, 1),  # this call's (a resumed run: since it resumed)
     }  # fmt: skip
     save(adapter, model, out, about)
-    for f in (ckpt, cached, talk):
+    for f in (ckpt, cached):
         f.unlink(missing_ok=True)
     return about | {"path": str(out)}
 
