@@ -82,7 +82,7 @@ bench-selfspec: install
 	$(BIN)/skipjack bench --model qwen2.5-coder-1.5b --prompts src/skipjack/bench/prompts/selfspec.jsonl \
 		--max-new-tokens 128 --out bench-out/selfspec-qwen \
 		--methods plain,pld,swift,del,kangaroo,draft:model=qwen2.5-coder-0.5b,mix:of=pld+draft,model=qwen2.5-coder-0.5b,mix:of=pld+kangaroo \
-		--peers hf,hf-assist,llamacpp
+		--peers hf,hf-assist,llamacpp,llamacpp-draft
 
 # BENCHMARKS.md from the runs that exist: the q4 quick run with the llama.cpp peers as the main one, then the
 # others as sections. `tools/restore-runs.sh` first puts back, from docs/bench/, any run this checkout has

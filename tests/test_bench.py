@@ -439,6 +439,16 @@ def test_llamacpp_peer_with_a_stand_in_module(monkeypatch, tmp_path):
     assert got["llamacpp"].run([1, 3, 4], 2, 0.0, 0, frozenset({2})).tokens == [5, 6]
     folder = peers.make_peers(["llamacpp"], SimpleNamespace(source=tmp_path), "fp32", 256)["llamacpp"]
     assert folder.status.startswith("unavailable") and "GGUF" in folder.status
+    # llamacpp-draft: a second llama.cpp instance behind the draft-model hook, for a named pair only.
+    spec.LlamaDraftModel = object
+    lone = peers.make_peers(["llamacpp-draft"], SimpleNamespace(source=gguf, name="x"), "fp32", 256)
+    assert "no draft model" in lone["llamacpp-draft"].status
+    monkeypatch.setattr("skipjack.loading.fetch_named", lambda name: tmp_path / f"{name}.gguf")
+    pair = SimpleNamespace(source=gguf, name="qwen2.5-coder-1.5b")
+    assert peers.make_peers(["llamacpp-draft"], pair, "fp32", 256)["llamacpp-draft"].status == "ok"
+    draft = seen["init"]["draft_model"]
+    assert draft.llm.model_path.endswith("qwen2.5-coder-0.5b.gguf") and seen["init"]["logits_all"] is True
+    assert draft([1, 3, 4]).tolist() == [5, 6, 7, 2, 9] and seen["generate"]["top_k"] == 1  # greedy drafts
 
 
 def test_sample_suite_is_three_prompts_of_every_category():

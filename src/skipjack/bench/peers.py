@@ -8,6 +8,10 @@
 - `hf-early-exit`: HF's `assistant_early_exit` (self-speculation: the target's first L/2 layers draft).
 - `llamacpp`: llama.cpp through `llama-cpp-python` on the same GGUF file, plain decoding.
 - `llamacpp-pld`: the same with its prompt-lookup draft model (`LlamaPromptLookupDecoding(num_pred_tokens=10)`).
+- `llamacpp-draft`: the same with the named draft model of `DRAFT_FOR`, run by a second llama.cpp instance
+  behind the binding's draft-model hook (`GGUFDraft`: it drafts `NUM_PRED_TOKENS` greedy tokens and keeps
+  its KV prefix between calls). `llama-cpp-python` has no draft-model decoding of its own (llama.cpp's `-md`
+  lives in its C++ examples), so this is the nearest peer to `draft:model=` the binding allows.
 
 A peer that cannot run is never faked: its `status` says why ("not installed" when its package is missing,
 "unavailable: ..." when the model is not in a form it reads, "failed: ..." when it broke mid-run).
@@ -95,15 +99,44 @@ class HFPeer(Peer):
         return PeerOut(toks, dt, max(self.calls - 1, 0))
 
 
+def gguf_draft(gguf: Path, n_ctx: int, threads: int, n: int = NUM_PRED_TOKENS):
+    """A draft model for llama-cpp-python's speculative hook, run by llama.cpp itself on `gguf` (`llamacpp-draft`)."""
+    import numpy as np
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaDraftModel
+
+    class GGUFDraft(LlamaDraftModel):
+        def __init__(self):
+            self.llm = Llama(
+                model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False
+            )
+
+        def __call__(self, input_ids, /, **kwargs):
+            out = []
+            gen = self.llm.generate(list(map(int, input_ids)), top_k=1, temp=0.0, repeat_penalty=1.0)  # prefix kept
+            for t in gen:
+                out.append(t)
+                if len(out) >= n:
+                    break
+            gen.close()
+            return np.array(out, dtype=np.intc)
+
+    return GGUFDraft()
+
+
 class LlamaCppPeer(Peer):
-    def __init__(self, name: str, gguf: Path, n_ctx: int, lookup: int = 0, seed: int = 0):
+    def __init__(self, name: str, gguf: Path, n_ctx: int, lookup: int = 0, seed: int = 0, draft: Path | None = None):
         from llama_cpp import Llama
 
         kw = {}
-        if lookup:
+        if lookup or draft:
             from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-            kw["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=lookup)
+            kw["draft_model"] = (
+                gguf_draft(draft, n_ctx, torch.get_num_threads())
+                if draft
+                else LlamaPromptLookupDecoding(num_pred_tokens=lookup)
+            )
             # llama-cpp-python 0.3.36 sizes its logits buffer from the `logits_all` argument, not from the
             # draft model that forces it on: without this, prompts longer than n_batch (512) fail to broadcast.
             kw["logits_all"] = True
@@ -215,8 +248,16 @@ def make_peers(names: list[str], loaded, dtype: str, n_ctx: int, seed: int = 0) 
         if not src.is_file():  # load() only hands back a file path for a GGUF
             out[n] = Missing(n, "unavailable: the model is not a GGUF file")
             continue
+        draft = None
+        if n == "llamacpp-draft":
+            if loaded.name not in DRAFT_FOR:
+                out[n] = Missing(n, f"unavailable: no draft model of the same tokenizer is named for {loaded.name}")
+                continue
+            from skipjack.loading import fetch_named
+
+            draft = fetch_named(DRAFT_FOR[loaded.name])
         try:
-            out[n] = LlamaCppPeer(n, src, n_ctx, NUM_PRED_TOKENS if n == "llamacpp-pld" else 0, seed)
+            out[n] = LlamaCppPeer(n, src, n_ctx, NUM_PRED_TOKENS if n == "llamacpp-pld" else 0, seed, draft)
         except Exception as e:
             out[n] = Missing(n, f"unavailable: {type(e).__name__}: {str(e)[:120]}")
     return {n: out[n] for n in names}

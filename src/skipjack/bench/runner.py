@@ -74,7 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="plain,pld,ngram",
         help="comma list (e.g. plain,pld,pld:k=8; NAME@bf16 runs on the model in bf16) or 'all'",
     )
-    p.add_argument("--peers", default="", help="comma list of hf,hf-pld,hf-assist,hf-early-exit,llamacpp,llamacpp-pld")
+    peers = "hf,hf-pld,hf-assist,hf-early-exit,llamacpp,llamacpp-pld,llamacpp-draft"
+    p.add_argument("--peers", default="", help=f"comma list of {peers}")
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (identical_fraction needs it)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed at temperature > 0")

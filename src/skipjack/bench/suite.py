@@ -20,7 +20,7 @@ from skipjack.errors import SkipjackError
 SUITES = ("quick", "sample", "full", "humaneval", "code")
 HUMANEVAL_EVERY = 20  # `humaneval`: every 20th HumanEval problem (9 of 164)
 SAMPLE = ("01", "04", "07")  # `sample`: these three prompts of each category of `full`
-PEERS = ("hf", "hf-pld", "hf-assist", "hf-early-exit", "llamacpp", "llamacpp-pld")
+PEERS = ("hf", "hf-pld", "hf-assist", "hf-early-exit", "llamacpp", "llamacpp-pld", "llamacpp-draft")
 FIXED_LENGTHS = (2, 4, 8, 16)  # `--methods all` adds pld:k=N for these (the draft-length plot)
 ROLES = {"system", "user", "assistant"}
 
