@@ -413,3 +413,15 @@ def test_deepcopy_keeps_learned_state_and_shares_the_models(models):
     assert c.model is d.model and c.head is d.head and c.seen == d.seen and c.seen is not d.seen
     m = DraftModel(models["draft"], threshold=0.0)
     assert copy.deepcopy(m).model is m.model
+
+
+def test_mix_hands_model_to_the_parts_that_draft_with_one():
+    got = {}
+
+    def with_model(model="", shared=None):
+        got["model"] = model
+        return REGISTRY["pld"]()
+
+    m = Mix("pld+d", model="qwen2.5-coder-0.5b", registry={"pld": REGISTRY["pld"], "d": with_model})
+    assert got["model"] == "qwen2.5-coder-0.5b" and len(m.parts) == 2
+    assert m.cost_prior == 0.0  # neither part has a prior: pld drafts for free
