@@ -258,6 +258,21 @@ def test_targets_are_computed_from_the_summary():
     assert "0.94×" in rows["pld (cost model) vs best fixed size (pld:k=4)"]
     assert "pld vs HF prompt lookup" not in rows  # hf-pld did not run
     assert render.targets({"plain": s(10.0)}) == ""
+    # The self-speculation targets: set for Qwen2.5-Coder-1.5B runs only, over the best of several methods.
+    q = "qwen2.5-coder-1.5b"
+    summary |= {
+        "del": s(9.0, speedup_vs_plain=0.9),
+        "kangaroo": s(12.0, speedup_vs_plain=1.2),
+        "draft:model=qwen2.5-coder-0.5b": s(14.0, speedup_vs_plain=1.4, **{"speedup_vs_hf-assist": 1.35}),
+        "hf-assist": s(8.0),
+        "mix:of=pld+draft,model=qwen2.5-coder-0.5b": s(18.0),
+    }
+    assert "best layer-drafting" not in render.targets(summary)  # another model's run
+    rows = {ln.split(" | ")[0].lstrip("| "): ln for ln in render.targets(summary, q).splitlines()[2:]}
+    assert "1.20×" in rows["best layer-drafting method (kangaroo) vs our plain, Qwen2.5-Coder-1.5B"]
+    assert "| met |" in rows["draft model (0.5B) vs HF assistant_model, same pair"]
+    best = "best combined tree (mix:of=pld+draft,model=qwen2.5-coder-0.5b) vs best single drafter (pld:k=4)"
+    assert "1.06×" in rows[best] and "| met |" in rows[best]
 
 
 def test_targets_table_is_built_from_targets_json(tmp_path, monkeypatch):

@@ -48,7 +48,7 @@ def render_extra(results: Results, heading: str) -> str:
     parts = [f"## {heading}", "", *render.partial(results)]
     m = results["machine"]
     parts += [f"Separate run, {m['date']}, on {m['cpu']} ({m['cores']} cores): `{results['command']}`", ""]
-    checks = render.targets(summary)
+    checks = render.targets(summary, (results.get("model") or {}).get("name"))
     bound = render.prefill_bound(results) if checks else ""
     parts += [checks, ""] if checks else []
     parts += [bound, ""] if bound else []

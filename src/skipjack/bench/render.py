@@ -197,10 +197,11 @@ def _cost_curves(curves: list[CostCurve]) -> str:
     return table(head, rows) + "\n\n" + notes
 
 
-def targets(summary: dict[str, MethodSummary]) -> str:
-    """The speed targets (targets.json) checked against this run's numbers; '' when none of them applies."""
+def targets(summary: dict[str, MethodSummary], model: str | None = None) -> str:
+    """The speed targets (targets.json) checked against this run's numbers (on `model`, the run's); '' when
+    none of them applies."""
     rows = []
-    for t in numbers.check_targets(summary):
+    for t in numbers.check_targets(summary, model=model):
         got, want = t["got"], t["want"]
         met = "–" if got is None or want is None else ("met" if got >= want else RED.format("missed"))
         rows.append([t["label"], fmt(got, "{:.2f}×"), "–" if want is None else f"≥ {want:.2f}×", met, t["how"]])
@@ -293,7 +294,7 @@ def render_markdown(
     paragraph) of `skipjack.bench.analysis.loops.loop_split`; each section is left out when None."""
     summary = results["summary"]
     parts = [f"# {title}", "", *partial(results), *_header(results), "", *_warnings(summary)]
-    checks = targets(summary)
+    checks = targets(summary, (results.get("model") or {}).get("name"))
     if checks:
         bound = prefill_bound(results)
         parts += ["## Targets", "", checks, ""] + ([bound, ""] if bound else [])

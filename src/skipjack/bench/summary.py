@@ -168,34 +168,48 @@ def load_targets(path=None) -> list[dict]:
     return json.loads((path or TARGETS_FILE).read_text(encoding="utf-8"))["targets"]
 
 
+def _best(ok: dict[str, dict], prefixes, value) -> str | None:
+    """The method (no `@dtype`) whose name starts with one of `prefixes` and whose value is highest."""
+    prefixes = [prefixes] if isinstance(prefixes, str) else prefixes
+    have = {n: value(n) for n in ok if n.startswith(tuple(prefixes)) and "@" not in n and value(n)}
+    return max(have, key=have.get) if have else None
+
+
 def _measured(t: dict, ok: dict[str, dict]) -> tuple[str, float | None] | None:
     """(label, measured number) of one target, or None when a method it compares did not run."""
-    compared = [t["method"], *t.get("needs", []), *([t["over"]] if "over" in t else [])]
-    if any(n not in ok for n in compared):
-        return None
 
     def value(name: str) -> float | None:
         if "category" in t:
             return (ok[name].get("by_category") or {}).get(t["category"], {}).get(t["key"])
         return ok[name].get(t["key"])
 
-    if "over" in t:
-        return t["label"], ratio(value(t["method"]), value(t["over"]))
-    if "over_best" in t:
-        fixed = {n: value(n) for n in ok if n.startswith(t["over_best"]) and "@" not in n and value(n)}
-        if not fixed:
+    if "best_of" in t:  # the best of several methods stands for `method`
+        t = t | {"method": _best(ok, t["best_of"], value)}
+        if t["method"] is None:
             return None
-        best = max(fixed, key=fixed.get)
-        return t["label"].format(best=best), ratio(value(t["method"]), fixed[best])
-    return t["label"], value(t["method"])
+    compared = [t["method"], *t.get("needs", []), *([t["over"]] if "over" in t else [])]
+    if any(n not in ok for n in compared):
+        return None
+
+    label = t["label"].replace("{method}", t["method"])
+    if "over" in t:
+        return label, ratio(value(t["method"]), value(t["over"]))
+    if "over_best" in t:
+        best = _best(ok, t["over_best"], value)
+        return None if best is None else (label.format(best=best), ratio(value(t["method"]), value(best)))
+    return label, value(t["method"])
 
 
-def check_targets(summary: dict[str, MethodSummary], targets: list[dict] | None = None) -> list[dict]:
+def check_targets(
+    summary: dict[str, MethodSummary], targets: list[dict] | None = None, model: str | None = None
+) -> list[dict]:
     """The speed targets (targets.json) measured on this run: [{label, got, want, how}]; targets whose methods
-    did not run are left out."""
+    did not run, or set for another `model` than the run's, are left out."""
     ok = {n: s for n, s in summary.items() if s["status"] == "ok" and s["prompts"]}
     rows = []
     for t in load_targets() if targets is None else targets:
+        if t.get("model") not in (None, model):
+            continue
         got = _measured(t, ok)
         if got is not None:
             rows.append({"label": got[0], "got": got[1], "want": t.get("want"), "how": t["how"]})
