@@ -103,3 +103,42 @@ class RandomDrafter(_Base):
         if cut > 1:  # keep the true prefix as a path
             parents[:cut] = list(range(-1, cut - 1))
         return Proposal(tokens, parents, [0.5] * n)
+
+
+def chi2_pvalue(model, prompt: list[int], drafter, n: int = 2000, vocab: int = 12, top_k: int = 8) -> float:
+    """χ² test of the law of the 2nd and 3rd tokens that `drafter` decodes (T = 1, top-k) against the exact law
+    computed from the model; asserts that every request's second token came through a verify step."""
+    from itertools import product
+
+    from scipy.stats import chisquare
+
+    from skipjack.sampling import SamplingParams, probs
+
+    params = SamplingParams(temperature=1.0, top_k=top_k)
+
+    def law_after(ctx):
+        return probs(model(torch.tensor([ctx])).logits[0, -1][None], params)[0]
+
+    law = dict.fromkeys(product(range(vocab), repeat=2), 0.0)
+    first = law_after(prompt)
+    for a in range(vocab):
+        second = law_after(prompt + [a]) if first[a] > 0 else None
+        for b in range(vocab) if second is not None else ():
+            third = law_after(prompt + [a, b]) if second[b] > 0 else None
+            for c in range(vocab) if third is not None else ():
+                law[(b, c)] += float(first[a] * second[b] * third[c])
+    counts, drafted = dict.fromkeys(law, 0), 0
+    for i in range(n):
+        toks, steps = decode(
+            model, prompt, SamplingParams(temperature=1.0, top_k=top_k, max_new_tokens=3, seed=i), drafter
+        )
+        counts[(toks[1], toks[2])] += 1
+        drafted += sum(s.drafted for s in steps)
+    assert drafted >= n  # every request's second token came through a verify step
+    keys = [k for k in law if law[k] > 0]
+    exp = [law[k] * n for k in keys]
+    assert sum(counts[k] for k in keys) == n
+    big = [i for i, e in enumerate(exp) if e >= 5]
+    obs = [counts[keys[i]] for i in big] + [n - sum(counts[keys[i]] for i in big)]
+    e = [exp[i] for i in big] + [n - sum(exp[i] for i in big)]
+    return chisquare(obs, e).pvalue

@@ -5,13 +5,12 @@ same weights, and one-line errors for missing, damaged and foreign adapters."""
 
 from __future__ import annotations
 
-import itertools
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import hf_model, ours_from_hf
-from drafters_mock import decode
+from drafters_mock import chi2_pvalue, decode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +21,7 @@ from skipjack.drafters import make_method
 from skipjack.drafters.base import DraftContext
 from skipjack.drafters.kangaroo import Adapter, Kangaroo, default_path, load, save
 from skipjack.errors import SkipjackError
-from skipjack.sampling import SamplingParams, probs
+from skipjack.sampling import SamplingParams
 from skipjack.session import Session
 
 
@@ -136,38 +135,11 @@ def test_the_adapters_cache_is_rolled_back_with_the_target(models):
 
 def test_sampling_distribution_is_preserved(tmp_path):
     """χ² on the law of the 2nd and 3rd generated tokens (drawn through verification steps)."""
-    from scipy.stats import chisquare
-
     model = ours_from_hf(
         hf_model("llama", seed=21, vocab=12, hidden_size=32, intermediate_size=64, num_hidden_layers=3), torch.float64
     )
     path = random_adapter(model, 1, tmp_path / "a.safetensors")
-    params = SamplingParams(temperature=1.0, top_k=8)
-    prompt = [5, 0, 7, 2, 9, 4, 11, 1]
-
-    def law_after(ctx):
-        return probs(model(torch.tensor([ctx])).logits[0, -1][None], params)[0]
-
-    law = dict.fromkeys(itertools.product(range(12), repeat=2), 0.0)
-    first = law_after(prompt)
-    for a in range(12):
-        second = law_after(prompt + [a]) if first[a] > 0 else None
-        for b in range(12) if second is not None else ():
-            third = law_after(prompt + [a, b]) if second[b] > 0 else None
-            for c in range(12) if third is not None else ():
-                law[(b, c)] += float(first[a] * second[b] * third[c])
-    d, counts, drafted, n = Kangaroo(threshold=0.0, adapter=str(path)), dict.fromkeys(law, 0), 0, 2000
-    for i in range(n):
-        toks, steps = decode(model, prompt, SamplingParams(temperature=1.0, top_k=8, max_new_tokens=3, seed=i), d)
-        counts[(toks[1], toks[2])] += 1
-        drafted += sum(s.drafted for s in steps)
-    assert drafted >= n
-    keys = [k for k in law if law[k] > 0]
-    exp = [law[k] * n for k in keys]
-    big = [i for i, e in enumerate(exp) if e >= 5]
-    obs = [counts[keys[i]] for i in big] + [n - sum(counts[keys[i]] for i in big)]
-    e = [exp[i] for i in big] + [n - sum(exp[i] for i in big)]
-    assert chisquare(obs, e).pvalue > 1e-3
+    assert chi2_pvalue(model, [5, 0, 7, 2, 9, 4, 11, 1], Kangaroo(threshold=0.0, adapter=str(path))) > 1e-3
 
 
 class CharTokenizer:

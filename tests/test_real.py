@@ -182,18 +182,25 @@ SELF_DRAFTS = [
 ]
 
 
-def test_self_drafting_identical_on_the_quick_prompts(real_q4):
-    """swift, del and mix against plain greedy on the default model (q4) over the quick suite's prompts."""
-    params = SamplingParams(max_new_tokens=32, stop_token_ids=real_q4.tokenizer.stop_ids)
-    drafted = dict.fromkeys(SELF_DRAFTS, 0)
+def identical_on_the_quick_prompts(engine, methods: list[str]) -> dict[str, int]:
+    """Each method against plain greedy (32 new tokens) on the quick suite's prompts, all from one prefill of
+    each prompt; returns each method's verify steps with a draft."""
+    params = SamplingParams(max_new_tokens=32, stop_token_ids=engine.tokenizer.stop_ids)
+    drafted = dict.fromkeys(methods, 0)
     for p in [p for p in identity_prompts() if p["id"] in {q["id"] for q in suite("quick")}]:
-        ids = real_q4.tokenizer.prompt_ids(p["messages"])
-        pre = Session.prefilled(real_q4.model, ids, params.max_new_tokens)
-        plain = complete(real_q4, ids, params, session=pre).tokens
-        for method in SELF_DRAFTS:
-            res = complete(real_q4, ids, params, method, session=pre)
+        ids = engine.tokenizer.prompt_ids(p["messages"])
+        pre = Session.prefilled(engine.model, ids, params.max_new_tokens)
+        plain = complete(engine, ids, params, session=pre).tokens
+        for method in methods:
+            res = complete(engine, ids, params, method, session=pre)
             assert res.tokens == plain, (p["id"], method)
             drafted[method] += res.draft_steps
+    return drafted
+
+
+def test_self_drafting_identical_on_the_quick_prompts(real_q4):
+    """swift, del and mix against plain greedy on the default model (q4) over the quick suite's prompts."""
+    drafted = identical_on_the_quick_prompts(real_q4, SELF_DRAFTS)
     assert drafted[SELF_DRAFTS[0]] and drafted[SELF_DRAFTS[2]], drafted  # the fixed drafts really ran
 
 
@@ -205,21 +212,9 @@ def test_kangaroo_identical_on_the_quick_prompts(real_q4, tmp_path):
     s = Settings(tokens=1024, seq=128, batch=4, steps=4, prompts=2, answer=32, save_every=100)
     about = train(real_q4.loaded, s, tmp_path / "k.safetensors", progress=False)
     assert about["agreement"] > about["agreement_before"]
-    params = SamplingParams(max_new_tokens=32, stop_token_ids=real_q4.tokenizer.stop_ids)
-    methods = [
-        f"kangaroo:threshold=0,adapter={tmp_path / 'k.safetensors'}",
-        f"kangaroo:vocab=4096,adapter={tmp_path / 'k.safetensors'}",
-    ]
-    drafted = dict.fromkeys(methods, 0)
-    for p in [p for p in identity_prompts() if p["id"] in {q["id"] for q in suite("quick")}]:
-        ids = real_q4.tokenizer.prompt_ids(p["messages"])
-        pre = Session.prefilled(real_q4.model, ids, params.max_new_tokens)
-        plain = complete(real_q4, ids, params, session=pre).tokens
-        for method in methods:
-            res = complete(real_q4, ids, params, method, session=pre)
-            assert res.tokens == plain, (p["id"], method)
-            drafted[method] += res.draft_steps
-    assert drafted[methods[0]], drafted
+    path = tmp_path / "k.safetensors"
+    methods = [f"kangaroo:threshold=0,adapter={path}", f"kangaroo:vocab=4096,adapter={path}"]
+    assert identical_on_the_quick_prompts(real_q4, methods)[methods[0]]
 
 
 def test_draft_model_identical_and_bad_pairs_are_one_line(real_q4):
