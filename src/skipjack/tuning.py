@@ -201,9 +201,13 @@ def cost_prior(model: DecoderLM, pads: dict[str, list[int]], remeasure: bool = F
 
 def prior_path(model: DecoderLM, pads: dict[str, list[int]]) -> Path:
     """Keyed by what the cost depends on: the architecture and dtype, the CPU, torch's threads and version,
-    the weight format and its row padding."""
+    the weight format and its row padding, and the build of the q4/q8 kernels that multiply it."""
     formats = sorted({type(m).__name__ for m in model.linears()})
     key = {"config": dataclasses.asdict(model.config), "dtype": str(model.dtype), "formats": formats, "pads": pads}
+    if "QuantLinear" in formats:
+        from skipjack.kernels import build_name
+
+        key["kernels"] = build_name()
     return cache_file("costs", key | _machine() | {"format": PRIOR_FORMAT})
 
 

@@ -41,10 +41,10 @@ import statistics
 import sys
 from pathlib import Path
 
-from skipjack.bench import footprint
+from skipjack.bench import footprint, record
 from skipjack.bench import peers as peers_mod
 from skipjack.bench.benchmarks_md import write_report
-from skipjack.bench.machine import RssSampler, machine_info, measure_bandwidth, peak_rss_mb
+from skipjack.bench.machine import RssSampler, machine_info, measure_bandwidth
 from skipjack.bench.render import summary_text
 from skipjack.bench.schema import SCHEMA_VERSION
 from skipjack.bench.steps import breakdown
@@ -56,7 +56,6 @@ from skipjack.bench.suite import (
     probe_out_dir,
     split_dtype,
 )
-from skipjack.bench.summary import summarise
 from skipjack.errors import SkipjackError
 
 WARMUP_TOKENS = 8
@@ -307,7 +306,7 @@ def main(a) -> int:
         raise SkipjackError(f"no prompt fits the model's context ({skipped[0]['reason']})")
     n_ctx = min(loaded.model.config.max_position_embeddings, max(len(i) for _, i in kept) + a.max_new_tokens + 64)
     peers = peers_mod.make_peers(peer_names, loaded, a.dtype, n_ctx, a.seed)
-    results |= _run_record(a, loaded, times, methods, peer_names, kept, skipped)
+    results |= record.run_record(a, loaded, times, methods, peer_names, kept, skipped)
     sampler = RssSampler()
     sampler.start()
     engines = _engines(a, engine, methods)
@@ -315,7 +314,7 @@ def main(a) -> int:
     bench = Bench(a, engines, methods, peers, kept, sampler)
     interrupted = _run(bench)
     results["complete"] = not interrupted
-    _record_results(results, bench, engine)
+    record.measured(results, bench, engine)
     results["step_breakdown"] = breakdown(engine.model)
     gguf = str(loaded.source) if any(n.startswith("llamacpp") for n in peer_names) else None
     results["footprint_mb"] = footprint.measure(a.model, [d for d in engines if d], gguf)
@@ -327,25 +326,6 @@ def main(a) -> int:
         print("skipjack: interrupted: partial results written (complete: false)", file=sys.stderr)
         return 130
     return 0
-
-
-def _run_record(a, loaded, times: dict, methods: list[str], peer_names: list[str], kept, skipped) -> dict:
-    """What the run is: model, suite, settings, the prompts run and those skipped (`schema.Results`)."""
-    return {
-        "model": _model_record(loaded, a.dtype, times),
-        "suite": "custom" if a.prompts else a.suite,
-        "prompts_file": a.prompts,
-        "settings": {
-            "methods": methods,
-            "peers": peer_names,
-            "max_new_tokens": a.max_new_tokens,
-            "temperature": a.temperature,
-            "seed": a.seed,
-            "repeats": a.repeats,
-        },
-        "prompts": [{"id": p.id, "category": p.category, "prompt_tokens": len(i)} for p, i in kept],
-        "skipped": skipped,
-    }
 
 
 def _engines(a, engine, methods: list[str]) -> dict:
@@ -376,36 +356,3 @@ def _run(bench: Bench) -> bool:
         bench.sampler.stop()
         for p in bench.peers.values():
             p.close()
-
-
-def _record_results(results: dict, bench: Bench, engine) -> None:
-    """The measured part of results.json: peers' status, peak RSS, runs, the learned cost curves, the summary."""
-    weights = peers_mod.weight_bytes
-    results["peers"] = {n: {"status": p.status, "weight_bytes": weights(p)} for n, p in bench.peers.items()}
-    results["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    results["runs"] = bench.runs
-    sized = any(m.drafter is not None and not m.k for n, m in bench.drafters.items() if split_dtype(n)[1] is None)
-    results["cost_curves"] = engine.cost.curves() if sized else None  # what the run's shared cost model learned
-    results["drafters"] = {  # what each model-based drafter chose by the end of the run (skip set, exit layer)
-        n: _jsonable(m.drafter.describe()) for n, m in bench.drafters.items() if hasattr(m.drafter, "describe")
-    }
-    results["summary"] = summarise(results, bench.sampler.peaks)
-
-
-def _jsonable(x):
-    """A drafter's description as JSON values (tuples and sets become lists)."""
-    return json.loads(json.dumps(x, default=lambda o: sorted(o) if isinstance(o, set | frozenset) else str(o)))
-
-
-def _model_record(loaded, dtype: str, times: dict) -> dict:
-    return {
-        "name": loaded.name,
-        "source": str(loaded.source),
-        "dtype": dtype,
-        "weight_bytes": loaded.weight_bytes,
-        "params": loaded.params,
-        "context": loaded.model.config.max_position_embeddings,
-        "load_seconds": round(loaded.seconds, 3),
-        "load_cold_s": times["cold_s"],  # GGUF -> conversion cache -> model, into an empty cache
-        "load_warm_s": times["warm_s"],  # from the conversion cache
-    }

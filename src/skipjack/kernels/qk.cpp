@@ -81,9 +81,17 @@ inline float hsum8(__m256 v) {
   lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));          // 1
   return _mm_cvtss_f32(lo);
 }
-inline __m256 idot_u8s8(__m256i u, __m256i s) {      // 8 int32 sums of 4 products, as floats
+// 8 int32 sums of 4 products, as floats. The products never reach maddubs' int16 saturation (q4: 15 * 127 * 2;
+// q8: 128 * 127 * 2), so the VNNI instruction, where the CPU has it, gives the very same integers in one step.
+inline __m256 idot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
+#elif defined(__AVXVNNI__)
+  return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s));
+#else
   const __m256i p16 = _mm256_maddubs_epi16(u, s);
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+#endif
 }
 inline __m256i unpack_q4(const uint8_t* qs) {       // 16 bytes -> 32 values 0..15 in element order
   const __m128i raw = _mm_loadu_si128((const __m128i*)qs);
@@ -163,20 +171,30 @@ inline void q4_tile(const Acts& a, const uint8_t* qs, const float* wd, const flo
 #endif
 }
 
-// y[M, N] = x[M, K] @ W^T for Q4 weights: rows in register chunks of 4 (a weight block reused 4 times),
-// the rows left over one at a time against 4 columns at once (a plain step streams the weights).
+// Columns n0..n1 of RR rows from r in tiles of CG columns, the columns left over one at a time.
+template <int CG, int RR>
+inline void q4_cols(const Acts& a, const uint8_t* qs, const float* wd, const float* wm, const float* bias,
+                    int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t r, float* y) {
+  int64_t n = n0;
+  for (; n + CG <= n1; n += CG) q4_tile<CG, RR>(a, qs, wd, wm, bias, N, K, n, r, y);
+  for (; n < n1; ++n) q4_tile<1, RR>(a, qs, wd, wm, bias, N, K, n, r, y);
+}
+
+// y[M, N] = x[M, K] @ W^T for Q4 weights: rows in register chunks of 4 (each weight block is unpacked once and
+// used for 4 rows), and the 1-3 rows left over in one register tile too (a verify step of 2-3 tokens streams
+// the weights once, not once per token); a single row takes 4 columns at once (a plain step streams them).
 void q4_mm(const Acts& a, const uint8_t* qs, const float* wd, const float* wm, const float* bias,
            int64_t M, int64_t N, int64_t K, float* y) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t t0 = 0; t0 < M; t0 += RT) {
       const int64_t t1 = std::min(M, t0 + RT);
       int64_t r = t0;
-      for (; r + RC <= t1; r += RC)
-        for (int64_t n = n0; n < n1; ++n) q4_tile<1, RC>(a, qs, wd, wm, bias, N, K, n, r, y);
-      for (; r < t1; ++r) {
-        int64_t n = n0;
-        for (; n + 4 <= n1; n += 4) q4_tile<4, 1>(a, qs, wd, wm, bias, N, K, n, r, y);
-        for (; n < n1; ++n) q4_tile<1, 1>(a, qs, wd, wm, bias, N, K, n, r, y);
+      for (; r + RC <= t1; r += RC) q4_cols<1, RC>(a, qs, wd, wm, bias, N, K, n0, n1, r, y);
+      switch (t1 - r) {
+        case 3: q4_cols<1, 3>(a, qs, wd, wm, bias, N, K, n0, n1, r, y); break;
+        case 2: q4_cols<2, 2>(a, qs, wd, wm, bias, N, K, n0, n1, r, y); break;
+        case 1: q4_cols<4, 1>(a, qs, wd, wm, bias, N, K, n0, n1, r, y); break;
+        default: break;
       }
     }
   });
@@ -242,7 +260,12 @@ void q8_mm(const Acts& a, const int8_t* qs, const float* wd, const float* wm, in
         const float* mn = wm ? wm + n * nw : nullptr;
         int64_t r = t0;
         for (; r + RC <= t1; r += RC) q8_tile<RC>(a, wq, dn, mn, per, bias, N, K, n, r, y);
-        for (; r < t1; ++r) q8_tile<1>(a, wq, dn, mn, per, bias, N, K, n, r, y);
+        switch (t1 - r) {  // the rows left over in one register tile: the weight row is read once
+          case 3: q8_tile<3>(a, wq, dn, mn, per, bias, N, K, n, r, y); break;
+          case 2: q8_tile<2>(a, wq, dn, mn, per, bias, N, K, n, r, y); break;
+          case 1: q8_tile<1>(a, wq, dn, mn, per, bias, N, K, n, r, y); break;
+          default: break;
+        }
       }
     }
   });
