@@ -96,10 +96,11 @@ EXTRA = "Self-speculation on SmolLM2-135M (code suite, separate run)=bench-out/s
 	"fp32 and bf16 in one run (full suite, separate run)=bench-out/bf16"
 benchmarks-md: install
 	bash tools/restore-runs.sh
-	$(BIN)/python -m skipjack.bench.benchmarks_md bench-out/q4-quick --benchmarks-md BENCHMARKS.md \
-		$(foreach e,$(EXTRA),$(if $(wildcard $(lastword $(subst =, ,$(e)))/results.json),--extra $(e))) \
-		$(if $(wildcard bench-out/quality/quality.json),--quality bench-out/quality) \
-		$(if $(wildcard bench-out/layers/*.json),--layers bench-out/layers) --notes docs/bench/NOTES.md
+	set -- ; for e in $(EXTRA); do if [ -f "$${e##*=}/results.json" ]; then set -- "$$@" --extra "$$e"; fi; done; \
+	if [ -f bench-out/quality/quality.json ]; then set -- "$$@" --quality bench-out/quality; fi; \
+	if ls bench-out/layers/*.json >/dev/null 2>&1; then set -- "$$@" --layers bench-out/layers; fi; \
+	$(BIN)/python -m skipjack.bench.benchmarks_md bench-out/q4-quick --benchmarks-md BENCHMARKS.md "$$@" \
+		--notes docs/bench/NOTES.md
 
 clean:
 	rm -rf $(VENV) bench-out
