@@ -233,7 +233,7 @@ def test_persisted_ngram_table_stays_within_the_cap(tmp_path):
 def test_corrupt_ngram_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(SkipjackError, match="cannot read table"):
+    with pytest.raises(SkipjackError, match="table .* is damaged"):
         NGramDrafter(table="bad", path=str(bad)).begin([1, 2])
 
 

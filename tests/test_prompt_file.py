@@ -9,6 +9,8 @@ import os
 import re
 
 import pytest
+
+from skipjack import integrity
 import torch
 from test_prompt_cache import GREEDY, assert_holds_what_it_says, decode
 
@@ -88,6 +90,9 @@ def test_a_damaged_cache_is_a_one_line_error(tiny_llama64, tmp_path):
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     tensors["0.k"] = tensors["0.k"][:, :, :-1].contiguous()
     save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(SkipjackError, match="is damaged .*checksum.*delete it to rebuild"):
+        load_prompt_cache(path, tiny_llama64)
+    save_file(tensors, str(path), metadata=meta | {"digest": integrity.digest(tensors)})  # edited consistently
     with pytest.raises(SkipjackError, match="is damaged .*do not fit.*delete it to rebuild"):
         load_prompt_cache(path, tiny_llama64)
     save_file(tensors, str(path), metadata=meta | {"tokens": "[1, 2"})

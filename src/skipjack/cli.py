@@ -6,12 +6,14 @@ Any `SkipjackError` (bad input, missing model, ...) is printed as one line and e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from pathlib import Path
 
+from skipjack import validate
 from skipjack.errors import SkipjackError
+from skipjack.store import reason
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -79,9 +81,15 @@ def _engine(a, spec: str | None = None):
     from skipjack.drafters import make_method
     from skipjack.engine import Engine
     from skipjack.loading import BLOCKS, resolve_dtype
+    from skipjack.store import check_home
 
     _params(a)
+    validate.strings("--stop", a.stop)
+    if a.model is not None:
+        validate.text("--model", a.model, empty=False)
+    validate.text("--method", a.method, empty=False)
     method = make_method(a.method)
+    check_home()
     a.dtype, note = resolve_dtype(spec or a.model, a.dtype)  # "auto" -> what it loads as
     if note:
         _notice(note)
@@ -99,10 +107,13 @@ def cmd_generate(a) -> int:
     from skipjack.engine import Request
     from skipjack.prompt_file import check_path, load_prompt_cache, save_prompt_cache
 
-    prompt_text = sys.stdin.read() if a.prompt == "-" else a.prompt
+    if a.prompt == "-":
+        prompt_text = validate.utf8("the prompt on standard input", sys.stdin.buffer.read())
+    else:
+        prompt_text = validate.text("the prompt", a.prompt)
     if not prompt_text.strip():
         raise SkipjackError("the prompt is empty")
-    cache_file = Path(a.prompt_cache).expanduser() if a.prompt_cache else None
+    cache_file = validate.path("--prompt-cache", a.prompt_cache) if a.prompt_cache else None
     if cache_file:
         check_path(cache_file)
     engine, method = _engine(a)
@@ -116,8 +127,6 @@ def cmd_generate(a) -> int:
 
     request = Request(prompt, params, engine.method(a.method), tuple(a.stop), saved)
     res = engine.complete(request, None if a.json else show)
-    if cache_file:
-        save_prompt_cache(cache_file, saved)
     if a.json:
         out = res.to_json() | {"model": engine.name, "dtype": a.dtype, "load_seconds": round(engine.loaded.seconds, 3)}
         out["lossless"] = method.lossless
@@ -136,7 +145,11 @@ def cmd_generate(a) -> int:
             + "]",
             file=sys.stderr,
         )
-    return 0
+    if cache_file:  # after the result is out: a failed save never loses it
+        save_prompt_cache(cache_file, saved)
+    for problem in res.problems:
+        print(f"skipjack: error: {problem}", file=sys.stderr)
+    return 2 if res.problems else 0
 
 
 def cmd_chat(a) -> int:
@@ -160,6 +173,9 @@ def cmd_chat(a) -> int:
         except EOFError:
             print(file=sys.stderr)
             return 0
+        except UnicodeDecodeError as e:  # an undecodable line is dropped; the chat goes on
+            print(f"skipjack: error: that line is not valid UTF-8 ({e.reason}); it was dropped", file=sys.stderr)
+            continue
         if line.strip() in ("/exit", "/quit"):
             return 0
         if line.strip() == "/reset":
@@ -172,14 +188,24 @@ def cmd_chat(a) -> int:
         try:
             prompt = engine.tokenizer.prompt_ids(messages)
             res = engine.complete(Request(prompt, params, a.method, tuple(a.stop), history), show)
-        except (SkipjackError, KeyboardInterrupt) as e:  # this turn is dropped; the chat goes on
+        except (Exception, KeyboardInterrupt) as e:  # any failure drops this turn; the chat goes on
             messages.pop()
-            why = f"skipjack: error: {e} (/reset starts over)" if isinstance(e, SkipjackError) else "[interrupted]"
-            print(f"\n{why}", file=sys.stderr)
+            if isinstance(e, BrokenPipeError):
+                raise
+            print(f"\n{_turn_error(e)}", file=sys.stderr)
             continue
         cached = f", {res.cached_tokens} of {res.prompt_tokens} prompt tokens cached"
         print(f"\n[{res.new_tokens} tokens, {res.tokens_per_s:.1f} tok/s{cached}]", file=sys.stderr)
         messages.append({"role": "assistant", "content": res.text})
+
+
+def _turn_error(e: BaseException) -> str:
+    """One line for a chat turn that failed."""
+    if isinstance(e, KeyboardInterrupt):
+        return "[interrupted]"
+    if isinstance(e, SkipjackError):
+        return f"skipjack: error: {e} (/reset starts over)"
+    return f"skipjack: error: this turn failed ({_described(e)}); it was dropped (/reset starts over)"
 
 
 def cmd_models(a) -> int:
@@ -201,6 +227,7 @@ def cmd_models(a) -> int:
 def cmd_train_adapter(a) -> int:
     from skipjack import loading
     from skipjack.distil import Settings, train
+    from skipjack.store import check_home
 
     s = Settings(
         layers=a.layers, tokens=a.tokens, steps=a.steps, lr=a.lr, seed=a.seed, prompts=a.prompts, vocab=a.vocab
@@ -209,7 +236,8 @@ def cmd_train_adapter(a) -> int:
         raise SkipjackError("--vocab and --prompts must be >= 0")
     if not 1 <= s.layers <= 8:
         raise SkipjackError(f"--layers must be in [1, 8] (got {s.layers}); Kangaroo uses 2-4")
-    out = Path(a.out).expanduser() if a.out else None
+    out = validate.writable_file("--out", validate.path("--out", a.out)) if a.out else None
+    check_home()
     loaded = loading.load(a.model, a.dtype)
     _notice(f"skipjack: distilling a kangaroo adapter after layer {s.layers - 1} of {loaded.name} ({a.dtype})")
     res = train(loaded, s, out, progress=not a.quiet)
@@ -226,11 +254,17 @@ def cmd_bench(a) -> int:
     return bench_main(a)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (exit 2), as every other error."""
+
+    def error(self, message: str):
+        print(f"skipjack: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="skipjack", description="Faster LLM decoding by working with layers and KV cache."
-    )
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = _Parser(prog="skipjack", description="Faster LLM decoding by working with layers and KV cache.")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="generate text from a prompt")
     _sampling_args(g)
     g.add_argument("--raw", action="store_true", help="send the prompt as plain text, not through the chat template")
@@ -276,12 +310,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _described(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        where = f": {e.filename}" if e.filename else ""
+        return f"{reason(e)}{where}"
+    return f"{type(e).__name__}: {e}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command. Every failure a user can cause or fix (bad input, a missing or damaged file, a full
+    disk, an unwritable folder, a closed pipe) is one line on stderr with exit status 2; only a bug in skipjack
+    is an `internal error` (exit 1)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
     try:
         import torch
 
-        torch.set_num_threads(int(os.environ.get("SKIPJACK_THREADS", torch.get_num_threads())))
+        torch.set_num_threads(validate.threads() or torch.get_num_threads())
         return args.func(args)
     except SkipjackError as e:
         print(f"skipjack: error: {e}", file=sys.stderr)
@@ -289,12 +336,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nskipjack: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop writing, say so once
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("skipjack: error: the output was closed before the end (broken pipe)", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"skipjack: error: {_described(e)}", file=sys.stderr)
+        return 2
+    except UnicodeError as e:
+        print(f"skipjack: error: text that is not valid UTF-8 ({e})", file=sys.stderr)
+        return 2
     except Exception as e:  # an internal bug: still one line, unless SKIPJACK_DEBUG asks for the traceback
         if os.environ.get("SKIPJACK_DEBUG"):
             raise
-        print(
-            f"skipjack: internal error: {type(e).__name__}: {e} (set SKIPJACK_DEBUG=1 for a traceback)", file=sys.stderr
-        )
+        print(f"skipjack: internal error: {_described(e)} (set SKIPJACK_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
 
 

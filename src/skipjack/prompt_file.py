@@ -24,12 +24,13 @@ import os
 import tempfile
 from pathlib import Path
 
+from skipjack import integrity
 from skipjack.errors import SkipjackError
 from skipjack.models import fingerprint
 from skipjack.models.common import DecoderLM
 from skipjack.session import Session
 
-FORMAT, VERSION = "skipjack-prompt-cache", "1"
+FORMAT, VERSION = "skipjack-prompt-cache", "2"  # 2: a checksum of the tensors in the metadata
 
 
 def check_path(path: Path) -> None:
@@ -54,8 +55,6 @@ def _read_meta(path: Path) -> dict:
         raise SkipjackError(f"{path} is not a skipjack prompt cache; not touching it") from None
     if meta.get("format") != FORMAT:
         raise SkipjackError(f"{path} is not a skipjack prompt cache; not touching it")
-    if meta.get("version") != VERSION:
-        raise SkipjackError(f"{path} is a prompt cache of format version {meta.get('version')}; delete it to rebuild")
     return meta
 
 
@@ -67,6 +66,11 @@ def load_prompt_cache(path: Path, model: DecoderLM, notice=print) -> Session:
     if not path.exists():
         return pc
     meta = _read_meta(path)
+    if meta.get("version") != VERSION:
+        notice(
+            f"skipjack: prompt cache {path} is of an older format (version {meta.get('version')}); it will be replaced"
+        )
+        return pc
     if meta.get("fingerprint") != fingerprint(model):
         notice(f"skipjack: prompt cache {path} was made by another model or precision; it will be replaced")
         return pc
@@ -75,9 +79,14 @@ def load_prompt_cache(path: Path, model: DecoderLM, notice=print) -> Session:
         cache = model.make_cache(capacity)  # the saving request's size: every layer is of the kind it was
         if len(first) != len(cache) or not len(tokens) <= capacity:
             raise SkipjackError(f"it does not match the model's {len(cache)} layers")
+        if not all(isinstance(t, int) and 0 <= t < model.lm_head.out_features for t in tokens):
+            raise SkipjackError("a token id outside the model's vocabulary")
         with safe_open(str(path), framework="pt") as f:
-            for i, layer in enumerate(cache):
-                layer.restore(f.get_tensor(f"{i}.k"), f.get_tensor(f"{i}.v"), first[i])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if integrity.digest(tensors) != meta.get("digest"):
+            raise SkipjackError("its tensors do not match their checksum")
+        for i, layer in enumerate(cache):
+            layer.restore(tensors[f"{i}.k"], tensors[f"{i}.v"], first[i])
     except (SkipjackError, RuntimeError, ValueError, KeyError, TypeError) as e:
         raise SkipjackError(f"{path} is damaged ({e}); delete it to rebuild") from None
     pc.model, pc.tokens, pc.cache = model, tokens, cache
@@ -102,6 +111,7 @@ def save_prompt_cache(path: Path, pc: Session) -> None:
         "tokens": json.dumps(pc.tokens),
         "first": json.dumps(first),
         "capacity": str(pc.cache.capacity),
+        "digest": integrity.digest(tensors),
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

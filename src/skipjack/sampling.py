@@ -8,11 +8,15 @@ top-p, min-p.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+from skipjack import validate
 from skipjack.errors import SkipjackError
+
+MAX_NEW_TOKENS = 1 << 24  # far above any context here; a larger request is a mistake, not a long answer
 
 
 @dataclass
@@ -27,17 +31,22 @@ class SamplingParams:
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
 
     def __post_init__(self):
-        checks = [
-            (self.temperature >= 0, f"temperature must be >= 0 (got {self.temperature})"),
-            (self.top_k >= 0, f"top-k must be >= 0 (got {self.top_k})"),
-            (0 < self.top_p <= 1, f"top-p must be in (0, 1] (got {self.top_p})"),
-            (0 <= self.min_p < 1, f"min-p must be in [0, 1) (got {self.min_p})"),
-            (self.repetition_penalty > 0, f"repetition penalty must be > 0 (got {self.repetition_penalty})"),
-            (self.max_new_tokens >= 1, f"max new tokens must be >= 1 (got {self.max_new_tokens})"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise SkipjackError(msg)
+        """Checked once, at the boundary (`skipjack.validate`): types, finite values, ranges."""
+        self.temperature = validate.number("temperature", self.temperature, 0.0, math.inf)
+        self.top_k = validate.integer("top-k", self.top_k, 0)
+        self.top_p = validate.number("top-p", self.top_p, 0.0, 1.0, lo_open=True)
+        self.min_p = validate.number("min-p", self.min_p, 0.0, 1.0, hi_open=True)
+        self.repetition_penalty = validate.number(
+            "repetition penalty", self.repetition_penalty, 0.0, math.inf, lo_open=True
+        )
+        if self.seed is not None:
+            validate.integer("seed", self.seed, 0, 2**64 - 1)
+        validate.integer("max new tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
+        if not isinstance(self.stop_token_ids, frozenset | set | list | tuple):
+            raise SkipjackError("stop token ids must be a set of token ids")
+        for t in self.stop_token_ids:
+            validate.integer("a stop token id", t, 0)
+        self.stop_token_ids = frozenset(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
@@ -50,7 +59,8 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
     if penalty == 1.0:
         return logits
     pen = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, pen, logits)
+    big = torch.finfo(logits.dtype).max  # an extreme penalty overflows: clamp, so the order still decides
+    return torch.where(seen, pen.clamp(-big, big), logits)
 
 
 def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -58,7 +68,9 @@ def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     settings this is one-hot at the argmax."""
     if p.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-    x = logits / p.temperature
+    # Shifted by the max before dividing: at a tiny temperature the gaps become -inf (never NaN) and the
+    # distribution tends to greedy's argmax, as it should.
+    x = (logits - logits.max(-1, keepdim=True).values) / p.temperature  # [N, V], <= 0
     if p.top_k and p.top_k < x.shape[-1]:
         kth = torch.topk(x, p.top_k, dim=-1).values[..., -1:]  # [N, 1]
         x = x.masked_fill(x < kth, float("-inf"))

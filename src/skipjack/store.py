@@ -1,16 +1,61 @@
-"""Where skipjack keeps files: the home folder, measurement caches keyed by what they depend on, atomic writes."""
+"""Where skipjack keeps files: the home folder, measurement caches keyed by what they depend on, atomic writes,
+and locks with a bounded wait.
+
+Everything under the home folder is a cache: deleting it (or one entry) costs only the time to rebuild it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from skipjack.errors import SkipjackError
+
+LOCK_WAIT_S = 30.0  # default bound on waiting for another process's lock (`SKIPJACK_LOCK_TIMEOUT`)
 
 
 def home() -> Path:
-    """`$SKIPJACK_HOME`, or `~/.cache/skipjack`."""
-    return Path(os.environ.get("SKIPJACK_HOME", Path.home() / ".cache" / "skipjack"))
+    """`$SKIPJACK_HOME` (`~` expanded, made absolute), or `~/.cache/skipjack`. An empty value, or one that names
+    something other than a folder, is a one-line error."""
+    raw = os.environ.get("SKIPJACK_HOME")
+    if raw is None:
+        return Path.home() / ".cache" / "skipjack"
+    if not raw.strip() or "\x00" in raw:
+        raise SkipjackError("SKIPJACK_HOME is set but empty; unset it or name a folder")
+    path = Path(raw).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise SkipjackError(f"SKIPJACK_HOME={raw} is not a folder")
+    return path
+
+
+def check_home() -> Path:
+    """home(), created if needed and checked writable before any work is done there."""
+    path = home()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SkipjackError(f"cannot create the cache folder SKIPJACK_HOME={path}: {reason(e)}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise SkipjackError(f"the cache folder {path} is not writable; set SKIPJACK_HOME to a writable folder")
+    return path
+
+
+def reason(e: OSError) -> str:
+    """An OS error in words, the way a user can act on it."""
+    if e.errno == errno.ENOSPC:
+        return "no space left on the device"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if e.errno == errno.EROFS:
+        return "read-only file system"
+    return e.strerror or str(e)
 
 
 def cache_file(kind: str, key: dict) -> Path:
@@ -21,11 +66,62 @@ def cache_file(kind: str, key: dict) -> Path:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write a temporary file, then rename it over `path`: concurrent processes never read a partial file.
-    A cache directory that cannot be written only costs the next process a new measurement."""
+    A cache folder that cannot be written (read-only, full) only costs the next process a new measurement;
+    a temporary file is never left behind."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
     except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def read_json(path: Path):
+    """A cache file's JSON, or None when it is missing or does not parse (then it is rebuilt)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def lock_wait() -> float:
+    raw = os.environ.get("SKIPJACK_LOCK_TIMEOUT")
+    if raw is None:
+        return LOCK_WAIT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86_400:
+        raise SkipjackError(f"SKIPJACK_LOCK_TIMEOUT must be a number of seconds in [0, 86400] (got {raw!r})")
+    return value
+
+
+@contextlib.contextmanager
+def locked(path: Path, what: str, wait: float | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if needed), waiting at most `wait` seconds (default
+    `SKIPJACK_LOCK_TIMEOUT`, 30 s) for another process to release it; then a one-line error naming the file."""
+    wait = lock_wait() if wait is None else wait
+    try:
+        f = open(path, "a")
+    except OSError as e:
+        raise SkipjackError(f"cannot open the lock file {path} for {what}: {reason(e)}") from None
+    with f:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise SkipjackError(
+                        f"{what}: {path} is locked by another process (waited {wait:g} s); retry when it is done, "
+                        f"or delete {path} if no skipjack process is running"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

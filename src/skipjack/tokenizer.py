@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from skipjack.errors import SkipjackError
+from skipjack import validate
 
 _END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "</s>", "<eos>")
 
@@ -35,13 +35,11 @@ class Tokenizer:
         """Token ids for a prompt: a string (through the chat template as one user message unless `raw`),
         or a list of chat messages."""
         if isinstance(prompt, str):
-            if not prompt.strip():
-                raise SkipjackError("the prompt is empty")
+            validate.text("the prompt", prompt, empty=False)
             if raw or not self.chat_template:
                 return self.encode(prompt)
             prompt = [{"role": "user", "content": prompt}]
-        if not prompt or not any(m.get("content", "").strip() for m in prompt):
-            raise SkipjackError("the prompt is empty")
+        validate.messages(prompt)
         if not self.chat_template:
             return self.encode("\n\n".join(m["content"] for m in prompt))
         text = self.hf.apply_chat_template(

@@ -22,13 +22,14 @@ the shallow layers run once per token. Elsewhere the verify pass recomputes ever
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipjack import store
+from skipjack import integrity, store, validate
 from skipjack.cache import LayerKV
 from skipjack.drafters.base import DraftContext, Proposal, Verdict, common_prefix
 from skipjack.drafters.layered import Calibrated, DraftHead, SharesModels, draft, resumable
@@ -101,10 +102,14 @@ def save(adapter: Adapter, model, path: Path, about: dict) -> None:
 
     meta = {"kind": KIND, "version": VERSION, "model": identity(model), "shape": json.dumps(adapter.shape)}
     tensors = {k: v.detach().float().contiguous() for k, v in adapter.state_dict().items()}
+    meta["digest"] = integrity.digest(tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta | {"about": json.dumps(about)})
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta | {"about": json.dumps(about)})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load(model, path: Path) -> tuple[Adapter, dict]:
@@ -122,16 +127,26 @@ def load(model, path: Path) -> tuple[Adapter, dict]:
         if meta.get("kind") != KIND:
             raise ValueError("not a kangaroo adapter")
         shape, about = json.loads(meta["shape"]), json.loads(meta.get("about", "{}"))
+        if not isinstance(shape, dict) or not isinstance(about, dict):
+            raise ValueError("malformed metadata")
+        if meta.get("digest") != integrity.digest(tensors):
+            raise ValueError("its tensors do not match their checksum")
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
         raise SkipjackError(f"kangaroo: {path} is damaged or not an adapter ({e}); {retrain}") from None
     if meta.get("model") != identity(model):
         trained = about.get("model_name", "another model")
         raise SkipjackError(f"kangaroo: {path} was trained for {trained}, not this model; {retrain}")
-    adapter = Adapter(**shape)
     try:
+        dims = [v for k, v in shape.items() if k != "eps"]
+        eps = shape.get("eps")
+        if not all(type(v) is int and 0 < v <= 1 << 20 for v in dims) or not isinstance(eps, float) or eps <= 0:
+            raise ValueError(f"shape {shape}")
+        adapter = Adapter(**shape)
         adapter.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise SkipjackError(f"kangaroo: {path} does not fit this model ({str(e).splitlines()[0]}); {retrain}") from None
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise SkipjackError(
+            f"kangaroo: {path} does not fit this model ({(str(e).splitlines() or [type(e).__name__])[0]}); {retrain}"
+        ) from None
     if not all(torch.isfinite(t).all() for t in tensors.values()):
         raise SkipjackError(f"kangaroo: {path} holds non-finite weights; {retrain}")
     return adapter.eval(), about
@@ -144,7 +159,8 @@ class Kangaroo(SharesModels):
     def __init__(self, threshold: float = 0.6, vocab: int = -1, adapter: str = "", shared: dict | None = None):
         if not 0.0 <= threshold < 1.0:
             raise SkipjackError(f"kangaroo: threshold must be in [0, 1) (got {threshold})")
-        self.threshold, self.vocab, self.file = threshold, vocab, Path(adapter).expanduser() if adapter else None
+        self.threshold, self.vocab = threshold, vocab
+        self.file = validate.path("kangaroo: adapter", adapter) if adapter else None
         self.shared = shared if shared is not None else {}
         self.model, self.head, self.adapter, self.calib = None, None, None, Calibrated()
         self.kv: LayerKV | None = None

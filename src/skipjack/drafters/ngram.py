@@ -40,8 +40,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from pathlib import Path
 
+from skipjack import validate
 from skipjack.drafters.base import DraftContext, Proposal, Verdict, calibration, judge, merge
 from skipjack.drafters.ngram_table import NGramTable
 from skipjack.drafters.pld import MIN_SCORE, PromptLookup
@@ -79,7 +79,7 @@ class NGramDrafter:
         if not 0 <= rows <= 4:
             raise SkipjackError(f"ngram: rows (table weight of verify-row predictions) must be in [0, 4] (got {rows})")
         self.width, self.explore = width, explore
-        self.path = Path(path).expanduser() if path else None
+        self.path = validate.writable_file("ngram: path", validate.path("ngram: path", path)) if path else None
         store = shared if shared is not None else {}
         self.table = store.setdefault(f"{table or 'default'}/{order}", NGramTable(order=order))
         self.lookup = PromptLookup(branches=lookup) if lookup else None

@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from skipjack import store
 from skipjack.errors import SkipjackError
 from skipjack.store import home
 
@@ -46,6 +47,15 @@ def _load():
     where.mkdir(parents=True, exist_ok=True)
     if sys.stderr.isatty() and not any(where.glob("*.so")):
         print("skipjack: compiling the CPU kernels for this machine, once (about a minute)", file=sys.stderr)
+    # torch's own build lock is a plain file that a killed build leaves behind, and then every later build
+    # waits for it forever. Ours is an flock (released when its process dies), with a bounded wait; holding
+    # it, no other skipjack process is building here, so a torch lock file left here is stale.
+    with store.locked(where / ".skipjack.lock", "building the CPU kernels", wait=max(store.lock_wait(), 300.0)):
+        (where / "lock").unlink(missing_ok=True)
+        return _build(ext, name, where)
+
+
+def _build(ext, name: str, where: Path):
     return ext.load(
         name=name,
         sources=[str(SOURCE)],
