@@ -25,13 +25,14 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path, qtype_for):
+def write_tiny_gguf(path, qtype_for, arch: str = "llama", drop: tuple[str, ...] = ()):
     """A 2-layer Llama GGUF with a byte-level BPE tokenizer; returns the HF model and the dequantised
-    state dict that the file really holds."""
+    state dict that the file really holds. `arch`: the architecture the file claims; `drop`: GGUF tensor names
+    left out (hostile-input tests)."""
     tok = byte_bpe_tokenizer()
     hf = hf_model("llama", seed=12, vocab=len(tok), max_position_embeddings=128, hidden_size=64, intermediate_size=128)
     c = hf.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -79,6 +80,8 @@ def write_tiny_gguf(path, qtype_for):
             arr = _permute(arr, c.num_attention_heads)
         elif ".attn_k." in gname:
             arr = _permute(arr, c.num_key_value_heads)
+        if gname in drop:
+            continue
         qt = gguf.GGMLQuantizationType[qtype_for(i, gname, arr)]
         data = gguf.quants.quantize(arr, qt)
         w.add_tensor(gname, data, raw_dtype=qt)

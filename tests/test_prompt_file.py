@@ -9,11 +9,10 @@ import os
 import re
 
 import pytest
-
-from skipjack import integrity
 import torch
 from test_prompt_cache import GREEDY, assert_holds_what_it_says, decode
 
+from skipjack import integrity
 from skipjack.errors import SkipjackError
 from skipjack.prompt_file import check_path, fingerprint, load_prompt_cache, save_prompt_cache
 from skipjack.session import Session

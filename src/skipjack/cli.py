@@ -11,8 +11,8 @@ import json
 import os
 import sys
 
-from skipjack import validate
-from skipjack.errors import SkipjackError
+from skipjack import store, validate
+from skipjack.errors import SkipjackError, one_line
 from skipjack.store import reason
 
 
@@ -232,11 +232,14 @@ def cmd_train_adapter(a) -> int:
     s = Settings(
         layers=a.layers, tokens=a.tokens, steps=a.steps, lr=a.lr, seed=a.seed, prompts=a.prompts, vocab=a.vocab
     )
-    if s.vocab < 0 or s.prompts < 0:
-        raise SkipjackError("--vocab and --prompts must be >= 0")
-    if not 1 <= s.layers <= 8:
-        raise SkipjackError(f"--layers must be in [1, 8] (got {s.layers}); Kangaroo uses 2-4")
-    out = validate.writable_file("--out", validate.path("--out", a.out)) if a.out else None
+    validate.integer("--layers (Kangaroo uses 2-4)", s.layers, 1, 8)
+    validate.integer("--vocab", s.vocab, 0)
+    validate.integer("--prompts", s.prompts, 0, 10_000)
+    validate.integer("--tokens", s.tokens, 1024, 1 << 24)
+    validate.integer("--steps", s.steps, 1, 1_000_000)
+    validate.number("--lr", s.lr, 0.0, 1.0, lo_open=True)
+    validate.integer("--seed", s.seed, 0, 2**63 - 1)
+    out = validate.writable_file("--out", validate.path("--out", a.out)) if a.out is not None else None
     check_home()
     loaded = loading.load(a.model, a.dtype)
     _notice(f"skipjack: distilling a kangaroo adapter after layer {s.layers - 1} of {loaded.name} ({a.dtype})")
@@ -314,7 +317,7 @@ def _described(e: BaseException) -> str:
     if isinstance(e, OSError):
         where = f": {e.filename}" if e.filename else ""
         return f"{reason(e)}{where}"
-    return f"{type(e).__name__}: {e}"
+    return one_line(f"{type(e).__name__}: {e}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,9 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(validate.threads() or torch.get_num_threads())
+        store.home(), store.lock_wait()  # the other environment settings, checked before any work
         return args.func(args)
     except SkipjackError as e:
-        print(f"skipjack: error: {e}", file=sys.stderr)
+        print(f"skipjack: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nskipjack: interrupted", file=sys.stderr)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from skipjack import integrity
-from skipjack.errors import SkipjackError
+from skipjack.errors import SkipjackError, one_line
 from skipjack.gguf_io import check_magic, has_magic
 from skipjack.models import DecoderLM, build_model, normalise_config
 from skipjack.store import check_home, home, reason
@@ -220,7 +220,12 @@ def convert_gguf(path: Path, chat_template: str | None = None, weights: str = "f
             tensors = gguf_io.read_tensors(path, config)
         tok = gguf_io.read_tokenizer(path)
         template = tok_cfg.get("chat_template") or getattr(tok, "chat_template", None) or chat_template
-        save_file(tensors, str(tmp / ("blocks.safetensors" if index else "model.safetensors")))
+        try:
+            save_file(tensors, str(tmp / ("blocks.safetensors" if index else "model.safetensors")))
+        except OSError:
+            raise
+        except Exception as e:  # safetensors reports a failed write (a full disk) as its own error type
+            raise SkipjackError(f"cannot write the converted model under {entry.parent}: {one_line(str(e))}") from None
         del tensors
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         tok.save_pretrained(str(tmp))
@@ -330,6 +335,11 @@ def _hub_folder(repo_id: str) -> Path:
 def load(spec: str | None = None, dtype: str = "auto") -> Loaded:
     """Load a model by name, GGUF path, HF folder or hub id, in `dtype` (`resolve_dtype`: "auto" is q4 for a
     GGUF file): fp32 / bf16 / fp64 dense weights, or q4 / q8 blocks (`skipjack.linear.blocks`)."""
+    if spec is not None and not isinstance(spec, str | Path):
+        raise SkipjackError(f"--model must be a string: a named model, a path or a hub id (got {type(spec).__name__})")
+    if not isinstance(dtype, str):
+        raise SkipjackError(f"unknown dtype {dtype!r}; choose one of {', '.join(CHOICES)}")
+    spec = str(spec) if spec is not None else None
     dtype, _ = resolve_dtype(spec, dtype)
     spec = spec or DEFAULT_MODEL
     t0 = time.perf_counter()

@@ -70,7 +70,10 @@ def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
     # Shifted by the max before dividing: at a tiny temperature the gaps become -inf (never NaN) and the
     # distribution tends to greedy's argmax, as it should.
-    x = (logits - logits.max(-1, keepdim=True).values) / p.temperature  # [N, V], <= 0
+    # A temperature below the dtype's smallest normal number is that number (it would round to 0 and divide
+    # 0 by 0): the same limit.
+    t = max(p.temperature, torch.finfo(logits.dtype).tiny)
+    x = (logits - logits.max(-1, keepdim=True).values) / t  # [N, V], <= 0
     if p.top_k and p.top_k < x.shape[-1]:
         kth = torch.topk(x, p.top_k, dim=-1).values[..., -1:]  # [N, 1]
         x = x.masked_fill(x < kth, float("-inf"))

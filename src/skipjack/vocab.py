@@ -38,10 +38,13 @@ def token_counts(tokenizer) -> dict[int, int]:
     """{token id: count} over `local_text()`, cached per tokenizer."""
     vocab = json.dumps(sorted(tokenizer.hf.get_vocab().items()))
     path = store.cache_file("vocab", {"tokenizer": hashlib.sha256(vocab.encode()).hexdigest(), "v": 1})
+    n = len(tokenizer.hf)
     try:
-        return {int(k): int(v) for k, v in json.loads(path.read_text()).items()}
-    except (OSError, ValueError, AttributeError):
-        pass
+        counts = {int(k): int(v) for k, v in json.loads(path.read_text()).items()}
+        if all(0 <= k < n and v >= 0 for k, v in counts.items()):
+            return counts
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass  # missing, unreadable or out of range: counted again and rewritten
     text, counts = local_text(), Counter()
     for i in range(0, len(text), CHUNK):
         counts.update(tokenizer.encode(text[i : i + CHUNK], add_special_tokens=False))

@@ -100,12 +100,13 @@ def _command(a) -> str:
 
 
 def _check_numbers(a) -> None:
+    from skipjack import validate
+
     if a.repeats < 2:
         raise SkipjackError(f"--repeats must be >= 2 (got {a.repeats}): the median of at least two runs is kept")
-    if a.max_new_tokens < 1:
-        raise SkipjackError(f"--max-new-tokens must be >= 1 (got {a.max_new_tokens})")
-    if a.temperature < 0:
-        raise SkipjackError(f"--temperature must be >= 0 (got {a.temperature})")
+    validate.integer("--max-new-tokens", a.max_new_tokens, 1, 1 << 20)
+    validate.number("--temperature", a.temperature, 0.0, float("inf"))
+    validate.integer("--seed", a.seed, 0, 2**63 - 1)
 
 
 class Bench:

@@ -177,7 +177,8 @@ class Swift(SharesModels):
             skip = frozenset((kind, int(i)) for kind, i in d["skip"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        return (skip, float(d.get("match", 0.0))) if skip <= set(self.candidates) else None
+        match = float(d.get("match", 0.0))
+        return (skip, match) if skip <= set(self.candidates) and 0.0 <= match <= 1.0 else None
 
     def _store(self) -> None:
         if self.save:
