@@ -12,6 +12,8 @@ LAYERS = {  # module (or package) -> layer; the longest matching prefix decides 
     "skipjack.errors": 0,
     "skipjack.limits": 0,
     "skipjack.store": 0,
+    "skipjack.validate": 0,
+    "skipjack.integrity": 0,
     "skipjack.sampling": 1,
     "skipjack.cache": 1,
     "skipjack.linear": 1,

@@ -121,11 +121,6 @@ GENERATE = [
 ]
 
 
-@pytest.mark.parametrize("argv, needle", GENERATE, ids=[" ".join(a) for a, _ in GENERATE])
-def test_generate_option(capsys, argv, needle):
-    one_line(*run(capsys, "generate", *argv, "hi")[::2], needle)
-
-
 @pytest.mark.parametrize(
     "prompt, needle",
     [("", "empty"), ("   \n\t", "empty"), (SUR, "not valid utf-8"), ("ok" + SUR[0], "not valid utf-8")],
@@ -165,11 +160,6 @@ CHAT = [
 ]
 
 
-@pytest.mark.parametrize("argv, needle", CHAT, ids=[" ".join(a) for a, _ in CHAT])
-def test_chat_option(capsys, argv, needle):
-    one_line(*run(capsys, "chat", *argv)[::2], needle)
-
-
 TRAIN = [
     (["--layers", "0"], "--layers"),
     (["--layers", "9"], "--layers"),
@@ -187,11 +177,6 @@ TRAIN = [
 ]
 
 
-@pytest.mark.parametrize("argv, needle", TRAIN, ids=[" ".join(a) for a, _ in TRAIN])
-def test_train_adapter_option(capsys, argv, needle):
-    one_line(*run(capsys, "train-adapter", *argv)[::2], needle)
-
-
 def test_train_adapter_out_is_a_folder(capsys, tmp_path):
     one_line(*run(capsys, "train-adapter", "--out", tmp_path)[::2], "is a folder")
 
@@ -207,10 +192,20 @@ BENCH = [
     (["--prompts", "/nonexistent.jsonl"], "not a file"),
 ]
 
+# (command, what comes before and after the case's arguments)
+AROUND = {"generate": ([], ["hi"]), "chat": ([], []), "train-adapter": ([], []), "bench": (["--dtype", "fp32"], [])}
+OPTIONS = [
+    (cmd, argv, needle)
+    for cmd, table in (("generate", GENERATE), ("chat", CHAT), ("train-adapter", TRAIN), ("bench", BENCH))
+    for argv, needle in table
+]
 
-@pytest.mark.parametrize("argv, needle", BENCH, ids=[" ".join(a) for a, _ in BENCH])
-def test_bench_option(capsys, tmp_path, argv, needle):
-    one_line(*run(capsys, "bench", "--dtype", "fp32", "--out", tmp_path / "out", *argv)[::2], needle)
+
+@pytest.mark.parametrize("cmd, argv, needle", OPTIONS, ids=[f"{c} {' '.join(a)}" for c, a, _ in OPTIONS])
+def test_option(capsys, tmp_path, cmd, argv, needle):
+    before, after = AROUND[cmd]
+    out = ["--out", tmp_path / "out"] if cmd == "bench" else []
+    one_line(*run(capsys, cmd, *before, *out, *argv, *after)[::2], needle)
 
 
 def test_bench_out_and_prompts_files(capsys, tmp_path):

@@ -87,16 +87,11 @@ def read_json(path: Path):
 
 
 def lock_wait() -> float:
-    raw = os.environ.get("SKIPJACK_LOCK_TIMEOUT")
-    if raw is None:
-        return LOCK_WAIT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 86_400:
-        raise SkipjackError(f"SKIPJACK_LOCK_TIMEOUT must be a number of seconds in [0, 86400] (got {raw!r})")
-    return value
+    """Seconds to wait for another process's lock: `SKIPJACK_LOCK_TIMEOUT`, default 30."""
+    from skipjack.validate import env_number
+
+    wait = env_number("SKIPJACK_LOCK_TIMEOUT", 0, 86_400)
+    return LOCK_WAIT_S if wait is None else wait
 
 
 @contextlib.contextmanager

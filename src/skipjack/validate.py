@@ -134,15 +134,23 @@ def writable_file(name: str, p: Path) -> Path:
     return p
 
 
-def threads() -> int | None:
-    """`SKIPJACK_THREADS` as a thread count, or None when unset."""
-    raw = os.environ.get("SKIPJACK_THREADS")
+def env_number(var: str, lo: float, hi: float, whole: bool = False) -> float | None:
+    """An environment variable as a number in [lo, hi] (`whole`: an integer), None when unset; a one-line
+    error naming the variable otherwise."""
+    raw = os.environ.get(var)
     if raw is None:
         return None
     try:
-        n = int(raw)
+        value = int(raw) if whole else float(raw)
     except ValueError:
-        n = 0
-    if not 1 <= n <= 1024:
-        raise SkipjackError(f"SKIPJACK_THREADS must be a whole number in [1, 1024] (got {raw!r})")
-    return n
+        value = math.nan
+    if not lo <= value <= hi:
+        kind = "a whole number" if whole else "a number"
+        raise SkipjackError(f"{var} must be {kind} in [{lo:g}, {hi:g}] (got {raw!r})")
+    return value
+
+
+def threads() -> int | None:
+    """`SKIPJACK_THREADS` as a thread count, or None when unset."""
+    n = env_number("SKIPJACK_THREADS", 1, 1024, whole=True)
+    return None if n is None else int(n)
