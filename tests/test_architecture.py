@@ -38,6 +38,7 @@ LAYERS = {  # module (or package) -> layer; the longest matching prefix decides 
     "skipjack.cli": 7,
     "skipjack.demo": 7,
     "skipjack.bench": 7,
+    "skipjack.server": 7,
 }
 
 

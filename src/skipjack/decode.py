@@ -38,6 +38,28 @@ class Step:
     forward_tokens: int = 1  # tokens run through the model in this step
     draft_seconds: float = 0.0  # time the drafter took to propose (one-off searches excluded)
     finish: str | None = None  # "stop" | "length" on the last step
+    logprobs: list[TokenLogprob] | None = None  # per emitted token, when params.logprobs is set
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model's raw distribution (log-softmax of its logits, before any
+    sampling setting), and the `params.logprobs` most likely tokens' [(id, log-probability)]."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def _logprobs(logits: torch.Tensor, tokens: list[int], top: int | None) -> list[TokenLogprob] | None:
+    """Logprobs of `tokens`, the i-th from logits row i ([T, V]); None when not asked for (`top` None)."""
+    if top is None:
+        return None
+    lp = torch.log_softmax(logits[: len(tokens)].float(), -1)  # [n, V]
+    out = []
+    for i, t in enumerate(tokens):
+        vals, ids = lp[i].topk(top) if top else (lp[i][:0], lp[i][:0].long())
+        out.append(TokenLogprob(float(lp[i, t]), list(zip(ids.tolist(), vals.tolist()))))
+    return out
 
 
 def generate(
@@ -62,6 +84,7 @@ def generate(
         drafter.begin(list(prompt))
     try:
         step = Step([sampler.pick(finite(start.logits))], forward_tokens=start.ran)
+        step.logprobs = _logprobs(start.logits[None], step.tokens, params.logprobs)
         while True:
             left = _finish(step, params, left, cache.capacity_left(), ctx, sampler)
             intact = True  # between steps the cache is whole
@@ -98,6 +121,7 @@ def _step(model, cache: KVCache, ctx: list[int], left: int, drafter, sizer: Size
     if not proposal:
         logits = finite(model(torch.tensor([[ctx[-1]]]), cache).logits[0, -1])  # [V]
         step, verdict = Step([sampler.pick(logits)]), None
+        step.logprobs = _logprobs(logits[None], step.tokens, sampler.params.logprobs)
     else:
         step, verdict = _speculate(model, cache, ctx[-1], proposal, sampler, at)
     seconds = time.perf_counter() - t
@@ -132,6 +156,9 @@ def _speculate(
     else:
         cache.keep(start, [0] + [c + 1 for c in verdict.path])
     step = Step(verdict.tokens, drafted=len(proposal), accepted=len(verdict.path), forward_tokens=len(ids[0]))
+    if sampler.params.logprobs is not None:  # token j comes from the row of the node before it: the root, then the path
+        rows = out.logits[0][[0] + [c + 1 for c in verdict.path]]  # [len(tokens), V]
+        step.logprobs = _logprobs(rows, step.tokens, sampler.params.logprobs)
     return step, verdict
 
 
@@ -158,6 +185,8 @@ def _finish(step: Step, params: SamplingParams, left: int, room: int, ctx: list[
     elif room <= 1 and not step.finish:
         step.finish = "length"
     step.tokens = toks
+    if step.logprobs is not None:
+        step.logprobs = step.logprobs[: len(toks)]
     ctx.extend(toks)
     sampler.saw(toks)
     return left - len(toks)

@@ -24,9 +24,11 @@ from skipjack.cost import CostModel
 from skipjack.decode import Step, generate
 from skipjack.drafters import Method, make_method
 from skipjack.errors import SkipjackError
+from skipjack.limits import MAX_DRAFT
 from skipjack.loading import Loaded
 from skipjack.sampling import SamplingParams
 from skipjack.session import Session
+from skipjack.sizing import Capped
 from skipjack.tokenizer import StreamDecoder
 
 
@@ -37,6 +39,8 @@ class Request:
     method: str | Method = "plain"  # a spec (the engine's drafter for it) or a Method of the caller's own
     stop: tuple[str, ...] = ()  # stop strings (stop token ids are in params)
     session: Session | None = None  # how the request starts (`skipjack.session`); None: a fresh prefill
+    draft_max: int | None = None  # at most this many draft nodes per step (llama-server's speculative.n_max)
+    draft_p_min: float = 0.0  # no draft node whose score (path probability) is below this (speculative.p_min)
 
 
 @dataclass
@@ -105,6 +109,9 @@ class Engine:
             raise SkipjackError(f"params must be SamplingParams (got {type(request.params).__name__})")
         request.params.__post_init__()  # fields may have been changed since it was made
         request.stop = validate.strings("stop", request.stop)
+        if request.draft_max is not None:
+            validate.integer("speculative n_max", request.draft_max, 0, MAX_DRAFT)
+        request.draft_p_min = validate.number("speculative p_min", request.draft_p_min, 0.0, 1.0)
         if request.session is not None and not isinstance(request.session, Session):
             raise SkipjackError(f"session must be a skipjack Session or None (got {type(request.session).__name__})")
         if isinstance(request.method, str):
@@ -117,7 +124,12 @@ class Engine:
         """Yield (new text, step) pairs. Text never splits a character and never shows part of a stop string."""
         m = self.check(request)
         with self.lock:
-            steps = generate(self.model, request.prompt, request.params, m.drafter, m.sizer(self.cost), request.session)
+            sizer = m.sizer(self.cost)
+            if request.draft_max is not None or request.draft_p_min > 0:
+                sizer = Capped(
+                    sizer, MAX_DRAFT if request.draft_max is None else request.draft_max, request.draft_p_min
+                )
+            steps = generate(self.model, request.prompt, request.params, m.drafter, sizer, request.session)
             yield from _texts(steps, StreamDecoder(self.tokenizer, request.prompt), request.stop)
 
     def complete(self, request: Request, on_text: Callable[[str], None] | None = None) -> Result:

@@ -16,6 +16,7 @@ import torch
 from skipjack import validate
 from skipjack.errors import SkipjackError
 
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
 MAX_NEW_TOKENS = 1 << 24  # far above any context here; a larger request is a mistake, not a long answer
 
 
@@ -29,6 +30,7 @@ class SamplingParams:
     seed: int | None = None
     max_new_tokens: int = 256
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
+    logprobs: int | None = None  # report each token's logprob and this many top alternatives (0-20); None: off
 
     def __post_init__(self):
         """Checked once, at the boundary (`skipjack.validate`): types, finite values, ranges."""
@@ -47,6 +49,8 @@ class SamplingParams:
         for t in self.stop_token_ids:
             validate.integer("a stop token id", t, 0)
         self.stop_token_ids = frozenset(self.stop_token_ids)
+        if self.logprobs is not None:
+            validate.integer("logprobs (top alternatives)", self.logprobs, 0, MAX_LOGPROBS)
 
     @property
     def greedy(self) -> bool:

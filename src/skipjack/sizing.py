@@ -146,3 +146,30 @@ class CostSizer:
             best = max(best, acc / (c + n * d))
         c = max(c, self.cost.cost(n + 2, self.context))
         return (acc + scores[-1]) / (c + (n + 1) * d) > best
+
+
+class Capped:
+    """Another sizer under a request's own limits (llama-server's `speculative.n_max` / `p_min`): at most
+    `n_max` draft nodes, and none from the first node whose score (its path probability) is below `p_min`."""
+
+    def __init__(self, inner: Sizer, n_max: int, p_min: float = 0.0):
+        self.inner, self.n_max, self.p_min = inner, n_max, p_min
+
+    def budget(self, room: int, context: int) -> int:
+        return min(self.n_max, self.inner.budget(room, context))
+
+    def size(self, proposal: Proposal, context: int) -> Proposal:
+        keep = self.inner.size(proposal, context)
+        n = min(len(keep), self.n_max)
+        if self.p_min > 0 and keep.scores is not None:
+            n = next((i for i, s in enumerate(keep.scores[:n]) if s < self.p_min), n)
+        return keep.prefix(n)
+
+    def observe(self, width: int, seconds: float, context: int) -> None:
+        self.inner.observe(width, seconds, context)
+
+    def more(self, scores: list[float]) -> bool:
+        return len(scores) < self.n_max and self.inner.more(scores)
+
+    def observe_draft(self, nodes: int, seconds: float, context: int) -> None:
+        self.inner.observe_draft(nodes, seconds, context)

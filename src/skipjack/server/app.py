@@ -1,0 +1,221 @@
+"""`skipjack serve`: an OpenAI-compatible HTTP server on FastAPI + uvicorn (llama-server's and vLLM's API).
+
+Endpoints: /v1/chat/completions, /v1/completions (SSE streaming ending in `data: [DONE]`, usage in every
+response, `timings` with draft counts and the method used), /v1/models, /health (503 while the model loads),
+/metrics (Prometheus), /tokenize, /detokenize. Errors are OpenAI-style JSON `{"error": {...}}` with a 4xx
+status and one line of message: bad JSON or types (400), a wrong or missing API key (401), a body over the
+limit (413), a full queue or a server shutting down (503 + Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from skipjack import engine as engine_mod
+from skipjack.errors import SkipjackError
+from skipjack.server import protocol as P
+from skipjack.server.errors import ApiError, error
+from skipjack.server.metrics import Metrics
+from skipjack.server.reply import Reply
+from skipjack.server.scheduler import Job, QueueFull, Scheduler
+
+MAX_BODY = 4 << 20  # bytes
+
+
+@dataclass
+class Settings:
+    model: str | None = None
+    dtype: str = "auto"
+    method: str = "plain"
+    api_key: str | None = None
+    max_queue: int = 64
+    timeout: float = 600.0  # seconds per request
+    tune: bool = True
+
+
+def create_app(settings: Settings, engine=None) -> FastAPI:
+    """The app; `engine` given (tests) or loaded in a thread after start (/health says 503 until then)."""
+    app = FastAPI(title="skipjack", version="1")
+    state = app.state
+    state.settings, state.metrics = settings, Metrics()
+    state.engine = state.scheduler = state.load_error = None  # until the model has loaded
+
+    def ready(e) -> None:
+        state.engine, state.scheduler = e, Scheduler(e, state.metrics, settings.max_queue)
+
+    if engine is not None:
+        ready(engine)
+    else:
+
+        def load() -> None:
+            try:
+                ready(engine_mod.Engine.load(settings.model, settings.dtype, tune=settings.tune))
+            except SkipjackError as e:
+                state.load_error = str(e)
+
+        threading.Thread(target=load, name="skipjack-load", daemon=True).start()
+
+    _guards(app, settings)
+    _routes(app, settings)
+    return app
+
+
+def _guards(app: FastAPI, settings: Settings) -> None:
+    """The body size limit, the API key, and every error as an OpenAI-style JSON body."""
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > MAX_BODY):
+            return error(413, f"the request body is over the limit of {MAX_BODY} bytes")
+        key = settings.api_key
+        if key and request.url.path not in ("/health", "/metrics"):
+            if request.headers.get("authorization", "") != f"Bearer {key}":
+                return error(401, "a wrong or missing API key (send Authorization: Bearer KEY)")
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        if first.get("type") == "json_invalid":
+            return error(400, "the body is not valid JSON (or not UTF-8)")
+        return error(400, f"{loc or 'body'}: {first.get('msg')}", loc or None)
+
+    @app.exception_handler(ApiError)
+    async def apierror(request: Request, exc: ApiError):
+        return error(exc.status, exc.message, exc.param, exc.headers)
+
+    @app.exception_handler(SkipjackError)
+    async def bad_value(request: Request, exc: SkipjackError):
+        return error(400, str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def httperror(request: Request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        return error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _routes(app: FastAPI, settings: Settings) -> None:
+    state = app.state
+
+    def need_engine():
+        if state.engine is None:
+            why = state.load_error or "the model is loading"
+            raise ApiError(503, why, headers={"Retry-After": "5"})
+        return state.engine
+
+    @app.get("/health")
+    async def health():
+        if state.engine is None:
+            return error(503, state.load_error or "the model is loading", headers={"Retry-After": "5"})
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(state.metrics.text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        e = need_engine()
+        card = {
+            "id": e.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "skipjack",
+            "max_model_len": e.model.config.max_position_embeddings,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: P.Tokenize):
+        e = need_engine()
+        text = body.content if body.content is not None else body.prompt
+        if text is None:
+            raise ApiError(400, "send the text as content (or prompt)", "content")
+        ids = e.tokenizer.encode(text, add_special_tokens=body.add_special)
+        return {"tokens": ids, "count": len(ids), "max_model_len": e.model.config.max_position_embeddings}
+
+    @app.post("/detokenize")
+    async def detokenize(body: P.Detokenize):
+        e = need_engine()
+        vocab = e.model.lm_head.out_features
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is not in [0, {vocab})", "tokens")
+        return {"content": e.tokenizer.decode(body.tokens)}
+
+    _generation(app, settings, need_engine)
+
+
+def _generation(app: FastAPI, settings: Settings, need_engine) -> None:
+    state = app.state
+
+    @app.post("/v1/completions")
+    async def completions(body: P.Completion, request: Request):
+        e = need_engine()
+        if body.echo:
+            raise ApiError(400, "echo is not supported", "echo")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, "send one prompt per request (a list of one string at most)", "prompt")
+        ids = e.tokenizer.prompt_ids(prompts[0], raw=True)
+        return await _serve(request, body, e, ids, body.logprobs, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: P.Chat, request: Request):
+        e = need_engine()
+        if not e.tokenizer.chat_template:
+            raise ApiError(400, f"model {e.name!r} has no chat template; use /v1/completions")
+        ids = e.tokenizer.prompt_ids(P.messages(body))
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        if body.max_completion_tokens is not None:
+            body.max_tokens = body.max_completion_tokens
+        return await _serve(request, body, e, ids, top, chat=True)
+
+    async def _serve(request: Request, body: P.Sampling, e, ids: list[int], top: int | None, chat: bool):
+        ctx = e.model.config.max_position_embeddings
+        if len(ids) >= ctx:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens: the model's context is {ctx}", "messages")
+        room = ctx - len(ids)
+        if body.max_tokens is not None and body.max_tokens > room:
+            raise ApiError(
+                400,
+                f"max_tokens {body.max_tokens} + the prompt's {len(ids)} tokens exceed the model's context of {ctx}",
+                "max_tokens",
+            )
+        spec, n_max, p_min = P.method(body, settings.method)
+        stop = () if body.stop is None else ((body.stop,) if isinstance(body.stop, str) else tuple(body.stop))
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + settings.timeout
+        jobs = []
+        for i in range(body.n):
+            seed = None if body.seed is None else body.seed + i
+            p = P.params(body, body.max_tokens or room, seed, e.tokenizer.stop_ids, top)
+            req = engine_mod.Request(ids, p, spec, stop, None, n_max, p_min)
+            e.check(req)  # every value checked before anything is queued
+            jobs.append(Job(req, spec, loop, deadline))
+        try:
+            state.scheduler.submit(jobs)
+        except QueueFull as x:
+            raise ApiError(503, str(x), headers={"Retry-After": "1"}) from None
+        reply = Reply(e, body, ids, spec, chat, top)
+        if body.stream:
+            return StreamingResponse(reply.sse(jobs, request), media_type="text/event-stream")
+        try:
+            return await reply.whole(jobs, request)
+        finally:
+            for job in jobs:
+                job.cancelled.set()  # a no-op for finished jobs; frees the rest when the client left

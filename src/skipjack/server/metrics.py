@@ -1,0 +1,54 @@
+"""Prometheus metrics for `skipjack serve`, named after vLLM's (`vllm:*` -> `skipjack:*`), each per method."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        m = ["method"]
+        self.running = Gauge("skipjack:num_requests_running", "Requests being decoded.", registry=r)
+        self.waiting = Gauge("skipjack:num_requests_waiting", "Requests waiting for a slot.", registry=r)
+        self.ttft = Histogram(
+            "skipjack:time_to_first_token_seconds", "Time to first token.", m, buckets=LATENCY, registry=r
+        )
+        self.itl = Histogram(
+            "skipjack:inter_token_latency_seconds", "Time between output tokens.", m, buckets=LATENCY, registry=r
+        )
+        self.prompt_tokens = Counter("skipjack:prompt_tokens", "Prompt tokens processed.", m, registry=r)
+        self.generation_tokens = Counter("skipjack:generation_tokens", "Tokens generated.", m, registry=r)
+        self.drafts = Counter("skipjack:spec_decode_num_drafts", "Verify steps with a draft.", m, registry=r)
+        self.draft_tokens = Counter("skipjack:spec_decode_num_draft_tokens", "Draft tokens verified.", m, registry=r)
+        self.accepted = Counter("skipjack:spec_decode_num_accepted_tokens", "Draft tokens accepted.", m, registry=r)
+        self.per_pos = Counter(
+            "skipjack:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted at each draft position (0 = first).",
+            ["method", "position"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "skipjack:request_success", "Finished requests by finish reason.", ["method", "finished_reason"], registry=r
+        )
+
+    def step(self, method: str, step, seconds: float, first: bool) -> None:
+        """One decoding step of a request: its tokens, its draft, its latency (the first: time to first token)."""
+        n = len(step.tokens)
+        self.generation_tokens.labels(method).inc(n)
+        if first:
+            self.ttft.labels(method).observe(seconds)
+        elif n:
+            for _ in range(n):  # a step that emits n tokens spaces them evenly, as vLLM counts it
+                self.itl.labels(method).observe(seconds / n)
+        if step.drafted:
+            self.drafts.labels(method).inc()
+            self.draft_tokens.labels(method).inc(step.drafted)
+            self.accepted.labels(method).inc(step.accepted)
+            for pos in range(step.accepted):
+                self.per_pos.labels(method, str(pos)).inc()
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)

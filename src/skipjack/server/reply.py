@@ -1,0 +1,191 @@
+"""A request's jobs' events turned into an OpenAI response: whole, or as SSE chunks ending in `data: [DONE]`,
+with usage, `timings` (llama-server's, with draft counts) and the method used."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from starlette.requests import Request
+
+from skipjack.server import protocol as P
+from skipjack.server.errors import ApiError
+from skipjack.server.scheduler import Job
+
+
+class Reply:
+    """Turns a request's jobs' events into an OpenAI response: whole, or as SSE chunks."""
+
+    def __init__(self, e, body: P.Sampling, ids: list[int], spec: str, chat: bool, top: int | None):
+        self.e, self.body, self.ids, self.spec, self.chat, self.top = e, body, ids, spec, chat, top
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.t0 = time.perf_counter()
+        self.generated = self.drafted = self.accepted = 0
+        self.t_first: float | None = None
+
+    async def _events(self, job: Job, request: Request):
+        """A job's events until it ends; a client gone away cancels it."""
+        while True:
+            try:
+                ev = await asyncio.wait_for(job.events.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled.set()
+                    return
+                continue
+            if ev[0] == "error":
+                raise ApiError(ev[1], ev[2])
+            yield ev
+            if ev[0] == "done":
+                return
+
+    def _count(self, step) -> None:
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        self.generated += len(step.tokens)
+        self.drafted += step.drafted
+        self.accepted += step.accepted
+
+    def _logprobs(self, step) -> list[dict]:
+        if self.top is None or not step.logprobs:
+            return []
+        dec = self.e.tokenizer.decode
+        out = []
+        for t, lp in zip(step.tokens, step.logprobs):
+            tok = dec([t])
+            out.append(
+                {
+                    "token": tok,
+                    "logprob": lp.logprob,
+                    "bytes": list(tok.encode()),
+                    "top_logprobs": [
+                        {"token": dec([i]), "logprob": v, "bytes": list(dec([i]).encode())} for i, v in lp.top
+                    ],
+                }
+            )
+        return out
+
+    def _lp_field(self, items: list[dict]):
+        if self.top is None:
+            return None
+        if self.chat:
+            return {"content": items}
+        return {
+            "tokens": [x["token"] for x in items],
+            "token_logprobs": [x["logprob"] for x in items],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in x["top_logprobs"]} for x in items],
+            "text_offset": [],
+        }
+
+    def usage(self) -> dict:
+        n = len(self.ids) * self.body.n
+        return {"prompt_tokens": n, "completion_tokens": self.generated, "total_tokens": n + self.generated}
+
+    def timings(self) -> dict:
+        now = time.perf_counter()
+        first = (self.t_first or now) - self.t0
+        gen = max(now - (self.t_first or now), 1e-9)
+        return {
+            "prompt_n": len(self.ids),
+            "prompt_ms": round(first * 1000, 3),
+            "predicted_n": self.generated,
+            "predicted_ms": round(gen * 1000, 3),
+            "predicted_per_second": round(self.generated / gen, 3),
+            "draft_n": self.drafted,
+            "draft_n_accepted": self.accepted,
+        }
+
+    def _choice(self, index: int, text: str, finish: str | None, lps) -> dict:
+        if self.chat:
+            return {
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+                "logprobs": lps,
+            }
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": lps}
+
+    def _head(self) -> dict:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.e.name}
+
+    async def whole(self, jobs: list[Job], request: Request) -> dict:
+        choices = []
+        for i, job in enumerate(jobs):
+            text, items, finish = [], [], "length"
+            async for ev in self._events(job, request):
+                if ev[0] == "step":
+                    text.append(ev[1])
+                    items += self._logprobs(ev[2])
+                    self._count(ev[2])
+                else:
+                    finish = _finish(ev[1])
+            choices.append(self._choice(i, "".join(text), finish, self._lp_field(items)))
+        return self._head() | {
+            "choices": choices,
+            "usage": self.usage(),
+            "timings": self.timings(),
+            "method": self.spec,
+        }
+
+    async def sse(self, jobs: list[Job], request: Request):
+        head = self._head() | {"object": "chat.completion.chunk" if self.chat else "text_completion"}
+        try:
+            for i, job in enumerate(jobs):
+                if self.chat:
+                    yield _data(
+                        head
+                        | {
+                            "choices": [
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None,
+                                    "logprobs": None,
+                                }
+                            ]
+                        }
+                    )
+                try:
+                    async for ev in self._events(job, request):
+                        if ev[0] == "step":
+                            self._count(ev[2])
+                            lps = self._lp_field(self._logprobs(ev[2]))
+                            if ev[1] or lps:
+                                yield _data(head | {"choices": [self._delta(i, ev[1], None, lps)]})
+                        else:
+                            yield _data(head | {"choices": [self._delta(i, "", _finish(ev[1]), None)]})
+                except ApiError as x:  # after the headers went out: the error is the stream's last event
+                    yield _data({"error": {"message": x.message, "type": "server_error", "code": x.status}})
+                    break
+            opts = self.body.stream_options
+            if opts is not None and opts.include_usage:
+                yield _data(
+                    head | {"choices": [], "usage": self.usage(), "timings": self.timings(), "method": self.spec}
+                )
+            yield "data: [DONE]\n\n"
+        finally:
+            for job in jobs:
+                job.cancelled.set()  # the client went away mid-stream (or all ended): free the slots
+
+    def _delta(self, index: int, text: str, finish: str | None, lps) -> dict:
+        if self.chat:
+            return {
+                "index": index,
+                "delta": {"content": text} if text else {},
+                "finish_reason": finish,
+                "logprobs": lps,
+            }
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": lps}
+
+
+def _finish(reason: str) -> str:
+    """OpenAI's finish reasons: a timed-out or cancelled request ended early, as "length" does."""
+    return reason if reason in ("stop", "length") else "length"
+
+
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
