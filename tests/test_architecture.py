@@ -30,6 +30,8 @@ LAYERS = {  # module (or package) -> layer; the longest matching prefix decides 
     "skipjack.tuning": 4,
     "skipjack.session": 5,
     "skipjack.decode": 5,
+    "skipjack.batch": 5,
+    "skipjack.text": 6,
     "skipjack.engine": 6,
     "skipjack.prompt_file": 6,
     "skipjack.vocab": 6,

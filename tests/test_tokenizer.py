@@ -6,7 +6,7 @@ from conftest import byte_bpe_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skipjack.engine import _held_back
+from skipjack.text import _held_back
 from skipjack.tokenizer import StreamDecoder, Tokenizer
 
 TEXTS = ["héllo wörld 日本語 🙂 naïve café", "the quick brown fox 🙂🙂 jumps", "  leading spaces kept"]

@@ -252,6 +252,7 @@ def cmd_train_adapter(a) -> int:
 
 
 def cmd_serve(a) -> int:
+    from skipjack.batch import MAX_ROWS
     from skipjack.drafters import make_method
     from skipjack.loading import resolve_dtype
     from skipjack.server import serve
@@ -260,6 +261,7 @@ def cmd_serve(a) -> int:
 
     validate.integer("--port", a.port, 1, 65535)
     validate.integer("--max-queue", a.max_queue, 1, 100_000)
+    validate.integer("--max-batch", a.max_batch, 1, MAX_ROWS)
     validate.number("--timeout", a.timeout, 0.0, 86_400.0, lo_open=True)
     make_method(a.method)  # a bad --method fails now, not at the first request
     if a.model is not None:
@@ -268,7 +270,16 @@ def cmd_serve(a) -> int:
     dtype, note = resolve_dtype(a.model, a.dtype)
     if note:
         _notice(note)
-    s = Settings(a.model, dtype, a.method, a.api_key, a.max_queue, a.timeout, tune=not a.no_tune)
+    s = Settings(
+        model=a.model,
+        dtype=dtype,
+        method=a.method,
+        api_key=a.api_key,
+        max_queue=a.max_queue,
+        max_batch=a.max_batch,
+        timeout=a.timeout,
+        tune=not a.no_tune,
+    )
     _notice(f"skipjack: serving on http://{a.host}:{a.port}/v1 (loading the model; /health says 200 when ready)")
     serve(s, a.host, a.port)
     return 0
@@ -336,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 and /tokenize")
     v.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; then 503 + Retry-After")
+    v.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (continuous batching)")
     v.add_argument("--timeout", type=float, default=600.0, help="seconds per request before it is ended")
     v.add_argument("--no-tune", action="store_true", help="skip measuring this machine's fastest kernels")
     v.set_defaults(func=cmd_serve)

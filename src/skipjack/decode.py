@@ -24,6 +24,7 @@ from skipjack.drafters.base import DraftContext, Drafter, Proposal, Verdict
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
 from skipjack.models import DecoderLM
+from skipjack.models.common import Segment
 from skipjack.sampling import Sampler, SamplingParams
 from skipjack.session import Session, prefill
 from skipjack.sizing import CostSizer, NoDraft, Sizer
@@ -73,89 +74,141 @@ def generate(
     """Yield `Step`s until a stop token, `max_new_tokens`, or the context is full. `sizer` sizes the drafts
     (default: verify all a drafter proposes that has a positive score); `session`: how the request starts
     (`skipjack.session`; default: a fresh prefill of the prompt)."""
-    if drafter is None:
-        sizer = NoDraft()
-    elif sizer is None:
-        sizer = CostSizer(CostModel.flat())
-    start = (session.start if session else prefill)(model, prompt, params.max_new_tokens)
-    cache, sampler = start.cache, Sampler(params, prompt, model.lm_head.out_features)
-    ctx, left, intact = list(prompt), params.max_new_tokens, False
-    if drafter is not None:
-        drafter.begin(list(prompt))
+    seq = Sequence(model, prompt, params, drafter, sizer, session)
     try:
-        step = Step([sampler.pick(finite(start.logits))], forward_tokens=start.ran)
-        step.logprobs = _logprobs(start.logits[None], step.tokens, params.logprobs)
+        step = seq.first()
         while True:
-            left = _finish(step, params, left, cache.capacity_left(), ctx, sampler)
-            intact = True  # between steps the cache is whole
             yield step
             if step.finish:
                 return
-            intact = False  # a forward may stop half way through the layers
-            step = _step(model, cache, ctx, left, drafter, sizer, sampler)
+            step = seq.advance()
     finally:  # also when closed between steps (a stop string, a client gone): then the cache is whole
+        seq.close()
+
+
+class Sequence:
+    """One request's decoding state, stepped by `generate` alone or by `skipjack.batch.Batch` with others.
+    A step is `plan` (draft, size, the forward's inputs), one forward (alone or batched), `settle` (verify,
+    roll the cache back, learn, apply stop and length)."""
+
+    def __init__(self, model, prompt, params, drafter=None, sizer=None, session=None):
+        if drafter is None:
+            sizer = NoDraft()
+        elif sizer is None:
+            sizer = CostSizer(CostModel.flat())
+        self.model, self.params, self.drafter, self.sizer, self.session = model, params, drafter, sizer, session
+        start = (session.start if session else prefill)(model, prompt, params.max_new_tokens)
+        self.cache, self.sampler = start.cache, Sampler(params, prompt, model.lm_head.out_features)
+        self.ctx, self.left, self.intact, self.closed = list(prompt), params.max_new_tokens, False, False
         if drafter is not None:
-            drafter.end()
-        if session is not None:
-            session.end(model, cache, ctx, intact)
+            drafter.begin(list(prompt))
+        self.start = start
+        self.proposal: Proposal | None = None
+        self.at, self.drafting = 0, 0.0
 
+    def first(self) -> Step:
+        """The prompt's step: the token after the prompt."""
+        start = self.start
+        step = Step([self.sampler.pick(finite(start.logits))], forward_tokens=start.ran)
+        step.logprobs = _logprobs(start.logits[None], step.tokens, self.params.logprobs)
+        return self._done(step)
 
-def _step(model, cache: KVCache, ctx: list[int], left: int, drafter, sizer: Sizer, sampler: Sampler) -> Step:
-    """One decoding step: draft (if there is a drafter and room; the draft is timed and its cost reported to
-    the sizer), one timed forward, verify, learn."""
-    proposal, drafting = None, 0.0
-    room = min(MAX_DRAFT, left - 1, cache.capacity_left() - 2)
-    budget = sizer.budget(room, cache.offset) if drafter is not None else 0
-    at = cache.offset
-    if budget > 0:
+    def advance(self) -> Step:
+        """One whole step on its own: plan, one timed forward, settle."""
+        seg = self.plan()
         t = time.perf_counter()
-        proposal = drafter.propose(DraftContext(ctx, budget, model, cache, sizer.more))
-        once = getattr(drafter, "search_seconds", 0.0)  # one-off work (a skip-set search), not a draft's cost
-        drafting = time.perf_counter() - t - once
-        sizer.observe_draft(len(proposal or ()), drafting, at)
-        if proposal is not None:
-            proposal = proposal.prefix(min(budget, proposal.valid_length(model.lm_head.out_features)))
-            proposal = sizer.size(proposal, at)
-    cache.rewind(at + (1 + len(proposal) if proposal and proposal.resume else 0))  # a draft's leftover keys
-    t = time.perf_counter()
-    if not proposal:
-        logits = finite(model(torch.tensor([[ctx[-1]]]), cache).logits[0, -1])  # [V]
-        step, verdict = Step([sampler.pick(logits)]), None
-        step.logprobs = _logprobs(logits[None], step.tokens, sampler.params.logprobs)
-    else:
-        step, verdict = _speculate(model, cache, ctx[-1], proposal, sampler, at)
-    seconds = time.perf_counter() - t
-    if proposal and proposal.resume:  # a verify over the top layers only: as a full pass, for the cost table
-        seconds *= model.num_layers / max(1, model.num_layers - proposal.resume[0] - 1)
-    sizer.observe(step.forward_tokens, seconds, at)
-    step.draft_seconds = drafting
-    if proposal is not None:  # drafted but sized down to nothing: still a lesson for the drafter
-        drafter.observe(proposal, verdict or Verdict(step.tokens, [], []))
-    return step
+        p = self.proposal
+        if p is not None and p.resume is not None:  # a verify over the layers above the draft's exit
+            exit_layer, hidden = p.resume  # hidden [1, T, D]
+            out = self.model(
+                None,
+                self.cache,
+                hidden=hidden,
+                layers=range(exit_layer + 1, self.model.num_layers),
+                positions=seg.positions,
+                tree_mask=seg.tree_mask,
+                return_hidden=p.want,
+            )
+        elif p is not None:
+            out = self.model(
+                seg.ids, self.cache, positions=seg.positions, tree_mask=seg.tree_mask, return_hidden=p.want
+            )
+        else:
+            out = self.model(seg.ids, self.cache)
+        return self.settle(out, time.perf_counter() - t)
+
+    def plan(self, cap: int = MAX_DRAFT, full: bool = False) -> Segment:
+        """Draft (if there is a drafter and room; timed, its cost reported to the sizer) at most `cap` nodes,
+        size it, and return the forward's inputs. `full`: the verify runs every layer (a batched pass), so a
+        draft's saved hidden states are not used."""
+        self.intact = False  # a forward may stop half way through the layers
+        model, cache, ctx, drafter, sizer = self.model, self.cache, self.ctx, self.drafter, self.sizer
+        proposal, self.drafting = None, 0.0
+        room = min(MAX_DRAFT, cap, self.left - 1, cache.capacity_left() - 2)
+        budget = sizer.budget(room, cache.offset) if drafter is not None else 0
+        self.at = at = cache.offset
+        if budget > 0:
+            t = time.perf_counter()
+            proposal = drafter.propose(DraftContext(ctx, budget, model, cache, sizer.more))
+            once = getattr(drafter, "search_seconds", 0.0)  # one-off work (a skip-set search), not a draft's cost
+            self.drafting = time.perf_counter() - t - once
+            sizer.observe_draft(len(proposal or ()), self.drafting, at)
+            if proposal is not None:
+                proposal = proposal.prefix(min(budget, proposal.valid_length(model.lm_head.out_features)))
+                proposal = sizer.size(proposal, at)
+                if full and proposal.resume is not None:
+                    proposal.resume = None
+        cache.rewind(at + (1 + len(proposal) if proposal and proposal.resume else 0))  # a draft's leftover keys
+        self.proposal = proposal
+        if not proposal:
+            return Segment(torch.tensor([[ctx[-1]]]), cache)
+        positions = at + torch.tensor([0] + proposal.depths())  # [T]
+        mask = None if proposal.is_chain else tree_mask(proposal.parents)  # [T, T]
+        return Segment(torch.tensor([[ctx[-1]] + proposal.tokens]), cache, positions, mask)  # ids [1, T]
+
+    def settle(self, out, seconds: float | None) -> Step:
+        """The step from its forward's output: verify, roll back, learn. `seconds`: the forward's time, for
+        the cost model (None: a batched pass, whose time is not this sequence's alone)."""
+        proposal, cache, sampler, at = self.proposal, self.cache, self.sampler, self.at
+        if not proposal:
+            logits = finite(out.logits[0, -1])  # [V]
+            step, verdict = Step([sampler.pick(logits)]), None
+            step.logprobs = _logprobs(logits[None], step.tokens, sampler.params.logprobs)
+        else:
+            step, verdict = _verified(out, cache, proposal, sampler, at)
+        if seconds is not None:
+            if proposal and proposal.resume:  # a verify over the top layers only: as a full pass, for the cost
+                seconds *= self.model.num_layers / max(1, self.model.num_layers - proposal.resume[0] - 1)
+            self.sizer.observe(step.forward_tokens, seconds, at)
+        step.draft_seconds = self.drafting
+        if proposal is not None:  # drafted but sized down to nothing: still a lesson for the drafter
+            self.drafter.observe(proposal, verdict or Verdict(step.tokens, [], []))
+        return self._done(step)
+
+    def _done(self, step: Step) -> Step:
+        self.left = _finish(step, self.params, self.left, self.cache.capacity_left(), self.ctx, self.sampler)
+        self.intact = True  # between steps the cache is whole
+        return step
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.drafter is not None:
+            self.drafter.end()
+        if self.session is not None:
+            self.session.end(self.model, self.cache, self.ctx, self.intact)
 
 
-def _speculate(
-    model, cache: KVCache, pending: int, proposal: Proposal, sampler: Sampler, start: int
-) -> tuple[Step, Verdict]:
-    """Verify a proposal in one forward over [pending] + its nodes, and keep only the accepted path's KV. A
-    proposal with `resume` runs only the layers above its exit, from the hidden state its draft left."""
-    chain = proposal.is_chain
-    positions = start + torch.tensor([0] + proposal.depths())  # [T]
-    mask = None if chain else tree_mask(proposal.parents)  # [T, T]
-    ids = torch.tensor([[pending] + proposal.tokens])  # [1, T]
-    kw = {"positions": positions, "tree_mask": mask, "return_hidden": proposal.want}
-    if proposal.resume is not None:
-        exit_layer, hidden = proposal.resume  # hidden [1, T, D]
-        out = model(None, cache, hidden=hidden, layers=range(exit_layer + 1, model.num_layers), **kw)
-    else:
-        out = model(ids, cache, **kw)
+def _verified(out, cache: KVCache, proposal: Proposal, sampler: Sampler, start: int) -> tuple[Step, Verdict]:
+    """Verify a proposal from its forward over [pending] + its nodes, and keep only the accepted path's KV."""
     verdict = verify(finite(out.logits[0]), proposal, sampler.params, sampler.gen, sampler.seen)  # logits [T, V]
     verdict.hidden.update({i: h[0] for i, h in out.hidden.items()})  # [T, D] each
-    if chain:
+    if proposal.is_chain:
         cache.trim(len(proposal) - len(verdict.path))
     else:
         cache.keep(start, [0] + [c + 1 for c in verdict.path])
-    step = Step(verdict.tokens, drafted=len(proposal), accepted=len(verdict.path), forward_tokens=len(ids[0]))
+    step = Step(verdict.tokens, drafted=len(proposal), accepted=len(verdict.path), forward_tokens=len(proposal) + 1)
     if sampler.params.logprobs is not None:  # token j comes from the row of the node before it: the root, then the path
         rows = out.logits[0][[0] + [c + 1 for c in verdict.path]]  # [len(tokens), V]
         step.logprobs = _logprobs(rows, step.tokens, sampler.params.logprobs)

@@ -20,8 +20,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from skipjack import loading, tuning, validate, vocab
+from skipjack.batch import Batch
 from skipjack.cost import CostModel
-from skipjack.decode import Step, generate
+from skipjack.decode import Sequence, Step, generate
 from skipjack.drafters import Method, make_method
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
@@ -29,6 +30,7 @@ from skipjack.loading import Loaded
 from skipjack.sampling import SamplingParams
 from skipjack.session import Session
 from skipjack.sizing import Capped
+from skipjack.text import TextStream, texts
 from skipjack.tokenizer import StreamDecoder
 
 
@@ -77,6 +79,8 @@ class Engine:
         self.shared: dict = {"target": loaded, "token_counts": lambda: vocab.token_counts(loaded.tokenizer)}
         self.lock = threading.RLock()
         self._methods: dict[str, Method] = {}
+        self._busy: set[str] = set()  # specs whose engine method a batched sequence is using
+        self._spare: dict[str, list[Method]] = {}  # more methods per spec, for batches
 
     @classmethod
     def load(cls, spec: str | None = None, dtype: str = "auto", tune: bool = True, remeasure: bool = False) -> Engine:
@@ -120,96 +124,169 @@ class Engine:
             raise SkipjackError(f"method must be a method spec or a Method (got {type(request.method).__name__})")
         return request.method
 
+    def sizer(self, m: Method, request: Request):
+        """The method's draft sizing for a request, under its own limits (`speculative` n_max / p_min)."""
+        sizer = m.sizer(self.cost)
+        if request.draft_max is not None or request.draft_p_min > 0:
+            cap = MAX_DRAFT if request.draft_max is None else request.draft_max
+            sizer = Capped(sizer, cap, request.draft_p_min)
+        return sizer
+
     def stream(self, request: Request) -> Iterator[tuple[str, Step]]:
         """Yield (new text, step) pairs. Text never splits a character and never shows part of a stop string."""
         m = self.check(request)
         with self.lock:
-            sizer = m.sizer(self.cost)
-            if request.draft_max is not None or request.draft_p_min > 0:
-                sizer = Capped(
-                    sizer, MAX_DRAFT if request.draft_max is None else request.draft_max, request.draft_p_min
-                )
-            steps = generate(self.model, request.prompt, request.params, m.drafter, sizer, request.session)
-            yield from _texts(steps, StreamDecoder(self.tokenizer, request.prompt), request.stop)
+            steps = generate(
+                self.model, request.prompt, request.params, m.drafter, self.sizer(m, request), request.session
+            )
+            yield from texts(steps, StreamDecoder(self.tokenizer, request.prompt), request.stop)
 
     def complete(self, request: Request, on_text: Callable[[str], None] | None = None) -> Result:
         """Run one request to the end and summarise it; `on_text` gets the text as it streams."""
-        text, tokens, hist = [], [], Counter()
-        accepted = passes = drafts = 0
-        drafting = 0.0
-        finish, t_first, cached, ended = "length", None, 0, False
-        t0 = time.perf_counter()
-        problems: list[str] = []
+        tally = Tally(request)
         try:
-            for i, (delta, step) in enumerate(self.stream(request)):
-                text.append(delta)
-                tokens.extend(step.tokens)
+            for delta, step in self.stream(request):
+                tally.add(delta, step)
                 if on_text and delta:
                     on_text(delta)
-                if i == 0:
-                    t_first, cached = time.perf_counter() - t0, len(request.prompt) - step.forward_tokens
-                else:
-                    passes += 1
-                    accepted += step.accepted
-                if step.drafted:
-                    drafts += 1
-                    hist[step.accepted] += 1
-                finish, ended = step.finish or finish, bool(step.finish)
-                drafting += step.draft_seconds
         except SkipjackError as e:  # after the last token (a drafter's file not saved): keep the result
-            if not ended:
+            if not tally.ended:
                 raise
-            problems.append(str(e))
-        dt = time.perf_counter() - t0
-        spec = request.method if isinstance(request.method, str) else request.method.spec
+            tally.problems.append(str(e))
+        return tally.result()
+
+    def generate_batch(self, requests: list[Request]) -> list[Result]:
+        """Run requests together with continuous batching (`skipjack.batch`): one forward pass per step for all
+        of them; each result as `complete` would give it alone where the forward is batch-invariant."""
+        runner = self.runner()
+        handles = [runner.add(r) for r in requests]
+        tallies = {id(h): Tally(r) for h, r in zip(handles, requests)}
+        for h in handles:
+            tallies[id(h)].add(h.first_text, h.first)
+        while runner.busy():
+            for h, delta, step in runner.step():
+                tallies[id(h)].add(delta, step)
+        return [tallies[id(h)].result() for h in handles]
+
+    def runner(self) -> BatchRunner:
+        """A continuous batch on this engine: requests join (`add`) and leave (finished or `drop`) between steps."""
+        return BatchRunner(self)
+
+    def acquire(self, spec: str) -> Method:
+        """A method for one sequence of a batch: the engine's own if free, else another made for the spec (a
+        drafter holds one request's state)."""
+        if spec not in self._busy:
+            self._busy.add(spec)
+            return self.method(spec)
+        idle = self._spare.setdefault(spec, [])
+        return idle.pop() if idle else self.new_method(spec)
+
+    def release(self, spec: str, m: Method) -> None:
+        if m is self._methods.get(spec):
+            self._busy.discard(spec)
+        else:
+            self._spare.setdefault(spec, []).append(m)
+
+
+class Handle:
+    """One request in a `BatchRunner`: its sequence, its text, its method."""
+
+    def __init__(self, request: Request, seq: Sequence, text: TextStream, method: Method):
+        self.request, self.seq, self.text, self.method = request, seq, text, method
+        self.first: Step | None = None
+        self.first_text = ""
+
+
+class BatchRunner:
+    """Requests decoded together on one engine (the server's worker uses it). `add` prefills a request alone and
+    returns its handle (its first step and text on it); `step` runs one batched step of every live request and
+    returns (handle, new text, step) for each; `drop` ends one between steps. Each step holds the engine's lock."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.batch, self.handles = engine, Batch(engine.model), {}
+
+    def busy(self) -> bool:
+        return bool(self.batch.live)
+
+    def add(self, request: Request) -> Handle:
+        e = self.engine
+        if len(self.batch.live) >= self.batch.rows:
+            raise SkipjackError(f"the batch is full ({self.batch.rows} sequences)")
+        m = e.check(request)  # validated; a spec's method is the engine's, or another if that one is busy
+        if isinstance(request.method, str):
+            m = e.acquire(request.method)
+        with e.lock:
+            seq = Sequence(e.model, request.prompt, request.params, m.drafter, e.sizer(m, request), request.session)
+            h = Handle(request, seq, TextStream(StreamDecoder(e.tokenizer, request.prompt), request.stop), m)
+            h.first = self.batch.add(seq)
+        h.first_text = h.text.push(h.first)
+        self.handles[id(seq)] = h
+        if h.first.finish:
+            self._end(h)
+        return h
+
+    def step(self) -> list[tuple[Handle, str, Step]]:
+        with self.engine.lock:
+            steps = self.batch.step()
+        out = []
+        for seq, step in steps:
+            h = self.handles[id(seq)]
+            out.append((h, h.text.push(step), step))
+            if step.finish:
+                self.drop(h)
+        return out
+
+    def drop(self, h: Handle) -> None:
+        self.batch.drop(h.seq)
+        self._end(h)
+
+    def _end(self, h: Handle) -> None:
+        if self.handles.pop(id(h.seq), None) is not None and isinstance(h.request.method, str):
+            self.engine.release(h.request.method, h.method)
+
+
+class Tally:
+    """A request's steps summed into a `Result`."""
+
+    def __init__(self, request: Request):
+        self.request, self.text, self.tokens, self.hist = request, [], [], Counter()
+        self.accepted = self.passes = self.drafts = self.cached = 0
+        self.drafting, self.finish, self.t_first, self.ended = 0.0, "length", None, False
+        self.problems: list[str] = []
+        self.t0 = time.perf_counter()
+
+    def add(self, delta: str, step: Step) -> None:
+        self.text.append(delta)
+        self.tokens.extend(step.tokens)
+        if self.t_first is None:
+            self.t_first = time.perf_counter() - self.t0
+            self.cached = len(self.request.prompt) - step.forward_tokens
+        else:
+            self.passes += 1
+            self.accepted += step.accepted
+        if step.drafted:
+            self.drafts += 1
+            self.hist[step.accepted] += 1
+        self.finish, self.ended = step.finish or self.finish, bool(step.finish)
+        self.drafting += step.draft_seconds
+
+    def result(self) -> Result:
+        dt, r = time.perf_counter() - self.t0, self.request
         return Result(
-            text="".join(text),
-            tokens=tokens,
-            new_tokens=len(tokens),
-            prompt_tokens=len(request.prompt),
+            text="".join(self.text),
+            tokens=self.tokens,
+            new_tokens=len(self.tokens),
+            prompt_tokens=len(r.prompt),
             seconds=dt,
-            tokens_per_s=len(tokens) / dt if dt > 0 else 0.0,
-            method=spec,
-            tokens_per_pass=1.0 + accepted / passes if passes else 1.0,
-            draft_steps=drafts,
-            finish=finish,
-            accept_hist=dict(sorted(hist.items())),
-            forward_passes=passes,
-            prefill_seconds=t_first or 0.0,
-            cached_tokens=cached,
-            draft_seconds=drafting,
-            problems=problems,
+            tokens_per_s=len(self.tokens) / dt if dt > 0 else 0.0,
+            method=r.method if isinstance(r.method, str) else r.method.spec,
+            tokens_per_pass=1.0 + self.accepted / self.passes if self.passes else 1.0,
+            draft_steps=self.drafts,
+            finish=self.finish,
+            accept_hist=dict(sorted(self.hist.items())),
+            forward_passes=self.passes,
+            prefill_seconds=self.t_first or 0.0,
+            cached_tokens=self.cached,
+            draft_seconds=self.drafting,
+            problems=self.problems,
         )
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-
-
-def _texts(steps: Iterator[Step], dec: StreamDecoder, stop: tuple[str, ...]) -> Iterator[tuple[str, Step]]:
-    """The steps with their new text: cut at the first stop string (which ends the generation), holding back
-    a suffix that may start one, and an unfinished multi-byte character."""
-    shown = 0
-    for step in steps:
-        dec.push(step.tokens)
-        if step.finish:
-            dec.flush()
-        text = dec.text
-        cut = min((text.find(s) for s in stop if s in text), default=-1)
-        if cut >= 0:
-            step.finish = "stop"
-            yield text[shown:cut], step
-            steps.close()
-            return
-        upto = len(text) - (0 if step.finish else _held_back(text, stop))
-        if text.endswith("\ufffd") and not step.finish:
-            upto = min(upto, len(text) - 1)
-        yield text[shown:upto], step
-        shown = max(shown, upto)

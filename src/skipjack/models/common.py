@@ -261,6 +261,34 @@ class DecoderLM(nn.Module):
         out.logits = self.head(h[:, sel])
         return out
 
+    @torch.inference_mode()
+    def forward_batch(self, segments: list[Segment], return_hidden: Iterable[int] = ()) -> list[ForwardOut]:
+        """Several sequences' new tokens in one pass (ragged batching): their rows are concatenated, so every
+        linear streams its weights once for all of them, and each sequence's rows attend only to its own cache
+        (`Ragged`). Where the forward is batch-invariant (q4/q8 kernels: each row computed alone, at most
+        `MAX_DRAFT + 1` rows in all), each sequence's logits equal its own single pass bit for bit."""
+        lens = [s.ids.shape[1] for s in segments]
+        pos = [s.cache.offset + torch.arange(n) if s.positions is None else s.positions for s, n in zip(segments, lens)]
+        ropes = self.ropes(torch.cat(pos))  # [ΣT] rows: RoPE is per row
+        want, hidden = set(return_hidden), {}
+        memos: list[dict] = [{} for _ in segments]
+        h = self.embed(torch.cat([s.ids for s in segments], 1))  # [1, ΣT, D]
+        for i in range(self.num_layers):
+            window, rope_key = self.kinds[i]
+            parts = [
+                (s.cache[i], int(p[0]), lambda past, m=m, p=p, t=s.tree_mask, w=window: self._mask(m, p, past, t, w))
+                for s, p, m in zip(segments, pos, memos)
+            ]
+            h = self.layers[i](h, Ragged(parts, lens), None, ropes[rope_key], None)  # [1, ΣT, D]
+            if i in want:
+                hidden[i] = h
+        logits = self.head(h)  # [1, ΣT, V]
+        outs, o = [], 0
+        for n in lens:
+            outs.append(ForwardOut(logits[:, o : o + n], {i: x[:, o : o + n] for i, x in hidden.items()}))
+            o += n
+        return outs
+
     def _mask(self, memo: dict, positions, past, tree, window):
         """A layer's attention: ("kernel", bool mask or None), ("causal", None) or ("sdpa", SDPA's additive
         float mask or None), built once per forward for each (past positions, window) and shared across
@@ -282,8 +310,34 @@ class DecoderLM(nn.Module):
         return out
 
 
-def run_attention(q, k, v, kv: LayerKV, start: int, mask_fn, scale: float) -> torch.Tensor:
-    """Append k/v [B, T, H_kv, D] to the layer cache and attend with q [B, T, H, D] -> [B, T, H*D]."""
+@dataclass
+class Segment:
+    """One sequence's part of a batched pass (`DecoderLM.forward_batch`)."""
+
+    ids: torch.Tensor  # [1, T]
+    cache: KVCache
+    positions: torch.Tensor | None = None  # [T] (default: cache.offset + arange(T))
+    tree_mask: torch.Tensor | None = None  # [T, T] bool
+
+
+@dataclass
+class Ragged:
+    """A layer's caches in a batched pass: per sequence (its layer cache, first position, mask function), and
+    how many of the concatenated rows are its."""
+
+    parts: list[tuple]
+    lens: list[int]
+
+
+def run_attention(q, k, v, kv: LayerKV | Ragged, start: int, mask_fn, scale: float) -> torch.Tensor:
+    """Append k/v [B, T, H_kv, D] to the layer cache and attend with q [B, T, H, D] -> [B, T, H*D]. With a
+    `Ragged` cache, each sequence's rows go to its own cache and attend only to it."""
+    if isinstance(kv, Ragged):
+        outs, o = [], 0
+        for (layer, first, mask), n in zip(kv.parts, kv.lens):
+            outs.append(run_attention(q[:, o : o + n], k[:, o : o + n], v[:, o : o + n], layer, first, mask, scale))
+            o += n
+        return torch.cat(outs, 1)  # [1, ΣT, H*D]
     B, T = q.shape[:2]
     keys, vals, past = kv.update(k.transpose(1, 2), v.transpose(1, 2), start)  # [B, H_kv, S, D]; S = |past| + T
     assert keys.shape[2] == len(past) + T

@@ -37,6 +37,7 @@ class Settings:
     method: str = "plain"
     api_key: str | None = None
     max_queue: int = 64
+    max_batch: int = 8  # sequences decoded together at most (continuous batching)
     timeout: float = 600.0  # seconds per request
     tune: bool = True
 
@@ -49,7 +50,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     state.engine = state.scheduler = state.load_error = None  # until the model has loaded
 
     def ready(e) -> None:
-        state.engine, state.scheduler = e, Scheduler(e, state.metrics, settings.max_queue)
+        state.engine, state.scheduler = e, Scheduler(e, state.metrics, settings.max_queue, settings.max_batch)
 
     if engine is not None:
         ready(engine)

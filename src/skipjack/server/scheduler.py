@@ -5,8 +5,9 @@ queue that the worker fills (from its own thread) with events: ("step", text, st
 ("error", status, message). A client that goes away sets the cancel flag; the worker closes the job's decode
 generator at the next step, which frees its slot and its cache.
 
-The worker runs one job at a time (the engine's decode generator is single-sequence today); the queue, the
-events, cancellation, timeouts and draining are what a batching worker keeps.
+The worker decodes up to `max_batch` jobs together with continuous batching (`Engine.runner`, `skipjack.batch`):
+a job joins the batch after its prompt's own forward pass and leaves at once when it ends, is cancelled or
+times out.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, metrics: Metrics, max_queue: int = 64):
-        self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
+    def __init__(self, engine: Engine, metrics: Metrics, max_queue: int = 64, max_batch: int = 8):
+        self.engine, self.metrics, self.max_queue, self.max_batch = engine, metrics, max_queue, max_batch
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.waiting = self.running = 0
         self.draining = False
@@ -80,48 +81,77 @@ class Scheduler:
         self.jobs.put(None)
 
     def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            with self._lock:
-                self.waiting -= 1
-                self.running += 1
-                self.metrics.waiting.set(self.waiting)
-                self.metrics.running.set(self.running)
-            try:
-                if not job.cancelled.is_set():
-                    self._run(job)
-            finally:
-                with self._lock:
-                    self.running -= 1
-                    self.metrics.running.set(self.running)
-                    self._idle.notify_all()
-
-    def _run(self, job: Job) -> None:
-        m = job.method
-        self.metrics.prompt_tokens.labels(m).inc(len(job.request.prompt))
-        steps = self.engine.stream(job.request)
-        finish, t = "length", time.perf_counter()
-        try:
-            for i, (text, step) in enumerate(steps):
-                now = time.perf_counter()
-                self.metrics.step(m, step, now - t, first=i == 0)
-                t = now
-                job.put("step", text, step)
-                finish = step.finish or finish
-                if step.finish:
+        """Admit queued jobs into the batch (each prefilled alone) while there is room, run one batched step of
+        all live ones, deliver their events, end the cancelled and timed-out ones; block while idle."""
+        runner, live = self.engine.runner(), {}  # id(handle) -> (handle, job, time of its last step)
+        while True:
+            while len(live) < self.max_batch:
+                try:
+                    job = self.jobs.get() if not live else self.jobs.get_nowait()
+                except queue.Empty:
                     break
+                if job is None:
+                    return
+                self._count(-1, 1)  # running from here: prefilled, then in the batch
                 if job.cancelled.is_set():
-                    finish = "cancelled"
-                    break
-                if job.deadline is not None and time.monotonic() > job.deadline:
-                    finish = "timeout"
-                    break
-        except SkipjackError as e:
-            job.put("error", 400, one_line(str(e)))
+                    self._count(0, -1)
+                    continue
+                self._admit(runner, live, job)
+            if not live:
+                continue
+            try:
+                steps = runner.step()
+            except Exception as e:  # the batch's pass failed: every live job ends with the error
+                status = 400 if isinstance(e, SkipjackError) else 500
+                for _h, job, _ in live.values():
+                    job.put("error", status, one_line(str(e) if status == 400 else f"internal error: {e!r}"))
+                self._count(0, -len(live))
+                live, runner = {}, self.engine.runner()
+                continue
+            now = time.perf_counter()
+            for h, text, step in steps:
+                _, job, last = live[id(h)]
+                self.metrics.step(job.method, step, now - last, first=False)
+                live[id(h)] = (h, job, now)
+                job.put("step", text, step)
+                if step.finish:
+                    self._end(live, h, job, step.finish)
+            for h, job, _ in list(live.values()):
+                why = "cancelled" if job.cancelled.is_set() else None
+                if why is None and job.deadline is not None and time.monotonic() > job.deadline:
+                    why = "timeout"
+                if why:
+                    runner.drop(h)
+                    self._end(live, h, job, why)
+
+    def _admit(self, runner, live: dict, job: Job) -> None:
+        self.metrics.prompt_tokens.labels(job.method).inc(len(job.request.prompt))
+        t = time.perf_counter()
+        try:
+            h = runner.add(job.request)  # its prompt's forward pass, alone
+        except Exception as e:  # bad input: 400; a bug: 500 with one line; the server goes on
+            self._count(0, -1)
+            bad = isinstance(e, SkipjackError)
+            job.put("error", 400 if bad else 500, one_line(str(e) if bad else f"internal error: {e!r}"))
             return
-        except Exception as e:  # a bug: the client gets a 500 with one line, the server goes on
-            job.put("error", 500, one_line(f"internal error: {type(e).__name__}: {e}"))
-            return
-        finally:
-            steps.close()  # a generator stopped early frees its cache here
-        self.metrics.requests.labels(m, finish).inc()
+        now = time.perf_counter()
+        self.metrics.step(job.method, h.first, now - t, first=True)
+        job.put("step", h.first_text, h.first)
+        live[id(h)] = (h, job, now)
+        if h.first.finish:
+            self._end(live, h, job, h.first.finish)
+
+    def _end(self, live: dict, h, job: Job, finish: str) -> None:
+        del live[id(h)]
+        self._count(0, -1)
+        self.metrics.requests.labels(job.method, finish).inc()
         job.put("done", finish)
+
+    def _count(self, waiting: int, running: int) -> None:
+        with self._lock:
+            self.waiting += waiting
+            self.running += running
+            self.metrics.waiting.set(self.waiting)
+            self.metrics.running.set(self.running)
+            if not (self.waiting or self.running):
+                self._idle.notify_all()

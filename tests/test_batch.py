@@ -1,0 +1,120 @@
+"""Continuous batching (`skipjack.batch`, `Engine.generate_batch`, `Engine.runner`): on q4 (a batch-invariant
+forward) every request's greedy tokens in a batch equal its tokens alone, whatever the mix of methods, prompt
+lengths and output lengths; requests join and leave between steps; the ragged pass equals separate passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import byte_bpe_tokenizer, hf_model, ours_from_hf
+
+from skipjack.batch import MAX_ROWS, Batch
+from skipjack.engine import Engine, Request
+from skipjack.loading import Loaded
+from skipjack.models.common import Segment
+from skipjack.sampling import SamplingParams
+from skipjack.tokenizer import Tokenizer
+
+
+def _engine(family: str) -> Engine:
+    tok = byte_bpe_tokenizer()
+    n = 4 if family == "llama" else 3
+    m = ours_from_hf(
+        hf_model(family, seed=3, vocab=len(tok), max_position_embeddings=256, num_hidden_layers=n), weights="q4"
+    )
+    return Engine(Loaded(m, Tokenizer(tok, tok.chat_template, tok.eos_token_id), family, None, 0, False))
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3_text", "qwen2-sw"])
+def engine(request):
+    return _engine(request.param)
+
+
+PROMPTS = [
+    [5, 6, 7, 8, 5, 6, 7, 8, 5, 6],
+    [9, 10, 11],
+    [12, 13, 14, 12, 13, 14, 12, 13],
+    [20] * 5,
+    [30, 31, 32, 33, 34, 35],
+    [40, 41, 40, 41, 40, 41, 40],
+]
+
+
+def _req(p, n, method, temperature=0.0, seed=None):
+    return Request(list(p), SamplingParams(max_new_tokens=n, temperature=temperature, seed=seed), method)
+
+
+@pytest.mark.parametrize(
+    "methods", [["plain"], ["plain", "pld", "ngram", "pld:k=3"], ["swift:skip=a1+f1", "del", "pld", "plain"]]
+)
+def test_batched_greedy_equals_alone(engine, methods):
+    reqs = [(p, 6 + 3 * i, methods[i % len(methods)]) for i, p in enumerate(PROMPTS * 2)]
+    alone = [engine.complete(_req(*r)).tokens for r in reqs]
+    batched = engine.generate_batch([_req(*r) for r in reqs])
+    assert [b.tokens for b in batched] == alone
+    assert all(b.finish == "length" for b in batched)
+
+
+def test_batched_sampling_is_seeded_like_alone(engine):
+    """Seeded sampling: a sequence's draws come from its own generator, so batching does not change them."""
+    reqs = [(p, 10, "pld", 0.9, 100 + i) for i, p in enumerate(PROMPTS)]
+    alone = [engine.complete(_req(*r)).tokens for r in reqs]
+    assert [b.tokens for b in engine.generate_batch([_req(*r) for r in reqs])] == alone
+
+
+def test_requests_join_and_leave_between_steps(engine):
+    runner = engine.runner()
+    first = runner.add(_req(PROMPTS[0], 60, "pld"))
+    got = {id(first): list(first.first.tokens)}
+    late = None
+    for i in range(200):
+        if i == 1:
+            late = runner.add(_req(PROMPTS[1], 8, "ngram"))  # joins a running batch
+            got[id(late)] = list(late.first.tokens)
+        if i == 2:
+            gone = runner.add(_req(PROMPTS[2], 30, "plain"))
+            runner.drop(gone)  # a client gone: leaves at once
+            assert gone.seq not in runner.batch.live
+        for h, _, step in runner.step():
+            got[id(h)].extend(step.tokens)
+        if not runner.busy():
+            break
+    assert not runner.busy() and not runner.handles
+    assert got[id(first)] == engine.complete(_req(PROMPTS[0], 60, "plain")).tokens
+    assert got[id(late)] == engine.complete(_req(PROMPTS[1], 8, "plain")).tokens
+
+
+def test_ragged_pass_equals_separate_passes(engine):
+    m = engine.model
+    caches = [m.make_cache(64) for _ in range(3)]
+    for c, p in zip(caches, PROMPTS):
+        m(torch.tensor([p]), c)
+    twins = [m.make_cache(64) for _ in range(3)]
+    for c, p in zip(twins, PROMPTS):
+        m(torch.tensor([p]), c)
+    news = [[3], [4, 5, 6], [7, 8]]
+    outs = m.forward_batch([Segment(torch.tensor([n]), c) for n, c in zip(news, caches)])
+    for o, n, c in zip(outs, news, twins):
+        assert torch.equal(o.logits, m(torch.tensor([n]), c).logits)
+    assert [c.offset for c in caches] == [c.offset for c in twins]
+
+
+def test_batch_caps_rows_and_drafts(engine):
+    """With B sequences each drafts at most MAX_ROWS // B - 1 nodes: the pass stays within the kernels' width."""
+    batch = Batch(engine.model, rows=8)
+    from skipjack.decode import Sequence
+
+    seqs = []
+    for p in PROMPTS[:4]:
+        m = engine.new_method("pld:k=16")
+        s = Sequence(engine.model, p * 3, SamplingParams(max_new_tokens=20), m.drafter, m.sizer(engine.cost))
+        batch.add(s)
+        seqs.append(s)
+    seen = set()
+    while batch.live:
+        live = len(batch.live)
+        widths = [st.forward_tokens for _, st in batch.step()]
+        seen.add(live)
+        if live > 1:
+            assert max(widths) <= 8 // live and sum(widths) <= 8
+    assert 4 in seen and MAX_ROWS == 65
