@@ -251,40 +251,6 @@ def cmd_train_adapter(a) -> int:
     return 0
 
 
-def cmd_serve(a) -> int:
-    from skipjack.batch import MAX_ROWS
-    from skipjack.drafters import make_method
-    from skipjack.loading import resolve_dtype
-    from skipjack.server import serve
-    from skipjack.server.app import Settings
-    from skipjack.store import check_home
-
-    validate.integer("--port", a.port, 1, 65535)
-    validate.integer("--max-queue", a.max_queue, 1, 100_000)
-    validate.integer("--max-batch", a.max_batch, 1, MAX_ROWS)
-    validate.number("--timeout", a.timeout, 0.0, 86_400.0, lo_open=True)
-    make_method(a.method)  # a bad --method fails now, not at the first request
-    if a.model is not None:
-        validate.text("--model", a.model, empty=False)
-    check_home()
-    dtype, note = resolve_dtype(a.model, a.dtype)
-    if note:
-        _notice(note)
-    s = Settings(
-        model=a.model,
-        dtype=dtype,
-        method=a.method,
-        api_key=a.api_key,
-        max_queue=a.max_queue,
-        max_batch=a.max_batch,
-        timeout=a.timeout,
-        tune=not a.no_tune,
-    )
-    _notice(f"skipjack: serving on http://{a.host}:{a.port}/v1 (loading the model; /health says 200 when ready)")
-    serve(s, a.host, a.port)
-    return 0
-
-
 def cmd_bench(a) -> int:
     from skipjack.bench.runner import main as bench_main
 
@@ -339,18 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="adapter file (default: beside the model cache, found by kangaroo)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train_adapter)
+    from skipjack.server import add_arguments as serve_arguments
+    from skipjack.server import main as serve_main
+
     v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming, /metrics)")
-    v.add_argument("--model", "-m", default=None, help="named model, .gguf file, HF folder or hub id")
-    v.add_argument("--dtype", default="auto", help="as for generate (auto: q4 for a GGUF)")
-    v.add_argument("--method", default="plain", help="default decoding method; a request's speculative.method wins")
-    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 and /tokenize")
-    v.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; then 503 + Retry-After")
-    v.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (continuous batching)")
-    v.add_argument("--timeout", type=float, default=600.0, help="seconds per request before it is ended")
-    v.add_argument("--no-tune", action="store_true", help="skip measuring this machine's fastest kernels")
-    v.set_defaults(func=cmd_serve)
+    serve_arguments(v)
+    v.set_defaults(func=serve_main)
     from skipjack.bench.runner import add_arguments
 
     b = sub.add_parser("bench", help="benchmark methods and peers on a prompt suite")

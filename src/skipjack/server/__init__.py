@@ -7,9 +7,13 @@ second signal stops it at once.
 
 from __future__ import annotations
 
+import argparse
+import sys
 import threading
 
 import uvicorn
+
+from skipjack import validate
 
 DRAIN_S = 30.0
 
@@ -39,3 +43,53 @@ def serve(settings, host: str = "127.0.0.1", port: int = 8000, drain: float = DR
         create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5
     )
     DrainingServer(config, drain).run()
+
+
+def add_arguments(v: argparse.ArgumentParser) -> None:
+    v.add_argument("--model", "-m", default=None, help="named model, .gguf file, HF folder or hub id")
+    v.add_argument("--dtype", default="auto", help="as for generate (auto: q4 for a GGUF)")
+    v.add_argument("--method", default="plain", help="default decoding method; a request's speculative.method wins")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 and /tokenize")
+    v.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; then 503 + Retry-After")
+    v.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (continuous batching)")
+    v.add_argument("--timeout", type=float, default=600.0, help="seconds per request before it is ended")
+    v.add_argument("--no-tune", action="store_true", help="skip measuring this machine's fastest kernels")
+
+
+def main(a) -> int:
+    """`skipjack serve`: every setting checked before the model loads."""
+    from skipjack.batch import MAX_ROWS
+    from skipjack.drafters import make_method
+    from skipjack.loading import resolve_dtype
+    from skipjack.server.app import Settings
+    from skipjack.store import check_home
+
+    validate.integer("--port", a.port, 1, 65535)
+    validate.integer("--max-queue", a.max_queue, 1, 100_000)
+    validate.integer("--max-batch", a.max_batch, 1, MAX_ROWS)
+    validate.number("--timeout", a.timeout, 0.0, 86_400.0, lo_open=True)
+    make_method(a.method)  # a bad --method fails now, not at the first request
+    if a.model is not None:
+        validate.text("--model", a.model, empty=False)
+    check_home()
+    dtype, note = resolve_dtype(a.model, a.dtype)
+    if note:
+        print(note, file=sys.stderr)
+    s = Settings(
+        model=a.model,
+        dtype=dtype,
+        method=a.method,
+        api_key=a.api_key,
+        max_queue=a.max_queue,
+        max_batch=a.max_batch,
+        timeout=a.timeout,
+        tune=not a.no_tune,
+    )
+    print(
+        f"skipjack: serving on http://{a.host}:{a.port}/v1 (loading the model; /health says 200 when ready)",
+        file=sys.stderr,
+    )
+    serve(s, a.host, a.port)
+    return 0
