@@ -368,6 +368,9 @@ def test_serve_process_starts_and_stops_on_sigterm(tiny_folder, tmp_path):
         (["--port", "70000"], "--port"),
         (["--max-queue", "0"], "--max-queue"),
         (["--timeout", "nan"], "--timeout"),
+        (["--max-batch", "0"], "--max-batch"),
+        (["--max-batch", "66"], "--max-batch"),
+        (["--host", "127.0.0.1", "--port", "x"], "invalid int value"),
         (["--method", "magic"], "unknown method"),
     ],
 )
