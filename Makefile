@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?=
 
-.PHONY: demo test install lint bench bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec clean
+.PHONY: demo test install lint bench bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve clean
 
 $(BIN)/skipjack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ lint: install
 
 bench-peers: install
 	BIN=$(BIN) bash tools/build-llamacpp.sh
+	$(BIN)/pip install --quiet 'llama-cpp-python[server]==0.3.36'  # llama-server for bench-serve (no rebuild)
+
+# The server under load: throughput and latency at 1-16 concurrent clients, plain and speculative batching, and
+# llama-server on the same GGUF (needs `make bench-peers`; ~15 min).
+bench-serve: install
+	$(BIN)/python -m skipjack.bench.serve --model smollm2-135m --methods plain,pld --out bench-out/serve
 
 bench-quick: install
 	$(BIN)/skipjack bench --suite quick --methods plain,pld,ngram --peers hf,hf-pld,llamacpp,llamacpp-pld --out bench-out/quick
@@ -99,6 +105,7 @@ benchmarks-md: install
 	set -- ; for e in $(EXTRA); do if [ -f "$${e##*=}/results.json" ]; then set -- "$$@" --extra "$$e"; fi; done; \
 	if [ -f bench-out/quality/quality.json ]; then set -- "$$@" --quality bench-out/quality; fi; \
 	if ls bench-out/layers/*.json >/dev/null 2>&1; then set -- "$$@" --layers bench-out/layers; fi; \
+	if [ -f bench-out/serve/serve.json ]; then set -- "$$@" --serve bench-out/serve; fi; \
 	$(BIN)/python -m skipjack.bench.benchmarks_md bench-out/q4-quick --benchmarks-md BENCHMARKS.md "$$@" \
 		--notes docs/bench/NOTES.md
 

@@ -17,3 +17,6 @@ if ! ls bench-out/layers/*.json >/dev/null 2>&1 && ls docs/bench/layers-*.json >
   mkdir -p bench-out/layers
   for f in docs/bench/layers-*; do cp "$f" "bench-out/layers/$(basename "$f" | sed 's/^layers-//')"; done
 fi
+if [ -f docs/bench/serve.json ] && [ ! -f bench-out/serve/serve.json ]; then
+  mkdir -p bench-out/serve && cp docs/bench/serve.json bench-out/serve/ && cp docs/bench/serve.png bench-out/serve/
+fi

@@ -90,6 +90,7 @@ def write_benchmarks_md(
     notes: Path | None = None,
     quality: Path | None = None,
     layers: Path | None = None,
+    serve: Path | None = None,
 ) -> Path:
     """BENCHMARKS.md at `target` from results_dir/results.json; plots and raw data are copied to docs/bench/
     beside it. `extra` runs (heading, dir) are appended as sections, then the `quality` folder's quality.json,
@@ -122,6 +123,8 @@ def write_benchmarks_md(
         md += "\n\nRaw data: `docs/bench/quality.json`.\n"
     if layers:
         md += "\n" + layer_probe_section(Path(layers), docs, [results, *(r for _, r in extras)])
+    if serve:
+        md += "\n" + serve_section(Path(serve), docs)
     if note_text:
         md += "\n" + note_text.rstrip()
     target.write_text(md + "\n")
@@ -149,6 +152,24 @@ def layer_probe_section(folder: Path, docs: Path, runs: list[Results] = ()) -> s
     return md
 
 
+def serve_section(folder: Path, docs: Path) -> str:
+    """The server under load (`python -m skipjack.bench.serve --out folder`): its table and plot."""
+    from skipjack.bench.serve import table
+
+    res = json.loads(_read_text(folder / "serve.json", "serve results "))
+    shutil.copyfile(folder / "serve.json", docs / "serve.json")
+    shutil.copyfile(folder / "serve.png", docs / "serve.png")
+    m = res["machine"]
+    md = "## The server under load (separate run)\n\n"
+    md += (
+        f"`python -m skipjack.bench.serve --model {res['model']} --out DIR`: {res['suite']} suite's prompts, "
+        f"{res['tokens']} new tokens each, greedy, streamed; {m.get('cpu', '?')}, {m.get('cores', '?')} cores. "
+        "× alone: aggregate throughput over the same server and method with one client. llama-server: "
+        f"{res.get('llama_server', 'llama_cpp.server on the same GGUF')}.\n\n"
+    )
+    return md + table(res) + "\n![serve](docs/bench/serve.png)\n\nRaw data: `docs/bench/serve.json`.\n"
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.benchmarks_md", description=__doc__.splitlines()[0])
     ap.add_argument("dir", help="a `skipjack bench --out` folder holding results.json")
@@ -161,6 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--notes", default=None, help="append this hand-written markdown file (no typed figures)")
     ap.add_argument("--quality", default=None, help="append a `skipjack.bench.analysis.quality --out` folder's results")
     ap.add_argument("--layers", default=None, help="append the layer probe's results (`skipjack.bench.layers --out`)")
+    ap.add_argument("--serve", default=None, help="append the server benchmark (`skipjack.bench.serve --out`)")
     return ap
 
 
@@ -181,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             notes = Path(a.notes) if a.notes else None
             quality = Path(a.quality) if a.quality else None
             layers = Path(a.layers) if a.layers else None
-            print(f"wrote {write_benchmarks_md(Path(a.dir), Path(a.benchmarks_md), extra, notes, quality, layers)}")
+            serve = Path(a.serve) if a.serve else None
+            md = write_benchmarks_md(Path(a.dir), Path(a.benchmarks_md), extra, notes, quality, layers, serve)
+            print(f"wrote {md}")
         else:
             write_report(read_results(Path(a.dir)), Path(a.dir))
             print(f"wrote {Path(a.dir) / 'REPORT.md'}")

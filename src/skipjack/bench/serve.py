@@ -42,7 +42,7 @@ def _wait(url: str, proc: subprocess.Popen, limit: float = 900) -> None:
                 f"the server exited ({proc.returncode}) before it was ready: {proc.stderr.read()[-300:]}"
             )
         try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:  # llama_cpp.server has no /health
                 return
         except httpx.HTTPError:
             pass
