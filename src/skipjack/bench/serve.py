@@ -17,6 +17,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -104,7 +105,10 @@ def level(url: str, prompts: list[list[dict]], clients: int, tokens: int, method
 
 
 def _start(cmd: list[str], port: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ)
+    # The server's log goes to a file: a pipe nobody reads fills up (llama.cpp logs a lot) and blocks it.
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=os.environ)
+    proc.log = log
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(url, proc)
