@@ -65,7 +65,7 @@ def _one(url: str, messages: list[dict], tokens: int, method: str | None) -> dic
     }
     if method is not None:
         body["speculative"] = {"method": method}
-    t0, first, last, n = time.perf_counter(), None, None, 0
+    t0, first, last, n, chunks = time.perf_counter(), None, None, 0, 0
     with httpx.Client(timeout=600) as c, c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             raise SkipjackError(f"the server answered {r.status_code}: {r.read()[:200]!r}")
@@ -76,9 +76,11 @@ def _one(url: str, messages: list[dict], tokens: int, method: str | None) -> dic
             if chunk.get("usage"):
                 n = chunk["usage"]["completion_tokens"]
             elif chunk.get("choices") and (chunk["choices"][0].get("delta") or {}).get("content"):
+                chunks += 1
                 now = time.perf_counter()
                 first = first if first is not None else now
                 last = now
+    n = n or chunks  # llama_cpp.server sends no usage when streaming: one chunk per token there
     first = first or time.perf_counter()
     itl = (last - first) / (n - 1) if last is not None and n > 1 else None
     return {"tokens": n, "ttft": first - t0, "itl": itl, "start": t0, "end": time.perf_counter()}
