@@ -137,6 +137,8 @@ def _llama_server(gguf: Path, port: int, n_ctx: int, parallel: int) -> list[str]
         str(n_ctx),
         "--n_threads",
         str(os.cpu_count() or 1),
+        "--interrupt_requests",  # False: by default it cancels the request in flight when another arrives
+        "False",
     ]
 
 
