@@ -118,7 +118,7 @@ class Sequence:
         seg = self.plan()
         t = time.perf_counter()
         p = self.proposal
-        if p is not None and p.resume is not None:  # a verify over the layers above the draft's exit
+        if p and p.resume is not None:  # a verify over the layers above the draft's exit (an empty draft: plain)
             exit_layer, hidden = p.resume  # hidden [1, T, D]
             out = self.model(
                 None,
@@ -129,7 +129,7 @@ class Sequence:
                 tree_mask=seg.tree_mask,
                 return_hidden=p.want,
             )
-        elif p is not None:
+        elif p:
             out = self.model(
                 seg.ids, self.cache, positions=seg.positions, tree_mask=seg.tree_mask, return_hidden=p.want
             )
