@@ -118,3 +118,14 @@ def test_batch_caps_rows_and_drafts(engine):
         if live > 1:
             assert max(widths) <= 8 // live and sum(widths) <= 8
     assert 4 in seen and MAX_ROWS == 65
+
+
+@pytest.mark.parametrize("method", ["del:exit=1", "pld"])
+def test_a_draft_sized_to_nothing_is_a_plain_step(engine, method):
+    """p_min = 1 cuts every draft to nothing after it was drafted (a resuming drafter's too): plain steps, the
+    same tokens as plain, alone and batched."""
+    plain = [engine.complete(_req(p, 12, "plain")).tokens for p in PROMPTS[:3]]
+    reqs = [Request(list(p), SamplingParams(max_new_tokens=12), method, draft_p_min=1.0) for p in PROMPTS[:3]]
+    assert [engine.complete(r).tokens for r in reqs] == plain
+    reqs = [Request(list(p), SamplingParams(max_new_tokens=12), method, draft_p_min=1.0) for p in PROMPTS[:3]]
+    assert [r.tokens for r in engine.generate_batch(reqs)] == plain
