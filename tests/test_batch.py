@@ -8,7 +8,9 @@ import pytest
 import torch
 from conftest import byte_bpe_tokenizer, hf_model, ours_from_hf
 
-from skipjack.batch import MAX_ROWS, Batch
+from skipjack.batch import MAX_ROWS, Batch, BatchCost
+from skipjack.cost import CostModel
+from skipjack.drafters.base import Proposal
 from skipjack.engine import Engine, Request
 from skipjack.loading import Loaded
 from skipjack.models.common import Segment
@@ -45,7 +47,7 @@ def _req(p, n, method, temperature=0.0, seed=None):
 
 
 @pytest.mark.parametrize(
-    "methods", [["plain"], ["plain", "pld", "ngram", "pld:k=3"], ["swift:skip=a1+f1", "del", "pld", "plain"]]
+    "methods", [["plain"], ["plain", "pld", "ngram", "pld:k=3", "auto"], ["swift:skip=a1+f1", "del", "pld", "plain"]]
 )
 def test_batched_greedy_equals_alone(engine, methods):
     reqs = [(p, 6 + 3 * i, methods[i % len(methods)]) for i, p in enumerate(PROMPTS * 2)]
@@ -56,8 +58,10 @@ def test_batched_greedy_equals_alone(engine, methods):
 
 
 def test_batched_sampling_is_seeded_like_alone(engine):
-    """Seeded sampling: a sequence's draws come from its own generator, so batching does not change them."""
-    reqs = [(p, 10, "pld", 0.9, 100 + i) for i, p in enumerate(PROMPTS)]
+    """Seeded sampling: a sequence's draws come from its own generator, so batching does not change them where
+    the drafts are the same (a fixed k; cost-sized drafts may differ in a batch, and so the draws, not the
+    distribution: rejection sampling is exact for any draft length, see test_verify)."""
+    reqs = [(p, 10, "pld:k=3", 0.9, 100 + i) for i, p in enumerate(PROMPTS)]
     alone = [engine.complete(_req(*r)).tokens for r in reqs]
     assert [b.tokens for b in engine.generate_batch([_req(*r) for r in reqs])] == alone
 
@@ -129,3 +133,51 @@ def test_a_draft_sized_to_nothing_is_a_plain_step(engine, method):
     assert [engine.complete(r).tokens for r in reqs] == plain
     reqs = [Request(list(p), SamplingParams(max_new_tokens=12), method, draft_p_min=1.0) for p in PROMPTS[:3]]
     assert [r.tokens for r in engine.generate_batch(reqs)] == plain
+
+
+def _chain(*scores):
+    return Proposal.chain(list(range(len(scores))), list(scores))
+
+
+def test_batch_cost_keeps_every_node_when_rows_are_free_and_none_when_they_cost_their_weight():
+    free = BatchCost(CostModel.flat())
+    props = [_chain(0.9, 0.5, 0.1), None, _chain(0.3)]
+    assert free.choose(props, 100) == [3, 0, 1]
+    linear = BatchCost(CostModel((1, 64), (1.0, 64.0)))  # every row costs as much as a plain step
+    assert linear.choose(props, 100) == [0, 0, 0]
+
+
+def test_batch_cost_takes_nodes_best_score_first_across_sequences():
+    bc = BatchCost(CostModel.flat())
+    for extra, t in [(0, 1.0), (1, 1.0), (2, 1.1), (3, 1.5), (4, 2.0)]:  # a knee after 2 extra rows
+        bc.observe(2, extra, t)
+    # B = 2: (2 + 0.9 + 0.8) / 1.1 beats adding 0.2 at 1.5; the nodes taken are the two best, one per sequence
+    assert bc.choose([_chain(0.9, 0.2), _chain(0.8, 0.1)], 100) == [1, 1]
+    # a fixed-size draft (the user's k) is verified whole, and its rows count
+    assert bc.choose([_chain(0.9, 0.2), _chain(0.8, 0.1)], 100, fixed=[True, False]) == [2, 1]  # 2.8 / 1.5 > 2 / 1.1
+
+
+def test_batch_cost_turns_drafting_down_as_the_batch_grows():
+    """With a measured curve whose cost per row grows with the pass's rows (a CPU past its bandwidth-bound
+    region), the same draft pays alone and not in a wide batch."""
+    bc = BatchCost(CostModel((1, 2, 4, 8, 16, 32), (1.0, 1.05, 1.15, 1.6, 3.0, 6.0)))
+    one = bc.choose([_chain(0.6, 0.5)], 100)
+    wide = bc.choose([_chain(0.6, 0.5)] * 16, 100)
+    assert one == [2] and wide == [0] * 16
+
+
+def test_auto_is_the_fastest_lossless_method_cost_sized():
+    from skipjack.drafters import AUTO, identical_to_plain, make_method, parse_method
+    from skipjack.errors import SkipjackError
+
+    m = make_method("auto")
+    assert parse_method("auto") == parse_method(AUTO) and m.spec == "auto" and m.lossless and not m.k
+    assert identical_to_plain("auto", "q4")
+    with pytest.raises(SkipjackError, match="takes no options"):
+        make_method("auto:k=3")
+    e = _engine("llama")
+    seeded = Request([5, 6], SamplingParams(max_new_tokens=4, temperature=1.0, seed=3), "auto")
+    assert e.check(seeded).drafter is None and seeded.method == "plain"  # a seed's draws must repeat
+    for params in (SamplingParams(max_new_tokens=4), SamplingParams(max_new_tokens=4, temperature=1.0)):
+        r = Request([5, 6], params, "auto")
+        assert e.check(r).name == parse_method(AUTO)[0] and r.method == "auto"

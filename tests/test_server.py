@@ -401,7 +401,7 @@ def test_load_1000_requests_16_concurrent(tiny_folder):
     ]
     lengths = (4, 9, 16)
     expected = {(p, n): alone(engine, p, n) for p in prompts for n in lengths}
-    methods = ["plain", "pld", "ngram", "pld:k=3", "off"]
+    methods = ["plain", "pld", "ngram", "pld:k=3", "off", "auto"]
     app = create_app(Settings(max_queue=64), engine)
 
     def one(i: int, u: str) -> tuple[int, bool]:

@@ -6,23 +6,84 @@ finishes or is dropped (a client gone). Each step, every live sequence drafts wi
 length, all of them run in one `DecoderLM.forward_batch` (rows concatenated through the linears, each
 sequence's rows attending only to its own cache), and each verifies its own draft. The pass's rows are capped
 at `MAX_DRAFT + 1`, the widest the batch-invariant q4/q8 kernels take: with B sequences each drafts at most
-(MAX_DRAFT + 1) // B - 1 nodes, so speculation turns down as the batch grows (vLLM's `disable_by_batch_size`,
-from the kernels' width). A sequence alone steps exactly as `generate` steps it. Where the forward is
+(MAX_DRAFT + 1) // B - 1 nodes. Within that, the batch's verify pass is sized for the whole batch by
+`BatchCost` (vLLM's `disable_by_batch_size`, but measured): each sequence's own sizer proposes what would pay
+alone, then nodes are taken best score first, across sequences, while the expected tokens per second of the
+pass, (B + sum of the kept nodes' scores) / t(B, rows), still rises; t is learned from the batch's own timed
+passes. So speculation turns down as the batch grows, as far as the measured costs say it should. A sequence
+alone steps exactly as `generate` steps it. Where the forward is
 batch-invariant, a batched sequence's tokens equal its tokens alone (a test checks it); elsewhere (fp32 or
 bf16 dense GEMMs) rounding can differ.
 """
 
 from __future__ import annotations
 
+import heapq
+import time
+
+from skipjack.cost import WIDTHS, CostModel
 from skipjack.decode import Sequence, Step
 from skipjack.limits import MAX_DRAFT
 
 MAX_ROWS = MAX_DRAFT + 1  # rows of one batched pass at most (and so sequences in a batch at most)
 
 
+class BatchCost:
+    """Seconds of a batched pass over B sequences with E draft rows on top of their B pending tokens, learned
+    from the batch's timed passes: an EMA per (B, knot of E). A knot not yet timed at this B is estimated from
+    the nearest timed one by the single-sequence cost model's ratio c(B + E) / c(B + E_timed) (the prior when
+    none is timed). Only ratios within one B matter: a step compares widths at its own batch size."""
+
+    DECAY = 0.1
+    KNOTS = (0, *WIDTHS)  # draft rows of a pass, pooled into the smallest knot >= them
+
+    def __init__(self, cost: CostModel | None = None):
+        self.cost = cost or CostModel.flat()
+        self.seen: dict[tuple[int, int], tuple[float, int]] = {}  # (B, knot) -> (EMA seconds, observations)
+
+    def _knot(self, extra: int) -> int:
+        return next((k for k in self.KNOTS if k >= extra), self.KNOTS[-1])
+
+    def observe(self, b: int, extra: int, seconds: float) -> None:
+        key = (b, self._knot(extra))
+        old, n = self.seen.get(key, (seconds, 0))
+        self.seen[key] = (old + (self.DECAY if n else 1.0) * (seconds - old), n + 1)
+
+    def seconds(self, b: int, extra: int, context: int) -> float:
+        """Estimated seconds (in the units of the nearest timed knot; relative to c(1) = 1 if none)."""
+        prior = lambda e: self.cost.cost(b + e, context)  # noqa: E731
+        timed = [k for k in self.KNOTS if (b, k) in self.seen]
+        if not timed:
+            return prior(extra)
+        own = self._knot(extra)
+        k = own if own in timed else min(timed, key=lambda t: (abs(t - extra), t))
+        return self.seen[(b, k)][0] * prior(extra) / prior(k)
+
+    def choose(self, proposals: list, context: int, fixed: list[bool] | None = None) -> list[int]:
+        """How many leading nodes of each proposal the pass verifies: nodes in order of score, across
+        sequences (each sequence's nodes in its own order), while (B + sum of scores) / seconds rises.
+        A proposal of a fixed size (`fixed`: the user's `k`) or without scores is kept whole."""
+        b, fixed = len(proposals), fixed or [False] * len(proposals)
+        whole = [bool(p) and (f or p.scores is None) for p, f in zip(proposals, fixed)]
+        keep = [len(p) if w else 0 for p, w in zip(proposals, whole)]
+        proposals = [None if w else p for p, w in zip(proposals, whole)]
+        rows, gain = sum(keep), float(b)
+        best, best_keep = gain / self.seconds(b, rows, context), list(keep)
+        heap = [(-p.scores[0], i) for i, p in enumerate(proposals) if p and p.scores is not None]
+        heapq.heapify(heap)
+        while heap:
+            s, i = heapq.heappop(heap)
+            keep[i], rows, gain = keep[i] + 1, rows + 1, gain - s
+            if keep[i] < len(proposals[i]):
+                heapq.heappush(heap, (-proposals[i].scores[keep[i]], i))
+            if (v := gain / self.seconds(b, rows, context)) > best:
+                best, best_keep = v, list(keep)
+        return best_keep
+
+
 class Batch:
-    def __init__(self, model, rows: int = MAX_ROWS):
-        self.model, self.rows = model, rows
+    def __init__(self, model, rows: int = MAX_ROWS, cost: BatchCost | None = None):
+        self.model, self.rows, self.cost = model, rows, cost or BatchCost()
         self.live: list[Sequence] = []
 
     def add(self, seq: Sequence) -> Step:
@@ -49,9 +110,18 @@ class Batch:
             out = [(live[0], live[0].advance())]
         elif live:
             cap = max(0, self.rows // len(live) - 1)
-            segs = [s.plan(cap, full=True) for s in live]
+            for s in live:
+                s.draft(cap, full=True)
+            context = sum(s.at for s in live) // len(live)
+            fixed = [getattr(s.sizer, "fixed", False) for s in live]
+            for s, n in zip(live, self.cost.choose([s.proposal for s in live], context, fixed)):
+                if s.proposal is not None:
+                    s.proposal = s.proposal.prefix(n)
+            segs = [s.segment() for s in live]
             want = {i for s in live if s.proposal is not None for i in s.proposal.want}
+            t = time.perf_counter()
             outs = self.model.forward_batch(segs, want)
+            self.cost.observe(len(live), sum(len(s.proposal or ()) for s in live), time.perf_counter() - t)
             out = [(s, s.settle(o, None)) for s, o in zip(live, outs)]
         else:
             out = []

@@ -28,8 +28,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default="plain",
-        help="decoding method: plain | pld | ngram | swift | del | kangaroo | draft:model=NAME | mix:of=pld+swift "
-        "(options: pld:k=8)",
+        help="decoding method: plain | auto (the fastest lossless one, cost-sized) | pld | ngram | swift | del | "
+        "kangaroo | draft:model=NAME | mix:of=pld+swift (options: pld:k=8)",
     )
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy")

@@ -12,6 +12,7 @@ verdict.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -138,9 +139,14 @@ class Sequence:
         return self.settle(out, time.perf_counter() - t)
 
     def plan(self, cap: int = MAX_DRAFT, full: bool = False) -> Segment:
-        """Draft (if there is a drafter and room; timed, its cost reported to the sizer) at most `cap` nodes,
-        size it, and return the forward's inputs. `full`: the verify runs every layer (a batched pass), so a
-        draft's saved hidden states are not used."""
+        """Draft and size (`draft`), and return the forward's inputs (`segment`)."""
+        self.draft(cap, full)
+        return self.segment()
+
+    def draft(self, cap: int = MAX_DRAFT, full: bool = False) -> None:
+        """Draft (if there is a drafter and room; timed, its cost reported to the sizer) at most `cap` nodes
+        and size it (`self.proposal`; a batch may cut it further before `segment`). `full`: the verify runs
+        every layer (a batched pass), so a draft's saved hidden states are not used."""
         self.intact = False  # a forward may stop half way through the layers
         model, cache, ctx, drafter, sizer = self.model, self.cache, self.ctx, self.drafter, self.sizer
         proposal, self.drafting = None, 0.0
@@ -156,15 +162,19 @@ class Sequence:
             if proposal is not None:
                 proposal = proposal.prefix(min(budget, proposal.valid_length(model.lm_head.out_features)))
                 proposal = sizer.size(proposal, at)
-                if full and proposal.resume is not None:
-                    proposal.resume = None
+                if full and proposal.resume is not None:  # a copy: the drafter may hold on to its proposal
+                    proposal = dataclasses.replace(proposal, resume=None)
         cache.rewind(at + (1 + len(proposal) if proposal and proposal.resume else 0))  # a draft's leftover keys
         self.proposal = proposal
+
+    def segment(self) -> Segment:
+        """The step's forward inputs: [pending] + the proposal's nodes (tree mask, positions by depth)."""
+        proposal, ctx, at = self.proposal, self.ctx, self.at
         if not proposal:
-            return Segment(torch.tensor([[ctx[-1]]]), cache)
+            return Segment(torch.tensor([[ctx[-1]]]), self.cache)
         positions = at + torch.tensor([0] + proposal.depths())  # [T]
         mask = None if proposal.is_chain else tree_mask(proposal.parents)  # [T, T]
-        return Segment(torch.tensor([[ctx[-1]] + proposal.tokens]), cache, positions, mask)  # ids [1, T]
+        return Segment(torch.tensor([[ctx[-1]] + proposal.tokens]), self.cache, positions, mask)  # ids [1, T]
 
     def settle(self, out, seconds: float | None) -> Step:
         """The step from its forward's output: verify, roll back, learn. `seconds`: the forward's time, for

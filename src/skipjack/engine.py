@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from skipjack import loading, tuning, validate, vocab
-from skipjack.batch import Batch
+from skipjack.batch import Batch, BatchCost
 from skipjack.cost import CostModel
 from skipjack.decode import Sequence, Step, generate
 from skipjack.drafters import Method, make_method
@@ -74,6 +74,7 @@ class Engine:
         self.tuning = tuned  # None: tuning was switched off
         # Untuned, the cost model starts from "verifying costs nothing" and learns the real costs online.
         self.cost = tuned.prior if tuned is not None and tuned.prior is not None else CostModel.flat(learn=True)
+        self.batch_cost = BatchCost(self.cost)  # a batched pass's cost, learned from the batches' passes
         # what drafters share across requests: n-gram tables; the target (a draft model checks its tokenizer);
         # token frequencies for reduced-vocabulary draft heads (computed on first use)
         self.shared: dict = {"target": loaded, "token_counts": lambda: vocab.token_counts(loaded.tokenizer)}
@@ -119,6 +120,8 @@ class Engine:
         if request.session is not None and not isinstance(request.session, Session):
             raise SkipjackError(f"session must be a skipjack Session or None (got {type(request.session).__name__})")
         if isinstance(request.method, str):
+            if request.method.strip() == "auto" and request.params.temperature > 0 and request.params.seed is not None:
+                request.method = "plain"  # a seeded draw must repeat: timing-sized drafts would change the draws
             return self.method(request.method)
         if not isinstance(request.method, Method):
             raise SkipjackError(f"method must be a method spec or a Method (got {type(request.method).__name__})")
@@ -203,7 +206,7 @@ class BatchRunner:
     returns (handle, new text, step) for each; `drop` ends one between steps. Each step holds the engine's lock."""
 
     def __init__(self, engine: Engine):
-        self.engine, self.batch, self.handles = engine, Batch(engine.model), {}
+        self.engine, self.batch, self.handles = engine, Batch(engine.model, cost=engine.batch_cost), {}
 
     def busy(self) -> bool:
         return bool(self.batch.live)

@@ -97,6 +97,7 @@ class NoDraft(_Free):
 
 
 class FixedSizer(_Free):
+    fixed = True  # the user's size: a batch verifies it whole
     def __init__(self, k: int):
         if not 1 <= k <= MAX_DRAFT:
             raise SkipjackError(f"k (fixed draft length) must be in [1, {MAX_DRAFT}] (got {k})")
@@ -154,6 +155,7 @@ class Capped:
 
     def __init__(self, inner: Sizer, n_max: int, p_min: float = 0.0):
         self.inner, self.n_max, self.p_min = inner, n_max, p_min
+        self.fixed = getattr(inner, "fixed", False)
 
     def budget(self, room: int, context: int) -> int:
         return min(self.n_max, self.inner.budget(room, context))

@@ -40,6 +40,12 @@ INTERNAL = {"shared", "registry"}  # constructor arguments the engine passes, ne
 # between logits: every benchmark prompt gives identical tokens (a real-model test checks them). In bf16
 # they are not: see the "fp32 and bf16 in one run" section of BENCHMARKS.md.
 EXACT_DTYPES = {"fp32", "fp64", "q4", "q8"}  # q4 / q8: a batch-invariant forward, identical by construction
+# `--method auto`: the fastest lossless method overall in BENCHMARKS.md (regenerate: `make bench`), its drafts
+# sized by the cost model, so it falls back to plain steps where drafting does not pay (and, in a batch, as the
+# batch grows: `skipjack.batch.BatchCost`). A sampled request with a seed is decoded plain under `auto`
+# (`Engine.check`): rejection sampling keeps the distribution for any draft, but drafts sized by measured
+# time consume the seeded draws differently from run to run, and a seed promises the same text each time.
+AUTO = "ngram"
 
 
 def lossless_methods() -> set[str]:
@@ -59,13 +65,17 @@ def register(name: str, factory: Callable[..., Drafter]) -> None:
 
 
 def method_names() -> list[str]:
-    return ["plain", *REGISTRY]
+    return ["plain", "auto", *REGISTRY]
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """'pld:k=8,max_ngram=4' -> ('pld', {'k': 8, 'max_ngram': 4})."""
+    """'pld:k=8,max_ngram=4' -> ('pld', {'k': 8, 'max_ngram': 4}); 'auto' -> AUTO's."""
     name, _, rest = spec.partition(":")
     name = name.strip()
+    if name == "auto":
+        if rest.strip():
+            raise SkipjackError("method 'auto' takes no options (it is " + AUTO + ", sized by the cost model)")
+        return parse_method(AUTO)
     if name != "plain" and name not in REGISTRY:
         raise SkipjackError(f"unknown method {name!r}; choose one of: {', '.join(method_names())}")
     opts: dict = {}
@@ -147,6 +157,7 @@ def _typed(method: str, key: str, val, default):
 
 
 __all__ = [
+    "AUTO",
     "DraftContext",
     "Drafter",
     "EXACT_DTYPES",

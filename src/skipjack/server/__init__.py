@@ -48,7 +48,12 @@ def serve(settings, host: str = "127.0.0.1", port: int = 8000, drain: float = DR
 def add_arguments(v: argparse.ArgumentParser) -> None:
     v.add_argument("--model", "-m", default=None, help="named model, .gguf file, HF folder or hub id")
     v.add_argument("--dtype", default="auto", help="as for generate (auto: q4 for a GGUF)")
-    v.add_argument("--method", default="plain", help="default decoding method; a request's speculative.method wins")
+    v.add_argument(
+        "--method",
+        default="auto",
+        help="default decoding method (auto: the fastest lossless one, its drafts sized by the measured costs of "
+        "the batch's passes, so it turns down as the batch grows); a request's speculative.method wins",
+    )
     v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 and /tokenize")

@@ -34,7 +34,7 @@ MAX_BODY = 4 << 20  # bytes
 class Settings:
     model: str | None = None
     dtype: str = "auto"
-    method: str = "plain"
+    method: str = "auto"
     api_key: str | None = None
     max_queue: int = 64
     max_batch: int = 8  # sequences decoded together at most (continuous batching)
