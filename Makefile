@@ -33,7 +33,7 @@ bench-peers: install
 # The server under load: throughput and latency at 1-16 concurrent clients, plain and speculative batching, and
 # llama-server on the same GGUF (needs `make bench-peers`; ~15 min).
 bench-serve: install
-	$(BIN)/python -m skipjack.bench.serve --model smollm2-135m --methods plain,pld --out bench-out/serve
+	$(BIN)/python -m skipjack.bench.serve --model smollm2-135m --methods plain,pld,auto --out bench-out/serve
 
 bench-quick: install
 	$(BIN)/skipjack bench --suite quick --methods plain,pld,ngram --peers hf,hf-pld,llamacpp,llamacpp-pld --out bench-out/quick

@@ -617,3 +617,15 @@ def test_methods_with_several_options_in_one_list():
     assert got == ["plain", "pld:k=8,max_ngram=4", "ngram", "swift:skip=a1+f2,threshold=0.5,save=0", "plain@bf16"]
     with pytest.raises(SkipjackError, match="unknown"):
         parse_methods("ngram,k=3")  # no method takes it: ngram has no ':' to continue
+
+
+def test_serve_bench_agreement_batched_against_alone(tiny):
+    """The serve bench's in-process agreement rows: batched greedy against alone, per dtype (q4 is batch-
+    invariant: all identical), with the table the BENCHMARKS.md section shows."""
+    from skipjack.bench.serve import agreement, agreement_table
+
+    prompts = [[{"role": "user", "content": t}] for t in ("hello there", "a b c a b c", "count: 1 2 3", "x")]
+    rows = agreement(str(tiny), prompts, ["q4", "fp32"], 12)
+    assert [r["dtype"] for r in rows] == ["q4", "fp32"] and rows[0]["identical"] == 4 == rows[0]["prompts"]
+    assert rows[0]["mean_prefix_share"] == 1.0 and 0.0 <= rows[1]["mean_prefix_share"] <= 1.0
+    assert "| q4 | 4 | 4 / 4 | 100.0% |" in agreement_table(rows)

@@ -98,6 +98,7 @@ class NoDraft(_Free):
 
 class FixedSizer(_Free):
     fixed = True  # the user's size: a batch verifies it whole
+
     def __init__(self, k: int):
         if not 1 <= k <= MAX_DRAFT:
             raise SkipjackError(f"k (fixed draft length) must be in [1, {MAX_DRAFT}] (got {k})")

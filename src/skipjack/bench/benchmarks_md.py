@@ -154,7 +154,7 @@ def layer_probe_section(folder: Path, docs: Path, runs: list[Results] = ()) -> s
 
 def serve_section(folder: Path, docs: Path) -> str:
     """The server under load (`python -m skipjack.bench.serve --out folder`): its table and plot."""
-    from skipjack.bench.serve import table
+    from skipjack.bench.serve import agreement_table, table
 
     res = json.loads(_read_text(folder / "serve.json", "serve results "))
     shutil.copyfile(folder / "serve.json", docs / "serve.json")
@@ -167,7 +167,16 @@ def serve_section(folder: Path, docs: Path) -> str:
         "× alone: aggregate throughput over the same server and method with one client. llama-server: "
         f"{res.get('llama_server', 'llama_cpp.server on the same GGUF')}.\n\n"
     )
-    return md + table(res) + "\n![serve](docs/bench/serve.png)\n\nRaw data: `docs/bench/serve.json`.\n"
+    md += table(res) + "\n![serve](docs/bench/serve.png)\n"
+    if res.get("agreement"):
+        md += (
+            "\n### Batched against alone (greedy, plain decoding, in process)\n\n"
+            "Every prompt alone, then all of them in one continuous batch. q4 and q8 run a batch-invariant "
+            "forward, so they must be identical (a test checks it on tiny models); fp32 and bf16 use dense GEMMs "
+            "whose rounding depends on the batch's shape, so a near-tie can go the other way.\n\n"
+        )
+        md += agreement_table(res["agreement"])
+    return md + "\nRaw data: `docs/bench/serve.json`.\n"
 
 
 def _parser() -> argparse.ArgumentParser:

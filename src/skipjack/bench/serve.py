@@ -106,6 +106,52 @@ def level(url: str, prompts: list[list[dict]], clients: int, tokens: int, method
     }
 
 
+def agreement(model: str, prompts: list[list[dict]], dtypes: list[str], tokens: int) -> list[dict]:
+    """Batched greedy against alone, in process, per dtype: every prompt alone, then all of them in one
+    continuous batch (plain decoding, so only the batch changes). Where the forward is batch-invariant (q4,
+    q8) they must be identical; elsewhere (fp32 and bf16 dense GEMMs round by batch shape) this measures how
+    often and how late they part: identical share, and the mean share of tokens before the first difference."""
+    from skipjack.engine import Engine, Request
+    from skipjack.sampling import SamplingParams
+
+    out = []
+    for dtype in dtypes:
+        e = Engine.load(model, dtype, tune=False)
+        params = SamplingParams(max_new_tokens=tokens, stop_token_ids=e.tokenizer.stop_ids)
+        ids = [e.tokenizer.prompt_ids(m) for m in prompts]
+        alone = [e.complete(Request(list(x), params)).tokens for x in ids]
+        batched = [r.tokens for r in e.generate_batch([Request(list(x), params) for x in ids])]
+        same = [a == b for a, b in zip(alone, batched)]
+        prefix = [
+            next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            for a, b in zip(alone, batched)
+        ]
+        shares = [p / max(1, len(a)) if not s else 1.0 for p, a, s in zip(prefix, alone, same)]
+        out.append(
+            {
+                "dtype": dtype,
+                "prompts": len(prompts),
+                "batch": len(prompts),
+                "identical": sum(same),
+                "mean_prefix_share": statistics.mean(shares),
+            }
+        )
+        print(json.dumps(out[-1]), file=sys.stderr)
+    return out
+
+
+def agreement_table(rows: list[dict]) -> str:
+    md = [
+        "| dtype | prompts (one batch) | identical to alone | mean share before the first difference |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        md.append(
+            f"| {r['dtype']} | {r['prompts']} | {r['identical']} / {r['prompts']} | {r['mean_prefix_share']:.1%} |"
+        )
+    return "\n".join(md) + "\n"
+
+
 def _start(cmd: list[str], port: int) -> tuple[subprocess.Popen, str]:
     # The server's log goes to a file: a pipe nobody reads fills up (llama.cpp logs a lot) and blocks it.
     log = tempfile.TemporaryFile("w+")
@@ -156,6 +202,8 @@ def run(a) -> dict:
         "machine": machine_info(0.0),
         "runs": [],
     }
+    if a.agreement:
+        out["agreement"] = agreement(a.model, prompts, a.agreement.split(","), a.max_new_tokens)
     port = _port()
     cmd = [
         sys.executable,
@@ -244,10 +292,15 @@ def table(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.serve", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--methods", default="plain,pld", help="comma list: plain and speculative methods to compare")
+    ap.add_argument("--methods", default="plain,pld,auto", help="comma list: plain and speculative methods to compare")
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrent clients per level")
     ap.add_argument("--max-new-tokens", "-n", type=int, default=64)
     ap.add_argument("--suite", default="quick")
+    ap.add_argument(
+        "--agreement",
+        default="q4,bf16,fp32",
+        help="dtypes whose batched-vs-alone greedy agreement is measured first, in process ('' to skip)",
+    )
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
 
@@ -258,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         (out / "serve.json").write_text(json.dumps(res, indent=1))
         plot(res, out / "serve.png")
         print(table(res))
+        if res.get("agreement"):
+            print(agreement_table(res["agreement"]))
 
     return run_command(body)
 

@@ -134,7 +134,10 @@ def parse_methods(spec: str) -> list[str]:
     dtypes = [c for c in CHOICES if c != "auto"]
 
     if spec.strip() == "all":
-        items = [*(m for m in method_names() if m != "auto"), *(f"pld:k={k}" for k in FIXED_LENGTHS)]  # auto: a named one
+        items = [
+            *(m for m in method_names() if m != "auto"),
+            *(f"pld:k={k}" for k in FIXED_LENGTHS),
+        ]  # auto: a named one
     else:
         items = []
         for s in filter(None, (s.strip() for s in spec.split(","))):
