@@ -102,6 +102,16 @@ def test_per_request_speculation_is_lossless_and_reported(client, engine, method
     assert extra["timings"]["draft_n_accepted"] <= extra["timings"]["draft_n"]
     off = client.chat.completions.create(**chat_args(text, 8), extra_body={"speculative": {"method": "off"}})
     assert off.model_extra["method"] == "plain" and off.model_extra["timings"]["draft_n"] == 0
+    assert extra["lossless"] is True and off.model_extra["lossless"] is True
+
+
+def test_a_lossy_method_is_labelled_lossy(client, engine):
+    text = "one two three four five six"
+    r = client.chat.completions.create(
+        **chat_args(text, 8), extra_body={"speculative": {"method": "layer-skip:ratio=0.5"}}
+    )
+    assert r.model_extra["method"] == "layer-skip:ratio=0.5" and r.model_extra["lossless"] is False
+    assert r.usage.completion_tokens == 8
 
 
 @pytest.mark.parametrize("chat", [True, False])

@@ -105,9 +105,11 @@ class Batch:
 
     def step(self) -> list[tuple[Sequence, Step]]:
         """One step of every live sequence; finished ones leave the batch (closed)."""
-        live = list(self.live)
+        solo = [s for s in self.live if s.strategy is not None]  # a lossy layer plan: its own pass
+        live = [s for s in self.live if s.strategy is None]
+        out = [(s, s.advance()) for s in solo]
         if len(live) == 1:
-            out = [(live[0], live[0].advance())]
+            out.append((live[0], live[0].advance()))
         elif live:
             cap = max(0, self.rows // len(live) - 1)
             for s in live:
@@ -122,9 +124,7 @@ class Batch:
             t = time.perf_counter()
             outs = self.model.forward_batch(segs, want)
             self.cost.observe(len(live), sum(len(s.proposal or ()) for s in live), time.perf_counter() - t)
-            out = [(s, s.settle(o, None)) for s, o in zip(live, outs)]
-        else:
-            out = []
+            out += [(s, s.settle(o, None)) for s, o in zip(live, outs)]
         for s, st in out:
             if st.finish:
                 self.drop(s)

@@ -69,7 +69,12 @@ def _method_notice(a) -> None:
     from skipjack.drafters import identical_to_plain, lossless_methods, parse_method
 
     name, _ = parse_method(a.method)
-    if name in lossless_methods() and not identical_to_plain(a.method, a.dtype):
+    if name not in lossless_methods():
+        _notice(
+            f"skipjack: note: {name} is lossy: its tokens differ from plain decoding's "
+            f"(`skipjack eval --method {a.method}` measures what it costs in quality)"
+        )
+    elif not identical_to_plain(a.method, a.dtype):
         _notice(
             f"skipjack: note: in {a.dtype}, {name}'s output can differ from plain decoding's (the kernels round a "
             "pass over several tokens differently from a pass over one); --dtype q4 or fp32 keeps them identical"
@@ -133,14 +138,18 @@ def cmd_generate(a) -> int:
         out["weights"] = engine.loaded.info.get("weights")
         out["identical_to_plain"] = identical_to_plain(a.method, a.dtype)
         drafter = engine.method(a.method).drafter
+        strategy = engine.method(a.method).strategy
+        if strategy is not None:  # what a lossy layer strategy skipped
+            out["skipped"] = strategy.stats()
         if hasattr(drafter, "describe"):  # the skip set or exit layer a model-based drafter chose
             out["drafter"] = drafter.describe()
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
         print(
-            f"[{res.new_tokens} tokens, {res.tokens_per_s:.1f} tok/s, method {res.method}, "
-            f"{res.tokens_per_pass:.2f} tokens/step, finish: {res.finish}"
+            f"[{res.new_tokens} tokens, {res.tokens_per_s:.1f} tok/s, method {res.method}"
+            + ("" if method.lossless else " (lossy)")
+            + f", {res.tokens_per_pass:.2f} tokens/step, finish: {res.finish}"
             + (f", {res.cached_tokens} of {res.prompt_tokens} prompt tokens from {cache_file}" if cache_file else "")
             + "]",
             file=sys.stderr,
@@ -311,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming, /metrics)")
     serve_arguments(v)
     v.set_defaults(func=serve_main)
+    from skipjack.evaluation import harness
+
+    e = sub.add_parser("eval", help="a method's quality against the exact model: perplexity, agreement, a task")
+    harness.add_arguments(e)
+    e.set_defaults(func=harness.command)
     from skipjack.bench.runner import add_arguments
 
     b = sub.add_parser("bench", help="benchmark methods and peers on a prompt suite")

@@ -29,6 +29,7 @@ from skipjack.models.common import Segment
 from skipjack.sampling import Sampler, SamplingParams
 from skipjack.session import Session, prefill
 from skipjack.sizing import CostSizer, NoDraft, Sizer
+from skipjack.strategies import Strategy
 from skipjack.verify import tree_mask, verify
 
 
@@ -71,11 +72,13 @@ def generate(
     drafter: Drafter | None = None,
     sizer: Sizer | None = None,
     session: Session | None = None,
+    strategy: Strategy | None = None,
 ) -> Iterator[Step]:
     """Yield `Step`s until a stop token, `max_new_tokens`, or the context is full. `sizer` sizes the drafts
     (default: verify all a drafter proposes that has a positive score); `session`: how the request starts
-    (`skipjack.session`; default: a fresh prefill of the prompt)."""
-    seq = Sequence(model, prompt, params, drafter, sizer, session)
+    (`skipjack.session`; default: a fresh prefill of the prompt); `strategy`: a lossy layer plan for the plain
+    steps (`skipjack.strategies`; no drafter then)."""
+    seq = Sequence(model, prompt, params, drafter, sizer, session, strategy)
     try:
         step = seq.first()
         while True:
@@ -92,7 +95,9 @@ class Sequence:
     A step is `plan` (draft, size, the forward's inputs), one forward (alone or batched), `settle` (verify,
     roll the cache back, learn, apply stop and length)."""
 
-    def __init__(self, model, prompt, params, drafter=None, sizer=None, session=None):
+    def __init__(self, model, prompt, params, drafter=None, sizer=None, session=None, strategy=None):
+        if strategy is not None and drafter is not None:
+            raise SkipjackError("a lossy layer strategy runs plain steps only: it takes no drafter")
         if drafter is None:
             sizer = NoDraft()
         elif sizer is None:
@@ -103,6 +108,9 @@ class Sequence:
         self.ctx, self.left, self.intact, self.closed = list(prompt), params.max_new_tokens, False, False
         if drafter is not None:
             drafter.begin(list(prompt))
+        self.strategy, self.n_prompt = strategy, len(prompt)
+        if strategy is not None:
+            strategy.begin(model, len(prompt), params.max_new_tokens)
         self.start = start
         self.proposal: Proposal | None = None
         self.at, self.drafting = 0, 0.0
@@ -134,6 +142,8 @@ class Sequence:
             out = self.model(
                 seg.ids, self.cache, positions=seg.positions, tree_mask=seg.tree_mask, return_hidden=p.want
             )
+        elif self.strategy is not None:  # generated token index of the input: the pending token's
+            out = self.strategy.forward(self.model, seg.ids, self.cache, self.cache.offset - self.n_prompt)
         else:
             out = self.model(seg.ids, self.cache)
         return self.settle(out, time.perf_counter() - t)
@@ -207,7 +217,8 @@ class Sequence:
         if self.drafter is not None:
             self.drafter.end()
         if self.session is not None:
-            self.session.end(self.model, self.cache, self.ctx, self.intact)
+            whole = self.strategy is None or self.strategy.keeps_cache_whole()
+            self.session.end(self.model, self.cache, self.ctx, self.intact and whole)
 
 
 def _verified(out, cache: KVCache, proposal: Proposal, sampler: Sampler, start: int) -> tuple[Step, Verdict]:

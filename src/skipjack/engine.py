@@ -140,7 +140,13 @@ class Engine:
         m = self.check(request)
         with self.lock:
             steps = generate(
-                self.model, request.prompt, request.params, m.drafter, self.sizer(m, request), request.session
+                self.model,
+                request.prompt,
+                request.params,
+                m.drafter,
+                self.sizer(m, request),
+                request.session,
+                m.strategy,
             )
             yield from texts(steps, StreamDecoder(self.tokenizer, request.prompt), request.stop)
 
@@ -219,7 +225,9 @@ class BatchRunner:
         if isinstance(request.method, str):
             m = e.acquire(request.method)
         with e.lock:
-            seq = Sequence(e.model, request.prompt, request.params, m.drafter, e.sizer(m, request), request.session)
+            seq = Sequence(
+                e.model, request.prompt, request.params, m.drafter, e.sizer(m, request), request.session, m.strategy
+            )
             h = Handle(request, seq, TextStream(StreamDecoder(e.tokenizer, request.prompt), request.stop), m)
             h.first = self.batch.add(seq)
         h.first_text = h.text.push(h.first)

@@ -1,8 +1,10 @@
 """Method registry: `--method NAME[:key=value,...]` in the CLI, the server and the benchmark.
 
-`plain` means no drafter. A spec such as `pld:max_ngram=4` passes options to the drafter's constructor; the
-option `k` (any method) fixes the draft size instead of letting the cost model size each draft. A `Method`
-is what a spec makes: the drafter (None for plain), the fixed size, and whether it is lossless.
+`plain` means no drafter. The lossy per-layer strategies (`skipjack.strategies`: `ffn-skip`, `layer-skip`,
+`skipdecode`) are methods too: no drafter, a layer plan for each plain step. A spec such as
+`pld:max_ngram=4` passes options to the drafter's constructor; the option `k` (any drafter) fixes the draft
+size instead of letting the cost model size each draft. A `Method` is what a spec makes: the drafter (None
+for plain and the strategies), the fixed size, the strategy, and whether it is lossless.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from skipjack.drafters.swift import Swift
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
 from skipjack.sizing import CostSizer, DraftCost, FixedSizer, NoDraft, Sizer
+from skipjack.strategies import STRATEGIES, Strategy
 
 REGISTRY: dict[str, Callable[..., Drafter]] = {
     "pld": PromptLookup,
@@ -53,6 +56,11 @@ def lossless_methods() -> set[str]:
     return {"plain"} | {name for name, f in REGISTRY.items() if getattr(f, "lossless", False)}
 
 
+def is_lossless(spec: str) -> bool:
+    """Whether a method spec is lossless (plain or a lossless drafter); the strategies are lossy."""
+    return parse_method(spec)[0] in lossless_methods()
+
+
 def identical_to_plain(spec: str, dtype: str) -> bool:
     """Whether method `spec` with the model in `dtype` is expected to give plain decoding's exact tokens."""
     name, _ = parse_method(spec)
@@ -65,7 +73,7 @@ def register(name: str, factory: Callable[..., Drafter]) -> None:
 
 
 def method_names() -> list[str]:
-    return ["plain", "auto", *REGISTRY]
+    return ["plain", "auto", *REGISTRY, *STRATEGIES]
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -76,7 +84,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
         if rest.strip():
             raise SkipjackError("method 'auto' takes no options (it is " + AUTO + ", sized by the cost model)")
         return parse_method(AUTO)
-    if name != "plain" and name not in REGISTRY:
+    if name != "plain" and name not in REGISTRY and name not in STRATEGIES:
         raise SkipjackError(f"unknown method {name!r}; choose one of: {', '.join(method_names())}")
     opts: dict = {}
     for item in filter(None, (s.strip() for s in rest.split(","))):
@@ -107,10 +115,11 @@ class Method:
     drafter: Drafter | None
     k: int = 0
     draft_cost: DraftCost = field(default_factory=DraftCost)  # what its drafts cost, learned over requests
+    strategy: Strategy | None = None  # a lossy layer plan for plain steps (`skipjack.strategies`)
 
     @property
     def lossless(self) -> bool:
-        return self.drafter is None or bool(self.drafter.lossless)
+        return self.strategy is None and (self.drafter is None or bool(self.drafter.lossless))
 
     def sizer(self, cost: CostModel) -> Sizer:
         """How this method's drafts are sized: a fixed k, the cost model, or not at all (plain)."""
@@ -127,7 +136,9 @@ def make_method(spec: str, shared: dict | None = None) -> Method:
         raise SkipjackError(f"{name}: k (fixed draft length, 0 = cost model) must be in [0, {MAX_DRAFT}] (got {k})")
     if name == "plain":
         return Method(spec, name, None)
-    factory = REGISTRY[name]
+    if name in STRATEGIES and k:
+        raise SkipjackError(f"{name}: k (a draft length) does not apply: {name} drafts nothing")
+    factory = STRATEGIES.get(name) or REGISTRY[name]
     params = {n: p for n, p in inspect.signature(factory).parameters.items() if n not in INTERNAL}
     unknown = set(opts) - set(params)
     if unknown:
@@ -138,6 +149,8 @@ def make_method(spec: str, shared: dict | None = None) -> Method:
         kwargs["shared"] = shared
     if "registry" in inspect.signature(factory).parameters:
         kwargs["registry"] = REGISTRY
+    if name in STRATEGIES:
+        return Method(spec, name, None, strategy=factory(**kwargs))
     drafter = factory(**kwargs)
     return Method(spec, name, drafter, k, DraftCost(lambda: getattr(drafter, "cost_prior", 0.0)))
 
@@ -166,6 +179,7 @@ __all__ = [
     "REGISTRY",
     "Verdict",
     "identical_to_plain",
+    "is_lossless",
     "lossless_methods",
     "make_method",
     "method_names",

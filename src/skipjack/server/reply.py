@@ -10,6 +10,7 @@ import uuid
 
 from starlette.requests import Request
 
+from skipjack.drafters import is_lossless
 from skipjack.server import protocol as P
 from skipjack.server.errors import ApiError
 from skipjack.server.scheduler import Job
@@ -129,6 +130,7 @@ class Reply:
             "usage": self.usage(),
             "timings": self.timings(),
             "method": self.spec,
+            "lossless": is_lossless(self.spec),
         }
 
     async def sse(self, jobs: list[Job], request: Request):
@@ -164,7 +166,9 @@ class Reply:
             opts = self.body.stream_options
             if opts is not None and opts.include_usage:
                 yield _data(
-                    head | {"choices": [], "usage": self.usage(), "timings": self.timings(), "method": self.spec}
+                    head
+                    | {"choices": [], "usage": self.usage(), "timings": self.timings(), "method": self.spec}
+                    | {"lossless": is_lossless(self.spec)}
                 )
             yield "data: [DONE]\n\n"
         finally:
