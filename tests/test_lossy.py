@@ -1,6 +1,6 @@
 """Lossy per-layer strategies (`skipjack.strategies`: ffn-skip, layer-skip, skipdecode): at zero skip each is
 token-identical to plain; skipping, each runs the layers it says and the teacher-forced pass (what `skipjack
-eval` measures) equals decoding step by step; a planted do-nothing FFN is where FFN-skip starts; bad settings
+eval` measures) equals decoding step by step; a planted do-nothing FFN is the one FFN-skip skips first; bad settings
 are one-line errors; they are labelled lossy."""
 
 from __future__ import annotations
@@ -41,7 +41,14 @@ def _run(engine, method, n=24, prompt=PROMPT):
 
 
 @pytest.mark.parametrize(
-    "spec", ["layer-skip:ratio=0", "skipdecode:lo=0,hi=0", "ffn-skip:keep_first=3,keep_last=3", "ffn-skip:threshold=1"]
+    "spec",
+    [
+        "layer-skip:ratio=0",
+        "skipdecode:lo=0,hi=0",
+        "ffn-skip:keep_first=3,keep_last=3",
+        "ffn-skip:threshold=1",
+        "ffn-skip:max_share=0",
+    ],
 )
 def test_zero_skip_is_plain(engine, spec):
     m = make_method(spec)
@@ -52,7 +59,8 @@ def test_zero_skip_is_plain(engine, spec):
 
 
 @pytest.mark.parametrize(
-    "spec", ["layer-skip:ratio=0.34", "skipdecode:lo=0.2,hi=0.8", "ffn-skip:threshold=0,warmup=2,period=5"]
+    "spec",
+    ["layer-skip:ratio=0.34", "skipdecode:lo=0.2,hi=0.8", "ffn-skip:threshold=0,max_share=0.34,warmup=2,period=5"],
 )
 def test_skipping_runs_and_counts_what_it_skipped(engine, spec):
     m = make_method(spec)
@@ -63,7 +71,7 @@ def test_skipping_runs_and_counts_what_it_skipped(engine, spec):
         assert st["skipped_layers"] == [2, 4] and st["layers_skipped_share"] == pytest.approx(2 / 6)
     elif spec.startswith("skipdecode"):
         assert 0 < st["layers_skipped_share"] < 0.8
-    else:  # threshold 0: every middle FFN from keep_first on is skipped between full steps
+    else:  # threshold 0, room for 2: both middle FFNs (layers 2, 3) are skipped between full steps
         full = 2 + len(range(2, 39, 5))  # warm-up tokens and one per period
         assert st["ffn_skipped_share"] == pytest.approx((39 - full) * 2 / (39 * 6))
 
@@ -83,7 +91,9 @@ def test_skipdecode_exit_never_rises():
     assert sk == sorted(sk) and sk[0] == round(21 * 0.1) and sk[-1] == round(21 * 0.9)
 
 
-@pytest.mark.parametrize("spec", ["layer-skip:ratio=0.34", "skipdecode:lo=0,hi=0.8", "ffn-skip:threshold=0,warmup=3"])
+@pytest.mark.parametrize(
+    "spec", ["layer-skip:ratio=0.34", "skipdecode:lo=0,hi=0.8", "ffn-skip:threshold=0,max_share=0.5,warmup=3"]
+)
 def test_teacher_forced_pass_equals_decoding_step_by_step(spec):
     """`skipjack eval` runs a strategy's forward over a whole continuation: its logits equal decoding the same
     tokens one step at a time (fp32 here: the dense model's rounding differs a little between widths)."""
@@ -104,17 +114,24 @@ def test_teacher_forced_pass_equals_decoding_step_by_step(spec):
     torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
 
 
-def test_ffn_skip_starts_at_a_planted_do_nothing_ffn():
-    """A middle layer whose FFN adds nothing (down projection zeroed) has cosine 1: saturation is found there,
-    and its FFN and every later middle one are skipped."""
+def test_ffn_skip_skips_a_planted_do_nothing_ffn_first():
+    """A middle layer whose FFN adds nothing (down projection zeroed) has cosine 1, the most saturated: with room
+    for one skip it is the one skipped, whatever the threshold lets through."""
     e = _engine("llama", layers=8, weights=None)
     e.model.layers[4].wd.weight.data.zero_()
-    s = FFNSkip(threshold=0.999999, warmup=2, keep_first=1, keep_last=1)
+    for threshold in (0.999999, 0.0):
+        s = FFNSkip(threshold=threshold, max_share=1 / 8, warmup=2, keep_first=1, keep_last=1)
+        s.begin(e.model, len(PROMPT), 8)
+        cache = e.model.make_cache(64)
+        e.model(torch.tensor([PROMPT]), cache, logits="none")
+        s.forward(e.model, torch.tensor([[3]]), cache, 0)
+        assert s.skip == [4]
+    s = FFNSkip(threshold=0.0, max_share=1.0, keep_first=1, keep_last=1)  # no cap: every middle FFN
     s.begin(e.model, len(PROMPT), 8)
     cache = e.model.make_cache(64)
     e.model(torch.tensor([PROMPT]), cache, logits="none")
     s.forward(e.model, torch.tensor([[3]]), cache, 0)
-    assert s.skip == [4, 5, 6]
+    assert s.skip == [1, 2, 3, 4, 5, 6]
 
 
 def test_batched_lossy_sequence_equals_alone():

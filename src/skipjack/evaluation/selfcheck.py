@@ -30,7 +30,7 @@ def items(n: int | None = None, seed: int = 0) -> list[dict]:
     from pydoc_data.topics import topics
 
     rng = random.Random(seed)
-    out = []
+    kinds: list[list[dict]] = [[], [], []]
     sentences = [
         s.strip()
         for t in sorted(topics)
@@ -38,15 +38,18 @@ def items(n: int | None = None, seed: int = 0) -> list[dict]:
         if 40 <= len(s.strip()) <= 90 and "\n" not in s.strip() and s.strip()[0].isupper()
     ]
     for i, s in enumerate(rng.sample(sentences, 16)):
-        out.append({"id": f"copy-{i}", "prompt": f"Repeat this sentence exactly, and nothing else:\n{s}", "answer": s})
+        kinds[0].append(
+            {"id": f"copy-{i}", "prompt": f"Repeat this sentence exactly, and nothing else:\n{s}", "answer": s}
+        )
     for country, city in CAPITALS.items():
-        out.append({"id": f"capital-{country}", "prompt": f"What is the capital of {country}?", "answer": city})
+        kinds[1].append({"id": f"capital-{country}", "prompt": f"What is the capital of {country}?", "answer": city})
     seqs = [DAYS[i : i + 4] for i in range(3)] + [MONTHS[i : i + 4] for i in range(0, 8, 2)]
     seqs += [[chr(65 + i + j) for j in range(4)] for i in range(0, 12, 3)]
     seqs += [[str(a + d * j) for j in range(4)] for a, d in ((1, 1), (2, 2), (5, 5), (10, 10))]
     for i, s in enumerate(seqs):
         prompt = "What comes next in this list? Answer with the next item only.\n" + ", ".join(s[:3]) + ","
-        out.append({"id": f"next-{i}", "prompt": prompt, "answer": s[3]})
+        kinds[2].append({"id": f"next-{i}", "prompt": prompt, "answer": s[3]})
+    out = [k[i] for i in range(max(map(len, kinds))) for k in kinds if i < len(k)]  # the kinds take turns
     return out[:n] if n else out
 
 
