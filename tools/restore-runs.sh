@@ -20,3 +20,12 @@ fi
 if [ -f docs/bench/serve.json ] && [ ! -f bench-out/serve/serve.json ]; then
   mkdir -p bench-out/serve && cp docs/bench/serve.json bench-out/serve/ && cp docs/bench/serve.png bench-out/serve/
 fi
+if [ -f docs/bench/eval.json ] && ! ls bench-out/eval/*__*.json >/dev/null 2>&1; then  # one file per eval row
+  mkdir -p bench-out/eval
+  "${BIN:-.venv/bin}/python" -c "
+import json, sys
+from skipjack.evaluation.harness import slug
+for r in json.load(open('docs/bench/eval.json')):
+    open(f\"bench-out/eval/{slug(r['model'])}__{slug(r['method'])}__{r['dtype']}.json\", 'w').write(json.dumps(r, indent=1))
+"
+fi

@@ -91,6 +91,7 @@ def write_benchmarks_md(
     quality: Path | None = None,
     layers: Path | None = None,
     serve: Path | None = None,
+    evals: Path | None = None,
 ) -> Path:
     """BENCHMARKS.md at `target` from results_dir/results.json; plots and raw data are copied to docs/bench/
     beside it. `extra` runs (heading, dir) are appended as sections, then the `quality` folder's quality.json,
@@ -125,6 +126,8 @@ def write_benchmarks_md(
         md += "\n" + layer_probe_section(Path(layers), docs, [results, *(r for _, r in extras)])
     if serve:
         md += "\n" + serve_section(Path(serve), docs)
+    if evals:
+        md += "\n" + eval_section(Path(evals), docs)
     if note_text:
         md += "\n" + note_text.rstrip()
     target.write_text(md + "\n")
@@ -179,6 +182,30 @@ def serve_section(folder: Path, docs: Path) -> str:
     return md + "\nRaw data: `docs/bench/serve.json`.\n"
 
 
+def eval_section(folder: Path, docs: Path) -> str:
+    """The lossy methods' quality (`skipjack eval` rows under `folder`): the table and the frontier plot."""
+    from skipjack.bench import eval_report
+    from skipjack.errors import SkipjackError
+
+    rs = eval_report.rows(folder)
+    if not rs:
+        raise SkipjackError(f"no `skipjack eval` rows under {folder}")
+    eval_report.frontier(rs, docs / "frontier.png")
+    (docs / "eval.json").write_text(json.dumps(rs, indent=1))
+    modes = sorted({"quick" if r["quick"] else "full" for r in rs})
+    md = "## Lossy methods: speed against quality (separate runs)\n\n"
+    md += (
+        f"`skipjack eval --model M --method SPEC --dtype q4 --out DIR` ({' and '.join(modes)} mode), one row per "
+        "method and setting, each against plain decoding of the same model at the same dtype: perplexity of "
+        "local text (pydoc topics and stdlib sources the prompts do not use) teacher-forced over a continuation "
+        "the method runs as it decodes, top-1 agreement and KL against plain, the share of greedy outputs "
+        "identical to plain's on the benchmark prompts, speed over plain on those prompts (end to end, and the "
+        "decoding phase), and a task score (HumanEval pass@1 for the code models; the self-check task for "
+        "SmolLM2, whose pass@1 is near zero: `skipjack.evaluation.selfcheck`).\n\n"
+    )
+    return md + eval_report.table(rs) + "\n![frontier](docs/bench/frontier.png)\n\nRaw data: `docs/bench/eval.json`.\n"
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.benchmarks_md", description=__doc__.splitlines()[0])
     ap.add_argument("dir", help="a `skipjack bench --out` folder holding results.json")
@@ -192,6 +219,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--quality", default=None, help="append a `skipjack.bench.analysis.quality --out` folder's results")
     ap.add_argument("--layers", default=None, help="append the layer probe's results (`skipjack.bench.layers --out`)")
     ap.add_argument("--serve", default=None, help="append the server benchmark (`skipjack.bench.serve --out`)")
+    ap.add_argument("--eval", default=None, help="append the `skipjack eval` rows under this folder")
     return ap
 
 
@@ -213,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             quality = Path(a.quality) if a.quality else None
             layers = Path(a.layers) if a.layers else None
             serve = Path(a.serve) if a.serve else None
-            md = write_benchmarks_md(Path(a.dir), Path(a.benchmarks_md), extra, notes, quality, layers, serve)
+            evals = Path(a.eval) if a.eval else None
+            md = write_benchmarks_md(Path(a.dir), Path(a.benchmarks_md), extra, notes, quality, layers, serve, evals)
             print(f"wrote {md}")
         else:
             write_report(read_results(Path(a.dir)), Path(a.dir))
