@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?=
 
-.PHONY: demo test install lint bench bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve clean
+.PHONY: demo test install lint bench bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve bench-eval clean
 
 $(BIN)/skipjack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,20 @@ lint: install
 bench-peers: install
 	BIN=$(BIN) bash tools/build-llamacpp.sh
 	$(BIN)/pip install --quiet 'llama-cpp-python[server]==0.3.36'  # llama-server for bench-serve (no rebuild)
+
+# Lossy methods' quality against speed (`skipjack eval`, quick mode): each setting on SmolLM2-135M and
+# Qwen2.5-Coder-1.5B, and layer-wise quantization's order against random and reverse at equal bits (~1.5 h).
+EVAL_SMOL = plain ffn-skip:threshold=0.995 ffn-skip:threshold=0.99 ffn-skip:threshold=0.98,max_share=0.1 \
+	layer-skip:ratio=0.05 layer-skip:ratio=0.1 skipdecode:hi=0.1
+EVAL_QWEN = plain ffn-skip:threshold=0.99 ffn-skip:threshold=0.98 layer-skip:ratio=0.1 skipdecode:hi=0.1
+LWQ = importance random reverse
+bench-eval: install
+	for m in $(EVAL_SMOL); do $(BIN)/skipjack eval --quick --model smollm2-135m --method $$m --out bench-out/eval || exit 1; done
+	for m in $(EVAL_QWEN); do $(BIN)/skipjack eval --quick --model qwen2.5-coder-1.5b --method $$m --out bench-out/eval || exit 1; done
+	for o in $(LWQ); do \
+		art=$$($(BIN)/skipjack quantize --model qwen2.5-coder-1.5b --bits 5 --order $$o | sed -n 's/^use it with: --model //p'); \
+		$(BIN)/skipjack eval --quick --model "$$art" --reference qwen2.5-coder-1.5b --task none --out bench-out/eval || exit 1; \
+	done
 
 # The server under load: throughput and latency at 1-16 concurrent clients, plain and speculative batching, and
 # llama-server on the same GGUF (needs `make bench-peers`; ~15 min).

@@ -37,6 +37,7 @@ LAYERS = {  # module (or package) -> layer; the longest matching prefix decides 
     "skipjack.prompt_file": 6,
     "skipjack.vocab": 6,
     "skipjack.distil": 6,
+    "skipjack.lwq": 6,
     "skipjack.corpus": 6,
     "skipjack.evaluation": 7,
     "skipjack.sandbox": 0,

@@ -274,6 +274,18 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def cmd_quantize(a) -> int:
+    from skipjack import lwq
+
+    entry, info = lwq.quantize(a.model, a.bits, a.order, a.score, a.seed)
+    print(
+        f"wrote {entry}: {len(info['high'])} layers in q8 ({', '.join(map(str, info['high'])) or 'none'}), the rest "
+        f"q4; {info['average_bits']:.2f} average bits (order {info['order']}, score {info['score']})"
+    )
+    print(f"use it with: --model {entry}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="skipjack", description="Faster LLM decoding by working with layers and KV cache.")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -320,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming, /metrics)")
     serve_arguments(v)
     v.set_defaults(func=serve_main)
+    q = sub.add_parser("quantize", help="layer-wise quantization: q8 for the important layers, q4 for the rest")
+    q.add_argument("--model", default=None, help="a named model, a GGUF or a checkpoint folder (default: smollm2-135m)")
+    q.add_argument("--bits", type=float, required=True, help="average bits per layer weight, from 4 (all q4) to 8")
+    q.add_argument("--order", default="importance", help="importance | random | reverse (the paper's controls)")
+    q.add_argument("--score", default="lim", help="lim (1 - cos of a layer's input and output) | zd (weight outliers)")
+    q.add_argument("--seed", type=int, default=0, help="for --order random")
+    q.set_defaults(func=cmd_quantize)
     from skipjack.evaluation import harness
 
     e = sub.add_parser("eval", help="a method's quality against the exact model: perplexity, agreement, a task")

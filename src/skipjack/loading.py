@@ -123,7 +123,7 @@ def resolve_dtype(spec: str | None, dtype: str) -> tuple[str, str | None]:
         raise SkipjackError(f"unknown dtype {dtype!r}; choose one of {', '.join(CHOICES)}")
     if dtype != "auto":
         return dtype, None
-    if not is_gguf(spec):
+    if not is_gguf(spec) and not is_blocks_folder(spec):
         return "fp32", None
     from skipjack.kernels import kernels
 
@@ -282,11 +282,17 @@ def _load_folder(folder: Path, dtype: torch.dtype, weights: str | None = None):
     except json.JSONDecodeError as e:
         raise SkipjackError(f"{cfg_file} is not valid JSON: {e}") from None
     normalise_config(config)  # unknown architectures fail here, before reading any weights
-    meta_file = folder / META
-    try:
-        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-    except (OSError, ValueError) as e:
-        raise SkipjackError(f"cannot read {meta_file}: {e}") from None
+    meta = read_meta(folder)
+    if "lwq" in meta:  # an artefact the user points at: checked whole before use, never rebuilt behind their back
+        d = meta["lwq"]
+        ok = isinstance(d, dict) and isinstance(d.get("high"), list) and isinstance(d.get("bits"), int | float)
+        if not ok or meta.get("weights") != "blocks" or meta.get("format") != FORMAT_VERSION:
+            raise SkipjackError(f"{folder} is not a layer-wise quantization artefact this skipjack can load")
+        damage = integrity.check(folder, META)
+        if damage is not None:
+            raise SkipjackError(
+                f"the quantization artefact {folder} is damaged ({damage}): run skipjack quantize again"
+            )
     if meta.get("blocks"):
         from skipjack import quant
 
@@ -330,6 +336,50 @@ def _hub_folder(repo_id: str) -> Path:
             f"{repo_id!r} is not a named model or a local path, and the Hugging Face hub could not be reached "
             f"({type(e).__name__}); use one of: {', '.join(NAMED)}, a .gguf file or an HF folder"
         ) from None
+
+
+def source_folder(spec: str | None) -> tuple[Path, Path]:
+    """(the folder a model loads from, its source): a GGUF's block conversion (made once), or an HF folder."""
+    spec = spec or DEFAULT_MODEL
+    if spec in NAMED:
+        path, template = fetch_named(spec), NAMED[spec].chat_template
+    else:
+        path, template = Path(spec).expanduser(), None
+        if not path.exists():
+            raise SkipjackError(f"model {spec!r} not found: not a named model ({', '.join(NAMED)}) or a path")
+    if path.is_file():
+        check_magic(path)
+        return convert_gguf(path, template, weights="blocks")[0], path
+    return path, path
+
+
+def read_meta(folder: Path) -> dict:
+    """A converted entry's metadata ({} for a plain HF folder)."""
+    meta_file = folder / META
+    try:
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+    except (OSError, ValueError) as e:
+        raise SkipjackError(f"cannot read {meta_file}: {e}") from None
+    if not isinstance(meta, dict):
+        raise SkipjackError(f"{meta_file} is not a JSON object")
+    return meta
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return _safetensors(folder)
+
+
+def is_blocks_folder(spec: str | None) -> bool:
+    """A folder holding block weights (a layer-wise quantization artefact): loads as q4 under "auto"."""
+    if spec is None or spec in NAMED:
+        return False
+    path = Path(spec).expanduser()
+    if not (path / META).is_file():
+        return False
+    try:
+        return json.loads((path / META).read_text()).get("weights") == "blocks"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load(spec: str | None = None, dtype: str = "auto") -> Loaded:

@@ -13,7 +13,7 @@ the same model at the reference dtype (`--reference-dtype`, default the same dty
 3. **A task score**: HumanEval pass@1 (`humaneval`) for code models, the self-checking task (`selfcheck`)
    otherwise; plain's outcomes are kept under DIR and reused by later rows of the same model and settings.
 
-`--quick`: 16 windows of 96 + 128 tokens, the quick suite at 64 new tokens, 21 HumanEval problems (every 8th)
+`--quick`: 16 windows of 96 + 128 tokens, the quick suite at 64 new tokens, 14 HumanEval problems (every 12th)
 or 24 self-check items; full: 64 windows, the sample suite (18 prompts) at 128 tokens, all 164 / 47.
 """
 
@@ -47,7 +47,7 @@ class Settings:
     task_tokens: int = 384
 
 
-QUICK = Settings(16, 96, 128, "quick", 64, 8, 24)
+QUICK = Settings(16, 96, 128, "quick", 64, 12, 24)
 FULL = Settings(64, 96, 128, "sample", 128, 1, None)
 
 
@@ -185,8 +185,23 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
-def evaluate(model: str, spec: str, dtype: str, out: Path, quick: bool, task_name: str, ref_dtype: str | None) -> dict:
-    """One row: loads the model (and the reference, if at another dtype), measures, writes DIR/<row>.json."""
+def label(spec: str) -> str:
+    """A model's name in a row: a named model's name, a path's last part."""
+    p = Path(spec).expanduser()
+    return p.name if p.exists() else spec
+
+
+def evaluate(
+    model: str,
+    spec: str,
+    dtype: str,
+    out: Path,
+    quick: bool,
+    task_name: str,
+    ref_dtype: str | None,
+    ref_model: str | None = None,
+) -> dict:
+    """One row: loads the model (and the reference, if another model or dtype), measures, writes DIR/<row>.json."""
     from skipjack.bench.machine import machine_info
     from skipjack.bench.suite import load_suite
     from skipjack.evaluation.texts import windows
@@ -194,16 +209,18 @@ def evaluate(model: str, spec: str, dtype: str, out: Path, quick: bool, task_nam
     s = QUICK if quick else FULL
     make_method(spec)  # a bad spec fails before the load
     engine = Engine.load(model, dtype)
-    ref = engine if ref_dtype in (None, dtype) else Engine.load(model, ref_dtype)
+    same = ref_dtype in (None, dtype) and ref_model in (None, model)
+    ref = engine if same else Engine.load(ref_model or model, ref_dtype or dtype)
     t0 = time.perf_counter()
     kind = task_kind(engine.name, task_name)
     row = {
         "format": FORMAT,
-        "model": engine.name,
+        "model": label(engine.name),
         "dtype": dtype,
+        "reference_model": label(ref.name),
         "reference_dtype": ref_dtype or dtype,
         "method": spec,
-        "lossless": is_lossless(spec) and (ref_dtype in (None, dtype)),
+        "lossless": is_lossless(spec) and same,
         "quick": quick,
         "settings": asdict(s),
         "machine": machine_info(0.0),
@@ -213,11 +230,11 @@ def evaluate(model: str, spec: str, dtype: str, out: Path, quick: bool, task_nam
     )
     row["greedy"] = greedy(engine, spec, ref, load_suite(s.suite), s.tokens)
     row["skipped"] = row["greedy"].pop("skipped")
-    ref_file = out / f"plain-{slug(engine.name)}-{ref_dtype or dtype}-{kind}-{'quick' if quick else 'full'}.json"
+    ref_file = out / f"plain-{slug(label(ref.name))}-{ref_dtype or dtype}-{kind}-{'quick' if quick else 'full'}.json"
     row["task"] = task(engine, spec, ref, kind, s, ref_file)
     row["seconds"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{slug(engine.name)}__{slug(spec)}__{dtype}.json"
+    path = out / f"{slug(label(engine.name))}__{slug(spec)}__{dtype}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(row, indent=1))
     tmp.replace(path)
@@ -231,6 +248,11 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="auto", help="the method's dtype (auto: q4 for a GGUF)")
     p.add_argument(
         "--reference-dtype", default=None, help="the exact model's dtype to compare with (default: the same)"
+    )
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="the exact model to compare with (default: --model; for a quantization artefact, its source)",
     )
     p.add_argument("--task", default="auto", choices=["auto", "humaneval", "selfcheck", "none"])
     p.add_argument("--quick", action="store_true", help="minutes, not the benchmark's full run")
@@ -247,7 +269,7 @@ def command(a) -> int:
     ref = None if a.reference_dtype is None else resolve_dtype(spec, a.reference_dtype)[0]
     out = validate.path("--out", a.out)
     out.mkdir(parents=True, exist_ok=True)  # before the load: a file in the way is a one-line error now
-    row = evaluate(spec, a.method, dtype, Path(out), a.quick, a.task, ref)
+    row = evaluate(spec, a.method, dtype, Path(out), a.quick, a.task, ref, a.reference)
     p, g, t = row["perplexity"], row["greedy"], row["task"]
     label = "lossless" if row["lossless"] else "lossy"
     line = (
