@@ -23,6 +23,7 @@ LAYERS = {  # module (or package) -> layer; the longest matching prefix decides 
     "skipjack.models": 2,
     "skipjack.gguf_io": 3,
     "skipjack.loading": 3,
+    "skipjack.named": 3,
     "skipjack.cost": 4,
     "skipjack.sizing": 4,
     "skipjack.verify": 4,

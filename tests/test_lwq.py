@@ -108,3 +108,16 @@ def test_damaged_and_foreign_artefacts_are_one_line(tmp_path, home, capsys):
     assert cli_main(["generate", "--model", str(entry), "-n", "2", "hello"]) == 2
     assert "not a layer-wise quantization artefact" in capsys.readouterr().err
     assert cli_main(["quantize", "--model", str(src), "--bits", "5", "--order", "sideways"]) == 2
+
+
+def test_on_the_all_4_bit_default_model_a_4_bit_artefact_is_the_model():
+    """SmolLM2's GGUF is Q4_1 in every layer: at 4 bits every layer keeps its blocks as stored, so the artefact
+    gives the source's exact tokens. (Written under the usual home, where the model is already fetched.)"""
+    from skipjack.loading import DEFAULT_MODEL
+
+    entry, info = lwq.quantize(DEFAULT_MODEL, 4.0, score="zd")
+    assert info["high"] == [] and info["average_bits"] == 4.0
+    ids = [1, 504, 3458, 314, 260, 1345, 28]
+    req = lambda: Request(list(ids), SamplingParams(max_new_tokens=24))  # noqa: E731
+    ref = Engine.load(DEFAULT_MODEL, tune=False).complete(req()).tokens
+    assert Engine(load(str(entry))).complete(req()).tokens == ref

@@ -274,39 +274,8 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def cmd_quantize(a) -> int:
-    from skipjack import lwq
-
-    entry, info = lwq.quantize(a.model, a.bits, a.order, a.score, a.seed)
-    print(
-        f"wrote {entry}: {len(info['high'])} layers in q8 ({', '.join(map(str, info['high'])) or 'none'}), the rest "
-        f"q4; {info['average_bits']:.2f} average bits (order {info['order']}, score {info['score']})"
-    )
-    print(f"use it with: --model {entry}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="skipjack", description="Faster LLM decoding by working with layers and KV cache.")
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    g = sub.add_parser("generate", help="generate text from a prompt")
-    _sampling_args(g)
-    g.add_argument("--raw", action="store_true", help="send the prompt as plain text, not through the chat template")
-    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    g.add_argument(
-        "--prompt-cache",
-        metavar="FILE",
-        default=None,
-        help="reuse the keys/values saved in FILE for the prompt's shared prefix, then save this run's there",
-    )
-    g.add_argument("prompt", help="the prompt ('-' reads standard input)")
-    g.set_defaults(func=cmd_generate)
-    c = sub.add_parser("chat", help="interactive chat with the model's chat template")
-    _sampling_args(c)
-    c.set_defaults(func=cmd_chat)
-    m = sub.add_parser("models", help="list named models, or fetch them")
-    m.add_argument("--fetch", nargs="+", metavar="NAME", help="download these named models")
-    m.set_defaults(func=cmd_models)
+def _tool_commands(sub) -> None:
+    """The subcommands beyond generating: adapters, quantization, quality, serving, benchmarking."""
     t = sub.add_parser("train-adapter", help="distil a Kangaroo adapter for --method kangaroo (resumes if interrupted)")
     t.add_argument("--model", "-m", default=None, help="named model, .gguf file, HF folder or hub id")
     t.add_argument("--dtype", default="auto", help="the precision the teacher runs in (auto: q4 for a GGUF)")
@@ -332,13 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming, /metrics)")
     serve_arguments(v)
     v.set_defaults(func=serve_main)
+    from skipjack import lwq
+
     q = sub.add_parser("quantize", help="layer-wise quantization: q8 for the important layers, q4 for the rest")
-    q.add_argument("--model", default=None, help="a named model, a GGUF or a checkpoint folder (default: smollm2-135m)")
-    q.add_argument("--bits", type=float, required=True, help="average bits per layer weight, from 4 (all q4) to 8")
-    q.add_argument("--order", default="importance", help="importance | random | reverse (the paper's controls)")
-    q.add_argument("--score", default="lim", help="lim (1 - cos of a layer's input and output) | zd (weight outliers)")
-    q.add_argument("--seed", type=int, default=0, help="for --order random")
-    q.set_defaults(func=cmd_quantize)
+    lwq.add_arguments(q)
+    q.set_defaults(func=lwq.command)
     from skipjack.evaluation import harness
 
     e = sub.add_parser("eval", help="a method's quality against the exact model: perplexity, agreement, a task")
@@ -349,6 +316,30 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark methods and peers on a prompt suite")
     add_arguments(b)
     b.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="skipjack", description="Faster LLM decoding by working with layers and KV cache.")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    _sampling_args(g)
+    g.add_argument("--raw", action="store_true", help="send the prompt as plain text, not through the chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument(
+        "--prompt-cache",
+        metavar="FILE",
+        default=None,
+        help="reuse the keys/values saved in FILE for the prompt's shared prefix, then save this run's there",
+    )
+    g.add_argument("prompt", help="the prompt ('-' reads standard input)")
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    _sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+    m = sub.add_parser("models", help="list named models, or fetch them")
+    m.add_argument("--fetch", nargs="+", metavar="NAME", help="download these named models")
+    m.set_defaults(func=cmd_models)
+    _tool_commands(sub)
     return ap
 
 

@@ -221,3 +221,21 @@ def quantize(spec: str, bits, order: str = "importance", score: str = "lim", see
     name = f"{folder.name.removesuffix('-blocks')}-lwq-{bits:g}-{order}-{score}"
     entry = write(source, config, new, folder, {"chat_template": meta.get("chat_template"), KEY: info}, name)
     return entry, info
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, help="a named model, a GGUF or a checkpoint folder (default: smollm2-135m)")
+    p.add_argument("--bits", type=float, required=True, help="average bits per layer weight, from 4 (all q4) to 8")
+    p.add_argument("--order", default="importance", help="importance | random | reverse (the paper's controls)")
+    p.add_argument("--score", default="lim", help="lim (1 - cos of a layer's input and output) | zd (weight outliers)")
+    p.add_argument("--seed", type=int, default=0, help="for --order random")
+
+
+def command(a) -> int:
+    entry, info = quantize(a.model, a.bits, a.order, a.score, a.seed)
+    print(
+        f"wrote {entry}: {len(info['high'])} layers in q8 ({', '.join(map(str, info['high'])) or 'none'}), the rest "
+        f"q4; {info['average_bits']:.2f} average bits (order {info['order']}, score {info['score']})"
+    )
+    print(f"use it with: --model {entry}")
+    return 0
