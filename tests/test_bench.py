@@ -160,8 +160,9 @@ def test_lossless_methods_and_hf_peer_match_plain(bench_out):
     for name in ("pld", "ngram", "pld:k=4", "hf"):
         assert res["summary"][name]["identical_fraction"] == 1.0, name
         assert all(r["identical"] for r in res["runs"] if r["method"] == name)
-    assert all(res["summary"][name]["draft_steps"] > 0 for name in ("pld", "ngram", "pld:k=4"))
-    assert res["summary"]["ngram"]["tokens_per_pass"] > 1.0
+    # A fixed draft size drafts whatever the timing; the cost-sized ones draft only where the measured costs say it
+    # pays, which a busy machine can deny (timing must not decide a test).
+    assert res["summary"]["pld:k=4"]["draft_steps"] > 0
 
 
 def test_identical_fraction_is_computed(bench_out):
