@@ -49,10 +49,11 @@ class BatchCost:
         old, n = self.seen.get(key, (seconds, 0))
         self.seen[key] = (old + (self.DECAY if n else 1.0) * (seconds - old), n + 1)
 
-    def seconds(self, b: int, extra: int, context: int) -> float:
-        """Estimated seconds (in the units of the nearest timed knot; relative to c(1) = 1 if none)."""
+    def seconds(self, b: int, extra: int, context: int, timed: list[int] | None = None) -> float:
+        """Estimated seconds (in the units of the nearest timed knot; relative to c(1) = 1 if none). `timed`:
+        the knots timed at this B, when the caller has them."""
         prior = lambda e: self.cost.cost(b + e, context)  # noqa: E731
-        timed = [k for k in self.KNOTS if (b, k) in self.seen]
+        timed = [k for k in self.KNOTS if (b, k) in self.seen] if timed is None else timed
         if not timed:
             return prior(extra)
         own = self._knot(extra)
@@ -68,7 +69,8 @@ class BatchCost:
         keep = [len(p) if w else 0 for p, w in zip(proposals, whole)]
         proposals = [None if w else p for p, w in zip(proposals, whole)]
         rows, gain = sum(keep), float(b)
-        best, best_keep = gain / self.seconds(b, rows, context), list(keep)
+        timed = [k for k in self.KNOTS if (b, k) in self.seen]
+        best, best_keep = gain / self.seconds(b, rows, context, timed), list(keep)
         heap = [(-p.scores[0], i) for i, p in enumerate(proposals) if p and p.scores is not None]
         heapq.heapify(heap)
         while heap:
@@ -76,7 +78,7 @@ class BatchCost:
             keep[i], rows, gain = keep[i] + 1, rows + 1, gain - s
             if keep[i] < len(proposals[i]):
                 heapq.heappush(heap, (-proposals[i].scores[keep[i]], i))
-            if (v := gain / self.seconds(b, rows, context)) > best:
+            if (v := gain / self.seconds(b, rows, context, timed)) > best:
                 best, best_keep = v, list(keep)
         return best_keep
 

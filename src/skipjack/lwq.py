@@ -131,18 +131,6 @@ def check_bits(bits) -> float:
     return float(bits)
 
 
-def describe(meta: dict) -> dict:
-    """The artefact's section of its metadata, validated (a foreign or hand-edited one is refused)."""
-    d = meta.get(KEY)
-    ok = isinstance(d, dict) and isinstance(d.get("high"), list) and isinstance(d.get("bits"), (int, float))
-    ok = ok and d.get("order") in ORDERS and d.get("score") in SCORES and all(isinstance(i, int) for i in d["high"])
-    if not ok:
-        raise SkipjackError(
-            "not a skipjack layer-wise quantization artefact (its metadata lacks a valid 'lwq' section)"
-        )
-    return d
-
-
 def write(source: Path, config: dict, state: dict, tokenizer_dir: Path, meta: dict, name: str) -> Path:
     """Seal the artefact under SKIPJACK_HOME/converted/`name` (replacing an older one of that name)."""
     from safetensors.torch import save_file

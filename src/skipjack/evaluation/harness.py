@@ -61,9 +61,10 @@ def task_kind(model: str, task: str) -> str:
 def perplexity(model, spec: str, ref, windows: list[tuple[list[int], list[int]]]) -> dict:
     """Sums over the windows' continuations: NLL under the method and the reference, top-1 agreement, KL."""
     sums = {"tokens": 0, "nll": 0.0, "nll_ref": 0.0, "agree": 0, "kl": 0.0}
+    method_strategy = make_method(spec).strategy  # begun afresh per window
     for prompt, cont in windows:
         outs = []
-        for m, strategy in ((ref, None), (model, make_method(spec).strategy)):
+        for m, strategy in ((ref, None), (model, method_strategy)):
             cache = m.make_cache(len(prompt) + len(cont) + 1)
             first = m(torch.tensor([prompt]), cache, logits="last").logits[0]  # [1, V]
             x = torch.tensor([cont[:-1]])  # [1, C-1]
