@@ -416,6 +416,16 @@ def test_sampling_at_extreme_temperatures(temperature):
         assert int(pr.argmax()) == 1 and float(pr[0, 1]) == 1.0  # tends to greedy's argmax
 
 
+@pytest.mark.parametrize("top_p", [5e-324, 1e-308, 1e-45, 1e-8])
+def test_sampling_at_tiny_top_p(top_p):
+    """A top_p that rounds to 0 in fp32 still keeps the top token (it once dropped every token: NaN)."""
+    from skipjack.sampling import probs
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
+    pr = probs(logits, _sp(temperature=0.7, top_p=top_p))
+    assert torch.isfinite(pr).all() and pr[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
 @pytest.mark.parametrize("penalty", [1e-38, 1e30, 3.4e38])
 def test_extreme_repetition_penalty(penalty):
     from skipjack.sampling import Sampler

@@ -85,6 +85,7 @@ def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         srt, idx = torch.sort(x, dim=-1, descending=True)  # [N, V]
         cum = srt.softmax(-1).cumsum(-1)
         drop = (cum - srt.softmax(-1)) >= p.top_p  # keep the smallest prefix reaching top_p
+        drop[..., 0] = False  # the top token always stays (a top_p below fp32's range rounds to 0)
         x = x.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     pr = x.softmax(-1)
     if p.min_p > 0:
