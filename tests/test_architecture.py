@@ -16,6 +16,7 @@ LAYERS = {  # module (or package) -> layer; the longest matching prefix decides 
     "skipjack.integrity": 0,
     "skipjack.sampling": 1,
     "skipjack.cache": 1,
+    "skipjack.kvpolicies": 1,
     "skipjack.linear": 1,
     "skipjack.quant": 1,
     "skipjack.kernels": 1,

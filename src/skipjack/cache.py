@@ -30,6 +30,9 @@ SLACK = 2 * MAX_DRAFT  # a sliding layer keeps this many positions beyond its wi
 class LayerKV:
     """Full-attention layer cache. Buffers k, v: [B, H_kv, capacity, D]; positions [0, offset) are valid."""
 
+    sight: tuple[int, int] | None = None  # (window, sinks) a policy masks attention with; None: the model's
+    observes = False  # whether the forward shows it each pass's queries (`observe`): attention-scored policies
+
     def __init__(self, batch: int, heads: int, head_dim: int, capacity: int, dtype: torch.dtype):
         self.k = torch.zeros(batch, heads, capacity, head_dim, dtype=dtype)  # [B, H_kv, C, D]
         self.v = torch.zeros(batch, heads, capacity, head_dim, dtype=dtype)  # [B, H_kv, C, D]
@@ -155,11 +158,24 @@ class SlidingLayerKV(LayerKV):
 
 
 class KVCache(list):
-    """One cache object per layer, in layer order. The sequence offset is the furthest any layer reached."""
+    """One cache object per layer, in layer order. The sequence offset is the furthest any layer reached.
+    `policy` made the layers; the decode loop calls `settle` after the prompt and after every step (a policy
+    may compress then) and keeps each speculative step within `room`."""
 
-    def __init__(self, layers=(), capacity: int = 0):
+    def __init__(self, layers=(), capacity: int = 0, policy=None, scale: float = 1.0):
         super().__init__(layers)
         self.capacity = capacity  # positions the request may reach
+        self.policy, self.scale = policy, scale  # the cache policy; the model's attention scale (for scoring)
+        self.state: dict = {}  # the policy's per-cache state (its next compression point)
+
+    def settle(self) -> None:
+        """The prompt or a step is done: the policy may compress now."""
+        if hasattr(self.policy, "settle"):
+            self.policy.settle(self)
+
+    def room(self) -> int:
+        """Positions a step may write before the policy's next compression point."""
+        return self.policy.room(self) if hasattr(self.policy, "room") else self.capacity
 
     def capacity_left(self) -> int:
         return self.capacity - self.offset
@@ -203,6 +219,7 @@ class KVCache(list):
     def moved(self, fresh: KVCache) -> KVCache:
         """These keys/values in `fresh`, a new cache for the same model with more capacity."""
         fresh[:] = [old.moved(new) for old, new in zip(self, fresh)]
+        fresh.policy, fresh.state = self.policy, self.state
         return fresh
 
     def keep(self, start: int, idx: list[int]) -> None:

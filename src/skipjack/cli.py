@@ -31,6 +31,12 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
         help="decoding method: plain | auto (the fastest lossless one, cost-sized) | pld | ngram | swift | del | "
         "kangaroo | draft:model=NAME | mix:of=pld+swift (options: pld:k=8)",
     )
+    p.add_argument(
+        "--kv",
+        default=None,
+        help="KV cache policy: full (default) | bf16 | int8 (storage dtype) | streaming | h2o | snapkv | pyramidkv | "
+        "cake | tidal, with options, e.g. snapkv:budget=0.1 (the kept fraction of the context); all but full are lossy",
+    )
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -67,8 +73,14 @@ def _notice(line: str) -> None:
 def _method_notice(a) -> None:
     """Say so when a lossless method will not give plain decoding's exact tokens at this dtype."""
     from skipjack.drafters import identical_to_plain, lossless_methods, parse_method
+    from skipjack.kvpolicies import is_lossless
 
     name, _ = parse_method(a.method)
+    if not is_lossless(a.kv):
+        _notice(
+            f"skipjack: note: --kv {a.kv} is lossy: it changes what the model attends to "
+            f"(`skipjack eval --kv {a.kv}` measures what it costs in quality)"
+        )
     if name not in lossless_methods():
         _notice(
             f"skipjack: note: {name} is lossy: its tokens differ from plain decoding's "
@@ -94,6 +106,10 @@ def _engine(a, spec: str | None = None):
         validate.text("--model", a.model, empty=False)
     validate.text("--method", a.method, empty=False)
     method = make_method(a.method)
+    if a.kv is not None:
+        from skipjack.kvpolicies import make_policy
+
+        make_policy(validate.text("--kv", a.kv, empty=False))
     check_home()
     a.dtype, note = resolve_dtype(spec or a.model, a.dtype)  # "auto" -> what it loads as
     if note:
@@ -110,6 +126,7 @@ def _engine(a, spec: str | None = None):
 def cmd_generate(a) -> int:
     from skipjack.drafters import identical_to_plain
     from skipjack.engine import Request
+    from skipjack.kvpolicies import is_lossless
     from skipjack.prompt_file import check_path, load_prompt_cache, save_prompt_cache
 
     if a.prompt == "-":
@@ -130,11 +147,11 @@ def cmd_generate(a) -> int:
         sys.stdout.write(t)
         sys.stdout.flush()
 
-    request = Request(prompt, params, engine.method(a.method), tuple(a.stop), saved)
+    request = Request(prompt, params, engine.method(a.method), tuple(a.stop), saved, kv=a.kv)
     res = engine.complete(request, None if a.json else show)
     if a.json:
         out = res.to_json() | {"model": engine.name, "dtype": a.dtype, "load_seconds": round(engine.loaded.seconds, 3)}
-        out["lossless"] = method.lossless
+        out["lossless"] = method.lossless and is_lossless(a.kv)
         out["weights"] = engine.loaded.info.get("weights")
         out["identical_to_plain"] = identical_to_plain(a.method, a.dtype)
         drafter = engine.method(a.method).drafter
@@ -148,7 +165,8 @@ def cmd_generate(a) -> int:
         sys.stdout.write("\n")
         print(
             f"[{res.new_tokens} tokens, {res.tokens_per_s:.1f} tok/s, method {res.method}"
-            + ("" if method.lossless else " (lossy)")
+            + ("" if method.lossless and is_lossless(a.kv) else " (lossy)")
+            + ("" if a.kv is None else f", kv {a.kv}")
             + f", {res.tokens_per_pass:.2f} tokens/step, finish: {res.finish}"
             + (f", {res.cached_tokens} of {res.prompt_tokens} prompt tokens from {cache_file}" if cache_file else "")
             + "]",
@@ -233,33 +251,6 @@ def cmd_models(a) -> int:
     return 0
 
 
-def cmd_train_adapter(a) -> int:
-    from skipjack import loading
-    from skipjack.distil import Settings, train
-    from skipjack.store import check_home
-
-    s = Settings(
-        layers=a.layers, tokens=a.tokens, steps=a.steps, lr=a.lr, seed=a.seed, prompts=a.prompts, vocab=a.vocab
-    )
-    validate.integer("--layers (Kangaroo uses 2-4)", s.layers, 1, 8)
-    validate.integer("--vocab", s.vocab, 0)
-    validate.integer("--prompts", s.prompts, 0, 10_000)
-    validate.integer("--tokens", s.tokens, 1024, 1 << 24)
-    validate.integer("--steps", s.steps, 1, 1_000_000)
-    validate.number("--lr", s.lr, 0.0, 1.0, lo_open=True)
-    validate.integer("--seed", s.seed, 0, 2**63 - 1)
-    out = validate.writable_file("--out", validate.path("--out", a.out)) if a.out is not None else None
-    check_home()
-    loaded = loading.load(a.model, a.dtype)
-    _notice(f"skipjack: distilling a kangaroo adapter after layer {s.layers - 1} of {loaded.name} ({a.dtype})")
-    res = train(loaded, s, out, progress=not a.quiet)
-    print(
-        f"saved {res['path']}: top-1 agreement with the full model on held-out text {res['agreement']:.1%} "
-        f"(untrained: {res['agreement_before']:.1%}); use it with --method kangaroo"
-    )
-    return 0
-
-
 def cmd_bench(a) -> int:
     from skipjack.bench.runner import main as bench_main
 
@@ -276,25 +267,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _tool_commands(sub) -> None:
     """The subcommands beyond generating: adapters, quantization, quality, serving, benchmarking."""
+    from skipjack import distil
+
     t = sub.add_parser("train-adapter", help="distil a Kangaroo adapter for --method kangaroo (resumes if interrupted)")
-    t.add_argument("--model", "-m", default=None, help="named model, .gguf file, HF folder or hub id")
-    t.add_argument("--dtype", default="auto", help="the precision the teacher runs in (auto: q4 for a GGUF)")
-    t.add_argument("--layers", type=int, default=2, help="shallow layers before the adapter (2-4)")
-    t.add_argument("--tokens", type=int, default=24_576, help="training tokens of local text")
-    t.add_argument("--steps", type=int, default=120, help="optimiser steps (8 x 256 tokens each)")
-    t.add_argument("--prompts", type=int, default=48, help="chat prompts the model answers for the training text")
-    t.add_argument(
-        "--vocab",
-        type=int,
-        default=0,
-        help="train against the N most frequent tokens' head rows (0: all; "
-        "kangaroo then drafts over those N, as FR-Spec): for a large vocabulary",
-    )
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default=None, help="adapter file (default: beside the model cache, found by kangaroo)")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.set_defaults(func=cmd_train_adapter)
+    distil.add_arguments(t)
+    t.set_defaults(func=distil.command)
     from skipjack.server import add_arguments as serve_arguments
     from skipjack.server import main as serve_main
 

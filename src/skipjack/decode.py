@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from skipjack.cache import KVCache
+from skipjack.cache import CachePolicy, KVCache
 from skipjack.cost import CostModel
 from skipjack.drafters.base import DraftContext, Drafter, Proposal, Verdict
 from skipjack.errors import SkipjackError
@@ -73,12 +73,14 @@ def generate(
     sizer: Sizer | None = None,
     session: Session | None = None,
     strategy: Strategy | None = None,
+    policy: CachePolicy | None = None,
 ) -> Iterator[Step]:
     """Yield `Step`s until a stop token, `max_new_tokens`, or the context is full. `sizer` sizes the drafts
     (default: verify all a drafter proposes that has a positive score); `session`: how the request starts
     (`skipjack.session`; default: a fresh prefill of the prompt); `strategy`: a lossy layer plan for the plain
-    steps (`skipjack.strategies`; no drafter then)."""
-    seq = Sequence(model, prompt, params, drafter, sizer, session, strategy)
+    steps (`skipjack.strategies`; no drafter then); `policy`: the KV cache policy (`skipjack.kvpolicies`; default
+    every key kept; not with a session)."""
+    seq = Sequence(model, prompt, params, drafter, sizer, session, strategy, policy)
     try:
         step = seq.first()
         while True:
@@ -95,15 +97,20 @@ class Sequence:
     A step is `plan` (draft, size, the forward's inputs), one forward (alone or batched), `settle` (verify,
     roll the cache back, learn, apply stop and length)."""
 
-    def __init__(self, model, prompt, params, drafter=None, sizer=None, session=None, strategy=None):
+    def __init__(self, model, prompt, params, drafter=None, sizer=None, session=None, strategy=None, policy=None):
         if strategy is not None and drafter is not None:
             raise SkipjackError("a lossy layer strategy runs plain steps only: it takes no drafter")
+        if policy is not None and session is not None:
+            raise SkipjackError("a cache policy makes a request's own cache: it does not run with a session")
         if drafter is None:
             sizer = NoDraft()
         elif sizer is None:
             sizer = CostSizer(CostModel.flat())
         self.model, self.params, self.drafter, self.sizer, self.session = model, params, drafter, sizer, session
-        start = (session.start if session else prefill)(model, prompt, params.max_new_tokens)
+        if session is not None:
+            start = session.start(model, prompt, params.max_new_tokens)
+        else:
+            start = prefill(model, prompt, params.max_new_tokens, policy=policy)
         self.cache, self.sampler = start.cache, Sampler(params, prompt, model.lm_head.out_features)
         self.ctx, self.left, self.intact, self.closed = list(prompt), params.max_new_tokens, False, False
         if drafter is not None:
@@ -160,7 +167,7 @@ class Sequence:
         self.intact = False  # a forward may stop half way through the layers
         model, cache, ctx, drafter, sizer = self.model, self.cache, self.ctx, self.drafter, self.sizer
         proposal, self.drafting = None, 0.0
-        room = min(MAX_DRAFT, cap, self.left - 1, cache.capacity_left() - 2)
+        room = min(MAX_DRAFT, cap, self.left - 1, cache.capacity_left() - 2, cache.room() - 1)
         budget = sizer.budget(room, cache.offset) if drafter is not None else 0
         self.at = at = cache.offset
         if budget > 0:
@@ -203,6 +210,7 @@ class Sequence:
         step.draft_seconds = self.drafting
         if proposal is not None:  # drafted but sized down to nothing: still a lesson for the drafter
             self.drafter.observe(proposal, verdict or Verdict(step.tokens, [], []))
+        cache.settle()  # a cache policy may compress now (never inside a step: drafts stop at its points)
         return self._done(step)
 
     def _done(self, step: Step) -> Step:

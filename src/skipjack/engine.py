@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from skipjack import loading, tuning, validate, vocab
+from skipjack import kvpolicies, loading, tuning, validate, vocab
 from skipjack.batch import Batch, BatchCost
 from skipjack.cost import CostModel
 from skipjack.decode import Sequence, Step, generate
@@ -43,6 +43,7 @@ class Request:
     session: Session | None = None  # how the request starts (`skipjack.session`); None: a fresh prefill
     draft_max: int | None = None  # at most this many draft nodes per step (llama-server's speculative.n_max)
     draft_p_min: float = 0.0  # no draft node whose score (path probability) is below this (speculative.p_min)
+    kv: str | None = None  # the KV cache policy spec (`skipjack.kvpolicies`, `--kv`); None: every key kept
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Result:
     cached_tokens: int = 0  # prompt tokens not run again: taken from a session
     draft_seconds: float = 0.0  # time spent drafting (proposals; one-off searches excluded)
     problems: list[str] = field(default_factory=list)  # failures after the last token (the result still holds)
+    kv: str = "full"  # the KV cache policy it ran with
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -122,10 +124,30 @@ class Engine:
         if isinstance(request.method, str):
             if request.method.strip() == "auto" and request.params.temperature > 0 and request.params.seed is not None:
                 request.method = "plain"  # a seeded draw must repeat: timing-sized drafts would change the draws
-            return self.method(request.method)
-        if not isinstance(request.method, Method):
+            m = self.method(request.method)
+        elif isinstance(request.method, Method):
+            m = request.method
+        else:
             raise SkipjackError(f"method must be a method spec or a Method (got {type(request.method).__name__})")
-        return request.method
+        self.policy(request, m)
+        return m
+
+    def policy(self, request: Request, m: Method):
+        """The request's KV cache policy, made fresh (None: every key kept); refused where it cannot combine."""
+        if request.kv is None:
+            return None
+        policy = kvpolicies.make_policy(validate.text("--kv", request.kv, empty=False))
+        if kvpolicies.is_lossless(request.kv):
+            return None
+        if m.strategy is not None:
+            raise SkipjackError(f"--kv {request.kv} and the lossy layer strategy {m.name} do not combine")
+        if request.session is not None:
+            raise SkipjackError(f"--kv {request.kv} makes the request's own cache: it does not run with a session")
+        if m.name in kvpolicies.REWRITERS and isinstance(policy, kvpolicies.EvictionPolicy):
+            raise SkipjackError(
+                f"{m.name} rewrites cached keys while it searches: it does not run with --kv {request.kv}"
+            )
+        return policy
 
     def sizer(self, m: Method, request: Request):
         """The method's draft sizing for a request, under its own limits (`speculative` n_max / p_min)."""
@@ -147,6 +169,7 @@ class Engine:
                 self.sizer(m, request),
                 request.session,
                 m.strategy,
+                self.policy(request, m),
             )
             yield from texts(steps, StreamDecoder(self.tokenizer, request.prompt), request.stop)
 
@@ -225,8 +248,16 @@ class BatchRunner:
         if isinstance(request.method, str):
             m = e.acquire(request.method)
         with e.lock:
+            policy = e.policy(request, m)
             seq = Sequence(
-                e.model, request.prompt, request.params, m.drafter, e.sizer(m, request), request.session, m.strategy
+                e.model,
+                request.prompt,
+                request.params,
+                m.drafter,
+                e.sizer(m, request),
+                request.session,
+                m.strategy,
+                policy,
             )
             h = Handle(request, seq, TextStream(StreamDecoder(e.tokenizer, request.prompt), request.stop), m)
             h.first = self.batch.add(seq)
@@ -300,4 +331,5 @@ class Tally:
             cached_tokens=self.cached,
             draft_seconds=self.drafting,
             problems=self.problems,
+            kv=r.kv or "full",
         )

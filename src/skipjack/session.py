@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from skipjack.cache import KVCache
+from skipjack.cache import CachePolicy, KVCache
 from skipjack.drafters.base import common_prefix
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
@@ -53,13 +53,20 @@ class Start:
 
 
 def prefill(
-    model: DecoderLM, prompt: list[int], max_new_tokens: int, cache: KVCache | None = None, held: int = 0
+    model: DecoderLM,
+    prompt: list[int],
+    max_new_tokens: int,
+    cache: KVCache | None = None,
+    held: int = 0,
+    policy: CachePolicy | None = None,
 ) -> Start:
-    """Run `prompt` once, with a cache sized for requests of up to `max_new_tokens` new tokens; or, given a
-    `cache` that already holds the first `held` prompt tokens (and room for the request), run only the rest."""
+    """Run `prompt` once, with a cache sized for requests of up to `max_new_tokens` new tokens (its layers made
+    by `policy`, default every key kept); or, given a `cache` that already holds the first `held` prompt tokens
+    (and room for the request), run only the rest. The cache is then settled (a policy may compress it)."""
     if cache is None:
-        cache, held = model.make_cache(check_prompt(model, prompt, max_new_tokens)), 0
+        cache, held = model.make_cache(check_prompt(model, prompt, max_new_tokens), policy=policy), 0
     logits = model(torch.tensor([prompt[held:]]), cache, logits="last").logits[0, -1]  # [V]
+    cache.settle()
     return Start(cache, logits, len(prompt) - held)
 
 

@@ -154,3 +154,40 @@ def threads() -> int | None:
     """`SKIPJACK_THREADS` as a thread count, or None when unset."""
     n = env_number("SKIPJACK_THREADS", 1, 1024, whole=True)
     return None if n is None else int(n)
+
+
+def spec_options(kind: str, spec: str) -> tuple[str, dict]:
+    """A `NAME[:key=value,...]` spec (a method, a cache policy) -> (name, {key: int | float | str value})."""
+    name, _, rest = text(kind, spec, empty=False).partition(":")
+    opts: dict = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise SkipjackError(f"{kind} option {item!r} must look like key=value")
+        opts[key.strip()] = _option_value(val.strip())
+    return name.strip(), opts
+
+
+def _option_value(v: str):
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def typed_option(owner: str, key: str, val, default):
+    """An option's value as its default's type: `k=1.5` is not a draft length, `path=1` is a file name."""
+    import inspect
+
+    if isinstance(default, bool) or default is inspect.Parameter.empty:
+        return val
+    if isinstance(default, str):
+        return str(val)
+    if isinstance(default, float) and isinstance(val, int):
+        return float(val)
+    if not isinstance(val, type(default)):
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise SkipjackError(f"{owner}: option {key} must be {kind} (got {val!r})")
+    return val

@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from skipjack import validate
 from skipjack.cost import CostModel
 from skipjack.drafters.base import DraftContext, Drafter, Proposal, Verdict
 from skipjack.drafters.draft_model import DraftModel
@@ -78,32 +79,16 @@ def method_names() -> list[str]:
 
 def parse_method(spec: str) -> tuple[str, dict]:
     """'pld:k=8,max_ngram=4' -> ('pld', {'k': 8, 'max_ngram': 4}); 'auto' -> AUTO's."""
-    name, _, rest = spec.partition(":")
-    name = name.strip()
+    name, opts = validate.spec_options("method", spec)
     if name == "auto":
-        if rest.strip():
+        if spec.partition(":")[2].strip():
             raise SkipjackError("method 'auto' takes no options (it is " + AUTO + ", sized by the cost model)")
         return parse_method(AUTO)
     if name != "plain" and name not in REGISTRY and name not in STRATEGIES:
         raise SkipjackError(f"unknown method {name!r}; choose one of: {', '.join(method_names())}")
-    opts: dict = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, val = item.partition("=")
-        if not eq:
-            raise SkipjackError(f"method option {item!r} must look like key=value")
-        opts[key.strip()] = _value(val.strip())
     if name == "plain" and opts:
         raise SkipjackError("method 'plain' takes no options")
     return name, opts
-
-
-def _value(v: str):
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 @dataclass
@@ -144,7 +129,7 @@ def make_method(spec: str, shared: dict | None = None) -> Method:
     if unknown:
         allowed = ", ".join(sorted([*params, "k"]))
         raise SkipjackError(f"{name}: unknown option(s) {', '.join(sorted(unknown))}; allowed: {allowed}")
-    kwargs = {key: _typed(name, key, val, params[key].default) for key, val in opts.items()}
+    kwargs = {key: validate.typed_option(name, key, val, params[key].default) for key, val in opts.items()}
     if "shared" in inspect.signature(factory).parameters:
         kwargs["shared"] = shared
     if "registry" in inspect.signature(factory).parameters:
@@ -153,20 +138,6 @@ def make_method(spec: str, shared: dict | None = None) -> Method:
         return Method(spec, name, None, strategy=factory(**kwargs))
     drafter = factory(**kwargs)
     return Method(spec, name, drafter, k, DraftCost(lambda: getattr(drafter, "cost_prior", 0.0)))
-
-
-def _typed(method: str, key: str, val, default):
-    """An option's value as its default's type: `k=1.5` is not a draft length, `path=1` is a file name."""
-    if isinstance(default, bool) or default is inspect.Parameter.empty:
-        return val
-    if isinstance(default, str):
-        return str(val)
-    if isinstance(default, float) and isinstance(val, int):
-        return float(val)
-    if not isinstance(val, type(default)):
-        kind = "an integer" if isinstance(default, int) else "a number"
-        raise SkipjackError(f"{method}: option {key} must be {kind} (got {val!r})")
-    return val
 
 
 __all__ = [

@@ -73,14 +73,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rot * sin[:, None, :]
 
 
-def attention_mask(q_pos: torch.Tensor, past, tree: torch.Tensor | None, window: int | None):
+def attention_mask(q_pos: torch.Tensor, past, tree: torch.Tensor | None, window: int | None, sinks: int = 0):
     """Boolean mask [T, P + T] (True = attend) for queries at absolute positions q_pos [T].
 
     Keys are what the layer's cache returned: P past keys at absolute positions `past` (a range, or a
     LongTensor [P] for a layer that evicts), then the T new tokens' keys at q_pos. Past keys are visible to
-    every query (within the window); among new tokens, `tree` [T, T] (ancestor-or-self) decides, or plain
-    causality if it is None. Returns None when every key is visible (a plain one-token step), which lets
-    SDPA take its fast path.
+    every query (within the window; keys at positions below `sinks` are visible whatever the window: attention
+    sinks); among new tokens, `tree` [T, T] (ancestor-or-self) decides, or plain causality if it is None.
+    Returns None when every key is visible (a plain one-token step), which lets SDPA take its fast path.
     """
     T, P = q_pos.shape[0], len(past)
     past_pos = torch.arange(past.start, past.stop) if isinstance(past, range) else past  # [P]
@@ -91,7 +91,7 @@ def attention_mask(q_pos: torch.Tensor, past, tree: torch.Tensor | None, window:
     mask = torch.cat([torch.ones(T, P, dtype=torch.bool), new], dim=1)  # [T, P + T]
     if window is not None:
         key_pos = torch.cat([past_pos, q_pos])  # [P + T]
-        mask &= (q_pos[:, None] - key_pos[None, :]) < window
+        mask &= ((q_pos[:, None] - key_pos[None, :]) < window) | (key_pos[None, :] < sinks)
     return mask
 
 
@@ -204,7 +204,8 @@ class DecoderLM(nn.Module):
             raise SkipjackError(f"requested context {capacity} exceeds the model's {c.max_position_embeddings}")
         policy = policy or FullKV()
         spec = lambda i, w: LayerSpec(i, batch, c.num_key_value_heads, c.head_dim, capacity, w, self.dtype)  # noqa: E731
-        return KVCache([policy.layer(spec(i, window)) for i, (window, _) in enumerate(self.kinds)], capacity)
+        layers = [policy.layer(spec(i, window)) for i, (window, _) in enumerate(self.kinds)]
+        return KVCache(layers, capacity, policy, self.layers[0].scale)
 
     @torch.inference_mode()
     def forward(
@@ -240,7 +241,13 @@ class DecoderLM(nn.Module):
         for i in order:
             window, rope_key = self.kinds[i]
             run = lambda x, a, f, i=i, w=window, r=rope_key: self.layers[i](  # noqa: E731
-                x, cache[i], start, ropes[r], lambda past: self._mask(masks, positions, past, tree_mask, w), a, f
+                x,
+                cache[i],
+                start,
+                ropes[r],
+                lambda past, s=None: self._mask(masks, positions, past, tree_mask, s or (w, 0)),
+                a,
+                f,
             )
             attn, ffn = i not in skip_attn, i not in skip_ffn
             if trace:
@@ -276,7 +283,13 @@ class DecoderLM(nn.Module):
         for i in range(self.num_layers):
             window, rope_key = self.kinds[i]
             parts = [
-                (s.cache[i], int(p[0]), lambda past, m=m, p=p, t=s.tree_mask, w=window: self._mask(m, p, past, t, w))
+                (
+                    s.cache[i],
+                    int(p[0]),
+                    lambda past, sight=None, m=m, p=p, t=s.tree_mask, w=window: self._mask(
+                        m, p, past, t, sight or (w, 0)
+                    ),
+                )
                 for s, p, m in zip(segments, pos, memos)
             ]
             h = self.layers[i](h, Ragged(parts, lens), None, ropes[rope_key], None)  # [1, ΣT, D]
@@ -289,22 +302,27 @@ class DecoderLM(nn.Module):
             o += n
         return outs
 
-    def _mask(self, memo: dict, positions, past, tree, window):
-        """A layer's attention: ("kernel", bool mask or None), ("causal", None) or ("sdpa", SDPA's additive
-        float mask or None), built once per forward for each (past positions, window) and shared across
-        layers. Layers that evict return their own positions tensor; those masks are not shared."""
-        key = (past, window) if isinstance(past, range) else None
+    def _mask(self, memo: dict, positions, past, tree, sight: tuple[int | None, int]):
+        """A layer's attention: (how, mask, visible) with how/mask ("kernel", bool mask or None), ("causal",
+        None) or ("sdpa", SDPA's additive float mask or None), and `visible` the bool mask [T, P + T] (None: all
+        keys, or causal for a prefill from empty). `sight` = (window, sinks): the layer's attention window and
+        its always-visible first positions (a cache policy's, else the model's window). Built once per forward
+        for each (past positions, sight) and shared across layers; layers that evict return their own
+        positions tensor, and those masks are not shared."""
+        window, sinks = sight
+        key = (past, window, sinks) if isinstance(past, range) else None
         if key is not None and key in memo:
             return memo[key]
         T = positions.shape[0]
         if self.invariant and T <= MAX_DRAFT + 1:  # a decoding or verify step: the invariant kernel
-            out = ("kernel", attention_mask(positions, past, tree, window))  # bool [T, P + T] or None
+            m = attention_mask(positions, past, tree, window, sinks)  # bool [T, P + T] or None
+            out = ("kernel", m, m)
         elif tree is None and len(past) == 0 and (window is None or T <= window):
-            out = ("causal", None)  # a prefill from an empty cache: SDPA's causal kernel
+            out = ("causal", None, None)  # a prefill from an empty cache: SDPA's causal kernel
         else:
-            m = attention_mask(positions, past, tree, window)  # [T, P + T] or None
+            m = attention_mask(positions, past, tree, window, sinks)  # [T, P + T] or None
             G = self.config.num_attention_heads // self.config.num_key_value_heads
-            out = ("sdpa", None if m is None else additive_mask(m, G, self.dtype))
+            out = ("sdpa", None if m is None else additive_mask(m, G, self.dtype), m)
         if key is not None:
             memo[key] = out
         return out
@@ -341,7 +359,9 @@ def run_attention(q, k, v, kv: LayerKV | Ragged, start: int, mask_fn, scale: flo
     B, T = q.shape[:2]
     keys, vals, past = kv.update(k.transpose(1, 2), v.transpose(1, 2), start)  # [B, H_kv, S, D]; S = |past| + T
     assert keys.shape[2] == len(past) + T
-    how, mask = mask_fn(past)
+    how, mask, visible = mask_fn(past, kv.sight)
+    if kv.observes:  # a cache policy that scores keys by attention sees this pass's queries
+        kv.observe(q, keys, visible, scale)
     if how == "kernel":
         o = kernel_attend(q.transpose(1, 2), keys, vals, mask, scale)  # [B, H, T, D]
     else:
