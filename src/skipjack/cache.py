@@ -243,6 +243,7 @@ class LayerSpec:
     capacity: int  # positions the request may reach
     window: int | None  # sliding-window size of the layer's attention, None for full attention
     dtype: torch.dtype
+    layers: int = 1  # the model's layer count
 
 
 class CachePolicy(Protocol):

@@ -143,6 +143,8 @@ class Engine:
             raise SkipjackError(f"--kv {request.kv} and the lossy layer strategy {m.name} do not combine")
         if request.session is not None:
             raise SkipjackError(f"--kv {request.kv} makes the request's own cache: it does not run with a session")
+        if getattr(policy, "plain_only", False) and m.drafter is not None:
+            raise SkipjackError(f"--kv {request.kv} runs plain steps only: it takes no drafter (--method plain)")
         if m.name in kvpolicies.REWRITERS and isinstance(policy, kvpolicies.EvictionPolicy):
             raise SkipjackError(
                 f"{m.name} rewrites cached keys while it searches: it does not run with --kv {request.kv}"

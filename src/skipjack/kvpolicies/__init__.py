@@ -15,11 +15,13 @@ from skipjack import validate
 from skipjack.cache import FullKV
 from skipjack.errors import SkipjackError
 from skipjack.kvpolicies.base import EvictingLayerKV, EvictionPolicy
+from skipjack.kvpolicies.cake import CAKE
 from skipjack.kvpolicies.h2o import H2O
 from skipjack.kvpolicies.pyramidkv import PyramidKV
 from skipjack.kvpolicies.quantized import KVDtype
 from skipjack.kvpolicies.snapkv import SnapKV
 from skipjack.kvpolicies.streaming import StreamingLLM
+from skipjack.kvpolicies.tidal import TidalDecode
 
 POLICIES = {
     "full": FullKV,
@@ -29,6 +31,8 @@ POLICIES = {
     "h2o": H2O,
     "snapkv": SnapKV,
     "pyramidkv": PyramidKV,
+    "cake": CAKE,
+    "tidal": TidalDecode,
 }
 
 

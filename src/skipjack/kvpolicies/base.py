@@ -313,7 +313,8 @@ class EvictionPolicy:
 
 
 def pooled(x: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Max-pooling along the last axis with stride 1 and the same length (SnapKV's clustering): [H, n]."""
+    """Average pooling along the last axis, stride 1, same length (SnapKV's clustering of neighbours): [H, n]."""
     if kernel <= 1:
         return x
-    return torch.nn.functional.max_pool1d(x[None], kernel, stride=1, padding=kernel // 2)[0][..., : x.shape[-1]]
+    out = torch.nn.functional.avg_pool1d(x[None], kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    return out[0][..., : x.shape[-1]]

@@ -2,7 +2,7 @@
 
 After the prompt (and, with `every`, at each decoding-time compression point): the window queries' attention
 over the held keys (causal: each query sees the keys up to its own position), summed over the window and
-averaged over each KV head's query heads, max-pooled along positions (`kernel`, clustering neighbours), gives
+averaged over each KV head's query heads, average-pooled along positions (`kernel`, clustering neighbours), gives
 each key a score; per KV head the best `budget` - `window` keys are kept, and the window itself.
 """
 

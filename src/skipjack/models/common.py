@@ -203,7 +203,9 @@ class DecoderLM(nn.Module):
         if capacity > c.max_position_embeddings:
             raise SkipjackError(f"requested context {capacity} exceeds the model's {c.max_position_embeddings}")
         policy = policy or FullKV()
-        spec = lambda i, w: LayerSpec(i, batch, c.num_key_value_heads, c.head_dim, capacity, w, self.dtype)  # noqa: E731
+        spec = lambda i, w: LayerSpec(  # noqa: E731
+            i, batch, c.num_key_value_heads, c.head_dim, capacity, w, self.dtype, self.num_layers
+        )
         layers = [policy.layer(spec(i, window)) for i, (window, _) in enumerate(self.kinds)]
         return KVCache(layers, capacity, policy, self.layers[0].scale)
 
