@@ -23,6 +23,7 @@ from skipjack.drafters.mix import Mix
 from skipjack.drafters.ngram import NGramDrafter
 from skipjack.drafters.pld import PromptLookup
 from skipjack.drafters.swift import Swift
+from skipjack.drafters.triforce import TriForce
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
 from skipjack.sizing import CostSizer, DraftCost, FixedSizer, NoDraft, Sizer
@@ -36,6 +37,7 @@ REGISTRY: dict[str, Callable[..., Drafter]] = {
     "kangaroo": Kangaroo,
     "draft": DraftModel,
     "mix": Mix,
+    "triforce": TriForce,
 }
 INTERNAL = {"shared", "registry"}  # constructor arguments the engine passes, never a user option
 # Dtypes whose rounding keeps a lossless method's tokens identical to plain decoding's in practice. A verify

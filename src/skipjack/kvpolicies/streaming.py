@@ -37,10 +37,7 @@ class StreamingLLM(EvictionPolicy):
         if not layers or self.budget >= 1.0:
             return
         if "span" not in cache.state:  # the prompt: the window's size is fixed now
-            keep = max(self.sinks + 1, math.ceil(self.budget * cache.offset))
-            cache.state["span"] = keep - self.sinks
-            for layer in layers:
-                layer.sight = (cache.state["span"], self.sinks)
+            self.fix(cache, max(1, math.ceil(self.budget * cache.offset) - self.sinks))
         span = cache.state["span"]
         for layer in layers:
             recent = min(span - 1, layer.offset - self.sinks)  # the next query sees (offset - span, offset]
@@ -49,6 +46,13 @@ class StreamingLLM(EvictionPolicy):
                 tail = torch.arange(layer.n - recent, layer.n)
                 idx = torch.cat([torch.arange(min(self.sinks, layer.n)), tail])  # [sinks + span - 1]
                 layer._gather(idx.expand(layer.spec.heads, -1).contiguous())
+
+    def fix(self, cache: KVCache, span: int) -> None:
+        """From now on each query sees the sinks and the `span` positions up to its own."""
+        cache.state["span"] = span
+        for layer in cache:
+            if isinstance(layer, EvictingLayerKV):
+                layer.sight = (span, self.sinks)
 
     def room(self, cache: KVCache) -> int:
         return cache.capacity
