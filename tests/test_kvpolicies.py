@@ -16,13 +16,14 @@ import torch
 from conftest import hf_model, ours_from_hf
 from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter
 
-from skipjack.cache import LayerKV, SlidingLayerKV
+from skipjack.cache import SlidingLayerKV
 from skipjack.cost import CostModel
 from skipjack.decode import generate
 from skipjack.drafters import make_method
 from skipjack.errors import SkipjackError
 from skipjack.kvpolicies import POLICIES, EvictingLayerKV, EvictionPolicy, make_policy, policy_names
 from skipjack.kvpolicies.base import GROW, pooled
+from skipjack.limits import MAX_DRAFT
 from skipjack.models.common import attention_mask
 from skipjack.sampling import SamplingParams
 from skipjack.session import prefill
@@ -224,10 +225,9 @@ def test_snapkv_keeps_the_window(model):
         assert torch.equal(layer.pos[:, : layer.n], torch.arange(L - 32, L).expand(2, -1))
 
 
-@pytest.mark.parametrize("name", [n for n in EVICTING if _takes(n, "every") or n == "streaming"][:1])
-def test_memory_shrinks_in_proportion_to_the_budget(model, name):
-    small = prefill(model, PROMPT, 10, policy=make_policy(f"{name}:budget=0.1")).cache
-    big = prefill(model, PROMPT, 10, policy=make_policy(f"{name}:budget=0.5")).cache
+def test_memory_shrinks_in_proportion_to_the_budget(model):
+    small = prefill(model, PROMPT, 10, policy=make_policy("snapkv:budget=0.1")).cache
+    big = prefill(model, PROMPT, 10, policy=make_policy("snapkv:budget=0.5")).cache
     full = prefill(model, PROMPT, 10).cache
     assert full.nbytes == model.num_layers * layer_bytes(model, L)
     assert small.nbytes == model.num_layers * layer_bytes(model, math.ceil(0.1 * L))
@@ -240,7 +240,7 @@ def test_memory_shrinks_in_proportion_to_the_budget(model, name):
 
 
 def test_evict_to_keeps_the_best_scores_and_the_recent_slots(model):
-    cache = model.make_cache(64, policy=make_policy("snapkv:budget=1.0"))
+    cache = model.make_cache(200, policy=make_policy("snapkv:budget=1.0"))
     model(torch.tensor([PROMPT[:20]]), cache)
     layer = cache[0]
     k0, v0 = layer.k[:, :, :20].clone(), layer.v[:, :, :20].clone()
@@ -274,21 +274,25 @@ def _budget_one(spec: str) -> str:
     return f"{name}:" + ",".join(["budget=1.0", *opts])
 
 
-@pytest.mark.parametrize(
-    "spec", [f"{n}:budget=0.2,window=8" if _takes(n, "window") else f"{n}:budget=0.2" for n in EVICTING if n != "streaming"]
-)
+SCORED = [f"{n}:budget=0.2" + (",window=8" if _takes(n, "window") else "") for n in EVICTING if n != "streaming"]
+
+
+@pytest.mark.parametrize("spec", SCORED)
 def test_evicted_keys_are_the_lowest_scored(model, spec):
     """The same prompt with budget 1 keeps everything; its scores (the policy's own `scores`) rank the keys:
     every evicted key scores at most as high as every kept one outside the recent slots."""
     policy = make_policy(spec)
     whole = prefill(model, PROMPT, 10, policy=make_policy(_budget_one(spec))).cache
     cut = prefill(model, PROMPT, 10, policy=policy).cache
+    scored = 0
     for ref, layer in zip(evicting(whole), evicting(cut)):
         assert ref.n == L and not ref.holes
         scores = policy.scores(ref, whole.scale)  # [H_kv, L]: slot = position here
         n = layer.n
         recent = policy.recent(n)
-        assert recent < n  # some keys were kept by score
+        if recent == n:  # a small layer (PyramidKV's top): only the recent slots
+            continue
+        scored += 1
         for h in range(scores.shape[0]):
             kept = layer.pos[h, :n]
             assert torch.equal(kept[n - recent :], torch.arange(L - recent, L))
@@ -296,6 +300,7 @@ def test_evicted_keys_are_the_lowest_scored(model, spec):
             old[kept[: n - recent]] = True
             s = scores[h, : L - recent]
             assert float(s[old].min()) >= float(s[~old].max()), (h, spec)
+    assert scored  # some layer kept keys by score
 
 
 def test_h2o_scores_sum_the_accepted_rows_attention(model):
@@ -466,7 +471,8 @@ def test_compression_only_at_its_points(model, spec, every, method):
         assert layer.k.shape[2] <= layer.n + GROW + every
     if spec.startswith(("snapkv", "h2o")):  # uniform budgets: exactly the budget at the last point, plus what came
         assert all(layer.n == math.ceil(0.2 * last) + (end - last) for layer in evicting(cache))
-    assert tokens == run(model, spec)[0]
+    if method != "plain":
+        assert tokens == run(model, spec, params=params)[0]
 
 
 @pytest.mark.parametrize("spec", ["snapkv:budget=0.2", "streaming:budget=0.2"])
@@ -474,9 +480,9 @@ def test_no_decode_time_points_without_every(model, spec):
     policy = make_policy(spec)
     seen = _spy(policy)
     run(model, policy, RandomDrafter(model, 1))
-    assert seen["compress"] in ([L], [])  # streaming evicts in `settle` itself
-    assert all(r == offset_r for (_, r), offset_r in zip(seen["room"], [r for _, r in seen["room"]]))
-    assert all(r > 100 for _, r in seen["room"])  # the capacity: drafts are not capped
+    assert seen["compress"] == ([] if spec.startswith("streaming") else [L])  # streaming evicts in `settle`
+    capacity = L + GREEDY.max_new_tokens + MAX_DRAFT + 1
+    assert seen["room"] and all(r == capacity for _, r in seen["room"])  # drafts are not capped
 
 
 def test_streaming_holds_sinks_and_a_rolling_window(model):
@@ -493,7 +499,7 @@ def test_streaming_holds_sinks_and_a_rolling_window(model):
             assert torch.equal(pos[:4], torch.arange(4))
             tail = pos[4:]
             assert torch.equal(tail, torch.arange(layer.offset - len(tail), layer.offset))
-            assert span <= len(tail) <= span + GROW
+            assert span - 1 <= len(tail) <= span - 1 + GROW
             assert layer.sight == (span, 4)
 
 
@@ -580,18 +586,18 @@ def test_attention_mask_window_and_sinks():
 @pytest.mark.parametrize("name", EVICTING)
 def test_gemma_sliding_layers_keep_their_cache(tiny_gemma_q4, name):
     m = tiny_gemma_q4
-    prompt = [t % 48 for t in PROMPT]
-    params = SamplingParams(max_new_tokens=20)
+    prompt = PROMPT
+    params = SamplingParams(max_new_tokens=40)  # a request of 265 positions: the sliding layers get SlidingLayerKV
     plain = prefill(m, prompt, params.max_new_tokens).cache
     start = prefill(m, prompt, params.max_new_tokens, policy=make_policy(f"{name}:budget=0.2"))
     kinds = [w for w, _ in m.kinds]
     assert None in kinds and any(w is not None for w in kinds)
     for layer, ref, window in zip(start.cache, plain, kinds):
         if window is None:
-            assert isinstance(layer, EvictingLayerKV) and layer.n < len(prompt) // 2
+            assert isinstance(layer, EvictingLayerKV) and layer.n <= math.ceil(0.2 * L) and layer.holes
         else:
-            assert type(layer) is type(ref) and not isinstance(layer, EvictingLayerKV)
-            assert isinstance(layer, (LayerKV, SlidingLayerKV))
+            assert isinstance(ref, SlidingLayerKV) and type(layer) is SlidingLayerKV
+            assert layer.offset == ref.offset and torch.equal(layer.k, ref.k)
     full, _ = run(m, None, params=params, prompt=prompt)
     assert run(m, f"{name}:budget=1.0", params=params, prompt=prompt)[0] == full
     base, _ = run(m, f"{name}:budget=0.2", params=params, prompt=prompt)

@@ -65,9 +65,14 @@ def prefill(
     (and room for the request), run only the rest. The cache is then settled (a policy may compress it)."""
     if cache is None:
         cache, held = model.make_cache(check_prompt(model, prompt, max_new_tokens), policy=policy), 0
+    chunk, ran = getattr(cache.policy, "prompt_chunk", lambda: 0)() or len(prompt), len(prompt) - held
+    while len(prompt) - held > chunk:  # a policy that bounds the prompt's memory: compress after each part
+        model(torch.tensor([prompt[held : held + chunk]]), cache, logits="none")
+        held += chunk
+        cache.policy.compress(cache)
     logits = model(torch.tensor([prompt[held:]]), cache, logits="last").logits[0, -1]  # [V]
     cache.settle()
-    return Start(cache, logits, len(prompt) - held)
+    return Start(cache, logits, ran)
 
 
 class Session:

@@ -211,13 +211,14 @@ class EvictingLayerKV(LayerKV):
 
     def window_attention(self, scale: float) -> torch.Tensor:
         """The kept window queries' attention over the held keys [H_kv, G, W, n] (fp32; each query sees the
-        keys at or before its position)."""
+        held keys at or before its position)."""
         self._commit(self.offset)
         H, W, D = self.wq.shape
         Hk, n = self.spec.heads, self.n
         logits = (self.wq.float().view(Hk, H // Hk, W, D) @ self.k[0, :, :n].float().transpose(1, 2)[:, None]) * scale
         seen = self.pos[:, None, None, :n] <= self.wq_pos[None, None, :, None]  # [H_kv, 1, W, n]
-        return logits.masked_fill(~seen, float("-inf")).softmax(-1)  # [H_kv, G, W, n]
+        # a query older than every held key (evicted before it, at a small budget) votes for nothing
+        return logits.masked_fill(~seen, float("-inf")).softmax(-1).nan_to_num(0.0)  # [H_kv, G, W, n]
 
     # ---- eviction ----
     def evict_to(self, keep: int, scores: torch.Tensor, recent: int) -> None:
@@ -254,23 +255,32 @@ class EvictionPolicy:
     """Base of the evicting policies. `budget`: the kept fraction of the context (0 < budget <= 1; 1 keeps
     every key); `window`: the most recent positions, always kept, whose queries score the rest; `every`: also
     compress during decoding, each time the context reaches a multiple of `every` past the prompt (0: only
-    after the prompt)."""
+    after the prompt); `chunk`: run a long prompt in passes of this many tokens, compressing after each (the
+    memory a prompt needs is then bounded by the budget, not by the prompt: CAKE's cascade, kvpress's chunked
+    prefill; 0: one pass, compressed once)."""
 
     lossless = False
     accumulates = False  # whether layers sum every accepted query's attention (`EvictingLayerKV.acc`)
     kv_dtype = None
 
-    def __init__(self, budget: float = 0.25, window: int = 32, every: int = 0):
+    def __init__(self, budget: float = 0.25, window: int = 32, every: int = 0, chunk: int = 0):
         self.budget = validate.number("budget (the kept fraction of the context)", budget, 0.0, 1.0, lo_open=True)
         self.window = validate.integer("window", window, 1, 4096)
         self.every = validate.integer("every", every, 0, 1 << 20)
+        self.chunk = validate.integer("chunk", chunk, 0, 1 << 20)
+        if 0 < self.chunk < 2 * self.window:
+            raise SkipjackError(f"chunk must be 0 or at least twice the window ({2 * self.window}; got {chunk})")
 
     def layer(self, spec: LayerSpec) -> LayerKV:
         if spec.window is not None:
             return FullKV().layer(spec)
         return EvictingLayerKV(spec, self)
 
-    # ---- the decode loop's two questions (through KVCache.settle / KVCache.room) ----
+    def prompt_chunk(self) -> int:
+        """Tokens per prompt pass (0: the whole prompt at once; so too when nothing will be evicted)."""
+        return self.chunk if self.budget < 1.0 else 0
+
+    # ---- the decode loop's questions (through KVCache.settle / KVCache.room) ----
     def settle(self, cache: KVCache) -> None:
         """A step (or the prompt) is settled: compress if the context reached a compression point."""
         state = cache.state

@@ -34,8 +34,9 @@ class CAKE(SnapKV):
         tau2: float = 1.0,
         gamma: float = 200.0,
         every: int = 0,
+        chunk: int = 0,
     ):
-        super().__init__(budget, window, kernel, every)
+        super().__init__(budget, window, kernel, every, chunk)
         self.tau1 = validate.number("tau1", tau1, 0.0, 100.0, lo_open=True)
         self.tau2 = validate.number("tau2", tau2, 0.0, 100.0, lo_open=True)
         self.gamma = validate.number("gamma", gamma, 0.0, 1e6)

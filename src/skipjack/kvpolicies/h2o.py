@@ -17,8 +17,8 @@ from skipjack.kvpolicies.base import EvictingLayerKV, EvictionPolicy
 class H2O(EvictionPolicy):
     accumulates = True
 
-    def __init__(self, budget: float = 0.25, every: int = 32):
-        super().__init__(budget, 1, every)
+    def __init__(self, budget: float = 0.25, every: int = 32, chunk: int = 0):
+        super().__init__(budget, 1, every, chunk)
         self.window = 0  # no queries kept: the scores are sums
 
     def recent(self, keep: int) -> int:

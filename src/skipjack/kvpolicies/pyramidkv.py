@@ -13,8 +13,16 @@ from skipjack.kvpolicies.snapkv import SnapKV
 
 
 class PyramidKV(SnapKV):
-    def __init__(self, budget: float = 0.25, window: int = 32, kernel: int = 5, beta: float = 20.0, every: int = 0):
-        super().__init__(budget, window, kernel, every)
+    def __init__(
+        self,
+        budget: float = 0.25,
+        window: int = 32,
+        kernel: int = 5,
+        beta: float = 20.0,
+        every: int = 0,
+        chunk: int = 0,
+    ):
+        super().__init__(budget, window, kernel, every, chunk)
         self.beta = validate.number("beta", beta, 1.0, 1000.0)
 
     def allocate(self, layers: list[EvictingLayerKV], keep: int, scale: float) -> list[int]:

@@ -15,8 +15,8 @@ from skipjack.kvpolicies.base import EvictingLayerKV, EvictionPolicy, pooled
 
 
 class SnapKV(EvictionPolicy):
-    def __init__(self, budget: float = 0.25, window: int = 32, kernel: int = 5, every: int = 0):
-        super().__init__(budget, window, every)
+    def __init__(self, budget: float = 0.25, window: int = 32, kernel: int = 5, every: int = 0, chunk: int = 0):
+        super().__init__(budget, window, every, chunk)
         self.kernel = validate.integer("kernel", kernel, 1, 63)
 
     def scores(self, layer: EvictingLayerKV, scale: float) -> torch.Tensor:
