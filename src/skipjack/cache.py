@@ -67,6 +67,20 @@ class LayerKV:
     def _first(self) -> int:
         return 0
 
+    def span(self, lo: int, hi: int) -> tuple:
+        """Copies of this layer's keys and values at positions [lo, hi) (k, v [B, H_kv, hi - lo, D]), to put back
+        with `put_span` after a scratch pass over them."""
+        a = lo - self._first()
+        if a < 0 or hi > self.offset:
+            raise SkipjackError(f"positions [{lo}, {hi}) are not all held by cache layer")
+        return self.k[:, :, a : a + hi - lo].clone(), self.v[:, :, a : a + hi - lo].clone()
+
+    def put_span(self, lo: int, saved: tuple) -> None:
+        k, v = saved[:2]
+        a = lo - self._first()
+        self.k[:, :, a : a + k.shape[2]] = k
+        self.v[:, :, a : a + v.shape[2]] = v
+
     def resumable(self, n: int) -> bool:
         """Whether, trimmed to its first n positions, this layer still holds every key a query at position n
         may attend to (a sliding layer may have dropped them)."""
@@ -190,22 +204,14 @@ class KVCache(list):
             if layer.offset > target:
                 layer.trim(layer.offset - target)
 
-    def span(self, lo: int, hi: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def span(self, lo: int, hi: int) -> list[tuple]:
         """Copies of every layer's keys/values at positions [lo, hi) (all held), to `put_span` back later."""
-        out = []
-        for layer in self:
-            a = lo - layer._first()
-            if a < 0 or hi > layer.offset:
-                raise SkipjackError(f"positions [{lo}, {hi}) are not all held by cache layer")
-            out.append((layer.k[:, :, a : a + hi - lo].clone(), layer.v[:, :, a : a + hi - lo].clone()))
-        return out
+        return [layer.span(lo, hi) for layer in self]
 
-    def put_span(self, lo: int, saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def put_span(self, lo: int, saved: list[tuple]) -> None:
         """Write back what `span(lo, ...)` copied (a scratch pass overwrote those positions)."""
-        for layer, (k, v) in zip(self, saved):
-            a = lo - layer._first()
-            layer.k[:, :, a : a + k.shape[2]] = k
-            layer.v[:, :, a : a + v.shape[2]] = v
+        for layer, part in zip(self, saved):
+            layer.put_span(lo, part)
 
     def rewind(self, position: int) -> None:
         """Forget every key at or after `position` in every layer (a draft's scratch keys)."""

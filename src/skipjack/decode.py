@@ -42,6 +42,7 @@ class Step:
     draft_seconds: float = 0.0  # time the drafter took to propose (one-off searches excluded)
     finish: str | None = None  # "stop" | "length" on the last step
     logprobs: list[TokenLogprob] | None = None  # per emitted token, when params.logprobs is set
+    kv_bytes: int | None = None  # on the last step: the bytes of keys/values the cache held at the end
 
 
 @dataclass
@@ -100,6 +101,8 @@ class Sequence:
     def __init__(self, model, prompt, params, drafter=None, sizer=None, session=None, strategy=None, policy=None):
         if strategy is not None and drafter is not None:
             raise SkipjackError("a lossy layer strategy runs plain steps only: it takes no drafter")
+        if getattr(policy, "plain_only", False) and drafter is not None:
+            raise SkipjackError("this cache policy runs plain steps only: it takes no drafter")
         if policy is not None and session is not None:
             raise SkipjackError("a cache policy makes a request's own cache: it does not run with a session")
         if drafter is None:
@@ -216,6 +219,8 @@ class Sequence:
     def _done(self, step: Step) -> Step:
         self.left = _finish(step, self.params, self.left, self.cache.capacity_left(), self.ctx, self.sampler)
         self.intact = True  # between steps the cache is whole
+        if step.finish:
+            step.kv_bytes = self.cache.nbytes
         return step
 
     def close(self) -> None:

@@ -65,6 +65,7 @@ class Result:
     draft_seconds: float = 0.0  # time spent drafting (proposals; one-off searches excluded)
     problems: list[str] = field(default_factory=list)  # failures after the last token (the result still holds)
     kv: str = "full"  # the KV cache policy it ran with
+    kv_bytes: int = 0  # keys/values the cache held at the end
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -145,10 +146,8 @@ class Engine:
             raise SkipjackError(f"--kv {request.kv} makes the request's own cache: it does not run with a session")
         if getattr(policy, "plain_only", False) and m.drafter is not None:
             raise SkipjackError(f"--kv {request.kv} runs plain steps only: it takes no drafter (--method plain)")
-        if m.name in kvpolicies.REWRITERS and isinstance(policy, kvpolicies.EvictionPolicy):
-            raise SkipjackError(
-                f"{m.name} rewrites cached keys while it searches: it does not run with --kv {request.kv}"
-            )
+        if m.name == "triforce" or (m.name in kvpolicies.REWRITERS and not isinstance(policy, kvpolicies.KVDtype)):
+            raise SkipjackError(f"{m.name} reads cached keys of past positions: it does not run with --kv {request.kv}")
         return policy
 
     def sizer(self, m: Method, request: Request):
@@ -294,7 +293,7 @@ class Tally:
 
     def __init__(self, request: Request):
         self.request, self.text, self.tokens, self.hist = request, [], [], Counter()
-        self.accepted = self.passes = self.drafts = self.cached = 0
+        self.accepted = self.passes = self.drafts = self.cached = self.kv_bytes = 0
         self.drafting, self.finish, self.t_first, self.ended = 0.0, "length", None, False
         self.problems: list[str] = []
         self.t0 = time.perf_counter()
@@ -313,6 +312,7 @@ class Tally:
             self.hist[step.accepted] += 1
         self.finish, self.ended = step.finish or self.finish, bool(step.finish)
         self.drafting += step.draft_seconds
+        self.kv_bytes = step.kv_bytes if step.kv_bytes is not None else self.kv_bytes
 
     def result(self) -> Result:
         dt, r = time.perf_counter() - self.t0, self.request
@@ -334,4 +334,5 @@ class Tally:
             draft_seconds=self.drafting,
             problems=self.problems,
             kv=r.kv or "full",
+            kv_bytes=self.kv_bytes,
         )

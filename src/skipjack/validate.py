@@ -164,6 +164,8 @@ def spec_options(kind: str, spec: str) -> tuple[str, dict]:
         key, eq, val = item.partition("=")
         if not eq:
             raise SkipjackError(f"{kind} option {item!r} must look like key=value")
+        if key.strip() in opts:
+            raise SkipjackError(f"{kind} option {key.strip()!r} is given twice")
         opts[key.strip()] = _option_value(val.strip())
     return name.strip(), opts
 

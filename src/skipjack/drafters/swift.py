@@ -143,7 +143,7 @@ class Swift(SharesModels):
     def timing(self, ctx: DraftContext, rounds: int = 3) -> None:
         """Measure a draft token's cost (module doc): fastest one-token passes (at the pending position: scratch
         keys) with nothing skipped, with every candidate attention skipped, with every candidate FFN skipped."""
-        n, pos = len(self.candidates) // 2, torch.tensor([ctx.cache.offset])
+        n, pos = max(1, len(self.candidates) // 2), torch.tensor([ctx.cache.offset])
         layers = sorted({i for _, i in self.candidates})
 
         def fastest(**kw) -> float:
@@ -264,6 +264,8 @@ class Swift(SharesModels):
         if ctx.model is not self.model:
             self._setup(ctx.model, ctx.tokens)
             self.fresh = True
+        if not self.candidates:
+            return None  # a model too shallow to skip anything (only its first and last layers)
         if self.fresh and self.todo and ctx.cache.offset >= 4:
             t = time.perf_counter()
             if self.times is None:

@@ -36,7 +36,8 @@ POLICIES = {
 }
 
 
-REWRITERS = {"swift"}  # methods whose search rewrites cached keys in place (an evicting cache cannot take it)
+REWRITERS = {"swift", "mix", "kangaroo", "triforce"}  # methods that copy or rewrite cached keys of past positions
+# (swift's search, kangaroo's adapter pass, triforce's draft cache; mix holds any of them): not under eviction
 
 
 def policy_names() -> list[str]:
@@ -64,4 +65,13 @@ def is_lossless(spec: str | None) -> bool:
     return spec is None or validate.spec_options("--kv", spec)[0] == "full"
 
 
-__all__ = ["POLICIES", "REWRITERS", "EvictingLayerKV", "EvictionPolicy", "is_lossless", "make_policy", "policy_names"]
+__all__ = [
+    "POLICIES",
+    "REWRITERS",
+    "KVDtype",
+    "EvictingLayerKV",
+    "EvictionPolicy",
+    "is_lossless",
+    "make_policy",
+    "policy_names",
+]

@@ -45,6 +45,7 @@ class EvictingLayerKV(LayerKV):
         self.spec, self.policy, self.capacity = spec, policy, spec.capacity
         self.n = self.offset = 0  # slots held; one past the newest position
         self.holes = False  # whether a position below `offset` was evicted
+        self.tail = 0  # the held slots from this position on are contiguous (written since the last eviction)
         self.k = self.v = self.pos = self.acc = None
         self._alloc(min(spec.capacity, 256))
         self.wq: torch.Tensor | None = None  # the last `window` accepted queries [H, W, D] (for scoring)
@@ -73,7 +74,7 @@ class EvictingLayerKV(LayerKV):
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
         T = k.shape[2]
-        if start > self.offset or start < self._first():
+        if start > self.offset or start < self.tail:
             raise SkipjackError(f"cannot write position {start}: this cache layer holds up to {self.offset}")
         self._commit(start)
         self.n, self.offset = self._slots_below(start), start
@@ -91,8 +92,13 @@ class EvictingLayerKV(LayerKV):
         past = self.pos[0, :n].clone() if self.holes else range(0, start)  # no holes: as a full layer
         return self.k[:, :, : n + T], self.v[:, :, : n + T], past  # [1, H_kv, n + T, D] x2
 
+    def span(self, lo: int, hi: int) -> tuple:
+        if lo < self.tail:
+            raise SkipjackError(f"positions [{lo}, {hi}) are not all held by cache layer (keys were evicted)")
+        return super().span(lo, hi)
+
     def trim(self, n: int) -> int:
-        n = min(n, self.n)
+        n = min(self.offset - self.tail, n)
         self.n -= n
         self.offset -= n
         self.pending = [r for r in self.pending if r[0] < self.offset]
@@ -249,6 +255,9 @@ class EvictingLayerKV(LayerKV):
             self.acc = acc
         self.k, self.v, self.pos, self.n = k, v, pos, keep
         self.holes = self.holes or keep < self.offset
+        run = pos[:, :keep] == torch.arange(self.offset - keep, self.offset)  # [H_kv, keep] where slots are contiguous
+        gap = (~run.all(0)).nonzero()  # slots that break the tail in some head
+        self.tail = self.offset - keep + (int(gap[-1]) + 1 if len(gap) else 0)
 
 
 class EvictionPolicy:

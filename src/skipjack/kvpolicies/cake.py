@@ -42,6 +42,11 @@ class CAKE(SnapKV):
         self.gamma = validate.number("gamma", gamma, 0.0, 1e6)
         self._attn: dict[int, torch.Tensor] = {}  # within one compression: each layer's window attention
 
+    def compress(self, cache) -> None:
+        self._attn = {}  # each compression scores afresh
+        super().compress(cache)
+        self._attn = {}
+
     def _window(self, layer: EvictingLayerKV, scale: float) -> torch.Tensor:
         if id(layer) not in self._attn:
             self._attn[id(layer)] = layer.window_attention(scale)  # [H_kv, G, W, n]

@@ -58,6 +58,19 @@ class QuantLayerKV(LayerKV):
                 s[:, :, start : start + len(idx)] = s.index_select(2, src)
         super().keep(start, idx)
 
+    def span(self, lo: int, hi: int) -> tuple:
+        """The stored keys/values at [lo, hi) and, for int8, their scales: what `put_span` restores exactly."""
+        k, v = super().span(lo, hi)
+        if self.scales is None:
+            return k, v
+        return k, v, *(s[:, :, lo:hi].clone() for s in self.scales)
+
+    def put_span(self, lo: int, saved: tuple) -> None:
+        super().put_span(lo, saved)
+        if self.scales is not None:
+            for s, part in zip(self.scales, saved[2:]):
+                s[:, :, lo : lo + part.shape[2]] = part
+
     def moved(self, fresh: LayerKV) -> LayerKV:
         if not isinstance(fresh, QuantLayerKV):
             raise SkipjackError("a quantized cache layer can only move into another")

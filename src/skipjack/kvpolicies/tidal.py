@@ -30,14 +30,15 @@ class TidalLayerKV(LayerKV):
         self.observes = self.role == "select"
 
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
-        keys, vals, past = super().update(k, v, start)  # [B, H_kv, S, D] x2
+        keys, vals, past = super().update(k, v, start)  # [1, H_kv, S, D] x2
         sel = self.shared.get("sel")
         if self.role != "sparse" or k.shape[2] != 1 or sel is None or self.shared["dense"]:
             return keys, vals, past
-        g = sel[None, :, :, None].expand(k.shape[0], -1, -1, k.shape[3])  # [B, H_kv, n, D]
-        keys = torch.cat([keys.gather(2, g), k], 2)  # [B, H_kv, n + 1, D]
-        vals = torch.cat([vals.gather(2, g), v], 2)  # [B, H_kv, n + 1, D]
-        return keys, vals, sel[0]  # positions for the mask: all visible to the one query
+        H, C, D = self.k.shape[1:]
+        rows = (sel + torch.arange(H)[:, None] * C).flatten()  # [H_kv * n] rows of the [H_kv * C, D] buffer
+        keys = self.k[0].view(H * C, D).index_select(0, rows).view(1, H, -1, D)  # [1, H_kv, n, D]: row copies
+        vals = self.v[0].view(H * C, D).index_select(0, rows).view(1, H, -1, D)
+        return torch.cat([keys, k], 2), torch.cat([vals, v], 2), sel[0]  # [1, H_kv, n + 1, D] x2; all visible
 
     def observe(self, q: torch.Tensor, keys: torch.Tensor, visible, scale: float) -> None:
         """A selection layer's one-token step: the top positions by its query heads' attention [H_kv, n]."""
