@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?=
 
-.PHONY: demo test install lint bench bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve bench-eval clean
+.PHONY: demo test install lint bench bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve bench-eval bench-longctx clean
 
 $(BIN)/skipjack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,19 @@ bench-eval: install
 		art=$$($(BIN)/skipjack quantize --model qwen2.5-coder-1.5b --bits 5 --order $$o | sed -n 's/^use it with: --model //p'); \
 		$(BIN)/skipjack eval --quick --model "$$art" --reference qwen2.5-coder-1.5b --task none --out bench-out/eval || exit 1; \
 	done
+
+# KV cache policies at long contexts (SmolLM2-135M): speed and memory at 2k/4k/8k (~15 min), then task accuracy
+# and long-document perplexity at 2k (budgets 5-25%) and 4k (10%) (~40 min). `make benchmarks-md` merges the runs.
+bench-longctx: install
+	$(BIN)/python -m skipjack.bench.longctx --model smollm2-135m --lengths 2048,4096,8192 \
+		--policies streaming,h2o,snapkv,pyramidkv,cake,tidal,snapkv:chunk=1024 --speed-budgets 0.1 \
+		--speed-tokens 64 --methods triforce --skip accuracy,perplexity --out bench-out/longctx/speed
+	$(BIN)/python -m skipjack.bench.longctx --model smollm2-135m --lengths 2048 --budgets 0.05,0.1,0.25 \
+		--policies streaming,h2o,snapkv,pyramidkv,cake,tidal --kinds niah_single,niah_multikey,vt --n 1 \
+		--ppl-tokens 64 --skip speed,memory --out bench-out/longctx/quality-2k
+	$(BIN)/python -m skipjack.bench.longctx --model smollm2-135m --lengths 4096 --budgets 0.1 \
+		--policies streaming,h2o,snapkv,pyramidkv,cake,tidal --kinds niah_single,niah_multikey,vt --n 1 \
+		--ppl-tokens 64 --skip speed,memory --out bench-out/longctx/quality-4k
 
 # The server under load: throughput and latency at 1-16 concurrent clients, plain and speculative batching, and
 # llama-server on the same GGUF (needs `make bench-peers`; ~15 min).
@@ -121,6 +134,7 @@ benchmarks-md: install
 	if ls bench-out/layers/*.json >/dev/null 2>&1; then set -- "$$@" --layers bench-out/layers; fi; \
 	if [ -f bench-out/serve/serve.json ]; then set -- "$$@" --serve bench-out/serve; fi; \
 	if ls bench-out/eval/*__*.json >/dev/null 2>&1; then set -- "$$@" --eval bench-out/eval; fi; \
+	if ls bench-out/longctx/*/longctx.json >/dev/null 2>&1; then set -- "$$@" --longctx bench-out/longctx; fi; \
 	$(BIN)/python -m skipjack.bench.benchmarks_md bench-out/q4-quick --benchmarks-md BENCHMARKS.md "$$@" \
 		--notes docs/bench/NOTES.md
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -136,3 +137,25 @@ def tiny_folder(tmp_path_factory):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@contextlib.contextmanager
+def tiny_engine(home, layers: int = 2, max_position_embeddings: int = 2048, seed: int = 3):
+    """A q4 tiny Llama with the byte-level test tokenizer behind an `Engine`, its cache folder `home` (set for the
+    duration)."""
+    from skipjack.engine import Engine
+    from skipjack.loading import Loaded
+    from skipjack.tokenizer import Tokenizer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SKIPJACK_HOME", str(home))
+        tok = byte_bpe_tokenizer()
+        hf = hf_model(
+            "llama",
+            seed=seed,
+            vocab=len(tok),
+            num_hidden_layers=layers,
+            max_position_embeddings=max_position_embeddings,
+        )
+        m = ours_from_hf(hf, weights="q4")
+        yield Engine(Loaded(m, Tokenizer(tok, tok.chat_template, tok.eos_token_id), "llama", None, 0, False))

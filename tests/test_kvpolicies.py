@@ -892,17 +892,10 @@ def test_engine_swift_with_a_storage_dtype_runs(engine):
 @pytest.fixture(scope="module")
 def engine4(tmp_path_factory):
     """A 4-layer q4 Llama behind an engine (room for self-speculative methods), its cache folder a temporary one."""
-    from conftest import byte_bpe_tokenizer
+    from conftest import tiny_engine
 
-    from skipjack.engine import Engine
-    from skipjack.loading import Loaded
-    from skipjack.tokenizer import Tokenizer
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SKIPJACK_HOME", str(tmp_path_factory.mktemp("home")))
-        tok = byte_bpe_tokenizer()
-        m = ours_from_hf(hf_model("llama", seed=3, vocab=len(tok), num_hidden_layers=4), weights="q4")
-        yield Engine(Loaded(m, Tokenizer(tok, tok.chat_template, tok.eos_token_id), "llama", None, 0, False))
+    with tiny_engine(tmp_path_factory.mktemp("home"), layers=4, max_position_embeddings=512) as e:
+        yield e
 
 
 def _long_prompts(vocab: int) -> list[list[int]]:

@@ -29,3 +29,6 @@ for r in json.load(open('docs/bench/eval.json')):
     open(f\"bench-out/eval/{slug(r['model'])}__{slug(r['method'])}__{r['dtype']}.json\", 'w').write(json.dumps(r, indent=1))
 "
 fi
+if [ -f docs/bench/longctx.json ] && ! ls bench-out/longctx/*/longctx.json >/dev/null 2>&1; then  # merged runs
+  mkdir -p bench-out/longctx/restored && cp docs/bench/longctx.json bench-out/longctx/restored/
+fi

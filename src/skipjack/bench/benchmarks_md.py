@@ -92,6 +92,7 @@ def write_benchmarks_md(
     layers: Path | None = None,
     serve: Path | None = None,
     evals: Path | None = None,
+    longctx: Path | None = None,
 ) -> Path:
     """BENCHMARKS.md at `target` from results_dir/results.json; plots and raw data are copied to docs/bench/
     beside it. `extra` runs (heading, dir) are appended as sections, then the `quality` folder's quality.json,
@@ -128,6 +129,8 @@ def write_benchmarks_md(
         md += "\n" + serve_section(Path(serve), docs)
     if evals:
         md += "\n" + eval_section(Path(evals), docs)
+    if longctx:
+        md += "\n" + longctx_section(Path(longctx), docs)
     if note_text:
         md += "\n" + note_text.rstrip()
     target.write_text(md + "\n")
@@ -206,6 +209,35 @@ def eval_section(folder: Path, docs: Path) -> str:
     return md + eval_report.table(rs) + "\n![frontier](docs/bench/frontier.png)\n\nRaw data: `docs/bench/eval.json`.\n"
 
 
+def longctx_section(folder: Path, docs: Path) -> str:
+    """The KV cache policies at long contexts: every `python -m skipjack.bench.longctx --out` run under `folder`
+    (longctx.json files), merged: the table, the targets, and the plots."""
+    from skipjack.bench import longctx
+    from skipjack.errors import SkipjackError
+
+    runs = [json.loads(p.read_text()) for p in sorted(folder.rglob("longctx.json"))]
+    if not runs:
+        raise SkipjackError(f"no longctx.json under {folder}")
+    res = longctx.merge(runs)
+    (docs / "longctx.json").write_text(json.dumps(res, indent=1))
+    longctx.plots(res, docs)
+    m = runs[0]["machine"]
+    md = "## KV cache policies at long contexts (`--kv`, separate runs)\n\n"
+    md += (
+        f"`python -m skipjack.bench.longctx` on {res['model']} ({res['dtype']}), {m.get('cpu', '?')}, "
+        f"{m.get('cores', '?')} cores. Commands: " + "; ".join(f"`{c}`" for c in res["commands"]) + ". "
+        "Accuracy: the RULER-style tasks (`skipjack.evaluation.longctx`), relative to the full cache on the same "
+        "tasks. Speed: decoding tokens/s after the first token, × the full cache at the same context in the same "
+        "run (its two runs' mean). KV MB: what the cache holds at the end. Request peak MB: the process's peak "
+        "RSS during the request above what it held before (the prompt's pass included). The budget is the kept "
+        "fraction of the context; triforce is lossless (the full cache verifies).\n\n"
+    )
+    md += longctx.targets(res) + "\n" + longctx.markdown(res)
+    md += "\n![accuracy vs budget](docs/bench/accuracy_vs_budget.png)\n"
+    md += "![latency vs context](docs/bench/latency_vs_context.png)\n"
+    return md + "\nRaw data: `docs/bench/longctx.json`.\n"
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.benchmarks_md", description=__doc__.splitlines()[0])
     ap.add_argument("dir", help="a `skipjack bench --out` folder holding results.json")
@@ -220,6 +252,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--layers", default=None, help="append the layer probe's results (`skipjack.bench.layers --out`)")
     ap.add_argument("--serve", default=None, help="append the server benchmark (`skipjack.bench.serve --out`)")
     ap.add_argument("--eval", default=None, help="append the `skipjack eval` rows under this folder")
+    ap.add_argument("--longctx", default=None, help="append the long-context runs (longctx.json) under this folder")
     return ap
 
 
@@ -242,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
             layers = Path(a.layers) if a.layers else None
             serve = Path(a.serve) if a.serve else None
             evals = Path(a.eval) if a.eval else None
-            md = write_benchmarks_md(Path(a.dir), Path(a.benchmarks_md), extra, notes, quality, layers, serve, evals)
+            lc = Path(a.longctx) if a.longctx else None
+            md = write_benchmarks_md(
+                Path(a.dir), Path(a.benchmarks_md), extra, notes, quality, layers, serve, evals, lc
+            )
             print(f"wrote {md}")
         else:
             write_report(read_results(Path(a.dir)), Path(a.dir))

@@ -5,7 +5,7 @@ Per context length, policy and budget, in one run (compare within it: the machin
    relative to the full cache on the same tasks (a small model is weak at retrieval itself).
 2. **Speed and memory**: one long prompt (a needle in real text), `--speed-tokens` new tokens with no stop:
    decoding tokens/s after the first token, the prompt's time, the keys/values the cache holds at the end, and
-   the request's peak RSS above what the process held before it (Linux VmHWM, reset before each request).
+   the request's peak RSS above what the process held before it (sampled every 10 ms).
    The full cache runs first and last at each length; its speed is the mean of the two. `--methods` adds rows
    with the full cache and a lossless method (triforce) for its speedup over plain.
 3. **Long-document perplexity**: local prose (`skipjack.evaluation.texts`) as the prompt, then
@@ -31,23 +31,6 @@ from skipjack.errors import SkipjackError
 FULL = "full"
 
 
-def _rss_reset() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (peak RSS) to the current RSS
-    except OSError:
-        pass
-
-
-def _rss(field: str) -> float:
-    """VmRSS / VmHWM of this process in MB (0 where /proc is not there)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith(field)) / 1024
-    except (OSError, StopIteration):
-        return 0.0
-
-
 def spec(policy: str, budget: float | None) -> str | None:
     if policy == FULL:
         return None
@@ -58,14 +41,23 @@ def spec(policy: str, budget: float | None) -> str | None:
 
 def run(engine, prompt: list[int], kv: str | None, max_new: int, method: str = "plain", stop: bool = True) -> dict:
     """One request; its result and memory."""
+    from skipjack.bench.machine import RssSampler
     from skipjack.engine import Request
     from skipjack.sampling import SamplingParams
 
     stops = engine.tokenizer.stop_ids if stop else frozenset()
     params = SamplingParams(max_new_tokens=max_new, stop_token_ids=stops)
-    base = _rss("VmRSS")
-    _rss_reset()
-    r = engine.complete(Request(prompt, params, method, kv=kv))
+    rss = RssSampler(0.01)  # the process's RSS every 10 ms, while the request runs
+    rss.label = "before"
+    rss.sample()
+    rss.start()
+    rss.label = "request"
+    try:
+        r = engine.complete(Request(prompt, params, method, kv=kv))
+    finally:
+        rss.stop()
+        rss.join()
+    rss.sample()
     decode_s = r.seconds - r.prefill_seconds
     return {
         "text": r.text,
@@ -73,10 +65,18 @@ def run(engine, prompt: list[int], kv: str | None, max_new: int, method: str = "
         "prefill_s": round(r.prefill_seconds, 3),
         "decode_tok_s": round((r.new_tokens - 1) / decode_s, 3) if r.new_tokens > 1 and decode_s > 0 else None,
         "kv_mb": round(r.kv_bytes / 2**20, 2),
-        "peak_mb": round(_rss("VmHWM"), 1),
-        "request_peak_mb": round(_rss("VmHWM") - base, 1),
+        "peak_mb": round(rss.peaks.get("request", 0.0), 1),
+        "request_peak_mb": round(rss.peaks.get("request", 0.0) - rss.peaks["before"], 1),
         "tokens_per_pass": round(r.tokens_per_pass, 3),
     }
+
+
+def fit(engine, length: int, new: int) -> int:
+    """The prompt length for a `length` context: what leaves room for `new` tokens and a draft in the model's
+    context (SmolLM2's is 8192: an "8k" prompt is a little shorter)."""
+    from skipjack.limits import MAX_DRAFT
+
+    return min(length, engine.model.config.max_position_embeddings - new - MAX_DRAFT - 2)
 
 
 def accuracy(engine, lengths, configs, n: int, kinds, log) -> list[dict]:
@@ -84,7 +84,7 @@ def accuracy(engine, lengths, configs, n: int, kinds, log) -> list[dict]:
 
     rows = []
     for length in lengths:
-        tasks = longctx.make_tasks(engine.tokenizer, length, seed=0, n=n, kinds=kinds)
+        tasks = longctx.make_tasks(engine.tokenizer, fit(engine, length, 64), seed=0, n=n, kinds=kinds)
         for policy, budget in configs:
             for t in tasks:
                 out = run(engine, t.prompt, spec(policy, budget), t.max_new)
@@ -104,7 +104,8 @@ def speed(engine, lengths, configs, methods, tokens: int, log) -> list[dict]:
 
     rows = []
     for length in lengths:
-        prompt = longctx.make_tasks(engine.tokenizer, length, seed=1, kinds=("niah_single",), haystacks=("text",))[0]
+        size = fit(engine, length, tokens)
+        prompt = longctx.make_tasks(engine.tokenizer, size, seed=1, kinds=("niah_single",), haystacks=("text",))[0]
         runs = [(FULL, None, "plain"), *[(p, b, "plain") for p, b in configs if p != FULL]]
         runs += [(FULL, None, m) for m in methods] + [(FULL, None, "plain")]
         for policy, budget, method in runs:
@@ -112,6 +113,38 @@ def speed(engine, lengths, configs, methods, tokens: int, log) -> list[dict]:
             out.pop("text")
             rows.append({"length": length, "policy": policy, "budget": budget, "method": method, **out})
             log(f"speed {length} {spec(policy, budget) or FULL} {method}: {out}")
+    return rows
+
+
+_CHILD = """
+import json, sys
+from skipjack.bench.longctx import run
+from skipjack.engine import Engine
+from skipjack.evaluation import longctx
+e = Engine.load(sys.argv[1], sys.argv[2], tune=False)
+task = longctx.make_tasks(e.tokenizer, int(sys.argv[3]), seed=1, kinds=("niah_single",), haystacks=("text",))[0]
+out = run(e, task.prompt, sys.argv[4] or None, 16, stop=False)
+hwm = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]) / 1024
+print(json.dumps({"hwm_mb": round(hwm, 1), "kv_mb": out["kv_mb"]}))
+"""
+
+
+def memory(model: str, dtype: str, lengths, configs, log) -> list[dict]:
+    """Each (length, policy) in a fresh process: its peak RSS (VmHWM: model, prompt pass and cache together)."""
+    import subprocess
+
+    rows = []
+    for length in lengths:
+        for policy, budget in configs:
+            kv = spec(policy, budget) or ""
+            r = subprocess.run(
+                [sys.executable, "-c", _CHILD, model, dtype, str(length), kv], capture_output=True, text=True
+            )
+            if r.returncode != 0:
+                raise SkipjackError(f"the memory run for {kv or FULL} at {length} failed: {r.stderr.strip()[-300:]}")
+            got = json.loads(r.stdout.strip().splitlines()[-1])
+            rows.append({"length": length, "policy": policy, "budget": budget, **got})
+            log(f"memory {length} {kv or FULL}: {got}")
     return rows
 
 
@@ -126,20 +159,76 @@ def perplexity(engine, lengths, configs, tokens: int, log) -> list[dict]:
     for length in lengths:
         if length + tokens > len(ids):
             raise SkipjackError(f"not enough local text for a {length}-token document")
-        doc = ids[: length + tokens]
+        doc = ids[: fit(engine, length + tokens, 0)]
+        n = len(doc) - tokens  # the prompt (a little shorter than `length` at the model's context)
         for policy, budget in configs:
             model = engine.model
             with torch.inference_mode():
-                start = prefill(model, doc[:length], tokens, policy=make_policy(spec(policy, budget)))
+                start = prefill(model, doc[:n], tokens, policy=make_policy(spec(policy, budget)))
                 cache, logits, nll = start.cache, start.logits, 0.0
-                for i in range(length, length + tokens):
+                for i in range(n, n + tokens):
                     nll -= float(torch.log_softmax(logits.float(), -1)[doc[i]])
-                    if i + 1 < length + tokens:
+                    if i + 1 < n + tokens:
                         logits = model(torch.tensor([[doc[i]]]), cache).logits[0, -1]
                         cache.settle()
             rows.append({"length": length, "policy": policy, "budget": budget, "ppl": round(math.exp(nll / tokens), 4)})
             log(f"perplexity {length} {spec(policy, budget) or FULL}: {rows[-1]['ppl']}")
     return rows
+
+
+def merge(runs: list[dict]) -> dict:
+    """Several runs' rows in one result (a later run's rows replace an earlier run's for the same setting)."""
+    out = {k: runs[-1][k] for k in ("model", "dtype", "machine")}
+    out["commands"] = [r.get("command", "python -m skipjack.bench.longctx") for r in runs]
+    parts = {
+        "accuracy": ("length", "policy", "budget", "kind", "haystack", "seed"),
+        "speed": ("length", "policy", "budget", "method"),
+        "memory": ("length", "policy", "budget"),
+        "perplexity": ("length", "policy", "budget"),
+    }
+    for part, keys in parts.items():
+        rows: dict = {}
+        for r in runs:
+            seen: dict = {}
+            for row in r.get(part, []):
+                k = tuple(row[f] for f in keys)
+                seen.setdefault(k, []).append(row)
+            rows.update(seen)
+        out[part] = [row for group in rows.values() for row in group]
+    out["summary"] = summary(out)
+    return out
+
+
+def targets(res: dict) -> str:
+    """The issue's targets against what was measured (empty cells: not measured)."""
+    s = res["summary"]
+
+    def get(length, policy, budget, field):
+        return (s.get(f"{length}|{policy}|{budget}") or {}).get(field)
+
+    acc = {p: [v.get("relative_accuracy") for k, v in s.items() if k.split("|")[1:] == [p, "0.1"]]
+           for p in ("cake", "snapkv", "streaming")}  # fmt: skip
+    mean = {p: (sum(x for x in v if x is not None) / len([x for x in v if x is not None])) if any(
+        x is not None for x in v) else None for p, v in acc.items()}  # fmt: skip
+    longest = max((int(k.split("|")[0]) for k in s if s[k].get("speedup")), default=None)
+    fast = {p: get(longest, p, 0.1, "speedup") for p in ("snapkv", "streaming", "h2o", "cake", "pyramidkv", "tidal")}
+    tri = get(longest, FULL, "triforce", "speedup")
+
+    def f(v, fmt):
+        return "not measured" if v is None else fmt.format(v)
+
+    best = max((v for v in fast.values() if v), default=None)
+    lines = ["| target | measured |", "|---|---|"]
+    lines.append(f"| CAKE at a 10% budget keeps ≥ 90% of full-cache accuracy | {f(mean['cake'], '{:.0%}')} |")
+    beats = mean["cake"] is not None and mean["cake"] > max(mean["snapkv"] or 0, mean["streaming"] or 0)
+    lines.append(
+        f"| ... and beats SnapKV ({f(mean['snapkv'], '{:.0%}')}) and StreamingLLM ({f(mean['streaming'], '{:.0%}')}) "
+        f"| {'yes' if beats else 'no'} |"
+    )
+    lines.append(f"| a 10% budget decodes ≥ 1.5× the full cache at {longest} tokens | best {f(best, '{:.2f}×')} "
+                 f"({', '.join(f'{p} {v:.2f}×' for p, v in fast.items() if v)}) |")  # fmt: skip
+    lines.append(f"| triforce ≥ 1.3× plain at {longest} tokens | {f(tri, '{:.2f}×')} |")
+    return "\n".join(lines) + "\n"
 
 
 def summary(res: dict) -> dict:
@@ -169,6 +258,8 @@ def summary(res: dict) -> dict:
         row = out.setdefault(k, {})
         row.update({f: r[f] for f in ("decode_tok_s", "prefill_s", "kv_mb", "request_peak_mb")})
         row["speedup"] = round(r["decode_tok_s"] / base, 3) if base and r["decode_tok_s"] else None
+    for r in res.get("memory", []):
+        out.setdefault(key(r), {}).update({"peak_rss_mb": r["hwm_mb"], "kv_mb": r["kv_mb"]})
     ppl = {key(r): r["ppl"] for r in res.get("perplexity", [])}
     for k, v in ppl.items():
         full = ppl.get(f"{k.split('|')[0]}|{FULL}|None")
@@ -181,7 +272,7 @@ def markdown(res: dict) -> str:
     s = res["summary"]
     head = (
         "| context | policy | budget | accuracy (rel. to full) | ppl change | decode tok/s (× full) | prompt s "
-        "| KV MB | request peak MB |"
+        "| KV MB | peak RSS MB (own process) |"
     )
     lines = [head, "|" + "---|" * 9]
 
@@ -192,15 +283,10 @@ def markdown(res: dict) -> str:
         length, policy, budget = k.split("|")
         acc = f"{f(r.get('accuracy'))} ({f(r.get('relative_accuracy'), '{:.0%}')})" if "accuracy" in r else ""
         speed = f"{f(r.get('decode_tok_s'))} ({f(r.get('speedup'), '{:.2f}×')})" if r.get("decode_tok_s") else ""
-        ppl, kv, peak = (
-            f(r.get("ppl_change"), "{:+.1%}"),
-            f(r.get("kv_mb"), "{:.1f}"),
-            f(r.get("request_peak_mb"), "{:.0f}"),
-        )
+        ppl, kv = f(r.get("ppl_change"), "{:+.1%}"), f(r.get("kv_mb"), "{:.1f}")
         budget = "" if budget == "None" else budget
-        lines.append(
-            f"| {length} | {policy} | {budget} | {acc} | {ppl} | {speed} | {f(r.get('prefill_s'))} | {kv} | {peak} |"
-        )
+        rss, pre = f(r.get("peak_rss_mb"), "{:.0f}"), f(r.get("prefill_s"))
+        lines.append(f"| {length} | {policy} | {budget} | {acc} | {ppl} | {speed} | {pre} | {kv} | {rss} |")
     return "\n".join(lines) + "\n"
 
 
@@ -266,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speed-budgets", default="0.1", help="budgets for the speed rows")
     ap.add_argument("--ppl-tokens", type=int, default=64)
     ap.add_argument("--methods", default="triforce", help="lossless methods run with the full cache (speed rows)")
-    ap.add_argument("--skip", default="", help="parts to skip: accuracy,speed,perplexity")
+    ap.add_argument("--memory-lengths", default="8192", help="contexts for the peak-RSS runs (fresh processes)")
+    ap.add_argument("--memory-policies", default="snapkv:chunk=1024", help="policies for the peak-RSS runs")
+    ap.add_argument("--memory-budgets", default="0.05,0.1,0.25,0.5")
+    ap.add_argument("--skip", default="", help="parts to skip: accuracy,speed,perplexity,memory")
     ap.add_argument("--out", default="bench-out/longctx")
     a = ap.parse_args(argv)
     from skipjack.bench.machine import machine_info
@@ -286,20 +375,31 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = Engine.load(a.model, a.dtype)
     res: dict = {"model": a.model, "dtype": a.dtype, "machine": machine_info(0.0), "args": vars(a)}
+    res["command"] = "python -m skipjack.bench.longctx " + " ".join(argv if argv is not None else sys.argv[1:])
     lengths, skip = _ints(a.lengths), set(a.skip.split(","))
+
+    def save() -> None:  # after each part: a run stopped later keeps what it measured
+        res["summary"] = summary(res)
+        res["seconds"] = round(time.time() - t0, 1)
+        (out / "longctx.json").write_text(json.dumps(res, indent=1))
+
     if "accuracy" not in skip:
         budgets = _floats(a.task_budgets or a.budgets)
         res["accuracy"] = accuracy(
             engine, _ints(a.task_lengths or a.lengths), cfg(budgets), a.n, a.kinds.split(","), log
         )
+        save()
     if "perplexity" not in skip:
         res["perplexity"] = perplexity(engine, lengths, cfg(_floats(a.budgets)), a.ppl_tokens, log)
+        save()
     if "speed" not in skip:
         methods = [m for m in a.methods.split(",") if m]
         res["speed"] = speed(engine, lengths, cfg(_floats(a.speed_budgets)), methods, a.speed_tokens, log)
-    res["summary"] = summary(res)
-    res["seconds"] = round(time.time() - t0, 1)
-    (out / "longctx.json").write_text(json.dumps(res, indent=1))
+        save()
+    if "memory" not in skip:
+        mem = [(FULL, None)] + [(p, b) for p in a.memory_policies.split(",") if p for b in _floats(a.memory_budgets)]
+        res["memory"] = memory(a.model, a.dtype, _ints(a.memory_lengths), mem, log)
+    save()
     (out / "longctx.md").write_text(markdown(res))
     plots(res, out)
     print(markdown(res))

@@ -300,6 +300,10 @@ class EvictionPolicy:
         else:
             state["next"] += self.every
         self.compress(cache)
+        if state["next"] is None:  # no compression will come: stop watching queries
+            for layer in cache:
+                if isinstance(layer, EvictingLayerKV):
+                    layer.observes, layer.wq, layer.pending = False, None, []
 
     def room(self, cache: KVCache) -> int:
         """Positions a step may write before the next compression point (a draft must not cross it)."""

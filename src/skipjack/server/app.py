@@ -205,7 +205,7 @@ def _generation(app: FastAPI, settings: Settings, need_engine) -> None:
         for i in range(body.n):
             seed = None if body.seed is None else body.seed + i
             p = P.params(body, body.max_tokens or room, seed, e.tokenizer.stop_ids, top)
-            req = engine_mod.Request(ids, p, spec, stop, None, n_max, p_min)
+            req = engine_mod.Request(ids, p, spec, stop, None, n_max, p_min, body.kv)
             e.check(req)  # every value checked before anything is queued
             jobs.append(Job(req, spec, loop, deadline))
         try:

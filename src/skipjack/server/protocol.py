@@ -45,6 +45,7 @@ class Sampling(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     speculative: Speculative | None = None
+    kv: str | None = None  # skipjack's extension: the KV cache policy (`--kv`), e.g. "snapkv:budget=0.25"
 
 
 class Completion(Sampling):

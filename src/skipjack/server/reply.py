@@ -11,6 +11,7 @@ import uuid
 from starlette.requests import Request
 
 from skipjack.drafters import is_lossless
+from skipjack.kvpolicies import is_lossless as kv_lossless
 from skipjack.server import protocol as P
 from skipjack.server.errors import ApiError
 from skipjack.server.scheduler import Job
@@ -26,6 +27,10 @@ class Reply:
         self.t0 = time.perf_counter()
         self.generated = self.drafted = self.accepted = 0
         self.t_first: float | None = None
+
+    def lossless(self) -> bool:
+        """Whether the reply is what plain decoding with the full cache gives (method and cache policy)."""
+        return is_lossless(self.spec) and kv_lossless(self.body.kv)
 
     async def _events(self, job: Job, request: Request):
         """A job's events until it ends; a client gone away cancels it."""
@@ -130,7 +135,7 @@ class Reply:
             "usage": self.usage(),
             "timings": self.timings(),
             "method": self.spec,
-            "lossless": is_lossless(self.spec),
+            "lossless": self.lossless(),
         }
 
     async def sse(self, jobs: list[Job], request: Request):
@@ -168,7 +173,7 @@ class Reply:
                 yield _data(
                     head
                     | {"choices": [], "usage": self.usage(), "timings": self.timings(), "method": self.spec}
-                    | {"lossless": is_lossless(self.spec)}
+                    | {"lossless": self.lossless()}
                 )
             yield "data: [DONE]\n\n"
         finally:
