@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_engine
 
 from skipjack.bench import longctx as lc
+from skipjack.bench import longctx_report as report
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def result(engine):
     res["accuracy"] = lc.accuracy(engine, [1024], CONFIGS, 1, ["niah_single"], quiet)
     res["speed"] = lc.speed(engine, [1024], CONFIGS, ["triforce"], 6, quiet)
     res["perplexity"] = lc.perplexity(engine, [600], CONFIGS, 8, quiet)
-    res["summary"] = lc.summary(res)
+    res["summary"] = report.summary(res)
     return res
 
 
@@ -63,15 +64,15 @@ def test_summary_is_relative_to_the_full_cache(result):
 
 def test_merge_markdown_targets_and_plots(result, tmp_path):
     later = dict(result, perplexity=[dict(r, ppl=r["ppl"] * 2) for r in result["perplexity"]])
-    merged = lc.merge([result, dict(later, command="second")])
+    merged = report.merge([result, dict(later, command="second")])
     assert merged["commands"] == ["python -m skipjack.bench.longctx", "second"]
     assert merged["perplexity"] == later["perplexity"] and merged["accuracy"] == result["accuracy"]
-    md = lc.markdown(merged)
+    md = report.markdown(merged)
     assert md.count("\n| 1024 | snapkv | 0.25 |") == 1 and "| 600 | streaming | 0.25 |" in md
-    t = lc.targets(merged)
+    t = report.targets(merged)
     assert "CAKE" in t and "not measured" in t  # no cake rows here
     assert "triforce" in t and f"{merged['summary']['1024|full|triforce']['speedup']:.2f}×" in t
-    lc.plots(merged, tmp_path)
+    report.plots(merged, tmp_path)
     assert (tmp_path / "accuracy_vs_budget.png").stat().st_size > 1000
     assert (tmp_path / "latency_vs_context.png").stat().st_size > 1000
 

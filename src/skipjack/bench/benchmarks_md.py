@@ -212,7 +212,7 @@ def eval_section(folder: Path, docs: Path) -> str:
 def longctx_section(folder: Path, docs: Path) -> str:
     """The KV cache policies at long contexts: every `python -m skipjack.bench.longctx --out` run under `folder`
     (longctx.json files), merged: the table, the targets, and the plots."""
-    from skipjack.bench import longctx
+    from skipjack.bench import longctx_report as longctx
     from skipjack.errors import SkipjackError
 
     runs = [json.loads(p.read_text()) for p in sorted(folder.rglob("longctx.json"))]
