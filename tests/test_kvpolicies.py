@@ -399,7 +399,8 @@ def test_evicted_keys_are_the_lowest_scored(model, spec):
     """The same prompt with budget 1 keeps everything; its scores (the policy's own `scores`) rank the keys:
     every evicted key scores at most as high as every kept one outside the recent slots."""
     policy = make_policy(spec)
-    whole = prefill(model, PROMPT, 10, policy=make_policy(_budget_one(spec))).cache
+    # budget 1 keeps every key; a far compression point keeps it watching the queries (for the scores below)
+    whole = prefill(model, PROMPT, 10, policy=make_policy(_budget_one(spec) + ",every=1000000")).cache
     cut = prefill(model, PROMPT, 10, policy=policy).cache
     scored = 0
     for ref, layer in zip(evicting(whole), evicting(cut)):
@@ -1020,3 +1021,15 @@ def test_cli_kv(capsys, tiny_folder):
     out, _ = capsys.readouterr()
     res = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and res["lossless"] is True and res["kv"] == "full"
+
+
+def test_buffers_grown_inside_a_forward_take_writes_between_steps(model):
+    """A prompt longer than the first allocation grows an evicting layer's tensors inside the forward (inference
+    mode); the decode loop's tree compaction (`keep`) writes them outside it, so they must be normal tensors."""
+    prompt = [i % 40 for i in range(300)]
+    cache = model.make_cache(400, policy=make_policy("snapkv:budget=1.0"))
+    model(torch.tensor([prompt]), cache)
+    model(torch.tensor([[1, 2, 3]]), cache)
+    cache.keep(300, [0, 2])  # rows 0 and 2 kept (a tree's accepted path)
+    for layer in evicting(cache):
+        assert layer.offset == 302 and not layer.k.is_inference()

@@ -32,7 +32,7 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@settings(max_examples=16, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(
     seed=st.integers(0, 10_000),
     n=st.integers(20, 300),

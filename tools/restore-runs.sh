@@ -29,6 +29,11 @@ for r in json.load(open('docs/bench/eval.json')):
     open(f\"bench-out/eval/{slug(r['model'])}__{slug(r['method'])}__{r['dtype']}.json\", 'w').write(json.dumps(r, indent=1))
 "
 fi
-if [ -f docs/bench/longctx.json ] && ! ls bench-out/longctx/*/longctx.json >/dev/null 2>&1; then  # merged runs
-  mkdir -p bench-out/longctx/restored && cp docs/bench/longctx.json bench-out/longctx/restored/
+if [ -f docs/bench/longctx.json ] && ! ls bench-out/longctx/*/longctx.json >/dev/null 2>&1; then  # per model
+  "${BIN:-.venv/bin}/python" -c "
+import json, pathlib
+for i, r in enumerate(json.load(open('docs/bench/longctx.json'))):
+    d = pathlib.Path(f'bench-out/longctx/restored-{i}'); d.mkdir(parents=True, exist_ok=True)
+    (d / 'longctx.json').write_text(json.dumps(r, indent=1))
+"
 fi

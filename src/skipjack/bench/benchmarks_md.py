@@ -211,31 +211,36 @@ def eval_section(folder: Path, docs: Path) -> str:
 
 def longctx_section(folder: Path, docs: Path) -> str:
     """The KV cache policies at long contexts: every `python -m skipjack.bench.longctx --out` run under `folder`
-    (longctx.json files), merged: the table, the targets, and the plots."""
+    (longctx.json files), merged per model: the targets, the tables, and the plots."""
     from skipjack.bench import longctx_report as longctx
     from skipjack.errors import SkipjackError
 
     runs = [json.loads(p.read_text()) for p in sorted(folder.rglob("longctx.json"))]
     if not runs:
         raise SkipjackError(f"no longctx.json under {folder}")
-    res = longctx.merge(runs)
-    (docs / "longctx.json").write_text(json.dumps(res, indent=1))
-    longctx.plots(res, docs)
+    models = list(dict.fromkeys(r["model"] for r in runs))
+    merged = {m: longctx.merge([r for r in runs if r["model"] == m]) for m in models}
+    (docs / "longctx.json").write_text(json.dumps(list(merged.values()), indent=1))
     m = runs[0]["machine"]
     md = "## KV cache policies at long contexts (`--kv`, separate runs)\n\n"
     md += (
-        f"`python -m skipjack.bench.longctx` on {res['model']} ({res['dtype']}), {m.get('cpu', '?')}, "
-        f"{m.get('cores', '?')} cores. Commands: " + "; ".join(f"`{c}`" for c in res["commands"]) + ". "
-        "Accuracy: the RULER-style tasks (`skipjack.evaluation.longctx`), relative to the full cache on the same "
-        "tasks. Speed: decoding tokens/s after the first token, × the full cache at the same context in the same "
-        "run (its two runs' mean). KV MB: what the cache holds at the end. Request peak MB: the process's peak "
-        "RSS during the request above what it held before (the prompt's pass included). The budget is the kept "
-        "fraction of the context; triforce is lossless (the full cache verifies).\n\n"
+        f"`python -m skipjack.bench.longctx` ({m.get('cpu', '?')}, {m.get('cores', '?')} cores). Accuracy: the "
+        "RULER-style tasks (`skipjack.evaluation.longctx`), relative to the full cache on the same tasks. Speed: "
+        "decoding tokens/s after the first token, × the full cache at the same context in the same run (the mean "
+        "of its two runs, first and last). KV MB: what the cache holds at the end. Peak RSS: a fresh process that "
+        "loads the model and runs one request at that context (VmHWM: weights, the prompt's pass and the cache). "
+        "The budget is the kept fraction of the context; triforce is lossless (the full cache verifies).\n\n"
     )
-    md += longctx.targets(res) + "\n" + longctx.markdown(res)
-    md += "\n![accuracy vs budget](docs/bench/accuracy_vs_budget.png)\n"
-    md += "![latency vs context](docs/bench/latency_vs_context.png)\n"
-    return md + "\nRaw data: `docs/bench/longctx.json`.\n"
+    for name, res in merged.items():
+        slug = name.replace("/", "_")
+        longctx.plots(res, docs, f"longctx-{slug}-")
+        md += f"### {name} ({res['dtype']})\n\nCommands: " + "; ".join(f"`{c}`" for c in res["commands"]) + ".\n\n"
+        md += longctx.targets(res) + "\n" + longctx.markdown(res)
+        md += f"\n![accuracy vs budget](docs/bench/longctx-{slug}-accuracy_vs_budget.png)\n"
+        if res.get("speed"):
+            md += f"![latency vs context](docs/bench/longctx-{slug}-latency_vs_context.png)\n"
+        md += "\n"
+    return md + "Raw data: `docs/bench/longctx.json`.\n"
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -53,6 +53,7 @@ class EvictingLayerKV(LayerKV):
         self.pending: list[tuple] = []  # a small pass's rows: (position, query [H, D], slots [S_t], probs [H_kv, S_t])
 
     # ---- storage ----
+    @torch.inference_mode(False)  # normal tensors even when a forward grows them: steps outside write them too
     def _alloc(self, size: int) -> None:
         H, D, n = self.spec.heads, self.spec.head_dim, self.n
         k = torch.zeros(1, H, size, D, dtype=self.spec.dtype)  # [1, H_kv, slots, D]
@@ -239,6 +240,7 @@ class EvictingLayerKV(LayerKV):
         idx = torch.cat([top, torch.arange(n - recent, n).expand(old.shape[0], recent)], 1)  # [H_kv, keep]
         self._gather(idx)
 
+    @torch.inference_mode(False)
     def _gather(self, idx: torch.Tensor) -> None:
         """Hold only slots idx [H_kv, keep] (sorted per head), in fresh tensors with room to grow."""
         H, keep = idx.shape
