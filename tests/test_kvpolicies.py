@@ -1033,3 +1033,11 @@ def test_buffers_grown_inside_a_forward_take_writes_between_steps(model):
     cache.keep(300, [0, 2])  # rows 0 and 2 kept (a tree's accepted path)
     for layer in evicting(cache):
         assert layer.offset == 302 and not layer.k.is_inference()
+
+
+def test_cli_chat_refuses_kv(capsys):
+    from skipjack.cli import main
+
+    code = main(["chat", "--kv", "snapkv:budget=0.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--kv does not apply" in err[0]

@@ -183,6 +183,8 @@ def cmd_chat(a) -> int:
     from skipjack.engine import Request
     from skipjack.session import Session
 
+    if a.kv is not None:
+        raise SkipjackError("chat carries its cache from turn to turn: --kv does not apply (use generate)")
     engine, _ = _engine(a)
     if not engine.tokenizer.chat_template:
         raise SkipjackError(f"model {engine.name!r} has no chat template; use `skipjack generate --raw`")
