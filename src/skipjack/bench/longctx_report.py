@@ -149,7 +149,8 @@ def plots(res: dict, out: Path, prefix: str = "") -> None:
             ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", label=policy)
     ax.axhline(1.0, color="grey", ls="--", lw=1)
     ax.set(xscale="log", xlabel="budget (kept fraction of the context)", ylabel="accuracy relative to the full cache")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / f"{prefix}accuracy_vs_budget.png", dpi=110)
     plt.close(fig)
