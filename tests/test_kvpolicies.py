@@ -1041,3 +1041,22 @@ def test_cli_chat_refuses_kv(capsys):
     code = main(["chat", "--kv", "snapkv:budget=0.5"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--kv does not apply" in err[0]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "streaming:sinks=1024",
+        "cake:tau1=0.001,tau2=100,gamma=0",
+        "tidal:budget=1e-9,correct=1",
+        "h2o:every=1,budget=0.01",
+    ],
+)
+@pytest.mark.parametrize("n", [1, 3, 300])
+def test_extreme_but_valid_options_decode(model, spec, n):
+    """More sinks than tokens, preferences that overflow a float (CAKE works in logs), the smallest budgets:
+    decoding runs (they once raised: a negative window, an overflow)."""
+    prompt = [random.Random(n).randrange(40) for _ in range(n)]
+    params = SamplingParams(max_new_tokens=12, temperature=0.7, top_p=0.9, seed=1)
+    tokens, _ = run(model, spec, params=params, prompt=prompt)
+    assert len(tokens) == 12

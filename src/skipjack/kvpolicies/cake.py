@@ -17,6 +17,8 @@ so it allocates once over all layers, which is where the cascade ends (the final
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from skipjack import validate
@@ -53,16 +55,18 @@ class CAKE(SnapKV):
         return self._attn[id(layer)]
 
     def preference(self, layer: EvictingLayerKV, scale: float) -> float:
-        """P = H^(1/τ1) · V^(1/τ2) from the window's attention over the keys before the window."""
+        """log P = log(H)/τ1 + log(V)/τ2 (P = H^(1/τ1) · V^(1/τ2), in logs: a small τ overflows P itself) from the
+        window's attention over the keys before the window."""
         attn = self._window(layer, scale)
         W = attn.shape[2]
         a = attn[..., : max(1, layer.n - W)]  # [H_kv, G, W, prefix]
         disp = float(-(a * (a + 1e-10).log()).sum())
         var = float(a.var(2).sum()) if W > 1 else 0.0
-        return max(disp, 1e-12) ** (1 / self.tau1) * max(var, 1e-12) ** (1 / self.tau2)
+        return math.log(max(disp, 1e-12)) / self.tau1 + math.log(max(var, 1e-12)) / self.tau2
 
     def allocate(self, layers: list[EvictingLayerKV], keep: int, scale: float) -> list[int]:
-        prefs = torch.tensor([self.preference(layer, scale) for layer in layers], dtype=torch.float64)
+        logs = torch.tensor([self.preference(layer, scale) for layer in layers], dtype=torch.float64)
+        prefs = (logs - logs.max()).exp()  # P up to a common factor
         caps = torch.tensor([layer.n for layer in layers], dtype=torch.float64)
         total = float(keep * len(layers))
         out = torch.zeros(len(layers), dtype=torch.float64)

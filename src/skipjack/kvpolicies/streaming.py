@@ -40,7 +40,7 @@ class StreamingLLM(EvictionPolicy):
             self.fix(cache, max(1, math.ceil(self.budget * cache.offset) - self.sinks))
         span = cache.state["span"]
         for layer in layers:
-            recent = min(span - 1, layer.offset - self.sinks)  # the next query sees (offset - span, offset]
+            recent = max(0, min(span - 1, layer.offset - self.sinks))  # the next query sees (offset - span, offset]
             stale = layer.n - min(layer.n, self.sinks) - recent  # held slots no query will see again
             if stale > (GROW if layer.holes else 0):
                 tail = torch.arange(layer.n - recent, layer.n)
