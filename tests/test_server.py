@@ -465,3 +465,20 @@ def test_schemathesis_finds_no_5xx(url):
             except Unsatisfiable:  # no invalid request exists (a GET without parameters)
                 assert mode == schemathesis.GenerationMode.NEGATIVE
     assert len(seen) > 100 and any(s == 200 for s in seen) and any(400 <= s < 500 for s in seen)
+
+
+def test_kv_policy_per_request(url):
+    """`"kv"` picks a request's cache policy: the reply says it is lossy; a bad spec or one that cannot combine
+    with the method is a one-line 400."""
+    ok = httpx.post(f"{url}/v1/chat/completions", json=chat_args("hello there", 6, kv="snapkv:budget=0.5"), timeout=60)
+    assert ok.status_code == 200 and ok.json()["lossless"] is False
+    full = httpx.post(f"{url}/v1/chat/completions", json=chat_args("hello there", 6, kv="full"), timeout=60)
+    assert full.status_code == 200 and full.json()["lossless"] is True
+    for kv, method in (("nope", "plain"), ("snapkv:budget=0", "plain"), ("tidal", "pld"), ("snapkv", "swift")):
+        bad = httpx.post(
+            f"{url}/v1/chat/completions",
+            json=chat_args("hello there", 6, kv=kv, speculative={"method": method}),
+            timeout=60,
+        )
+        msg = bad.json()["error"]["message"]
+        assert bad.status_code == 400 and "\n" not in msg, (kv, method, msg)
