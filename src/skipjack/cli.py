@@ -269,32 +269,26 @@ class _Parser(argparse.ArgumentParser):
 
 def _tool_commands(sub) -> None:
     """The subcommands beyond generating: adapters, quantization, quality, serving, benchmarking."""
-    from skipjack import distil
-
-    t = sub.add_parser("train-adapter", help="distil a Kangaroo adapter for --method kangaroo (resumes if interrupted)")
-    distil.add_arguments(t)
-    t.set_defaults(func=distil.command)
+    from skipjack import distil, lwq
+    from skipjack.bench import runner
+    from skipjack.evaluation import harness
     from skipjack.server import add_arguments as serve_arguments
     from skipjack.server import main as serve_main
 
-    v = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat, completions, streaming, /metrics)")
-    serve_arguments(v)
-    v.set_defaults(func=serve_main)
-    from skipjack import lwq
-
-    q = sub.add_parser("quantize", help="layer-wise quantization: q8 for the important layers, q4 for the rest")
-    lwq.add_arguments(q)
-    q.set_defaults(func=lwq.command)
-    from skipjack.evaluation import harness
-
-    e = sub.add_parser("eval", help="a method's quality against the exact model: perplexity, agreement, a task")
-    harness.add_arguments(e)
-    e.set_defaults(func=harness.command)
-    from skipjack.bench.runner import add_arguments
-
-    b = sub.add_parser("bench", help="benchmark methods and peers on a prompt suite")
-    add_arguments(b)
-    b.set_defaults(func=cmd_bench)
+    for name, about, add, run in (
+        ("train-adapter", "distil a Kangaroo adapter for --method kangaroo (resumes if interrupted)",
+         distil.add_arguments, distil.command),
+        ("serve", "an OpenAI-compatible HTTP server (chat, completions, streaming, /metrics)", serve_arguments,
+         serve_main),
+        ("quantize", "layer-wise quantization: q8 for the important layers, q4 for the rest", lwq.add_arguments,
+         lwq.command),
+        ("eval", "a method's quality against the exact model: perplexity, agreement, a task", harness.add_arguments,
+         harness.command),
+        ("bench", "benchmark methods and peers on a prompt suite", runner.add_arguments, cmd_bench),
+    ):  # fmt: skip
+        p = sub.add_parser(name, help=about)
+        add(p)
+        p.set_defaults(func=run)
 
 
 def build_parser() -> argparse.ArgumentParser:

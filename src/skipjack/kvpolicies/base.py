@@ -90,7 +90,7 @@ class EvictingLayerKV(LayerKV):
         if self.acc is not None:
             self.acc[:, n : n + T] = 0
         self.n, self.offset = n + T, end
-        past = self.pos[0, :n].clone() if self.holes else range(0, start)  # no holes: as a full layer
+        past = self.pos[0, :n] if self.holes else range(0, start)  # a view, read by this pass's mask only
         return self.k[:, :, : n + T], self.v[:, :, : n + T], past  # [1, H_kv, n + T, D] x2
 
     def span(self, lo: int, hi: int) -> tuple:
