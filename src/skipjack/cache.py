@@ -39,16 +39,25 @@ class LayerKV:
         self.capacity = capacity
         self.offset = 0  # absolute position one past the last valid key
 
+    def reserve(self, start: int, T: int) -> tuple[int, int]:
+        """Make room for T new keys at positions [start, start+T) and take them as held: returns the buffer slot
+        of the first new key and the absolute position of slot 0 (slots before the first new one hold the past
+        keys, in position order). The keys themselves are the caller's to write: `update`, or the native step
+        (`skipjack.models.native`), which writes them straight into `k` and `v`."""
+        end = start + T
+        if start > self.offset or end > self.capacity:
+            raise SkipjackError(f"context length {end} exceeds the cache capacity {self.capacity}")
+        self.offset = end
+        return start, 0
+
     def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
         """Write k, v [B, H_kv, T, D] at positions [start, start+T); return all valid keys/values (the new ones
         last) and the positions of the keys before the new ones."""
-        end = start + k.shape[2]
-        if start > self.offset or end > self.capacity:
-            raise SkipjackError(f"context length {end} exceeds the cache capacity {self.capacity}")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        self.offset = end
-        return self.k[:, :, :end], self.v[:, :, :end], range(0, start)  # [B, H_kv, end, D] x2
+        T = k.shape[2]
+        a, first = self.reserve(start, T)
+        self.k[:, :, a : a + T] = k
+        self.v[:, :, a : a + T] = v
+        return self.k[:, :, : a + T], self.v[:, :, : a + T], range(first, start)  # [B, H_kv, a + T, D] x2
 
     def trim(self, n: int) -> int:
         """Forget the newest n positions (rollback). Returns how many were dropped."""
@@ -135,11 +144,27 @@ class SlidingLayerKV(LayerKV):
     def _set_first(self, first: int) -> None:
         self.first = first
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
-        T = k.shape[2]
+    def reserve(self, start: int, T: int) -> tuple[int, int]:
+        lo = self._check(start)
+        if start - lo + T > self.capacity:
+            raise SkipjackError(f"{T} new keys do not fit a sliding cache of {self.capacity} slots in one pass")
+        if start - self.first + T > self.capacity:  # shift the still-needed keys to the front
+            n = start - lo
+            self.k[:, :, :n] = self.k[:, :, lo - self.first : start - self.first].clone()
+            self.v[:, :, :n] = self.v[:, :, lo - self.first : start - self.first].clone()
+            self.first = lo
+        self.offset = start + T
+        return start - self.first, self.first
+
+    def _check(self, start: int) -> int:
+        """The oldest position a write at `start` still needs (raises if `start` cannot be written)."""
         if start > self.offset or start < self.first:
             raise SkipjackError(f"cannot write position {start}: the sliding cache holds [{self.first}, {self.offset})")
-        lo = max(self.first, start - self.window - self.slack)  # oldest position still needed
+        return max(self.first, start - self.window - self.slack)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int):
+        T = k.shape[2]
+        lo = self._check(start)
         if start - lo + T > self.capacity:  # a long prefill chunk: attend over a concatenation, store the tail
             keys = torch.cat([self.k[:, :, lo - self.first : start - self.first], k], dim=2)  # [B, H, S, D]
             vals = torch.cat([self.v[:, :, lo - self.first : start - self.first], v], dim=2)  # [B, H, S, D]
@@ -148,16 +173,7 @@ class SlidingLayerKV(LayerKV):
             self.v[:, :, :tail] = vals[:, :, -tail:]
             self.first, self.offset = start + T - tail, start + T
             return keys, vals, range(lo, start)
-        if start - self.first + T > self.capacity:  # shift the still-needed keys to the front
-            n = start - lo
-            self.k[:, :, :n] = self.k[:, :, lo - self.first : start - self.first].clone()
-            self.v[:, :, :n] = self.v[:, :, lo - self.first : start - self.first].clone()
-            self.first = lo
-        a = start - self.first
-        self.k[:, :, a : a + T] = k
-        self.v[:, :, a : a + T] = v
-        self.offset = start + T
-        return self.k[:, :, : a + T], self.v[:, :, : a + T], range(self.first, start)
+        return super().update(k, v, start)
 
     def trim(self, n: int) -> int:
         n = min(n, self.offset - self.first)

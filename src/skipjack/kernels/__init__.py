@@ -18,7 +18,7 @@ from skipjack import store
 from skipjack.errors import SkipjackError
 from skipjack.store import home
 
-SOURCE = Path(__file__).with_name("qk.cpp")
+SOURCE = Path(__file__).with_name("qk.cpp")  # includes the headers beside it (simd, matmul, attention, ...)
 
 
 def _cpu_flags() -> str:
@@ -34,7 +34,8 @@ def _cpu_flags() -> str:
 
 
 def build_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode()).hexdigest()[:12]
+    sources = [SOURCE, *sorted(SOURCE.parent.glob("*.h"))]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + _cpu_flags().encode()).hexdigest()[:12]
     return f"skipjack_qk_{digest}"
 
 

@@ -1,274 +1,38 @@
-// skipjack's CPU kernels: block-quantised matmuls (4- and 8-bit weights x 8-bit activations) and attention.
+// skipjack's CPU kernels, bound for Python: block-quantised matmuls, attention, the row-wise ops, and the
+// native decoding step (`layer.h`). Each op here is what the Python reference forward calls one at a time;
+// `Native.forward` runs the same functions fused, one call per layer or per pass (see layer.h).
 //
-// Batch invariance is the design rule (compiled with -ffp-contract=off, so no FMA the code does not ask for): every output row is computed by the same instruction sequence
-// whatever the number of rows in the call, and every reduction runs in a fixed order. So a token's result
-// does not depend on how many tokens share the pass, which keeps speculative decoding bit-exact.
-//
-// Weights (N output rows, K inputs, blocks of 32 along K unless said otherwise):
-//   Q4: qs uint8 [N, K/2] (block b: byte i holds element i in its low nibble, element i+16 in its high one),
-//       d, m float [N, K/32]:  w = d * q + m, q in 0..15 (GGUF Q4_0, Q4_1 and Q4_K map onto it exactly).
-//   Q8: qs int8 [N, K], d float [N, K/bs], m float [N, K/bs] or empty:  w = d * q (+ m), bs 16 or 32
-//       (GGUF Q8_0, Q5_0, Q5_1, Q5_K and Q6_K map onto it exactly).
-// Activations, quantised per row in blocks of 32 (as llama.cpp's Q8_1): x ~= xd * xq, xs = xd * sum(xq).
-//   A block's dot product is then d * xd * sum(q * xq) + m * xs, with the integer sum exact.
+// Invariance rule: every output row is computed by the same instruction sequence whatever the number of rows
+// in the call, and every reduction runs in a fixed order (simd.h, matmul.h, attention.h, elementwise.h).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <pybind11/stl.h>
 
-#include <cmath>
-#include <cstdint>
-#include <type_traits>
+#include <string>
+#include <tuple>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define SJ_AVX2 1
-#else
-#define SJ_AVX2 0
-#endif
+#include "layer.h"
 
 namespace {
 
-constexpr int QB = 32;   // activation block
-constexpr int RT = 32;   // rows per tile (an activation tile stays in L2 while a thread sweeps its columns)
-constexpr int RC = 4;    // rows per register chunk
+using sj::Acts;
+using sj::QB;
 
-// ---- activations ----
-
-// Quantise one row of K floats (K % 32 == 0) to int8 blocks: xd = amax / 127, xq = round(x / xd).
-void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* s) {
-  for (int64_t b = 0; b < K / QB; ++b) {
-    const float* xb = x + b * QB;
-    float amax = 0.f;
-    for (int i = 0; i < QB; ++i) amax = std::max(amax, std::fabs(xb[i]));
-    const float db = amax / 127.f;
-    const float id = db > 0.f ? 1.f / db : 0.f;
-    int sum = 0;
-    for (int i = 0; i < QB; ++i) {
-      const int v = (int)std::nearbyint(xb[i] * id);
-      q[b * QB + i] = (int8_t)v;
-      sum += v;
-    }
-    d[b] = db;
-    s[b] = db * (float)sum;
-  }
-}
-
-struct Acts {
-  torch::Tensor q, d, s;  // int8 [M, K], float [M, K/32] x2
+struct ActBuf {
+  torch::Tensor q, d, s;
+  Acts acts() { return Acts{q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>(), q.size(1)}; }
 };
 
-Acts quantize(const torch::Tensor& x2) {
+ActBuf quantize(const torch::Tensor& x2) {
   const int64_t M = x2.size(0), K = x2.size(1);
-  Acts a{torch::empty({M, K}, torch::kInt8), torch::empty({M, K / QB}, torch::kFloat),
-         torch::empty({M, K / QB}, torch::kFloat)};
+  ActBuf a{torch::empty({M, K}, torch::kInt8), torch::empty({M, K / QB}, torch::kFloat),
+           torch::empty({M, K / QB}, torch::kFloat)};
+  const Acts acts = a.acts();
   const float* xp = x2.data_ptr<float>();
-  int8_t* qp = a.q.data_ptr<int8_t>();
-  float *dp = a.d.data_ptr<float>(), *sp = a.s.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) quantize_row(xp + r * K, K, qp + r * K, dp + r * (K / QB), sp + r * (K / QB));
-  });
+  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) { sj::quantize_rows(xp, r0, r1, acts); });
   return a;
-}
-
-// ---- horizontal sums and block dots ----
-
-#if SJ_AVX2
-inline float hsum8(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);                           // 4 lanes
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));        // 2
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));          // 1
-  return _mm_cvtss_f32(lo);
-}
-// 8 int32 sums of 4 products, as floats. The products never reach maddubs' int16 saturation (q4: 15 * 127 * 2;
-// q8: 128 * 127 * 2), so the VNNI instruction, where the CPU has it, gives the very same integers in one step.
-inline __m256 idot_u8s8(__m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
-#elif defined(__AVXVNNI__)
-  return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s));
-#else
-  const __m256i p16 = _mm256_maddubs_epi16(u, s);
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
-#endif
-}
-inline __m256i unpack_q4(const uint8_t* qs) {       // 16 bytes -> 32 values 0..15 in element order
-  const __m128i raw = _mm_loadu_si128((const __m128i*)qs);
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-}
-#else
-struct V8 { float v[8]; };
-inline float hsum8(const V8& a) {
-  float l[4];
-  for (int i = 0; i < 4; ++i) l[i] = a.v[i] + a.v[i + 4];
-  const float x = l[0] + l[2], y = l[1] + l[3];
-  return x + y;
-}
-#endif
-
-// One tile of CG columns x RR rows of y = x W^T for Q4 weights. Every output accumulates its blocks in order,
-// even blocks and odd blocks in two accumulators (two FMA chains in flight), summed at the end: the same
-// arithmetic whatever the tile shape, so the tiling may follow the number of rows without breaking invariance.
-template <int CG, int RR>
-inline void q4_tile(const Acts& a, const uint8_t* qs, const float* wd, const float* wm, const float* bias,
-                    int64_t N, int64_t K, int64_t n, int64_t r, float* y) {
-  const int64_t nb = K / QB;
-  const int8_t* xq = a.q.data_ptr<int8_t>();
-  const float *xd = a.d.data_ptr<float>(), *xs = a.s.data_ptr<float>();
-#if SJ_AVX2
-  __m256 acc[CG][RR][2];
-  float sm[CG][RR];
-  for (int c = 0; c < CG; ++c)
-    for (int j = 0; j < RR; ++j) acc[c][j][0] = acc[c][j][1] = _mm256_setzero_ps(), sm[c][j] = 0.f;
-  // block b goes to accumulator b & 1; the loop is unrolled by two so that index is a constant (registers,
-  // not a stack slot per block)
-  auto step = [&](int64_t b, auto k) {
-    __m256i w[CG];
-    for (int c = 0; c < CG; ++c) w[c] = unpack_q4(qs + (n + c) * (K / 2) + b * 16);
-    for (int j = 0; j < RR; ++j) {
-      const __m256i x = _mm256_loadu_si256((const __m256i*)(xq + (r + j) * K + b * QB));
-      const float xdj = xd[(r + j) * nb + b], xsj = xs[(r + j) * nb + b];
-      for (int c = 0; c < CG; ++c) {
-        const int64_t o = (n + c) * nb + b;
-        acc[c][j][k.value] = _mm256_fmadd_ps(idot_u8s8(w[c], x), _mm256_set1_ps(wd[o] * xdj), acc[c][j][k.value]);
-        sm[c][j] += wm[o] * xsj;
-      }
-    }
-  };
-  int64_t b = 0;
-  for (; b + 2 <= nb; b += 2) {
-    step(b, std::integral_constant<int, 0>{});
-    step(b + 1, std::integral_constant<int, 1>{});
-  }
-  if (b < nb) step(b, std::integral_constant<int, 0>{});
-  for (int c = 0; c < CG; ++c)
-    for (int j = 0; j < RR; ++j)
-      y[(r + j) * N + n + c] = hsum8(_mm256_add_ps(acc[c][j][0], acc[c][j][1])) + sm[c][j] + (bias ? bias[n + c] : 0.f);
-#else
-  for (int c = 0; c < CG; ++c)
-    for (int j = 0; j < RR; ++j) {
-      V8 acc[2] = {};
-      float sm = 0.f;
-      const uint8_t* wq = qs + (n + c) * (K / 2);
-      for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* wb = wq + b * 16;
-        const int8_t* xb = xq + (r + j) * K + b * QB;
-        const int64_t o = (n + c) * nb + b;
-        const float sc = wd[o] * xd[(r + j) * nb + b];
-        for (int l = 0; l < 8; ++l) {
-          int s = 0;
-          for (int e = 4 * l; e < 4 * l + 4; ++e) s += (e < 16 ? (wb[e] & 15) : (wb[e - 16] >> 4)) * xb[e];
-          acc[b & 1].v[l] = std::fma((float)s, sc, acc[b & 1].v[l]);
-        }
-        sm += wm[o] * xs[(r + j) * nb + b];
-      }
-      V8 t;
-      for (int l = 0; l < 8; ++l) t.v[l] = acc[0].v[l] + acc[1].v[l];
-      y[(r + j) * N + n + c] = hsum8(t) + sm + (bias ? bias[n + c] : 0.f);
-    }
-#endif
-}
-
-// Columns n0..n1 of RR rows from r in tiles of CG columns, the columns left over one at a time.
-template <int CG, int RR>
-inline void q4_cols(const Acts& a, const uint8_t* qs, const float* wd, const float* wm, const float* bias,
-                    int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t r, float* y) {
-  int64_t n = n0;
-  for (; n + CG <= n1; n += CG) q4_tile<CG, RR>(a, qs, wd, wm, bias, N, K, n, r, y);
-  for (; n < n1; ++n) q4_tile<1, RR>(a, qs, wd, wm, bias, N, K, n, r, y);
-}
-
-// y[M, N] = x[M, K] @ W^T for Q4 weights: rows in register chunks of 4 (each weight block is unpacked once and
-// used for 4 rows), and the 1-3 rows left over in one register tile too (a verify step of 2-3 tokens streams
-// the weights once, not once per token); a single row takes 4 columns at once (a plain step streams them).
-void q4_mm(const Acts& a, const uint8_t* qs, const float* wd, const float* wm, const float* bias,
-           int64_t M, int64_t N, int64_t K, float* y) {
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t t0 = 0; t0 < M; t0 += RT) {
-      const int64_t t1 = std::min(M, t0 + RT);
-      int64_t r = t0;
-      for (; r + RC <= t1; r += RC) q4_cols<1, RC>(a, qs, wd, wm, bias, N, K, n0, n1, r, y);
-      switch (t1 - r) {
-        case 3: q4_cols<1, 3>(a, qs, wd, wm, bias, N, K, n0, n1, r, y); break;
-        case 2: q4_cols<2, 2>(a, qs, wd, wm, bias, N, K, n0, n1, r, y); break;
-        case 1: q4_cols<4, 1>(a, qs, wd, wm, bias, N, K, n0, n1, r, y); break;
-        default: break;
-      }
-    }
-  });
-}
-
-// One column of y = x W^T for Q8 weights against RR rows (compile-time, so the accumulators stay in
-// registers). Every output accumulates its blocks in order in one accumulator: the same arithmetic whatever RR.
-template <int RR>
-inline void q8_tile(const Acts& a, const int8_t* wq, const float* dn, const float* mn, int per, const float* bias,
-                    int64_t N, int64_t K, int64_t n, int64_t r0, float* y) {
-  const int64_t nb = K / QB;
-  const int8_t* xq = a.q.data_ptr<int8_t>();
-  const float *xd = a.d.data_ptr<float>(), *xs = a.s.data_ptr<float>();
-#if SJ_AVX2
-  __m256 acc[RR];
-  float sm[RR];
-  for (int j = 0; j < RR; ++j) acc[j] = _mm256_setzero_ps(), sm[j] = 0.f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const __m256i w = _mm256_loadu_si256((const __m256i*)(wq + b * QB));
-    const __m256i aw = _mm256_sign_epi8(w, w);
-    const __m256 ws = per == 1 ? _mm256_set1_ps(dn[b]) : _mm256_set_m128(_mm_set1_ps(dn[2 * b + 1]), _mm_set1_ps(dn[2 * b]));
-    for (int j = 0; j < RR; ++j) {
-      const int64_t r = r0 + j;
-      const __m256i x = _mm256_loadu_si256((const __m256i*)(xq + r * K + b * QB));
-      const __m256 sc = _mm256_mul_ps(ws, _mm256_set1_ps(xd[r * nb + b]));
-      acc[j] = _mm256_fmadd_ps(idot_u8s8(aw, _mm256_sign_epi8(x, w)), sc, acc[j]);
-      if (mn) sm[j] += mn[b] * xs[r * nb + b];
-    }
-  }
-  for (int j = 0; j < RR; ++j) y[(r0 + j) * N + n] = hsum8(acc[j]) + sm[j] + (bias ? bias[n] : 0.f);
-#else
-  for (int j = 0; j < RR; ++j) {
-    const int64_t r = r0 + j;
-    V8 acc{};
-    float sm = 0.f;
-    for (int64_t b = 0; b < nb; ++b) {
-      const int8_t* wb = wq + b * QB;
-      const int8_t* xb = xq + r * K + b * QB;
-      for (int l = 0; l < 8; ++l) {
-        int s = 0;
-        for (int e = 4 * l; e < 4 * l + 4; ++e) s += (int)wb[e] * xb[e];
-        const float ws = per == 1 ? dn[b] : dn[2 * b + (l >= 4)];
-        acc.v[l] = std::fma((float)s, ws * xd[r * nb + b], acc.v[l]);
-      }
-      if (mn) sm += mn[b] * xs[r * nb + b];
-    }
-    y[r * N + n] = hsum8(acc) + sm + (bias ? bias[n] : 0.f);
-  }
-#endif
-}
-
-// The same for Q8 weights (signed int8), blocks of `bs` (16 or 32) along K, with an optional min.
-void q8_mm(const Acts& a, const int8_t* qs, const float* wd, const float* wm, int64_t bs, const float* bias,
-           int64_t M, int64_t N, int64_t K, float* y) {
-  const int per = (int)(QB / bs);
-  const int64_t nw = K / bs;  // weight scales per row
-  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    for (int64_t t0 = 0; t0 < M; t0 += RT) {
-      const int64_t t1 = std::min(M, t0 + RT);
-      for (int64_t n = n0; n < n1; ++n) {
-        const int8_t* wq = qs + n * K;
-        const float* dn = wd + n * nw;
-        const float* mn = wm ? wm + n * nw : nullptr;
-        int64_t r = t0;
-        for (; r + RC <= t1; r += RC) q8_tile<RC>(a, wq, dn, mn, per, bias, N, K, n, r, y);
-        switch (t1 - r) {  // the rows left over in one register tile: the weight row is read once
-          case 3: q8_tile<3>(a, wq, dn, mn, per, bias, N, K, n, r, y); break;
-          case 2: q8_tile<2>(a, wq, dn, mn, per, bias, N, K, n, r, y); break;
-          case 1: q8_tile<1>(a, wq, dn, mn, per, bias, N, K, n, r, y); break;
-          default: break;
-        }
-      }
-    }
-  });
 }
 
 torch::Tensor check_x(const torch::Tensor& x, int64_t K) {
@@ -284,51 +48,33 @@ torch::Tensor out_like(const torch::Tensor& x, int64_t N) {
   return torch::empty(sizes, torch::kFloat);
 }
 
+torch::Tensor run(const torch::Tensor& x, const sj::QW& w) {
+  const auto x2 = check_x(x, w.K);
+  ActBuf a = quantize(x2);
+  const Acts acts = a.acts();
+  auto y = out_like(x, w.N);
+  float* yp = y.data_ptr<float>();
+  const int64_t M = x2.size(0);
+  at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) { sj::matmul_cols(acts, w, M, n0, n1, yp, w.N); });
+  return y;
+}
+
+const float* opt(const c10::optional<torch::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
+
 torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d,
                         const torch::Tensor& m, const c10::optional<torch::Tensor>& bias) {
-  const int64_t N = qs.size(0), K = qs.size(1) * 2;
-  const auto x2 = check_x(x, K);
-  const Acts a = quantize(x2);
-  auto y = out_like(x, N);
-  q4_mm(a, qs.data_ptr<uint8_t>(), d.data_ptr<float>(), m.data_ptr<float>(),
-        bias ? bias->data_ptr<float>() : nullptr, x2.size(0), N, K, y.data_ptr<float>());
-  return y;
+  sj::QW w{true, qs.data_ptr<uint8_t>(), d.data_ptr<float>(), m.data_ptr<float>(), 32, opt(bias), qs.size(0),
+           qs.size(1) * 2};
+  return run(x, w);
 }
 
 torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d,
                         const c10::optional<torch::Tensor>& m, int64_t bs, const c10::optional<torch::Tensor>& bias) {
-  const int64_t N = qs.size(0), K = qs.size(1);
   TORCH_CHECK(bs == 16 || bs == 32, "Q8 blocks are 16 or 32 wide");
   TORCH_CHECK(!(m && bs != 32), "Q8 blocks with a min are 32 wide");
-  const auto x2 = check_x(x, K);
-  const Acts a = quantize(x2);
-  auto y = out_like(x, N);
-  q8_mm(a, qs.data_ptr<int8_t>(), d.data_ptr<float>(), m ? m->data_ptr<float>() : nullptr, bs,
-        bias ? bias->data_ptr<float>() : nullptr, x2.size(0), N, K, y.data_ptr<float>());
-  return y;
+  sj::QW w{false, qs.data_ptr<int8_t>(), d.data_ptr<float>(), opt(m), (int)bs, opt(bias), qs.size(0), qs.size(1)};
+  return run(x, w);
 }
-
-// ---- attention ----
-
-#if SJ_AVX2
-// exp(x) for x <= 0 (softmax after subtracting the max): Cephes' range reduction and degree-5 polynomial.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-#endif
 
 // out[b, t, h, :] = softmax(scale * q k^T over the keys visible to query t) v, keys in slot order.
 // q [B, T, H, D] contiguous; k, v [B, Hkv, S, D] with any strides over B, Hkv, S (D contiguous);
@@ -344,67 +90,56 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
   const float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const bool* mp = mask ? mask->data_ptr<bool>() : nullptr;
   float* op = out.data_ptr<float>();
-  const float sc = (float)scale;
   at::parallel_for(0, B * T * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(S);
-    std::vector<int64_t> idx(S);
+    std::vector<int32_t> idx(S);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (T * H), t = (i / H) % T, h = i % H, g = h / G;
-      const float* qv = qp + ((b * T + t) * H + h) * D;
-      const float* kb = kp + b * k.stride(0) + g * k.stride(1);
-      const float* vb = vp + b * v.stride(0) + g * v.stride(1);
       int64_t n = 0;
       for (int64_t s = 0; s < S; ++s)
-        if (!mp || mp[t * S + s]) idx[n++] = s;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) {
-        const float* kv = kb + idx[j] * k.stride(2);
-        float dot = 0.f;
-#if SJ_AVX2
-        if (D % 8 == 0) {
-          __m256 acc = _mm256_setzero_ps();
-          for (int64_t e = 0; e < D; e += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qv + e), _mm256_loadu_ps(kv + e), acc);
-          dot = hsum8(acc);
-        } else
-#endif
-        {
-          for (int64_t e = 0; e < D; ++e) dot = std::fma(qv[e], kv[e], dot);
-        }
-        p[j] = dot * sc;
-        mx = std::max(mx, p[j]);
-      }
-      int64_t j = 0;
-#if SJ_AVX2
-      for (; j + 8 <= n; j += 8)
-        _mm256_storeu_ps(&p[j], exp8(_mm256_sub_ps(_mm256_loadu_ps(&p[j]), _mm256_set1_ps(mx))));
-      if (j < n) {  // the tail through the same vector code, so a key's weight never depends on n
-        float tmp[8] = {0};
-        for (int64_t l = j; l < n; ++l) tmp[l - j] = p[l] - mx;
-        _mm256_storeu_ps(tmp, exp8(_mm256_loadu_ps(tmp)));
-        for (int64_t l = j; l < n; ++l) p[l] = tmp[l - j];
-      }
-#else
-      for (; j < n; ++j) p[j] = std::exp(p[j] - mx);
-#endif
-      float total = 0.f;
-      for (int64_t l = 0; l < n; ++l) total += p[l];
-      const float inv = 1.f / total;
-      float* o = op + ((b * T + t) * H + h) * D;
-      for (int64_t e = 0; e < D; ++e) o[e] = 0.f;
-      for (int64_t l = 0; l < n; ++l) {
-        const float* vv = vb + idx[l] * v.stride(2);
-        const float w = p[l];
-        int64_t e = 0;
-#if SJ_AVX2
-        for (; e + 8 <= D; e += 8)
-          _mm256_storeu_ps(o + e, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(vv + e), _mm256_loadu_ps(o + e)));
-#endif
-        for (; e < D; ++e) o[e] = std::fma(w, vv[e], o[e]);
-      }
-      for (int64_t e = 0; e < D; ++e) o[e] *= inv;
+        if (!mp || mp[t * S + s]) idx[n++] = (int32_t)s;
+      sj::attend_row(qp + ((b * T + t) * H + h) * D, kp + b * k.stride(0) + g * k.stride(1), k.stride(2),
+                     vp + b * v.stride(0) + g * v.stride(1), v.stride(2), idx.data(), n, D, (float)scale, p.data(),
+                     op + ((b * T + t) * H + h) * D);
     }
   });
   return out;
+}
+
+// RMSNorm over the last dim of x [..., n] (fp32) with weight [n]: the native step's row-wise op.
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && w.scalar_type() == torch::kFloat, "rms_norm: fp32 only");
+  const int64_t n = x.size(-1);
+  TORCH_CHECK(w.numel() == n, "rms_norm: weight size ", w.numel(), " != ", n);
+  const auto x2 = x.reshape({-1, n}).contiguous();
+  const auto wc = w.contiguous();
+  auto y = torch::empty_like(x2);
+  const float *xp = x2.data_ptr<float>(), *wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, x2.size(0), 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) sj::rms_norm_row(xp + r * n, wp, (float)eps, n, yp + r * n);
+  });
+  return y.view(x.sizes());
+}
+
+// act(g) * u for gu [..., 2F] = [gate | up] (SiLU, or GELU-tanh where `gelu`) -> [..., F].
+torch::Tensor act_mul(const torch::Tensor& gu, bool gelu) {
+  TORCH_CHECK(gu.scalar_type() == torch::kFloat, "act_mul: fp32 only");
+  const int64_t F = gu.size(-1) / 2;
+  const auto g2 = gu.reshape({-1, 2 * F}).contiguous();
+  auto y = out_like(gu, F);
+  const float* gp = g2.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, g2.size(0), 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* g = gp + r * 2 * F;
+      if (gelu)
+        sj::act_mul_row<true>(g, g + F, F, yp + r * F);
+      else
+        sj::act_mul_row<false>(g, g + F, F, yp + r * F);
+    }
+  });
+  return y;
 }
 
 // w = d * q (+ m) as fp32 [N, K] (the prompt path's transient copy): elementwise, exactly as
@@ -440,12 +175,167 @@ torch::Tensor dequantize(const torch::Tensor& qs, const torch::Tensor& d, const 
 
 bool has_avx2() { return SJ_AVX2; }
 
+// ---- the native step, bound ----
+
+// A weight part from Python: (q4, qs, d, m or None, block size, bias or None).
+using Part = std::tuple<bool, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t,
+                        c10::optional<torch::Tensor>>;
+
+class Native {
+ public:
+  Native(int64_t dm, int64_t hq, int64_t hkv, int64_t hd, int64_t ffn, double eps, double scale, bool gemma,
+         bool gelu, int64_t max_rows)
+      : m_(sj::Dims{dm, hq, hkv, hd, ffn, (float)eps, (float)scale, gemma, gelu}, max_rows) {
+    TORCH_CHECK(dm % QB == 0 && (hq * hd) % QB == 0 && ffn % QB == 0, "native step: widths must be multiples of 32");
+    TORCH_CHECK(hkv > 0 && hq % hkv == 0 && hd % 2 == 0, "native step: bad head layout");
+  }
+
+  void add_layer(const std::vector<Part>& qkv, const c10::optional<torch::Tensor>& qkv_bias, const std::vector<Part>& o,
+                 const std::vector<Part>& gu, const std::vector<Part>& down, const std::vector<torch::Tensor>& norms,
+                 int64_t window, int64_t rope) {
+    const sj::Dims& c = m_.dims();
+    sj::LayerW L;
+    L.qkv = proj(qkv, qkv_bias, c.dm, (c.hq + 2 * c.hkv) * c.hd);
+    L.o = proj(o, {}, c.hq * c.hd, c.dm);
+    L.gu = proj(gu, {}, c.dm, 2 * c.ffn);
+    L.down = proj(down, {}, c.ffn, c.dm);
+    TORCH_CHECK(norms.size() == (c.gemma ? 6u : 2u), "native step: wrong number of norms");
+    for (size_t i = 0; i < norms.size(); ++i) {
+      const int64_t want = c.gemma && i >= 4 ? c.hd : c.dm;
+      L.norms.push_back(vec(norms[i], want, "norm"));
+    }
+    L.window = window;
+    L.rope = rope;
+    m_.layers.push_back(L);
+  }
+
+  void set_head(const std::vector<Part>& head, const torch::Tensor& norm) {
+    m_.head = proj(head, {}, m_.dims().dm, -1);
+    m_.final_norm = vec(norm, m_.dims().dm, "final norm");
+  }
+
+  int64_t vocab() const { return m_.head.N; }
+
+  c10::optional<torch::Tensor> forward(torch::Tensor h, const torch::Tensor& pos, const std::vector<torch::Tensor>& rope,
+                                       const std::vector<int64_t>& seg,
+                                       const std::vector<c10::optional<torch::Tensor>>& trees,
+                                       const std::vector<int64_t>& order, const std::vector<int64_t>& flags,
+                                       const std::vector<torch::Tensor>& kv, const std::vector<int64_t>& slots,
+                                       const c10::optional<torch::Tensor>& taps, const std::vector<int64_t>& head_rows) {
+    const sj::Dims& c = m_.dims();
+    TORCH_CHECK(h.scalar_type() == torch::kFloat && h.is_contiguous() && h.dim() == 2 && h.size(1) == c.dm,
+                "native step: h must be contiguous fp32 [M, ", c.dm, "]");
+    const int64_t M = h.size(0);
+    TORCH_CHECK(M >= 1 && M <= m_.max_rows(), "native step: ", M, " rows (1 to ", m_.max_rows(), ")");
+    TORCH_CHECK(pos.scalar_type() == torch::kLong && pos.is_contiguous() && pos.numel() == M, "native step: positions");
+    std::vector<const float*> ropes;
+    for (const auto& t : rope) {
+      TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous() && t.numel() == M * c.hd, "native step: RoPE");
+      ropes.push_back(t.data_ptr<float>());
+    }
+    TORCH_CHECK(!seg.empty() && trees.size() == seg.size(), "native step: segments");
+    int64_t rows = 0;
+    std::vector<const bool*> tr;
+    for (size_t s = 0; s < seg.size(); ++s) {
+      TORCH_CHECK(seg[s] >= 1, "native step: an empty segment");
+      rows += seg[s];
+      const auto& t = trees[s];
+      TORCH_CHECK(!t || (t->scalar_type() == torch::kBool && t->is_contiguous() && t->numel() == seg[s] * seg[s]),
+                  "native step: a tree mask must be bool [T, T]");
+      tr.push_back(t ? t->data_ptr<bool>() : nullptr);
+    }
+    TORCH_CHECK(rows == M, "native step: segments cover ", rows, " rows of ", M);
+    TORCH_CHECK(order.size() == flags.size(), "native step: one flag per layer");
+    int64_t nattn = 0, ntap = 0;
+    for (size_t i = 0; i < order.size(); ++i) {
+      TORCH_CHECK(order[i] >= 0 && order[i] < (int64_t)m_.layers.size(), "native step: no layer ", order[i]);
+      TORCH_CHECK(2 * m_.layers[order[i]].rope + 1 < (int64_t)ropes.size(), "native step: missing RoPE tables");
+      nattn += flags[i] & 1;
+      ntap += (flags[i] >> 2) & 1;
+    }
+    const int64_t S = (int64_t)seg.size();
+    TORCH_CHECK((int64_t)kv.size() == 2 * nattn * S && (int64_t)slots.size() == 2 * nattn * S, "native step: caches");
+    std::vector<sj::Slot> sl;
+    for (int64_t i = 0; i < nattn * S; ++i) {
+      const auto &k = kv[2 * i], &v = kv[2 * i + 1];
+      for (const auto* t : {&k, &v})
+        TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->dim() == 4 && t->size(0) == 1 &&
+                        t->size(1) == c.hkv && t->size(3) == c.hd && t->sizes() == k.sizes(),
+                    "native step: a cache layer must be contiguous fp32 [1, ", c.hkv, ", C, ", c.hd, "]");
+      const int64_t a = slots[2 * i], C = k.size(2);
+      TORCH_CHECK(a >= 0 && a + seg[i % S] <= C, "native step: cache slot ", a, " out of ", C);
+      sl.push_back(sj::Slot{k.data_ptr<float>(), v.data_ptr<float>(), C, a, slots[2 * i + 1]});
+    }
+    float* tp = nullptr;
+    if (ntap) {
+      TORCH_CHECK(taps && taps->scalar_type() == torch::kFloat && taps->is_contiguous() &&
+                      taps->numel() == ntap * M * c.dm,
+                  "native step: taps must be fp32 [", ntap, ", M, dm]");
+      tp = taps->data_ptr<float>();
+    }
+    c10::optional<torch::Tensor> logits;
+    float* lp = nullptr;
+    if (!head_rows.empty()) {
+      TORCH_CHECK(m_.final_norm, "native step: no LM head");
+      TORCH_CHECK((int64_t)head_rows.size() <= m_.max_rows(), "native step: too many logits rows");
+      for (int64_t r : head_rows) TORCH_CHECK(r >= 0 && r < M, "native step: logits row ", r);
+      logits = torch::empty({(int64_t)head_rows.size(), m_.head.N}, torch::kFloat);
+      lp = logits->data_ptr<float>();
+    }
+    m_.forward(h.data_ptr<float>(), M, pos.data_ptr<int64_t>(), ropes, seg, tr, order, flags, sl, tp, head_rows, lp);
+    return logits;
+  }
+
+ private:
+  const float* vec(const torch::Tensor& t, int64_t n, const char* what) {
+    TORCH_CHECK(t.scalar_type() == torch::kFloat && t.is_contiguous() && t.numel() == n, "native step: ", what);
+    keep_.push_back(t);
+    return t.data_ptr<float>();
+  }
+
+  sj::Proj proj(const std::vector<Part>& parts, const c10::optional<torch::Tensor>& bias, int64_t K, int64_t N) {
+    sj::Proj p;
+    p.K = K;
+    for (const auto& [q4, qs, d, m, bs, b] : parts) {
+      TORCH_CHECK(qs.is_contiguous() && d.is_contiguous() && d.scalar_type() == torch::kFloat, "native step: weights");
+      const int64_t n = qs.size(0), k = q4 ? qs.size(1) * 2 : qs.size(1);
+      TORCH_CHECK(k == K, "native step: weight width ", k, " != ", K);
+      TORCH_CHECK(q4 ? (qs.scalar_type() == torch::kUInt8 && m && bs == 32)
+                     : (qs.scalar_type() == torch::kInt8 && (bs == 32 || (bs == 16 && !m))),
+                  "native step: a weight block format it cannot take");
+      TORCH_CHECK(d.numel() == n * (K / bs) && (!m || m->numel() == d.numel()), "native step: weight scales");
+      TORCH_CHECK(!b || b->numel() == n, "native step: bias");
+      for (const auto& t : {qs, d}) keep_.push_back(t);
+      if (m) keep_.push_back(*m);
+      if (b) keep_.push_back(*b);
+      p.parts.push_back(sj::QW{q4, qs.data_ptr(), d.data_ptr<float>(), m ? m->data_ptr<float>() : nullptr, (int)bs,
+                               b ? b->data_ptr<float>() : nullptr, n, K});
+      p.offs.push_back(p.N);
+      p.N += n;
+    }
+    TORCH_CHECK(!parts.empty() && (N < 0 || p.N == N), "native step: projection width ", p.N, " != ", N);
+    if (bias) p.bias = vec(*bias, p.N, "bias");
+    return p;
+  }
+
+  sj::Model m_;
+  std::vector<torch::Tensor> keep_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("q4_linear", &q4_linear, "y = x W^T (+ b), W in Q4 blocks, x quantised to 8 bits per row block");
   mod.def("q8_linear", &q8_linear, "the same for Q8 weight blocks");
   mod.def("attention", &attention, "batch-invariant attention over the visible keys");
+  mod.def("rms_norm", &rms_norm, "RMSNorm over the last dim, row by row");
+  mod.def("act_mul", &act_mul, "SiLU(g) * u or GELU-tanh(g) * u for [g | u]");
   mod.def("dequantize", &dequantize, "w = d * q (+ m) as fp32");
   mod.def("has_avx2", &has_avx2, "whether the AVX2 paths were compiled in");
+  pybind11::class_<Native>(mod, "Native")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, bool, bool, int64_t>())
+      .def("add_layer", &Native::add_layer)
+      .def("set_head", &Native::set_head)
+      .def_property_readonly("vocab", &Native::vocab)
+      .def("forward", &Native::forward);
 }

@@ -21,6 +21,7 @@ from skipjack.errors import SkipjackError
 from skipjack.kernels import kernels
 from skipjack.limits import MAX_DRAFT
 from skipjack.linear import ConcatLinear, Embedding, Linear, is_invariant, param
+from skipjack.models import native
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -28,6 +29,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype) if weight.dtype == x.dtype else (xf * weight.float()).to(x.dtype)
+
+
+class TorchMath:
+    """The row-wise ops of a dense (fp32/bf16) model: torch's, as HF computes them."""
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, weight, eps)
+
+    @staticmethod
+    def act_mul(gu: torch.Tensor, gelu: bool) -> torch.Tensor:
+        """act(g) * u for gu = [g | u] [..., 2F] -> [..., F] (SiLU, or GELU-tanh where `gelu`)."""
+        g, u = gu.chunk(2, dim=-1)  # [..., F] x2
+        return (F.gelu(g, approximate="tanh") if gelu else F.silu(g)) * u
+
+
+class KernelMath:
+    """The row-wise ops of a block-format (q4/q8) model: the C++ functions the native step fuses
+    (`kernels/elementwise.h`), called here one op at a time. Each row is computed alone with fixed-order sums,
+    so the Python forward and the native step give the same bits, whatever the rows in a pass."""
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return kernels().rms_norm(x, weight, eps)
+
+    @staticmethod
+    def act_mul(gu: torch.Tensor, gelu: bool) -> torch.Tensor:
+        return kernels().act_mul(gu, gelu)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype, scale: float = 1.0):
@@ -167,6 +196,9 @@ class DecoderLM(nn.Module):
         self.tied = c.tie_word_embeddings or head is None  # the LM head is the embedding table
         self.lm_head = linear(sd["model.embed_tokens.weight"] if self.tied else head)
         self.invariant = is_invariant(self.linears())
+        self.math = KernelMath if self.invariant and self.dtype == torch.float32 else TorchMath
+        for block in self.layers:
+            block.math = self.math
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -190,8 +222,10 @@ class DecoderLM(nn.Module):
     def head(self, h: torch.Tensor, lm_head: Linear | None = None, norm: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm + LM head (or `lm_head`, for example a reduced-vocabulary one; `norm`, a draft's own final
         norm weight): [B, T, D] -> logits [B, T, V] (fp32)."""
-        h = rms_norm(h, self.norm_weight if norm is None else norm, self.config.rms_norm_eps)
-        logits = (lm_head or self.lm_head)(h).float()  # [B, T, V]
+        h = self.math.rms_norm(h, self.norm_weight if norm is None else norm, self.config.rms_norm_eps)
+        return self.softcap((lm_head or self.lm_head)(h).float())  # [B, T, V]
+
+    def softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = getattr(self.config, "final_logit_softcapping", None)
         return logits if not cap else torch.tanh(logits / cap) * cap
 
@@ -236,6 +270,13 @@ class DecoderLM(nn.Module):
             cache = self.make_cache(capacity=int(positions.max()) + 1, batch=B)
         order = range(self.num_layers) if layers is None else list(layers)
         skip_attn, skip_ffn, want = set(skip_attn), set(skip_ffn), set(return_hidden)
+        if not trace and native.fits(self, T, B, [cache]):  # the same pass in one C++ call
+            h = self.embed(ids) if hidden is None else hidden  # [1, T, D]
+            seg = [(cache, positions, tree_mask)]
+            lg, taps, last = native.forward(
+                self, h, seg, order, skip_attn, skip_ffn, exit_layer, want, logits, owned=hidden is None
+            )
+            return ForwardOut(None if lg is None else lg[None], {i: t[None] for i, t in taps.items()}, last[None])
         ropes = self.ropes(positions)
         masks: dict = {}
         out = ForwardOut(logits=None)
@@ -278,6 +319,16 @@ class DecoderLM(nn.Module):
         `MAX_DRAFT + 1` rows in all), each sequence's logits equal its own single pass bit for bit."""
         lens = [s.ids.shape[1] for s in segments]
         pos = [s.cache.offset + torch.arange(n) if s.positions is None else s.positions for s, n in zip(segments, lens)]
+        if native.fits(self, sum(lens), 1, [s.cache for s in segments]):  # the same pass in one C++ call
+            h = self.embed(torch.cat([s.ids for s in segments], 1))  # [1, ΣT, D]
+            seg = [(s.cache, p, s.tree_mask) for s, p in zip(segments, pos)]
+            every = range(self.num_layers)
+            lg, taps, _ = native.forward(self, h, seg, every, (), (), None, set(return_hidden), "all", owned=True)
+            outs, o = [], 0
+            for n in lens:
+                outs.append(ForwardOut(lg[None, o : o + n], {i: t[None, o : o + n] for i, t in taps.items()}))
+                o += n
+            return outs
         ropes = self.ropes(torch.cat(pos))  # [ΣT] rows: RoPE is per row
         want, hidden = set(return_hidden), {}
         memos: list[dict] = [{} for _ in segments]

@@ -12,16 +12,15 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from skipjack.linear import fuse, param
 from skipjack.models.common import (
+    TorchMath,
     DecoderLM,
     Rope,
     apply_rope,
     config_from_dict,
-    rms_norm,
     run_attention,
 )
 
@@ -59,6 +58,10 @@ class Gemma3Config:
 
 
 class Block(nn.Module):
+    math = TorchMath  # the row-wise ops; `DecoderLM._build` sets the model's
+    GELU = True  # the FFN's gate: GELU-tanh, else SiLU
+    NORMS = ("attn_pre", "attn_post", "ffn_pre", "ffn_post", "q_norm", "k_norm")  # the native step's order
+
     def __init__(self, c: Gemma3Config, sd: dict[str, torch.Tensor], p: str, linear):
         super().__init__()
         self.c = c
@@ -85,17 +88,17 @@ class Block(nn.Module):
         B, T, _ = h.shape
         c, eps = self.c, self.c.rms_norm_eps
         if attn:
-            x = rms_norm(h, self.attn_pre, eps)
+            x = self.math.rms_norm(h, self.attn_pre, eps)
             qkv = self.wqkv(x).view(B, T, self.n_q + 2 * self.n_kv, c.head_dim)  # [B, T, Hq+2Hkv, D]
-            q = rms_norm(qkv[:, :, : self.n_q], self.q_norm, eps)  # [B, T, Hq, D]
-            k = rms_norm(qkv[:, :, self.n_q : self.n_q + self.n_kv], self.k_norm, eps)  # [B, T, Hkv, D]
+            q = self.math.rms_norm(qkv[:, :, : self.n_q], self.q_norm, eps)  # [B, T, Hq, D]
+            k = self.math.rms_norm(qkv[:, :, self.n_q : self.n_q + self.n_kv], self.k_norm, eps)  # [B, T, Hkv, D]
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             o = run_attention(q, k, qkv[:, :, self.n_q + self.n_kv :], kv, start, mask_fn, self.scale)  # [B, T, H*D]
-            h = h + rms_norm(self.wo(o), self.attn_post, eps)
+            h = h + self.math.rms_norm(self.wo(o), self.attn_post, eps)
         if ffn:
-            x = rms_norm(h, self.ffn_pre, eps)
-            g, u = self.wgu(x).chunk(2, dim=-1)  # [B, T, F] x2
-            h = h + rms_norm(self.wd(F.gelu(g, approximate="tanh") * u), self.ffn_post, eps)
+            x = self.math.rms_norm(h, self.ffn_pre, eps)
+            y = self.wd(self.math.act_mul(self.wgu(x), gelu=True))  # [B, T, F] -> [B, T, Dm]
+            h = h + self.math.rms_norm(y, self.ffn_post, eps)
         return h
 
 

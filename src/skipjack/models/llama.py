@@ -9,16 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from skipjack.linear import fuse, param
 from skipjack.models.common import (
+    TorchMath,
     DecoderLM,
     Rope,
     apply_rope,
     config_from_dict,
-    rms_norm,
     run_attention,
 )
 
@@ -63,6 +62,10 @@ class LlamaConfig:
 
 
 class Block(nn.Module):
+    math = TorchMath  # the row-wise ops; `DecoderLM._build` sets the model's
+    GELU = False  # the FFN's gate: GELU-tanh, else SiLU
+    NORMS = ("attn_norm", "ffn_norm")  # in the native step's order (`skipjack.models.native`)
+
     def __init__(self, c: LlamaConfig, sd: dict[str, torch.Tensor], p: str, linear):
         super().__init__()
         self.c = c
@@ -83,15 +86,14 @@ class Block(nn.Module):
         B, T, _ = h.shape
         D = self.c.head_dim
         if attn:
-            x = rms_norm(h, self.attn_norm, self.c.rms_norm_eps)
+            x = self.math.rms_norm(h, self.attn_norm, self.c.rms_norm_eps)
             qkv = self.wqkv(x).view(B, T, self.n_q + 2 * self.n_kv, D)  # [B, T, Hq+2Hkv, D]
             qk = apply_rope(qkv[:, :, : self.n_q + self.n_kv], *rope)  # [B, T, Hq+Hkv, D]
             q, k, v = qk[:, :, : self.n_q], qk[:, :, self.n_q :], qkv[:, :, self.n_q + self.n_kv :]
             h = h + self.wo(run_attention(q, k, v, kv, start, mask_fn, self.scale))  # [B, T, Dm]
         if ffn:
-            x = rms_norm(h, self.ffn_norm, self.c.rms_norm_eps)
-            g, u = self.wgu(x).chunk(2, dim=-1)  # [B, T, F] x2
-            h = h + self.wd(F.silu(g) * u)  # [B, T, Dm]
+            x = self.math.rms_norm(h, self.ffn_norm, self.c.rms_norm_eps)
+            h = h + self.wd(self.math.act_mul(self.wgu(x), gelu=False))  # [B, T, F] -> [B, T, Dm]
         return h
 
 
