@@ -13,9 +13,9 @@ from torch import nn
 
 from skipjack.linear import fuse, param
 from skipjack.models.common import (
-    TorchMath,
     DecoderLM,
     Rope,
+    TorchMath,
     apply_rope,
     config_from_dict,
     run_attention,

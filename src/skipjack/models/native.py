@@ -120,7 +120,8 @@ def forward(model, h, segments, order, skip_attn, skip_ffn, exit_layer, want, lo
     layers, flags = [], []
     for i in order:
         layers.append(i)
-        flags.append((ATTN if i not in skip_attn else 0) | (FFN if i not in skip_ffn else 0) | (TAP if i in want else 0))
+        f = (ATTN if i not in skip_attn else 0) | (FFN if i not in skip_ffn else 0)
+        flags.append(f | (TAP if i in want else 0))
         if i == exit_layer:
             break
     kv, slots = [], []
