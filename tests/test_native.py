@@ -278,3 +278,22 @@ def test_real_default_model_native_equals_python():
             return out, held(cache)
 
         assert_same(*both(run))
+
+
+@pytest.mark.parametrize("on", [False, True], ids=["python", "native"])
+@pytest.mark.parametrize("drafter", ["always", "random-tree", "pld"])
+def test_speculation_is_exact_on_both_paths(on, drafter):
+    """The lossless identity on either path: speculative greedy output equals plain greedy output."""
+    from drafters_mock import AlwaysAccept, RandomDrafter, decode
+
+    from skipjack.sampling import SamplingParams
+
+    m = model("qwen2", "q4")
+    prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 9, 1, 2, 3] * 2
+    with native_step(on):
+        plain, _ = decode(m, prompt, SamplingParams(max_new_tokens=40), "plain")
+        made = {"always": AlwaysAccept(m), "random-tree": RandomDrafter(m, 3, tree=True)}.get(drafter, drafter)
+        spec, steps = decode(m, prompt, SamplingParams(max_new_tokens=40), made)
+    assert spec == plain
+    if drafter == "always":  # it drafted, and its drafts were taken
+        assert len(steps) < len(plain)
