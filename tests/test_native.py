@@ -297,3 +297,16 @@ def test_speculation_is_exact_on_both_paths(on, drafter):
     assert spec == plain
     if drafter == "always":  # it drafted, and its drafts were taken
         assert len(steps) < len(plain)
+
+
+def test_embedding_rows_from_the_kernel_equal_the_reference():
+    from skipjack.quant import quantize
+
+    w = torch.randn(40, 64)
+    ids = torch.tensor([0, 5, 39, 5])
+    for kind in ("q4", "q8"):
+        t = quantize(w, kind)
+        got = kernels().dequantize_rows(t.qs, t.d, t.m, kind == "q4", t.bs, ids)
+        assert torch.equal(got, t.dequantize(ids))
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels().dequantize_rows(t.qs, t.d, t.m, False, t.bs, torch.tensor([40]))

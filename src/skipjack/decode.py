@@ -13,6 +13,7 @@ verdict.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -201,8 +202,8 @@ class Sequence:
         the cost model (None: a batched pass, whose time is not this sequence's alone)."""
         proposal, cache, sampler, at = self.proposal, self.cache, self.sampler, self.at
         if not proposal:
-            logits = finite(out.logits[0, -1])  # [V]
-            step, verdict = Step([sampler.pick(logits)]), None
+            logits = finite(out.logits[0, -1], out.finite)  # [V]
+            step, verdict = Step([sampler.pick(logits, None if out.argmax is None else out.argmax[-1])]), None
             step.logprobs = _logprobs(logits[None], step.tokens, sampler.params.logprobs)
         else:
             step, verdict = _verified(out, cache, proposal, sampler, at)
@@ -236,7 +237,8 @@ class Sequence:
 
 def _verified(out, cache: KVCache, proposal: Proposal, sampler: Sampler, start: int) -> tuple[Step, Verdict]:
     """Verify a proposal from its forward over [pending] + its nodes, and keep only the accepted path's KV."""
-    verdict = verify(finite(out.logits[0]), proposal, sampler.params, sampler.gen, sampler.seen)  # logits [T, V]
+    logits = finite(out.logits[0], out.finite)  # [T, V]
+    verdict = verify(logits, proposal, sampler.params, sampler.gen, sampler.seen, out.argmax)
     verdict.hidden.update({i: h[0] for i, h in out.hidden.items()})  # [T, D] each
     if proposal.is_chain:
         cache.trim(len(proposal) - len(verdict.path))
@@ -249,9 +251,13 @@ def _verified(out, cache: KVCache, proposal: Proposal, sampler: Sampler, start: 
     return step, verdict
 
 
-def finite(logits: torch.Tensor) -> torch.Tensor:
-    """The logits, checked: a NaN or inf (damaged weights, an overflow) must never become a token."""
-    if not bool(torch.isfinite(logits).all()):
+def finite(logits: torch.Tensor, checked: bool | None = None) -> torch.Tensor:
+    """The logits, checked: a NaN or inf (damaged weights, an overflow) must never become a token. `checked`:
+    the native step's own answer for them. Else their sum says it (finite unless some logit is not, or the sum
+    overflows, when every element is looked at)."""
+    if checked is None:
+        checked = math.isfinite(float(logits.sum())) or bool(torch.isfinite(logits).all())
+    if not checked:
         raise SkipjackError(
             "the model produced non-finite logits (NaN or inf): its weights may be damaged; clear the model's "
             "cache entry under SKIPJACK_HOME/converted, or try --dtype fp32"

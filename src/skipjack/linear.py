@@ -173,9 +173,19 @@ class Embedding(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.table.dtype
 
+    kernel = False  # dequantise block rows with the C++ kernel (set on a block model, whose kernels are built)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.table, QuantTensor):
-            return self.table.dequantize(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)  # [..., D]
+        t = self.table
+        if isinstance(t, QuantTensor):
+            flat = ids.reshape(-1)  # [n]
+            if self.kernel and t.d.dtype == torch.float32:  # the same values, without six torch ops per lookup
+                from skipjack.kernels import kernels
+
+                rows = kernels().dequantize_rows(t.qs, t.d, t.m, t.kind == "q4", t.bs, flat)  # [n, D]
+            else:
+                rows = t.dequantize(flat)  # [n, D]
+            return rows.view(*ids.shape, self.embedding_dim)  # [..., D]
         return F.embedding(ids, self.table)  # [..., D]
 
 

@@ -111,12 +111,12 @@ class Sampler:
             self.seen = torch.zeros(vocab, dtype=torch.bool)
             self.seen[torch.tensor(prompt)] = True
 
-    def pick(self, logits: torch.Tensor) -> int:
-        """The next token after logits [V]."""
+    def pick(self, logits: torch.Tensor, argmax: int | None = None) -> int:
+        """The next token after logits [V] (`argmax`: theirs, where the forward computed it)."""
         if self.seen is not None:
-            logits = penalize(logits[None], self.seen[None], self.params.repetition_penalty)[0]
+            logits, argmax = penalize(logits[None], self.seen[None], self.params.repetition_penalty)[0], None
         if self.params.greedy:
-            return int(logits.argmax())
+            return int(logits.argmax()) if argmax is None else argmax
         return sample(probs(logits[None], self.params)[0], self.gen)
 
     def saw(self, tokens: list[int]) -> None:

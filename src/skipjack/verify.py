@@ -56,11 +56,12 @@ def verify(
     params: SamplingParams,
     gen: torch.Generator | None = None,
     seen: torch.Tensor | None = None,  # [V] bool, tokens in the context (repetition penalty)
+    argmax: list[int] | None = None,  # [T] each row's argmax, where the forward computed it
 ) -> Verdict:
     children = proposal.children()
     toks = proposal.tokens
     penalised = seen is not None and params.repetition_penalty != 1.0
-    raw = logits.argmax(-1).tolist()  # [T]
+    raw = logits.argmax(-1).tolist() if argmax is None else argmax  # [T]
     if params.greedy:
         target = target_probs(logits, proposal, params, seen).argmax(-1).tolist() if penalised else raw
         path, row = [], 0

@@ -90,7 +90,7 @@ def curves(model, gguf: Path | None, contexts=CONTEXTS, ks=KS, repeats: int = 9)
         if gguf is not None:
             runners["llamacpp"] = LlamaCpp(gguf, ctx, model.config.vocab_size)
         times: dict[str, dict[int, list[float]]] = {name: {k: [] for k in ks} for name in runners}
-        for name, r in runners.items():  # warm
+        for r in runners.values():  # warm
             r.seconds(1)
         for _ in range(repeats):
             for k in ks:
@@ -139,7 +139,7 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from skipjack.bench.machine import machine_info, measure_bandwidth
     from skipjack.errors import run_command
-    from skipjack.loading import fetch_named, is_gguf, load
+    from skipjack.loading import load
 
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.stepcost", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 import llama_cpp  # noqa: F401
 
-                gguf = Path(a.model) if is_gguf(a.model) else fetch_named(a.model)
+                gguf = loaded.source if loaded.source.suffix == ".gguf" else None
             except ImportError:
                 print("skipjack: llama-cpp-python is not installed (make bench-peers): ours only", file=sys.stderr)
         contexts = [int(c) for c in a.contexts.split(",")]

@@ -1,6 +1,7 @@
 """Where a plain decoding step's time goes: the linear kernels, attention, and the rest.
 
-`breakdown(model)` prefills `context` tokens, then times `steps` one-token forward passes (median). It then
+`breakdown(model)` prefills `context` tokens, then times `steps` one-token forward passes (median). On the
+native step (`skipjack.models.native`) the parts are what its C++ code times per phase. On the Python path it
 times each part alone at that shape: every linear on one input row, and every layer's attention over the
 cache it holds (the invariant kernel where the model uses it, SDPA otherwise). The rest of the step (Python
 dispatch, norms, RoPE, elementwise ops, the sampler's argmax excluded) is the step minus both.
@@ -13,7 +14,7 @@ import time
 
 import torch
 
-from skipjack.models import DecoderLM
+from skipjack.models import DecoderLM, native
 from skipjack.models.common import attend, kernel_attend
 
 
@@ -27,13 +28,39 @@ def _median_ms(fn, n: int) -> float:
     return statistics.median(times)
 
 
+def _native_breakdown(model, one, total: float, context: int, steps: int) -> dict:
+    """The native step's parts as its C++ code times them (thread 0's wall time between barriers, the mean of
+    `steps` steps); the rest is the step's time minus the linears (LM head included) and attention: norms,
+    quantisation of activations, RoPE, cache writes, barriers and Python."""
+    twin = native.native(model).run
+    twin.profile(True)
+    for _ in range(steps):
+        one()
+    phases = {k: v * 1000 / steps for k, v in twin.profile(False)}
+    linears = phases["matmuls"] + phases["LM head"]
+    attention = phases["attention"]
+    return {
+        "path": "native",
+        "context": context,
+        "steps": steps,
+        "total_ms": round(total, 2),
+        "linears_ms": round(linears, 2),
+        "attention_ms": round(attention, 2),
+        "other_ms": round(max(total - linears - attention, 0.0), 2),
+        "phases_ms": {k: round(v, 3) for k, v in phases.items()},
+    }
+
+
 @torch.inference_mode()
 def breakdown(model: DecoderLM, context: int = 256, steps: int = 16) -> dict:
     c = model.config
-    cache = model.make_cache(context + steps + 8)
+    cache = model.make_cache(context + 3 * steps + 8)
     model(torch.arange(context)[None] % c.vocab_size, cache)
     step = iter(range(10**6))
-    total = _median_ms(lambda: model(torch.tensor([[next(step) % c.vocab_size]]), cache, logits="last"), steps)
+    one = lambda: model(torch.tensor([[next(step) % c.vocab_size]]), cache, logits="last")  # noqa: E731
+    total = _median_ms(one, steps)
+    if native.fits(model, 1, 1, [cache]):
+        return _native_breakdown(model, one, total, context, steps)
     linears = 0.0
     for lin in model.linears():
         x = torch.randn(1, 1, lin.in_features, dtype=model.dtype)
@@ -47,6 +74,7 @@ def breakdown(model: DecoderLM, context: int = 256, steps: int = 16) -> dict:
         else:
             attention += _median_ms(lambda k=k, v=v: attend(q, k, v, None, scale, False), steps)
     return {
+        "path": "python",
         "context": context,
         "steps": steps,
         "total_ms": round(total, 2),

@@ -16,6 +16,7 @@
 
 #include <omp.h>
 
+#include <chrono>
 #include <cstring>
 #include <vector>
 
@@ -49,6 +50,10 @@ struct LayerW {
   int64_t window = -1;  // sliding window, or -1
   int64_t rope = 0;     // which RoPE table pair the caller passes for this layer
 };
+
+// A pass whose layers stream fewer weight bytes (times rows) than this runs on one thread: its barriers would
+// cost more than the second thread saves.
+constexpr int64_t MIN_PARALLEL_BYTES = 1 << 18;
 
 // Per (attention layer, segment): the layer's cache buffers [1, Hkv, C, D] and where this pass writes.
 struct Slot {
@@ -84,17 +89,23 @@ class Model {
   Proj head;
   const float* final_norm = nullptr;
 
+  // Where a pass's time goes, per phase (thread 0's wall time between barriers), when `profiling`.
+  enum Phase { NORM, MATMUL, ROPE, ATTENTION, ACTIVATION, HEAD, PHASES };
+  bool profiling = false;
+  double seconds[PHASES] = {0};
+
   const Dims& dims() const { return c_; }
   int64_t max_rows() const { return R_; }
 
   // One pass over `order` (layer indices; flags per entry: 1 attention, 2 FFN, 4 tap the output into `taps`),
   // on h [M, dm] in place; rows in segments (`seg`: rows each, `tree`: [n, n] ancestor-or-self or null for
   // causal), `pos` [M] absolute positions, `rope` [2 * kinds] tables [M, hd]; `slots` per (attention layer,
-  // segment); then the final norm and LM head over `head_rows` into `logits` [R, V] (none when empty).
+  // segment); then the final norm and LM head over `head_rows` into `logits` [R, V] (none when empty), each
+  // row's argmax into `argmax` [R] and whether all logits are finite into `finite`.
   void forward(float* h, int64_t M, const int64_t* pos, const std::vector<const float*>& rope,
                const std::vector<int64_t>& seg, const std::vector<const bool*>& tree,
                const std::vector<int64_t>& order, const std::vector<int64_t>& flags, const std::vector<Slot>& slots,
-               float* taps, const std::vector<int64_t>& head_rows, float* logits) {
+               float* taps, const std::vector<int64_t>& head_rows, float* logits, int64_t* argmax, bool* finite) {
     const int64_t S = (int64_t)seg.size(), dm = c_.dm, hd = c_.hd, hq = c_.hq, hkv = c_.hkv, G = hq / hkv;
     const int64_t nqkv = (hq + 2 * hkv) * hd;
     std::vector<int64_t> seg_of(M), row0(S + 1, 0);
@@ -106,8 +117,15 @@ class Model {
     for (const Slot& sl : slots) most = std::max(most, sl.a + M);
     idx_.resize(M * most);
     nvis_.resize(M);
-    const int nt = std::max(1, std::min<int>(at::get_num_threads(), omp_get_max_threads()));
+    // Threads: as many as torch uses, but one where a pass is too small to pay for the barriers (tiny models)
+    int64_t bytes = 0;
+    for (const Proj* p : {&layers[0].qkv, &layers[0].o, &layers[0].gu, &layers[0].down})
+      for (const QW& w : p->parts) bytes += w.N * w.K / (w.q4 ? 2 : 1);
+    const int most_threads = std::max(1, std::min<int>(at::get_num_threads(), omp_get_max_threads()));
+    const int nt = bytes * M < MIN_PARALLEL_BYTES ? 1 : most_threads;
     p_.resize(nt);
+    share_.resize(nt * head_rows.size());
+    *finite = true;
     for (auto& p : p_) p.resize(most);
     const Acts A{aq_.data(), ad_.data(), as_.data(), 0};
 
@@ -117,6 +135,14 @@ class Model {
       int64_t r0, r1;
       split(M, T, tid, 1, r0, r1);
       auto acts = [&](int64_t K) { return Acts{A.q, A.d, A.s, K}; };
+      using clock = std::chrono::steady_clock;
+      auto last = clock::now();
+      auto mark = [&](Phase ph) {  // the time since the last mark went to `ph`
+        if (!profiling || tid != 0) return;
+        const auto now = clock::now();
+        seconds[ph] += std::chrono::duration<double>(now - last).count();
+        last = now;
+      };
       int64_t ai = 0;  // attention layers seen (index into slots)
       int64_t tap = 0;
       for (size_t li = 0; li < order.size(); ++li) {
@@ -127,8 +153,10 @@ class Model {
           for (int64_t r = r0; r < r1; ++r) rms_norm_row(h + r * dm, L.norms[0], c_.eps, dm, x_.data() + r * dm);
           quantize_rows(x_.data(), r0, r1, acts(dm));
 #pragma omp barrier
+          mark(NORM);
           proj_cols(acts(dm), L.qkv, M, tid, T, qkv_.data());
 #pragma omp barrier
+          mark(MATMUL);
           if (L.qkv.bias) add_bias(r0, r1, L.qkv, qkv_.data());
           // q/k norms (Gemma), RoPE, the new keys and values into the cache, each row's visible slots
           const float* cos = rope[2 * L.rope];
@@ -149,6 +177,7 @@ class Model {
             visible(r, t, seg[s], sl, pos + row0[s], tree[s], L.window, most);
           }
 #pragma omp barrier
+          mark(ROPE);
           // attention: (row, query head) pairs
           {
             int64_t i0, i1;
@@ -162,10 +191,13 @@ class Model {
             }
           }
 #pragma omp barrier
+          mark(ATTENTION);
           quantize_rows(o_.data(), r0, r1, acts(hq * hd));
 #pragma omp barrier
+          mark(NORM);
           proj_cols(acts(hq * hd), L.o, M, tid, T, y_.data());
 #pragma omp barrier
+          mark(MATMUL);
           if (L.o.bias) add_bias(r0, r1, L.o, y_.data());
           residual(r0, r1, h, gem ? L.norms[1] : nullptr);
           ++ai;
@@ -175,8 +207,10 @@ class Model {
           for (int64_t r = r0; r < r1; ++r) rms_norm_row(h + r * dm, pre, c_.eps, dm, x_.data() + r * dm);
           quantize_rows(x_.data(), r0, r1, acts(dm));
 #pragma omp barrier
+          mark(NORM);
           proj_cols(acts(dm), L.gu, M, tid, T, gu_.data());
 #pragma omp barrier
+          mark(MATMUL);
           if (L.gu.bias) add_bias(r0, r1, L.gu, gu_.data());
           const int64_t F = c_.ffn;
           for (int64_t r = r0; r < r1; ++r) {
@@ -188,8 +222,10 @@ class Model {
           }
           quantize_rows(act_.data(), r0, r1, acts(F));
 #pragma omp barrier
+          mark(ACTIVATION);
           proj_cols(acts(F), L.down, M, tid, T, y_.data());
 #pragma omp barrier
+          mark(MATMUL);
           if (L.down.bias) add_bias(r0, r1, L.down, y_.data());
           residual(r0, r1, h, gem ? L.norms[3] : nullptr);
         }
@@ -198,6 +234,7 @@ class Model {
           ++tap;
         }
 #pragma omp barrier
+      mark(NORM);
       }
       const int64_t R = (int64_t)head_rows.size();
       if (R) {
@@ -206,9 +243,42 @@ class Model {
         for (int64_t i = q0; i < q1; ++i) rms_norm_row(h + head_rows[i] * dm, final_norm, c_.eps, dm, x_.data() + i * dm);
         quantize_rows(x_.data(), q0, q1, acts(dm));
 #pragma omp barrier
+        mark(NORM);
         proj_cols(acts(dm), head, R, tid, T, logits);
 #pragma omp barrier
-        if (head.bias) add_bias(q0, q1, head, logits);
+        mark(HEAD);
+        if (head.bias) {
+          add_bias(q0, q1, head, logits);
+#pragma omp barrier
+        }
+        // each row's argmax (the first of equal maxima) and whether every logit is finite: a thread scans a
+        // share of the columns, thread 0 combines the shares
+        int64_t n0, n1;
+        split(head.N, T, tid, 16, n0, n1);
+        for (int64_t i = 0; i < R; ++i) {
+          const float* row = logits + i * head.N;
+          float best = -INFINITY;
+          int64_t at = -1;
+          bool ok = true;
+          for (int64_t n = n0; n < n1; ++n) {
+            const float v = row[n];
+            ok = ok && std::isfinite(v);
+            if (v > best || at < 0) best = v, at = n;
+          }
+          share_[tid * R + i] = {best, at, ok};
+        }
+#pragma omp barrier
+        if (tid == 0)
+          for (int64_t i = 0; i < R; ++i) {
+            Best b{-INFINITY, -1, true};
+            for (int t = 0; t < T; ++t) {
+              const Best& s = share_[t * R + i];
+              b.ok = b.ok && s.ok;
+              if (s.at >= 0 && (b.at < 0 || s.v > b.v || (s.v == b.v && s.at < b.at))) b.v = s.v, b.at = s.at;
+            }
+            argmax[i] = b.at;
+            *finite = *finite && b.ok;
+          }
       }
     }
   }
@@ -254,6 +324,12 @@ class Model {
   std::vector<int32_t> idx_;
   std::vector<int64_t> nvis_;
   std::vector<std::vector<float>> p_;
+  struct Best {
+    float v;
+    int64_t at;
+    bool ok;
+  };
+  std::vector<Best> share_;
 };
 
 }  // namespace sj

@@ -173,6 +173,17 @@ torch::Tensor dequantize(const torch::Tensor& qs, const torch::Tensor& d, const 
   return w;
 }
 
+// Rows `ids` of a block-format table as fp32 [n, K] (embedding lookups): exactly `dequantize` on those rows.
+torch::Tensor dequantize_rows(const torch::Tensor& qs, const torch::Tensor& d, const c10::optional<torch::Tensor>& m,
+                              bool q4, int64_t bs, const torch::Tensor& ids) {
+  TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.dim() == 1, "dequantize_rows: ids must be int64 [n]");
+  const int64_t V = qs.size(0);
+  const auto idc = ids.contiguous();
+  const int64_t* ip = idc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < idc.numel(); ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < V, "token id ", ip[i], " out of range");
+  return dequantize(qs.index_select(0, idc), d.index_select(0, idc), m ? c10::optional<torch::Tensor>(m->index_select(0, idc)) : c10::nullopt, q4, bs);
+}
+
 bool has_avx2() { return SJ_AVX2; }
 
 // ---- the native step, bound ----
@@ -216,7 +227,18 @@ class Native {
 
   int64_t vocab() const { return m_.head.N; }
 
-  c10::optional<torch::Tensor> forward(torch::Tensor h, const torch::Tensor& pos, const std::vector<torch::Tensor>& rope,
+  // Seconds per phase since the last call (profiling on: `profile(True)`), and profiling turned on or off.
+  std::vector<std::pair<std::string, double>> profile(bool on) {
+    static const char* names[] = {"norms and quantisation", "matmuls", "rope and cache writes", "attention",
+                                  "activation", "LM head"};
+    std::vector<std::pair<std::string, double>> out;
+    for (int i = 0; i < sj::Model::PHASES; ++i) out.emplace_back(names[i], m_.seconds[i]), m_.seconds[i] = 0;
+    m_.profiling = on;
+    return out;
+  }
+
+  // (logits [R, V] or None, each logits row's argmax, whether every logit is finite)
+  std::tuple<c10::optional<torch::Tensor>, std::vector<int64_t>, bool> forward(torch::Tensor h, const torch::Tensor& pos, const std::vector<torch::Tensor>& rope,
                                        const std::vector<int64_t>& seg,
                                        const std::vector<c10::optional<torch::Tensor>>& trees,
                                        const std::vector<int64_t>& order, const std::vector<int64_t>& flags,
@@ -282,8 +304,11 @@ class Native {
       logits = torch::empty({(int64_t)head_rows.size(), m_.head.N}, torch::kFloat);
       lp = logits->data_ptr<float>();
     }
-    m_.forward(h.data_ptr<float>(), M, pos.data_ptr<int64_t>(), ropes, seg, tr, order, flags, sl, tp, head_rows, lp);
-    return logits;
+    std::vector<int64_t> argmax(head_rows.size(), -1);
+    bool finite = true;
+    m_.forward(h.data_ptr<float>(), M, pos.data_ptr<int64_t>(), ropes, seg, tr, order, flags, sl, tp, head_rows, lp,
+               argmax.data(), &finite);
+    return {logits, argmax, finite};
   }
 
  private:
@@ -331,11 +356,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("rms_norm", &rms_norm, "RMSNorm over the last dim, row by row");
   mod.def("act_mul", &act_mul, "SiLU(g) * u or GELU-tanh(g) * u for [g | u]");
   mod.def("dequantize", &dequantize, "w = d * q (+ m) as fp32");
+  mod.def("dequantize_rows", &dequantize_rows, "rows ids of w = d * q (+ m) as fp32");
   mod.def("has_avx2", &has_avx2, "whether the AVX2 paths were compiled in");
   pybind11::class_<Native>(mod, "Native")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, bool, bool, int64_t>())
       .def("add_layer", &Native::add_layer)
       .def("set_head", &Native::set_head)
       .def_property_readonly("vocab", &Native::vocab)
+      .def("profile", &Native::profile)
       .def("forward", &Native::forward);
 }

@@ -87,7 +87,11 @@ class Rope:
 
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, D] at positions [T]."""
-        lo, hi = int(positions.min()) // self.CHUNK, int(positions.max()) // self.CHUNK
+        if positions.shape[0] == 1:  # a plain step
+            p = int(positions[0])
+            cos, sin = self._chunk(p // self.CHUNK)
+            return cos[p % self.CHUNK][None], sin[p % self.CHUNK][None]  # [1, D] x2
+        lo, hi = (int(x) // self.CHUNK for x in positions.aminmax())
         parts = [self._chunk(c) for c in range(lo, hi + 1)]
         cos = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts])  # [n * CHUNK, D]
         sin = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts])
@@ -167,6 +171,9 @@ class ForwardOut:
     last_hidden: torch.Tensor | None = None  # [B, T, D] before the final norm
     trace: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> cosine
     # similarity [B, T] of each token's hidden state before and after its attention, and its FFN, sub-layer
+    argmax: list[int] | None = None  # each logits row's argmax, where the native step computed it
+    finite: bool | None = None  # whether every logit is finite, where the native step checked it (a batched
+    # pass: all of the batch's)
 
 
 class DecoderLM(nn.Module):
@@ -197,6 +204,7 @@ class DecoderLM(nn.Module):
         self.lm_head = linear(sd["model.embed_tokens.weight"] if self.tied else head)
         self.invariant = is_invariant(self.linears())
         self.math = KernelMath if self.invariant and self.dtype == torch.float32 else TorchMath
+        self.embedding.kernel = self.invariant
         for block in self.layers:
             block.math = self.math
 
@@ -273,10 +281,11 @@ class DecoderLM(nn.Module):
         if not trace and native.fits(self, T, B, [cache]):  # the same pass in one C++ call
             h = self.embed(ids) if hidden is None else hidden  # [1, T, D]
             seg = [(cache, positions, tree_mask)]
-            lg, taps, last = native.forward(
-                self, h, seg, order, skip_attn, skip_ffn, exit_layer, want, logits, owned=hidden is None
+            p = native.forward(self, h, seg, order, skip_attn, skip_ffn, exit_layer, want, logits, hidden is None)
+            lg = None if p.logits is None else p.logits[None]  # [1, R, V]
+            return ForwardOut(
+                lg, {i: t[None] for i, t in p.hidden.items()}, p.last[None], argmax=p.argmax, finite=p.finite
             )
-            return ForwardOut(None if lg is None else lg[None], {i: t[None] for i, t in taps.items()}, last[None])
         ropes = self.ropes(positions)
         masks: dict = {}
         out = ForwardOut(logits=None)
@@ -323,10 +332,12 @@ class DecoderLM(nn.Module):
             h = self.embed(torch.cat([s.ids for s in segments], 1))  # [1, ΣT, D]
             seg = [(s.cache, p, s.tree_mask) for s, p in zip(segments, pos)]
             every = range(self.num_layers)
-            lg, taps, _ = native.forward(self, h, seg, every, (), (), None, set(return_hidden), "all", owned=True)
+            p = native.forward(self, h, seg, every, (), (), None, set(return_hidden), "all", owned=True)
             outs, o = [], 0
             for n in lens:
-                outs.append(ForwardOut(lg[None, o : o + n], {i: t[None, o : o + n] for i, t in taps.items()}))
+                taps = {i: t[None, o : o + n] for i, t in p.hidden.items()}
+                amax = None if p.argmax is None else p.argmax[o : o + n]
+                outs.append(ForwardOut(p.logits[None, o : o + n], taps, argmax=amax, finite=p.finite))
                 o += n
             return outs
         ropes = self.ropes(torch.cat(pos))  # [ΣT] rows: RoPE is per row

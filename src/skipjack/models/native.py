@@ -105,11 +105,20 @@ def fits(model, rows: int, batch: int, caches) -> bool:
     return all(type(layer) in PLAIN and layer.k.dtype == torch.float32 for cache in caches for layer in cache)
 
 
-def forward(model, h, segments, order, skip_attn, skip_ffn, exit_layer, want, logits, owned: bool):
+@dataclass
+class Pass:
+    logits: torch.Tensor | None  # [R, V]: the rows asked for, softcapped as `DecoderLM.head` does
+    hidden: dict[int, torch.Tensor]  # layer -> [M, D] after it
+    last: torch.Tensor  # [M, D] before the final norm
+    argmax: list[int] | None = None  # per logits row (None where a softcap could reorder ties)
+    finite: bool | None = None  # whether every logit is finite
+
+
+def forward(model, h, segments, order, skip_attn, skip_ffn, exit_layer, want, logits, owned: bool) -> Pass:
     """One pass (see `DecoderLM.forward`): h [1, M, D] (not modified unless `owned`), segments
-    [(cache, positions [T], tree [T, T] or None)] covering the M rows in order. Returns the logits [R, V] of
-    the rows `logits` selects ("all", "last", "none" or a slice; softcapped as `head` does) or None, the tapped
-    hidden states {layer: [M, D]}, and the last hidden state [M, D]."""
+    [(cache, positions [T], tree [T, T] or None)] covering the M rows in order; `logits` selects the rows
+    ("all", "last", "none" or a slice). The LM head's rows come with their argmax and a finiteness check, made
+    in the same C++ call (the decode loop needs nothing else of them on a greedy step)."""
     twin = native(model)
     M, D = h.shape[1], h.shape[2]
     x = h.reshape(M, D)
@@ -138,6 +147,10 @@ def forward(model, h, segments, order, skip_attn, skip_ffn, exit_layer, want, lo
     seg = [p.shape[0] for _, p, _ in segments]
     trees = [None if t is None else t.contiguous() for _, _, t in segments]
     pos = positions.to(torch.long).contiguous()
-    out = twin.run.forward(x, pos, tables, seg, trees, layers, flags, kv, slots, tapped, head)
+    out, argmax, ok = twin.run.forward(x, pos, tables, seg, trees, layers, flags, kv, slots, tapped, head)
     hidden = {i: tapped[k] for k, i in enumerate(taps)}
-    return (None if out is None else model.softcap(out)), hidden, x
+    if out is None:
+        return Pass(None, hidden, x)
+    if getattr(model.config, "final_logit_softcapping", None):  # tanh may tie what the raw logits order
+        return Pass(model.softcap(out), hidden, x, None, ok)
+    return Pass(out, hidden, x, argmax, ok)
