@@ -14,6 +14,7 @@ LAYERS = {  # module (or package) -> layer; the longest matching prefix decides 
     "skipjack.store": 0,
     "skipjack.validate": 0,
     "skipjack.integrity": 0,
+    "skipjack.machine": 0,
     "skipjack.sampling": 1,
     "skipjack.cache": 1,
     "skipjack.kvpolicies": 1,

@@ -153,6 +153,37 @@ def test_schema_and_plots(bench_out):
     assert all(v > 0 for v in rows["ms"].values()) and "**Linear layers by input rows**" in md
 
 
+def test_cold_and_warm_drafters_are_labelled(bench_out, tmp_path):
+    """A method with a drafter has cold figures (the headline: a run's and a summary's own keys) and warm ones
+    (`warm`), each labelled in results.json, REPORT.md and BENCHMARKS.md; plain and the peers have neither."""
+    out, res = bench_out
+    for r in res["runs"]:
+        if r["method"] in ("plain", "hf"):
+            assert r["drafter"] is None and "warm" not in r
+            continue
+        w = r["warm"]
+        assert r["drafter"] == "cold" and w["drafter"] == "warm" and "warm" not in w
+        assert (w["id"], w["method"], len(w["seconds_all"])) == (r["id"], r["method"], 2)
+        assert w["identical"] is (w["tokens"] == next(p["tokens"] for p in res["runs"] if p["id"] == r["id"]))
+    for name in ("plain", "hf"):
+        assert res["summary"][name]["drafter"] is None and res["summary"][name]["warm"] is None
+    s = res["summary"]["ngram"]
+    assert s["drafter"] == "cold" and s["warm"]["drafter"] == "warm" and s["warm"]["prompts"] == s["prompts"]
+    warm = [r["warm"] for r in res["runs"] if r["method"] == "ngram"]
+    want = sum(r["new_tokens"] for r in warm) / sum(r["seconds"] for r in warm)
+    assert s["warm"]["tokens_per_s"] == pytest.approx(want) and s["warm"]["speedup_vs_plain"] is not None
+    md = (out / "REPORT.md").read_text()
+    assert "× plain (warm)" in md and "tokens/pass (warm)" in md and render.COLD_WARM in md
+    assert "## Speedup vs plain by category (cold)" in md and "drafters cold (fresh on every prompt)" in md
+    assert "instruction sets: " in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| plain |"))
+    assert "| – |" in row  # plain has no warm figure
+    target = tmp_path / "BENCHMARKS.md"
+    assert benchmarks_md.main([str(out), "--benchmarks-md", str(target), "--extra", f"Again={out}"]) == 0
+    assert target.read_text().count(render.COLD_WARM) == 2  # the main run's and the extra section's
+    assert "warm" in render.summary_text(res).splitlines()[0]
+
+
 def test_lossless_methods_and_hf_peer_match_plain(bench_out):
     """The bench's identity bookkeeping on drafters that really drafted (on this random tiny model pld's
     drafts are rejected and ngram's are accepted; test_speculative proves identity under acceptance)."""
@@ -388,7 +419,7 @@ def test_user_prompts_and_interrupt(tiny, tmp_path, monkeypatch, capsys):
 
     def complete(*args, **kw):
         calls.append(1)
-        if len(calls) == 2 + 2 * 4 + 1:  # warm-up (2 methods), prompts u0 and u1 (2 methods x 2 repeats), then stop
+        if len(calls) == 2 + 2 * 6 + 1:  # warm-up (2 methods), u0 and u1 (plain, pld cold and warm; 2 repeats), stop
             raise KeyboardInterrupt
         return orig(*args, **kw)
 

@@ -250,3 +250,79 @@ def test_unknown_named_model_and_offline_hub(home):
         loading.load("no-such-model")
     with pytest.raises(SkipjackError, match="hub could not be reached"):
         loading.load("someorg/somemodel-that-is-not-here")
+
+
+def _hf_normalised(d: dict) -> dict:
+    """What `normalise_config` gave when it went through transformers' config classes (the reference)."""
+    from transformers import AutoConfig
+
+    mt = d.get("model_type")
+    if mt == "gemma3":
+        d, mt = {**d.get("text_config", {}), "model_type": "gemma3_text"}, "gemma3_text"
+    extra = {k: v for k, v in d.items() if k not in ("model_type", "transformers_version")}
+    return AutoConfig.for_model(mt, **extra).to_dict() | {"model_type": mt}
+
+
+SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=7, num_attention_heads=4)
+
+
+def _configs():
+    kv = SMALL | {"num_key_value_heads": 2}
+    for mt in ("llama", "mistral", "qwen2", "gemma3_text"):
+        yield {"model_type": mt}  # every default
+        yield {"model_type": mt, **kv, "rope_theta": 5000.0, "transformers_version": "4.4", "torch_dtype": "bfloat16"}
+        yield {"model_type": mt, **SMALL, "num_attention_heads": 32}  # the family's default KV heads
+        yield {"model_type": mt, **kv, "rope_scaling": {"type": "linear", "factor": 2.0}}
+        yield {"model_type": mt, **kv, "rope_scaling": {"rope_type": "linear", "factor": 4.0}, "rope_theta": 123.0}
+        yield {"model_type": mt, **kv, "sliding_window": None, "head_dim": 32, "tie_word_embeddings": True}
+        yield {"model_type": mt, **kv, "sliding_window": 7, "use_sliding_window": True, "max_window_layers": 3}
+        yield {"model_type": mt, **kv, "layer_types": ["attention"] * 3 + ["sliding_attention"] * 4}
+        yield {"model_type": mt, **kv, "attention_bias": True, "rms_norm_eps": 1e-5, "eos_token_id": [5, 6]}
+    yield {"model_type": "llama", **SMALL, "num_key_value_heads": None, "max_position_embeddings": 77}
+    yield {"model_type": "llama", **SMALL, "rope_parameters": {"rope_type": "default", "rope_theta": 777.0}}
+    yield {"model_type": "gemma3_text", **SMALL, "sliding_window_pattern": 3, "rope_local_base_freq": 99.0}
+    yield {"model_type": "gemma3_text", **SMALL, "query_pre_attn_scalar": 64, "final_logit_softcapping": 30.0}
+    full, local = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}, {"rope_type": "default", "rope_theta": 1e4}
+    yield {
+        "model_type": "gemma3_text",
+        **SMALL,
+        "rope_parameters": {"full_attention": full, "sliding_attention": local},
+    }
+    yield {"model_type": "gemma3", "text_config": {**SMALL, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}}
+    yield {"model_type": "gemma3", "text_config": {}}
+    from conftest import FAMILIES, hf_config
+
+    for family in FAMILIES:
+        yield hf_config(family).to_dict()
+
+
+@pytest.mark.parametrize("config", list(_configs()), ids=lambda c: str(c.get("model_type")))
+def test_configs_are_completed_as_transformers_completes_them(config):
+    """Without transformers, a config dict gives the same family config (every field `from_hf` reads) and the same
+    eos ids as transformers' config class for its model_type; the config passed in is left as it was."""
+    import copy
+
+    from skipjack.models import FAMILIES, normalise_config
+
+    ours, before = normalise_config(copy.deepcopy(config)), copy.deepcopy(config)
+    want = _hf_normalised(copy.deepcopy(config))
+    cls = FAMILIES[want["model_type"]][0]
+    assert cls.from_hf(ours) == cls.from_hf(want)
+    assert ours.get("eos_token_id") == want.get("eos_token_id")
+    assert normalise_config(config) == ours and config == before
+
+
+@pytest.mark.parametrize(
+    "config, needle",
+    [
+        ({"model_type": "llama", "hidden_size": "64"}, "hidden_size must be a positive integer"),
+        ({"model_type": "qwen2", "num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
+        ({"model_type": "mistral", **SMALL}, "not a multiple of its num_key_value_heads (8)"),
+    ],
+)
+def test_a_config_with_bad_sizes_is_one_error(config, needle):
+    from skipjack.models import normalise_config
+
+    with pytest.raises(SkipjackError) as e:
+        normalise_config(config)
+    assert needle in str(e.value)

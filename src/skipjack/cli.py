@@ -267,31 +267,57 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _tool_commands(sub) -> None:
-    """The subcommands beyond generating: adapters, quantization, quality, serving, benchmarking."""
-    from skipjack import distil, lwq
+# The subcommands beyond generating, with their help; each one's module is imported only when it runs (`_tool`).
+TOOLS = {
+    "train-adapter": "distil a Kangaroo adapter for --method kangaroo (resumes if interrupted)",
+    "serve": "an OpenAI-compatible HTTP server (chat, completions, streaming, /metrics)",
+    "quantize": "layer-wise quantization: q8 for the important layers, q4 for the rest",
+    "eval": "a method's quality against the exact model: perplexity, agreement, a task",
+    "bench": "benchmark methods and peers on a prompt suite",
+}
+
+
+def _tool(name: str):
+    """A tool's (add its arguments, run it), importing its module (and the web stack, plotting, training that
+    module brings) now."""
+    if name == "train-adapter":
+        from skipjack import distil
+
+        return distil.add_arguments, distil.command
+    if name == "serve":
+        from skipjack import server
+
+        return server.add_arguments, server.main
+    if name == "quantize":
+        from skipjack import lwq
+
+        return lwq.add_arguments, lwq.command
+    if name == "eval":
+        from skipjack.evaluation import harness
+
+        return harness.add_arguments, harness.command
     from skipjack.bench import runner
-    from skipjack.evaluation import harness
-    from skipjack.server import add_arguments as serve_arguments
-    from skipjack.server import main as serve_main
 
-    for name, about, add, run in (
-        ("train-adapter", "distil a Kangaroo adapter for --method kangaroo (resumes if interrupted)",
-         distil.add_arguments, distil.command),
-        ("serve", "an OpenAI-compatible HTTP server (chat, completions, streaming, /metrics)", serve_arguments,
-         serve_main),
-        ("quantize", "layer-wise quantization: q8 for the important layers, q4 for the rest", lwq.add_arguments,
-         lwq.command),
-        ("eval", "a method's quality against the exact model: perplexity, agreement, a task", harness.add_arguments,
-         harness.command),
-        ("bench", "benchmark methods and peers on a prompt suite", runner.add_arguments, cmd_bench),
-    ):  # fmt: skip
+    return runner.add_arguments, cmd_bench
+
+
+def _tool_commands(sub, wanted: str | None) -> None:
+    """Register the tool subcommands; only `wanted`'s (all of them when None) with its arguments."""
+    for name, about in TOOLS.items():
         p = sub.add_parser(name, help=about)
-        add(p)
-        p.set_defaults(func=run)
+        if wanted is None or wanted == name:
+            add, run = _tool(name)
+            add(p)
+            p.set_defaults(func=run)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(argv: list[str]) -> str | None:
+    """The subcommand `argv` names: its first argument that is not an option (the top level takes no values)."""
+    return next((x for x in argv if not x.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the command line, only the tool subcommand it names is loaded (`TOOLS`)."""
     ap = _Parser(prog="skipjack", description="Faster LLM decoding by working with layers and KV cache.")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="generate text from a prompt")
@@ -312,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list named models, or fetch them")
     m.add_argument("--fetch", nargs="+", metavar="NAME", help="download these named models")
     m.set_defaults(func=cmd_models)
-    _tool_commands(sub)
+    _tool_commands(sub, None if argv is None else _command(argv) or "")
     return ap
 
 
@@ -328,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     disk, an unwritable folder, a closed pipe) is one line on stderr with exit status 2; only a bug in skipjack
     is an `internal error` (exit 1)."""
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(argv).parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
     try:

@@ -3,9 +3,10 @@
 `Engine.load(spec, dtype)` loads a model, tunes its kernels for this machine once (`skipjack.tuning`: cached
 on disk; `tune=False` switches it off) and owns what requests share: the cost model that sizes drafts, the
 methods' drafters (what they learn carries over from request to request), the drafters' shared store (the
-n-gram tables), and a lock (one request decodes at a time). `stream(request)` yields (text, step) pairs;
-`complete(request)` runs one to the end and summarises it. Nothing in a request's path times kernels or
-writes measurement files (an n-gram table persisted with `ngram:path=` is written where the user asked).
+n-gram tables; `new_method(spec, own_store=True)` makes a method that learns alone: the bench's), and a lock
+(one request decodes at a time). `stream(request)` yields (text, step) pairs; `complete(request)` runs one to
+the end and summarises it. Nothing in a request's path times kernels or writes measurement files (an n-gram
+table persisted with `ngram:path=` is written where the user asked).
 
 The decode loop below works on token ids; text (stop strings, incremental detokenization) is handled here,
 at the edge.
@@ -78,9 +79,7 @@ class Engine:
         # Untuned, the cost model starts from "verifying costs nothing" and learns the real costs online.
         self.cost = tuned.prior if tuned is not None and tuned.prior is not None else CostModel.flat(learn=True)
         self.batch_cost = BatchCost(self.cost)  # a batched pass's cost, learned from the batches' passes
-        # what drafters share across requests: n-gram tables; the target (a draft model checks its tokenizer);
-        # token frequencies for reduced-vocabulary draft heads (computed on first use)
-        self.shared: dict = {"target": loaded, "token_counts": lambda: vocab.token_counts(loaded.tokenizer)}
+        self.shared = self.new_store()  # what the engine's methods share across requests
         self.lock = threading.RLock()
         self._methods: dict[str, Method] = {}
         self._busy: set[str] = set()  # specs whose engine method a batched sequence is using
@@ -103,9 +102,16 @@ class Engine:
             self._methods[spec] = self.new_method(spec)
         return self._methods[spec]
 
-    def new_method(self, spec: str) -> Method:
-        """A method of the caller's own (the bench keeps one per method and copies it per repeat)."""
-        return make_method(spec, self.shared)
+    def new_store(self) -> dict:
+        """A drafters' store with nothing learned yet. Drafters read from it the target (a draft model checks its
+        tokenizer) and token frequencies for reduced-vocabulary draft heads (computed on first use), and learn
+        into it what they share across requests (n-gram tables, made on first use)."""
+        return {"target": self.loaded, "token_counts": lambda: vocab.token_counts(self.loaded.tokenizer)}
+
+    def new_method(self, spec: str, own_store: bool = False) -> Method:
+        """A method of the caller's own; its drafter learns into the engine's shared store, or with `own_store` into
+        a `new_store()` of its own (the bench's methods: none learns from another's runs)."""
+        return make_method(spec, self.new_store() if own_store else self.shared)
 
     def check(self, request: Request) -> Method:
         """Validate a request at the API boundary (`skipjack.validate`: the CLI's and the server's checks), before

@@ -28,7 +28,7 @@ from skipjack.gguf_io import check_magic, has_magic
 from skipjack.models import DecoderLM, build_model, normalise_config
 from skipjack.named import DEFAULT_MODEL, NAMED, NamedModel, fetch_named, named_path  # noqa: F401 (re-exported)
 from skipjack.store import check_home, home, reason
-from skipjack.tokenizer import Tokenizer
+from skipjack.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 2  # 2: entries sealed with their files' sizes and hashes (`skipjack.integrity`)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -183,8 +183,6 @@ def _drop_stale(entry: Path, source: Path, weights: str) -> None:
 def _load_folder(folder: Path, dtype: torch.dtype, weights: str | None = None):
     """(model, tokenizer) from an HF folder or a converted GGUF's entry (its blocks, where it holds them),
     every linear in the weight format `weights` (None: the dtype's default)."""
-    from transformers import AutoTokenizer
-
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
         raise SkipjackError(f"{folder} has no config.json: not an HF model folder")
@@ -212,7 +210,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, weights: str | None = None):
         state = _safetensors(folder)
     model = build_model(config, state, dtype, weights)
     try:
-        hf_tok = AutoTokenizer.from_pretrained(str(folder))
+        hf_tok = load_tokenizer(folder)
     except Exception as e:
         raise SkipjackError(f"cannot load the tokenizer in {folder}: {e}") from None
     template = meta.get("chat_template")

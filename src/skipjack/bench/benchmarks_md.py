@@ -54,11 +54,12 @@ def render_extra(results: Results, heading: str) -> str:
     parts += [bound, ""] if bound else []
     in_dtype = render.in_dtype(summary)
     parts += [render.overall(summary, render.ran_peers(summary)), ""] + ([in_dtype, ""] if in_dtype else [])
+    parts += [render.COLD_WARM, ""] if render.cold(summary) else []
     parts += [render.by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
     if any(s.get("draft_share") for s in summary.values()):
         parts += [render.acceptance(summary), ""]
     chose = render.drafters_line(results)
-    parts += ["What the drafters chose by the end of the run:", "", *chose, ""] if chose else []
+    parts += ["What the warm drafters chose by the end of the run:", "", *chose, ""] if chose else []
     split = loop_split(results)
     parts += [render.table(*split[:2]), ""] if split else []  # the split is defined in the main run's section
     return "\n".join(parts)

@@ -1,4 +1,5 @@
-"""Facts about the machine for results.json: CPU, versions, measured memory bandwidth, and RSS sampling."""
+"""Facts about the machine for results.json: CPU (its instruction sets read from its flags: `skipjack.machine`),
+versions, measured memory bandwidth, and RSS sampling."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import threading
 import time
 
 from skipjack.cost import cpu_name
+from skipjack.machine import cpu_flags, instruction_sets
 
 BANDWIDTH_MB = 512  # size of the array copied to measure memory bandwidth
 
@@ -55,8 +57,11 @@ def machine_info(bandwidth_gbs: float) -> dict:
         except Exception:
             return None
 
+    isa = instruction_sets(cpu_flags())  # None: no flags could be read (not: none present)
     return {
         "cpu": cpu_name(),
+        "isa": isa and isa[0],
+        "isa_absent": isa and isa[1],
         "cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "threads": torch.get_num_threads(),

@@ -62,11 +62,32 @@ def ran_peers(summary: dict[str, MethodSummary]) -> list[str]:
     return [n for n, s in summary.items() if s["kind"] == "peer" and s["status"] == "ok" and s["prompts"]]
 
 
+def warm(s: MethodSummary, key: str, form: str) -> str:
+    """A figure of the method's warm drafter as a cell; – for a method without one (and in older files)."""
+    return fmt((s.get("warm") or {}).get(key), form)
+
+
+def cold(summary: dict[str, MethodSummary]) -> bool:
+    """Whether the run measured its drafters cold and warm apart (older files: one drafter per method, shared
+    state; none of the cold/warm labels apply)."""
+    return any(s.get("drafter") == "cold" for s in summary.values())
+
+
+COLD_WARM = (
+    "Drafters are cold in every figure but the (warm) ones: cold is a fresh drafter on every prompt (what a"
+    " user's first request sees), warm the method's drafter as its runs on the earlier prompts of the run left"
+    " it (it has never seen the prompt it is measured on). No method shares a drafter's store with another."
+)
+
+
 def overall(summary: dict[str, MethodSummary], peers: list[str]) -> str:
-    """The overall table: one row per method and peer."""
-    head = ["method", "status", "lossless", "prompts", "new tokens", "seconds", "tokens/s", "× plain"]
-    head += ["× plain (decode)"]
-    head += [f"× {p}" for p in peers] + ["tokens/pass", "identical", "peak RSS MB", "BW util"]
+    """The overall table: one row per method and peer; cold figures, then the warm drafter's speedup and
+    tokens/pass."""
+    c = " (cold)" if cold(summary) else ""
+    head = ["method", "status", "lossless", "prompts", "new tokens", "seconds", "tokens/s", f"× plain{c}"]
+    head += ["× plain (decode)", "× plain (warm)"]
+    head += [f"× {p}" for p in peers] + [f"tokens/pass{c}", "tokens/pass (warm)", "identical", "peak RSS MB"]
+    head += ["BW util"]
     rows = []
     for name, s in summary.items():
         ident = fmt(s["identical_fraction"], "{:.0%}")
@@ -75,9 +96,9 @@ def overall(summary: dict[str, MethodSummary], peers: list[str]) -> str:
         lossless = "–" if s["lossless"] is None else ("yes" if s["lossless"] else "no")
         row = [_label(name, s), s["status"], lossless, fmt(s["prompts"], "{}"), fmt(s["new_tokens"], "{}")]
         row += [fmt(s["seconds"]), fmt(s["tokens_per_s"], "{:.1f}"), fmt(s["speedup_vs_plain"], "{:.2f}×")]
-        row += [fmt(s.get("decode_speedup_vs_plain"), "{:.2f}×")]
+        row += [fmt(s.get("decode_speedup_vs_plain"), "{:.2f}×"), warm(s, "speedup_vs_plain", "{:.2f}×")]
         row += [fmt(s.get(f"speedup_vs_{p}"), "{:.2f}×") for p in peers]
-        row += [fmt(s["tokens_per_pass"]), ident, fmt(s["peak_rss_mb"], "{:.0f}")]
+        row += [fmt(s["tokens_per_pass"]), warm(s, "tokens_per_pass", "{:.2f}"), ident, fmt(s["peak_rss_mb"], "{:.0f}")]
         row += [fmt(s["bandwidth_utilisation"], "{:.1%}")]
         rows.append(row)
     return table(head, rows)
@@ -162,9 +183,11 @@ def acceptance(summary: dict[str, MethodSummary]) -> str:
         steps = sum(hist.values())
         shown = ", ".join(f"{k}: {v / steps:.0%}" for k, v in hist.items()) if steps else "–"
         share = fmt(s.get("draft_share"), "{:.1%}")
-        rows.append([_label(name, s), fmt(s["tokens_per_pass"]), fmt(s["draft_steps"], "{}"), share, shown])
-    head = ["method", "tokens per forward pass", "verify steps with a draft", "drafting: share of time"]
-    return table([*head, "accepted drafts: share"], rows)
+        row = [_label(name, s), fmt(s["tokens_per_pass"]), warm(s, "tokens_per_pass", "{:.2f}")]
+        rows.append(row + [fmt(s["draft_steps"], "{}"), share, shown])
+    c = " (cold)" if cold(summary) else ""
+    head = ["method", f"tokens per forward pass{c}", "tokens per forward pass (warm)", "verify steps with a draft"]
+    return table([*head, "drafting: share of time", "accepted drafts: share"], rows)
 
 
 def drafters_line(results: Results) -> list[str]:
@@ -252,13 +275,15 @@ def _header(results: Results) -> list[str]:
         f"measured memory bandwidth {m['bandwidth_gbs']} GB/s, load average {m.get('load_avg_1m', '?')} at start; "
         f"torch {m['torch']}, transformers {m['transformers']}, "
         f"llama-cpp-python {m['llama_cpp_python'] or 'not installed'}"
-        + (f", {m['llama_cpp_build']}" if m.get("llama_cpp_build") else ""),
+        + (f", {m['llama_cpp_build']}" if m.get("llama_cpp_build") else "")
+        + isa_text(m),
         f"- **Model:** {model['name']} ({model['dtype']}, {model['params'] / 1e6:.1f}M parameters, "
         f"{model['weight_bytes'] / 1e6:.1f} MB of weights, context {model['context']}); load time: "
         f"cold {fmt(model.get('load_cold_s'), '{:.1f}')} s (GGUF read and converted into an empty cache), "
         f"warm {fmt(model.get('load_warm_s'), '{:.1f}')} s (from the conversion cache)",
         f"- **Suite:** {results['suite']}, {len(results['prompts'])} prompts; max new tokens {st['max_new_tokens']}, "
-        f"temperature {st['temperature']}, {st['repeats']} repeats (median kept), warm-up excluded",
+        f"temperature {st['temperature']}, {st['repeats']} repeats (median kept), warm-up excluded"
+        + ("; drafters cold (fresh on every prompt) but where marked warm" if cold(results["summary"]) else ""),
         f"- **Command:** `{results['command']}`",
     ]
     rows = results.get("linear_rows") or {}
@@ -269,6 +294,19 @@ def _header(results: Results) -> list[str]:
             + _padding_line(rows)
         ]
     return parts
+
+
+def isa_text(m: dict) -> str:
+    """The instruction sets the CPU's flags name, and those they do not, as read at the run (`skipjack.machine`);
+    '' for an older file that did not record them."""
+    if "isa" not in m:
+        return ""
+    if m["isa"] is None:
+        return "; instruction sets: unknown (no CPU flags could be read)"
+    absent = m.get("isa_absent") or []
+    return f"; instruction sets: {', '.join(m['isa']) or 'none listed'}" + (
+        f" (not: {', '.join(absent)})" if absent else ""
+    )
 
 
 def _warnings(summary: dict[str, MethodSummary]) -> list[str]:
@@ -293,6 +331,7 @@ def render_markdown(
     """REPORT.md: `headroom` is a headroom.json for this run, `split` the clean/looping table (head, rows,
     paragraph) of `skipjack.bench.analysis.loops.loop_split`; each section is left out when None."""
     summary = results["summary"]
+    tag = " (cold)" if cold(summary) else ""
     parts = [f"# {title}", "", *partial(results), *_header(results), "", *_warnings(summary)]
     checks = targets(summary, (results.get("model") or {}).get("name"))
     if checks:
@@ -307,16 +346,17 @@ def render_markdown(
     parts += ["decoding forward pass; BW util = weight bytes × forward passes/s ÷ measured bandwidth;"]
     parts += ["× plain (decode) = the same ratio over the decoding phase only (after the first token; speculation"]
     parts += ["does not change the prompt's forward pass, which dominates the long-context prompts).", ""]
+    parts += [COLD_WARM, ""] if cold(summary) else []
     parts += ["## Decode, prompt and memory", "", phases(summary), ""]
     steps = step_line(results.get("step_breakdown"))
     parts += [steps, ""] if steps else []
     parts += ["prompt tok/s = prompt tokens / seconds to the first token (HF does not stream: –). Peak RSS is the"]
     parts += ["process's while it ran: every engine of the run lives in one process, so it is an upper bound.", ""]
-    parts += ["## Speedup vs plain by category", "", by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
-    parts += ["## Tokens/s by category", "", by_category(summary, "tokens_per_s", "{:.1f}"), ""]
+    parts += [f"## Speedup vs plain by category{tag}", "", by_category(summary, "speedup_vs_plain", "{:.2f}×"), ""]
+    parts += [f"## Tokens/s by category{tag}", "", by_category(summary, "tokens_per_s", "{:.1f}"), ""]
     parts += ["## Acceptance", "", acceptance(summary), ""]
     chose = drafters_line(results)
-    parts += ["What the drafters chose by the end of the run:", "", *chose, ""] if chose else []
+    parts += ["What the warm drafters chose by the end of the run:", "", *chose, ""] if chose else []
     if results.get("cost_curves"):
         parts += ["## Verify cost", "", _cost_curves(results["cost_curves"]), ""]
     if results.get("skipped"):
@@ -330,13 +370,15 @@ def render_markdown(
 
 def summary_text(results: Results) -> str:
     """A short plain-text summary for the terminal."""
-    lines = [f"{'method':<16} {'tok/s':>8} {'× plain':>8} {'tok/pass':>9} {'identical':>9}  status"]
+    lines = [f"{'method':<16} {'tok/s':>8} {'× plain':>8} {'warm':>8} {'tok/pass':>9} {'identical':>9}  status"]
     for name, s in results["summary"].items():
         ident = fmt(s["identical_fraction"], "{:.0%}") + (" LOSSY" if lossy(s) else "")
         lines.append(
             f"{name:<16} {fmt(s['tokens_per_s'], '{:.1f}'):>8} {fmt(s['speedup_vs_plain'], '{:.2f}x'):>8} "
-            f"{fmt(s['tokens_per_pass']):>9} {ident:>9}  {s['status']}"
+            f"{warm(s, 'speedup_vs_plain', '{:.2f}x'):>8} {fmt(s['tokens_per_pass']):>9} {ident:>9}  {s['status']}"
         )
+    if cold(results["summary"]):
+        lines.append("× plain: cold drafters (fresh on every prompt); warm: learned on the run's earlier prompts")
     if not results["complete"]:
         lines.append("(partial results: interrupted)")
     return "\n".join(lines)

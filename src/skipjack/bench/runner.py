@@ -9,20 +9,29 @@ Procedure (results.json's schema: `skipjack.bench.schema`):
    are measured in this run's conditions, not read from the cache); tokenize every prompt with its chat
    template. A prompt whose tokens plus the token budget exceed the model's context is skipped and listed
    under `skipped` with the reason.
-4. Warm-up, excluded from the results: one short generation (8 tokens, shortest prompt) per method and peer.
-5. For each prompt, `--repeats` rounds; each round runs every method and peer once, in an order rotated by one
-   position per round (`rotated`), so no job always follows the same one (the first run after a peer that
-   allocated gigabytes can pay for page faults; plain used to always run first). The median seconds
-   of the repeats is kept. Interleaving prompt by prompt and round by round makes slow drift of the machine
-   hit every method alike. Tokens, accepted-length statistics and forward passes come from the first repeat.
+4. Warm-up, excluded from the results: one short generation (8 tokens, shortest prompt) per method and peer,
+   each method with a drafter made for it and thrown away after (no measured drafter has seen that prompt).
+5. For each prompt, `--repeats` rounds; each round runs every job once, in an order rotated by one position
+   per round (`rotated`), so no job always follows the same one (the first run after a peer that allocated
+   gigabytes can pay for page faults; plain used to always run first). The median seconds of the repeats is
+   kept. Interleaving prompt by prompt and round by round makes slow drift of the machine hit every method
+   alike. Tokens, accepted-length statistics and forward passes come from the first repeat.
+
+No compared method shares learned state with another: each has its own store (`Engine.new_method(own_store=
+True)`), so a method run second on a prompt cannot find that prompt's answer learned by the one run first. A
+method with a drafter (they learn: n-gram tables, acceptance rates, skip sets, draft costs) runs twice a round:
+- cold (the headline: a run's top-level figures): a fresh drafter every time, what a user's first request sees;
+- warm (`warm` in each run): the drafter as the method's runs on the earlier prompts left it, which has never
+  seen the current prompt; each repeat starts from that state (a copy), and the state after the first repeat
+  is carried on to the next prompt, as in a long-lived server.
+Still shared: the engine's cost model (the machine's verify costs, learned from every timed forward pass,
+plain's included; nothing of a prompt's text) and what a drafter keeps on disk (`swift`'s skip set).
 
 A method spec may end in `@dtype` (`plain@bf16`, `ngram@bf16`): it then runs on the same model loaded in that
 dtype, so one run compares precisions as ratios, with `plain` (the run's --dtype) as the reference for both.
 
 `plain` is the reference for `speedup_vs_plain` and for `identical` (exact token-list equality with plain's
-output on the same prompt, at temperature 0; null at T > 0). One drafter object per method is reused across
-prompts, so its online statistics carry over as in a long-lived server; each repeat of a prompt starts from
-the same drafter state (a copy), so repeats are comparable. At T > 0 every run uses `--seed` (default 0).
+output on the same prompt, at temperature 0; null at T > 0). At T > 0 every run uses `--seed` (default 0).
 Peak RSS is sampled every 20 ms and attributed to the method running then (the whole process: every loaded
 model is included); after the runs, the plain step's breakdown (`steps`) and each engine's own peak RSS in
 a child process (`footprint`) are measured.
@@ -118,7 +127,10 @@ class Bench:
         self.a, self.methods, self.peers, self.prompts = a, methods, peers, prompts
         self.engines = engines  # dtype after a method's `@` (None: the run's) -> Engine
         self.tokenizer = engines[None].tokenizer
-        self.drafters = {m: engines[split_dtype(m)[1]].new_method(split_dtype(m)[0]) for m in methods}
+        # Each method made once with nothing learned, in a store of its own; every cold run gets a copy (the
+        # copies share the models and heads, never what is learned), and so does the warm one, which learns on.
+        self.blank = {m: engines[split_dtype(m)[1]].new_method(split_dtype(m)[0], own_store=True) for m in methods}
+        self.drafters = {m: self.fresh(m) for m in methods}  # the warm methods: learned across the prompts
         stop = self.tokenizer.stop_ids
         seed = a.seed if a.temperature > 0 else None
         mk = lambda n: SamplingParams(temperature=a.temperature, seed=seed, max_new_tokens=n, stop_token_ids=stop)
@@ -126,11 +138,15 @@ class Bench:
         self.sampler, self.runs, self.plain_tokens = sampler, [], {}
         self.live_peers = [n for n, p in peers.items() if p.status == "ok"]
 
-    def _ours(self, method: str, ids: list[int], params, drafter=None) -> dict:
+    def fresh(self, method: str):
+        """The method with nothing learned (a copy of its blank one: no state shared with any other method)."""
+        return copy.deepcopy(self.blank[method])
+
+    def _ours(self, method: str, ids: list[int], params, m=None) -> dict:
         from skipjack.engine import Request
 
         engine = self.engines[split_dtype(method)[1]]
-        r = engine.complete(Request(ids, params, drafter or self.drafters[method]))
+        r = engine.complete(Request(ids, params, m or self.drafters[method]))
         return {
             "tokens": list(r.tokens),
             "seconds": r.seconds,
@@ -159,23 +175,38 @@ class Bench:
             "draft_seconds": None,
         }
 
-    def one(self, name: str, ids: list[int], params, drafter=None) -> dict:
+    def one(self, name: str, ids: list[int], params, m=None) -> dict:
         self.sampler.label = name
         try:
-            return self._peer(name, ids, params) if name in self.peers else self._ours(name, ids, params, drafter)
+            return self._peer(name, ids, params) if name in self.peers else self._ours(name, ids, params, m)
         finally:
             self.sampler.sample()
             self.sampler.label = None
 
-    def jobs(self) -> list[str]:
-        return [*self.methods, *self.live_peers]
+    def jobs(self) -> list[tuple[str, str | None]]:
+        """What one round runs: (method, "cold") and (method, "warm") for each method with a drafter, (name, None)
+        for plain, the strategies and each peer that still runs."""
+        out: list[tuple[str, str | None]] = []
+        for m in self.methods:
+            out += [(m, "cold"), (m, "warm")] if self.drafters[m].drafter is not None else [(m, None)]
+        return out + [(n, None) for n in self.live_peers]
 
     def warm_up(self, progress, task) -> None:
         ids = min(self.prompts, key=lambda p: len(p[1]))[1]
-        for name in self.jobs():
+        for name in [*self.methods, *self.live_peers]:
             progress.update(task, description=f"warm-up {name}")
-            self._guard(name, lambda n=name: self.one(n, ids, self.warm_params))
+            m = None if name in self.peers else self.fresh(name)  # thrown away: it has seen this prompt
+            self._guard(name, lambda n=name, m=m: self.one(n, ids, self.warm_params, m))
             progress.advance(task)
+
+    def _method(self, name: str, state: str | None, learned: dict, repeat: int):
+        """The method object a job runs: a fresh one (cold), the learned one (warm: itself in the first repeat, so
+        what it learns carries on; a copy of its state before the prompt in the others), or the bench's own."""
+        if state == "cold":
+            return self.fresh(name)
+        if state == "warm" and repeat > 0:
+            return copy.deepcopy(learned[name])
+        return None
 
     def _guard(self, name: str, fn):
         """Run fn; a peer that raises is marked failed (and skipped from then on) instead of aborting."""
@@ -192,31 +223,30 @@ class Bench:
     def measure(self, progress, task) -> None:
         for pi, (p, ids) in enumerate(self.prompts):
             jobs, R = self.jobs(), self.a.repeats
-            # Every repeat starts from the same drafter state (an adaptive drafter must not learn the
+            # Every warm repeat starts from the same drafter state (an adaptive drafter must not learn the
             # answer in repeat 1 and replay it in repeat 2); the state after repeat 1 is kept.
-            snaps = {n: copy.deepcopy(self.drafters[n]) for n in jobs if n in self.drafters}
-            reps: dict[str, list[dict]] = {n: [] for n in jobs}
+            learned = {n: copy.deepcopy(m) for n, m in self.drafters.items() if m.drafter is not None}
+            reps: dict[tuple, list[dict]] = {j: [] for j in jobs}
             for i in range(R):
-                for name in rotated(jobs, pi * R + i):
-                    if name not in self.jobs():  # a peer that failed (`_guard` dropped it from the jobs)
+                for name, state in rotated(jobs, pi * R + i):
+                    if (name, state) not in self.jobs():  # a peer that failed (`_guard` dropped it from the jobs)
                         continue
-                    progress.update(task, description=f"{name} · {p.id} ({i + 1}/{R})")
-                    d = copy.deepcopy(snaps[name]) if i > 0 and name in snaps else None
-                    r = self._guard(name, lambda n=name, x=ids, d=d: self.one(n, x, self.params, d))
+                    label = f"{name} ({state})" if state else name
+                    progress.update(task, description=f"{label} · {p.id} ({i + 1}/{R})")
+                    m = self._method(name, state, learned, i)
+                    r = self._guard(name, lambda n=name, x=ids, m=m: self.one(n, x, self.params, m))
                     progress.advance(task)
                     if r is not None:
-                        reps[name].append(r)
-            for name in jobs:  # plain first: it is the reference for `identical`
-                if name in self.jobs() and len(reps[name]) == R:
-                    self.runs.append(self._record(p, name, ids, reps[name]))
-                    if not progress.console.is_terminal:  # logs get one line per measurement instead of a bar
-                        r = self.runs[-1]
-                        progress.console.print(
-                            f"{name} {p.id}: {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens, "
-                            f"{r['seconds']:.2f} s median, {r['tokens_per_s']:.1f} tokens/s",
-                            highlight=False,
-                            soft_wrap=True,
-                        )
+                        reps[name, state].append(r)
+            for name, state in jobs:  # plain first: it is the reference for `identical`
+                if state == "warm" or (name, state) not in self.jobs() or len(reps[name, state]) < R:
+                    continue
+                run = self._record(p, name, ids, reps[name, state]) | {"drafter": state}
+                if state == "cold":
+                    run["warm"] = self._record(p, name, ids, reps[name, "warm"]) | {"drafter": "warm"}
+                self.runs.append(run)
+                if not progress.console.is_terminal:  # logs get one line per measurement instead of a bar
+                    progress.console.print(_log_line(run), highlight=False, soft_wrap=True)
 
     def _record(self, p, name: str, ids: list[int], reps: list[dict]) -> dict:
         first = reps[0]
@@ -247,7 +277,17 @@ class Bench:
         }
 
 
-def rotated(jobs: list[str], shift: int) -> list[str]:
+def _log_line(r: dict) -> str:
+    line = (
+        f"{r['method']} {r['id']}: {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens, "
+        f"{r['seconds']:.2f} s median, {r['tokens_per_s']:.1f} tokens/s"
+    )
+    if r.get("warm"):
+        line += f" cold; warm {r['warm']['tokens_per_s']:.1f} tokens/s"
+    return line
+
+
+def rotated(jobs: list, shift: int) -> list:
     """The jobs in a cyclic order that moves by one every round, so each job runs in each position (first after
     the previous prompt, right after a memory-hungry peer, ...) equally often over a run."""
     k = shift % len(jobs)

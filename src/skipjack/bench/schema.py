@@ -4,6 +4,10 @@ The code passes plain dicts around (they come from and go to JSON); these types 
 annotate the functions. Times are in seconds and sizes in bytes unless a key says MB/GB. Older files are
 brought to the current keys by `upgrade`, which every reader of a results.json calls (`read_results`).
 A speedup is a ratio of tokens/s over the prompts both sides completed (all of them unless interrupted).
+
+Cold and warm (`skipjack.bench.runner`): a method with a drafter is measured with a fresh drafter on every prompt
+(cold: a run's and a summary's top-level figures, the headline) and with the drafter its runs on the earlier
+prompts left (warm: the `warm` key of a run and of a summary). `drafter` says which a set of figures is.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ class Machine(TypedDict):
     llama_cpp_python: str | None  # llama-cpp-python version; null if not installed
     bandwidth_gbs: float  # measured copy bandwidth (read + write bytes)
     load_avg_1m: float | None  # at the start: other load on the machine skews timings
+    isa: NotRequired[list[str] | None]  # SIMD instruction sets the CPU's flags name (skipjack.machine); null: unread
+    isa_absent: NotRequired[list[str] | None]  # those of skipjack.machine's list the flags do not name
     date: str  # when the run started (ISO 8601)
 
 
@@ -90,6 +96,8 @@ class Run(TypedDict):
     forward_passes: int  # decoding passes, prefill excluded
     finish: str  # "length" | "stop"
     tokens: list[int]  # the output tokens (first repeat)
+    drafter: NotRequired[str | None]  # "cold" (a fresh drafter) | "warm" (in `warm`); null: no drafter
+    warm: NotRequired[Run]  # the same prompt with the warm drafter (methods with a drafter only)
 
 
 class CategorySummary(TypedDict):
@@ -99,6 +107,26 @@ class CategorySummary(TypedDict):
     tokens_per_s: float | None  # total tokens / total seconds
     speedup_vs_plain: float | None  # tokens/s ratio against plain on the same prompts
     tokens_per_pass: float | None  # new tokens per decoding forward pass (`mean_accepted` in older files)
+
+
+class WarmSummary(TypedDict):
+    """A method's figures with its warm drafter (learned on the run's earlier prompts), over the same prompts; the
+    keys mean what they mean in `MethodSummary`."""
+
+    drafter: str  # "warm"
+    prompts: int
+    new_tokens: int
+    seconds: float
+    tokens_per_s: float | None
+    tokens_per_pass: float | None
+    forward_passes: int
+    speedup_vs_plain: float | None
+    decode_tokens_per_s: float | None
+    decode_speedup_vs_plain: float | None
+    accept_hist: dict[str, int]
+    draft_steps: int | None
+    draft_share: float | None
+    identical_fraction: float | None
 
 
 class MethodSummary(TypedDict):
@@ -129,6 +157,8 @@ class MethodSummary(TypedDict):
     weight_bytes: int | None  # the weights it ran on
     bandwidth_utilisation: float | None  # weight_bytes x forward passes/s / measured bandwidth
     by_category: dict[str, CategorySummary]  # the same numbers per prompt category
+    drafter: NotRequired[str | None]  # "cold" for a method with a drafter; null for plain, strategies and peers
+    warm: NotRequired[WarmSummary | None]  # the warm drafter's figures; null without a drafter
 
 
 class LinearRows(TypedDict):
@@ -186,8 +216,10 @@ def upgrade(results: dict) -> Results:
     """An older results.json brought to the current keys, in place (`mean_accepted` -> `tokens_per_pass`)."""
     for r in results.get("runs") or []:
         _rename(r)
+        _rename(r.get("warm") or {})
     for s in (results.get("summary") or {}).values():
         _rename(s)
+        _rename(s.get("warm") or {})
         for c in (s.get("by_category") or {}).values():
             _rename(c)
     return results

@@ -80,24 +80,11 @@ def summarise(results: Results, rss_peaks: dict | None = None) -> dict[str, Meth
         spec, dtype = split_dtype(name)  # `method@dtype`: the model in another dtype than the run's (and plain's)
         same_dtype = dtype in (None, model.get("dtype"))
         s["lossless"] = None if is_peer else same_dtype and parse_method(spec)[0] in lossless_methods()
-        s |= _agg(rs) if rs else dict.fromkeys(("prompts", "new_tokens", "seconds", "tokens_per_s", "tokens_per_pass"))
-        s["speedup_vs_plain"] = speedup(rs, plain) if rs else None
-        s["decode_tokens_per_s"] = decode_rate(rs)
-        s["decode_speedup_vs_plain"] = speedup(rs, plain, decode_rate) if rs else None
+        s |= _figures(rs, plain, greedy, is_peer)
         s["prompt_tokens_per_s"] = prompt_rate(rs)
         s["long_prompt_tokens_per_s"] = prompt_rate([r for r in rs if r.get("category") == "long"])
         for p in ran_peers:
             s[f"speedup_vs_{p}"] = speedup(rs, by[p]) if rs else None
-        hist: dict[str, int] = {}
-        for r in rs:
-            for k, v in r["accept_hist"].items():
-                hist[str(k)] = hist.get(str(k), 0) + v
-        s["accept_hist"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
-        s["draft_steps"] = None if is_peer or not rs else sum(r["draft_steps"] for r in rs)
-        drafting = [r.get("draft_seconds") for r in rs]
-        s["draft_share"] = sum(drafting) / s["seconds"] if rs and None not in drafting and s["seconds"] else None
-        marks = [r["identical"] for r in rs if r["identical"] is not None]
-        s["identical_fraction"] = sum(marks) / len(marks) if greedy and marks else None
         own = {r["id"]: r["tokens"] for r in by.get(f"plain@{dtype}", [])} if spec != "plain" else {}
         pairs = [r["tokens"] == own[r["id"]] for r in rs if r["id"] in own and "tokens" in r]
         s["identical_in_dtype"] = sum(pairs) / len(pairs) if greedy and pairs else None
@@ -108,8 +95,30 @@ def summarise(results: Results, rss_peaks: dict | None = None) -> dict[str, Meth
             weights = model.get("weight_bytes") if same_dtype else (model.get("weight_bytes_by_dtype") or {}).get(dtype)
         _bandwidth(s, rs, weights, (results.get("machine") or {}).get("bandwidth_gbs"))
         s["by_category"] = _by_category(rs, plain)
+        warm = [r["warm"] for r in rs if r.get("warm")]
+        s["drafter"] = "cold" if warm else None  # the headline figures above: a fresh drafter on every prompt
+        s["warm"] = {"drafter": "warm"} | _figures(warm, plain, greedy, False) if warm else None
         out[name] = s
     return out
+
+
+def _figures(rs: list[Run], plain: list[Run], greedy: bool, is_peer: bool) -> dict:
+    """A method's figures over its runs: totals, rates, speedups over plain, acceptance, identity."""
+    s = _agg(rs) if rs else dict.fromkeys(("prompts", "new_tokens", "seconds", "tokens_per_s", "tokens_per_pass"))
+    s["speedup_vs_plain"] = speedup(rs, plain) if rs else None
+    s["decode_tokens_per_s"] = decode_rate(rs)
+    s["decode_speedup_vs_plain"] = speedup(rs, plain, decode_rate) if rs else None
+    hist: dict[str, int] = {}
+    for r in rs:
+        for k, v in r["accept_hist"].items():
+            hist[str(k)] = hist.get(str(k), 0) + v
+    s["accept_hist"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
+    s["draft_steps"] = None if is_peer or not rs else sum(r["draft_steps"] for r in rs)
+    drafting = [r.get("draft_seconds") for r in rs]
+    s["draft_share"] = sum(drafting) / s["seconds"] if rs and None not in drafting and s["seconds"] else None
+    marks = [r["identical"] for r in rs if r["identical"] is not None]
+    s["identical_fraction"] = sum(marks) / len(marks) if greedy and marks else None
+    return s
 
 
 def _bandwidth(s: dict, rs: list[Run], weights: int | None, bw: float | None) -> None:

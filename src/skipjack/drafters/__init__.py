@@ -139,7 +139,18 @@ def make_method(spec: str, shared: dict | None = None) -> Method:
     if name in STRATEGIES:
         return Method(spec, name, None, strategy=factory(**kwargs))
     drafter = factory(**kwargs)
-    return Method(spec, name, drafter, k, DraftCost(lambda: getattr(drafter, "cost_prior", 0.0)))
+    return Method(spec, name, drafter, k, DraftCost(CostPrior(drafter)))
+
+
+@dataclass
+class CostPrior:
+    """A draft's cost before one is timed: the drafter's own estimate, read when asked. An object rather than a
+    closure so that a deep copy of a `Method` (the bench copies methods) reads its own drafter's estimate."""
+
+    drafter: Drafter
+
+    def __call__(self) -> float:
+        return getattr(self.drafter, "cost_prior", 0.0)
 
 
 __all__ = [

@@ -21,18 +21,37 @@ FAMILIES = {
 }
 
 
-def normalise_config(d: dict) -> dict:
-    """Fill an HF config dict's defaults through transformers' own config class (ignores unknown keys)."""
-    from transformers import AutoConfig
+# The sizes every family reads: checked, so that a damaged config is one line, not a failure deep in the build.
+_SIZES = "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads".split()
 
+
+def normalise_config(d: dict) -> dict:
+    """An HF config dict completed as transformers' config class for its `model_type` would complete it (the
+    family's `normalise`: defaults, derived fields, RoPE parameters), without importing transformers. Keys skipjack
+    does not read pass through; the sizes it reads are checked."""
     mt = d.get("model_type")
     if mt == "gemma3":  # a multimodal Gemma 3 config: take its text part
         d = {**d.get("text_config", {}), "model_type": "gemma3_text"}
         mt = "gemma3_text"
     if mt not in FAMILIES:
         raise SkipjackError(f"unknown architecture {mt!r}; supported: {', '.join(sorted(FAMILIES))}")
-    extra = {k: v for k, v in d.items() if k not in ("model_type", "transformers_version")}
-    return AutoConfig.for_model(mt, **extra).to_dict() | {"model_type": mt}
+    _check_sizes({k: v for k, v in d.items() if k in _SIZES and v is not None})  # as given, then as completed
+    d = FAMILIES[mt][0].normalise({k: v for k, v in d.items() if k != "transformers_version"} | {"model_type": mt})
+    _check_sizes({k: d.get(k) for k in _SIZES})
+    if d["num_attention_heads"] % d["num_key_value_heads"]:
+        raise SkipjackError(
+            f"the model config's num_attention_heads ({d['num_attention_heads']}) is not a multiple of its "
+            f"num_key_value_heads ({d['num_key_value_heads']})"
+        )
+    if d.get("layer_types") is not None:  # transformers' legacy name
+        d["layer_types"] = ["full_attention" if t == "attention" else t for t in d["layer_types"]]
+    return d
+
+
+def _check_sizes(sizes: dict) -> None:
+    for key, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise SkipjackError(f"the model config's {key} must be a positive integer (got {v!r})")
 
 
 def build_model(

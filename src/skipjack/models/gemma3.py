@@ -24,6 +24,17 @@ from skipjack.models.common import (
     run_attention,
 )
 
+# What transformers' Gemma3TextConfig (transformers 5) fills in for a key config.json leaves out, for the keys
+# skipjack reads (`layer_types` None: derived in `Gemma3Config.normalise`).
+# fmt: off
+HF_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6, max_position_embeddings=131_072, tie_word_embeddings=True,
+    query_pre_attn_scalar=256, sliding_window=4096, layer_types=None, final_logit_softcapping=None, bos_token_id=2,
+    eos_token_id=1,
+)
+# fmt: on
+
 
 @dataclass
 class Gemma3Config:
@@ -44,6 +55,30 @@ class Gemma3Config:
     max_position_embeddings: int = 32768
     final_logit_softcapping: float | None = None
     tie_word_embeddings: bool = True
+
+    @staticmethod
+    def normalise(d: dict) -> dict:
+        """An HF config dict as transformers' Gemma3TextConfig would complete it, for the keys skipjack reads: its
+        defaults where a key is missing, `layer_types` from `sliding_window_pattern` (every 6th layer global),
+        RoPE per layer type in `rope_parameters` (legacy `rope_scaling` applies to the global layers)."""
+        d = {**HF_DEFAULTS, **d}
+        if d["layer_types"] is None:
+            every = d.get("sliding_window_pattern", 6)
+            d["layer_types"] = [
+                "sliding_attention" if (i + 1) % every else "full_attention" for i in range(d["num_hidden_layers"])
+            ]
+        rope = {k: dict(v) if isinstance(v, dict) else v for k, v in (d.get("rope_parameters") or {}).items()}
+        for kind in ("full_attention", "sliding_attention"):
+            if rope.get(kind) is None:
+                rope[kind] = {"rope_type": "default"}
+        full, local = rope["full_attention"], rope["sliding_attention"]
+        full.update(d.pop("rope_scaling", None) or {})
+        full.setdefault("rope_theta", d.pop("rope_theta", 1_000_000.0))
+        local.setdefault("rope_theta", d.pop("rope_local_base_freq", 10_000.0))
+        for kind in set(d["layer_types"]) & set(rope):  # transformers completes the kinds its layers use
+            rope[kind].setdefault("rope_type", rope[kind].get("type", "default"))
+        d["rope_parameters"] = rope
+        return d
 
     @classmethod
     def from_hf(cls, d: dict) -> Gemma3Config:

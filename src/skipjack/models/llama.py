@@ -21,6 +21,23 @@ from skipjack.models.common import (
     run_attention,
 )
 
+# What transformers' config classes (LlamaConfig, MistralConfig, Qwen2Config; transformers 5) fill in for a key
+# config.json leaves out, for the keys skipjack reads (None: derived in `LlamaConfig.normalise`).
+_SHARED = dict(
+    hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, rms_norm_eps=1e-6, tie_word_embeddings=False
+)
+# fmt: off
+HF_DEFAULTS = {
+    "llama": dict(_SHARED, vocab_size=32000, intermediate_size=11008, num_key_value_heads=None, head_dim=None,
+                  max_position_embeddings=2048, attention_bias=False, bos_token_id=1, eos_token_id=2),
+    "mistral": dict(_SHARED, vocab_size=32000, intermediate_size=14336, num_key_value_heads=8, head_dim=None,
+                    max_position_embeddings=131072, sliding_window=4096, bos_token_id=1, eos_token_id=2),
+    "qwen2": dict(_SHARED, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
+                  max_position_embeddings=32768, use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+                  layer_types=None, bos_token_id=None, eos_token_id=None),
+}
+# fmt: on
+
 
 @dataclass
 class LlamaConfig:
@@ -43,9 +60,34 @@ class LlamaConfig:
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
 
+    @staticmethod
+    def normalise(d: dict) -> dict:
+        """An HF config dict as transformers' config class for its `model_type` (llama, mistral, qwen2) would
+        complete it, for the keys skipjack reads: the class's defaults where a key is missing, the derived fields
+        (`num_key_value_heads`, `head_dim`, Qwen2's window and `layer_types`), RoPE in `rope_parameters`."""
+        mt = d["model_type"]
+        d = {**HF_DEFAULTS[mt], **d}
+        if d["num_key_value_heads"] is None:
+            d["num_key_value_heads"] = d["num_attention_heads"]
+        if mt == "qwen2":
+            d["sliding_window"] = d["sliding_window"] if d["use_sliding_window"] else None
+            if d["layer_types"] is None:
+                sliding = d["sliding_window"] is not None
+                d["layer_types"] = [
+                    "sliding_attention" if sliding and i >= d["max_window_layers"] else "full_attention"
+                    for i in range(d["num_hidden_layers"])
+                ]
+        elif d["head_dim"] is None:
+            d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        rope = dict(d.pop("rope_scaling", None) or d.get("rope_parameters") or {})  # the legacy key wins
+        rope.setdefault("rope_theta", d.pop("rope_theta", 10000.0))
+        rope.setdefault("rope_type", rope.get("type", "default"))
+        d["rope_parameters"] = rope
+        return d
+
     @classmethod
     def from_hf(cls, d: dict) -> LlamaConfig:
-        """Build from an HF config dict (already normalised by transformers); unknown keys are ignored."""
+        """Build from an HF config dict (already normalised: `normalise`); unknown keys are ignored."""
         d = dict(d)
         rope = d.get("rope_parameters") or {}
         d["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
