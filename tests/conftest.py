@@ -9,6 +9,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The C++ kernels are built once, under the usual home, for every test (and every child process they start),
+# whatever temporary SKIPJACK_HOME a test sets: a fresh home would build them again (a minute each).
+os.environ.setdefault("SKIPJACK_KERNELS", os.path.join(os.path.expanduser("~"), ".cache", "skipjack", "kernels"))
 
 # "-sw": sliding-window attention over 5 positions (Mistral on every layer; Qwen2 above max_window_layers)
 FAMILIES = ("llama", "qwen2", "mistral", "gemma3_text", "mistral-sw", "qwen2-sw")

@@ -1,8 +1,8 @@
 """skipjack's C++ kernels (`qk.cpp`): block-quantised matmuls and batch-invariant attention, built on first use.
 
 The extension is compiled once per machine with `-O3 -march=native` (gcc, through torch's cpp_extension and
-ninja) into `$SKIPJACK_HOME/kernels/<name>/`, where the name carries a digest of the source and of the CPU's
-instruction-set flags: a cache made on another CPU is never loaded. `kernels()` returns the module;
+ninja) into `$SKIPJACK_HOME/kernels/<name>/` (or `$SKIPJACK_KERNELS/<name>/`), where the name carries a digest
+of the source and of the CPU's instruction-set flags: a cache made on another CPU is never loaded. `kernels()` returns the module;
 `available()` says whether it could be built here (a one-line reason otherwise).
 """
 
@@ -39,12 +39,17 @@ def build_name() -> str:
     return f"skipjack_qk_{digest}"
 
 
+def kernels_home() -> Path:
+    """Where builds are kept: `$SKIPJACK_KERNELS`, else `kernels/` under the skipjack home (a build depends on
+    the source and the CPU only, so one folder can serve several homes: the test suite's temporary ones)."""
+    raw = os.environ.get("SKIPJACK_KERNELS")
+    return Path(raw).expanduser().absolute() if raw and raw.strip() else home() / "kernels"
+
+
 @functools.cache
 def _load():
-    import torch.utils.cpp_extension as ext
-
     name = build_name()
-    where = home() / "kernels" / name
+    where = kernels_home() / name
     where.mkdir(parents=True, exist_ok=True)
     if sys.stderr.isatty() and not any(where.glob("*.so")):
         print("skipjack: compiling the CPU kernels for this machine, once (about a minute)", file=sys.stderr)
@@ -53,10 +58,31 @@ def _load():
     # it, no other skipjack process is building here, so a torch lock file left here is stale.
     with store.locked(where / ".skipjack.lock", "building the CPU kernels", wait=max(store.lock_wait(), 300.0)):
         (where / "lock").unlink(missing_ok=True)
-        return _build(ext, name, where)
+        return _built(name, where) or _build(name, where)
 
 
-def _build(ext, name: str, where: Path):
+def _built(name: str, where: Path):
+    """The finished build, imported as it is (without torch's build machinery, which imports setuptools), or
+    None where there is none or it does not load."""
+    import importlib.util
+
+    import torch  # noqa: F401  (the extension links against torch's libraries)
+
+    so = where / f"{name}.so"
+    if not so.is_file():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, so)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except ImportError:
+        return None
+
+
+def _build(name: str, where: Path):
+    import torch.utils.cpp_extension as ext
+
     return ext.load(
         name=name,
         sources=[str(SOURCE)],
