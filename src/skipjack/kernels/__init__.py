@@ -2,8 +2,8 @@
 
 The extension is compiled once per machine with `-O3 -march=native` (gcc, through torch's cpp_extension and
 ninja) into `$SKIPJACK_HOME/kernels/<name>/` (or `$SKIPJACK_KERNELS/<name>/`), where the name carries a digest
-of the source and of the CPU's instruction-set flags: a cache made on another CPU is never loaded. `kernels()` returns the module;
-`available()` says whether it could be built here (a one-line reason otherwise).
+of the source and of the CPU's instruction-set flags: a cache made on another CPU is never loaded. `kernels()`
+returns the module; `available()` says whether it could be built here (a one-line reason otherwise).
 """
 
 from __future__ import annotations
