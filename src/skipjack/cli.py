@@ -120,6 +120,10 @@ def _engine(a, spec: str | None = None):
         _notice(f"skipjack: {a.dtype} weights: {engine.loaded.info['weights']}")
         if not engine.model.invariant:
             _notice("skipjack: note: some weights stay dense here, so the forward is not batch-invariant")
+        if engine.loaded.info["native"] != "on":
+            _notice(
+                f"skipjack: note: decoding steps run in Python, not the native step ({engine.loaded.info['native']})"
+            )
     return engine, method
 
 
@@ -153,6 +157,7 @@ def cmd_generate(a) -> int:
         out = res.to_json() | {"model": engine.name, "dtype": a.dtype, "load_seconds": round(engine.loaded.seconds, 3)}
         out["lossless"] = method.lossless and is_lossless(a.kv)
         out["weights"] = engine.loaded.info.get("weights")
+        out["native_step"] = engine.loaded.info.get("native") == "on"
         out["identical_to_plain"] = identical_to_plain(a.method, a.dtype)
         drafter = engine.method(a.method).drafter
         strategy = engine.method(a.method).strategy

@@ -322,8 +322,10 @@ def load(spec: str | None = None, dtype: str = "auto") -> Loaded:
         folder = path
     model, tok = _load_folder(folder, DTYPES.get(dtype, torch.float32), dtype if blocks else None)
     from skipjack.linear import describe
+    from skipjack.models import native
 
-    info = {"weights": describe(model.linears(), model.lm_head), "invariant": model.invariant}
+    why = native.reason(model)
+    info = {"weights": describe(model.linears(), model.lm_head), "invariant": model.invariant, "native": why or "on"}
     return Loaded(model, tok, spec, path, time.perf_counter() - t0, converted, info, dtype)
 
 
