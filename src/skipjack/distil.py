@@ -34,7 +34,7 @@ from skipjack.drafters.kangaroo import Adapter, default_path, identity, save
 from skipjack.errors import SkipjackError
 from skipjack.linear import dense
 from skipjack.models import fingerprint
-from skipjack.models.common import rms_norm
+from skipjack.models.rowops import rms_norm
 
 TOP_K = 16  # teacher probabilities kept per position
 VAL_CHUNKS = 8

@@ -35,7 +35,8 @@ from skipjack.drafters.base import DraftContext, Proposal, Verdict, common_prefi
 from skipjack.drafters.layered import Calibrated, DraftHead, SharesModels, draft, resumable
 from skipjack.errors import SkipjackError
 from skipjack.models import fingerprint
-from skipjack.models.common import Rope, apply_rope, attention_mask, rms_norm
+from skipjack.models.common import attention_mask
+from skipjack.models.rowops import Rope, apply_rope, rms_norm
 
 KIND = "kangaroo-adapter"
 VERSION = "1"
