@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?=
 
-.PHONY: demo test install lint bench bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve bench-eval bench-longctx clean
+.PHONY: demo test install lint bench bench-stepcost bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve bench-eval bench-longctx clean
 
 $(BIN)/skipjack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -62,6 +62,11 @@ bench-longctx: install
 # llama-server on the same GGUF (needs `make bench-peers`; ~15 min).
 bench-serve: install
 	$(BIN)/python -m skipjack.bench.serve --model smollm2-135m --methods plain,pld,auto --out bench-out/serve
+
+# What a pass costs (#33): the plain step's breakdown on the native and the Python path, and passes over k = 1-16
+# tokens at contexts 256 and 2048 beside llama.cpp's (needs `make bench-peers`; ~10 min).
+bench-stepcost: install
+	for m in smollm2-135m qwen2.5-coder-1.5b; do $(BIN)/python -m skipjack.bench.stepcost --model $$m --out bench-out/stepcost/$$m || exit 1; done
 
 bench-quick: install
 	$(BIN)/skipjack bench --suite quick --methods plain,pld,ngram --peers hf,hf-pld,llamacpp,llamacpp-pld --out bench-out/quick
@@ -136,6 +141,7 @@ benchmarks-md: install
 	if [ -f bench-out/serve/serve.json ]; then set -- "$$@" --serve bench-out/serve; fi; \
 	if ls bench-out/eval/*__*.json >/dev/null 2>&1; then set -- "$$@" --eval bench-out/eval; fi; \
 	if ls bench-out/longctx/*/longctx.json >/dev/null 2>&1; then set -- "$$@" --longctx bench-out/longctx; fi; \
+	if ls bench-out/stepcost/*/stepcost.json >/dev/null 2>&1; then set -- "$$@" --stepcost bench-out/stepcost; fi; \
 	$(BIN)/python -m skipjack.bench.benchmarks_md bench-out/q4-quick --benchmarks-md BENCHMARKS.md "$$@" \
 		--notes docs/bench/NOTES.md
 

@@ -37,3 +37,11 @@ for i, r in enumerate(json.load(open('docs/bench/longctx.json'))):
     (d / 'longctx.json').write_text(json.dumps(r, indent=1))
 "
 fi
+if [ -f docs/bench/stepcost.json ] && ! ls bench-out/stepcost/*/stepcost.json >/dev/null 2>&1; then  # per model
+  "${BIN:-.venv/bin}/python" -c "
+import json, pathlib
+for r in json.load(open('docs/bench/stepcost.json')):
+    d = pathlib.Path('bench-out/stepcost') / r['model']; d.mkdir(parents=True, exist_ok=True)
+    (d / 'stepcost.json').write_text(json.dumps(r, indent=1))
+"
+fi

@@ -94,6 +94,7 @@ def write_benchmarks_md(
     serve: Path | None = None,
     evals: Path | None = None,
     longctx: Path | None = None,
+    stepcost: Path | None = None,
 ) -> Path:
     """BENCHMARKS.md at `target` from results_dir/results.json; plots and raw data are copied to docs/bench/
     beside it. `extra` runs (heading, dir) are appended as sections, then the `quality` folder's quality.json,
@@ -126,6 +127,8 @@ def write_benchmarks_md(
         md += "\n\nRaw data: `docs/bench/quality.json`.\n"
     if layers:
         md += "\n" + layer_probe_section(Path(layers), docs, [results, *(r for _, r in extras)])
+    if stepcost:
+        md += "\n" + stepcost_section(Path(stepcost), docs)
     if serve:
         md += "\n" + serve_section(Path(serve), docs)
     if evals:
@@ -157,6 +160,25 @@ def layer_probe_section(folder: Path, docs: Path, runs: list[Results] = ()) -> s
         md += "What the probe expected and what the bench measured, on the same models:\n\n" + side + "\n\n"
     md += "".join(f"![{p.stem}](docs/bench/layers-{p.name})\n" for p in plots)
     return md
+
+
+def stepcost_section(folder: Path, docs: Path) -> str:
+    """What a pass costs (`python -m skipjack.bench.stepcost --out folder/<model>`): per model, the step's
+    breakdown on both paths and the verify-cost curves beside llama.cpp's."""
+    from skipjack.bench.stepcost import markdown
+
+    runs = []
+    for f in sorted(Path(folder).glob("*/stepcost.json")):
+        try:
+            runs.append(json.loads(f.read_text()))
+        except json.JSONDecodeError as e:
+            from skipjack.errors import SkipjackError
+
+            raise SkipjackError(f"cannot read {f}: {e}") from None
+    (docs / "stepcost.json").write_text(json.dumps(runs, indent=1) + "\n")
+    md = "## What a pass costs: the native step, and passes over k tokens beside llama.cpp (separate runs)\n\n"
+    md += "\n".join(markdown(r) for r in runs)
+    return md + "\nRaw data: `docs/bench/stepcost.json`.\n"
 
 
 def serve_section(folder: Path, docs: Path) -> str:
@@ -259,6 +281,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--serve", default=None, help="append the server benchmark (`skipjack.bench.serve --out`)")
     ap.add_argument("--eval", default=None, help="append the `skipjack eval` rows under this folder")
     ap.add_argument("--longctx", default=None, help="append the long-context runs (longctx.json) under this folder")
+    ap.add_argument("--stepcost", default=None, help="append the pass-cost runs (*/stepcost.json) under this folder")
     return ap
 
 
@@ -282,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
             serve = Path(a.serve) if a.serve else None
             evals = Path(a.eval) if a.eval else None
             lc = Path(a.longctx) if a.longctx else None
+            sc = Path(a.stepcost) if a.stepcost else None
             md = write_benchmarks_md(
-                Path(a.dir), Path(a.benchmarks_md), extra, notes, quality, layers, serve, evals, lc
+                Path(a.dir), Path(a.benchmarks_md), extra, notes, quality, layers, serve, evals, lc, sc
             )
             print(f"wrote {md}")
         else:

@@ -136,6 +136,41 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: dict) -> str:
+    """One model's run as BENCHMARKS.md shows it: the header, the breakdowns, the c(k) table."""
+    m = result["machine"]
+    isa = ", ".join(m.get("isa", [])) or "unknown"
+    md = f"### {result['model']} ({result['dtype']})\n\n"
+    md += (
+        f"{m['cpu']}, {m['threads']} threads, instruction sets {isa}; llama.cpp: {m.get('llama_cpp_build') or 'none'}; "
+        f"{m['date']}. Command: `python -m skipjack.bench.stepcost --model {result['model']}`.\n\n"
+    )
+    md += "| path | one-token step at 256 (ms) | linears | attention | the rest | the rest, share |\n"
+    md += "|---|---|---|---|---|---|\n"
+    for name, b in result["breakdown"].items():
+        share = b["other_ms"] / b["total_ms"] if b["total_ms"] else 0.0
+        md += (
+            f"| {name} | {b['total_ms']:.2f} | {b['linears_ms']:.2f} | {b['attention_ms']:.2f} | {b['other_ms']:.2f} "
+            f"| {share:.0%} |\n"
+        )
+    phases = result["breakdown"].get("native", {}).get("phases_ms")
+    if phases:
+        md += "\nNative step by phase (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items()) + ".\n"
+    md += "\nA pass over k new tokens (logits for every row), in ms and in one-token passes c(k):\n\n"
+    for ctx, row in result["curves"].items():
+        ks = list(row["ours"])
+        md += f"\n| context {ctx} | " + " | ".join(f"k={k}" for k in ks) + " |\n|---|" + "---|" * len(ks) + "\n"
+        for name in ("ours", "llamacpp"):
+            if name in row:
+                label = "skipjack (native)" if name == "ours" else "llama.cpp"
+                md += f"| {label} ms | " + " | ".join(f"{row[name][k]:.2f}" for k in ks) + " |\n"
+                md += f"| {label} c(k) | " + " | ".join(f"{row['c_' + name][k]:.2f}" for k in ks) + " |\n"
+        if "llamacpp" in row:
+            ratio = row["ours"][ks[0]] / row["llamacpp"][ks[0]]
+            md += f"\nOne-token pass at context {ctx}: skipjack {ratio:.2f}× llama.cpp's time.\n"
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     from skipjack.bench.machine import machine_info, measure_bandwidth
     from skipjack.errors import run_command
