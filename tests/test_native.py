@@ -310,3 +310,19 @@ def test_embedding_rows_from_the_kernel_equal_the_reference():
         assert torch.equal(got, t.dequantize(ids))
     with pytest.raises(RuntimeError, match="out of range"):
         kernels().dequantize_rows(t.qs, t.d, t.m, False, t.bs, torch.tensor([40]))
+
+
+def test_the_step_cost_bench_on_a_tiny_model():
+    """bench.stepcost: both paths' breakdowns (the native one from its C++ phase timers) and a c(k) curve."""
+    from skipjack.bench.stepcost import breakdowns, curves, markdown
+
+    m = model("llama", "q4")
+    b = breakdowns(m)
+    assert b["native"]["path"] == "native" and b["python"]["path"] == "python"
+    assert set(b["native"]["phases_ms"]) >= {"matmuls", "attention", "LM head"}
+    assert all(v >= 0 for v in b["native"]["phases_ms"].values())
+    c = curves(m, None, contexts=(16,), ks=(1, 2, 4), repeats=2)
+    assert c[16]["c_ours"][1] == 1.0 and all(v > 0 for v in c[16]["ours"].values())
+    text = markdown({"model": "tiny", "dtype": "q4", "breakdown": b, "curves": c,
+                     "machine": {"cpu": "x", "threads": 1, "date": "d"}})  # fmt: skip
+    assert "| native |" in text and "context 16" in text and "llama.cpp" not in text.split("c(k):")[1]

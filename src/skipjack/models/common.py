@@ -94,6 +94,12 @@ class ForwardOut:
     finite: bool | None = None  # whether every logit is finite, where the native step checked it (a batched
     # pass: all of the batch's)
 
+    @classmethod
+    def of(cls, p: native.Pass) -> ForwardOut:
+        """A native pass's output (batch dim 1)."""
+        lg = None if p.logits is None else p.logits[None]  # [1, R, V]
+        return cls(lg, {i: t[None] for i, t in p.hidden.items()}, p.last[None], argmax=p.argmax, finite=p.finite)
+
 
 class DecoderLM(nn.Module):
     """Base of every family: a stack of blocks with a layer-addressable forward.
@@ -198,28 +204,17 @@ class DecoderLM(nn.Module):
         order = range(self.num_layers) if layers is None else list(layers)
         skip_attn, skip_ffn, want = set(skip_attn), set(skip_ffn), set(return_hidden)
         if not trace and native.fits(self, T, B, [cache]):  # the same pass in one C++ call
-            h = self.embed(ids) if hidden is None else hidden  # [1, T, D]
-            seg = [(cache, positions, tree_mask)]
-            p = native.forward(self, h, seg, order, skip_attn, skip_ffn, exit_layer, want, logits, hidden is None)
-            lg = None if p.logits is None else p.logits[None]  # [1, R, V]
-            return ForwardOut(
-                lg, {i: t[None] for i, t in p.hidden.items()}, p.last[None], argmax=p.argmax, finite=p.finite
-            )
+            h, seg = self.embed(ids) if hidden is None else hidden, [(cache, positions, tree_mask)]  # [1, T, D]
+            run = (order, skip_attn, skip_ffn, exit_layer, want, logits)
+            return ForwardOut.of(native.forward(self, h, seg, *run, owned=hidden is None))
         ropes = self.ropes(positions)
         masks: dict = {}
         out = ForwardOut(logits=None)
         h = self.embed(ids) if hidden is None else hidden  # [B, T, D]
         for i in order:
             window, rope_key = self.kinds[i]
-            run = lambda x, a, f, i=i, w=window, r=rope_key: self.layers[i](  # noqa: E731
-                x,
-                cache[i],
-                start,
-                ropes[r],
-                lambda past, s=None: self._mask(masks, positions, past, tree_mask, s or (w, 0)),
-                a,
-                f,
-            )
+            mask = lambda past, s=None, w=window: self._mask(masks, positions, past, tree_mask, s or (w, 0))  # noqa: E731
+            run = lambda x, a, f, i=i, r=rope_key, m=mask: self.layers[i](x, cache[i], start, ropes[r], m, a, f)  # noqa: E731
             attn, ffn = i not in skip_attn, i not in skip_ffn
             if trace:
                 mid = run(h, attn, False)  # [B, T, D]
