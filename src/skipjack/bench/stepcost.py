@@ -7,8 +7,9 @@ A lossless method's speedup is (tokens per pass) / (c(k) + drafting), so c(k) de
 win. Ours is the native step's pass over k rows with logits for every row, from a cache holding `context`
 tokens (the pass's keys trimmed after each timing). llama.cpp (llama-cpp-python, after `make bench-peers`)
 computes logits for every row too (`logits_all`), as a verify pass needs; its cache is cut back to the context
-before each pass. Each figure is the median of `repeats` passes, ours and llama.cpp's interleaved per k, so
-both see the same machine. Writes stepcost.json (with the machine header) and prints a table.
+before each pass. Each figure is the median of `repeats` passes (the k cycled within a repeat), one engine's
+runs after the other's (an engine's threads may still spin after its pass, which would slow the other's).
+Writes stepcost.json (with the machine header) and prints a table.
 """
 
 from __future__ import annotations
@@ -90,11 +91,10 @@ def curves(model, gguf: Path | None, contexts=CONTEXTS, ks=KS, repeats: int = 9)
         if gguf is not None:
             runners["llamacpp"] = LlamaCpp(gguf, ctx, model.config.vocab_size)
         times: dict[str, dict[int, list[float]]] = {name: {k: [] for k in ks} for name in runners}
-        for r in runners.values():  # warm
-            r.seconds(1)
-        for _ in range(repeats):
-            for k in ks:
-                for name, r in runners.items():
+        for name, r in runners.items():  # one engine at a time: the other's threads may spin after its pass
+            r.seconds(1)  # warm
+            for _ in range(repeats):
+                for k in ks:
                     times[name][k].append(r.seconds(k))
         row = {}
         for name in runners:
