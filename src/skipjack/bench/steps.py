@@ -29,13 +29,15 @@ def _median_ms(fn, n: int) -> float:
 
 
 def _native_breakdown(model, one, total: float, context: int, steps: int) -> dict:
-    """The native step's parts as its C++ code times them (thread 0's wall time between barriers, the mean of
-    `steps` steps); the rest is the step's time minus the linears (LM head included) and attention: norms,
-    quantisation of activations, RoPE, cache writes, barriers and Python."""
+    """The native step's parts as its C++ code times them (thread 0's wall time between barriers), over `steps`
+    steps whose mean time is the total; the rest is that total minus the linears (LM head included) and
+    attention: norms, quantisation of activations, RoPE, cache writes, barriers and Python."""
     twin = native.native(model).run
     twin.profile(True)
+    t0 = time.perf_counter()
     for _ in range(steps):
         one()
+    total = (time.perf_counter() - t0) * 1000 / steps  # the mean, as the phases' (the median is `total` passed)
     phases = {k: v * 1000 / steps for k, v in twin.profile(False)}
     linears = phases["matmuls"] + phases["LM head"]
     attention = phases["attention"]
