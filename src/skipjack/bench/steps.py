@@ -28,7 +28,7 @@ def _median_ms(fn, n: int) -> float:
     return statistics.median(times)
 
 
-def _native_breakdown(model, one, total: float, context: int, steps: int) -> dict:
+def _native_breakdown(model, one, context: int, steps: int) -> dict:
     """The native step's parts as its C++ code times them (thread 0's wall time between barriers), over `steps`
     steps whose mean time is the total; the rest is that total minus the linears (LM head included) and
     attention: norms, quantisation of activations, RoPE, cache writes, barriers and Python."""
@@ -37,7 +37,7 @@ def _native_breakdown(model, one, total: float, context: int, steps: int) -> dic
     t0 = time.perf_counter()
     for _ in range(steps):
         one()
-    total = (time.perf_counter() - t0) * 1000 / steps  # the mean, as the phases' (the median is `total` passed)
+    total = (time.perf_counter() - t0) * 1000 / steps  # the mean, as the phases are
     phases = {k: v * 1000 / steps for k, v in twin.profile(False)}
     linears = phases["matmuls"] + phases["LM head"]
     attention = phases["attention"]
@@ -62,7 +62,7 @@ def breakdown(model: DecoderLM, context: int = 256, steps: int = 16) -> dict:
     one = lambda: model(torch.tensor([[next(step) % c.vocab_size]]), cache, logits="last")  # noqa: E731
     total = _median_ms(one, steps)
     if native.fits(model, 1, 1, [cache]):
-        return _native_breakdown(model, one, total, context, steps)
+        return _native_breakdown(model, one, context, steps)
     linears = 0.0
     for lin in model.linears():
         x = torch.randn(1, 1, lin.in_features, dtype=model.dtype)
