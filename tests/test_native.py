@@ -9,9 +9,6 @@ hidden state and ragged batches; then the real default model on its quick prompt
 
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
-
 import pytest
 import torch
 from conftest import hf_model, ours_from_hf
@@ -28,17 +25,7 @@ FAMS = ("llama", "qwen2", "gemma3_text", "mistral-sw", "qwen2-sw")
 VOCAB = 48
 
 
-@contextmanager
-def native_step(on: bool):
-    old = os.environ.get(native.ENV)
-    os.environ[native.ENV] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[native.ENV]
-        else:
-            os.environ[native.ENV] = old
+native_step = native.switched
 
 
 _MODELS: dict = {}

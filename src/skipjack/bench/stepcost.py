@@ -16,29 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 KS = (1, 2, 4, 8, 16)
 CONTEXTS = (256, 2048)
-
-
-@contextmanager
-def native_step(on: bool):
-    from skipjack.models import native
-
-    old = os.environ.get(native.ENV)
-    os.environ[native.ENV] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        os.environ.pop(native.ENV) if old is None else os.environ.__setitem__(native.ENV, old)
 
 
 class Ours:
@@ -110,10 +96,11 @@ def curves(model, gguf: Path | None, contexts=CONTEXTS, ks=KS, repeats: int = 9)
 def breakdowns(model) -> dict:
     """The plain step's breakdown (`skipjack.bench.steps`) on the native path and on the Python path."""
     from skipjack.bench.steps import breakdown
+    from skipjack.models import native
 
     out = {}
     for name, on in (("native", True), ("python", False)):
-        with native_step(on):
+        with native.switched(on):
             out[name] = breakdown(model)
     return out
 

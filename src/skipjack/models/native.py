@@ -17,6 +17,7 @@ per-layer trace. Wider passes (prompts) stay on the Python path, whose BLAS pref
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,20 @@ ATTN, FFN, TAP = 1, 2, 4  # per-layer flags
 
 def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
+
+
+@contextmanager
+def switched(on: bool):
+    """The native step on or off for the duration (`SKIPJACK_NATIVE`), as it was afterwards."""
+    old = os.environ.get(ENV)
+    os.environ[ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = old
 
 
 def reason(model) -> str | None:
