@@ -61,7 +61,8 @@ def breakdown(model: DecoderLM, context: int = 256, steps: int = 16) -> dict:
     step = iter(range(10**6))
     one = lambda: model(torch.tensor([[next(step) % c.vocab_size]]), cache, logits="last")  # noqa: E731
     if native.fits(model, 1, 1, [cache]):
-        one()  # warm
+        for _ in range(3):  # warm (a model's first passes fault its weights in)
+            one()
         return _native_breakdown(model, one, context, steps)
     total = _median_ms(one, steps)
     linears = 0.0
