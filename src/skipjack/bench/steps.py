@@ -41,15 +41,20 @@ def _native_breakdown(model, one, context: int, steps: int) -> dict:
     phases = {k: v * 1000 / steps for k, v in twin.profile(False)}
     linears = phases["matmuls"] + phases["LM head"]
     attention = phases["attention"]
+    out = _parts("native", context, steps, total, linears, attention)
+    return out | {"phases_ms": {k: round(v, 3) for k, v in phases.items()}}
+
+
+def _parts(path: str, context: int, steps: int, total: float, linears: float, attention: float) -> dict:
+    """A breakdown's record: the rest is the step minus its linears and attention."""
     return {
-        "path": "native",
+        "path": path,
         "context": context,
         "steps": steps,
         "total_ms": round(total, 2),
         "linears_ms": round(linears, 2),
         "attention_ms": round(attention, 2),
         "other_ms": round(max(total - linears - attention, 0.0), 2),
-        "phases_ms": {k: round(v, 3) for k, v in phases.items()},
     }
 
 
@@ -77,12 +82,4 @@ def breakdown(model: DecoderLM, context: int = 256, steps: int = 16) -> dict:
             attention += _median_ms(lambda k=k, v=v: kernel_attend(q, k, v, None, scale), steps)
         else:
             attention += _median_ms(lambda k=k, v=v: attend(q, k, v, None, scale, False), steps)
-    return {
-        "path": "python",
-        "context": context,
-        "steps": steps,
-        "total_ms": round(total, 2),
-        "linears_ms": round(linears, 2),
-        "attention_ms": round(attention, 2),
-        "other_ms": round(max(total - linears - attention, 0.0), 2),
-    }
+    return _parts("python", context, steps, total, linears, attention)

@@ -143,6 +143,17 @@ class Model {
         seconds[ph] += std::chrono::duration<double>(now - last).count();
         last = now;
       };
+      // this thread's rows of `in` [M, K] quantised; then `p` over every row into `out`, and its bias (the
+      // quantising counts as phase `before`)
+      auto project = [&](const float* in, int64_t K, const Proj& p, float* out, Phase before) {
+        quantize_rows(in, r0, r1, acts(K));
+#pragma omp barrier
+        mark(before);
+        proj_cols(acts(K), p, M, tid, T, out);
+#pragma omp barrier
+        mark(MATMUL);
+        if (p.bias) add_bias(r0, r1, p, out);
+      };
       int64_t ai = 0;  // attention layers seen (index into slots)
       int64_t tap = 0;
       for (size_t li = 0; li < order.size(); ++li) {
@@ -151,13 +162,7 @@ class Model {
         if (flags[li] & 1) {
           // input norm, quantised
           for (int64_t r = r0; r < r1; ++r) rms_norm_row(h + r * dm, L.norms[0], c_.eps, dm, x_.data() + r * dm);
-          quantize_rows(x_.data(), r0, r1, acts(dm));
-#pragma omp barrier
-          mark(NORM);
-          proj_cols(acts(dm), L.qkv, M, tid, T, qkv_.data());
-#pragma omp barrier
-          mark(MATMUL);
-          if (L.qkv.bias) add_bias(r0, r1, L.qkv, qkv_.data());
+          project(x_.data(), dm, L.qkv, qkv_.data(), NORM);
           // q/k norms (Gemma), RoPE, the new keys and values into the cache, each row's visible slots
           const float* cos = rope[2 * L.rope];
           const float* sin = rope[2 * L.rope + 1];
@@ -192,26 +197,14 @@ class Model {
           }
 #pragma omp barrier
           mark(ATTENTION);
-          quantize_rows(o_.data(), r0, r1, acts(hq * hd));
-#pragma omp barrier
-          mark(NORM);
-          proj_cols(acts(hq * hd), L.o, M, tid, T, y_.data());
-#pragma omp barrier
-          mark(MATMUL);
-          if (L.o.bias) add_bias(r0, r1, L.o, y_.data());
+          project(o_.data(), hq * hd, L.o, y_.data(), NORM);
           residual(r0, r1, h, gem ? L.norms[1] : nullptr);
           ++ai;
         }
         if (flags[li] & 2) {
           const float* pre = L.norms[gem ? 2 : 1];
           for (int64_t r = r0; r < r1; ++r) rms_norm_row(h + r * dm, pre, c_.eps, dm, x_.data() + r * dm);
-          quantize_rows(x_.data(), r0, r1, acts(dm));
-#pragma omp barrier
-          mark(NORM);
-          proj_cols(acts(dm), L.gu, M, tid, T, gu_.data());
-#pragma omp barrier
-          mark(MATMUL);
-          if (L.gu.bias) add_bias(r0, r1, L.gu, gu_.data());
+          project(x_.data(), dm, L.gu, gu_.data(), NORM);
           const int64_t F = c_.ffn;
           for (int64_t r = r0; r < r1; ++r) {
             const float* g = gu_.data() + r * 2 * F;
@@ -220,13 +213,7 @@ class Model {
             else
               act_mul_row<false>(g, g + F, F, act_.data() + r * F);
           }
-          quantize_rows(act_.data(), r0, r1, acts(F));
-#pragma omp barrier
-          mark(ACTIVATION);
-          proj_cols(acts(F), L.down, M, tid, T, y_.data());
-#pragma omp barrier
-          mark(MATMUL);
-          if (L.down.bias) add_bias(r0, r1, L.down, y_.data());
+          project(act_.data(), F, L.down, y_.data(), ACTIVATION);
           residual(r0, r1, h, gem ? L.norms[3] : nullptr);
         }
         if (flags[li] & 4) {
