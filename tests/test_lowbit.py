@@ -90,7 +90,7 @@ def test_kernel_matches_dequantised_reference(kind, m, k32, n, seed, bias):
     wd = lin.weight().dequantize()
     ref = x @ wd.T + (0 if b is None else b)
     y = lin(x)
-    assert torch.equal(kernels().dequantize(lin.qs, lin.d, lin.m, kind == "q4", lin.bs), wd)
+    assert torch.equal(kernels().unpack(lin.packed().args()), wd)
     if m > QuantLinear.WIDE:  # a prompt-wide pass: the fp32 GEMM on the dequantised weight
         torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
         return

@@ -109,10 +109,11 @@ def packing_available(dtype: torch.dtype = torch.float32) -> bool:
 
 
 class QuantLinear(Linear):
-    """W in q4 or q8 blocks (`skipjack.quant.QuantTensor`), multiplied by the C++ kernels: each input row is
-    quantised to 8 bits per block of 32 (as llama.cpp's Q8_1), block dot products are exact integer sums, the
-    scales fp32, every reduction in a fixed order; so each output row is bit-identical whatever the number of
-    rows in the call (`invariant`). Passes wider than any verify step (`WIDE` rows: a prompt) multiply by an
+    """W in q4 or q8 blocks (`skipjack.quant.QuantTensor`), held in the kernels' 8-row tiles at the file's own
+    size (`quant.pack`: fp16 scales, or a k-quant's factors) and multiplied by the C++ kernels: each input row
+    is quantised to 8 bits per block of 32 (as llama.cpp's Q8_1), block dot products are exact integer sums,
+    the scales fp32, every reduction in a fixed order; so each output row is bit-identical whatever the number
+    of rows in the call (`invariant`). Passes wider than any verify step (`WIDE` rows: a prompt) multiply by an
     fp32 copy of W dequantised for that call instead (BLAS GEMM, far faster at many rows); that only changes
     the state decoding starts from, never how a token's logits depend on its pass."""
 
@@ -125,22 +126,27 @@ class QuantLinear(Linear):
 
         self.out_features, self.in_features = w.shape
         self.kind, self.bs, self.source = w.kind, w.bs, w.source
-        self.qs = param(w.qs.contiguous())  # q4: uint8 [out, in/2]; q8: int8 [out, in]
-        self.d = param(w.d.float().contiguous())  # [out, in/bs]
-        self.m = None if w.m is None else param(w.m.float().contiguous())  # [out, in/bs] or None
+        p = quant.pack(w)
+        self.bits, self.mode = p.bits, p.mode
+        for name in ("qs", "d", "m", "D", "Dmin"):  # [T, blocks, ...] tiles (`quant.Packed`)
+            t = getattr(p, name)
+            setattr(self, name, None if t is None else param(t))
         self.bias = None if bias is None else param(bias.float())
         self.ops = kernels()
 
+    def packed(self) -> quant.Packed:
+        n, k, tiles = self.out_features, self.in_features, (self.qs, self.d, self.m, self.D, self.Dmin)
+        return quant.Packed(self.bits, self.mode, self.bs, *tiles, n, k, self.source)
+
     def weight(self) -> QuantTensor:
-        return QuantTensor(self.kind, self.qs, self.d, self.m, self.bs, self.source)
+        """The weight as blocks, exactly (unpacked from the tiles)."""
+        return self.packed().unpack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = self.packed().args()
         if x.numel() > self.WIDE * self.in_features:  # a prompt: one GEMM on a transient fp32 copy
-            w = self.ops.dequantize(self.qs, self.d, self.m, self.kind == "q4", self.bs)  # [out, in]
-            return F.linear(x, w, self.bias)
-        if self.kind == "q4":
-            return self.ops.q4_linear(x, self.qs, self.d, self.m, self.bias)
-        return self.ops.q8_linear(x, self.qs, self.d, self.m, self.bs, self.bias)
+            return F.linear(x, self.ops.unpack(args), self.bias)
+        return self.ops.linear(x, args, self.bias)
 
 
 class ConcatLinear(Linear):
@@ -213,9 +219,7 @@ def rows(linear: Linear, ids: torch.Tensor) -> Linear:
     head: FR-Spec). Each kept row gives the bits the full linear gives it."""
     b = None if linear.bias is None else linear.bias[ids]
     if isinstance(linear, QuantLinear):
-        w = linear.weight()
-        m = None if w.m is None else w.m[ids]
-        return QuantLinear(QuantTensor(w.kind, w.qs[ids], w.d[ids], m, w.bs, w.source), b)
+        return QuantLinear(linear.weight().rows(ids), b)
     dense = linear.weight if isinstance(linear, DenseLinear) else getattr(linear, "plain", None)
     if not isinstance(dense, torch.Tensor):
         raise SkipjackError(f"a reduced-vocabulary head needs the LM head's rows; {type(linear).__name__} keeps none")

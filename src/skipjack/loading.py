@@ -92,9 +92,13 @@ def _params(model: DecoderLM) -> int:
     return n + norms + (0 if tied else model.embedding.num_embeddings * model.embedding.embedding_dim)
 
 
-def _cache_key(path: Path) -> str:
+BLOCKS_VERSION = 2  # 2: k-quants keep their factors (`quant.KScales`), for the kernels' file-sized layout
+
+
+def _cache_key(path: Path, weights: str) -> str:
     st = path.stat()
     raw = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v{FORMAT_VERSION}"
+    raw += f"|b{BLOCKS_VERSION}" if weights == "blocks" else ""
     return hashlib.sha1(raw.encode()).hexdigest()[:16]
 
 
@@ -106,7 +110,8 @@ def convert_gguf(path: Path, chat_template: str | None = None, weights: str = "f
 
     from skipjack import gguf_io, quant
 
-    entry = home() / "converted" / f"{path.stem}-{_cache_key(path)}{'' if weights == 'fp32' else '-' + weights}"
+    suffix = "" if weights == "fp32" else "-" + weights
+    entry = home() / "converted" / f"{path.stem}-{_cache_key(path, weights)}{suffix}"
     if entry.exists():
         damage = integrity.check(entry, META)
         if damage is None:

@@ -8,7 +8,12 @@ Two formats, blocks along the input dimension K of a weight [N, K]:
   of 16) map onto it exactly the same way (their 5- and 6-bit values fit in int8).
 
 Any other tensor (F32, F16, BF16, other quant types) is quantised here (`quantize`): q4 as Q4_1 does (per-32
-min and max), q8 as Q8_0 does (per-32 absolute max). That is a new rounding, and the loader says so.
+min and max), q8 as Q8_0 does (per-32 absolute max), with fp32 scales. That is a new rounding, and the loader
+says so.
+
+The k-quants keep their factors too (`KScales`: fp16 super-scales per 256 values and small integer scales per
+block), so that `pack` can hold them at the file's own size. `pack` turns a weight into the kernels' layout
+(`Packed`: 8-row tiles, scales in fp16 or as the file's factors; `kernels/matmul.h`), exactly.
 """
 
 from __future__ import annotations
@@ -24,6 +29,21 @@ EXACT = {"Q4_0": "q4", "Q4_1": "q4", "Q4_K": "q4", "Q8_0": "q8", "Q5_0": "q8", "
 
 
 @dataclass
+class KScales:
+    """A k-quant's scales as the file holds them: d = D * sc per block of bs values, m = -(Dmin * mn) per
+    block of 32 (both products exact in fp32)."""
+
+    D: torch.Tensor  # fp16 [N, K/256]
+    sc: torch.Tensor  # int8 [N, K/bs]
+    Dmin: torch.Tensor | None  # fp16 [N, K/256], with mn
+    mn: torch.Tensor | None  # int8 [N, K/32]
+
+    def index(self, rows) -> KScales:
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
+        return KScales(self.D[rows], self.sc[rows], pick(self.Dmin), pick(self.mn))
+
+
+@dataclass
 class QuantTensor:
     """A weight [N, K] in blocks: q4 (qs uint8 [N, K/2], two values a byte: element i of a block in the low
     nibble of byte i, element i+16 in the high one) or q8 (qs int8 [N, K]); d, m fp32 [N, K/bs]."""
@@ -34,6 +54,7 @@ class QuantTensor:
     m: torch.Tensor | None  # None: no offset (w = d * q)
     bs: int  # block size along K: 32, or 16 (q8 from Q6_K)
     source: str  # the GGUF type it came from, or "requantised from <dtype>"
+    k: KScales | None = None  # a k-quant's factors of d and m
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -72,13 +93,14 @@ class QuantTensor:
     def rows(self, perm: torch.Tensor) -> QuantTensor:
         """The same weight with its output rows reordered."""
         m = None if self.m is None else self.m[perm]
-        return QuantTensor(self.kind, self.qs[perm], self.d[perm], m, self.bs, self.source)
+        k = None if self.k is None else self.k.index(perm)
+        return QuantTensor(self.kind, self.qs[perm], self.d[perm], m, self.bs, self.source, k)
 
     def to_q8(self) -> QuantTensor:
         """The same values as q8 (exact: 4-bit values fit in int8)."""
         if self.kind == "q8":
             return self
-        return QuantTensor("q8", self.values().to(torch.int8), self.d, self.m, self.bs, self.source)
+        return QuantTensor("q8", self.values().to(torch.int8), self.d, self.m, self.bs, self.source, self.k)
 
     def with_block(self, bs: int) -> QuantTensor:
         """The same q8 weight with blocks of `bs` (16 from 32 repeats each scale; exact)."""
@@ -86,7 +108,8 @@ class QuantTensor:
             return self
         if not (self.kind == "q8" and self.m is None and (self.bs, bs) == (32, 16)):
             raise ValueError("only offset-free q8 blocks of 32 split into blocks of 16")
-        return QuantTensor("q8", self.qs, self.d.repeat_interleave(2, dim=1), None, 16, self.source)
+        k = None if self.k is None else KScales(self.k.D, self.k.sc.repeat_interleave(2, dim=1), None, None)
+        return QuantTensor("q8", self.qs, self.d.repeat_interleave(2, dim=1), None, 16, self.source, k)
 
 
 def cat(parts: list[QuantTensor]) -> QuantTensor | None:
@@ -107,7 +130,11 @@ def cat(parts: list[QuantTensor]) -> QuantTensor | None:
 def _stack(parts: list[QuantTensor], kind: str, bs: int) -> QuantTensor:
     m = None if parts[0].m is None else torch.cat([p.m for p in parts])
     source = "+".join(dict.fromkeys(p.source for p in parts))
-    return QuantTensor(kind, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m, bs, source)
+    k = None  # the factors survive where every part has them in one layout
+    if all(p.k is not None and p.bs == bs and (p.k.mn is None) == (p.m is None) for p in parts):
+        join = lambda f: None if getattr(parts[0].k, f) is None else torch.cat([getattr(p.k, f) for p in parts])  # noqa: E731
+        k = KScales(join("D"), join("sc"), join("Dmin"), join("mn"))
+    return QuantTensor(kind, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m, bs, source, k)
 
 
 def quantize(w: torch.Tensor, kind: str, source: str | None = None) -> QuantTensor:
@@ -129,6 +156,88 @@ def quantize(w: torch.Tensor, kind: str, source: str | None = None) -> QuantTens
     return QuantTensor("q4", packed, d, lo, 32, src)
 
 
+# ---- the kernels' layout ----
+
+F32, F16, KS = 0, 1, 2  # scale modes (kernels/matmul.h)
+TILE = 8  # output rows per tile
+
+
+@dataclass
+class Packed:
+    """A weight [N, K] in the kernels' layout (kernels/matmul.h): 8-row tiles (N padded with zero rows),
+    the 8 rows' values for 4 inputs side by side; scales and mins per tile and block, fp32 (F32), fp16 (F16)
+    or a k-quant's int8 factors of fp16 super-scales (KS)."""
+
+    bits: int  # 4 | 8
+    mode: int  # F32 | F16 | KS
+    bs: int  # values per scale: 32, or 16
+    qs: torch.Tensor  # 4-bit: uint8 [T, K/32, 128]; 8-bit: int8 [T, K/32, 256]
+    d: torch.Tensor  # [T, K/bs, 8]: fp32 | fp16 | int8
+    m: torch.Tensor | None  # [T, K/32, 8], same dtype as d
+    D: torch.Tensor | None  # KS: fp16 [T, K/256, 8]
+    Dmin: torch.Tensor | None  # KS with mins
+    N: int
+    K: int
+    source: str
+
+    def args(self) -> tuple:
+        """What the C++ side takes (`qk.cpp`'s PW)."""
+        return (self.bits, self.mode, self.bs, self.qs, self.d, self.m, self.D, self.Dmin, self.N, self.K)
+
+    def unpack(self) -> QuantTensor:
+        """The same weight as a QuantTensor, exactly (`pack`'s inverse)."""
+        N, K, bits = self.N, self.K, self.bits
+        q = _untile(self.qs.view(-1, K // 32, bits, TILE, 4).permute(0, 3, 1, 2, 4), N)  # [N, K*bits/8]
+        k = None
+        if self.mode == KS:
+            rows = (None if t is None else _untile(t.transpose(1, 2), N) for t in (self.D, self.d, self.Dmin, self.m))
+            k = KScales(*rows)
+            d = k.D.float().repeat_interleave(256 // self.bs, dim=1) * k.sc.float()
+            m = None if k.mn is None else -(k.Dmin.float().repeat_interleave(8, dim=1) * k.mn.float())
+        else:
+            d = _untile(self.d.transpose(1, 2), N).float()
+            m = None if self.m is None else _untile(self.m.transpose(1, 2), N).float()
+        return QuantTensor(f"q{bits}", q.reshape(N, -1), d, m, self.bs, self.source, k)
+
+
+def _untile(t: torch.Tensor, N: int) -> torch.Tensor:
+    """[T, 8, ...] -> [N, ...] (the padding rows dropped)."""
+    return t.reshape(-1, *t.shape[2:])[:N].reshape(N, -1).contiguous()
+
+
+def _tile(t: torch.Tensor) -> torch.Tensor:
+    """Per-row [N, X] -> [T, X, 8], N padded with zero rows to a multiple of 8."""
+    N = t.shape[0]
+    pad = (-N) % TILE
+    if pad:
+        t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
+    return t.reshape(-1, TILE, t.shape[1]).transpose(1, 2).contiguous()
+
+
+def _fp16_exact(t: torch.Tensor | None) -> bool:
+    return t is None or bool(torch.equal(t.half().float(), t))
+
+
+def pack(w: QuantTensor) -> Packed:
+    """`w` in the kernels' layout: a k-quant's own factors (KS), fp16 scales where every scale and min is one
+    (F16: GGUF's Q4_0, Q4_1, Q8_0, Q5_0 and Q5_1), fp32 otherwise (our own quantisation)."""
+    N, K = w.shape
+    bits = 4 if w.kind == "q4" else 8
+    per = K // 32
+    qs = w.qs.reshape(N, per, bits, 4)  # [N, blocks, groups, 4 bytes]
+    pad = (-N) % TILE
+    if pad:
+        qs = torch.cat([qs, qs.new_zeros(pad, *qs.shape[1:])])
+    qs = qs.reshape(-1, TILE, per, bits, 4).permute(0, 2, 3, 1, 4).reshape(-1, per, 32 * bits).contiguous()
+    if w.k is not None and K % 256 == 0:
+        k = w.k
+        D, Dmin = _tile(k.D), None if k.Dmin is None else _tile(k.Dmin)
+        return Packed(bits, KS, w.bs, qs, _tile(k.sc), None if k.mn is None else _tile(k.mn), D, Dmin, N, K, w.source)
+    mode, dt = (F16, torch.float16) if _fp16_exact(w.d) and _fp16_exact(w.m) else (F32, torch.float32)
+    m = None if w.m is None else _tile(w.m.to(dt))
+    return Packed(bits, mode, w.bs, qs, _tile(w.d.to(dt)), m, None, None, N, K, w.source)
+
+
 def flatten(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     """A state dict with QuantTensors as plain tensors (`name.qs`, `name.d`, `name.m`) for safetensors, and
     the index that `unflatten` needs to put them back (name -> kind, block size, source)."""
@@ -140,15 +249,22 @@ def flatten(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
         flat[name + ".qs"], flat[name + ".d"] = w.qs.contiguous(), w.d.contiguous()
         if w.m is not None:
             flat[name + ".m"] = w.m.contiguous()
-        index[name] = {"kind": w.kind, "bs": w.bs, "source": w.source}
+        if w.k is not None:
+            for f in ("D", "sc", "Dmin", "mn"):
+                if getattr(w.k, f) is not None:
+                    flat[f"{name}.k{f}"] = getattr(w.k, f).contiguous()
+        index[name] = {"kind": w.kind, "bs": w.bs, "source": w.source, "k": w.k is not None}
     return flat, index
 
 
 def unflatten(flat: dict[str, torch.Tensor], index: dict[str, dict]) -> dict:
     out = {k: v for k, v in flat.items() if k.rpartition(".")[0] not in index}
     for name, i in index.items():
+        k = None
+        if i.get("k"):
+            k = KScales(*(flat.get(f"{name}.k{f}") for f in ("D", "sc", "Dmin", "mn")))
         out[name] = QuantTensor(
-            i["kind"], flat[name + ".qs"], flat[name + ".d"], flat.get(name + ".m"), i["bs"], i["source"]
+            i["kind"], flat[name + ".qs"], flat[name + ".d"], flat.get(name + ".m"), i["bs"], i["source"], k
         )
     return out
 
@@ -209,14 +325,15 @@ def from_gguf(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantTensor:
         dd, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])  # [nb, 1]
         sc, mn = _k_scales(b[:, 4:16])  # [nb, 8]
         d, m = (dd * sc).reshape(-1), (-(dmin * mn)).reshape(-1)
+        ks = _kscales(b[:, 0:2], sc, b[:, 2:4], mn, n)
         qs = b[:, -128:].reshape(-1, 4, 32)  # 4 chunks of 64 values: low nibbles, then high nibbles
         q = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, 256).astype(np.int16)
         if t == "Q5_K":
             qh = b[:, 16:48]  # bit j of qh[i] is the fifth bit of value 32 * j + i
             hb = np.stack([(qh >> j) & 1 for j in range(8)], axis=1).reshape(-1, 256)
             q = q | (hb.astype(np.int16) << 4)
-            return _q8(q.astype(np.int8).reshape(n, k), d, m, 32, t, n)
-        return _q4(_pack4(q.reshape(n, k)), d, m, t, n)
+            return _q8(q.astype(np.int8).reshape(n, k), d, m, 32, t, n, ks)
+        return _q4(_pack4(q.reshape(n, k)), d, m, t, n, ks)
     if t == "Q6_K":
         b = blocks.reshape(-1, 210)
         ql, qh, scales, dd = b[:, :128], b[:, 128:192], b[:, 192:208].view(np.int8), _f16(b[:, 208:210])
@@ -224,15 +341,24 @@ def from_gguf(raw: np.ndarray, type_name: str, n: int, k: int) -> QuantTensor:
         hi = np.stack([(qh.reshape(-1, 2, 32) >> s) & 3 for s in (0, 2, 4, 6)], axis=2)  # [nb, 2, 4, 32]
         q = (lo.reshape(-1, 2, 4, 32) | (hi << 4)).astype(np.int16) - 32
         d = (dd * scales.astype(np.float32)).reshape(-1)
-        return _q8(q.astype(np.int8).reshape(n, k), d, None, 16, t, n)
+        ks = _kscales(b[:, 208:210], scales, None, None, n)
+        return _q8(q.astype(np.int8).reshape(n, k), d, None, 16, t, n, ks)
     raise KeyError(t)
 
 
-def _q4(qs: np.ndarray, d: np.ndarray, m: np.ndarray, source: str, n: int) -> QuantTensor:
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).reshape(n, -1))  # noqa: E731
-    return QuantTensor("q4", torch.from_numpy(np.ascontiguousarray(qs)), t(d), t(m), 32, source)
+def _kscales(D, sc, Dmin, mn, n: int) -> KScales:
+    """A k-quant's factors: D, Dmin the fp16 bytes [nb, 2] of each super-block, sc, mn its integer scales."""
+    h = lambda a: torch.from_numpy(np.ascontiguousarray(a).view(np.float16).reshape(n, -1).copy())  # noqa: E731
+    i8 = lambda a: torch.from_numpy(np.ascontiguousarray(a).astype(np.int8).reshape(n, -1))  # noqa: E731
+    return KScales(h(D), i8(sc), None if Dmin is None else h(Dmin), None if mn is None else i8(mn))
 
 
-def _q8(qs: np.ndarray, d: np.ndarray, m: np.ndarray | None, bs: int, source: str, n: int) -> QuantTensor:
+def _q4(qs: np.ndarray, d: np.ndarray, m: np.ndarray, source: str, n: int, k: KScales | None = None) -> QuantTensor:
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).reshape(n, -1))  # noqa: E731
-    return QuantTensor("q8", torch.from_numpy(np.ascontiguousarray(qs)), t(d), None if m is None else t(m), bs, source)
+    return QuantTensor("q4", torch.from_numpy(np.ascontiguousarray(qs)), t(d), t(m), 32, source, k)
+
+
+def _q8(qs, d, m, bs: int, source: str, n: int, k: KScales | None = None) -> QuantTensor:
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32).reshape(n, -1))  # noqa: E731
+    qt = torch.from_numpy(np.ascontiguousarray(qs))
+    return QuantTensor("q8", qt, t(d), None if m is None else t(m), bs, source, k)

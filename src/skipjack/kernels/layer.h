@@ -120,7 +120,7 @@ class Model {
     // Threads: as many as torch uses, but one where a pass is too small to pay for the barriers (tiny models)
     int64_t bytes = 0;
     for (const Proj* p : {&layers[0].qkv, &layers[0].o, &layers[0].gu, &layers[0].down})
-      for (const QW& w : p->parts) bytes += w.N * w.K / (w.q4 ? 2 : 1);
+      for (const QW& w : p->parts) bytes += w.bytes();
     const int most_threads = std::max(1, std::min<int>(at::get_num_threads(), omp_get_max_threads()));
     const int nt = bytes * M < MIN_PARALLEL_BYTES ? 1 : most_threads;
     p_.resize(nt);

@@ -55,25 +55,65 @@ torch::Tensor run(const torch::Tensor& x, const sj::QW& w) {
   auto y = out_like(x, w.N);
   float* yp = y.data_ptr<float>();
   const int64_t M = x2.size(0);
-  at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) { sj::matmul_cols(acts, w, M, n0, n1, yp, w.N); });
+  at::parallel_for(0, w.tiles(), 1, [&](int64_t t0, int64_t t1) {
+    sj::matmul_cols(acts, w, M, t0 * sj::TR, std::min(w.N, t1 * sj::TR), yp, w.N);
+  });
   return y;
 }
 
 const float* opt(const c10::optional<torch::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
 
-torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d,
-                        const torch::Tensor& m, const c10::optional<torch::Tensor>& bias) {
-  sj::QW w{true, qs.data_ptr<uint8_t>(), d.data_ptr<float>(), m.data_ptr<float>(), 32, opt(bias), qs.size(0),
-           qs.size(1) * 2};
-  return run(x, w);
+// A weight in 8-row tiles from Python (`skipjack.quant.Packed.args`):
+// (bits, mode, bs, qs, d, m or None, D or None, Dmin or None, N, K); see matmul.h.
+using PW = std::tuple<int64_t, int64_t, int64_t, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>,
+                      c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, int64_t, int64_t>;
+
+void expect(const torch::Tensor& t, torch::ScalarType type, std::vector<int64_t> shape, const char* what) {
+  TORCH_CHECK(t.scalar_type() == type && t.is_contiguous() && t.sizes() == c10::IntArrayRef(shape),
+              "packed weight: ", what, " must be contiguous ", c10::toString(type), " ", c10::IntArrayRef(shape),
+              " (got ", c10::toString(t.scalar_type()), " ", t.sizes(), ")");
 }
 
-torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qs, const torch::Tensor& d,
-                        const c10::optional<torch::Tensor>& m, int64_t bs, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(bs == 16 || bs == 32, "Q8 blocks are 16 or 32 wide");
-  TORCH_CHECK(!(m && bs != 32), "Q8 blocks with a min are 32 wide");
-  sj::QW w{false, qs.data_ptr<int8_t>(), d.data_ptr<float>(), opt(m), (int)bs, opt(bias), qs.size(0), qs.size(1)};
-  return run(x, w);
+// The packed weight checked against its declared shape and format (a bad one is a RuntimeError, never a read
+// out of bounds), and the tensors to keep alive in `keep` (when given).
+sj::QW qw(const PW& p, const c10::optional<torch::Tensor>& bias, std::vector<torch::Tensor>* keep = nullptr) {
+  const auto& [bits, mode, bs, qs, d, m, D, Dmin, N, K] = p;
+  TORCH_CHECK(bits == 4 || bits == 8, "packed weight: ", bits, "-bit values");
+  TORCH_CHECK(mode >= sj::F32 && mode <= sj::KS, "packed weight: scale mode ", mode);
+  TORCH_CHECK(bs == 32 || (bs == 16 && bits == 8 && !m), "packed weight: blocks of ", bs);
+  TORCH_CHECK(N >= 1 && K >= sj::QB && K % (mode == sj::KS ? 256 : sj::QB) == 0, "packed weight: shape ", N, "x", K);
+  TORCH_CHECK(bits == 8 || m, "packed weight: 4-bit values need mins");
+  const int64_t T = (N + sj::TR - 1) / sj::TR, nb = K / sj::QB;
+  expect(qs, bits == 4 ? torch::kUInt8 : torch::kInt8, {T, nb, bits == 4 ? 128 : 256}, "qs");
+  const auto st = mode == sj::F32 ? torch::kFloat : mode == sj::F16 ? torch::kHalf : torch::kInt8;
+  expect(d, st, {T, K / bs, sj::TR}, "scales");
+  if (m) expect(*m, st, {T, nb, sj::TR}, "mins");
+  TORCH_CHECK((mode == sj::KS) == D.has_value() && (mode == sj::KS && m) == Dmin.has_value(),
+              "packed weight: super-scales go with scale mode 2 (and their mins with mins)");
+  if (D) expect(*D, torch::kHalf, {T, K / 256, sj::TR}, "super-scales");
+  if (Dmin) expect(*Dmin, torch::kHalf, {T, K / 256, sj::TR}, "super-mins");
+  if (bias) expect(*bias, torch::kFloat, {N}, "bias");
+  if (keep) {
+    for (const auto& t : {qs, d}) keep->push_back(t);
+    for (const auto* t : {&m, &D, &Dmin, &bias})
+      if (*t) keep->push_back(**t);
+  }
+  auto ptr = [](const c10::optional<torch::Tensor>& t) { return t ? (const uint16_t*)t->data_ptr() : nullptr; };
+  return sj::QW{(int)bits, (int)mode, (int)bs, (const uint8_t*)qs.data_ptr(), d.data_ptr(),
+                m ? m->data_ptr() : nullptr, ptr(D), ptr(Dmin), opt(bias), N, K};
+}
+
+torch::Tensor linear(const torch::Tensor& x, const PW& w, const c10::optional<torch::Tensor>& bias) {
+  return run(x, qw(w, bias));
+}
+
+// The packed weight as fp32 [N, K] (a prompt's transient copy): exactly quant.QuantTensor.dequantize.
+torch::Tensor unpack(const PW& p) {
+  const sj::QW w = qw(p, {});
+  auto out = torch::empty({w.N, w.K}, torch::kFloat);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) { sj::dequantize_rows(w, n0, n1, op + n0 * w.K); });
+  return out;
 }
 
 // out[b, t, h, :] = softmax(scale * q k^T over the keys visible to query t) v, keys in slot order.
@@ -188,9 +228,8 @@ bool has_avx2() { return SJ_AVX2; }
 
 // ---- the native step, bound ----
 
-// A weight part from Python: (q4, qs, d, m or None, block size, bias or None).
-using Part = std::tuple<bool, torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t,
-                        c10::optional<torch::Tensor>>;
+// A weight part from Python: (packed weight, bias or None).
+using Part = std::tuple<PW, c10::optional<torch::Tensor>>;
 
 class Native {
  public:
@@ -321,22 +360,12 @@ class Native {
   sj::Proj proj(const std::vector<Part>& parts, const c10::optional<torch::Tensor>& bias, int64_t K, int64_t N) {
     sj::Proj p;
     p.K = K;
-    for (const auto& [q4, qs, d, m, bs, b] : parts) {
-      TORCH_CHECK(qs.is_contiguous() && d.is_contiguous() && d.scalar_type() == torch::kFloat, "native step: weights");
-      const int64_t n = qs.size(0), k = q4 ? qs.size(1) * 2 : qs.size(1);
-      TORCH_CHECK(k == K, "native step: weight width ", k, " != ", K);
-      TORCH_CHECK(q4 ? (qs.scalar_type() == torch::kUInt8 && m && bs == 32)
-                     : (qs.scalar_type() == torch::kInt8 && (bs == 32 || (bs == 16 && !m))),
-                  "native step: a weight block format it cannot take");
-      TORCH_CHECK(d.numel() == n * (K / bs) && (!m || m->numel() == d.numel()), "native step: weight scales");
-      TORCH_CHECK(!b || b->numel() == n, "native step: bias");
-      for (const auto& t : {qs, d}) keep_.push_back(t);
-      if (m) keep_.push_back(*m);
-      if (b) keep_.push_back(*b);
-      p.parts.push_back(sj::QW{q4, qs.data_ptr(), d.data_ptr<float>(), m ? m->data_ptr<float>() : nullptr, (int)bs,
-                               b ? b->data_ptr<float>() : nullptr, n, K});
+    for (const auto& [pw, b] : parts) {
+      const sj::QW w = qw(pw, b, &keep_);
+      TORCH_CHECK(w.K == K, "native step: weight width ", w.K, " != ", K);
+      p.parts.push_back(w);
       p.offs.push_back(p.N);
-      p.N += n;
+      p.N += w.N;
     }
     TORCH_CHECK(!parts.empty() && (N < 0 || p.N == N), "native step: projection width ", p.N, " != ", N);
     if (bias) p.bias = vec(*bias, p.N, "bias");
@@ -350,8 +379,8 @@ class Native {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.def("q4_linear", &q4_linear, "y = x W^T (+ b), W in Q4 blocks, x quantised to 8 bits per row block");
-  mod.def("q8_linear", &q8_linear, "the same for Q8 weight blocks");
+  mod.def("linear", &linear, "y = x W^T (+ b), W packed in 8-row tiles, x quantised to 8 bits per row block");
+  mod.def("unpack", &unpack, "a packed weight as fp32 [N, K], exactly");
   mod.def("attention", &attention, "batch-invariant attention over the visible keys");
   mod.def("rms_norm", &rms_norm, "RMSNorm over the last dim, row by row");
   mod.def("act_mul", &act_mul, "SiLU(g) * u or GELU-tanh(g) * u for [g | u]");

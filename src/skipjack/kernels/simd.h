@@ -61,23 +61,6 @@ inline float hsum8(__m256 v) {
   lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));    // 1
   return _mm_cvtss_f32(lo);
 }
-// 8 int32 sums of 4 products, as floats. The products never reach maddubs' int16 saturation (q4: 15 * 127 * 2;
-// q8: 128 * 127 * 2), so the VNNI instruction, where the CPU has it, gives the very same integers in one step.
-inline __m256 idot_u8s8(__m256i u, __m256i s) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
-#elif defined(__AVXVNNI__)
-  return _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s));
-#else
-  const __m256i p16 = _mm256_maddubs_epi16(u, s);
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
-#endif
-}
-inline __m256i unpack_q4(const uint8_t* qs) {  // 16 bytes -> 32 values 0..15 in element order
-  const __m128i raw = _mm_loadu_si128((const __m128i*)qs);
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-}
 // exp(x) for x <= 0 (softmax after subtracting the max, sigmoid of -|x|): Cephes' range reduction and
 // degree-5 polynomial.
 inline __m256 exp8(__m256 x) {
@@ -95,16 +78,6 @@ inline __m256 exp8(__m256 x) {
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-#else
-struct V8 {
-  float v[8];
-};
-inline float hsum8(const V8& a) {
-  float l[4];
-  for (int i = 0; i < 4; ++i) l[i] = a.v[i] + a.v[i + 4];
-  const float x = l[0] + l[2], y = l[1] + l[3];
-  return x + y;
 }
 #endif
 

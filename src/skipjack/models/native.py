@@ -81,9 +81,9 @@ class Twin:
 
 
 def _parts(linear) -> tuple[list[tuple], torch.Tensor | None]:
-    """A linear as the native step's weight parts (q4, qs, d, m, block size, bias), and a concatenation's bias."""
+    """A linear as the native step's weight parts (packed weight, bias), and a concatenation's bias."""
     if isinstance(linear, QuantLinear):
-        return [(linear.kind == "q4", linear.qs, linear.d, linear.m, linear.bs, linear.bias)], None
+        return [(linear.packed().args(), linear.bias)], None
     if isinstance(linear, ConcatLinear):
         return [p for part in linear.parts for p in _parts(part)[0]], linear.bias
     raise TypeError(f"no native form for {type(linear).__name__}")
