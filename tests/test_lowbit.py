@@ -166,12 +166,14 @@ def test_unknown_dtype_is_one_line():
         resolve_dtype(None, "q3")
 
 
+@pytest.mark.parametrize("D", [32, 64, 96, 128])
 @pytest.mark.parametrize("masked", [False, True])
-def test_attention_kernel_matches_sdpa(masked):
-    """The invariant attention kernel against SDPA (GQA: 6 query heads on 2 KV heads), with a tree-like mask."""
+def test_attention_kernel_matches_sdpa(masked, D):
+    """The invariant attention kernel against SDPA (GQA: 6 query heads on 2 KV heads), with a tree-like mask;
+    head widths held in registers (64, 128), with a tail (96) and without (32)."""
     torch.manual_seed(0)
-    q, k, v = torch.randn(1, 6, 5, 32), torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 32)
-    mask = torch.rand(5, 40) > 0.3 if masked else None
+    q, k, v = torch.randn(1, 6, 5, D), torch.randn(1, 2, 43, D), torch.randn(1, 2, 43, D)
+    mask = torch.rand(5, 43) > 0.3 if masked else None
     if mask is not None:
         mask[:, 0] = True
     o = kernels().attention(q.transpose(1, 2).contiguous(), k, v, mask, 0.2).transpose(1, 2)  # [B, H, T, D]

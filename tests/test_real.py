@@ -234,3 +234,28 @@ def test_draft_model_identical_and_bad_pairs_are_one_line(real_q4):
     with pytest.raises(SkipjackError, match="does not share") as e:
         real_q4.method("draft:model=qwen2.5-coder-0.5b")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"])
+def test_real_files_block_types_are_held_exactly(name):
+    """Each block type in the named GGUFs (Q4_1, Q8_0; Q4_K, Q5_0, Q6_K): a tensor's first rows, read and
+    repacked into the kernels' tiles, give `gguf`'s own dequantised values bit for bit."""
+    import gguf
+    import numpy as np
+
+    from skipjack import quant
+    from skipjack.kernels import kernels
+    from skipjack.linear import QuantLinear
+
+    seen = set()
+    for t in gguf.GGUFReader(str(fetch_named(name))).tensors:
+        kind = t.tensor_type.name
+        if kind not in quant.EXACT or kind in seen:
+            continue
+        seen.add(kind)
+        k, n = int(t.shape[0]), 40
+        raw = np.asarray(t.data).view(np.uint8).reshape(int(np.prod(t.shape[1:])), -1)[:n]
+        ref = torch.from_numpy(gguf.dequantize(raw, t.tensor_type).reshape(n, k).astype(np.float32))
+        lin = QuantLinear(quant.from_gguf(raw, kind, n, k))
+        assert torch.equal(kernels().unpack(lin.packed().args()), ref), (name, t.name)
+    assert seen - {"Q8_0"}, f"{name}: no 4-6-bit block type read"

@@ -122,15 +122,15 @@ class QuantLinear(Linear):
 
     def __init__(self, w: QuantTensor, bias: torch.Tensor | None = None):
         super().__init__()
-        from skipjack.kernels import kernels
+        from skipjack.kernels import hold, kernels
 
         self.out_features, self.in_features = w.shape
         self.kind, self.bs, self.source = w.kind, w.bs, w.source
         p = quant.pack(w)
         self.bits, self.mode = p.bits, p.mode
-        for name in ("qs", "d", "m", "D", "Dmin"):  # [T, blocks, ...] tiles (`quant.Packed`)
+        for name in ("qs", "d", "m", "D", "Dmin"):  # [T, blocks, ...] tiles (`quant.Packed`), in huge pages
             t = getattr(p, name)
-            setattr(self, name, None if t is None else param(t))
+            setattr(self, name, None if t is None else param(hold(t)))
         self.bias = None if bias is None else param(bias.float())
         self.ops = kernels()
 
@@ -177,14 +177,24 @@ class Embedding(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.table.dtype
+        return torch.float32 if self.table is None else self.table.dtype
 
     kernel = False  # dequantise block rows with the C++ kernel (set on a block model, whose kernels are built)
+    shared: QuantLinear | None = None  # a tied LM head whose tiles hold the table (`share`)
+
+    def share(self, head: QuantLinear) -> None:
+        """Look rows up in a tied LM head's tiles (exactly the same values) and drop the table's own copy.
+        The head stays the model's module, not this one's (it is held outside nn.Module's registry)."""
+        object.__setattr__(self, "shared", head)
+        self.table = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)  # [n]
+        if self.shared is not None:
+            rows = self.shared.ops.unpack_rows(self.shared.packed().args(), flat)  # [n, D]
+            return rows.view(*ids.shape, self.embedding_dim)
         t = self.table
         if isinstance(t, QuantTensor):
-            flat = ids.reshape(-1)  # [n]
             if self.kernel and t.d.dtype == torch.float32:  # the same values, without six torch ops per lookup
                 from skipjack.kernels import kernels
 

@@ -62,6 +62,7 @@ def machine_info(bandwidth_gbs: float) -> dict:
         "cpu": cpu_name(),
         "isa": isa and isa[0],
         "isa_absent": isa and isa[1],
+        "kernels_isa": _kernels_isa(),
         "cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "threads": torch.get_num_threads(),
@@ -76,6 +77,13 @@ def machine_info(bandwidth_gbs: float) -> dict:
         "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # busy machine?
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
+
+
+def _kernels_isa() -> str | None:
+    """The instruction set skipjack's kernels were built for here (`SKIPJACK_ISA`), None where none build."""
+    from skipjack.kernels import available, kernels
+
+    return kernels().isa() if available() else None
 
 
 class RssSampler(threading.Thread):

@@ -304,8 +304,11 @@ def isa_text(m: dict) -> str:
     if m["isa"] is None:
         return "; instruction sets: unknown (no CPU flags could be read)"
     absent = m.get("isa_absent") or []
-    return f"; instruction sets: {', '.join(m['isa']) or 'none listed'}" + (
-        f" (not: {', '.join(absent)})" if absent else ""
+    kernels = f"; kernels built for {m['kernels_isa']}" if m.get("kernels_isa") else ""
+    return (
+        f"; instruction sets: {', '.join(m['isa']) or 'none listed'}"
+        + (f" (not: {', '.join(absent)})" if absent else "")
+        + kernels
     )
 
 

@@ -129,7 +129,8 @@ def markdown(result: dict) -> str:
     isa = ", ".join(m.get("isa", [])) or "unknown"
     md = f"### {result['model']} ({result['dtype']})\n\n"
     md += (
-        f"{m['cpu']}, {m['threads']} threads, instruction sets {isa}; llama.cpp: {m.get('llama_cpp_build') or 'none'}; "
+        f"{m['cpu']}, {m['threads']} threads, instruction sets {isa} (kernels: {m.get('kernels_isa')}); "
+        f"llama.cpp: {m.get('llama_cpp_build') or 'none'}; "
         f"{m['date']}. Command: `python -m skipjack.bench.stepcost --model {result['model']}`.\n\n"
     )
     md += "| path | one-token step at 256 (ms) | linears | attention | the rest | the rest, share |\n"

@@ -13,10 +13,14 @@ import hashlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from skipjack import store
 from skipjack.errors import SkipjackError
 from skipjack.store import home
+
+if TYPE_CHECKING:
+    import torch
 
 SOURCE = Path(__file__).with_name("qk.cpp")  # includes the headers beside it (simd, matmul, attention, ...)
 
@@ -33,10 +37,29 @@ def _cpu_flags() -> str:
     return os.uname().machine
 
 
-def build_name() -> str:
+ISA = "SKIPJACK_ISA"  # which instruction set the kernels are built for (ISAS); `native` by default
+# native: everything the CPU has (-march=native: AVX-512 VNNI where present); avx2: the AVX2 path on a CPU that
+# has more (its fallback, testable there); scalar: the portable C++ path. All give the same matmul bits.
+ISAS = {
+    "native": [],
+    "avx2": ["-mno-avx512f", "-mno-avxvnni"],
+    "scalar": ["-mno-avx2", "-mno-fma", "-mno-avx512f", "-mno-avxvnni"],
+}
+
+
+def isa() -> str:
+    raw = os.environ.get(ISA, "native").strip() or "native"
+    if raw not in ISAS:
+        raise SkipjackError(f"{ISA}={raw!r}: expected one of {', '.join(ISAS)}")
+    return raw
+
+
+def build_name(which: str | None = None) -> str:
+    which = which or isa()
     sources = [SOURCE, *sorted(SOURCE.parent.glob("*.h"))]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + _cpu_flags().encode()).hexdigest()[:12]
-    return f"skipjack_qk_{digest}"
+    raw = b"".join(p.read_bytes() for p in sources) + _cpu_flags().encode()
+    raw += b"" if which == "native" else which.encode()
+    return f"skipjack_qk_{hashlib.sha256(raw).hexdigest()[:12]}"
 
 
 def kernels_home() -> Path:
@@ -47,8 +70,8 @@ def kernels_home() -> Path:
 
 
 @functools.cache
-def _load():
-    name = build_name()
+def _load(which: str):
+    name = build_name(which)
     where = kernels_home() / name
     where.mkdir(parents=True, exist_ok=True)
     if sys.stderr.isatty() and not any(where.glob("*.so")):
@@ -58,7 +81,7 @@ def _load():
     # it, no other skipjack process is building here, so a torch lock file left here is stale.
     with store.locked(where / ".skipjack.lock", "building the CPU kernels", wait=max(store.lock_wait(), 300.0)):
         (where / "lock").unlink(missing_ok=True)
-        return _built(name, where) or _build(name, where)
+        return _built(name, where) or _build(name, where, which)
 
 
 def _built(name: str, where: Path):
@@ -80,23 +103,24 @@ def _built(name: str, where: Path):
         return None
 
 
-def _build(name: str, where: Path):
+def _build(name: str, where: Path, which: str):
     import torch.utils.cpp_extension as ext
 
     return ext.load(
         name=name,
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
+        extra_cflags=["-O3", "-march=native", *ISAS[which], "-ffp-contract=off", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(where),
         verbose=False,
     )
 
 
-def kernels():
-    """The compiled extension (built on first use)."""
+def kernels(which: str | None = None):
+    """The compiled extension (built on first use) for instruction set `which` (None: `SKIPJACK_ISA`)."""
+    which = which or isa()
     try:
-        return _load()
+        return _load(which)
     except Exception as e:  # no compiler, no ninja, a failed build: a clear message rather than a traceback
         last = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
         raise SkipjackError(f"the q4/q8 CPU kernels could not be built here ({last}); use --dtype fp32") from None
@@ -108,3 +132,45 @@ def available() -> bool:
         return True
     except SkipjackError:
         return False
+
+
+HUGEPAGES = "SKIPJACK_HUGEPAGES"  # 0: weights in plain allocations (for measuring what huge pages give)
+
+
+class Arena:
+    """Memory for weights in 2 MB huge pages (`huge_empty`: madvise before first touch): tensors are copied
+    into shared chunks, 64-byte aligned, so that small ones waste no page of their own. A chunk is freed when
+    the last tensor in it is."""
+
+    CHUNK = 32 << 20
+    SMALL = 1 << 16  # smaller tensors stay where they are
+
+    def __init__(self):
+        self.buf, self.used = None, 0
+
+    def hold(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.numel() * t.element_size()
+        if n < self.SMALL or os.environ.get(HUGEPAGES, "1") == "0" or not t.is_contiguous():
+            return t
+        if n > self.CHUNK // 4:  # a large tensor gets its own chunk: no tail of a shared one wasted on it
+            return self._copy(kernels().huge_empty(n, True), 0, t)
+        if self.buf is None or self.used + n > self.buf.numel():
+            self.buf, self.used = kernels().huge_empty(self.CHUNK, True), 0
+        out = self._copy(self.buf, self.used, t)
+        self.used += (n + 63) // 64 * 64
+        return out
+
+    @staticmethod
+    def _copy(buf: torch.Tensor, at: int, t: torch.Tensor) -> torch.Tensor:
+        n = t.numel() * t.element_size()
+        out = buf[at : at + n].view(t.dtype).view(t.shape)
+        out.copy_(t)
+        return out
+
+
+_arena = Arena()
+
+
+def hold(t: torch.Tensor) -> torch.Tensor:
+    """`t` copied into huge-page memory (a weight the kernels stream every pass), or `t` itself where small."""
+    return _arena.hold(t)

@@ -9,6 +9,9 @@
 #include <ATen/Parallel.h>
 #include <pybind11/stl.h>
 
+#include <sys/mman.h>
+
+#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -113,6 +116,20 @@ torch::Tensor unpack(const PW& p) {
   auto out = torch::empty({w.N, w.K}, torch::kFloat);
   float* op = out.data_ptr<float>();
   at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) { sj::dequantize_rows(w, n0, n1, op + n0 * w.K); });
+  return out;
+}
+
+// Rows `ids` of a packed weight as fp32 [n, K] (a tied table's embedding lookups): exactly `unpack`'s rows.
+torch::Tensor unpack_rows(const PW& p, const torch::Tensor& ids) {
+  const sj::QW w = qw(p, {});
+  TORCH_CHECK(ids.scalar_type() == torch::kLong && ids.dim() == 1, "unpack_rows: ids must be int64 [n]");
+  const auto idc = ids.contiguous();
+  const int64_t* ip = idc.data_ptr<int64_t>();
+  const int64_t n = idc.numel();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < w.N, "token id ", ip[i], " out of range");
+  auto out = torch::empty({n, w.K}, torch::kFloat);
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) sj::dequantize_rows(w, ip[i], ip[i] + 1, op + i * w.K);
   return out;
 }
 
@@ -225,6 +242,32 @@ torch::Tensor dequantize_rows(const torch::Tensor& qs, const torch::Tensor& d, c
 }
 
 bool has_avx2() { return SJ_AVX2; }
+
+// The instruction set the matmuls were compiled for (the bench header names it).
+std::string isa() {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx2+avx512vnni";
+#elif defined(__AVXVNNI__)
+  return "avx2+avxvnni";
+#elif SJ_AVX2
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+// `nbytes` (rounded up to 2 MB) of untouched memory, 2 MB-aligned and advised to the kernel as transparent
+// huge pages (madvise) before anything is written: the weights stream through fewer TLB entries. Whether the
+// kernel granted huge pages is its choice (`AnonHugePages` in /proc/meminfo); the memory is correct either way.
+torch::Tensor huge_empty(int64_t nbytes, bool advise) {
+  constexpr size_t align = size_t(2) << 20;
+  TORCH_CHECK(nbytes > 0, "huge_empty: ", nbytes, " bytes");
+  const size_t n = ((size_t)nbytes + align - 1) / align * align;
+  void* p = std::aligned_alloc(align, n);
+  TORCH_CHECK(p, "huge_empty: cannot allocate ", n, " bytes");
+  if (advise) madvise(p, n, MADV_HUGEPAGE);
+  return torch::from_blob(p, {(int64_t)n}, [](void* q) { std::free(q); }, torch::kUInt8);
+}
 
 // ---- the native step, bound ----
 
@@ -381,12 +424,15 @@ class Native {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("linear", &linear, "y = x W^T (+ b), W packed in 8-row tiles, x quantised to 8 bits per row block");
   mod.def("unpack", &unpack, "a packed weight as fp32 [N, K], exactly");
+  mod.def("unpack_rows", &unpack_rows, "rows ids of a packed weight as fp32 [n, K], exactly");
   mod.def("attention", &attention, "batch-invariant attention over the visible keys");
   mod.def("rms_norm", &rms_norm, "RMSNorm over the last dim, row by row");
   mod.def("act_mul", &act_mul, "SiLU(g) * u or GELU-tanh(g) * u for [g | u]");
   mod.def("dequantize", &dequantize, "w = d * q (+ m) as fp32");
   mod.def("dequantize_rows", &dequantize_rows, "rows ids of w = d * q (+ m) as fp32");
   mod.def("has_avx2", &has_avx2, "whether the AVX2 paths were compiled in");
+  mod.def("isa", &isa, "the instruction set the matmuls were compiled for");
+  mod.def("huge_empty", &huge_empty, "2 MB-aligned memory advised as huge pages, untouched");
   pybind11::class_<Native>(mod, "Native")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, double, bool, bool, int64_t>())
       .def("add_layer", &Native::add_layer)

@@ -20,7 +20,7 @@ from skipjack.cache import CachePolicy, FullKV, KVCache, LayerKV, LayerSpec
 from skipjack.errors import SkipjackError
 from skipjack.kernels import kernels
 from skipjack.limits import MAX_DRAFT
-from skipjack.linear import ConcatLinear, Embedding, Linear, is_invariant, param
+from skipjack.linear import ConcatLinear, Embedding, Linear, QuantLinear, is_invariant, param
 from skipjack.models import native
 from skipjack.models.rowops import KernelMath, TorchMath
 
@@ -127,6 +127,8 @@ class DecoderLM(nn.Module):
         head = sd.get("lm_head.weight")
         self.tied = c.tie_word_embeddings or head is None  # the LM head is the embedding table
         self.lm_head = linear(sd["model.embed_tokens.weight"] if self.tied else head)
+        if self.tied and isinstance(self.lm_head, QuantLinear):  # one copy of the table: the head's tiles
+            self.embedding.share(self.lm_head)
         self.invariant = is_invariant(self.linears())
         self.math = KernelMath if self.invariant and self.dtype == torch.float32 else TorchMath
         self.embedding.kernel = self.invariant
