@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from skipjack.bench import render
+from skipjack.bench import agreement, render
 from skipjack.bench.analysis.loops import loop_split
 from skipjack.bench.render import PLOTS
 from skipjack.bench.schema import Results, read_results
@@ -117,6 +117,8 @@ def write_benchmarks_md(
         shutil.copyfile(Path(results_dir) / "headroom.json", docs / "headroom.json")
     md = render.render_markdown(results, "docs/bench", "Benchmarks", headroom, loop_split(results))
     md += "\nRaw data: `docs/bench/results.json`.\n"
+    agree = agreement.section(results)
+    md += "\n" + agree if agree else ""
     for (heading, d), (_, res) in zip(extra, extras):
         raw = docs / f"results-{Path(d).resolve().name}.json"
         shutil.copyfile(Path(d) / "results.json", raw)

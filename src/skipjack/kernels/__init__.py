@@ -139,25 +139,31 @@ HUGEPAGES = "SKIPJACK_HUGEPAGES"  # 0: weights in plain allocations (for measuri
 
 class Arena:
     """Memory for weights in 2 MB huge pages (`huge_empty`: madvise before first touch): tensors are copied
-    into shared chunks, 64-byte aligned, so that small ones waste no page of their own. A chunk is freed when
-    the last tensor in it is."""
+    into chunks, 64-byte aligned, so that small ones waste no page of their own. Each tensor starts at its own
+    offset modulo 4 KB (a stagger of 17 cache lines per tensor): a weight's values, scales and mins are read
+    side by side, and streams starting at the same offset in their pages would evict each other from the same
+    cache sets (measured: 25% slower on Qwen2.5-Coder-1.5B). A chunk is freed when its last tensor is."""
 
     CHUNK = 32 << 20
     SMALL = 1 << 16  # smaller tensors stay where they are
+    STAGGER = 17 * 64
 
     def __init__(self):
-        self.buf, self.used = None, 0
+        self.buf, self.used, self.count = None, 0, 0
 
     def hold(self, t: torch.Tensor) -> torch.Tensor:
         n = t.numel() * t.element_size()
         if n < self.SMALL or os.environ.get(HUGEPAGES, "1") == "0" or not t.is_contiguous():
             return t
+        self.count += 1
+        skew = self.count * self.STAGGER % 4096
         if n > self.CHUNK // 4:  # a large tensor gets its own chunk: no tail of a shared one wasted on it
-            return self._copy(kernels().huge_empty(n, True), 0, t)
-        if self.buf is None or self.used + n > self.buf.numel():
-            self.buf, self.used = kernels().huge_empty(self.CHUNK, True), 0
-        out = self._copy(self.buf, self.used, t)
-        self.used += (n + 63) // 64 * 64
+            return self._copy(kernels().huge_empty(n + skew, True), skew, t)
+        at = (self.used + 4095) // 4096 * 4096 + skew
+        if self.buf is None or at + n > self.buf.numel():
+            self.buf, at = kernels().huge_empty(self.CHUNK, True), skew
+        out = self._copy(self.buf, at, t)
+        self.used = at + n
         return out
 
     @staticmethod
