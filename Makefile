@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?=
 
-.PHONY: demo test install lint bench bench-stepcost bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve bench-eval bench-longctx clean
+.PHONY: demo test install lint bench bench-q4 bench-stepcost bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve bench-eval bench-longctx clean
 
 $(BIN)/skipjack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -68,6 +68,13 @@ bench-serve: install
 bench-stepcost: install
 	for m in smollm2-135m qwen2.5-coder-1.5b; do $(BIN)/python -m skipjack.bench.stepcost --model $$m --out bench-out/stepcost/$$m || exit 1; done
 
+# The main run (BENCHMARKS.md's first section) and the 1.5B beside it (~15 + ~30 min).
+bench-q4: install
+	$(BIN)/skipjack bench --suite quick --methods plain,pld,ngram,auto,swift,del --peers llamacpp,llamacpp-pld,hf \
+		--max-new-tokens 256 --out bench-out/q4-quick
+	$(BIN)/skipjack bench --model qwen2.5-coder-1.5b --suite quick --max-new-tokens 256 --out bench-out/q4-quick-qwen \
+		--methods plain,pld,swift,del,draft:model=qwen2.5-coder-0.5b --peers llamacpp
+
 bench-quick: install
 	$(BIN)/skipjack bench --suite quick --methods plain,pld,ngram --peers hf,hf-pld,llamacpp,llamacpp-pld --out bench-out/quick
 
@@ -126,7 +133,8 @@ bench-selfspec: install
 # BENCHMARKS.md from the runs that exist: the q4 quick run with the llama.cpp peers as the main one, then the
 # others as sections. `tools/restore-runs.sh` first puts back, from docs/bench/, any run this checkout has
 # not measured itself, so the file can be rebuilt on any machine from the data under version control.
-EXTRA = "Self-speculation on SmolLM2-135M (code suite, separate run)=bench-out/selfspec-smollm2" \
+EXTRA = "Qwen2.5-Coder-1.5B, q4: the quick suite at 256 new tokens, cold (separate run)=bench-out/q4-quick-qwen" \
+	"Self-speculation on SmolLM2-135M (code suite, separate run)=bench-out/selfspec-smollm2" \
 	"Self-speculation and a draft model on Qwen2.5-Coder-1.5B (separate run)=bench-out/selfspec-qwen" \
 	"Earlier full run, fp32 (Intel Xeon, full suite, 64 new tokens, separate run)=bench-out/full-xeon-fp32" \
 	"Earlier full run on AMD EPYC, fp32 (separate run)=bench-out/full-amd" \

@@ -71,16 +71,16 @@ def activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @settings(max_examples=30, deadline=None)
 @given(
     kind=st.sampled_from(["q4", "q8"]),
-    m=st.integers(1, QuantLinear.WIDE + 8),
+    m=st.integers(1, 2 * QuantLinear.WIDE + 8),
     k32=st.integers(1, 12),
     n=st.integers(1, 80),
     seed=st.integers(0, 1000),
     bias=st.booleans(),
 )
 def test_kernel_matches_dequantised_reference(kind, m, k32, n, seed, bias):
-    """y = x Wᵀ (+ b) on the kernels (up to WIDE rows) is within the activation-rounding bound of the fp32
-    product with the dequantised weight, and one row's output never depends on the rows beside it; a wider
-    pass is that fp32 product."""
+    """y = x Wᵀ (+ b) on the kernels is within the activation-rounding bound of the fp32 product with the
+    dequantised weight, and one row's output never depends on the rows beside it, prompt-wide passes (in
+    chunks of 64 rows) included."""
     g = torch.Generator().manual_seed(seed)
     k = 32 * k32
     w = torch.randn(n, k, generator=g) * 0.1
@@ -91,9 +91,6 @@ def test_kernel_matches_dequantised_reference(kind, m, k32, n, seed, bias):
     ref = x @ wd.T + (0 if b is None else b)
     y = lin(x)
     assert torch.equal(kernels().unpack(lin.packed().args()), wd)
-    if m > QuantLinear.WIDE:  # a prompt-wide pass: the fp32 GEMM on the dequantised weight
-        torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
-        return
     assert ((y - ref).abs() <= activation_bound(x, wd)).all()
     assert torch.equal(lin(x[-1:]), y[-1:]) and torch.equal(lin(x[:1]), y[:1])
 

@@ -301,28 +301,35 @@ inline void matmul_cols(const Acts& a, const QW& w, int64_t M, int64_t n0, int64
 }
 
 // w = d * q + m as fp32 rows [n1 - n0, K] into `out` (row n0 first), elementwise exactly as
-// skipjack.quant.QuantTensor.dequantize computes it.
+// skipjack.quant.QuantTensor.dequantize computes it; each tile's scales are read once per block.
 inline void dequantize_rows(const QW& w, int64_t n0, int64_t n1, float* out) {
   const int64_t K = w.K, nb = K / QB;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t t = n / TR, i = n % TR;
-    float* o = out + (n - n0) * K;
+  for (int64_t t = n0 / TR; t * TR < n1; ++t) {
+    const int64_t i0 = std::max<int64_t>(n0 - t * TR, 0), i1 = std::min<int64_t>(n1 - t * TR, TR);
     for (int64_t b = 0; b < nb; ++b) {
-      float d0[TR], d1[TR], mw[TR];
+      float d0[TR], d1[TR], mw[TR] = {0};
       scales_of(w, t, w.bs == 16 ? 2 * b : b, d0);
-      if (w.bs == 16) scales_of(w, t, 2 * b + 1, d1);
+      if (w.bs == 16)
+        scales_of(w, t, 2 * b + 1, d1);
+      else
+        std::memcpy(d1, d0, sizeof d0);
       if (w.m) mins_of(w, t, b, mw);
-      for (int e = 0; e < QB; ++e) {
-        const float ds = w.bs == 16 && e >= 16 ? d1[i] : d0[i];
-        float q;
+      for (int64_t i = i0; i < i1; ++i) {
+        float* o = out + (t * TR + i - n0) * K + b * QB;
         if (w.bits == 4) {
-          const uint8_t byte = w.qs[(t * nb + b) * 128 + 32 * ((e % 16) / 4) + 4 * i + e % 4];
-          q = (float)(e < 16 ? byte & 15 : byte >> 4);
+          const uint8_t* q = w.qs + (t * nb + b) * 128 + 4 * i;
+          for (int g = 0; g < 4; ++g)
+            for (int e = 0; e < 4; ++e) {
+              o[4 * g + e] = d0[i] * (float)(q[32 * g + e] & 15);
+              o[16 + 4 * g + e] = d1[i] * (float)(q[32 * g + e] >> 4);
+            }
         } else {
-          q = (float)((const int8_t*)w.qs)[(t * nb + b) * 256 + 32 * (e / 4) + 4 * i + e % 4];
+          const int8_t* q = (const int8_t*)w.qs + (t * nb + b) * 256 + 4 * i;
+          for (int g = 0; g < 8; ++g)
+            for (int e = 0; e < 4; ++e) o[4 * g + e] = (g < 4 ? d0[i] : d1[i]) * (float)q[32 * g + e];
         }
-        o[b * QB + e] = ds * q;
-        if (w.m) o[b * QB + e] = o[b * QB + e] + mw[i];
+        if (w.m)
+          for (int e = 0; e < QB; ++e) o[e] = o[e] + mw[i];
       }
     }
   }

@@ -51,15 +51,20 @@ torch::Tensor out_like(const torch::Tensor& x, int64_t N) {
   return torch::empty(sizes, torch::kFloat);
 }
 
+constexpr int64_t ROWS = 64;  // rows per chunk of a wide pass
+
 torch::Tensor run(const torch::Tensor& x, const sj::QW& w) {
   const auto x2 = check_x(x, w.K);
   ActBuf a = quantize(x2);
   const Acts acts = a.acts();
   auto y = out_like(x, w.N);
   float* yp = y.data_ptr<float>();
-  const int64_t M = x2.size(0);
+  const int64_t M = x2.size(0), nb = w.K / QB;
   at::parallel_for(0, w.tiles(), 1, [&](int64_t t0, int64_t t1) {
-    sj::matmul_cols(acts, w, M, t0 * sj::TR, std::min(w.N, t1 * sj::TR), yp, w.N);
+    for (int64_t r0 = 0; r0 < M; r0 += ROWS) {  // a prompt in chunks: their activations stay in cache
+      const Acts part{acts.q + r0 * w.K, acts.d + r0 * nb, acts.s + r0 * nb, w.K};
+      sj::matmul_cols(part, w, std::min(ROWS, M - r0), t0 * sj::TR, std::min(w.N, t1 * sj::TR), yp + r0 * w.N, w.N);
+    }
   });
   return y;
 }
@@ -115,7 +120,10 @@ torch::Tensor unpack(const PW& p) {
   const sj::QW w = qw(p, {});
   auto out = torch::empty({w.N, w.K}, torch::kFloat);
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, w.N, 16, [&](int64_t n0, int64_t n1) { sj::dequantize_rows(w, n0, n1, op + n0 * w.K); });
+  at::parallel_for(0, w.tiles(), 1, [&](int64_t t0, int64_t t1) {
+    const int64_t n0 = t0 * sj::TR;
+    sj::dequantize_rows(w, n0, std::min(w.N, t1 * sj::TR), op + n0 * w.K);
+  });
   return out;
 }
 

@@ -10,7 +10,7 @@ ragged batches). Python keeps control: which layers run, skips, exits, taps, the
 A pass runs natively where it can, chosen once per pass (`fits`): a batch-invariant fp32 model (every linear
 in q4/q8 blocks), at most MAX_DRAFT + 1 rows, batch 1, every cache layer a plain `LayerKV` or `SlidingLayerKV`
 holding fp32 (cache policies that evict, observe queries or store bf16/int8 keys run in Python), and no
-per-layer trace. Wider passes (prompts) stay on the Python path, whose BLAS prefill is faster there.
+per-layer trace. Wider passes (prompts) stay on the Python path (SDPA's causal attention over the prompt).
 `SKIPJACK_NATIVE=0` turns the native step off; `reason(model)` says why a model runs in Python.
 """
 
