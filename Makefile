@@ -73,7 +73,7 @@ bench-q4: install
 	$(BIN)/skipjack bench --suite quick --methods plain,pld,ngram,auto,swift,del --peers llamacpp,llamacpp-pld,hf \
 		--max-new-tokens 256 --out bench-out/q4-quick
 	$(BIN)/skipjack bench --model qwen2.5-coder-1.5b --suite quick --max-new-tokens 256 --out bench-out/q4-quick-qwen \
-		--methods plain,pld,swift,del,draft:model=qwen2.5-coder-0.5b --peers llamacpp
+		--methods plain,pld,del,draft:model=qwen2.5-coder-0.5b --peers llamacpp
 
 bench-quick: install
 	$(BIN)/skipjack bench --suite quick --methods plain,pld,ngram --peers hf,hf-pld,llamacpp,llamacpp-pld --out bench-out/quick
