@@ -132,6 +132,7 @@ class QuantLinear(Linear):
             setattr(self, name, None if t is None else param(hold(t)))
         self.bias = None if bias is None else param(bias.float())
         self.ops = kernels()
+        self.args = self.packed().args()  # what the C++ side takes, built once (not per call)
 
     def packed(self) -> quant.Packed:
         n, k, tiles = self.out_features, self.in_features, (self.qs, self.d, self.m, self.D, self.Dmin)
@@ -142,7 +143,7 @@ class QuantLinear(Linear):
         return self.packed().unpack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.linear(x, self.packed().args(), self.bias)
+        return self.ops.linear(x, self.args, self.bias)
 
 
 class ConcatLinear(Linear):
@@ -187,7 +188,7 @@ class Embedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)  # [n]
         if self.shared is not None:
-            rows = self.shared.ops.unpack_rows(self.shared.packed().args(), flat)  # [n, D]
+            rows = self.shared.ops.unpack_rows(self.shared.args, flat)  # [n, D]
             return rows.view(*ids.shape, self.embedding_dim)
         t = self.table
         if isinstance(t, QuantTensor):

@@ -83,7 +83,7 @@ class Twin:
 def _parts(linear) -> tuple[list[tuple], torch.Tensor | None]:
     """A linear as the native step's weight parts (packed weight, bias), and a concatenation's bias."""
     if isinstance(linear, QuantLinear):
-        return [(linear.packed().args(), linear.bias)], None
+        return [(linear.args, linear.bias)], None
     if isinstance(linear, ConcatLinear):
         return [p for part in linear.parts for p in _parts(part)[0]], linear.bias
     raise TypeError(f"no native form for {type(linear).__name__}")
