@@ -6,8 +6,8 @@ B). `python scripts/batch_scaling.py [--model M] [--methods plain,pld,auto]`."""
 import argparse
 import time
 
+from skipjack.decoding.sampling import SamplingParams
 from skipjack.engine import Engine, Request
-from skipjack.sampling import SamplingParams
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", default="smollm2-135m")

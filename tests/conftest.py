@@ -147,8 +147,8 @@ def tiny_engine(home, layers: int = 2, max_position_embeddings: int = 2048, seed
     """A q4 tiny Llama with the byte-level test tokenizer behind an `Engine`, its cache folder `home` (set for the
     duration)."""
     from skipjack.engine import Engine
-    from skipjack.loading import Loaded
-    from skipjack.tokenizer import Tokenizer
+    from skipjack.loading.load import Loaded
+    from skipjack.loading.tokenizer import Tokenizer
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SKIPJACK_HOME", str(home))

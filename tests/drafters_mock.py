@@ -7,11 +7,11 @@ import random
 
 import torch
 
-from skipjack.cost import CostModel
-from skipjack.decode import generate
+from skipjack.decoding.cost import CostModel
+from skipjack.decoding.proposal import Proposal
+from skipjack.decoding.sequence import generate
+from skipjack.decoding.sizing import CostSizer
 from skipjack.drafters import make_method
-from skipjack.drafters.base import Proposal
-from skipjack.sizing import CostSizer
 
 
 def decode(model, prompt, params, method="plain", cost=None, session=None):
@@ -112,7 +112,7 @@ def chi2_pvalue(model, prompt: list[int], drafter, n: int = 2000, vocab: int = 1
 
     from scipy.stats import chisquare
 
-    from skipjack.sampling import SamplingParams, probs
+    from skipjack.decoding.sampling import SamplingParams, probs
 
     params = SamplingParams(temperature=1.0, top_k=top_k)
 

@@ -1,4 +1,4 @@
-"""Continuous batching (`skipjack.batch`, `Engine.generate_batch`, `Engine.runner`): on q4 (a batch-invariant
+"""Continuous batching (`skipjack.decoding.batch`, `Engine.generate_batch`, `Engine.runner`): on q4 (a batch-invariant
 forward) every request's greedy tokens in a batch equal its tokens alone, whatever the mix of methods, prompt
 lengths and output lengths; requests join and leave between steps; the ragged pass equals separate passes."""
 
@@ -8,14 +8,14 @@ import pytest
 import torch
 from conftest import byte_bpe_tokenizer, hf_model, ours_from_hf
 
-from skipjack.batch import MAX_ROWS, Batch, BatchCost
-from skipjack.cost import CostModel
-from skipjack.drafters.base import Proposal
+from skipjack.decoding.batch import MAX_ROWS, Batch, BatchCost
+from skipjack.decoding.cost import CostModel
+from skipjack.decoding.proposal import Proposal
+from skipjack.decoding.sampling import SamplingParams
 from skipjack.engine import Engine, Request
-from skipjack.loading import Loaded
+from skipjack.loading.load import Loaded
+from skipjack.loading.tokenizer import Tokenizer
 from skipjack.models.common import Segment
-from skipjack.sampling import SamplingParams
-from skipjack.tokenizer import Tokenizer
 
 
 def _engine(family: str) -> Engine:
@@ -106,7 +106,7 @@ def test_ragged_pass_equals_separate_passes(engine):
 def test_batch_caps_rows_and_drafts(engine):
     """With B sequences each drafts at most MAX_ROWS // B - 1 nodes: the pass stays within the kernels' width."""
     batch = Batch(engine.model, rows=8)
-    from skipjack.decode import Sequence
+    from skipjack.decoding.sequence import Sequence
 
     seqs = []
     for p in PROMPTS[:4]:

@@ -490,7 +490,7 @@ def test_llamacpp_peer_with_a_stand_in_module(monkeypatch, tmp_path):
     spec.LlamaDraftModel = object
     lone = peers.make_peers(["llamacpp-draft"], SimpleNamespace(source=gguf, name="x"), "fp32", 256)
     assert "no draft model" in lone["llamacpp-draft"].status
-    monkeypatch.setattr("skipjack.loading.fetch_named", lambda name: tmp_path / f"{name}.gguf")
+    monkeypatch.setattr("skipjack.loading.load.fetch_named", lambda name: tmp_path / f"{name}.gguf")
     pair = SimpleNamespace(source=gguf, name="qwen2.5-coder-1.5b")
     assert peers.make_peers(["llamacpp-draft"], pair, "fp32", 256)["llamacpp-draft"].status == "ok"
     draft = seen["init"]["draft_model"]

@@ -72,7 +72,7 @@ def test_keep_compacts_tree_path():
     cache = m.make_cache(32)
     m(prefix[:, :3], cache)
     # tree over root 6: nodes a(7) b(8, child of a) c(9, root child) -> accept path root, c
-    from skipjack.verify import tree_mask
+    from skipjack.decoding.verify import tree_mask
 
     ids = torch.tensor([[6, 7, 8, 9]])
     m(ids, cache, positions=torch.tensor([3, 4, 5, 4]), tree_mask=tree_mask([-1, 0, -1]))

@@ -16,11 +16,11 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from skipjack.cost import CostModel
-from skipjack.decode import generate
-from skipjack.drafters.base import Proposal
-from skipjack.sampling import SamplingParams, probs
-from skipjack.verify import verify
+from skipjack.decoding.cost import CostModel
+from skipjack.decoding.proposal import Proposal
+from skipjack.decoding.sampling import SamplingParams, probs
+from skipjack.decoding.sequence import generate
+from skipjack.decoding.verify import verify
 
 V = 10
 SETTINGS = [

@@ -7,8 +7,8 @@ import multiprocessing as mp
 
 import pytest
 
+from skipjack.decoding.proposal import DraftContext, Proposal, Verdict, judge, merge
 from skipjack.drafters import make_method, parse_method
-from skipjack.drafters.base import DraftContext, Proposal, Verdict, judge, merge
 from skipjack.drafters.ngram import NGramDrafter
 from skipjack.drafters.ngram_table import NGramTable
 from skipjack.drafters.pld import PromptLookup

@@ -19,8 +19,8 @@ from skipjack.cli import main as cli_main
 from skipjack.engine import Engine
 from skipjack.evaluation import harness, humaneval, selfcheck
 from skipjack.evaluation.texts import bench_topics, documents, windows
-from skipjack.loading import Loaded
-from skipjack.tokenizer import Tokenizer
+from skipjack.loading.load import Loaded
+from skipjack.loading.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

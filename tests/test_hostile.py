@@ -283,7 +283,7 @@ def engine(tiny_folder):
 
 
 def _sp(**kw):
-    from skipjack.sampling import SamplingParams
+    from skipjack.decoding.sampling import SamplingParams
 
     return SamplingParams(**kw)
 
@@ -407,7 +407,7 @@ def test_api_engine_load(kw, needle):
 
 @pytest.mark.parametrize("temperature", [1e-38, 1e-45, 5e-324, 1e300])
 def test_sampling_at_extreme_temperatures(temperature):
-    from skipjack.sampling import probs
+    from skipjack.decoding.sampling import probs
 
     logits = torch.tensor([[1.0, 3.0, 2.0, 3.0 - 1e-6]])
     pr = probs(logits, _sp(temperature=temperature))
@@ -419,7 +419,7 @@ def test_sampling_at_extreme_temperatures(temperature):
 @pytest.mark.parametrize("top_p", [5e-324, 1e-308, 1e-45, 1e-8])
 def test_sampling_at_tiny_top_p(top_p):
     """A top_p that rounds to 0 in fp32 still keeps the top token (it once dropped every token: NaN)."""
-    from skipjack.sampling import probs
+    from skipjack.decoding.sampling import probs
 
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
     pr = probs(logits, _sp(temperature=0.7, top_p=top_p))
@@ -428,7 +428,7 @@ def test_sampling_at_tiny_top_p(top_p):
 
 @pytest.mark.parametrize("penalty", [1e-38, 1e30, 3.4e38])
 def test_extreme_repetition_penalty(penalty):
-    from skipjack.sampling import Sampler
+    from skipjack.decoding.sampling import Sampler
 
     s = Sampler(_sp(temperature=0.7, repetition_penalty=penalty, seed=1), [0, 1], 4)
     for _ in range(5):
@@ -436,8 +436,8 @@ def test_extreme_repetition_penalty(penalty):
 
 
 def test_non_finite_logits_never_become_a_token(tiny_llama64):
-    from skipjack.decode import generate
-    from skipjack.sampling import SamplingParams
+    from skipjack.decoding.sampling import SamplingParams
+    from skipjack.decoding.sequence import generate
 
     with torch.no_grad():
         tiny_llama64.norm_weight[0] = float("nan")
@@ -806,7 +806,7 @@ def test_kill_9_mid_conversion_leaves_nothing_behind(capsys, tmp_path, home):
     script = textwrap.dedent(f"""
         import time, safetensors.torch as st
         from pathlib import Path
-        from skipjack import loading
+        from skipjack.loading import load as loading
         real = st.save_file
         def slow(t, f, *a, **k):
             real(t, f, *a, **k)

@@ -15,14 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from skipjack.cache import LayerKV
-from skipjack.cost import CostModel
-from skipjack.distil import Settings, train
+from skipjack.decoding.cost import CostModel
+from skipjack.decoding.proposal import DraftContext
+from skipjack.decoding.sampling import SamplingParams
+from skipjack.decoding.session import Session
 from skipjack.drafters import make_method
-from skipjack.drafters.base import DraftContext
 from skipjack.drafters.kangaroo import Adapter, Kangaroo, default_path, load, save
 from skipjack.errors import SkipjackError
-from skipjack.sampling import SamplingParams
-from skipjack.session import Session
+from skipjack.tools.distil import Settings, train
 
 
 def deep(family: str, weights=None, dtype=torch.float32, seed=3, layers=5, vocab=48):

@@ -19,19 +19,19 @@ from conftest import hf_model, ours_from_hf
 from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter
 
 from skipjack.cache import SlidingLayerKV
-from skipjack.cost import CostModel
-from skipjack.decode import generate
+from skipjack.decoding.cost import CostModel
+from skipjack.decoding.proposal import Proposal
+from skipjack.decoding.sampling import SamplingParams
+from skipjack.decoding.sequence import generate
+from skipjack.decoding.session import prefill
+from skipjack.decoding.sizing import CostSizer
+from skipjack.decoding.verify import tree_mask
 from skipjack.drafters import make_method
-from skipjack.drafters.base import Proposal
 from skipjack.errors import SkipjackError
 from skipjack.kvpolicies import POLICIES, EvictingLayerKV, EvictionPolicy, make_policy, policy_names
 from skipjack.kvpolicies.base import GROW, pooled
 from skipjack.limits import MAX_DRAFT
 from skipjack.models.common import attention_mask
-from skipjack.sampling import SamplingParams
-from skipjack.session import prefill
-from skipjack.sizing import CostSizer
-from skipjack.verify import tree_mask
 
 _rng = random.Random(0)
 _HEAD = [_rng.randrange(48) for _ in range(120)]
@@ -860,8 +860,8 @@ def _ids(engine):
     + ([("pld", "tidal", False, "plain steps only")] if "tidal" in NAMES else []),
 )
 def test_engine_refuses(engine, method, kv, session, needle):
+    from skipjack.decoding.session import Session
     from skipjack.engine import Request
-    from skipjack.session import Session
 
     req = Request(_ids(engine), SamplingParams(max_new_tokens=4), method, kv=kv, session=Session() if session else None)
     with pytest.raises(SkipjackError) as e:

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import byte_bpe_tokenizer, hf_model
 
-from skipjack import loading
 from skipjack.errors import SkipjackError
+from skipjack.loading import load as loading
 
 QTYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"]
 
@@ -97,7 +97,7 @@ def write_tiny_gguf(path, qtype_for, arch: str = "llama", drop: tuple[str, ...] 
 
 
 def loading_unpermute(w, n_head):
-    from skipjack.gguf_io import _unpermute
+    from skipjack.loading.gguf_io import _unpermute
 
     return _unpermute(w, n_head)
 
@@ -146,8 +146,8 @@ def test_q4_load_keeps_the_files_blocks(tmp_path, home):
     at q8 (4-bit blocks promoted exactly, other tensors requantised to 8 bits) its logits stay near fp32's."""
     path = tmp_path / "tiny.gguf"
     hf, held = write_tiny_gguf(path, _pick)
-    from skipjack.linear import QuantLinear
     from skipjack.models import build_model
+    from skipjack.weights.linear import QuantLinear
 
     ref = build_model(hf.config.to_dict(), held, weights="dense")
     q4 = loading.load(str(path), "q4")
@@ -221,7 +221,7 @@ def test_reconversion_drops_the_stale_entry(tmp_path, home, monkeypatch):
 def test_k_quant_blocks_dequantise(tmp_path):
     """K-quants (Q4_K, Q5_K, Q6_K) are decoded by the gguf package: a block with known fields gives known
     values. Q6_K: all 6-bit quants 0 -> value (0 - 32) * scale * d."""
-    from skipjack.gguf_io import read_tensors
+    from skipjack.loading.gguf_io import read_tensors
 
     block = np.zeros(210, dtype=np.uint8)  # Q6_K: ql[128] qh[64] scales[16] (int8) d (fp16)
     block[192:208] = 2

@@ -10,7 +10,7 @@ from conftest import byte_bpe_tokenizer
 
 from skipjack.errors import SkipjackError
 from skipjack.evaluation import longctx
-from skipjack.tokenizer import Tokenizer
+from skipjack.loading.tokenizer import Tokenizer
 
 LENGTHS = (1024, 2048)
 NEEDLE = re.compile(
@@ -188,7 +188,7 @@ def test_fits_with_the_real_tokenizer():
     """SmolLM2's tokenizer (digits one token each, system prompt in its template) at 256 and 8192 tokens."""
     from transformers import AutoTokenizer
 
-    from skipjack.loading import DEFAULT_MODEL, read_meta, source_folder
+    from skipjack.loading.load import DEFAULT_MODEL, read_meta, source_folder
 
     folder, _ = source_folder(DEFAULT_MODEL)
     hf = AutoTokenizer.from_pretrained(str(folder))

@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import byte_bpe_tokenizer, hf_model, ours_from_hf
 
+from skipjack.decoding.sampling import SamplingParams
+from skipjack.decoding.session import Session
 from skipjack.drafters import make_method
 from skipjack.engine import Engine, Request
 from skipjack.errors import SkipjackError
-from skipjack.loading import Loaded
-from skipjack.sampling import SamplingParams
-from skipjack.session import Session
+from skipjack.loading.load import Loaded
+from skipjack.loading.tokenizer import Tokenizer
 from skipjack.strategies import FFNSkip, LayerSkip, SkipDecode
-from skipjack.tokenizer import Tokenizer
 
 FAMILIES = ["llama", "gemma3_text", "qwen2-sw"]
 

@@ -10,11 +10,11 @@ from conftest import FAMILIES, hf_model, ours_from_hf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skipjack import quant
+from skipjack.decoding.verify import tree_mask
 from skipjack.errors import SkipjackError
-from skipjack.kernels import kernels
-from skipjack.linear import ConcatLinear, DenseLinear, QuantLinear, blocks, describe, fuse
-from skipjack.verify import tree_mask
+from skipjack.weights import quant
+from skipjack.weights.kernels import kernels
+from skipjack.weights.linear import ConcatLinear, DenseLinear, QuantLinear, blocks, describe, fuse
 
 # bytes per block, and the byte offsets of its fp16 fields (scales, mins)
 BLOCKS = {
@@ -157,7 +157,7 @@ def test_chain_and_tree_passes_are_bit_identical_to_single_tokens(family, weight
 
 
 def test_unknown_dtype_is_one_line():
-    from skipjack.loading import resolve_dtype
+    from skipjack.loading.load import resolve_dtype
 
     with pytest.raises(SkipjackError, match="unknown dtype 'q3'"):
         resolve_dtype(None, "q3")

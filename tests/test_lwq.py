@@ -1,4 +1,4 @@
-"""Layer-wise Quantization (`skipjack quantize`, `skipjack.lwq`): rankings are deterministic and put a planted
+"""Layer-wise Quantization (`skipjack quantize`, `skipjack.tools.lwq`): rankings are deterministic and put a planted
 unimportant layer last (so it is quantised first); the allocation meets the bit budget; the artefact loads
 through `--model` and, at 4 bits, is token-identical to the source at q4; bad budgets and damaged or foreign
 artefacts are one-line errors."""
@@ -11,17 +11,17 @@ import pytest
 import torch
 from conftest import byte_bpe_tokenizer, hf_model
 
-from skipjack import lwq
 from skipjack.cli import main as cli_main
+from skipjack.decoding.sampling import SamplingParams
 from skipjack.engine import Engine, Request
 from skipjack.errors import SkipjackError
-from skipjack.loading import load
-from skipjack.sampling import SamplingParams
+from skipjack.loading.load import load
+from skipjack.tools import lwq
 
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
-    from skipjack.kernels import kernels
+    from skipjack.weights.kernels import kernels
 
     kernels()  # built (or found) under the usual home first: a fresh home would build them again
     monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path / "home"))
@@ -113,7 +113,7 @@ def test_damaged_and_foreign_artefacts_are_one_line(tmp_path, home, capsys):
 def test_on_the_all_4_bit_default_model_a_4_bit_artefact_is_the_model():
     """SmolLM2's GGUF is Q4_1 in every layer: at 4 bits every layer keeps its blocks as stored, so the artefact
     gives the source's exact tokens. (Written under the usual home, where the model is already fetched.)"""
-    from skipjack.loading import DEFAULT_MODEL
+    from skipjack.loading.load import DEFAULT_MODEL
 
     entry, info = lwq.quantize(DEFAULT_MODEL, 4.0, score="zd")
     assert info["high"] == [] and info["average_bits"] == 4.0

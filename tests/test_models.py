@@ -121,7 +121,7 @@ def test_tree_mask_forward_equals_separate_branches():
         ref[name] = m(torch.cat([prefix, torch.tensor([br])], 1)).logits[0, -2:]
     cache = m.make_cache(32)
     m(prefix, cache)
-    from skipjack.verify import tree_mask
+    from skipjack.decoding.verify import tree_mask
 
     # nodes: a0 (root child), a1 (child of a0), b0 (root child), b1 (child of b0); root = pending token 8
     cache.trim(1)
@@ -136,7 +136,7 @@ def test_tree_mask_forward_equals_separate_branches():
 def test_linear_pads_few_rows_without_changing_them():
     """A packed linear pads an input of m rows with zero rows to pad_to[m] rows (faster kernels); the real
     rows' outputs are those of the layer, and one row's output does not depend on the rows beside it."""
-    from skipjack.linear import PLAIN, DenseLinear, PackedLinear, packing_available
+    from skipjack.weights.linear import PLAIN, DenseLinear, PackedLinear, packing_available
 
     torch.manual_seed(0)
     w, b = torch.randn(40, 24), torch.randn(40)
@@ -158,8 +158,8 @@ def test_linear_pads_few_rows_without_changing_them():
 
 def test_padding_choice():
     """m rows run at the fastest measured row count >= m, only if it is MIN_GAIN faster than m itself."""
-    from skipjack.linear import PLAIN
-    from skipjack.tuning import choose
+    from skipjack.decoding.tuning import choose
+    from skipjack.weights.linear import PLAIN
 
     ms = {1: 26.0, 2: 30.0, 3: 26.0, 4: 21.0, 5: 20.0, 6: 20.5, 7: 24.0, 8: 24.5, 9: 23.0, 10: 25.0}
     assert choose(ms) == [0, 5, 5, 5, 5, 5, 6, 9, 9]  # 7 -> 9 is 4% faster; 9 and 10 pad nothing: trimmed
@@ -174,8 +174,8 @@ def test_padding_choice():
 def test_padding_is_tuned_per_shape_and_cached(tmp_path, monkeypatch):
     """`tune_rows` measures every weight shape, applies its padding to each packed linear, caches it on disk
     (the next process reads it; a corrupt file is measured again), and the cost prior's cache key follows it."""
-    from skipjack import tuning
-    from skipjack.linear import PLAIN, packing_available
+    from skipjack.decoding import tuning
+    from skipjack.weights.linear import PLAIN, packing_available
 
     monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path))
     calls = []

@@ -15,11 +15,11 @@ from conftest import hf_model, ours_from_hf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skipjack.kernels import kernels
+from skipjack.decoding.verify import tree_mask
 from skipjack.kvpolicies import make_policy
 from skipjack.models import native
 from skipjack.models.common import Segment
-from skipjack.verify import tree_mask
+from skipjack.weights.kernels import kernels
 
 FAMS = ("llama", "qwen2", "gemma3_text", "mistral-sw", "qwen2-sw")
 VOCAB = 48
@@ -273,7 +273,7 @@ def test_speculation_is_exact_on_both_paths(on, drafter):
     """The lossless identity on either path: speculative greedy output equals plain greedy output."""
     from drafters_mock import AlwaysAccept, RandomDrafter, decode
 
-    from skipjack.sampling import SamplingParams
+    from skipjack.decoding.sampling import SamplingParams
 
     m = model("qwen2", "q4")
     prompt = [5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 9, 1, 2, 3] * 2
@@ -287,7 +287,7 @@ def test_speculation_is_exact_on_both_paths(on, drafter):
 
 
 def test_embedding_rows_from_the_kernel_equal_the_reference():
-    from skipjack.quant import quantize
+    from skipjack.weights.quant import quantize
 
     w = torch.randn(40, 64)
     ids = torch.tensor([0, 5, 39, 5])

@@ -1,4 +1,4 @@
-"""Multi-turn prompt caching (`skipjack.session.Session`, take-over): each turn reuses the conversation's cache,
+"""Multi-turn prompt caching (`decoding.session.Session`, take-over): each turn reuses the conversation's cache,
 runs only what it does not hold, and decodes exactly as a request that runs its whole prompt."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from drafters_mock import AlwaysAccept
 from drafters_mock import decode as run
 from test_cache import assert_same_cache
 
-from skipjack.decode import generate
+from skipjack.decoding.sampling import SamplingParams
+from skipjack.decoding.sequence import generate
+from skipjack.decoding.session import Session, common_prefix
 from skipjack.errors import SkipjackError
-from skipjack.sampling import SamplingParams
-from skipjack.session import Session, common_prefix
 
 GREEDY = SamplingParams(max_new_tokens=12)
 SAMPLED = SamplingParams(max_new_tokens=12, temperature=0.9, seed=7)

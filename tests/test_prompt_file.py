@@ -13,9 +13,9 @@ import torch
 from test_prompt_cache import GREEDY, assert_holds_what_it_says, decode
 
 from skipjack import integrity
+from skipjack.decoding.session import Session
 from skipjack.errors import SkipjackError
 from skipjack.prompt_file import check_path, fingerprint, load_prompt_cache, save_prompt_cache
-from skipjack.session import Session
 
 
 def _same_bits(a, b):

@@ -13,10 +13,10 @@ from importlib import resources
 import pytest
 import torch
 
+from skipjack.decoding.sampling import SamplingParams
+from skipjack.decoding.session import Session
 from skipjack.engine import Engine, Request
-from skipjack.loading import DEFAULT_MODEL, fetch_named
-from skipjack.sampling import SamplingParams
-from skipjack.session import Session
+from skipjack.loading.load import DEFAULT_MODEL, fetch_named
 
 pytestmark = pytest.mark.real
 
@@ -117,7 +117,7 @@ def test_speculative_identical_on_benchmark_prompts(real, real_q4, dtype):
     suite's, where identity is by construction (the batch-invariant forward, whose every pass shape
     `tests/test_native.py` checks bit for bit); in fp32, where it holds because the kernels' differences stay
     below the logit gaps, on the quick suite's prompts (time). The three decode from one prefill of each prompt
-    (`skipjack.session.Session.prefilled`; `test_prefilled_prompt_is_reused_unchanged` shows that reuse changes
+    (`skipjack.decoding.session.Session.prefilled`; `test_prefilled_prompt_is_reused_unchanged` shows that reuse changes
     no token), so the long prompts run once rather than three times."""
     real = real_q4 if dtype == "q4" else real
     quick = {p["id"] for p in suite("quick")}
@@ -139,7 +139,7 @@ def test_speculative_identical_on_benchmark_prompts(real, real_q4, dtype):
 def test_q4_blocks_are_the_files_values(real_q4):
     """Every linear of the q4 load holds the GGUF's own blocks: dequantised, they are `gguf`'s dequantisation
     of the same tensor (q/k rows unpermuted as HF's checkpoint orders them), bit for bit."""
-    from skipjack.gguf_io import read_tensors
+    from skipjack.loading.gguf_io import read_tensors
 
     path = fetch_named(DEFAULT_MODEL)
     ref = read_tensors(path, {"model_type": "llama", **real_q4.model.config.__dict__})
@@ -153,7 +153,7 @@ def test_q4_blocks_are_the_files_values(real_q4):
 
 
 def test_q4_chain_and_tree_bit_identical_on_the_real_model(real_q4):
-    from skipjack.verify import tree_mask
+    from skipjack.decoding.verify import tree_mask
 
     m = real_q4.model
     ids = real_q4.tokenizer.prompt_ids(PROMPTS[0])
@@ -209,7 +209,7 @@ def test_self_drafting_identical_on_the_quick_prompts(real_q4):
 def test_kangaroo_identical_on_the_quick_prompts(real_q4, tmp_path):
     """kangaroo on the default model (q4) with a briefly trained adapter: forced to draft (threshold 0), its
     verify passes resume from the shallow layers' hidden states; identical to plain greedy."""
-    from skipjack.distil import Settings, train
+    from skipjack.tools.distil import Settings, train
 
     s = Settings(tokens=1024, seq=128, batch=4, steps=4, prompts=2, answer=32, save_every=100)
     about = train(real_q4.loaded, s, tmp_path / "k.safetensors", progress=False)
@@ -243,9 +243,9 @@ def test_real_files_block_types_are_held_exactly(name):
     import gguf
     import numpy as np
 
-    from skipjack import quant
-    from skipjack.kernels import kernels
-    from skipjack.linear import QuantLinear
+    from skipjack.weights import quant
+    from skipjack.weights.kernels import kernels
+    from skipjack.weights.linear import QuantLinear
 
     seen = set()
     for t in gguf.GGUFReader(str(fetch_named(name))).tensors:

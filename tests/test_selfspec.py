@@ -11,19 +11,19 @@ from drafters_mock import chi2_pvalue, decode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skipjack.cost import CostModel
+from skipjack.decoding.cost import CostModel
+from skipjack.decoding.proposal import DraftContext, Proposal, Verdict
+from skipjack.decoding.sampling import SamplingParams
+from skipjack.decoding.session import Session
+from skipjack.decoding.sizing import CostSizer, DraftCost
 from skipjack.drafters import REGISTRY, make_method
-from skipjack.drafters.base import DraftContext, Proposal, Verdict
 from skipjack.drafters.draft_model import DraftModel, check_tokenizers
 from skipjack.drafters.early_exit import EarlyExit
 from skipjack.drafters.layered import DraftHead
 from skipjack.drafters.mix import Mix
 from skipjack.drafters.swift import Swift, parse_skip, value
 from skipjack.errors import SkipjackError
-from skipjack.linear import rows
-from skipjack.sampling import SamplingParams
-from skipjack.session import Session
-from skipjack.sizing import CostSizer, DraftCost
+from skipjack.weights.linear import rows
 
 
 def deep(family: str, weights=None, dtype=torch.float32, seed=3, layers=5, vocab=48):

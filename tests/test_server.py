@@ -17,8 +17,8 @@ import time
 import httpx
 import pytest
 
+from skipjack.decoding.sampling import SamplingParams
 from skipjack.engine import Engine, Request
-from skipjack.sampling import SamplingParams
 from skipjack.server.app import Settings, create_app
 
 

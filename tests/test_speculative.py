@@ -8,12 +8,12 @@ from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter, decode, gree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skipjack.cost import CostModel
+from skipjack.decoding.cost import CostModel
+from skipjack.decoding.proposal import Proposal
+from skipjack.decoding.sampling import SamplingParams
+from skipjack.decoding.session import Session
 from skipjack.drafters import make_method
-from skipjack.drafters.base import Proposal
 from skipjack.errors import SkipjackError
-from skipjack.sampling import SamplingParams
-from skipjack.session import Session
 
 
 def run(model, prompt, params, drafter="plain", cost=None):
@@ -273,7 +273,7 @@ def test_cost_prior_is_cached_on_disk(tiny_llama64, tmp_path, monkeypatch):
     and a corrupt or malformed file is measured again and rewritten."""
     import json
 
-    from skipjack import tuning
+    from skipjack.decoding import tuning
 
     monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path))
     calls = []

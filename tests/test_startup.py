@@ -18,21 +18,21 @@ FORBIDDEN = ("transformers", "fastapi", "uvicorn", "starlette", "matplotlib", "s
 GENERATE_PATH = (
     "skipjack.cli",
     "skipjack.engine",
-    "skipjack.loading",
-    "skipjack.gguf_io",
-    "skipjack.named",
+    "skipjack.loading.load",
+    "skipjack.loading.gguf_io",
+    "skipjack.loading.named",
     "skipjack.models",
-    "skipjack.tokenizer",
+    "skipjack.loading.tokenizer",
     "skipjack.drafters",
-    "skipjack.decode",
-    "skipjack.session",
+    "skipjack.decoding.sequence",
+    "skipjack.decoding.session",
     "skipjack.text",
     "skipjack.prompt_file",
     "skipjack.kvpolicies",
-    "skipjack.quant",
-    "skipjack.linear",
-    "skipjack.kernels",
-    "skipjack.tuning",
+    "skipjack.weights.quant",
+    "skipjack.weights.linear",
+    "skipjack.weights.kernels",
+    "skipjack.decoding.tuning",
 )
 
 
@@ -78,7 +78,7 @@ def test_warm_gguf_generate_imports_no_transformers(tmp_path):
 def test_tools_load_only_when_named():
     """`skipjack --help` lists every subcommand and imports no tool's module; `skipjack serve --help` shows
     serve's own options."""
-    tools = ["skipjack.server", "skipjack.bench.runner", "skipjack.evaluation.harness", "skipjack.distil"]
+    tools = ["skipjack.server", "skipjack.bench.runner", "skipjack.evaluation.harness", "skipjack.tools.distil"]
     cases = ((["--help"], "train-adapter", []), (["serve", "--help"], "--port", ["skipjack.server"]))
     for argv, shown, loaded in cases:
         code = f"from skipjack.cli import main\nassert main({argv!r}) == 0\nimport sys\n"

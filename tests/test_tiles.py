@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_lowbit import BLOCKS, activation_bound, random_blocks
 
-from skipjack import kernels as K
-from skipjack import quant
-from skipjack.kernels import kernels
-from skipjack.linear import QuantLinear
+from skipjack.weights import kernels as K
+from skipjack.weights import quant
+from skipjack.weights.kernels import kernels
+from skipjack.weights.linear import QuantLinear
 
 # bits per weight each type is held at: the file's own for Q4_1, Q4_K and Q8_0 (Q4_0 adds its implied min);
 # 5- and 6-bit values as int8 beside the file's own scales (fp16, or a k-quant's factors)

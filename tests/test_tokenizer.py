@@ -9,8 +9,8 @@ from conftest import CORPUS, byte_bpe_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from skipjack.loading.tokenizer import StreamDecoder, Tokenizer
 from skipjack.text import _held_back
-from skipjack.tokenizer import StreamDecoder, Tokenizer
 
 TEXTS = ["héllo wörld 日本語 🙂 naïve café", "the quick brown fox 🙂🙂 jumps", "  leading spaces kept"]
 
@@ -65,8 +65,8 @@ def test_held_back_prefix_of_stop_string():
 
 
 def test_stop_strings_cut_text(tiny_folder):
+    from skipjack.decoding.sampling import SamplingParams
     from skipjack.engine import Engine, Request
-    from skipjack.sampling import SamplingParams
 
     engine = Engine.load(str(tiny_folder))
     prompt = engine.tokenizer.prompt_ids("hello world")
@@ -99,7 +99,7 @@ def assert_same_tokenizer(folder):
 
     from transformers import AutoTokenizer
 
-    from skipjack.tokenizer import read_fast
+    from skipjack.loading.tokenizer import read_fast
 
     fast, hf = read_fast(folder), AutoTokenizer.from_pretrained(str(folder))
     assert fast is not None, f"no fast path for {folder}"
@@ -198,7 +198,7 @@ def test_fast_tokenizer_rebuilds_a_class_pipeline_as_transformers_does(tmp_path)
     from tokenizers import Regex, pre_tokenizers
     from tokenizers import Tokenizer as Raw
 
-    from skipjack.tokenizer import _QWEN2_SPLIT
+    from skipjack.loading.tokenizer import _QWEN2_SPLIT
 
     raw = json.loads(_byte_level(specials=("<|endoftext|>", "<|im_end|>")).to_str())
     raw["model"] |= {"continuing_subword_prefix": "", "end_of_word_suffix": ""}  # as Qwen2Tokenizer's BPE
@@ -215,7 +215,7 @@ def test_fast_tokenizer_rebuilds_a_class_pipeline_as_transformers_does(tmp_path)
 
 
 def test_fast_tokenizer_leaves_what_it_cannot_mirror_to_transformers(tmp_path):
-    from skipjack.tokenizer import load_tokenizer, read_fast
+    from skipjack.loading.tokenizer import load_tokenizer, read_fast
 
     cases = {
         "class": {"tokenizer_class": "LlamaTokenizer"},
@@ -251,7 +251,7 @@ TEMPLATES = [
 
 
 def test_chat_templates_render_as_in_transformers():
-    from skipjack.tokenizer import render_chat
+    from skipjack.loading.tokenizer import render_chat
 
     hf = byte_bpe_tokenizer()
     chats = [
@@ -276,8 +276,8 @@ def test_named_models_tokenize_as_in_transformers(name):
     transformers tokenize, and their chat templates render, exactly as transformers does them."""
     from transformers import AutoTokenizer
 
-    from skipjack.loading import read_meta, source_folder
-    from skipjack.tokenizer import render_chat
+    from skipjack.loading.load import read_meta, source_folder
+    from skipjack.loading.tokenizer import render_chat
 
     folder, _ = source_folder(name)
     fast = assert_same_tokenizer(folder)

@@ -13,8 +13,8 @@ from drafters_mock import decode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from skipjack.decoding.sampling import SamplingParams
 from skipjack.errors import SkipjackError
-from skipjack.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,10 @@ def test_triforce_is_plain_greedy(model, seed, n, budget, least, k):
 
 def test_triforce_draft_cache_is_small_and_exact(model):
     """The draft cache holds the sinks and the window, and those keys are the target's own."""
-    from skipjack.drafters.base import DraftContext
+    from skipjack.decoding.proposal import DraftContext
+    from skipjack.decoding.session import prefill
     from skipjack.drafters.triforce import TriForce
     from skipjack.kvpolicies.base import EvictingLayerKV
-    from skipjack.session import prefill
 
     prompt = [random.Random(1).randrange(48) for _ in range(400)]
     start = prefill(model, prompt, 16)
@@ -85,7 +85,7 @@ def test_triforce_on_the_real_model_at_a_long_prompt():
     """SmolLM2 q4 (batch-invariant): a 1.5k-token prompt, greedy; triforce's tokens are plain decoding's."""
     from skipjack.engine import Engine, Request
     from skipjack.evaluation import longctx
-    from skipjack.loading import DEFAULT_MODEL
+    from skipjack.loading.load import DEFAULT_MODEL
 
     e = Engine.load(DEFAULT_MODEL, "q4")
     task = longctx.make_tasks(e.tokenizer, 1536, seed=2, kinds=("niah_single",), haystacks=("text",))[0]

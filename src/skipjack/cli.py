@@ -52,7 +52,7 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 
 def _params(a, tokenizer=None):
     """Sampling settings from the arguments; validated before any model is loaded."""
-    from skipjack.sampling import SamplingParams
+    from skipjack.decoding.sampling import SamplingParams
 
     return SamplingParams(
         temperature=a.temperature,
@@ -97,7 +97,7 @@ def _engine(a, spec: str | None = None):
     """Validate the request's settings and method first (they are cheap), then load and tune the model."""
     from skipjack.drafters import make_method
     from skipjack.engine import Engine
-    from skipjack.loading import BLOCKS, resolve_dtype
+    from skipjack.loading.load import BLOCKS, resolve_dtype
     from skipjack.store import check_home
 
     _params(a)
@@ -185,8 +185,8 @@ def cmd_generate(a) -> int:
 
 
 def cmd_chat(a) -> int:
+    from skipjack.decoding.session import Session
     from skipjack.engine import Request
-    from skipjack.session import Session
 
     if a.kv is not None:
         raise SkipjackError("chat carries its cache from turn to turn: --kv does not apply (use generate)")
@@ -243,7 +243,7 @@ def _turn_error(e: BaseException) -> str:
 
 
 def cmd_models(a) -> int:
-    from skipjack.loading import DEFAULT_MODEL, NAMED, fetch_named, named_path
+    from skipjack.loading.load import DEFAULT_MODEL, NAMED, fetch_named, named_path
 
     if a.fetch:
         for name in a.fetch:
@@ -286,7 +286,7 @@ def _tool(name: str):
     """A tool's (add its arguments, run it), importing its module (and the web stack, plotting, training that
     module brings) now."""
     if name == "train-adapter":
-        from skipjack import distil
+        from skipjack.tools import distil
 
         return distil.add_arguments, distil.command
     if name == "serve":
@@ -294,7 +294,7 @@ def _tool(name: str):
 
         return server.add_arguments, server.main
     if name == "quantize":
-        from skipjack import lwq
+        from skipjack.tools import lwq
 
         return lwq.add_arguments, lwq.command
     if name == "eval":

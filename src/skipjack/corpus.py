@@ -68,8 +68,8 @@ def prompts(n: int, seed: int = 0) -> list[str]:
 def answers(engine, texts: list[str], max_new: int, keep: Callable[[list[int]], None] | None = None) -> list[list[int]]:
     """Each prompt through the chat template followed by the model's greedy answer (token ids), each also handed
     to `keep` as it comes; a prompt too long for the model's context gets [] (no answer)."""
+    from skipjack.decoding.sampling import SamplingParams
     from skipjack.engine import Request
-    from skipjack.sampling import SamplingParams
 
     tok, room = engine.tokenizer, engine.model.config.max_position_embeddings - max_new
     params = SamplingParams(max_new_tokens=max_new, stop_token_ids=tok.stop_ids)

@@ -1,6 +1,6 @@
 """The engine: the one object the CLI, the benchmark and the server use.
 
-`Engine.load(spec, dtype)` loads a model, tunes its kernels for this machine once (`skipjack.tuning`: cached
+`Engine.load(spec, dtype)` loads a model, tunes its kernels for this machine once (`skipjack.decoding.tuning`: cached
 on disk; `tune=False` switches it off) and owns what requests share: the cost model that sizes drafts, the
 methods' drafters (what they learn carries over from request to request), the drafters' shared store (the
 n-gram tables; `new_method(spec, own_store=True)` makes a method that learns alone: the bench's), and a lock
@@ -20,19 +20,21 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from skipjack import kvpolicies, loading, tuning, validate, vocab
-from skipjack.batch import Batch, BatchCost
-from skipjack.cost import CostModel
-from skipjack.decode import Sequence, Step, generate
+from skipjack import kvpolicies, validate, vocab
+from skipjack.decoding import tuning
+from skipjack.decoding.batch import Batch, BatchCost
+from skipjack.decoding.cost import CostModel
+from skipjack.decoding.sampling import SamplingParams
+from skipjack.decoding.sequence import Sequence, Step, generate
+from skipjack.decoding.session import Session
+from skipjack.decoding.sizing import Capped
 from skipjack.drafters import Method, make_method
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
-from skipjack.loading import Loaded
-from skipjack.sampling import SamplingParams
-from skipjack.session import Session
-from skipjack.sizing import Capped
+from skipjack.loading import load as loading
+from skipjack.loading.load import Loaded
+from skipjack.loading.tokenizer import StreamDecoder
 from skipjack.text import TextStream, texts
-from skipjack.tokenizer import StreamDecoder
 
 
 @dataclass
@@ -41,7 +43,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     method: str | Method = "plain"  # a spec (the engine's drafter for it) or a Method of the caller's own
     stop: tuple[str, ...] = ()  # stop strings (stop token ids are in params)
-    session: Session | None = None  # how the request starts (`skipjack.session`); None: a fresh prefill
+    session: Session | None = None  # how the request starts (`skipjack.decoding.session`); None: a fresh prefill
     draft_max: int | None = None  # at most this many draft nodes per step (llama-server's speculative.n_max)
     draft_p_min: float = 0.0  # no draft node whose score (path probability) is below this (speculative.p_min)
     kv: str | None = None  # the KV cache policy spec (`skipjack.kvpolicies`, `--kv`); None: every key kept
@@ -87,7 +89,7 @@ class Engine:
 
     @classmethod
     def load(cls, spec: str | None = None, dtype: str = "auto", tune: bool = True, remeasure: bool = False) -> Engine:
-        """Load a model (`skipjack.loading.load`) and tune it (`skipjack.tuning.tune`; `remeasure`: afresh)."""
+        """Load a model (`loading.load.load`) and tune it (`decoding.tuning.tune`; `remeasure`: afresh)."""
         loaded = loading.load(spec, dtype)
         return cls(loaded, tuning.tune(loaded.model, remeasure) if tune else None)
 
@@ -195,7 +197,7 @@ class Engine:
         return tally.result()
 
     def generate_batch(self, requests: list[Request]) -> list[Result]:
-        """Run requests together with continuous batching (`skipjack.batch`): one forward pass per step for all
+        """Run requests together with continuous batching (`skipjack.decoding.batch`): one forward pass per step for all
         of them; each result as `complete` would give it alone where the forward is batch-invariant."""
         runner = self.runner()
         handles = [runner.add(r) for r in requests]

@@ -3,7 +3,7 @@
 `skipjack generate --prompt-cache FILE` loads FILE's keys/values into a `Session` before the request and
 saves the request's state (prompt and output) back after it, so a later run whose prompt starts the same way
 (the same long document, a new question) runs only the tokens after the shared prefix. The reuse is
-`Session.start`'s, so the output is what a fresh request gives (see `skipjack.session`).
+`Session.start`'s, so the output is what a fresh request gives (see `skipjack.decoding.session`).
 
 - Format: safetensors. Tensors `{layer}.k`, `{layer}.v` hold each layer's valid positions [B, H_kv, n, D],
   stored exactly (the cache's dtype). Metadata: `format`, `version`, `fingerprint` (the model's), `tokens`
@@ -25,10 +25,10 @@ import tempfile
 from pathlib import Path
 
 from skipjack import integrity
+from skipjack.decoding.session import Session
 from skipjack.errors import SkipjackError
 from skipjack.models import fingerprint
 from skipjack.models.common import DecoderLM
-from skipjack.session import Session
 
 FORMAT, VERSION = "skipjack-prompt-cache", "2"  # 2: a checksum of the tensors in the metadata
 

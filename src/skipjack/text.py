@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from skipjack.decode import Step
-from skipjack.tokenizer import StreamDecoder
+from skipjack.decoding.sequence import Step
+from skipjack.loading.tokenizer import StreamDecoder
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -15,7 +15,7 @@ _OURS = """
 import json, sys
 _hwm = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024
 from skipjack.engine import Engine, Request
-from skipjack.sampling import SamplingParams
+from skipjack.decoding.sampling import SamplingParams
 e = Engine.load(sys.argv[1] or None, sys.argv[2], tune=False)
 e.complete(Request(e.tokenizer.prompt_ids(sys.argv[3]), SamplingParams(max_new_tokens=32)))
 print(json.dumps(_hwm()))

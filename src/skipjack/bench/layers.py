@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from skipjack.bench import machine
-from skipjack.drafters.base import DraftContext
+from skipjack.decoding.proposal import DraftContext
 from skipjack.drafters.early_exit import EarlyExit
 from skipjack.drafters.swift import Swift, value
 from skipjack.engine import Engine

@@ -42,8 +42,8 @@ def spec(policy: str, budget: float | None) -> str | None:
 def run(engine, prompt: list[int], kv: str | None, max_new: int, method: str = "plain", stop: bool = True) -> dict:
     """One request; its result and memory."""
     from skipjack.bench.machine import RssSampler
+    from skipjack.decoding.sampling import SamplingParams
     from skipjack.engine import Request
-    from skipjack.sampling import SamplingParams
 
     stops = engine.tokenizer.stop_ids if stop else frozenset()
     params = SamplingParams(max_new_tokens=max_new, stop_token_ids=stops)
@@ -149,9 +149,9 @@ def memory(model: str, dtype: str, lengths, configs, log) -> list[dict]:
 
 
 def perplexity(engine, lengths, configs, tokens: int, log) -> list[dict]:
+    from skipjack.decoding.session import prefill
     from skipjack.evaluation import texts
     from skipjack.kvpolicies import make_policy
-    from skipjack.session import prefill
 
     prose = "\n\n".join(texts.documents()[0])
     ids = engine.tokenizer.encode(prose, add_special_tokens=False)

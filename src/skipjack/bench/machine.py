@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from skipjack.cost import cpu_name
+from skipjack.decoding.cost import cpu_name
 from skipjack.machine import cpu_flags, instruction_sets
 
 BANDWIDTH_MB = 512  # size of the array copied to measure memory bandwidth
@@ -81,7 +81,7 @@ def machine_info(bandwidth_gbs: float) -> dict:
 
 def _kernels_isa() -> str | None:
     """The instruction set skipjack's kernels were built for here (`SKIPJACK_ISA`), None where none build."""
-    from skipjack.kernels import available, kernels
+    from skipjack.weights.kernels import available, kernels
 
     return kernels().isa() if available() else None
 

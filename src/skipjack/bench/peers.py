@@ -191,7 +191,7 @@ class LlamaCppPeer(Peer):
 
 
 def _hf_folder(loaded) -> Path:
-    from skipjack.loading import convert_gguf
+    from skipjack.loading.load import convert_gguf
 
     src = Path(loaded.source)
     return convert_gguf(src)[0] if src.is_file() else src
@@ -209,7 +209,7 @@ def _hf_peer(name: str, model, loaded, dtype) -> Peer:
             return Missing(name, f"unavailable: no draft model of the same tokenizer is named for {loaded.name}")
         from transformers import AutoModelForCausalLM
 
-        from skipjack.loading import convert_gguf, fetch_named
+        from skipjack.loading.load import convert_gguf, fetch_named
 
         folder = convert_gguf(fetch_named(draft))[0]
         small = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
@@ -226,7 +226,7 @@ def make_peers(names: list[str], loaded, dtype: str, n_ctx: int, seed: int = 0) 
             from transformers import AutoModelForCausalLM
             from transformers.utils import logging as hf_logging
 
-            from skipjack.loading import DTYPES
+            from skipjack.loading.load import DTYPES
 
             hf_logging.disable_progress_bar()
             hf_logging.set_verbosity_error()
@@ -253,7 +253,7 @@ def make_peers(names: list[str], loaded, dtype: str, n_ctx: int, seed: int = 0) 
             if loaded.name not in DRAFT_FOR:
                 out[n] = Missing(n, f"unavailable: no draft model of the same tokenizer is named for {loaded.name}")
                 continue
-            from skipjack.loading import fetch_named
+            from skipjack.loading.load import fetch_named
 
             draft = fetch_named(DRAFT_FOR[loaded.name])
         try:

@@ -22,7 +22,7 @@ def fmt(x, form: str = "{:.2f}", none: str = "–") -> str:
 
 
 def _padding_line(rows: LinearRows) -> str:
-    """How forwards were padded in the run: one rule for every shape, or per shape (`skipjack.tuning`)."""
+    """How forwards were padded in the run: one rule for every shape, or per shape (`skipjack.decoding.tuning`)."""
     if "pads" not in rows:  # older files: one row count for every layer
         return f"Forwards over fewer than {rows['pad_rows']} tokens are padded to {rows['pad_rows']} rows."
     rules = {s: ", ".join(f"{m}→{_pad(q)}" for m, q in enumerate(p) if q != m) for s, p in rows["pads"].items()}
@@ -35,7 +35,7 @@ def _padding_line(rows: LinearRows) -> str:
 
 
 def _pad(q: int) -> str:
-    from skipjack.linear import PLAIN
+    from skipjack.weights.linear import PLAIN
 
     return "plain" if q == PLAIN else str(q)
 
@@ -212,7 +212,7 @@ def _cost_curves(curves: list[CostCurve]) -> str:
         rows.append([span, str(c["plain_steps"]), str(c["verify_steps"]), at, fmt(t1, "{:.1f}")])
         rows[-1] += [fmt(c["cost"][n]) for n in ns]
     notes = (
-        "Learned by the shared cost model (`skipjack.cost`) from every timed decoding step of this run: c(n) is"
+        "Learned by the shared cost model (`decoding.cost`) from every timed decoding step of this run: c(n) is"
         " the time of one forward over n new tokens relative to a plain step at the same context, read at the"
         ' context in the "read at" column. Each starts from a prior measured at two contexts before the run;'
         " what a bucket learns on top of it carries over to the longer buckets."

@@ -5,7 +5,7 @@ Procedure (results.json's schema: `skipjack.bench.schema`):
 1. Validate everything before the slow model load: methods (`skipjack.drafters.make_method`), peers, the
    suite or `--prompts` file, numbers, and that `--out` is writable (a probe file is written there).
 2. Measure memory bandwidth once (copy of a ~512 MB float32 tensor, best of 3; read + write bytes).
-3. Load the model as an `Engine`, tuned afresh (`skipjack.tuning`: the row padding and the verify-cost prior
+3. Load the model as an `Engine`, tuned afresh (`skipjack.decoding.tuning`: the row padding and the verify-cost prior
    are measured in this run's conditions, not read from the cache); tokenize every prompt with its chat
    template. A prompt whose tokens plus the token budget exceed the model's context is skipped and listed
    under `skipped` with the reason.
@@ -122,7 +122,7 @@ class Bench:
     """Holds the engines, the methods' drafters and peers, and the runs measured so far."""
 
     def __init__(self, a, engines: dict, methods: list[str], peers: dict, prompts: list[tuple], sampler: RssSampler):
-        from skipjack.sampling import SamplingParams
+        from skipjack.decoding.sampling import SamplingParams
 
         self.a, self.methods, self.peers, self.prompts = a, methods, peers, prompts
         self.engines = engines  # dtype after a method's `@` (None: the run's) -> Engine
@@ -325,7 +325,7 @@ def _progress():
 def main(a) -> int:
     """Run the benchmark for parsed `bench` arguments; returns the exit status (130 when interrupted)."""
     from skipjack.engine import Engine
-    from skipjack.loading import load_times, resolve_dtype
+    from skipjack.loading.load import load_times, resolve_dtype
 
     _check_numbers(a)
     a.dtype, note = resolve_dtype(a.model, a.dtype)

@@ -162,7 +162,7 @@ class MethodSummary(TypedDict):
 
 
 class LinearRows(TypedDict):
-    """The linear layers timed by input rows (skipjack.bench.analysis.rows, skipjack.tuning)."""
+    """The linear layers timed by input rows (skipjack.bench.analysis.rows, skipjack.decoding.tuning)."""
 
     ms: dict[str, float]  # {rows: median ms of one pass over the model's packed linears, unpadded}
     ms_by_shape: dict[str, dict[str, float]]  # {"INxOUT": the same per weight shape}
@@ -172,7 +172,7 @@ class LinearRows(TypedDict):
 
 
 class CostCurve(TypedDict):
-    """One context bucket of the verify-cost curves the shared cost model (skipjack.cost) learned by the end of
+    """One context bucket of the verify-cost curves the shared cost model (skipjack.decoding.cost) learned by the end of
     the run; c(n) = seconds of a forward over n new tokens / a plain step's at typical_context."""
 
     context: list[int | None]  # [lo, hi]; hi null for the last bucket

@@ -111,8 +111,8 @@ def agreement(model: str, prompts: list[list[dict]], dtypes: list[str], tokens: 
     continuous batch (plain decoding, so only the batch changes). Where the forward is batch-invariant (q4,
     q8) they must be identical; elsewhere (fp32 and bf16 dense GEMMs round by batch shape) this measures how
     often and how late they part: identical share, and the mean share of tokens before the first difference."""
+    from skipjack.decoding.sampling import SamplingParams
     from skipjack.engine import Engine, Request
-    from skipjack.sampling import SamplingParams
 
     out = []
     for dtype in dtypes:
@@ -191,7 +191,7 @@ def _llama_server(gguf: Path, port: int, n_ctx: int, parallel: int) -> list[str]
 def run(a) -> dict:
     from skipjack.bench.machine import machine_info
     from skipjack.bench.suite import load_suite
-    from skipjack.loading import NAMED, fetch_named
+    from skipjack.loading.load import NAMED, fetch_named
 
     prompts = [p.messages for p in load_suite(a.suite)]
     levels = [int(x) for x in a.levels.split(",")]

@@ -162,7 +162,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     from skipjack.bench.machine import machine_info, measure_bandwidth
     from skipjack.errors import run_command
-    from skipjack.loading import load
+    from skipjack.loading.load import load
 
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.stepcost", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")

@@ -129,7 +129,7 @@ def parse_methods(spec: str) -> list[str]:
     """`plain,pld,plain@bf16,...` or `all` -> validated method specs, `plain` first, duplicates dropped. An item
     `key=value` with no method name continues the method before it: `pld:k=8,max_ngram=4,ngram` is two."""
     from skipjack.drafters import make_method, method_names
-    from skipjack.loading import CHOICES
+    from skipjack.loading.load import CHOICES
 
     dtypes = [c for c in CHOICES if c != "auto"]
 

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from skipjack import validate
-from skipjack.cost import CostModel
-from skipjack.drafters.base import DraftContext, Drafter, Proposal, Verdict
+from skipjack.decoding.cost import CostModel
+from skipjack.decoding.proposal import DraftContext, Drafter, Proposal, Verdict
+from skipjack.decoding.sizing import CostSizer, DraftCost, FixedSizer, NoDraft, Sizer
 from skipjack.drafters.draft_model import DraftModel
 from skipjack.drafters.early_exit import EarlyExit
 from skipjack.drafters.kangaroo import Kangaroo
@@ -26,7 +27,6 @@ from skipjack.drafters.swift import Swift
 from skipjack.drafters.triforce import TriForce
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
-from skipjack.sizing import CostSizer, DraftCost, FixedSizer, NoDraft, Sizer
 from skipjack.strategies import STRATEGIES, Strategy
 
 REGISTRY: dict[str, Callable[..., Drafter]] = {
@@ -48,7 +48,7 @@ INTERNAL = {"shared", "registry"}  # constructor arguments the engine passes, ne
 EXACT_DTYPES = {"fp32", "fp64", "q4", "q8"}  # q4 / q8: a batch-invariant forward, identical by construction
 # `--method auto`: the fastest lossless method overall in BENCHMARKS.md (regenerate: `make bench`), its drafts
 # sized by the cost model, so it falls back to plain steps where drafting does not pay (and, in a batch, as the
-# batch grows: `skipjack.batch.BatchCost`). A sampled request with a seed is decoded plain under `auto`
+# batch grows: `skipjack.decoding.batch.BatchCost`). A sampled request with a seed is decoded plain under `auto`
 # (`Engine.check`): rejection sampling keeps the distribution for any draft, but drafts sized by measured
 # time consume the seeded draws differently from run to run, and a seed promises the same text each time.
 AUTO = "ngram"

@@ -16,10 +16,10 @@ import dataclasses
 
 import torch
 
-from skipjack import loading
-from skipjack.drafters.base import DraftContext, Proposal, Verdict, common_prefix
+from skipjack.decoding.proposal import DraftContext, Proposal, Verdict, common_prefix
 from skipjack.drafters.layered import Calibrated, DraftHead, SharesModels, draft
 from skipjack.errors import SkipjackError
+from skipjack.loading import load as loading
 
 GROW = 1024  # the draft cache grows by at least this many positions at a time
 

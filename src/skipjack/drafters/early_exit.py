@@ -32,7 +32,7 @@ import dataclasses
 
 import torch
 
-from skipjack.drafters.base import DraftContext, Proposal, Verdict
+from skipjack.decoding.proposal import DraftContext, Proposal, Verdict
 from skipjack.drafters.layered import Calibrated, DraftHead, SharesModels, draft, resumable
 from skipjack.errors import SkipjackError
 

@@ -7,7 +7,7 @@ head: `vocab`; by default the reduced vocabulary the adapter was trained against
 time from the pending token, until the top-1 probability falls below `threshold` (0.6, as the paper's second
 early exit), the budget is spent, or one more node cannot pay.
 
-The adapter is distilled on the model's own outputs (`skipjack train-adapter`, `skipjack.distil`): its logits
+The adapter is distilled on the model's own outputs (`skipjack train-adapter`, `skipjack.tools.distil`): its logits
 are trained towards the full model's distribution after the same token. It keeps its own one-layer KV cache,
 written for every token the draft runs (the pending token and the draft nodes) and rolled back with the
 target's context (the longest common prefix is kept; tokens it never saw, such as the prompt, get their
@@ -31,7 +31,7 @@ from torch import nn
 
 from skipjack import integrity, store, validate
 from skipjack.cache import LayerKV
-from skipjack.drafters.base import DraftContext, Proposal, Verdict, common_prefix
+from skipjack.decoding.proposal import DraftContext, Proposal, Verdict, common_prefix
 from skipjack.drafters.layered import Calibrated, DraftHead, SharesModels, draft, resumable
 from skipjack.errors import SkipjackError
 from skipjack.models import fingerprint

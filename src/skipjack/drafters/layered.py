@@ -29,9 +29,9 @@ from collections.abc import Callable
 
 import torch
 
-from skipjack.drafters.base import DraftContext, Proposal, Verdict, judge
+from skipjack.decoding.proposal import DraftContext, Proposal, Verdict, judge
 from skipjack.errors import SkipjackError
-from skipjack.linear import rows
+from skipjack.weights.linear import rows
 
 LEAF = 0.05  # a leaf sibling scored below this is not worth a verify row
 

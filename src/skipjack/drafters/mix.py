@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 
-from skipjack.drafters.base import DraftContext, Proposal, Verdict, merge
+from skipjack.decoding.proposal import DraftContext, Proposal, Verdict, merge
 from skipjack.errors import SkipjackError
 
 

@@ -42,7 +42,7 @@ import itertools
 import math
 
 from skipjack import validate
-from skipjack.drafters.base import DraftContext, Proposal, Verdict, calibration, judge, merge
+from skipjack.decoding.proposal import DraftContext, Proposal, Verdict, calibration, judge, merge
 from skipjack.drafters.ngram_table import NGramTable
 from skipjack.drafters.pld import MIN_SCORE, PromptLookup
 from skipjack.errors import SkipjackError

@@ -23,7 +23,7 @@ Nodes are listed best-first (ties: shallower first), which keeps parents before 
 
 from __future__ import annotations
 
-from skipjack.drafters.base import DraftContext, Proposal, Verdict, best_first, calibration
+from skipjack.decoding.proposal import DraftContext, Proposal, Verdict, best_first, calibration
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
 

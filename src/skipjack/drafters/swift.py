@@ -39,7 +39,7 @@ import time
 import torch
 
 from skipjack import store
-from skipjack.drafters.base import DraftContext, Proposal, Verdict
+from skipjack.decoding.proposal import DraftContext, Proposal, Verdict
 from skipjack.drafters.layered import Calibrated, DraftHead, SharesModels, draft
 from skipjack.errors import SkipjackError
 from skipjack.models import fingerprint

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from skipjack.drafters.base import DraftContext, Proposal, Verdict
+from skipjack.decoding.proposal import DraftContext, Proposal, Verdict
 from skipjack.drafters.layered import Calibrated, DraftHead, SharesModels, draft
 from skipjack.errors import SkipjackError
 from skipjack.kvpolicies.streaming import StreamingLLM

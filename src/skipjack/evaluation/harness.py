@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
+from skipjack.decoding.sampling import SamplingParams
 from skipjack.drafters import is_lossless, make_method
 from skipjack.engine import Engine, Request
-from skipjack.sampling import SamplingParams
 
 FORMAT = 1
 
@@ -262,7 +262,7 @@ def add_arguments(p) -> None:
 
 def command(a) -> int:
     from skipjack import validate
-    from skipjack.loading import DEFAULT_MODEL, resolve_dtype
+    from skipjack.loading.load import DEFAULT_MODEL, resolve_dtype
 
     spec = a.model or DEFAULT_MODEL
     validate.text("--method", a.method, empty=False)

@@ -9,9 +9,9 @@ import json
 import torch
 
 from skipjack.errors import SkipjackError
-from skipjack.linear import FORMATS, default_format
 from skipjack.models import gemma3, llama
 from skipjack.models.common import DecoderLM, ForwardOut
+from skipjack.weights.linear import FORMATS, default_format
 
 FAMILIES = {
     "llama": (llama.LlamaConfig, llama.Model),
@@ -58,7 +58,7 @@ def build_model(
     config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32, weights: str | None = None
 ) -> DecoderLM:
     """Instantiate our implementation from an HF config dict and an HF-named state dict, every linear layer in
-    the weight format `weights` (`skipjack.linear.FORMATS`; default: the best one for the dtype here)."""
+    the weight format `weights` (`skipjack.weights.linear.FORMATS`; default: the best one for the dtype here)."""
     d = normalise_config(config)
     cfg_cls, model_cls = FAMILIES[d["model_type"]]
     cfg = cfg_cls.from_hf(d)

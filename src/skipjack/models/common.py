@@ -18,11 +18,11 @@ from torch import nn
 
 from skipjack.cache import CachePolicy, FullKV, KVCache, LayerKV, LayerSpec
 from skipjack.errors import SkipjackError
-from skipjack.kernels import kernels
 from skipjack.limits import MAX_DRAFT
-from skipjack.linear import ConcatLinear, Embedding, Linear, QuantLinear, is_invariant, param
 from skipjack.models import native
 from skipjack.models.rowops import KernelMath, TorchMath
+from skipjack.weights.kernels import kernels
+from skipjack.weights.linear import ConcatLinear, Embedding, Linear, QuantLinear, is_invariant, param
 
 
 def attention_mask(q_pos: torch.Tensor, past, tree: torch.Tensor | None, window: int | None, sinks: int = 0):
@@ -63,7 +63,7 @@ def additive_mask(mask: torch.Tensor, G: int, dtype: torch.dtype) -> torch.Tenso
 def kernel_attend(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """q [B, H, T, D], k/v [B, H_kv, S, D], mask bool [T, S] or None -> [B, H, T, D], by the C++ kernel: each
     query's softmax and weighted sum run over its visible keys in slot order with fixed-order sums, so a
-    query's output does not depend on the other queries in the pass (`skipjack.kernels`)."""
+    query's output does not depend on the other queries in the pass (`skipjack.weights.kernels`)."""
     o = kernels().attention(q.transpose(1, 2).contiguous(), k, v, mask, scale)  # [B, T, H, D]
     return o.transpose(1, 2)
 
@@ -115,11 +115,11 @@ class DecoderLM(nn.Module):
 
     kinds: list[tuple[int | None, str]]
     invariant: bool = False
-    weights: str = "dense"  # the weight format's name (`skipjack.linear.FORMATS`), set by `build_model`
+    weights: str = "dense"  # the weight format's name (`skipjack.weights.linear.FORMATS`), set by `build_model`
 
     def _build(self, c, sd: dict[str, torch.Tensor], block_cls, linear, norm_shift: float = 0.0) -> None:
         """The parts every family shares: embeddings, blocks, final norm (+ shift), LM head (tied or not).
-        `linear(weight, bias=None)` makes every linear layer (`skipjack.linear`: the weight format)."""
+        `linear(weight, bias=None)` makes every linear layer (`skipjack.weights.linear`: the weight format)."""
         self.config = c
         self.embedding = Embedding(sd["model.embed_tokens.weight"])  # [V, Dm], dense or blocks
         self.layers = nn.ModuleList(block_cls(c, sd, f"model.layers.{i}.", linear) for i in range(c.num_hidden_layers))

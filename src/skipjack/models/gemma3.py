@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from skipjack.linear import fuse, param
 from skipjack.models.common import DecoderLM, config_from_dict, run_attention
 from skipjack.models.rowops import Rope, TorchMath, apply_rope
+from skipjack.weights.linear import fuse, param
 
 # What transformers' Gemma3TextConfig (transformers 5) fills in for a key config.json leaves out, for the keys
 # skipjack reads (`layer_types` None: derived in `Gemma3Config.normalise`).

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from skipjack.linear import fuse, param
 from skipjack.models.common import DecoderLM, config_from_dict, run_attention
 from skipjack.models.rowops import Rope, TorchMath, apply_rope
+from skipjack.weights.linear import fuse, param
 
 # What transformers' config classes (LlamaConfig, MistralConfig, Qwen2Config; transformers 5) fill in for a key
 # config.json leaves out, for the keys skipjack reads (None: derived in `LlamaConfig.normalise`).

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from skipjack.cache import LayerKV, SlidingLayerKV
-from skipjack.kernels import kernels
 from skipjack.limits import MAX_DRAFT
-from skipjack.linear import ConcatLinear, QuantLinear
+from skipjack.weights.kernels import kernels
+from skipjack.weights.linear import ConcatLinear, QuantLinear
 
 ENV = "SKIPJACK_NATIVE"
 ROWS = MAX_DRAFT + 1  # the widest native pass: a verify step of MAX_DRAFT drafts + 1

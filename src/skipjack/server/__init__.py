@@ -65,9 +65,9 @@ def add_arguments(v: argparse.ArgumentParser) -> None:
 
 def main(a) -> int:
     """`skipjack serve`: every setting checked before the model loads."""
-    from skipjack.batch import MAX_ROWS
+    from skipjack.decoding.batch import MAX_ROWS
     from skipjack.drafters import make_method
-    from skipjack.loading import resolve_dtype
+    from skipjack.loading.load import resolve_dtype
     from skipjack.server.app import Settings
     from skipjack.store import check_home
 

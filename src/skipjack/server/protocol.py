@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from skipjack.decoding.sampling import SamplingParams
 from skipjack.errors import SkipjackError
-from skipjack.sampling import SamplingParams
 
 MAX_N = 16  # choices per request
 

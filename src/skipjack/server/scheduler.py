@@ -5,7 +5,7 @@ queue that the worker fills (from its own thread) with events: ("step", text, st
 ("error", status, message). A client that goes away sets the cancel flag; the worker closes the job's decode
 generator at the next step, which frees its slot and its cache.
 
-The worker decodes up to `max_batch` jobs together with continuous batching (`Engine.runner`, `skipjack.batch`):
+The worker decodes up to `max_batch` jobs together with continuous batching (`Engine.runner`, `decoding.batch`):
 a job joins the batch after its prompt's own forward pass and leaves at once when it ends, is cancelled or
 times out.
 """

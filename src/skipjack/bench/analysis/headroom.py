@@ -29,7 +29,7 @@ import numpy as np
 
 from skipjack.bench.render import headroom_line
 from skipjack.bench.schema import Results, read_results
-from skipjack.cost import _interp, _isotonic
+from skipjack.decoding.cost import _interp, _isotonic
 from skipjack.limits import MAX_DRAFT
 
 CAP = MAX_DRAFT  # longest draft the engine verifies
@@ -129,7 +129,7 @@ def headroom(results: Results, prompt_ids: dict[str, list[int]]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from skipjack.bench.suite import load_prompts_file, load_suite
     from skipjack.errors import run_command
-    from skipjack.loading import load
+    from skipjack.loading.load import load
 
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.analysis.headroom", description=__doc__.splitlines()[0])
     ap.add_argument("dir", help="a `skipjack bench --out` folder holding results.json")

@@ -66,7 +66,7 @@ def summarise(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from skipjack.bench.suite import load_suite
     from skipjack.errors import SkipjackError, run_command
-    from skipjack.loading import DTYPES, load
+    from skipjack.loading.load import DTYPES, load
 
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.analysis.quality", description=__doc__.splitlines()[0])
     ap.add_argument("--model", "-m", default=None)

@@ -1,6 +1,6 @@
 """`python -m skipjack.bench.analysis.rows [MODEL]`: time the model's linear layers by the number of rows they multiply.
 
-Why the row tuning exists (`skipjack.tuning`): oneDNN's packed fp32 kernels are not fastest at one row on every
+Why the row tuning exists (`skipjack.decoding.tuning`): oneDNN's packed fp32 kernels are not fastest at one row on every
 CPU, so a plain step can be made faster by padding its one row with zero rows, or by BLAS's matrix-vector
 kernel on the plain layout. This measures afresh, for each weight shape, one pass over the model's linears of
 that shape, unpadded, at each row count (rounds interleaved, median kept), and in the plain layout at one to a
@@ -14,9 +14,9 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    from skipjack.decoding.tuning import tune_rows
     from skipjack.errors import SkipjackError
-    from skipjack.loading import load
-    from skipjack.tuning import tune_rows
+    from skipjack.loading.load import load
 
     try:
         loaded = load(argv[0] if argv else None)

@@ -18,7 +18,7 @@ bench reports the curves learned during its run, per context: BENCHMARKS.md, "Ve
 kept per context bucket (L <= 512, then doubling: 1024, 2048, ...).
 
 Where c(n | L) comes from:
-1. A prior, measured once per model (and machine: it is cached on disk, see `skipjack.tuning`):
+1. A prior, measured once per model (and machine: it is cached on disk, see `skipjack.decoding.tuning`):
    interleaved rounds of forwards at every width, at L = PRIOR_CONTEXT and again at L = LONG_CONTEXT; each
    width's time is taken as a line in L through the two (its slope is mostly the attention over the
    cache), so the prior c(w | L) exists at every context. c(w) = fastest w-token forward / fastest 1-token

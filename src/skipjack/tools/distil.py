@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from skipjack import corpus
 from skipjack.drafters.kangaroo import Adapter, default_path, identity, save
 from skipjack.errors import SkipjackError
-from skipjack.linear import dense
 from skipjack.models import fingerprint
 from skipjack.models.rowops import rms_norm
+from skipjack.weights.linear import dense
 
 TOP_K = 16  # teacher probabilities kept per position
 VAL_CHUNKS = 8
@@ -59,7 +59,7 @@ def _documents(loaded, s: Settings, bar, saved: Path, tune: bool) -> list[list[i
     """Token lists to teacher-force: stdlib source in `seq`-token pieces, then the model's answers (last, so
     the held-out chunks are answers). Each answer is saved as it comes (`saved`, kept for later trainings of
     the same model: they reuse as many as they need), so a killed run keeps them too."""
-    from skipjack import tuning
+    from skipjack.decoding import tuning
     from skipjack.engine import Engine
 
     key = {"model": fingerprint(loaded.model), "answer": s.answer, "seed": s.seed}
@@ -160,7 +160,7 @@ def train(
 ) -> dict:
     """Distil an adapter for `loaded` (module doc); returns what was measured. `stop_after`: end the run after
     that many steps as if killed (the checkpoint stays; tests resume from it). `tune`: measure the kernels
-    first (`skipjack.tuning`, cached per machine) for the answers' decoding."""
+    first (`skipjack.decoding.tuning`, cached per machine) for the answers' decoding."""
     model, began = loaded.model, time.perf_counter()
     if s.tokens < s.seq * s.batch or s.steps < 1 or s.lr <= 0 or s.seq < 8:
         raise SkipjackError("train-adapter: need --tokens >= 8 chunks of --seq, --steps >= 1, --lr > 0")
@@ -271,7 +271,8 @@ def add_arguments(p) -> None:
 
 def command(a) -> int:
     """`skipjack train-adapter`: distil and save an adapter (arguments validated before the model loads)."""
-    from skipjack import loading, validate
+    from skipjack import validate
+    from skipjack.loading import load as loading
     from skipjack.store import check_home
 
     s = Settings(

@@ -33,10 +33,11 @@ from pathlib import Path
 
 import torch
 
-from skipjack import integrity, quant
+from skipjack import integrity
 from skipjack.errors import SkipjackError
-from skipjack.quant import QuantTensor
 from skipjack.store import home
+from skipjack.weights import quant
+from skipjack.weights.quant import QuantTensor
 
 BITS = {"q4": 4.0, "q8": 8.0}
 ORDERS = ("importance", "random", "reverse")
@@ -135,7 +136,7 @@ def write(source: Path, config: dict, state: dict, tokenizer_dir: Path, meta: di
     """Seal the artefact under SKIPJACK_HOME/converted/`name` (replacing an older one of that name)."""
     from safetensors.torch import save_file
 
-    from skipjack.loading import FORMAT_VERSION, META
+    from skipjack.loading.load import FORMAT_VERSION, META
 
     parent = home() / "converted"
     parent.mkdir(parents=True, exist_ok=True)
@@ -170,7 +171,7 @@ def calibration(tokenizer, tokens: int, width: int = 256) -> list[list[int]]:
 
 def quantize(spec: str, bits, order: str = "importance", score: str = "lim", seed: int = 0, tokens: int = 4096):
     """Write the artefact for model `spec` at `bits` average bits; returns (its folder, its `lwq` section)."""
-    from skipjack import loading
+    from skipjack.loading import load as loading
     from skipjack.models import normalise_config
 
     bits = check_bits(bits)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from skipjack.drafters.base import Proposal, Verdict
-from skipjack.sampling import SamplingParams, penalize, probs
+from skipjack.decoding.proposal import Proposal, Verdict
+from skipjack.decoding.sampling import SamplingParams, penalize, probs
 
 
 def tree_mask(parents: list[int]) -> torch.Tensor:

@@ -133,7 +133,7 @@ def read_blocks(path: Path, config: dict) -> dict:
     """HF-named tensors, the 2-D weights whose block type maps exactly onto a kernel format (`quant.EXACT`) as
     `QuantTensor`s holding the file's own values, every other tensor dequantised to fp32 (norms, biases, and
     weights of other types, which the weight format then quantises, saying so)."""
-    from skipjack.quant import EXACT, from_gguf
+    from skipjack.weights.quant import EXACT, from_gguf
 
     mt = config["model_type"]
     out = {}

@@ -24,15 +24,15 @@ import torch
 
 from skipjack import integrity
 from skipjack.errors import SkipjackError, one_line
-from skipjack.gguf_io import check_magic, has_magic
+from skipjack.loading.gguf_io import check_magic, has_magic
+from skipjack.loading.named import DEFAULT_MODEL, NAMED, NamedModel, fetch_named, named_path  # noqa: F401 (re-exported)
+from skipjack.loading.tokenizer import Tokenizer, load_tokenizer
 from skipjack.models import DecoderLM, build_model, normalise_config
-from skipjack.named import DEFAULT_MODEL, NAMED, NamedModel, fetch_named, named_path  # noqa: F401 (re-exported)
 from skipjack.store import check_home, home, reason
-from skipjack.tokenizer import Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 2  # 2: entries sealed with their files' sizes and hashes (`skipjack.integrity`)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
-BLOCKS = ("q4", "q8")  # weights in 4- or 8-bit blocks on skipjack's kernels (`skipjack.linear.QuantLinear`)
+BLOCKS = ("q4", "q8")  # weights in 4- or 8-bit blocks on skipjack's kernels (`skipjack.weights.linear.QuantLinear`)
 CHOICES = ("auto", *DTYPES, *BLOCKS)
 META = "skipjack.json"  # a converted entry's metadata, sealed with its files' sizes and hashes
 
@@ -75,7 +75,7 @@ def resolve_dtype(spec: str | None, dtype: str) -> tuple[str, str | None]:
         return dtype, None
     if not is_gguf(spec) and not is_blocks_folder(spec):
         return "fp32", None
-    from skipjack.kernels import kernels
+    from skipjack.weights.kernels import kernels
 
     try:
         kernels()
@@ -108,7 +108,8 @@ def convert_gguf(path: Path, chat_template: str | None = None, weights: str = "f
     `quant.flatten`). Returns (entry folder, whether it converted now)."""
     from safetensors.torch import save_file
 
-    from skipjack import gguf_io, quant
+    from skipjack.loading import gguf_io
+    from skipjack.weights import quant
 
     suffix = "" if weights == "fp32" else "-" + weights
     entry = home() / "converted" / f"{path.stem}-{_cache_key(path, weights)}{suffix}"
@@ -208,7 +209,7 @@ def _load_folder(folder: Path, dtype: torch.dtype, weights: str | None = None):
                 f"the quantization artefact {folder} is damaged ({damage}): run skipjack quantize again"
             )
     if meta.get("blocks"):
-        from skipjack import quant
+        from skipjack.weights import quant
 
         state = quant.unflatten(_safetensors(folder), meta["blocks"])
     else:
@@ -298,7 +299,7 @@ def is_blocks_folder(spec: str | None) -> bool:
 
 def load(spec: str | None = None, dtype: str = "auto") -> Loaded:
     """Load a model by name, GGUF path, HF folder or hub id, in `dtype` (`resolve_dtype`: "auto" is q4 for a
-    GGUF file): fp32 / bf16 / fp64 dense weights, or q4 / q8 blocks (`skipjack.linear.blocks`)."""
+    GGUF file): fp32 / bf16 / fp64 dense weights, or q4 / q8 blocks (`skipjack.weights.linear.blocks`)."""
     if spec is not None and not isinstance(spec, str | Path):
         raise SkipjackError(f"--model must be a string: a named model, a path or a hub id (got {type(spec).__name__})")
     if not isinstance(dtype, str):
@@ -326,8 +327,8 @@ def load(spec: str | None = None, dtype: str = "auto") -> Loaded:
     else:
         folder = path
     model, tok = _load_folder(folder, DTYPES.get(dtype, torch.float32), dtype if blocks else None)
-    from skipjack.linear import describe
     from skipjack.models import native
+    from skipjack.weights.linear import describe
 
     why = native.reason(model)
     info = {"weights": describe(model.linears(), model.lm_head), "invariant": model.invariant, "native": why or "on"}

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from skipjack.cost import CostModel
-from skipjack.drafters.base import Proposal
+from skipjack.decoding.cost import CostModel
+from skipjack.decoding.proposal import Proposal
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from skipjack.cache import CachePolicy, KVCache
-from skipjack.drafters.base import common_prefix
+from skipjack.decoding.proposal import common_prefix
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
 from skipjack.models import DecoderLM

@@ -21,8 +21,8 @@ from __future__ import annotations
 import heapq
 import time
 
-from skipjack.cost import WIDTHS, CostModel
-from skipjack.decode import Sequence, Step
+from skipjack.decoding.cost import WIDTHS, CostModel
+from skipjack.decoding.sequence import Sequence, Step
 from skipjack.limits import MAX_DRAFT
 
 MAX_ROWS = MAX_DRAFT + 1  # rows of one batched pass at most (and so sequences in a batch at most)

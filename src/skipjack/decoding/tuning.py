@@ -2,7 +2,7 @@
 
 `tune(model)` runs at `Engine.load` (never in a request's path) and returns a `Tuning`. Two measurements:
 
-1. **Row padding and the plain layout** of the packed linears (`skipjack.linear.PackedLinear`). oneDNN's packed
+1. **Row padding and the plain layout** of the packed linears (`skipjack.weights.linear.PackedLinear`). oneDNN's packed
    fp32 kernels are not fastest at one input row on every CPU (on AVX-512 they block rows by five or six), and
    each output row of a linear layer depends only on its own input row, so an input of m rows may be padded
    with zero rows to any p >= m and the first m output rows kept. For each weight shape (in, out) we time one
@@ -12,7 +12,7 @@
    beat every packed option at one or two rows and loses from about four, so up to PLAIN_ROWS rows it is
    timed too and chosen (`PLAIN`) where it beats the best packed option by PLAIN_GAIN. That keeps a second
    copy of the shape's weights, so a shape that never chooses it drops the copy.
-2. **The verify-cost prior** of the cost model (`skipjack.cost.CostModel.measure`): forwards over 1..32 new
+2. **The verify-cost prior** of the cost model (`skipjack.decoding.cost.CostModel.measure`): forwards over 1..32 new
    tokens at two contexts, measured with the padding in place (its cache key includes the padding).
 
 Both are cached under `$SKIPJACK_HOME/rows/` and `$SKIPJACK_HOME/costs/`, keyed by what they depend on (the
@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from skipjack.cost import CostModel, cpu_name
-from skipjack.linear import PLAIN, PackedLinear
+from skipjack.decoding.cost import CostModel, cpu_name
 from skipjack.models import DecoderLM
 from skipjack.store import cache_file, write_atomic
+from skipjack.weights.linear import PLAIN, PackedLinear
 
 MAX_ROWS = 12  # row counts measured: 1 .. MAX_ROWS (a verify step is rarely wider)
 PLAIN_ROWS = 4  # row counts at which the plain layout is timed too
@@ -205,7 +205,7 @@ def prior_path(model: DecoderLM, pads: dict[str, list[int]]) -> Path:
     formats = sorted({type(m).__name__ for m in model.linears()})
     key = {"config": dataclasses.asdict(model.config), "dtype": str(model.dtype), "formats": formats, "pads": pads}
     if "QuantLinear" in formats:
-        from skipjack.kernels import build_name
+        from skipjack.weights.kernels import build_name
 
         key["kernels"] = build_name()
     return cache_file("costs", key | _machine() | {"format": PRIOR_FORMAT})

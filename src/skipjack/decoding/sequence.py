@@ -21,17 +21,17 @@ from dataclasses import dataclass
 import torch
 
 from skipjack.cache import CachePolicy, KVCache
-from skipjack.cost import CostModel
-from skipjack.drafters.base import DraftContext, Drafter, Proposal, Verdict
+from skipjack.decoding.cost import CostModel
+from skipjack.decoding.proposal import DraftContext, Drafter, Proposal, Verdict
+from skipjack.decoding.sampling import Sampler, SamplingParams
+from skipjack.decoding.session import Session, prefill
+from skipjack.decoding.sizing import CostSizer, NoDraft, Sizer
+from skipjack.decoding.verify import tree_mask, verify
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
 from skipjack.models import DecoderLM
 from skipjack.models.common import Segment
-from skipjack.sampling import Sampler, SamplingParams
-from skipjack.session import Session, prefill
-from skipjack.sizing import CostSizer, NoDraft, Sizer
 from skipjack.strategies import Strategy
-from skipjack.verify import tree_mask, verify
 
 
 @dataclass
@@ -79,7 +79,7 @@ def generate(
 ) -> Iterator[Step]:
     """Yield `Step`s until a stop token, `max_new_tokens`, or the context is full. `sizer` sizes the drafts
     (default: verify all a drafter proposes that has a positive score); `session`: how the request starts
-    (`skipjack.session`; default: a fresh prefill of the prompt); `strategy`: a lossy layer plan for the plain
+    (`skipjack.decoding.session`; default: a fresh prefill of the prompt); `strategy`: a lossy layer plan for the plain
     steps (`skipjack.strategies`; no drafter then); `policy`: the KV cache policy (`skipjack.kvpolicies`; default
     every key kept; not with a session)."""
     seq = Sequence(model, prompt, params, drafter, sizer, session, strategy, policy)
@@ -95,7 +95,7 @@ def generate(
 
 
 class Sequence:
-    """One request's decoding state, stepped by `generate` alone or by `skipjack.batch.Batch` with others.
+    """One request's decoding state, stepped by `generate` alone or by `skipjack.decoding.batch.Batch` with others.
     A step is `plan` (draft, size, the forward's inputs), one forward (alone or batched), `settle` (verify,
     roll the cache back, learn, apply stop and length)."""
 

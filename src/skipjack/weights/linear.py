@@ -4,12 +4,12 @@ A weight format is a `Linear` subclass built from a dense weight [out, in] (and 
 the format for a model (`default_format`), so another format (int4, int8) is one more class, not a branch.
 
 - `DenseLinear`: `F.linear` on the plain [out, in] weight (BLAS).
-- `QuantLinear`: 4- or 8-bit blocks (`skipjack.quant`) through skipjack's C++ kernels (`skipjack.kernels`),
+- `QuantLinear`: 4- or 8-bit blocks (`weights.quant`) through skipjack's C++ kernels (`weights.kernels`),
   batch-invariant: a row's output is bit-identical whatever the other rows in the call.
 - `ConcatLinear`: fused projections whose parts have no common block format, run side by side.
 - `PackedLinear`: the weight prepacked for oneDNN (fp32, bf16). oneDNN's blocked kernels run some row counts
   faster than others, and BLAS's matrix-vector kernel on the plain layout can beat them at one or two rows, so
-  each row count m < len(pad_to) runs as tuning chose (`skipjack.tuning`): padded with zero rows to pad_to[m]
+  each row count m < len(pad_to) runs as tuning chose (`skipjack.decoding.tuning`): padded with zero rows to pad_to[m]
   rows (each output row depends only on its input row), or, where pad_to[m] is PLAIN, with `F.linear` on a
   plain copy of the weight. Untuned, neither is used; tuning drops the plain copy where no row count uses it.
 """
@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from skipjack import quant
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
-from skipjack.quant import QuantTensor
+from skipjack.weights import quant
+from skipjack.weights.quant import QuantTensor
 
 PLAIN = -1  # PackedLinear.pad_to entry: multiply these rows by the plain-layout weight (F.linear)
 
@@ -109,7 +109,7 @@ def packing_available(dtype: torch.dtype = torch.float32) -> bool:
 
 
 class QuantLinear(Linear):
-    """W in q4 or q8 blocks (`skipjack.quant.QuantTensor`), held in the kernels' 8-row tiles at the file's own
+    """W in q4 or q8 blocks (`skipjack.weights.quant.QuantTensor`), held in the kernels' 8-row tiles at the file's own
     size (`quant.pack`: fp16 scales, or a k-quant's factors) and multiplied by the C++ kernels: each input row
     is quantised to 8 bits per block of 32 (as llama.cpp's Q8_1), block dot products are exact integer sums,
     the scales fp32, every reduction in a fixed order; so each output row is bit-identical whatever the number
@@ -121,7 +121,7 @@ class QuantLinear(Linear):
 
     def __init__(self, w: QuantTensor, bias: torch.Tensor | None = None):
         super().__init__()
-        from skipjack.kernels import hold, kernels
+        from skipjack.weights.kernels import hold, kernels
 
         self.out_features, self.in_features = w.shape
         self.kind, self.bs, self.source = w.kind, w.bs, w.source
@@ -193,7 +193,7 @@ class Embedding(nn.Module):
         t = self.table
         if isinstance(t, QuantTensor):
             if self.kernel and t.d.dtype == torch.float32:  # the same values, without six torch ops per lookup
-                from skipjack.kernels import kernels
+                from skipjack.weights.kernels import kernels
 
                 rows = kernels().dequantize_rows(t.qs, t.d, t.m, t.kind == "q4", t.bs, flat)  # [n, D]
             else:

@@ -1,4 +1,4 @@
-"""Block-quantised weights as the kernels take them (`skipjack.kernels`), read exactly from GGUF blocks.
+"""Block-quantised weights as the kernels take them (`skipjack.weights.kernels`), read exactly from GGUF blocks.
 
 Two formats, blocks along the input dimension K of a weight [N, K]:
 - **q4**: 4-bit values q in 0..15, blocks of 32, w = d * q + m (fp32 d, m per block). GGUF's Q4_0
