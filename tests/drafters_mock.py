@@ -7,22 +7,43 @@ import random
 
 import torch
 
+from skipjack import methods
 from skipjack.decoding.cost import CostModel
+from skipjack.decoding.plan import Plan
 from skipjack.decoding.proposal import Proposal
 from skipjack.decoding.sequence import generate
 from skipjack.decoding.sizing import CostSizer
-from skipjack.drafters import make_method
+from skipjack.drafters.base import Drafter, DraftSession, Resources
+from skipjack.methods import Method, MethodSpec
+
+
+def make(spec: str, model=None, tables: dict | None = None, **resources) -> Method:
+    """A method as the engine makes one: parsed, built and prepared with `model` (and any other `Resources`
+    field; `tables`: a store of shared n-gram tables, default its own)."""
+    ms = MethodSpec.parse(spec)
+    built = methods.build(ms)
+    drafter = built if isinstance(built, Drafter) else None
+    if drafter is not None:
+        drafter.prepare(Resources(model=model, tables={} if tables is None else tables, **resources))
+    m = Method.of(ms, drafter)
+    return m
+
+
+def plan_of(m: Method, cost=None, **kw) -> Plan:
+    """A plan for one request of method `m` (a fresh strategy or drafter session), drafts sized by `cost`."""
+    strategy = methods.build(m.spec) if m.spec.strategy_class is not None else None
+    draft = m.drafter.session() if m.drafter is not None else None
+    return Plan(draft, m.sizer(cost or CostModel.flat()), strategy, lossless=m.lossless, method=m.spec.spec, **kw)
 
 
 def decode(model, prompt, params, method="plain", cost=None, session=None):
     """(tokens, steps) of `generate` with a method spec (`pld:k=3`: a fixed size) or a drafter object, its
     drafts sized by `cost` (default: a flat cost model, which verifies every node it is given)."""
     if isinstance(method, str):
-        m = make_method(method)
-        drafter, sizer = m.drafter, m.sizer(cost or CostModel.flat())
+        plan = plan_of(make(method, model), cost, session=session)
     else:
-        drafter, sizer = method, CostSizer(cost or CostModel.flat())
-    steps = list(generate(model, prompt, params, drafter, sizer, session))
+        plan = Plan(method.session(), CostSizer(cost or CostModel.flat()), session=session)
+    steps = list(generate(model, prompt, params, plan))
     return [t for s in steps for t in s.tokens], steps
 
 
@@ -37,8 +58,13 @@ def greedy_continuation(model, context: list[int], n: int) -> list[int]:
     return out
 
 
-class _Base:
+class _Base(Drafter, DraftSession):
+    """A test drafter with no state across requests: its own session."""
+
     lossless = True
+
+    def session(self):
+        return self
 
     def begin(self, prompt):
         self.proposed = self.accepted = 0

@@ -110,8 +110,8 @@ def test_batch_caps_rows_and_drafts(engine):
 
     seqs = []
     for p in PROMPTS[:4]:
-        m = engine.new_method("pld:k=16")
-        s = Sequence(engine.model, p * 3, SamplingParams(max_new_tokens=20), m.drafter, m.sizer(engine.cost))
+        plan = engine.plan(Request(p * 3, SamplingParams(max_new_tokens=20), engine.new_method("pld:k=16")))
+        s = Sequence(engine.model, plan, p * 3, SamplingParams(max_new_tokens=20))
         batch.add(s)
         seqs.append(s)
     seen = set()
@@ -167,17 +167,17 @@ def test_batch_cost_turns_drafting_down_as_the_batch_grows():
 
 
 def test_auto_is_the_fastest_lossless_method_cost_sized():
-    from skipjack.drafters import AUTO, identical_to_plain, make_method, parse_method
     from skipjack.errors import SkipjackError
+    from skipjack.methods import AUTO, MethodSpec
 
-    m = make_method("auto")
-    assert parse_method("auto") == parse_method(AUTO) and m.spec == "auto" and m.lossless and not m.k
-    assert identical_to_plain("auto", "q4")
+    m = MethodSpec.parse("auto")
+    assert m == MethodSpec.parse(AUTO) and m.name == AUTO and m.lossless and not m.k
+    assert m.identical_to_plain("q4")
     with pytest.raises(SkipjackError, match="takes no options"):
-        make_method("auto:k=3")
+        MethodSpec.parse("auto:k=3")
     e = _engine("llama")
     seeded = Request([5, 6], SamplingParams(max_new_tokens=4, temperature=1.0, seed=3), "auto")
-    assert e.check(seeded).drafter is None and seeded.method == "plain"  # a seed's draws must repeat
+    assert e.plan(seeded).draft is None and seeded.method == "plain"  # a seed's draws must repeat
     for params in (SamplingParams(max_new_tokens=4), SamplingParams(max_new_tokens=4, temperature=1.0)):
         r = Request([5, 6], params, "auto")
-        assert e.check(r).name == parse_method(AUTO)[0] and r.method == "auto"
+        assert e.check(r).name == AUTO and e.plan(r).draft is not None and r.method == "auto"

@@ -66,8 +66,9 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bench_out(tiny, tmp_path_factory):
     """One benchmark run shared by the tests below: our methods, a lossy test method, HF and llama.cpp peers."""
-    from skipjack.drafters import REGISTRY, PromptLookup
+    from skipjack.drafters.pld import PromptLookup
     from skipjack.engine import Engine
+    from skipjack.methods import REGISTRY
 
     class LossyTest(PromptLookup):
         lossless = False

@@ -78,15 +78,13 @@ def test_warm_learns_from_earlier_prompts_only(engine):
     assert again["warm"]["tokens"] == again["tokens"]  # greedy, lossless: the same output either way
 
 
-def test_a_copied_method_reads_its_own_drafters_cost_prior():
-    """The bench copies methods (every cold run, every warm repeat): a copy's draft-cost prior is its own
+def test_a_forked_method_reads_its_own_drafters_cost_prior(monkeypatch):
+    """The bench forks methods (every cold run, every warm repeat): a fork's draft-cost prior is its own
     drafter's estimate, not the original's, and its n-gram table is its own."""
-    import copy
+    from drafters_mock import make
 
-    from skipjack.drafters import make_method
-
-    m = make_method("ngram")
-    c = copy.deepcopy(m)
+    m = make("ngram")
+    c = m.fork()
     assert c.draft_cost.prior.drafter is c.drafter and c.drafter.table is not m.drafter.table
-    c.drafter.cost_prior = 0.25
+    monkeypatch.setattr(type(c.drafter), "cost_prior", property(lambda self: 0.25 if self is c.drafter else 0.0))
     assert c.draft_cost.per_node == 0.25 and m.draft_cost.per_node == 0.0

@@ -8,7 +8,7 @@ from conftest import hf_model, ours_from_hf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skipjack.cache import LayerKV, SlidingLayerKV
+from skipjack.cache import CachePolicy, FullKV, KVCache, LayerKV, SlidingLayerKV, TrackedCache, common_prefix
 from skipjack.errors import SkipjackError
 
 
@@ -115,3 +115,62 @@ def test_cache_interface_and_errors():
     assert kv.trim(2) == 2 and kv.offset == 3
     with pytest.raises(SkipjackError):
         kv.update(torch.ones(1, 2, 6, 4), torch.ones(1, 2, 6, 4), 3)  # past capacity
+
+
+def test_policy_hooks_have_defaults():
+    """`CachePolicy` declares every hook the decode loop calls: a policy that only makes layers compresses
+    nothing, bounds no step and runs the prompt in one pass; a cache made without a policy keeps every key."""
+
+    class Only(CachePolicy):
+        def layer(self, spec):
+            return FullKV().layer(spec)
+
+    cache = KVCache([LayerKV(1, 2, 4, 16, torch.float32)], 16, Only())
+    cache.settle()
+    assert cache.room() == 16 and cache.policy.prompt_chunk() == 0 and not cache.policy.lossless
+    assert not Only.plain_only and not Only.holds_every_key
+    assert isinstance(KVCache([], 4).policy, FullKV) and FullKV.lossless and FullKV.holds_every_key
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_scratch_leaves_the_cache_bit_for_bit(family):
+    """Draft writes in `scratch()` are forgotten on exit; with `lo`, the keys a scratch pass overwrote at
+    [lo, offset) are put back too, even when the pass raises."""
+    m = ours_from_hf(hf_model(family, seed=7))
+    cache = m.make_cache(64)
+    m(torch.randint(0, 96, (1, 20)), cache)
+    before = [(layer.offset, layer.k.clone(), layer.v.clone()) for layer in cache]
+    with cache.scratch():
+        m(torch.randint(0, 96, (1, 5)), cache)  # a draft after the offset
+        assert cache.offset == 25
+    with pytest.raises(RuntimeError), cache.scratch(15):
+        m(torch.randint(0, 96, (1, 5)), cache, positions=torch.arange(15, 20))  # rewrites held positions
+        raise RuntimeError("a draft that fails half way")
+    for layer, (offset, k, v) in zip(cache, before):
+        assert layer.offset == offset
+        assert torch.equal(layer.k[:, :, :offset], k[:, :, :offset])
+        assert torch.equal(layer.v[:, :, :offset], v[:, :, :offset])
+
+
+@settings(max_examples=30, deadline=None)
+@given(steps=st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=12), min_size=1, max_size=6))
+def test_tracked_cache_keeps_the_common_prefix(tiny_llama64, steps):
+    """Brought to any sequence of token lists, a `TrackedCache` holds each list's keys, equal to a fresh
+    prefill of it; it keeps the common prefix and runs only the rest."""
+    m = tiny_llama64
+    held = TrackedCache()
+    for tokens in steps:
+        held.fit(len(tokens), lambda need: m.make_cache(max(4, need)))  # small, so it grows
+        expect = common_prefix(held.tokens, tokens) if held.cache is not None else 0
+        missing = held.sync(tokens)
+        assert missing == tokens[expect:] and len(held) == expect and held.cache.offset == expect
+        if missing:
+            m(torch.tensor([missing]), held.cache, positions=torch.arange(expect, len(tokens)))
+            held.extend(missing)
+        fresh = m.make_cache(held.cache.capacity)
+        m(torch.tensor([tokens]), fresh)
+        assert held.tokens == tokens
+        assert_same_cache(held.cache, fresh, atol=1e-10)
+    ran = held.tokens[:2]
+    after = TrackedCache.after(held.cache, ran)  # what a request leaves: cut to the tokens both hold
+    assert after.tokens == ran and after.cache.offset == len(ran)

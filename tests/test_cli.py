@@ -137,7 +137,7 @@ def test_subprocess_error_has_no_traceback(tmp_path):
 def test_speculation_in_bf16_is_labelled_as_not_identical(capsys, tiny_folder):
     """In bf16 the kernels' rounding depends on how many tokens a pass carries, so pld's tokens may differ from
     plain's: the CLI says so (one note), and --json carries identical_to_plain; in fp32 neither appears."""
-    from skipjack.drafters import identical_to_plain
+    from skipjack.methods import MethodSpec
 
     base = ["generate", "--model", str(tiny_folder), "-n", "4", "--json", "hello world"]
     code, out, err = run_cli(capsys, *base, "--method", "pld", "--dtype", "bf16")
@@ -147,6 +147,7 @@ def test_speculation_in_bf16_is_labelled_as_not_identical(capsys, tiny_folder):
     assert code == 0 and json.loads(out)["identical_to_plain"] is True and "note:" not in err
     code, out, err = run_cli(capsys, *base, "--dtype", "bf16")
     assert code == 0 and json.loads(out)["identical_to_plain"] is True and "note:" not in err  # plain is plain
-    assert identical_to_plain("ngram:width=2", "fp64") and not identical_to_plain("ngram", "bf16")
+    assert MethodSpec.parse("ngram:width=2").identical_to_plain("fp64")
+    assert not MethodSpec.parse("ngram").identical_to_plain("bf16")
     code, _, err = run_cli(capsys, *base, "--method", "pld", "--dtype", "int3")
     assert_one_line_error(code, err, "unknown dtype")

@@ -16,7 +16,6 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from skipjack.decoding.cost import CostModel
 from skipjack.decoding.proposal import Proposal
 from skipjack.decoding.sampling import SamplingParams, probs
 from skipjack.decoding.sequence import generate
@@ -148,7 +147,7 @@ def tiny_vocab_model():
 def test_end_to_end_sampling_distribution(method):
     """Law of the 2nd and 3rd generated tokens (the first comes from the prefill, the next ones from draft
     verification steps), summed over the first token."""
-    from skipjack.drafters import make_method
+    from drafters_mock import make, plan_of
 
     model = tiny_vocab_model()
     params = SamplingParams(temperature=1.0, top_k=8)
@@ -169,11 +168,11 @@ def test_end_to_end_sampling_distribution(method):
             third = next_law(prompt + [a, b])
             for c in range(12):
                 law[(b, c)] += float(first[a] * second[b] * third[c])
-    m = make_method(method + ":k=3")
+    m = make(method + ":k=3", model)
     samples, drafted, accepted = [], 0, 0
     for i in range(4_000):
         gen_params = SamplingParams(temperature=1.0, top_k=8, max_new_tokens=4, seed=i)
-        steps = list(generate(model, prompt, gen_params, m.drafter, m.sizer(CostModel.flat())))
+        steps = list(generate(model, prompt, gen_params, plan_of(m)))
         drafted += sum(s.drafted for s in steps)
         accepted += sum(s.accepted for s in steps)
         toks = [t for s in steps for t in s.tokens]

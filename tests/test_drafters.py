@@ -8,41 +8,47 @@ import multiprocessing as mp
 import pytest
 
 from skipjack.decoding.proposal import DraftContext, Proposal, Verdict, judge, merge
-from skipjack.drafters import make_method, parse_method
+from skipjack.drafters.base import Resources
 from skipjack.drafters.ngram import NGramDrafter
 from skipjack.drafters.ngram_table import NGramTable
 from skipjack.drafters.pld import PromptLookup
 from skipjack.errors import SkipjackError
+from skipjack.methods import MethodSpec, build
+
+
+def start(drafter, prompt, tables=None):
+    """Prepare `drafter` (with its own n-gram tables unless given) and begin a request on `prompt`."""
+    drafter.prepare(Resources(tables={} if tables is None else tables))
+    s = drafter.session()
+    s.begin(prompt)
+    return s
 
 
 def test_pld_prefers_longest_then_most_recent_match():
-    d = PromptLookup(max_ngram=3, branches=1)
     ctx = [1, 2, 3, 9, 9, 2, 3, 7, 7, 5, 2, 3]
-    d.begin(ctx)
+    s = start(PromptLookup(max_ngram=3, branches=1), ctx)
     # suffix (2, 3) occurs at 1-2 and 5-6; (5, 2, 3) never earlier -> 2-gram, most recent: followed by 7, 7
-    assert d.propose(DraftContext(ctx, 3)).tokens == [7, 7, 5]
+    assert s.propose(DraftContext(ctx, 3)).tokens == [7, 7, 5]
     ctx2 = ctx + [4, 1, 2, 3]  # now (1, 2, 3) matches the prompt start: the 3-gram wins over the newer 2-gram
-    assert d.propose(DraftContext(ctx2, 2)).tokens == [9, 9]
+    assert s.propose(DraftContext(ctx2, 2)).tokens == [9, 9]
 
 
 def test_pld_index_is_incremental_and_never_matches_itself():
-    d = PromptLookup(branches=1)
     ctx = [5, 6, 7]
-    d.begin(ctx)
-    assert d.propose(DraftContext(ctx, 4)) is None  # the suffix occurs only as itself
+    s = start(PromptLookup(branches=1), ctx)
+    assert s.propose(DraftContext(ctx, 4)) is None  # the suffix occurs only as itself
     ctx += [5, 6]
-    assert d.propose(DraftContext(ctx, 4)).tokens == [7, 5, 6]
-    assert d.indexed == len(ctx) - 1
+    assert s.propose(DraftContext(ctx, 4)).tokens == [7, 5, 6]
+    assert s.indexed == len(ctx) - 1
 
 
 def test_pld_scores_follow_observed_acceptance():
-    d = PromptLookup()
-    d.begin([1, 2, 1, 2, 1, 2])
-    prop = d.propose(DraftContext([1, 2, 1, 2, 1, 2], 4))
+    s = start(PromptLookup(), [1, 2, 1, 2, 1, 2])
+    prop = s.propose(DraftContext([1, 2, 1, 2, 1, 2], 4))
     before = prop.scores
     for _ in range(20):  # depth 1 always rejected
-        d.observe(prop, Verdict([0], [], []))
-    after = d.propose(DraftContext([1, 2, 1, 2, 1, 2], 4)).scores
+        s.observe(prop, Verdict([0], [], []))
+    after = s.propose(DraftContext([1, 2, 1, 2, 1, 2], 4)).scores
     assert after[0] < before[0] / 4 and all(b <= a for a, b in zip(after, after[1:]))
 
 
@@ -51,29 +57,33 @@ def test_pld_calibrates_per_request():
     scales its own scores down from what the shared rates say; a third starts from the shared rates again."""
     d = PromptLookup(branches=1)
     ctx = [1, 2, 3, 4] * 4
-    d.begin(ctx)
+    s = start(d, ctx)
     for _ in range(10):
-        prop = d.propose(DraftContext(ctx, 4))
-        d.observe(prop, Verdict(prop.tokens + [0], list(range(len(prop))), []))  # every copied token accepted
-    assert d.factor() > 1.0
-    d.begin(ctx)
-    shared = d.propose(DraftContext(ctx, 4)).scores
-    assert d.factor() == 1.0
+        prop = s.propose(DraftContext(ctx, 4))
+        s.observe(prop, Verdict(prop.tokens + [0], list(range(len(prop))), []))  # every copied token accepted
+    assert s.factor() > 1.0
+    s.end()
+    s = d.session()
+    s.begin(ctx)
+    shared = s.propose(DraftContext(ctx, 4)).scores
+    assert s.factor() == 1.0
     for _ in range(10):
-        prop = d.propose(DraftContext(ctx, 4))
-        d.observe(prop, Verdict([0], [], []))  # depth 1 rejected every time
-    assert d.factor() < 0.5
-    assert d.propose(DraftContext(ctx, 4)).scores[0] < 0.5 * d._base((3, False), 1)
-    d.begin(ctx)
-    again = d.propose(DraftContext(ctx, 4)).scores
-    assert d.factor() == 1.0 and again[0] == pytest.approx(d._base((3, False), 1)) and again[0] < shared[0]
+        prop = s.propose(DraftContext(ctx, 4))
+        s.observe(prop, Verdict([0], [], []))  # depth 1 rejected every time
+    assert s.factor() < 0.5
+    assert s.propose(DraftContext(ctx, 4)).scores[0] < 0.5 * d._base((3, False), 1)
+    s.end()
+    s = d.session()
+    s.begin(ctx)
+    again = s.propose(DraftContext(ctx, 4)).scores
+    assert s.factor() == 1.0 and again[0] == pytest.approx(d._base((3, False), 1)) and again[0] < shared[0]
 
 
 def test_pld_tree_merges_candidates_best_first():
     d = PromptLookup(max_ngram=2, branches=3)
     ctx = [1, 2, 3, 4, 9, 1, 2, 3, 5, 8, 1, 2]
-    d.begin(ctx)
-    prop = d.propose(DraftContext(ctx, 5))
+    s = start(d, ctx)
+    prop = s.propose(DraftContext(ctx, 5))
     # candidates: after the latest (1, 2): [3, 5, 8, 1, 2]; after the older one: [3, 4, 9, 1, 2];
     # after the 1-gram (2,) nothing new. They share the first token, so the trie has one root child.
     assert [(c, own) for _, c, own in prop.state] == [([3, 5, 8, 1, 2], 1), ([3, 4, 9, 1, 2], 2)]
@@ -84,7 +94,7 @@ def test_pld_tree_merges_candidates_best_first():
     assert primary == [3, 5, 8] and prop.tokens[1] == 5  # the primary copy outranks the alternative
     # Observation scores every candidate's own branch against the emitted tokens, pruned ones included:
     # the alternative from its depth 2 on (depth 1 is the primary's node), the primary from depth 1.
-    d.observe(prop.prefix(0), Verdict([3, 4, 9], [], []))
+    s.observe(prop.prefix(0), Verdict([3, 4, 9], [], []))
     assert d.stats[(2, True)][0][1:4] == [1, 1, 0] and d.stats[(2, True)][1][1:4] == [1, 1, 0]
     assert d.stats[(2, False)][1][1:3] == [1, 0]
 
@@ -105,10 +115,9 @@ def test_ngram_table_backs_off_from_the_longest_known_context():
 
 
 def test_ngram_builds_a_tree_of_several_branches():
-    d = NGramDrafter(table="test-tree", width=3)
     prompt = [1, 2, 3, 1, 2, 4, 1, 2, 3, 1, 2, 5, 3, 1, 2]
-    d.begin(prompt)
-    prop = d.propose(DraftContext(prompt, 8))
+    s = start(NGramDrafter(table="test-tree", width=3), prompt)
+    prop = s.propose(DraftContext(prompt, 8))
     assert prop is not None and not prop.is_chain
     roots = [t for t, p in zip(prop.tokens, prop.parents) if p == -1]
     assert set(roots) == {3, 4, 5} and roots[0] == 3  # most frequent continuation first
@@ -118,50 +127,49 @@ def test_ngram_builds_a_tree_of_several_branches():
 
 def test_ngram_merges_in_request_suffix_matches_into_its_tree():
     prompt = [11, 12, 20, 11, 12, 20, 11, 12, 20, 11, 12, 13, 14, 15, 11, 12]
-    table_only = NGramDrafter(table="hybrid-a", width=1, lookup=0)
-    table_only.begin(prompt)
+    table_only = start(NGramDrafter(table="hybrid-a", width=1, lookup=0), prompt)
     assert 13 not in table_only.propose(DraftContext(prompt, 8)).tokens  # the table's (11, 12) context prefers 20
     hybrid = NGramDrafter(table="hybrid-b", width=1, lookup=1)
-    hybrid.begin(prompt)
-    prop = hybrid.propose(DraftContext(prompt, 32))
+    hs = start(hybrid, prompt)
+    prop = hs.propose(DraftContext(prompt, 32))
     tok = dict(enumerate(prop.tokens))
     chain = [i for i in range(len(prop)) if tok[i] in (13, 14, 15)]
     assert [tok[i] for i in chain] == [13, 14, 15]  # the most recent match's copy, as one path
     assert [prop.parents[i] for i in chain] == [-1, chain[0], chain[1]]
     assert 20 in tok.values()  # next to the table's own branch
-    hybrid.observe(prop, Verdict([13, 14, 15, 11], [], []))  # both sources learn from the same step
+    hs.observe(prop, Verdict([13, 14, 15, 11], [], []))  # both sources learn from the same step
     assert hybrid.got > 1.0 - 1e-9 and hybrid.lookup.pooled[1][1] == 1
 
 
 def test_ngram_learns_from_the_rows_of_rejected_nodes():
     d = NGramDrafter(table="rows", lookup=0, jacobi=2, rows=1.5)
     ctx = [31, 32, 33]
-    d.begin(ctx)
-    assert d.propose(DraftContext(ctx, 8)) is None  # an unseen context: nothing to draft yet
+    s = start(d, ctx)
+    assert s.propose(DraftContext(ctx, 8)) is None  # an unseen context: nothing to draft yet
     # A verified tree: root children 40 and 41 (both rejected; the target said 50), and 42 under 40.
     # Row argmaxes: root -> 50 (the bonus), after 40 -> 60, after 41 -> 61, after 40, 42 -> 62.
     state = {"edges": [], "paths": [], "tail": (32, 33), "asked": [], "lookup": None}  # as `propose` keeps it
     prop = Proposal([40, 41, 42], [-1, -1, 0], [0.5, 0.4, 0.3], state=state)
-    d.observe(prop, Verdict([50], [], [50, 60, 61, 62]))
+    s.observe(prop, Verdict([50], [], [50, 60, 61, 62]))
     assert d.table.next[(33, 40)] == {60: 1.5} and d.table.next[(33, 41)] == {61: 1.5}
     assert d.table.next[(40, 42)] == {62: 1.5}  # deeper rows too: the table context is the path's last two
     assert (33, 50) not in d.table.next  # the accepted row is the emitted token: counted when it is emitted
-    nxt = d.propose(DraftContext(ctx + [50], 8))
+    nxt = s.propose(DraftContext(ctx + [50], 8))
     roots = {t: s for t, p, s in zip(nxt.tokens, nxt.parents, nxt.scores) if p == -1}
     assert roots == {60: 0.25, 61: 0.25}  # Jacobi guesses for the token after the bonus, at the prior rate
-    d.observe(nxt, Verdict([60, 7], [], []))
+    s.observe(nxt, Verdict([60, 7], [], []))
     assert d.jstats == [[2.0, 5.0], [1.0, 5.0]]  # rank 1 was right, rank 2 wrong
-    d.end()
+    s.end()
 
 
 def test_ngram_without_row_learning_ignores_the_rows():
     d = NGramDrafter(table="no-rows", lookup=0, jacobi=0, rows=0)
-    d.begin([31, 32, 33])
-    assert d.propose(DraftContext([31, 32, 33], 8)) is None
+    s = start(d, [31, 32, 33])
+    assert s.propose(DraftContext([31, 32, 33], 8)) is None
     state = {"edges": [], "paths": [], "tail": (32, 33), "asked": [], "lookup": None}
     prop = Proposal([40], [-1], [0.5], state=state)
-    d.observe(prop, Verdict([50], [], [50, 60]))
-    assert (33, 40) not in d.table.next and d.propose(DraftContext([31, 32, 33, 50], 8)) is None
+    s.observe(prop, Verdict([50], [], [50, 60]))
+    assert (33, 40) not in d.table.next and s.propose(DraftContext([31, 32, 33, 50], 8)) is None
 
 
 def test_merge_builds_one_best_first_trie():
@@ -183,12 +191,14 @@ def test_ngram_table_is_shared_across_requests():
     """Drafters made for one engine (one shared store) count into one table per name; another engine's
     store (another model) keeps its own."""
     store = {}
-    a = NGramDrafter(table="shared-test", shared=store)
-    a.begin([7, 8, 9, 7, 8])
-    b = make_method("ngram:table=shared-test", store).drafter
-    b.begin([1])
+    a = NGramDrafter(table="shared-test")
+    start(a, [7, 8, 9, 7, 8], store)
+    b = NGramDrafter(table="shared-test")
+    start(b, [1], store)
     assert b.table is a.table and b.table.lookup(7, 8) == {9: 1.0}
-    assert make_method("ngram:table=shared-test", {}).drafter.table is not a.table
+    other = NGramDrafter(table="shared-test")
+    other.prepare(Resources(tables={}))
+    assert other.table is not a.table
 
 
 def _save(path, offset):
@@ -211,9 +221,8 @@ def test_ngram_persistence_merges_and_survives_concurrent_writers(tmp_path):
     merged.load(path)
     assert all(merged.lookup(100 * i, 100 * i + 1) for i in range(3))  # every writer's counts are there
     assert data["format"] == 1
-    d = NGramDrafter(table="persist-test", path=str(path))
-    d.begin([0, 1])
-    assert d.propose(DraftContext([0, 1], 3)).tokens[0] == 2
+    s = start(NGramDrafter(table="persist-test", path=str(path)), [0, 1])
+    assert s.propose(DraftContext([0, 1], 3)).tokens[0] == 2
 
 
 def test_persisted_ngram_table_stays_within_the_cap(tmp_path):
@@ -234,7 +243,7 @@ def test_corrupt_ngram_file_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(SkipjackError, match="table .* is damaged"):
-        NGramDrafter(table="bad", path=str(bad)).begin([1, 2])
+        NGramDrafter(table="bad", path=str(bad)).prepare(Resources())  # read before any request
 
 
 @pytest.mark.parametrize(
@@ -245,17 +254,25 @@ def test_corrupt_ngram_file_is_a_clear_error(tmp_path):
 )
 def test_out_of_range_options(spec):
     with pytest.raises(SkipjackError):
-        make_method(spec)
+        MethodSpec.parse(spec)
 
 
 def test_parse_method():
-    assert parse_method("pld:k=8, max_ngram=4") == ("pld", {"k": 8, "max_ngram": 4})
-    assert make_method("plain").drafter is None and make_method("plain").lossless
-    ng = make_method("ngram:explore=1,path=7,table=2").drafter  # values take their option's type
+    m = MethodSpec.parse("pld:k=8, max_ngram=4")
+    assert (m.name, m.options, m.k) == ("pld", {"max_ngram": 4}, 8)
+    assert build(MethodSpec.parse("plain")) is None and MethodSpec.parse("plain").lossless
+    ng = build(MethodSpec.parse("ngram:explore=1,path=7,table=2"))  # values take their option's type
     assert ng.explore == 1.0 and isinstance(ng.explore, float) and str(ng.path) == "7"
-    m = make_method("pld:k=8")
-    assert m.k == 8 and m.drafter.name == "pld" and m.lossless and not hasattr(m.drafter, "fixed_length")
+    d = build(MethodSpec.parse("pld:k=8"))
+    assert d.name == "pld" and d.lossless and not hasattr(d, "fixed_length")
     with pytest.raises(SkipjackError, match="shared"):
-        make_method("ngram:shared=1")  # the engine's store is not a user option
+        MethodSpec.parse("ngram:shared=1")  # the engine's store is not a user option
     with pytest.raises(SkipjackError):
-        parse_method("plain:k=1")
+        MethodSpec.parse("plain:k=1")
+
+
+def test_mix_hands_model_to_the_parts_that_draft_with_one():
+    m = MethodSpec.parse("mix:of=pld+draft,model=qwen2.5-coder-0.5b")
+    assert [p.spec for p in m.parts] == ["pld", "draft:model=qwen2.5-coder-0.5b"]
+    mix = build(m)  # built, not prepared: nothing loaded
+    assert [p.name for p in mix.parts] == ["pld", "draft"] and mix.parts[1].source == "qwen2.5-coder-0.5b"

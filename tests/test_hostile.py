@@ -22,7 +22,7 @@ from test_loading import write_tiny_gguf
 
 from skipjack import integrity, store
 from skipjack.cli import main
-from skipjack.errors import SkipjackError
+from skipjack.errors import Fault, SkipjackError
 
 SUR = "\udcff\udcfe"  # what undecodable argv bytes become in Python (surrogateescape)
 
@@ -442,7 +442,7 @@ def test_non_finite_logits_never_become_a_token(tiny_llama64):
     with torch.no_grad():
         tiny_llama64.norm_weight[0] = float("nan")
     try:
-        with pytest.raises(SkipjackError, match="non-finite logits"):
+        with pytest.raises(Fault, match="non-finite logits"):  # a fault, not bad input (tests/test_faults.py)
             list(generate(tiny_llama64, [1, 2, 3], SamplingParams(max_new_tokens=4)))
     finally:
         with torch.no_grad():
@@ -678,13 +678,14 @@ NGRAM_FILES = [
 
 @pytest.mark.parametrize("text, needle", NGRAM_FILES, ids=[t[:40] for t, _ in NGRAM_FILES])
 def test_hand_edited_ngram_table(tmp_path, text, needle):
+    from skipjack.drafters.base import Resources
     from skipjack.drafters.ngram import NGramDrafter
 
     path = tmp_path / "table.json"
     path.write_text(text)
-    d = NGramDrafter(path=str(path), shared={})
+    d = NGramDrafter(path=str(path))
     with pytest.raises(SkipjackError) as e:
-        d.begin([1, 2, 3])
+        d.prepare(Resources())  # the table is read once, before any request
     assert needle in str(e.value) and "\n" not in str(e.value)
     assert path.read_text() == text, "a damaged table is never saved back over"
 
@@ -760,7 +761,7 @@ def test_vocab_count_cache_out_of_range_is_recounted(monkeypatch, text):
             "tokenizer": __import__("hashlib")
             .sha256(json.dumps(sorted(tok.hf.get_vocab().items())).encode())
             .hexdigest(),
-            "v": 1,
+            "v": vocab.VERSION,
         },
     )
     path.parent.mkdir(parents=True)

@@ -19,7 +19,7 @@ from skipjack.decoding.cost import CostModel
 from skipjack.decoding.proposal import DraftContext
 from skipjack.decoding.sampling import SamplingParams
 from skipjack.decoding.session import Session
-from skipjack.drafters import make_method
+from skipjack.drafters.base import Resources
 from skipjack.drafters.kangaroo import Adapter, Kangaroo, default_path, load, save
 from skipjack.errors import SkipjackError
 from skipjack.tools.distil import Settings, train
@@ -51,8 +51,14 @@ def models(tmp_path_factory):
     return out
 
 
+def prepared(drafter, model):
+    drafter.prepare(Resources(model=model))
+    return drafter
+
+
 def kangaroo(models, family, threshold=0.0, vocab=0):
-    return Kangaroo(threshold=threshold, vocab=vocab, adapter=str(models["adapters"][family]))
+    """A kangaroo drafter with the family's adapter, prepared for the family's model."""
+    return prepared(Kangaroo(threshold=threshold, vocab=vocab, adapter=str(models["adapters"][family])), models[family])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -80,7 +86,7 @@ def test_cache_after_drafting_equals_plain_decodings(models, family):
     model = models[family]
     prompt, params = [3, 1, 4, 1, 5, 9, 2, 6], SamplingParams(max_new_tokens=24)
     ref, got = Session(), Session()
-    decode(model, prompt, params, None, session=ref)
+    decode(model, prompt, params, "plain", session=ref)
     _, steps = decode(model, prompt, params, kangaroo(models, family), CostModel.flat(), session=got)
     assert got.tokens == ref.tokens and sum(s.accepted for s in steps) > 0
     for a, b in zip(got.cache, ref.cache):
@@ -99,7 +105,7 @@ def test_verify_resumes_from_the_shallow_layers_only_where_the_forward_is_invari
     q4, f64 = models["llama-q4"], models["llama"]
     ctx = _ctx(q4, [7, 3, 9, 1, 4, 4, 2], budget=4)
     start = ctx.cache.offset
-    prop = kangaroo(models, "llama-q4").propose(ctx)
+    prop = kangaroo(models, "llama-q4").session().propose(ctx)
     E, hidden = prop.resume
     assert E == 1 and hidden.shape[1] == len(prop) + 1
     pos = torch.arange(start, start + len(prop) + 1)
@@ -107,7 +113,7 @@ def test_verify_resumes_from_the_shallow_layers_only_where_the_forward_is_invari
     ctx.cache.rewind(start)
     full = q4(torch.tensor([[ctx.tokens[-1]] + prop.tokens]), ctx.cache, positions=pos).logits
     assert torch.equal(resumed, full)
-    assert kangaroo(models, "llama").propose(_ctx(f64, [7, 3, 9, 1, 4])).resume is None
+    assert kangaroo(models, "llama").session().propose(_ctx(f64, [7, 3, 9, 1, 4])).resume is None
 
 
 def test_the_adapters_cache_is_rolled_back_with_the_target(models):
@@ -118,19 +124,21 @@ def test_the_adapters_cache_is_rolled_back_with_the_target(models):
     prompt = [5, 6, 7, 8, 5, 6, 7]
     toks, _ = decode(model, prompt, SamplingParams(max_new_tokens=20), d, CostModel.flat())
     ctx = prompt + toks
-    d.begin(prompt)
+    s = d.session()
+    s.begin(prompt)
     cache = model.make_cache(64)
     model(torch.tensor([ctx[:-1]]), cache)
     full = DraftContext(ctx, 4, model, cache)
-    d.propose(full)  # syncs from nothing (the prompt path), then drafts
-    d.sync(DraftContext(ctx[:9], 4, model, cache))  # a rollback: keeps the common prefix only
-    assert d.held == ctx[:8] and d.kv.offset == 8
+    s.propose(full)  # syncs from nothing (the prompt path), then drafts
+    s.sync(DraftContext(ctx[:9], 4, model, cache))  # a rollback: keeps the common prefix only
+    own = s.held.cache  # the adapter's one-layer cache
+    assert s.held.tokens == ctx[:8] and own.offset == 8
     h = model(torch.tensor([ctx[:8]]), None, layers=range(2), logits="none").last_hidden.float()
     kv = LayerKV(1, d.adapter.kv_heads, d.adapter.head_dim, 64, torch.float32)
     with torch.inference_mode():
         d.adapter(h, torch.arange(8), kv)  # the same adapter on a fresh cache
-    assert torch.allclose(d.kv.k[:, :, :8], kv.k[:, :, :8], atol=1e-6)
-    assert torch.allclose(d.kv.v[:, :, :8], kv.v[:, :, :8], atol=1e-6)
+    assert torch.allclose(own.k[:, :, :8], kv.k[:, :, :8], atol=1e-6)
+    assert torch.allclose(own.v[:, :, :8], kv.v[:, :, :8], atol=1e-6)
 
 
 def test_sampling_distribution_is_preserved(tmp_path):
@@ -139,7 +147,8 @@ def test_sampling_distribution_is_preserved(tmp_path):
         hf_model("llama", seed=21, vocab=12, hidden_size=32, intermediate_size=64, num_hidden_layers=3), torch.float64
     )
     path = random_adapter(model, 1, tmp_path / "a.safetensors")
-    assert chi2_pvalue(model, [5, 0, 7, 2, 9, 4, 11, 1], Kangaroo(threshold=0.0, adapter=str(path))) > 1e-3
+    d = prepared(Kangaroo(threshold=0.0, adapter=str(path)), model)
+    assert chi2_pvalue(model, [5, 0, 7, 2, 9, 4, 11, 1], d) > 1e-3
 
 
 class CharTokenizer:
@@ -185,12 +194,12 @@ def test_a_reduced_vocabulary_adapter_drafts_over_that_vocabulary(tmp_path):
     s = Settings(layers=2, tokens=256, seq=32, batch=4, steps=4, vocab=20, prompts=2, answer=8)
     res = train(loaded, s, tmp_path / "v.safetensors", progress=False, tune=False)
     assert res["vocab"] == 20
-    d = Kangaroo(threshold=0.0, adapter=str(tmp_path / "v.safetensors"))
+    d = prepared(Kangaroo(threshold=0.0, adapter=str(tmp_path / "v.safetensors")), loaded.model)
     plain, _ = decode(loaded.model, [1, 2, 3, 4], SamplingParams(max_new_tokens=12))
     got, _ = decode(loaded.model, [1, 2, 3, 4], SamplingParams(max_new_tokens=12), d, CostModel.flat())
     assert got == plain and len(d.head.ids) == 20
-    d = Kangaroo(threshold=0.0, vocab=0, adapter=str(tmp_path / "v.safetensors"))
-    d.propose(_ctx(loaded.model, [1, 2, 3]))
+    d = prepared(Kangaroo(threshold=0.0, vocab=0, adapter=str(tmp_path / "v.safetensors")), loaded.model)
+    d.session().propose(_ctx(loaded.model, [1, 2, 3]))
     assert d.head.ids is None
 
 
@@ -203,12 +212,14 @@ def test_bad_adapters_are_one_line(models, tmp_path, monkeypatch):
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[:-50])
     cases = {
-        "train-adapter": lambda: Kangaroo().propose(_ctx(model, [1, 2, 3])),  # none trained for this model
-        "damaged": lambda: Kangaroo(adapter=str(junk)).propose(_ctx(model, [1, 2, 3])),
-        "damaged ": lambda: Kangaroo(adapter=str(cut)).propose(_ctx(model, [1, 2, 3])),
-        "trained for tiny": lambda: Kangaroo(adapter=str(models["adapters"]["gemma"])).propose(_ctx(model, [1, 2])),
-        "threshold": lambda: make_method("kangaroo:threshold=1.0"),
+        "train-adapter": lambda: prepared(Kangaroo(), model),  # none trained for this model
+        "damaged": lambda: prepared(Kangaroo(adapter=str(junk)), model),
+        "damaged ": lambda: prepared(Kangaroo(adapter=str(cut)), model),
+        "trained for tiny": lambda: prepared(Kangaroo(adapter=str(models["adapters"]["gemma"])), model),
+        "threshold": lambda: Kangaroo(threshold=1.0),
         "layers": lambda: Adapter.for_model(model, 4),
+        "not prepared": lambda: Kangaroo().session(),
+        "another model": lambda: kangaroo(models, "llama").session().propose(_ctx(models["gemma"], [1, 2, 3])),
     }
     for want, case in cases.items():
         with pytest.raises(SkipjackError) as e:
@@ -217,6 +228,60 @@ def test_bad_adapters_are_one_line(models, tmp_path, monkeypatch):
     assert default_path(model).parent == tmp_path / "home" / "adapters"
     with pytest.raises(SkipjackError, match="skipjack train-adapter"):
         load(model, default_path(model))
+
+
+def _resaved(good, path, tensors=None, **meta):
+    """`good`'s adapter file with some tensors or metadata replaced, its checksum and identity still right: a
+    file damaged in a way that only checking each value read can find."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from skipjack import integrity
+
+    with safe_open(str(good), "pt") as f:
+        old, ts = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    ts = ts if tensors is None else tensors(ts)
+    fields = old | {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+    save_file(ts, str(path), metadata=fields | {"digest": integrity.digest(ts)})
+    return path
+
+
+def test_adapter_files_are_checked_value_by_value(models, tmp_path):
+    """Every value an adapter file gives is checked: its dimensions against the model, the layer it follows,
+    its tensors' names, dtypes and shapes, its format version and its recorded vocabulary. A bad one is a
+    one-line error naming the fix, never an AttributeError, KeyError or a shape error mid-request."""
+    import json
+
+    from safetensors import safe_open
+
+    model, good = models["llama"], models["adapters"]["llama"]
+    with safe_open(str(good), "pt") as f:
+        shape = json.loads(f.metadata()["shape"])
+    bad = {
+        "layers 4": dict(shape=shape | {"layers": 4}),  # too deep for a 5-layer model
+        "layers 0": dict(shape=shape | {"layers": 0}),
+        "hidden": dict(shape=shape | {"hidden": shape["hidden"] * 2}),
+        "kv_heads": dict(shape=shape | {"kv_heads": True}),
+        "eps": dict(shape=shape | {"eps": float("nan")}),
+        "shape names": dict(shape={k: v for k, v in shape.items() if k != "eps"}),
+        "shape list": dict(shape=[1, 2]),
+        "about": dict(about=[1]),
+        "vocab": dict(about={"vocab": "20"}),
+        "version": dict(version="9"),
+        "float64": dict(tensors=lambda ts: ts | {"norm1": ts["norm1"].double()}),
+        "wo.weight": dict(tensors=lambda ts: ts | {"wo.weight": ts["wo.weight"][:, :4].contiguous()}),
+        "extra": dict(tensors=lambda ts: ts | {"extra": torch.zeros(2)}),
+        "missing": dict(tensors=lambda ts: {k: v for k, v in ts.items() if k != "norm2"}),
+    }
+    for i, (what, change) in enumerate(bad.items()):
+        path = _resaved(good, tmp_path / f"{i}.safetensors", **change)
+        with pytest.raises(SkipjackError) as e:
+            prepared(Kangaroo(adapter=str(path)), model)
+        assert "train-adapter" in str(e.value) and "\n" not in str(e.value), (what, str(e.value))
+    ok = _resaved(good, tmp_path / "ok.safetensors", about={"vocab": 0, "model_name": "tiny"})
+    assert prepared(Kangaroo(adapter=str(ok)), model).layers == 2
 
 
 def test_an_adapter_fits_every_precision_of_its_model(models):

@@ -16,9 +16,10 @@ import random
 import pytest
 import torch
 from conftest import hf_model, ours_from_hf
-from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter
+from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter, make
 
-from skipjack.cache import SlidingLayerKV
+from skipjack.cache import CachePolicy, SlidingLayerKV
+from skipjack.decoding import plan
 from skipjack.decoding.cost import CostModel
 from skipjack.decoding.proposal import Proposal
 from skipjack.decoding.sampling import SamplingParams
@@ -26,7 +27,7 @@ from skipjack.decoding.sequence import generate
 from skipjack.decoding.session import prefill
 from skipjack.decoding.sizing import CostSizer
 from skipjack.decoding.verify import tree_mask
-from skipjack.drafters import make_method
+from skipjack.drafters.base import Drafter, DraftSession
 from skipjack.errors import SkipjackError
 from skipjack.kvpolicies import POLICIES, EvictingLayerKV, EvictionPolicy, make_policy, policy_names
 from skipjack.kvpolicies.base import GROW, pooled
@@ -52,7 +53,7 @@ CHUNKED = [n for n in EVICTING if _takes(n, "chunk")]  # policies that can run a
 
 
 def _plain_only(spec: str) -> bool:
-    return bool(getattr(make_policy(spec), "plain_only", False))
+    return make_policy(spec).plain_only
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,13 +89,13 @@ def run(model, kv, method=None, params=GREEDY, prompt=PROMPT):
     drafter object (sized by a flat cost model: every node it proposes is verified)."""
     policy = make_policy(kv) if kv is None or isinstance(kv, str) else kv
     if method is None:
-        drafter = sizer = None
+        draft = sizer = None
     elif isinstance(method, str):
-        m = make_method(method)
-        drafter, sizer = m.drafter, m.sizer(CostModel.flat())
+        m = make(method, model)
+        draft, sizer = m.drafter.session() if m.drafter is not None else None, m.sizer(CostModel.flat())
     else:
-        drafter, sizer = method, CostSizer(CostModel.flat())
-    steps = list(generate(model, prompt, params, drafter, sizer, None, None, policy))
+        draft, sizer = method.session(), CostSizer(CostModel.flat())
+    steps = list(generate(model, prompt, params, plan.Plan(draft, sizer, policy=policy)))
     return [t for s in steps for t in s.tokens], steps
 
 
@@ -109,13 +110,16 @@ def plain(model, spec, params=GREEDY, prompt=PROMPT) -> list[int]:
     return _PLAIN[key]
 
 
-class Oracle:
+class Oracle(Drafter, DraftSession):
     """A cheap drafter that knows the tokens plain decoding gives (`truth`): `mode` "always" proposes them,
     "never" proposes a wrong first token, "random" a true prefix of random length then random tokens, as a
-    chain or (tree=True) a random tree that keeps the true prefix as a path."""
+    chain or (tree=True) a random tree that keeps the true prefix as a path. Its own session."""
 
     lossless = True
     name = "oracle"
+
+    def session(self):
+        return self
 
     def __init__(self, truth, n_prompt, mode="random", tree=False, k=6, seed=0, vocab=48):
         self.truth, self.n_prompt, self.mode, self.tree, self.k = list(truth), n_prompt, mode, tree, k
@@ -851,7 +855,8 @@ def _ids(engine):
     [
         ("layer-skip", "snapkv", False, "do not combine"),
         ("skipdecode", "int8", False, "do not combine"),
-        ("swift", "snapkv", False, "reads cached keys of past positions"),
+        ("kangaroo", "snapkv", False, "reads cached keys of past positions"),
+        ("triforce", "int8", False, "runs with the full cache only"),
         ("plain", "h2o", True, "session"),
         ("plain", "nope", False, "unknown cache policy"),
         ("plain", "snapkv:budget=0", False, "budget"),
@@ -997,10 +1002,24 @@ def test_plain_only_policy_with_a_drafter_is_refused_or_exact(llama6):
     params = SamplingParams(max_new_tokens=30)
     base = plain(m, "tidal:budget=0.2", params)
     try:
+        plan.resolve("pld", "tidal:budget=0.2")  # the plan's rules, before any work
         tokens, _ = run(m, "tidal:budget=0.2", Oracle(base, L, "always"), params=params)
     except SkipjackError:
         return
     assert tokens == base
+
+
+def test_policies_declare_their_capabilities():
+    """Every policy is a `CachePolicy` with every hook; the capabilities the plan's rules read: only the full
+    cache is lossless, the full cache and the storage dtypes hold every key in place (a drafter may read and
+    rewrite past keys), tidal runs plain steps only."""
+    for name in NAMES:
+        p = make_policy(name)
+        assert isinstance(p, CachePolicy), name
+        assert p.lossless == (name == "full"), name
+        assert p.holds_every_key == (name in ("full", "bf16", "int8")), name
+        assert p.plain_only == (name == "tidal"), name
+    assert all(isinstance(make_policy(n), EvictionPolicy) != make_policy(n).holds_every_key for n in EVICTING)
 
 
 def test_cli_kv(capsys, tiny_folder):

@@ -9,13 +9,14 @@ import pytest
 import torch
 from conftest import byte_bpe_tokenizer, hf_model, ours_from_hf
 
+from skipjack import methods
 from skipjack.decoding.sampling import SamplingParams
 from skipjack.decoding.session import Session
-from skipjack.drafters import make_method
 from skipjack.engine import Engine, Request
 from skipjack.errors import SkipjackError
 from skipjack.loading.load import Loaded
 from skipjack.loading.tokenizer import Tokenizer
+from skipjack.methods import MethodSpec
 from skipjack.strategies import FFNSkip, LayerSkip, SkipDecode
 
 FAMILIES = ["llama", "gemma3_text", "qwen2-sw"]
@@ -51,11 +52,10 @@ def _run(engine, method, n=24, prompt=PROMPT):
     ],
 )
 def test_zero_skip_is_plain(engine, spec):
-    m = make_method(spec)
-    assert not m.lossless
-    res = engine.complete(Request(list(PROMPT), SamplingParams(max_new_tokens=24), m))
-    assert res.tokens == _run(engine, "plain").tokens
-    assert m.strategy.stats()["layers_skipped_share"] == 0 and m.strategy.stats()["ffn_skipped_share"] == 0
+    assert not MethodSpec.parse(spec).lossless
+    res = engine.complete(Request(list(PROMPT), SamplingParams(max_new_tokens=24), spec))
+    assert res.tokens == _run(engine, "plain").tokens and not res.lossless
+    assert res.layers["layers_skipped_share"] == 0 and res.layers["ffn_skipped_share"] == 0
 
 
 @pytest.mark.parametrize(
@@ -63,9 +63,8 @@ def test_zero_skip_is_plain(engine, spec):
     ["layer-skip:ratio=0.34", "skipdecode:lo=0.2,hi=0.8", "ffn-skip:threshold=0,max_share=0.34,warmup=2,period=5"],
 )
 def test_skipping_runs_and_counts_what_it_skipped(engine, spec):
-    m = make_method(spec)
-    res = engine.complete(Request(list(PROMPT), SamplingParams(max_new_tokens=40), m))
-    st = m.strategy.stats()
+    res = engine.complete(Request(list(PROMPT), SamplingParams(max_new_tokens=40), spec))
+    st = res.layers
     assert res.new_tokens == 40 and st["tokens"] == 39  # the first token comes from the (full) prompt pass
     if spec.startswith("layer-skip"):
         assert st["skipped_layers"] == [2, 4] and st["layers_skipped_share"] == pytest.approx(2 / 6)
@@ -101,7 +100,7 @@ def test_teacher_forced_pass_equals_decoding_step_by_step(spec):
     cont = [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31]
     logits = []
     for whole in (True, False):
-        m = make_method(spec).strategy
+        m = methods.build(MethodSpec.parse(spec))
         m.begin(model, len(PROMPT), len(cont) + 1)
         cache = model.make_cache(64)
         model(torch.tensor([PROMPT]), cache, logits="none")
@@ -169,7 +168,7 @@ def test_a_conversation_goes_on_after_a_skipping_turn():
 )
 def test_bad_settings_are_one_line_errors(spec, message):
     with pytest.raises(SkipjackError, match=message) as e:
-        make_method(spec)
+        MethodSpec.parse(spec)
     assert "\n" not in str(e.value)
 
 

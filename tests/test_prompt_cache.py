@@ -9,9 +9,12 @@ from drafters_mock import AlwaysAccept
 from drafters_mock import decode as run
 from test_cache import assert_same_cache
 
+from skipjack.cache import common_prefix
+from skipjack.decoding.plan import Plan
 from skipjack.decoding.sampling import SamplingParams
 from skipjack.decoding.sequence import generate
-from skipjack.decoding.session import Session, common_prefix
+from skipjack.decoding.session import Session
+from skipjack.drafters.base import Drafter, DraftSession
 from skipjack.errors import SkipjackError
 
 GREEDY = SamplingParams(max_new_tokens=12)
@@ -114,17 +117,14 @@ def test_another_model_or_a_failed_request_starts_afresh(tiny_llama64, tiny_gemm
         decode(tiny_gemma64, [], GREEDY, prompt_cache=pc)
     assert pc.tokens == held
 
-    class Broken:
-        name, lossless = "broken", True
+    class Broken(Drafter, DraftSession):
+        name = "broken"
 
-        def begin(self, prompt):
-            pass
+        def session(self):
+            return self
 
         def propose(self, ctx):
             raise RuntimeError("drafter failed")
-
-        def end(self):
-            pass
 
     with pytest.raises(RuntimeError, match="drafter failed"):
         decode(tiny_gemma64, prompt, GREEDY, Broken(), prompt_cache=pc)
@@ -136,7 +136,7 @@ def test_a_request_closed_early_leaves_a_whole_cache(tiny_llama64):
     """A client that stops reading (a stop string, a dropped connection) closes the generator between steps."""
     prompt = [9, 8, 7, 6, 5] * 4
     pc = Session()
-    steps = generate(tiny_llama64, prompt, SamplingParams(max_new_tokens=30), session=pc)
+    steps = generate(tiny_llama64, prompt, SamplingParams(max_new_tokens=30), Plan(session=pc))
     got = [t for _, s in zip(range(4), steps) for t in s.tokens]
     steps.close()
     assert pc.tokens == (prompt + got)[: len(pc.tokens)] and len(pc.tokens) >= len(prompt) + 3

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import hf_model, ours_from_hf
-from drafters_mock import chi2_pvalue, decode
+from drafters_mock import chi2_pvalue, decode, make
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,14 +16,13 @@ from skipjack.decoding.proposal import DraftContext, Proposal, Verdict
 from skipjack.decoding.sampling import SamplingParams
 from skipjack.decoding.session import Session
 from skipjack.decoding.sizing import CostSizer, DraftCost
-from skipjack.drafters import REGISTRY, make_method
+from skipjack.drafters.base import Drafter, DraftSession, Resources
 from skipjack.drafters.draft_model import DraftModel, check_tokenizers
 from skipjack.drafters.early_exit import EarlyExit
 from skipjack.drafters.layered import DraftHead
 from skipjack.drafters.mix import Mix
-from skipjack.drafters.swift import Swift, parse_skip, value
+from skipjack.drafters.swift import Swift, parse_skip
 from skipjack.errors import SkipjackError
-from skipjack.weights.linear import rows
 
 
 def deep(family: str, weights=None, dtype=torch.float32, seed=3, layers=5, vocab=48):
@@ -32,8 +31,7 @@ def deep(family: str, weights=None, dtype=torch.float32, seed=3, layers=5, vocab
     return ours_from_hf(hf, dtype if weights is None else torch.float32, weights)
 
 
-@pytest.fixture(scope="module")
-def models():
+def build_models() -> dict:
     """5-layer tiny models: fp64 (exact by precision) and q4 (exact by the batch-invariant forward)."""
     out = {f: deep(f, dtype=torch.float64) for f in ("llama", "gemma")}
     out |= {f + "-q4": deep(f, weights="q4") for f in ("llama", "gemma")}
@@ -42,15 +40,23 @@ def models():
     return out
 
 
+@pytest.fixture(scope="module")
+def models():
+    return build_models()
+
+
 def drafter(name: str, models: dict, family: str):
-    """Self-drafts forced to draft on random weights (fixed sets, threshold 0), and a small draft model."""
-    q4 = family.endswith("q4")
+    """Self-drafts forced to draft on random weights (fixed sets, threshold 0), and a small draft model, each
+    prepared for the family's model."""
+    q4, model = family.endswith("q4"), models[family]
     if name == "draft":
-        return DraftModel(models["draft-q4" if q4 else "draft"], threshold=0.0)
+        return _prepared(DraftModel(models["draft-q4" if q4 else "draft"], threshold=0.0), model)
     if name == "mix":
-        reg = {"pld": REGISTRY["pld"], "swift": lambda: Swift(skip="a1+f3", threshold=0.0, save=False)}
-        return Mix("pld+swift", registry=reg)
-    return make_method(name).drafter
+        from skipjack.drafters.pld import PromptLookup
+
+        parts = [PromptLookup(), Swift(skip="a1+f3", threshold=0.0, save=False)]
+        return _prepared(Mix("pld+swift", parts=parts), model)
+    return make(name, model).drafter
 
 
 METHODS = [
@@ -88,29 +94,36 @@ def test_greedy_identity_property(models, prompt, max_new, method, family, k):
 
 
 def _fixed(d, k):
-    """A drafter whose budget is capped at k (a fixed draft size)."""
+    """A drafter whose sessions are `d`'s with the budget capped at k (a fixed draft size)."""
 
-    class Capped:
+    class Capped(Drafter):
         lossless, name = True, d.name
 
+        def session(self):
+            return CappedSession(d.session())
+
+    class CappedSession(DraftSession):
+        def __init__(self, inner):
+            self.inner = inner
+
         def begin(self, prompt):
-            d.begin(prompt)
+            self.inner.begin(prompt)
 
         def end(self):
-            d.end()
+            self.inner.end()
 
         def propose(self, ctx):
-            return d.propose(DraftContext(ctx.tokens, min(ctx.budget, k), ctx.model, ctx.cache, ctx.more))
+            return self.inner.propose(DraftContext(ctx.tokens, min(ctx.budget, k), ctx.model, ctx.cache, ctx.more))
 
         def observe(self, p, v):
-            d.observe(p, v)
+            self.inner.observe(p, v)
 
     return Capped()
 
 
 def _session_cache(model, prompt, params, d):
     s = Session()
-    decode(model, prompt, params, d, CostModel.flat(), session=s)
+    decode(model, prompt, params, "plain" if d is None else d, CostModel.flat(), session=s)
     return s
 
 
@@ -135,8 +148,8 @@ def test_cache_after_drafting_equals_plain_decodings(models, family, method):
 def test_del_resumes_verification_only_where_the_forward_is_invariant(models):
     ctx_q4 = _ctx(models["llama-q4"], [1, 2, 3, 4, 5])
     ctx_64 = _ctx(models["llama"], [1, 2, 3, 4, 5])
-    p_q4 = EarlyExit(exit=2, threshold=0.0).propose(ctx_q4)
-    p_64 = EarlyExit(exit=2, threshold=0.0).propose(ctx_64)
+    p_q4 = _prepared(EarlyExit(exit=2, threshold=0.0), models["llama-q4"]).session().propose(ctx_q4)
+    p_64 = _prepared(EarlyExit(exit=2, threshold=0.0), models["llama"]).session().propose(ctx_64)
     assert p_q4.resume is not None and p_q4.resume[0] == 2 and p_q4.resume[1].shape[1] == len(p_q4) + 1
     assert p_64.resume is None
 
@@ -146,7 +159,7 @@ def test_resumed_verify_gives_the_full_passes_logits_bitwise(models):
     model = models["llama-q4"]
     ctx = _ctx(model, [7, 3, 9, 1, 4, 4, 2])
     start = ctx.cache.offset
-    prop = EarlyExit(exit=1, threshold=0.0).propose(dataclass_budget(ctx, 4))
+    prop = _prepared(EarlyExit(exit=1, threshold=0.0), model).session().propose(dataclass_budget(ctx, 4))
     T = len(prop) + 1
     E, hidden = prop.resume
     pos = torch.arange(start, start + T)
@@ -160,6 +173,12 @@ def dataclass_budget(ctx, n):
     return DraftContext(ctx.tokens, n, ctx.model, ctx.cache)
 
 
+def _prepared(drafter, model, text=None):
+    """`drafter`, prepared for `model` (local text: `text`; None: no search)."""
+    drafter.prepare(Resources(model=model, text=None if text is None else lambda: list(text)))
+    return drafter
+
+
 def _ctx(model, tokens):
     cache = model.make_cache(64)
     model(torch.tensor([tokens[:-1]]), cache)
@@ -170,21 +189,20 @@ def test_draft_models_cache_is_rolled_back_with_the_targets(models):
     """After each step the draft model's cache holds exactly a prefix of the target's context, and its keys
     equal a fresh prefill of the draft model over those tokens."""
     target, small = models["llama"], models["draft"]
-    d = DraftModel(small, threshold=0.0)
+    d = _prepared(DraftModel(small, threshold=0.0), target)
     prompt = [5, 6, 7, 8, 5, 6, 7]
     toks, _ = decode(target, prompt, SamplingParams(max_new_tokens=20), d, CostModel.flat())
-    held = list(d.held)
-    assert held == (prompt + toks)[: len(held)] or d.cache is None  # `end` cleared it; replay to check below
-    d.begin(prompt)
+    s = d.session()  # a request's session, replayed over the decoded context
+    s.begin(prompt)
     ctx = prompt + toks
-    d.sync(ctx)
+    s.sync(ctx)
     fresh = small.make_cache(64)
     small(torch.tensor([ctx[:-1]]), fresh)
-    for a, b in zip(d.cache, fresh):
+    for a, b in zip(s.held.cache, fresh):
         n = b.offset
         assert a.offset == n and torch.allclose(a.k[:, :, :n], b.k[:, :, :n], atol=1e-10)
-    d.sync(ctx[:9])  # a rollback: keeps the common prefix only
-    assert d.held == ctx[:8] and all(layer.offset == 8 for layer in d.cache)
+    s.sync(ctx[:9])  # a rollback: keeps the common prefix only
+    assert s.held.tokens == ctx[:8] and all(layer.offset == 8 for layer in s.held.cache)
 
 
 @pytest.mark.parametrize("method", ["swift", "del", "draft"])
@@ -195,81 +213,11 @@ def test_sampling_distribution_is_preserved(method):
     )
     small = ours_from_hf(hf_model("llama", seed=22, vocab=12, hidden_size=32, intermediate_size=64), torch.float64)
     make = {
-        "swift": lambda: Swift(skip="a1", threshold=0.0, save=False),
-        "del": lambda: EarlyExit(exit=1, threshold=0.0),
-        "draft": lambda: DraftModel(small, threshold=0.0),
+        "swift": lambda: _prepared(Swift(skip="a1", threshold=0.0, save=False), model),
+        "del": lambda: _prepared(EarlyExit(exit=1, threshold=0.0), model),
+        "draft": lambda: _prepared(DraftModel(small, threshold=0.0), model),
     }[method]
     assert chi2_pvalue(model, [5, 0, 7, 2, 9, 4, 11, 1], _fixed(make(), 2)) > 1e-3
-
-
-def test_swift_search_is_deterministic_and_prefers_the_better_set(models, monkeypatch):
-    model = models["llama"]
-    ctx = _ctx(model, list(range(3, 40)))
-    a, b = Swift(save=False, search=12), Swift(save=False, search=12)
-    a.propose(ctx), b.propose(ctx)
-    assert a.skip == b.skip and a.evals == b.evals  # deterministic under a seed
-    good = frozenset({("attn", 1), ("ffn", 2), ("ffn", 3)})
-    s = Swift(save=False, search=40, patience=40)
-    s._setup(model, ctx.tokens)
-    s.times = (1.0, 0.1, 0.1)
-    rest = [c for c in s.candidates if c not in good]
-    monkeypatch.setattr(s, "reference", lambda ctx: ([], sorted(good) + rest))
-    monkeypatch.setattr(s, "score", lambda ctx, skip, truth: 0.95 if skip == good else 0.9 - 0.3 * len(skip - good))
-    s.optimise(ctx, 40, scan=True)
-    assert s.skip == good and s.pays()  # the best-scoring set, over its subsets (cheaper) and supersets
-
-
-def test_swift_value_grows_with_match_and_falls_with_cost():
-    assert value(0.9, 0.5) > value(0.7, 0.5) > value(0.7, 0.9)
-    assert value(1.0, 1.0) == pytest.approx(1.0)  # drafting with the whole model never pays
-    assert value(0.0, 0.3) == 1.0
-
-
-def test_swift_saves_and_reuses_its_set(models, tmp_path, monkeypatch):
-    monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path))
-    model = models["llama"]
-    ctx = _ctx(model, list(range(3, 40)))
-    first = Swift(search=6)
-    first.propose(ctx)
-    again = Swift(search=6, refine=0)
-    again._setup(model, ctx.tokens)
-    assert again.skip == first.skip and again.todo == 0  # loaded, not searched
-
-
-def test_del_picks_the_layer_with_higher_shadow_acceptance(models):
-    d = EarlyExit()
-    d._setup(models["llama"], [1, 2])
-    d.seen = [100, 100, 100, 100]
-    d.hits = [10, 95, 20, 30]
-    assert d.choose(8, resume=True)[0] == 1
-    d.hits = [10, 20, 97, 30]
-    assert d.choose(8, resume=True)[0] == 2
-    d.hits = [1, 1, 1, 1]
-    d.choose(8, resume=True)
-    assert d.worth <= 1.0  # nothing pays: `del` then drafts only its probes
-
-
-def test_del_learns_shadow_tokens_from_verified_rows(models):
-    model = models["llama-q4"]
-    d = EarlyExit(probe_every=1)
-    prompt = [4, 8, 15, 16, 23, 42, 4, 8]
-    decode(model, prompt, SamplingParams(max_new_tokens=30), d, CostModel.flat())
-    assert sum(d.seen) > 0 and all(0 <= h <= s for h, s in zip(d.hits, d.seen))
-    again = EarlyExit(probe_every=1)
-    decode(model, prompt, SamplingParams(max_new_tokens=30), again, CostModel.flat())
-    assert again.hits == d.hits and again.seen == d.seen  # deterministic
-
-
-def test_reduced_vocabulary_head_rows_are_bitwise_the_full_heads(models):
-    for family in ("llama", "llama-q4"):
-        m = models[family]
-        h = torch.randn(3, m.config.hidden_size, dtype=m.dtype)
-        ids = torch.tensor([0, 5, 7, 30])
-        assert torch.equal(rows(m.lm_head, ids)(h), m.lm_head(h)[:, ids])
-    head = DraftHead(models["llama"], vocab=4, counts={7: 9, 3: 5, 11: 2, 40: 1})
-    assert sorted(head.ids.tolist()) == [3, 7, 11, 40]
-    toks, _ = head.top(torch.randn(2, models["llama"].config.hidden_size, dtype=torch.float64))
-    assert all(t[0] in (3, 7, 11, 40) for t in toks)
 
 
 def test_draft_cost_counts_against_expected_tokens():
@@ -289,17 +237,20 @@ def test_mix_merges_and_each_part_learns_its_own_nodes(models):
     model = models["llama"]
     seen = []
 
-    class Fixed:
-        name, lossless = "fixed", True
+    from skipjack.drafters.base import Drafter, DraftSession, Resources
+
+    class Fixed(Drafter):
+        name = "fixed"
 
         def __init__(self, toks):
             self.toks = toks
 
-        def begin(self, prompt):
-            pass
+        def session(self):
+            return FixedSession(self.toks)
 
-        def end(self):
-            pass
+    class FixedSession(DraftSession):
+        def __init__(self, toks):
+            self.toks = toks
 
         def propose(self, ctx):
             return Proposal.chain(self.toks, [0.9, 0.8][: len(self.toks)])
@@ -307,25 +258,30 @@ def test_mix_merges_and_each_part_learns_its_own_nodes(models):
         def observe(self, p, v):
             seen.append((p.tokens, v.path))
 
-    mix = Mix("a+b", registry={"a": lambda: Fixed([1, 2]), "b": lambda: Fixed([1, 3])})
+    mix = Mix("a+b", parts=[Fixed([1, 2]), Fixed([1, 3])])
+    mix.prepare(Resources(model=model))
+    session = mix.session()
+    session.begin([5, 6, 7])
     ctx = _ctx(model, [5, 6, 7])
-    merged = mix.propose(ctx)
+    merged = session.propose(ctx)
     assert merged.tokens[:1] == [1] and sorted(merged.tokens) == [1, 2, 3] and merged.parents.count(-1) == 1
     node = merged.tokens.index(1)
-    mix.observe(merged, Verdict([1, 3, 9], [node, merged.tokens.index(3)], [1, 3, 9, 9]))
+    session.observe(merged, Verdict([1, 3, 9], [node, merged.tokens.index(3)], [1, 3, 9, 9]))
     assert seen == [([1, 2], [0]), ([1, 3], [0, 1])]
 
 
 def test_bad_input_is_one_line(models, tmp_path):
     cases = [
-        lambda: make_method("draft"),
-        lambda: make_method("draft:model=no-such-model"),
-        lambda: make_method("swift:skip=x3"),
-        lambda: make_method("del:threshold=1.5"),
-        lambda: make_method("mix:of=pld"),
-        lambda: make_method("mix:of=pld+nothing"),
-        lambda: EarlyExit(exit=4).propose(_ctx(models["llama"], [1, 2, 3])),
-        lambda: Swift(skip="a4", save=False).propose(_ctx(models["llama"], [1, 2, 3])),
+        lambda: make("draft"),
+        lambda: make("draft:model=no-such-model"),
+        lambda: make("swift:skip=x3"),
+        lambda: make("del:threshold=1.5"),
+        lambda: make("mix:of=pld"),
+        lambda: make("mix:of=pld+nothing"),
+        lambda: EarlyExit(exit=4).prepare(Resources(model=models["llama"])),
+        lambda: Swift(skip="a4", save=False).prepare(Resources(model=models["llama"])),
+        lambda: Swift().session().propose(_ctx(models["llama"], [1, 2, 3])),  # not prepared
+        lambda: EarlyExit().prepare(Resources()),  # no model to draft with
         lambda: DraftHead(models["llama"], vocab=-1),
     ]
     for case in cases:
@@ -368,27 +324,3 @@ def test_hf_assist_peer_needs_a_named_pair():
 
     peer = _hf_peer("hf-assist", object(), Loaded(), torch.float32)
     assert isinstance(peer, Missing) and "no draft model" in peer.status
-
-
-def test_deepcopy_keeps_learned_state_and_shares_the_models(models):
-    """The bench snapshots drafters between repeats: the copy shares the models, not what was learned."""
-    import copy
-
-    d = EarlyExit(probe_every=1)
-    decode(models["llama-q4"], [1, 2, 3, 4, 1, 2], SamplingParams(max_new_tokens=12), d, CostModel.flat())
-    c = copy.deepcopy(d)
-    assert c.model is d.model and c.head is d.head and c.seen == d.seen and c.seen is not d.seen
-    m = DraftModel(models["draft"], threshold=0.0)
-    assert copy.deepcopy(m).model is m.model
-
-
-def test_mix_hands_model_to_the_parts_that_draft_with_one():
-    got = {}
-
-    def with_model(model="", shared=None):
-        got["model"] = model
-        return REGISTRY["pld"]()
-
-    m = Mix("pld+d", model="qwen2.5-coder-0.5b", registry={"pld": REGISTRY["pld"], "d": with_model})
-    assert got["model"] == "qwen2.5-coder-0.5b" and len(m.parts) == 2
-    assert m.cost_prior == 0.0  # neither part has a prior: pld drafts for free

@@ -474,7 +474,7 @@ def test_kv_policy_per_request(url):
     assert ok.status_code == 200 and ok.json()["lossless"] is False
     full = httpx.post(f"{url}/v1/chat/completions", json=chat_args("hello there", 6, kv="full"), timeout=60)
     assert full.status_code == 200 and full.json()["lossless"] is True
-    for kv, method in (("nope", "plain"), ("snapkv:budget=0", "plain"), ("tidal", "pld"), ("snapkv", "swift")):
+    for kv, method in (("nope", "plain"), ("snapkv:budget=0", "plain"), ("tidal", "pld"), ("snapkv", "kangaroo")):
         bad = httpx.post(
             f"{url}/v1/chat/completions",
             json=chat_args("hello there", 6, kv=kv, speculative={"method": method}),

@@ -12,7 +12,6 @@ from skipjack.decoding.cost import CostModel
 from skipjack.decoding.proposal import Proposal
 from skipjack.decoding.sampling import SamplingParams
 from skipjack.decoding.session import Session
-from skipjack.drafters import make_method
 from skipjack.errors import SkipjackError
 
 
@@ -322,11 +321,20 @@ def test_out_of_vocab_drafts_are_pruned_not_fatal(tiny_llama64, flaw):
 def test_foreign_ngram_table_is_pruned_not_fatal(tiny_llama64):
     """A shared n-gram table filled by a larger-vocabulary model (the CI failure of session 1)."""
     params = SamplingParams(max_new_tokens=20)
+    from drafters_mock import make as make_method
+
     ng = make_method("ngram:table=foreign").drafter
     for t in range(48):  # every token of the 48-token vocab is followed by ids far outside it
         ng.table.add([t, 500 + t, 600 + t], 0, 5.0)
-    proposed, propose = [], ng.propose
-    ng.propose = lambda ctx: proposed.append(p := propose(ctx)) or p
+    proposed, session = [], ng.session
+
+    def spied():
+        s = session()
+        propose = s.propose
+        s.propose = lambda ctx: proposed.append(p := propose(ctx)) or p
+        return s
+
+    ng.session = spied
     spec, _ = run(tiny_llama64, [0, 5, 0], params, ng)
     assert spec == run(tiny_llama64, [0, 5, 0], params)[0]
     assert any(p is not None and max(p.tokens) >= 48 for p in proposed)  # foreign ids really were drafted

@@ -56,15 +56,19 @@ def test_triforce_draft_cache_is_small_and_exact(model):
     """The draft cache holds the sinks and the window, and those keys are the target's own."""
     from skipjack.decoding.proposal import DraftContext
     from skipjack.decoding.session import prefill
+    from skipjack.drafters.base import Resources
     from skipjack.drafters.triforce import TriForce
     from skipjack.kvpolicies.base import EvictingLayerKV
 
     prompt = [random.Random(1).randrange(48) for _ in range(400)]
     start = prefill(model, prompt, 16)
     t = TriForce(budget=0.1, least=8)
-    t.begin(prompt)
-    t.propose(DraftContext(prompt + [int(start.logits.argmax())], 4, model, start.cache))
-    for draft, full in zip(t.cache, start.cache):
+    t.prepare(Resources(model=model))
+    s = t.session()
+    s.begin(prompt)
+    s.propose(DraftContext(prompt + [int(start.logits.argmax())], 4, model, start.cache))
+    assert s.held.tokens == prompt and s.held.cache.offset == len(prompt)  # the draft's own keys are gone
+    for draft, full in zip(s.held.cache, start.cache):
         assert isinstance(draft, EvictingLayerKV) and draft.n == 4 + 40 - 1  # sinks + the window (up to the pending)
         pos = draft.pos[0, : draft.n]
         assert torch.equal(draft.k[0, :, : draft.n], full.k[0, :, pos])  # copied, not recomputed
@@ -76,7 +80,7 @@ def test_triforce_refused_with_a_cache_policy(tiny_folder):
     e = Engine.load(str(tiny_folder), "q4", tune=False)
     ids = e.tokenizer.prompt_ids("hello world", raw=True)
     for kv in ("snapkv:budget=0.5", "int8"):
-        with pytest.raises(SkipjackError, match="triforce reads cached keys"):
+        with pytest.raises(SkipjackError, match="triforce (reads|copies the target's) cached keys"):
             e.complete(Request(ids, SamplingParams(max_new_tokens=4), "triforce", kv=kv))
 
 

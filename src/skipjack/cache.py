@@ -16,8 +16,9 @@ speculative step can overwrite a rejected draft without any copy, and skipped la
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
@@ -189,23 +190,23 @@ class SlidingLayerKV(LayerKV):
 
 class KVCache(list):
     """One cache object per layer, in layer order. The sequence offset is the furthest any layer reached.
-    `policy` made the layers; the decode loop calls `settle` after the prompt and after every step (a policy
-    may compress then) and keeps each speculative step within `room`."""
+    `policy` made the layers (default `FullKV`); the decode loop calls `settle` after the prompt and after every
+    step (a policy may compress then) and keeps each speculative step within `room`."""
 
-    def __init__(self, layers=(), capacity: int = 0, policy=None, scale: float = 1.0):
+    def __init__(self, layers=(), capacity: int = 0, policy: CachePolicy | None = None, scale: float = 1.0):
         super().__init__(layers)
         self.capacity = capacity  # positions the request may reach
-        self.policy, self.scale = policy, scale  # the cache policy; the model's attention scale (for scoring)
+        self.policy = policy if policy is not None else FullKV()  # the cache policy
+        self.scale = scale  # the model's attention scale (for scoring)
         self.state: dict = {}  # the policy's per-cache state (its next compression point)
 
     def settle(self) -> None:
         """The prompt or a step is done: the policy may compress now."""
-        if hasattr(self.policy, "settle"):
-            self.policy.settle(self)
+        self.policy.settle(self)
 
     def room(self) -> int:
         """Positions a step may write before the policy's next compression point."""
-        return self.policy.room(self) if hasattr(self.policy, "room") else self.capacity
+        return self.policy.room(self)
 
     def capacity_left(self) -> int:
         return self.capacity - self.offset
@@ -234,6 +235,20 @@ class KVCache(list):
         for layer in self:
             if layer.offset > position:
                 layer.trim(layer.offset - position)
+
+    @contextmanager
+    def scratch(self, lo: int | None = None) -> Iterator[KVCache]:
+        """Draft writes undone on exit: every key written from the current offset on is forgotten (`rewind`), and
+        with `lo`, the keys at positions [lo, offset), which a scratch pass may overwrite, are copied first and
+        put back (`span` / `put_span`), so the cache is left as it was found, bit for bit."""
+        at = self.offset
+        saved = self.span(lo, at) if lo is not None and lo < at else None
+        try:
+            yield self
+        finally:
+            if saved is not None:
+                self.put_span(lo, saved)
+            self.rewind(at)
 
     def resumable(self, n: int) -> bool:
         return all(layer.resumable(n) for layer in self)
@@ -268,17 +283,112 @@ class LayerSpec:
     layers: int = 1  # the model's layer count
 
 
-class CachePolicy(Protocol):
+class CachePolicy:
+    """How a cache keeps its keys (`--kv`, `skipjack.kvpolicies`): it makes each layer's object (`layer`), and
+    the decode loop asks it, through `KVCache`, when it may compress (`settle`, `room`); a prompt runs in
+    `prompt_chunk` tokens at a time, `compress` after each. A policy object serves one request's cache (a
+    cache's state is in `KVCache.state`).
+
+    Capabilities, declared on the class and read by the plan's rules (`skipjack.decoding.plan`), never by name:
+    - `lossless`: plain decoding's output, unchanged (only `FullKV`);
+    - `plain_only`: it runs plain steps only (a verify pass would see other keys than the steps it checks);
+    - `holds_every_key`: every past position's keys stay in the cache, in full and in place (`FullKV`, the
+      bf16/int8 storage), so a drafter may read or rewrite them (`span` / `put_span`)."""
+
+    lossless: bool = False
+    plain_only: bool = False
+    holds_every_key: bool = False
+
     def layer(self, spec: LayerSpec) -> LayerKV:
         """The cache object for one layer."""
-        ...
+        raise NotImplementedError
+
+    def prompt_chunk(self) -> int:
+        """Tokens per prompt pass, `compress` after each (0: the whole prompt at once)."""
+        return 0
+
+    def compress(self, cache: KVCache) -> None:
+        """Between two parts of a chunked prompt: bring the cache down to the policy's budget."""
+
+    def settle(self, cache: KVCache) -> None:
+        """The prompt or a step is done: compress here if the policy's next point is reached."""
+
+    def room(self, cache: KVCache) -> int:
+        """Positions a step may write before the next compression point (a draft must not cross it)."""
+        return cache.capacity
 
 
-class FullKV:
+class FullKV(CachePolicy):
     """Keep every key: a full buffer per layer, or a sliding buffer for a sliding-window layer where that is
     smaller (its window plus the rollback slack on both sides is less than the request's capacity)."""
+
+    lossless = True
+    holds_every_key = True
 
     def layer(self, spec: LayerSpec) -> LayerKV:
         if spec.window is not None and spec.window + 2 * SLACK < spec.capacity:
             return SlidingLayerKV(spec.batch, spec.heads, spec.head_dim, spec.window, spec.dtype)
         return LayerKV(spec.batch, spec.heads, spec.head_dim, spec.capacity, spec.dtype)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+class TrackedCache:
+    """A KV cache aligned with a token list: position i of `cache` holds the keys/values of `tokens[i]`, for
+    every i below len(tokens) (a position past them holds at most scratch). Kept by a conversation
+    (`decoding.session.Session`, between requests), by the draft model (its own cache), by kangaroo (its
+    adapter's one-layer cache: a `LayerKV` works as well as a `KVCache`) and by triforce (a draft cache filled
+    from the target's keys). Each time it is brought to a new token list, the longest common prefix is kept
+    (`sync` rolls back the rest and returns the tokens missing); the caller writes their keys and `extend`s.
+    `fit` makes the cache, or grows it keeping its keys."""
+
+    def __init__(self, cache=None, tokens: list[int] = ()):
+        self.cache = cache  # a KVCache or one LayerKV; None: nothing held yet
+        self.tokens: list[int] = list(tokens)  # the tokens whose keys/values `cache` holds, by position
+
+    @classmethod
+    def after(cls, cache, ctx: list[int]) -> TrackedCache:
+        """`cache` whose position i holds ctx[i] for every i below both its offset and len(ctx) (what a request
+        leaves), cut to those positions."""
+        n = min(cache.offset, len(ctx))
+        held = cls(cache, ctx[:n])
+        held.cut(n)
+        return held
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def clear(self) -> None:
+        self.cache, self.tokens = None, []
+
+    def common(self, tokens: list[int]) -> int:
+        """How many leading tokens of `tokens` it holds (0 with no cache)."""
+        return common_prefix(self.tokens, tokens) if self.cache is not None else 0
+
+    def cut(self, n: int) -> None:
+        """Keep the first n tokens and their positions; forget the rest."""
+        self.cache.trim(self.cache.offset - n)
+        del self.tokens[n:]
+
+    def sync(self, tokens: list[int]) -> list[int]:
+        """Keep the longest common prefix of what it holds and `tokens` (the rest rolled back); return the tokens
+        after it, whose keys the caller writes at positions len(self).. and then `extend`s."""
+        n = self.common(tokens)
+        if self.cache is not None:
+            self.cut(n)
+        return tokens[n:]
+
+    def extend(self, tokens: list[int]) -> None:
+        """Their keys were written at the next positions."""
+        self.tokens.extend(tokens)
+
+    def fit(self, need: int, make: Callable[[int], object]) -> None:
+        """A cache for at least `need` positions: `make(need)` the first time, or when it holds fewer, a larger
+        one from `make(need)` holding the same keys (`moved`)."""
+        if self.cache is None:
+            self.cache = make(need)
+        elif need > self.cache.capacity:
+            self.cache = self.cache.moved(make(need))

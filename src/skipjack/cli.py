@@ -17,6 +17,8 @@ from skipjack.store import reason
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
+    from skipjack import kvpolicies, methods
+
     p.add_argument("--model", "-m", default=None, help="named model, .gguf file, HF folder or hub id")
     p.add_argument(
         "--dtype",
@@ -28,14 +30,12 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--method",
         default="plain",
-        help="decoding method: plain | auto (the fastest lossless one, cost-sized) | pld | ngram | swift | del | "
-        "kangaroo | draft:model=NAME | mix:of=pld+swift (options: pld:k=8)",
+        help="decoding method: " + methods.method_help(),
     )
     p.add_argument(
         "--kv",
         default=None,
-        help="KV cache policy: full (default) | bf16 | int8 (storage dtype) | streaming | h2o | snapkv | pyramidkv | "
-        "cake | tidal, with options, e.g. snapkv:budget=0.1 (the kept fraction of the context); all but full are lossy",
+        help="KV cache policy: " + kvpolicies.policy_help(),
     )
     p.add_argument("--max-new-tokens", "-n", type=int, default=256)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy")
@@ -70,32 +70,31 @@ def _notice(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def _method_notice(a) -> None:
-    """Say so when a lossless method will not give plain decoding's exact tokens at this dtype."""
-    from skipjack.drafters import identical_to_plain, lossless_methods, parse_method
-    from skipjack.kvpolicies import is_lossless
+def _method_notice(a, method) -> None:
+    """Say so when a method or cache policy is lossy, or a lossless method will not give plain decoding's exact
+    tokens at this dtype."""
+    from skipjack import kvpolicies
 
-    name, _ = parse_method(a.method)
-    if not is_lossless(a.kv):
+    if a.kv is not None and not kvpolicies.is_lossless(a.kv):
         _notice(
             f"skipjack: note: --kv {a.kv} is lossy: it changes what the model attends to "
             f"(`skipjack eval --kv {a.kv}` measures what it costs in quality)"
         )
-    if name not in lossless_methods():
+    if not method.lossless:
         _notice(
-            f"skipjack: note: {name} is lossy: its tokens differ from plain decoding's "
+            f"skipjack: note: {method.name} is lossy: its tokens differ from plain decoding's "
             f"(`skipjack eval --method {a.method}` measures what it costs in quality)"
         )
-    elif not identical_to_plain(a.method, a.dtype):
+    elif not method.identical_to_plain(a.dtype):
         _notice(
-            f"skipjack: note: in {a.dtype}, {name}'s output can differ from plain decoding's (the kernels round a "
-            "pass over several tokens differently from a pass over one); --dtype q4 or fp32 keeps them identical"
+            f"skipjack: note: in {a.dtype}, {method.name}'s output can differ from plain decoding's (the kernels round "
+            "a pass over several tokens differently from a pass over one); --dtype q4 or fp32 keeps them identical"
         )
 
 
 def _engine(a, spec: str | None = None):
     """Validate the request's settings and method first (they are cheap), then load and tune the model."""
-    from skipjack.drafters import make_method
+    from skipjack.decoding.plan import resolve
     from skipjack.engine import Engine
     from skipjack.loading.load import BLOCKS, resolve_dtype
     from skipjack.store import check_home
@@ -105,16 +104,12 @@ def _engine(a, spec: str | None = None):
     if a.model is not None:
         validate.text("--model", a.model, empty=False)
     validate.text("--method", a.method, empty=False)
-    method = make_method(a.method)
-    if a.kv is not None:
-        from skipjack.kvpolicies import make_policy
-
-        make_policy(validate.text("--kv", a.kv, empty=False))
+    method, _ = resolve(a.method, a.kv, session=a.cmd == "chat")  # parsed and checked: nothing built
     check_home()
     a.dtype, note = resolve_dtype(spec or a.model, a.dtype)  # "auto" -> what it loads as
     if note:
         _notice(note)
-    _method_notice(a)
+    _method_notice(a, method)
     engine = Engine.load(spec or a.model, a.dtype, tune=not a.no_tune)
     if a.dtype in BLOCKS:
         _notice(f"skipjack: {a.dtype} weights: {engine.loaded.info['weights']}")
@@ -128,9 +123,7 @@ def _engine(a, spec: str | None = None):
 
 
 def cmd_generate(a) -> int:
-    from skipjack.drafters import identical_to_plain
     from skipjack.engine import Request
-    from skipjack.kvpolicies import is_lossless
     from skipjack.prompt_file import check_path, load_prompt_cache, save_prompt_cache
 
     if a.prompt == "-":
@@ -154,23 +147,20 @@ def cmd_generate(a) -> int:
     request = Request(prompt, params, engine.method(a.method), tuple(a.stop), saved, kv=a.kv)
     res = engine.complete(request, None if a.json else show)
     if a.json:
-        out = res.to_json() | {"model": engine.name, "dtype": a.dtype, "load_seconds": round(engine.loaded.seconds, 3)}
-        out["lossless"] = method.lossless and is_lossless(a.kv)
+        out = res.to_json() | {"model": engine.name, "dtype": a.dtype, "load_seconds": round(engine.load_seconds, 3)}
         out["weights"] = engine.loaded.info.get("weights")
         out["native_step"] = engine.loaded.info.get("native") == "on"
-        out["identical_to_plain"] = identical_to_plain(a.method, a.dtype)
-        drafter = engine.method(a.method).drafter
-        strategy = engine.method(a.method).strategy
-        if strategy is not None:  # what a lossy layer strategy skipped
-            out["skipped"] = strategy.stats()
-        if hasattr(drafter, "describe"):  # the skip set or exit layer a model-based drafter chose
-            out["drafter"] = drafter.describe()
+        out["identical_to_plain"] = res.lossless and method.identical_to_plain(a.dtype)
+        if res.layers:  # what a lossy layer strategy skipped
+            out["skipped"] = res.layers
+        if described := engine.method(a.method).drafter_description():  # a model-based drafter's skip set or exit
+            out["drafter"] = described
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
         print(
             f"[{res.new_tokens} tokens, {res.tokens_per_s:.1f} tok/s, method {res.method}"
-            + ("" if method.lossless and is_lossless(a.kv) else " (lossy)")
+            + ("" if res.lossless else " (lossy)")
             + ("" if a.kv is None else f", kv {a.kv}")
             + f", {res.tokens_per_pass:.2f} tokens/step, finish: {res.finish}"
             + (f", {res.cached_tokens} of {res.prompt_tokens} prompt tokens from {cache_file}" if cache_file else "")
@@ -356,8 +346,9 @@ def _described(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Every failure a user can cause or fix (bad input, a missing or damaged file, a full
-    disk, an unwritable folder, a closed pipe) is one line on stderr with exit status 2; only a bug in skipjack
-    is an `internal error` (exit 1)."""
+    disk, an unwritable folder, a held lock, a closed pipe) is one line on stderr with exit status 2; a fault
+    (`errors.Fault`: non-finite logits, a broken invariant) or a bug in skipjack is one `internal error` line
+    with exit status 1 (`skipjack.errors`)."""
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         args = build_parser(argv).parse_args(argv)
@@ -386,10 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     except UnicodeError as e:
         print(f"skipjack: error: text that is not valid UTF-8 ({e})", file=sys.stderr)
         return 2
-    except Exception as e:  # an internal bug: still one line, unless SKIPJACK_DEBUG asks for the traceback
+    except Exception as e:  # a fault or a bug: still one line, unless SKIPJACK_DEBUG asks for the traceback
         if os.environ.get("SKIPJACK_DEBUG"):
             raise
-        print(f"skipjack: internal error: {_described(e)} (set SKIPJACK_DEBUG=1 for a traceback)", file=sys.stderr)
+        from skipjack.errors import Fault
+
+        what = one_line(str(e)) if isinstance(e, Fault) else _described(e)
+        print(f"skipjack: internal error: {what} (set SKIPJACK_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
 
 

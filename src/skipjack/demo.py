@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 from skipjack.decoding.sampling import SamplingParams
-from skipjack.drafters import AUTO
 from skipjack.engine import Engine, Request
 from skipjack.loading.load import DEFAULT_MODEL
+from skipjack.methods import AUTO
 
 FASTEST_LOSSLESS = AUTO  # fastest lossless method overall in BENCHMARKS.md (regenerate: `make bench`)
 DEFAULT_PROMPT = """Add type hints and a docstring to this function, and keep the code otherwise unchanged:

@@ -20,28 +20,31 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from skipjack import kvpolicies, validate, vocab
-from skipjack.decoding import tuning
+from skipjack import methods, texts, validate, vocab
+from skipjack.decoding import plan, tuning
 from skipjack.decoding.batch import Batch, BatchCost
 from skipjack.decoding.cost import CostModel
+from skipjack.decoding.plan import Plan
 from skipjack.decoding.sampling import SamplingParams
 from skipjack.decoding.sequence import Sequence, Step, generate
 from skipjack.decoding.session import Session
 from skipjack.decoding.sizing import Capped
-from skipjack.drafters import Method, make_method
+from skipjack.drafters.base import Drafter, Resources
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
 from skipjack.loading import load as loading
 from skipjack.loading.load import Loaded
 from skipjack.loading.tokenizer import StreamDecoder
-from skipjack.text import TextStream, texts
+from skipjack.methods import Method, MethodSpec
+from skipjack.text import TextStream
+from skipjack.text import texts as texts_of
 
 
 @dataclass
 class Request:
     prompt: list[int]  # token ids (the tokenizer's `prompt_ids` makes them from text or chat messages)
     params: SamplingParams = field(default_factory=SamplingParams)
-    method: str | Method = "plain"  # a spec (the engine's drafter for it) or a Method of the caller's own
+    method: str | Method = "plain"  # a spec (the engine's method for it) or a Method of the caller's own
     stop: tuple[str, ...] = ()  # stop strings (stop token ids are in params)
     session: Session | None = None  # how the request starts (`skipjack.decoding.session`); None: a fresh prefill
     draft_max: int | None = None  # at most this many draft nodes per step (llama-server's speculative.n_max)
@@ -69,6 +72,8 @@ class Result:
     problems: list[str] = field(default_factory=list)  # failures after the last token (the result still holds)
     kv: str = "full"  # the KV cache policy it ran with
     kv_bytes: int = 0  # keys/values the cache held at the end
+    lossless: bool = True  # the plan's answer: the method and the cache policy keep plain decoding's output
+    layers: dict = field(default_factory=dict)  # a lossy layer strategy's `stats()` over this request
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -81,11 +86,10 @@ class Engine:
         # Untuned, the cost model starts from "verifying costs nothing" and learns the real costs online.
         self.cost = tuned.prior if tuned is not None and tuned.prior is not None else CostModel.flat(learn=True)
         self.batch_cost = BatchCost(self.cost)  # a batched pass's cost, learned from the batches' passes
-        self.shared = self.new_store()  # what the engine's methods share across requests
         self.lock = threading.RLock()
+        self.resources = self.new_resources()  # what the engine's drafters share (n-gram tables, token counts)
+        self.prepare_seconds = 0.0  # methods' one-off preparation (load time, never a request's)
         self._methods: dict[str, Method] = {}
-        self._busy: set[str] = set()  # specs whose engine method a batched sequence is using
-        self._spare: dict[str, list[Method]] = {}  # more methods per spec, for batches
 
     @classmethod
     def load(cls, spec: str | None = None, dtype: str = "auto", tune: bool = True, remeasure: bool = False) -> Engine:
@@ -97,27 +101,47 @@ class Engine:
     def name(self) -> str:
         return self.loaded.name
 
-    def method(self, spec: str) -> Method:
-        """The engine's method for a spec, made once: its drafter keeps learning across requests."""
-        validate.text("method", spec, empty=False)
-        if spec not in self._methods:
-            self._methods[spec] = self.new_method(spec)
-        return self._methods[spec]
+    @property
+    def load_seconds(self) -> float:
+        """Loading the model and preparing its methods (a draft model, a skip-set search): never a request's time."""
+        return self.loaded.seconds + self.prepare_seconds
 
-    def new_store(self) -> dict:
-        """A drafters' store with nothing learned yet. Drafters read from it the target (a draft model checks its
-        tokenizer) and token frequencies for reduced-vocabulary draft heads (computed on first use), and learn
-        into it what they share across requests (n-gram tables, made on first use)."""
-        return {"target": self.loaded, "token_counts": lambda: vocab.token_counts(self.loaded.tokenizer)}
+    def new_resources(self) -> Resources:
+        """Drafters' resources with nothing learned yet: the target, its token frequencies and local text (each
+        computed on first use, in some drafter's `prepare`), and an empty store of shared tables."""
+        tok = self.tokenizer
+        return Resources(
+            model=self.model,
+            target=self.loaded,
+            token_counts=once(lambda: vocab.token_counts(tok)),
+            text=once(lambda: tok.encode(texts.draft_text(), add_special_tokens=False)),
+        )
 
-    def new_method(self, spec: str, own_store: bool = False) -> Method:
-        """A method of the caller's own; its drafter learns into the engine's shared store, or with `own_store` into
-        a `new_store()` of its own (the bench's methods: none learns from another's runs)."""
-        return make_method(spec, self.new_store() if own_store else self.shared)
+    def method(self, spec: str | MethodSpec) -> Method:
+        """The engine's method for a spec, built and prepared on first use (under the engine's lock, outside any
+        request): its drafter keeps learning across requests, each request drafting in a session of its own."""
+        ms = MethodSpec.parse(validate.text("method", spec, empty=False) if isinstance(spec, str) else spec)
+        with self.lock:
+            if ms.spec not in self._methods:
+                self._methods[ms.spec] = self.new_method(ms)
+            return self._methods[ms.spec]
 
-    def check(self, request: Request) -> Method:
-        """Validate a request at the API boundary (`skipjack.validate`: the CLI's and the server's checks), before
-        any work; returns its method."""
+    def new_method(self, spec: str | MethodSpec, own_store: bool = False) -> Method:
+        """A method of the caller's own, built and prepared now; its drafter learns into the engine's shared
+        tables, or with `own_store` into its own (the bench's methods: none learns from another's runs)."""
+        ms = MethodSpec.parse(spec)
+        built = methods.build(ms)
+        drafter = built if isinstance(built, Drafter) else None
+        if drafter is not None:
+            t = time.perf_counter()
+            drafter.prepare(self.new_resources() if own_store else self.resources)
+            self.prepare_seconds += time.perf_counter() - t
+        return Method.of(ms, drafter)
+
+    def check(self, request: Request) -> MethodSpec:
+        """Validate a request at the API boundary (`skipjack.validate`: the CLI's and the server's checks) and
+        check that its method, cache policy and session combine (`decoding.plan.resolve`): pure, nothing is
+        built or prepared, so the server runs it on its event loop. Returns the method's spec."""
         if not isinstance(request, Request):
             raise SkipjackError(f"a request must be a skipjack Request (got {type(request).__name__})")
         request.prompt = validate.token_ids("prompt", request.prompt, self.model.lm_head.out_features)
@@ -133,60 +157,53 @@ class Engine:
         if isinstance(request.method, str):
             if request.method.strip() == "auto" and request.params.temperature > 0 and request.params.seed is not None:
                 request.method = "plain"  # a seeded draw must repeat: timing-sized drafts would change the draws
-            m = self.method(request.method)
+            spec = MethodSpec.parse(validate.text("method", request.method, empty=False))
         elif isinstance(request.method, Method):
-            m = request.method
+            spec = request.method.spec
         else:
             raise SkipjackError(f"method must be a method spec or a Method (got {type(request.method).__name__})")
-        self.policy(request, m)
-        return m
+        plan.resolve(spec, request.kv, request.session is not None)
+        return spec
 
-    def policy(self, request: Request, m: Method):
-        """The request's KV cache policy, made fresh (None: every key kept); refused where it cannot combine."""
-        if request.kv is None:
-            return None
-        policy = kvpolicies.make_policy(validate.text("--kv", request.kv, empty=False))
-        if kvpolicies.is_lossless(request.kv):
-            return None
-        if m.strategy is not None:
-            raise SkipjackError(f"--kv {request.kv} and the lossy layer strategy {m.name} do not combine")
-        if request.session is not None:
-            raise SkipjackError(f"--kv {request.kv} makes the request's own cache: it does not run with a session")
-        if getattr(policy, "plain_only", False) and m.drafter is not None:
-            raise SkipjackError(f"--kv {request.kv} runs plain steps only: it takes no drafter (--method plain)")
-        if m.name == "triforce" or (m.name in kvpolicies.REWRITERS and not isinstance(policy, kvpolicies.KVDtype)):
-            raise SkipjackError(f"{m.name} reads cached keys of past positions: it does not run with --kv {request.kv}")
-        return policy
+    def plan(self, request: Request) -> Plan:
+        """A request checked (`check`) and resolved into its plan, once: the drafter's session, the sizer, a
+        strategy of its own, the cache policy, the start and whether it is lossless. A method used for the first
+        time is built and prepared here (under the engine's lock; its time goes to `prepare_seconds`)."""
+        spec = self.check(request)
+        m = request.method if isinstance(request.method, Method) else self.method(spec)
+        _, policy = plan.resolve(spec, request.kv, request.session is not None)
+        return Plan(
+            draft=m.drafter.session() if m.drafter is not None else None,
+            sizer=self.sizer(m, request),
+            strategy=methods.build(spec) if spec.strategy_class is not None else None,  # one per request
+            policy=policy,
+            session=request.session,
+            lossless=spec.lossless and policy is None,
+            method=request.method if isinstance(request.method, str) else spec.spec,
+        )
 
     def sizer(self, m: Method, request: Request):
         """The method's draft sizing for a request, under its own limits (`speculative` n_max / p_min)."""
         sizer = m.sizer(self.cost)
-        if request.draft_max is not None or request.draft_p_min > 0:
+        if m.drafter is not None and (request.draft_max is not None or request.draft_p_min > 0):
             cap = MAX_DRAFT if request.draft_max is None else request.draft_max
             sizer = Capped(sizer, cap, request.draft_p_min)
         return sizer
 
-    def stream(self, request: Request) -> Iterator[tuple[str, Step]]:
-        """Yield (new text, step) pairs. Text never splits a character and never shows part of a stop string."""
-        m = self.check(request)
+    def stream(self, request: Request, plan: Plan | None = None) -> Iterator[tuple[str, Step]]:
+        """Yield (new text, step) pairs. Text never splits a character and never shows part of a stop string.
+        `plan`: the request's, already made by `plan(request)` (default: made now)."""
+        plan = plan or self.plan(request)
         with self.lock:
-            steps = generate(
-                self.model,
-                request.prompt,
-                request.params,
-                m.drafter,
-                self.sizer(m, request),
-                request.session,
-                m.strategy,
-                self.policy(request, m),
-            )
-            yield from texts(steps, StreamDecoder(self.tokenizer, request.prompt), request.stop)
+            steps = generate(self.model, request.prompt, request.params, plan)
+            yield from texts_of(steps, StreamDecoder(self.tokenizer, request.prompt), request.stop)
 
     def complete(self, request: Request, on_text: Callable[[str], None] | None = None) -> Result:
         """Run one request to the end and summarise it; `on_text` gets the text as it streams."""
-        tally = Tally(request)
+        plan = self.plan(request)
+        tally = Tally(request, plan)
         try:
-            for delta, step in self.stream(request):
+            for delta, step in self.stream(request, plan):
                 tally.add(delta, step)
                 if on_text and delta:
                     on_text(delta)
@@ -197,11 +214,11 @@ class Engine:
         return tally.result()
 
     def generate_batch(self, requests: list[Request]) -> list[Result]:
-        """Run requests together with continuous batching (`skipjack.decoding.batch`): one forward pass per step for all
+        """Run requests together with continuous batching (`decoding.batch`): one forward pass per step for all
         of them; each result as `complete` would give it alone where the forward is batch-invariant."""
         runner = self.runner()
         handles = [runner.add(r) for r in requests]
-        tallies = {id(h): Tally(r) for h, r in zip(handles, requests)}
+        tallies = {id(h): Tally(r, h.plan) for h, r in zip(handles, requests)}
         for h in handles:
             tallies[id(h)].add(h.first_text, h.first)
         while runner.busy():
@@ -213,27 +230,24 @@ class Engine:
         """A continuous batch on this engine: requests join (`add`) and leave (finished or `drop`) between steps."""
         return BatchRunner(self)
 
-    def acquire(self, spec: str) -> Method:
-        """A method for one sequence of a batch: the engine's own if free, else another made for the spec (a
-        drafter holds one request's state)."""
-        if spec not in self._busy:
-            self._busy.add(spec)
-            return self.method(spec)
-        idle = self._spare.setdefault(spec, [])
-        return idle.pop() if idle else self.new_method(spec)
 
-    def release(self, spec: str, m: Method) -> None:
-        if m is self._methods.get(spec):
-            self._busy.discard(spec)
-        else:
-            self._spare.setdefault(spec, []).append(m)
+def once(make: Callable):
+    """`make`, called on first use only (its value kept)."""
+    box: list = []
+
+    def get():
+        if not box:
+            box.append(make())
+        return box[0]
+
+    return get
 
 
 class Handle:
-    """One request in a `BatchRunner`: its sequence, its text, its method."""
+    """One request in a `BatchRunner`: its sequence, its text, its plan."""
 
-    def __init__(self, request: Request, seq: Sequence, text: TextStream, method: Method):
-        self.request, self.seq, self.text, self.method = request, seq, text, method
+    def __init__(self, request: Request, seq: Sequence, text: TextStream, plan: Plan):
+        self.request, self.seq, self.text, self.plan = request, seq, text, plan
         self.first: Step | None = None
         self.first_text = ""
 
@@ -241,7 +255,8 @@ class Handle:
 class BatchRunner:
     """Requests decoded together on one engine (the server's worker uses it). `add` prefills a request alone and
     returns its handle (its first step and text on it); `step` runs one batched step of every live request and
-    returns (handle, new text, step) for each; `drop` ends one between steps. Each step holds the engine's lock."""
+    returns (handle, new text, step) for each; `drop` ends one between steps. Each step holds the engine's lock.
+    The sequences of one method draft through sessions of its one drafter, as llama.cpp's sequence ids."""
 
     def __init__(self, engine: Engine):
         self.engine, self.batch, self.handles = engine, Batch(engine.model, cost=engine.batch_cost), {}
@@ -253,27 +268,15 @@ class BatchRunner:
         e = self.engine
         if len(self.batch.live) >= self.batch.rows:
             raise SkipjackError(f"the batch is full ({self.batch.rows} sequences)")
-        m = e.check(request)  # validated; a spec's method is the engine's, or another if that one is busy
-        if isinstance(request.method, str):
-            m = e.acquire(request.method)
+        plan = e.plan(request)
         with e.lock:
-            policy = e.policy(request, m)
-            seq = Sequence(
-                e.model,
-                request.prompt,
-                request.params,
-                m.drafter,
-                e.sizer(m, request),
-                request.session,
-                m.strategy,
-                policy,
-            )
-            h = Handle(request, seq, TextStream(StreamDecoder(e.tokenizer, request.prompt), request.stop), m)
+            seq = Sequence(e.model, plan, request.prompt, request.params)
+            h = Handle(request, seq, TextStream(StreamDecoder(e.tokenizer, request.prompt), request.stop), plan)
             h.first = self.batch.add(seq)
         h.first_text = h.text.push(h.first)
         self.handles[id(seq)] = h
         if h.first.finish:
-            self._end(h)
+            self.handles.pop(id(seq), None)
         return h
 
     def step(self) -> list[tuple[Handle, str, Step]]:
@@ -289,18 +292,14 @@ class BatchRunner:
 
     def drop(self, h: Handle) -> None:
         self.batch.drop(h.seq)
-        self._end(h)
-
-    def _end(self, h: Handle) -> None:
-        if self.handles.pop(id(h.seq), None) is not None and isinstance(h.request.method, str):
-            self.engine.release(h.request.method, h.method)
+        self.handles.pop(id(h.seq), None)
 
 
 class Tally:
     """A request's steps summed into a `Result`."""
 
-    def __init__(self, request: Request):
-        self.request, self.text, self.tokens, self.hist = request, [], [], Counter()
+    def __init__(self, request: Request, plan: Plan):
+        self.request, self.plan, self.text, self.tokens, self.hist = request, plan, [], [], Counter()
         self.accepted = self.passes = self.drafts = self.cached = self.kv_bytes = 0
         self.drafting, self.finish, self.t_first, self.ended = 0.0, "length", None, False
         self.problems: list[str] = []
@@ -331,7 +330,8 @@ class Tally:
             prompt_tokens=len(r.prompt),
             seconds=dt,
             tokens_per_s=len(self.tokens) / dt if dt > 0 else 0.0,
-            method=r.method if isinstance(r.method, str) else r.method.spec,
+            method=self.plan.method,
+            lossless=self.plan.lossless,
             tokens_per_pass=1.0 + self.accepted / self.passes if self.passes else 1.0,
             draft_steps=self.drafts,
             finish=self.finish,
@@ -343,4 +343,5 @@ class Tally:
             problems=self.problems,
             kv=r.kv or "full",
             kv_bytes=self.kv_bytes,
+            layers=self.plan.strategy.stats() if self.plan.strategy is not None else {},
         )

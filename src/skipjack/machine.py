@@ -1,11 +1,15 @@
-"""Facts about this machine's CPU, read from the operating system and never assumed: which SIMD instruction sets
-its flags name (Linux: the `flags` line of /proc/cpuinfo on x86, `Features` on Arm).
+"""Facts about this machine's CPU, read from the operating system and never assumed, in one place (nothing else
+reads /proc/cpuinfo; tests/test_architecture.py checks it): its model name (`cpu_name`: measurement caches are
+keyed by it), which SIMD instruction sets its flags name (Linux: the `flags` line of /proc/cpuinfo on x86,
+`Features` on Arm), and the flags the q4/q8 kernels' build is keyed by (`kernel_flags`).
 
 `cpu_flags()` is None where no flags can be read (another OS, a sandbox without /proc): unknown, not absent.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 CPUINFO = Path("/proc/cpuinfo")
@@ -37,12 +41,44 @@ def parse_flags(cpuinfo: str) -> set[str] | None:
     return None
 
 
+def cpuinfo() -> str:
+    """/proc/cpuinfo's text; "" where it cannot be read."""
+    try:
+        return CPUINFO.read_text()
+    except OSError:
+        return ""
+
+
+def field(text: str, key: str) -> str | None:
+    """The value of the first line of /proc/cpuinfo's `text` whose key is `key`; None if there is none."""
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip() == key:
+            return value.strip()
+    return None
+
+
 def cpu_flags() -> set[str] | None:
     """This CPU's flags, from /proc/cpuinfo; None where it cannot be read."""
-    try:
-        return parse_flags(CPUINFO.read_text())
-    except OSError:
-        return None
+    return parse_flags(cpuinfo())
+
+
+def cpu_name() -> str:
+    """The CPU's model name (verify costs, and the cached measurements keyed by it, belong to one CPU); the
+    platform's processor or architecture where /proc/cpuinfo names none."""
+    return field(cpuinfo(), "model name") or platform.processor() or platform.machine()
+
+
+KERNEL_FLAGS = ("avx", "fma", "f16c", "amx")  # the x86 flags that change what `-march=native` compiles to
+
+
+def kernel_flags() -> str:
+    """What the q4/q8 kernels' build is keyed by (`skipjack.weights.kernels.build_name`): the x86 flags that
+    start with `KERNEL_FLAGS`, sorted; the architecture's name on a CPU with no x86 `flags` line."""
+    flags = field(cpuinfo(), "flags")
+    if flags is None:
+        return os.uname().machine
+    return " ".join(sorted(f for f in flags.split() if f.startswith(KERNEL_FLAGS)))
 
 
 def instruction_sets(flags: set[str] | None) -> tuple[list[str], list[str]] | None:

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
-from skipjack import integrity
+from skipjack import integrity, schemas, store
 from skipjack.decoding.session import Session
-from skipjack.errors import SkipjackError
+from skipjack.errors import SkipjackError, Unavailable
 from skipjack.models import fingerprint
 from skipjack.models.common import DecoderLM
 
@@ -75,15 +74,16 @@ def load_prompt_cache(path: Path, model: DecoderLM, notice=print) -> Session:
         notice(f"skipjack: prompt cache {path} was made by another model or precision; it will be replaced")
         return pc
     try:
-        tokens, first, capacity = json.loads(meta["tokens"]), json.loads(meta["first"]), int(meta["capacity"])
+        m = schemas.parse("its metadata", meta, schemas.PromptCacheMeta)
+        tokens, first, capacity = m.tokens, m.first, m.capacity
         cache = model.make_cache(capacity)  # the saving request's size: every layer is of the kind it was
         if len(first) != len(cache) or not len(tokens) <= capacity:
             raise SkipjackError(f"it does not match the model's {len(cache)} layers")
-        if not all(isinstance(t, int) and 0 <= t < model.lm_head.out_features for t in tokens):
+        if not all(t < model.lm_head.out_features for t in tokens):
             raise SkipjackError("a token id outside the model's vocabulary")
         with safe_open(str(path), framework="pt") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
-        if integrity.digest(tensors) != meta.get("digest"):
+        if integrity.digest(tensors) != m.digest:
             raise SkipjackError("its tensors do not match their checksum")
         for i, layer in enumerate(cache):
             layer.restore(tensors[f"{i}.k"], tensors[f"{i}.v"], first[i])
@@ -113,13 +113,8 @@ def save_prompt_cache(path: Path, pc: Session) -> None:
         "capacity": str(pc.cache.capacity),
         "digest": integrity.digest(tensors),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
+        with store.atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
     except OSError as e:
-        raise SkipjackError(f"cannot write the prompt cache {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        raise Unavailable(f"cannot write the prompt cache {path}: {store.reason(e)}") from None

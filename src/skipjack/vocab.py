@@ -1,50 +1,30 @@
-"""Token frequencies for reduced-vocabulary draft heads (FR-Spec): counts of each token id over local text
-(the stdlib's pydoc topics and a few of its module sources) through the model's tokenizer, cached on disk
-per tokenizer. The engine hands them to drafters (the shared store's `token_counts`), lazily."""
+"""Token frequencies for reduced-vocabulary draft heads (FR-Spec): counts of each token id over the drafters'
+local text (`skipjack.texts.local_text`: short pydoc topics, stdlib documentation and sources, none of it in a
+benchmark prompt or the eval harness's text) through the model's tokenizer, cached on disk per tokenizer. The
+engine counts them while it prepares a drafter that asks for them (`Resources.token_counts`), never in a request."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sysconfig
 from collections import Counter
-from pathlib import Path
 
-from skipjack import store
+from skipjack import schemas, store
+from skipjack.texts import local_text
 
-SOURCES = ("os.py", "json/__init__.py", "argparse.py", "collections/__init__.py", "pathlib/__init__.py", "typing.py")
 CHUNK = 20_000  # characters tokenised per call
-
-
-def local_text(limit: int = 1_500_000) -> str:
-    """Offline English and Python text: pydoc's topics, then stdlib sources, up to `limit` characters."""
-    from pydoc_data.topics import topics
-
-    return "\n".join([*topics.values(), stdlib_sources()])[:limit]
-
-
-def stdlib_sources() -> str:
-    """The source of a few stdlib modules (`SOURCES`), joined."""
-    lib, parts = Path(sysconfig.get_paths()["stdlib"]), []
-    for name in SOURCES:
-        try:
-            parts.append((lib / name).read_text())
-        except OSError:
-            continue
-    return "\n".join(parts)
+VERSION = 2  # 2: the text leaves out what the benchmark prompts and the eval harness use
 
 
 def token_counts(tokenizer) -> dict[int, int]:
-    """{token id: count} over `local_text()`, cached per tokenizer."""
+    """{token id: count} over `local_text()`, cached per tokenizer (a cache file of another shape, or with ids
+    outside the vocabulary, is counted again and rewritten)."""
     vocab = json.dumps(sorted(tokenizer.hf.get_vocab().items()))
-    path = store.cache_file("vocab", {"tokenizer": hashlib.sha256(vocab.encode()).hexdigest(), "v": 1})
+    path = store.cache_file("vocab", {"tokenizer": hashlib.sha256(vocab.encode()).hexdigest(), "v": VERSION})
     n = len(tokenizer.hf)
-    try:
-        counts = {int(k): int(v) for k, v in json.loads(path.read_text()).items()}
-        if all(0 <= k < n and v >= 0 for k, v in counts.items()):
-            return counts
-    except (OSError, ValueError, AttributeError, TypeError):
-        pass  # missing, unreadable or out of range: counted again and rewritten
+    counts = schemas.read_cache(path, schemas.TokenCounts)
+    if counts is not None and all(k < n for k in counts):
+        return counts
     text, counts = local_text(), Counter()
     for i in range(0, len(text), CHUNK):
         counts.update(tokenizer.encode(text[i : i + CHUNK], add_special_tokens=False))

@@ -10,8 +10,7 @@ import sys
 import threading
 import time
 
-from skipjack.decoding.cost import cpu_name
-from skipjack.machine import cpu_flags, instruction_sets
+from skipjack.machine import cpu_flags, cpu_name, instruction_sets
 
 BANDWIDTH_MB = 512  # size of the array copied to measure memory bandwidth
 
@@ -34,15 +33,11 @@ def measure_bandwidth(mb: int | None = None) -> float:
 
 def _llamacpp_build() -> str | None:
     """Which llama.cpp build `make bench-peers` made and smoke-tested (tools/build-llamacpp.sh), if any."""
-    import json
-
+    from skipjack.schemas import LlamacppBuild, read_cache
     from skipjack.store import home
 
-    try:
-        b = json.loads((home() / "llamacpp-build.json").read_text())
-        return f"{b['build']} build ({b['cmake_args']})"
-    except (OSError, ValueError, KeyError):
-        return None
+    b = read_cache(home() / "llamacpp-build.json", LlamacppBuild)
+    return None if b is None else f"{b.build} build ({b.cmake_args})"
 
 
 def machine_info(bandwidth_gbs: float) -> dict:

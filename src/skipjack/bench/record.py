@@ -37,10 +37,10 @@ def measured(results: dict, bench, engine) -> None:
     results["peers"] = {n: {"status": p.status, "weight_bytes": weights(p)} for n, p in bench.peers.items()}
     results["peak_rss_mb"] = round(peak_rss_mb(), 1)
     results["runs"] = bench.runs
-    sized = any(m.drafter is not None and not m.k for n, m in bench.drafters.items() if split_dtype(n)[1] is None)
+    sized = any(m.drafter is not None and not m.spec.k for n, m in bench.drafters.items() if split_dtype(n)[1] is None)
     results["cost_curves"] = engine.cost.curves() if sized else None  # what the run's shared cost model learned
     results["drafters"] = {  # what each model-based drafter chose by the end of the run (skip set, exit layer)
-        n: jsonable(m.drafter.describe()) for n, m in bench.drafters.items() if hasattr(m.drafter, "describe")
+        n: jsonable(d) for n, m in bench.drafters.items() if (d := m.drafter_description())
     }
     results["summary"] = summarise(results, bench.sampler.peaks)
 

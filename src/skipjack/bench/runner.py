@@ -2,7 +2,7 @@
 
 Procedure (results.json's schema: `skipjack.bench.schema`):
 
-1. Validate everything before the slow model load: methods (`skipjack.drafters.make_method`), peers, the
+1. Validate everything before the slow model load: methods (`skipjack.methods.MethodSpec.parse`), peers, the
    suite or `--prompts` file, numbers, and that `--out` is writable (a probe file is written there).
 2. Measure memory bandwidth once (copy of a ~512 MB float32 tensor, best of 3; read + write bytes).
 3. Load the model as an `Engine`, tuned afresh (`skipjack.decoding.tuning`: the row padding and the verify-cost prior
@@ -42,7 +42,6 @@ Ctrl-C writes what has been measured so far with `"complete": false` and exits w
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shlex
@@ -127,8 +126,8 @@ class Bench:
         self.a, self.methods, self.peers, self.prompts = a, methods, peers, prompts
         self.engines = engines  # dtype after a method's `@` (None: the run's) -> Engine
         self.tokenizer = engines[None].tokenizer
-        # Each method made once with nothing learned, in a store of its own; every cold run gets a copy (the
-        # copies share the models and heads, never what is learned), and so does the warm one, which learns on.
+        # Each method made once with nothing learned, in a store of its own; every cold run gets a fork (forks
+        # share the resources: models and heads, never what is learned), and so does the warm one, which learns on.
         self.blank = {m: engines[split_dtype(m)[1]].new_method(split_dtype(m)[0], own_store=True) for m in methods}
         self.drafters = {m: self.fresh(m) for m in methods}  # the warm methods: learned across the prompts
         stop = self.tokenizer.stop_ids
@@ -140,7 +139,7 @@ class Bench:
 
     def fresh(self, method: str):
         """The method with nothing learned (a copy of its blank one: no state shared with any other method)."""
-        return copy.deepcopy(self.blank[method])
+        return self.blank[method].fork()
 
     def _ours(self, method: str, ids: list[int], params, m=None) -> dict:
         from skipjack.engine import Request
@@ -205,7 +204,7 @@ class Bench:
         if state == "cold":
             return self.fresh(name)
         if state == "warm" and repeat > 0:
-            return copy.deepcopy(learned[name])
+            return learned[name].fork()
         return None
 
     def _guard(self, name: str, fn):
@@ -225,7 +224,7 @@ class Bench:
             jobs, R = self.jobs(), self.a.repeats
             # Every warm repeat starts from the same drafter state (an adaptive drafter must not learn the
             # answer in repeat 1 and replay it in repeat 2); the state after repeat 1 is kept.
-            learned = {n: copy.deepcopy(m) for n, m in self.drafters.items() if m.drafter is not None}
+            learned = {n: m.fork() for n, m in self.drafters.items() if m.drafter is not None}
             reps: dict[tuple, list[dict]] = {j: [] for j in jobs}
             for i in range(R):
                 for name, state in rotated(jobs, pi * R + i):

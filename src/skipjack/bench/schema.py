@@ -135,7 +135,7 @@ class MethodSummary(TypedDict):
 
     kind: str  # "method" | "peer"
     status: str  # "ok" for methods; a peer's PeerInfo status
-    lossless: bool | None  # drafters.lossless_methods(); false for `method@dtype` off the run's dtype; null for peers
+    lossless: bool | None  # methods.MethodSpec.lossless; false for `method@dtype` off the run's dtype; null for peers
     prompts: int | None  # prompts it completed
     new_tokens: int | None  # total new tokens
     seconds: float | None  # total seconds

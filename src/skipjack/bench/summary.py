@@ -65,7 +65,7 @@ def _by_method(results: Results) -> dict[str, list[Run]]:
 def summarise(results: Results, rss_peaks: dict | None = None) -> dict[str, MethodSummary]:
     """The `summary` section, computed from `runs` (`skipjack.bench.schema.MethodSummary`)."""
     from skipjack.bench.suite import split_dtype
-    from skipjack.drafters import lossless_methods, parse_method
+    from skipjack.methods import MethodSpec
 
     peers, by = results.get("peers", {}), _by_method(results)
     plain = by.get("plain", [])
@@ -79,7 +79,7 @@ def summarise(results: Results, rss_peaks: dict | None = None) -> dict[str, Meth
         s = {"kind": "peer" if is_peer else "method", "status": peers[name]["status"] if is_peer else "ok"}
         spec, dtype = split_dtype(name)  # `method@dtype`: the model in another dtype than the run's (and plain's)
         same_dtype = dtype in (None, model.get("dtype"))
-        s["lossless"] = None if is_peer else same_dtype and parse_method(spec)[0] in lossless_methods()
+        s["lossless"] = None if is_peer else same_dtype and MethodSpec.parse(spec).lossless
         s |= _figures(rs, plain, greedy, is_peer)
         s["prompt_tokens_per_s"] = prompt_rate(rs)
         s["long_prompt_tokens_per_s"] = prompt_rate([r for r in rs if r.get("category") == "long"])

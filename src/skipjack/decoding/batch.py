@@ -117,7 +117,7 @@ class Batch:
             for s in live:
                 s.draft(cap, full=True)
             context = sum(s.at for s in live) // len(live)
-            fixed = [getattr(s.sizer, "fixed", False) for s in live]
+            fixed = [s.sizer.fixed for s in live]
             for s, n in zip(live, self.cost.choose([s.proposal for s in live], context, fixed)):
                 if s.proposal is not None:
                     s.proposal = s.proposal.prefix(n)

@@ -48,9 +48,7 @@ Where c(n | L) comes from:
 from __future__ import annotations
 
 import math
-import platform
 import time
-from pathlib import Path
 
 import torch
 
@@ -65,17 +63,6 @@ BUCKETS = 8  # context buckets: <= 512, <= 1024, ... , the last one open-ended
 EXPLORE = 3  # plain steps taken at a new context bucket before drafting there
 PRIOR_CONTEXT = 256  # cached tokens at which the prior is measured
 LONG_CONTEXT = 2048  # ... and again here, for how each width's cost grows with the context
-
-
-def cpu_name() -> str:
-    """The CPU's model name (verify costs, and the cached prior, belong to one CPU)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bucket(context: int) -> int:

@@ -143,11 +143,6 @@ def best_first(
     return Proposal(*kept, state=state)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 REQUEST_PRIOR = 3.0  # pseudo-acceptances behind a request's calibration factor
 
 

@@ -20,18 +20,18 @@ from dataclasses import dataclass
 
 import torch
 
-from skipjack.cache import CachePolicy, KVCache
+from skipjack.cache import KVCache
 from skipjack.decoding.cost import CostModel
-from skipjack.decoding.proposal import DraftContext, Drafter, Proposal, Verdict
+from skipjack.decoding.plan import Plan
+from skipjack.decoding.proposal import DraftContext, Proposal, Verdict
 from skipjack.decoding.sampling import Sampler, SamplingParams
-from skipjack.decoding.session import Session, prefill
-from skipjack.decoding.sizing import CostSizer, NoDraft, Sizer
+from skipjack.decoding.session import prefill
+from skipjack.decoding.sizing import CostSizer, NoDraft
 from skipjack.decoding.verify import tree_mask, verify
-from skipjack.errors import SkipjackError
+from skipjack.errors import Fault
 from skipjack.limits import MAX_DRAFT
 from skipjack.models import DecoderLM
 from skipjack.models.common import Segment
-from skipjack.strategies import Strategy
 
 
 @dataclass
@@ -67,22 +67,11 @@ def _logprobs(logits: torch.Tensor, tokens: list[int], top: int | None) -> list[
     return out
 
 
-def generate(
-    model: DecoderLM,
-    prompt: list[int],
-    params: SamplingParams,
-    drafter: Drafter | None = None,
-    sizer: Sizer | None = None,
-    session: Session | None = None,
-    strategy: Strategy | None = None,
-    policy: CachePolicy | None = None,
-) -> Iterator[Step]:
-    """Yield `Step`s until a stop token, `max_new_tokens`, or the context is full. `sizer` sizes the drafts
-    (default: verify all a drafter proposes that has a positive score); `session`: how the request starts
-    (`skipjack.decoding.session`; default: a fresh prefill of the prompt); `strategy`: a lossy layer plan for the plain
-    steps (`skipjack.strategies`; no drafter then); `policy`: the KV cache policy (`skipjack.kvpolicies`; default
-    every key kept; not with a session)."""
-    seq = Sequence(model, prompt, params, drafter, sizer, session, strategy, policy)
+def generate(model: DecoderLM, prompt: list[int], params: SamplingParams, plan: Plan | None = None) -> Iterator[Step]:
+    """Yield `Step`s until a stop token, `max_new_tokens`, or the context is full, decoding as `plan` says
+    (`skipjack.decoding.plan`: the drafter's session, the sizer, a lossy layer strategy, the KV cache policy,
+    how the request starts; default: plain decoding from a fresh prefill, every key kept)."""
+    seq = Sequence(model, plan or Plan(), prompt, params)
     try:
         step = seq.first()
         while True:
@@ -99,13 +88,8 @@ class Sequence:
     A step is `plan` (draft, size, the forward's inputs), one forward (alone or batched), `settle` (verify,
     roll the cache back, learn, apply stop and length)."""
 
-    def __init__(self, model, prompt, params, drafter=None, sizer=None, session=None, strategy=None, policy=None):
-        if strategy is not None and drafter is not None:
-            raise SkipjackError("a lossy layer strategy runs plain steps only: it takes no drafter")
-        if getattr(policy, "plain_only", False) and drafter is not None:
-            raise SkipjackError("this cache policy runs plain steps only: it takes no drafter")
-        if policy is not None and session is not None:
-            raise SkipjackError("a cache policy makes a request's own cache: it does not run with a session")
+    def __init__(self, model: DecoderLM, plan: Plan, prompt: list[int], params: SamplingParams):
+        drafter, sizer, session, strategy, policy = plan.draft, plan.sizer, plan.session, plan.strategy, plan.policy
         if drafter is None:
             sizer = NoDraft()
         elif sizer is None:
@@ -177,8 +161,7 @@ class Sequence:
         if budget > 0:
             t = time.perf_counter()
             proposal = drafter.propose(DraftContext(ctx, budget, model, cache, sizer.more))
-            once = getattr(drafter, "search_seconds", 0.0)  # one-off work (a skip-set search), not a draft's cost
-            self.drafting = time.perf_counter() - t - once
+            self.drafting = time.perf_counter() - t
             sizer.observe_draft(len(proposal or ()), self.drafting, at)
             if proposal is not None:
                 proposal = proposal.prefix(min(budget, proposal.valid_length(model.lm_head.out_features)))
@@ -258,7 +241,7 @@ def finite(logits: torch.Tensor, checked: bool | None = None) -> torch.Tensor:
     if checked is None:
         checked = math.isfinite(float(logits.sum())) or bool(torch.isfinite(logits).all())
     if not checked:
-        raise SkipjackError(
+        raise Fault(
             "the model produced non-finite logits (NaN or inf): its weights may be damaged; clear the model's "
             "cache entry under SKIPJACK_HOME/converted, or try --dtype fp32"
         )

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from skipjack.cache import CachePolicy, KVCache
-from skipjack.decoding.proposal import common_prefix
+from skipjack.cache import CachePolicy, KVCache, TrackedCache
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
 from skipjack.models import DecoderLM
@@ -65,7 +64,7 @@ def prefill(
     (and room for the request), run only the rest. The cache is then settled (a policy may compress it)."""
     if cache is None:
         cache, held = model.make_cache(check_prompt(model, prompt, max_new_tokens), policy=policy), 0
-    chunk, ran = getattr(cache.policy, "prompt_chunk", lambda: 0)() or len(prompt), len(prompt) - held
+    chunk, ran = cache.policy.prompt_chunk() or len(prompt), len(prompt) - held
     while len(prompt) - held > chunk:  # a policy that bounds the prompt's memory: compress after each part
         model(torch.tensor([prompt[held : held + chunk]]), cache, logits="none")
         held += chunk
@@ -81,10 +80,25 @@ class Session:
 
     def __init__(self) -> None:
         self.model: DecoderLM | None = None
-        self.tokens: list[int] = []  # the tokens whose keys/values `cache` holds, in order
-        self.cache: KVCache | None = None
+        self.held = TrackedCache()  # the cache and the tokens whose keys/values it holds, in order
         self.logits: torch.Tensor | None = None  # copy-from only: [V] after `tokens`
         self.frozen = False  # copy-from: requests copy the cache and leave it as it was
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.held.tokens
+
+    @tokens.setter
+    def tokens(self, tokens: list[int]) -> None:
+        self.held.tokens = list(tokens)
+
+    @property
+    def cache(self) -> KVCache | None:
+        return self.held.cache
+
+    @cache.setter
+    def cache(self, cache: KVCache | None) -> None:
+        self.held.cache = cache
 
     @classmethod
     def prefilled(cls, model: DecoderLM, prompt: list[int], max_new_tokens: int) -> Session:
@@ -94,23 +108,23 @@ class Session:
         return s
 
     def clear(self) -> None:
-        self.model, self.tokens, self.cache, self.logits = None, [], None, None
+        self.model, self.held, self.logits = None, TrackedCache(), None
 
     def start(self, model: DecoderLM, prompt: list[int], max_new_tokens: int) -> Start:
         """`prompt` prefilled for a request, reusing what this session holds."""
         need = check_prompt(model, prompt, max_new_tokens)
         if self.frozen:
             return self._copy(model, prompt, need)
-        cache, held, same = self.cache, self.tokens, self.model is model
+        held, same = self.held, self.model is model
         self.clear()  # taken over by this request
-        n = common_prefix(held, prompt[:-1]) if cache is not None and same else 0  # the last token must run
-        if n == 0 or not cache.resumable(n):
+        n = held.common(prompt[:-1]) if same else 0  # the last token must run
+        if n == 0 or not held.cache.resumable(n):
             return prefill(model, prompt, max_new_tokens)
-        cache.trim(cache.offset - n)
-        if cache.capacity < need:  # grown geometrically: a long conversation is copied O(log n) times
-            longest = model.config.max_position_embeddings
-            cache = cache.moved(model.make_cache(min(longest, max(need, 2 * cache.capacity))))
-        return prefill(model, prompt, max_new_tokens, cache, n)
+        held.cut(n)
+        longest, cap = model.config.max_position_embeddings, held.cache.capacity
+        # grown geometrically: a long conversation is copied O(log n) times
+        held.fit(need, lambda need: model.make_cache(min(longest, max(need, 2 * cap))))
+        return prefill(model, prompt, max_new_tokens, held.cache, n)
 
     def _copy(self, model: DecoderLM, prompt: list[int], need: int) -> Start:
         if self.model is not model or self.tokens != list(prompt):
@@ -129,6 +143,4 @@ class Session:
         if not intact:
             self.clear()
             return
-        n = min(cache.offset, len(ctx))
-        cache.trim(cache.offset - n)
-        self.model, self.tokens, self.cache = model, list(ctx[:n]), cache
+        self.model, self.held = model, TrackedCache.after(cache, ctx)

@@ -28,6 +28,8 @@ from skipjack.limits import MAX_DRAFT
 
 
 class Sizer(Protocol):
+    fixed: bool  # the user's size (`k`): a batch verifies its drafts whole
+
     def budget(self, room: int, context: int) -> int:
         """Most draft nodes worth asking the drafter for (<= room) at `context` cached tokens; 0 = none."""
         ...
@@ -78,6 +80,8 @@ class DraftCost:
 class _Free:
     """Sizers that ignore draft cost."""
 
+    fixed = False
+
     def more(self, scores: list[float]) -> bool:
         return True
 
@@ -115,6 +119,8 @@ class FixedSizer(_Free):
 
 
 class CostSizer:
+    fixed = False
+
     def __init__(self, cost: CostModel, draft: DraftCost | None = None):
         self.cost, self.draft = cost, draft or DraftCost()
         self.context = 0
@@ -156,7 +162,7 @@ class Capped:
 
     def __init__(self, inner: Sizer, n_max: int, p_min: float = 0.0):
         self.inner, self.n_max, self.p_min = inner, n_max, p_min
-        self.fixed = getattr(inner, "fixed", False)
+        self.fixed = inner.fixed
 
     def budget(self, room: int, context: int) -> int:
         return min(self.n_max, self.inner.budget(room, context))

@@ -34,8 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from skipjack.decoding.cost import CostModel, cpu_name
+from skipjack.decoding.cost import CostModel
+from skipjack.machine import cpu_name
 from skipjack.models import DecoderLM
+from skipjack.schemas import CostPrior, RowsCache, read_cache
 from skipjack.store import cache_file, write_atomic
 from skipjack.weights.linear import PLAIN, PackedLinear
 
@@ -170,18 +172,19 @@ KEYS = ("ms", "plain_ms")
 
 
 def _read_rows(path: Path, groups) -> Tuning | None:
-    """The cached measurement, or None if missing, unreadable or malformed (then it is measured again)."""
-    try:
-        found = json.loads(path.read_text())
-        ms, plain = ({k: {int(n): float(t) for n, t in v.items()} for k, v in found[key].items()} for key in KEYS)
-        for shape in groups:
-            p = found["pads"][_name(shape)]
-            ok = all(type(q) is int and (m <= q or q == PLAIN) for m, q in enumerate(p))
-            if not (isinstance(p, list) and p[:1] == [0] and ok):
-                return None
-        return Tuning(found["pads"], ms, plain)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    """The cached measurement, or None if missing, unreadable, of another shape (`schemas.RowsCache`) or not
+    about these shapes at every row count (then it is measured again and rewritten)."""
+    found = read_cache(path, RowsCache)
+    if found is None or set(found.ms) != {_name(shape) for shape in groups}:
         return None
+    for shape in groups:
+        name = _name(shape)
+        p, ms = found.pads.get(name), found.ms.get(name, {})
+        if p is None or p[:1] != [0] or not all(m <= q or q == PLAIN for m, q in enumerate(p)):
+            return None
+        if set(ms) != set(range(1, MAX_ROWS + 1)):
+            return None
+    return Tuning(found.pads, found.ms, found.plain_ms)
 
 
 # ---- 2. the verify-cost prior ----
@@ -212,7 +215,6 @@ def prior_path(model: DecoderLM, pads: dict[str, list[int]]) -> Path:
 
 
 def _read_prior(path: Path) -> CostModel | None:
-    try:
-        return CostModel.from_prior_json(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return None  # missing or unreadable: measured again and rewritten
+    """The cached prior; None if missing, unreadable or malformed (then it is measured again and rewritten)."""
+    found = read_cache(path, CostPrior)
+    return None if found is None else CostModel.from_prior_json(found.model_dump())

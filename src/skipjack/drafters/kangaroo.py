@@ -30,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from skipjack import integrity, store, validate
-from skipjack.cache import LayerKV
-from skipjack.decoding.proposal import DraftContext, Proposal, Verdict, common_prefix
-from skipjack.drafters.layered import Calibrated, DraftHead, SharesModels, draft, resumable
-from skipjack.errors import SkipjackError
+from skipjack.cache import KVCache, LayerKV, TrackedCache
+from skipjack.decoding.proposal import DraftContext, Proposal, Verdict
+from skipjack.drafters.base import Drafter, DraftSession, Resources
+from skipjack.drafters.layered import Calibrated, DraftHead, draft, resumable
+from skipjack.errors import SkipjackError, one_line
 from skipjack.models import fingerprint
 from skipjack.models.common import attention_mask
 from skipjack.models.rowops import Rope, apply_rope, rms_norm
@@ -113,9 +114,43 @@ def save(adapter: Adapter, model, path: Path, about: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def expected_shape(model) -> dict:
+    """The adapter dimensions that fit `model` (all but `eps` and `layers`)."""
+    c = model.config
+    return dict(hidden=c.hidden_size, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, head_dim=c.head_dim)
+
+
+def _checked(model, shape: dict, about: dict, tensors: dict) -> None:
+    """Raise ValueError (one line) unless the file's metadata and tensors describe an adapter for `model`: its
+    dimensions, the layer it follows, its tensors' names, dtypes, shapes and values, and what it says about its
+    training (the vocabulary it was trained against)."""
+    want = expected_shape(model)
+    if set(shape) != {*want, "eps", "layers"}:
+        raise ValueError(f"its shape names {sorted(shape)}, not {sorted({*want, 'eps', 'layers'})}")
+    for key, v in want.items():
+        if shape[key] != v or type(shape[key]) is not int:
+            raise ValueError(f"{key} {shape[key]!r}, not this model's {v}")
+    eps, layers = shape["eps"], shape["layers"]
+    if type(eps) is not float or not 0.0 < eps < 1.0:
+        raise ValueError(f"eps {eps!r}")
+    if type(layers) is not int or not 1 <= layers < model.num_layers - 1:
+        raise ValueError(f"it follows layer {layers!r}, not one in [1, {model.num_layers - 2}] for this model")
+    D, H, Hk, Dh = want["hidden"], want["heads"], want["kv_heads"], want["head_dim"]
+    shapes = {"norm1": (D,), "norm2": (D,), "wqkv.weight": ((H + 2 * Hk) * Dh, D), "wo.weight": (D, H * Dh)}
+    if set(tensors) != set(shapes):
+        raise ValueError(f"its tensors are {sorted(tensors)}, not {sorted(shapes)}")
+    for name, dims in shapes.items():
+        t = tensors[name]
+        if t.dtype != torch.float32 or tuple(t.shape) != dims:
+            raise ValueError(f"{name} is {t.dtype} {tuple(t.shape)}, not float32 {dims}")
+    vocab = about.get("vocab", 0)
+    if type(vocab) is not int or vocab < 0:
+        raise ValueError(f"it was trained against a vocabulary of {vocab!r} tokens")
+
+
 def load(model, path: Path) -> tuple[Adapter, dict]:
     """The adapter saved at `path` for `model`, and what was recorded about its training; one-line errors for a
-    missing, damaged or foreign file."""
+    missing, damaged or foreign file, or one that does not fit the model (every value read is checked)."""
     from safetensors import SafetensorError, safe_open
 
     retrain = "train one with `skipjack train-adapter --model M`"
@@ -127,126 +162,148 @@ def load(model, path: Path) -> tuple[Adapter, dict]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         if meta.get("kind") != KIND:
             raise ValueError("not a kangaroo adapter")
+        if meta.get("version") != VERSION:
+            raise ValueError(f"adapter format {meta.get('version')!r}, not {VERSION!r}")
         shape, about = json.loads(meta["shape"]), json.loads(meta.get("about", "{}"))
         if not isinstance(shape, dict) or not isinstance(about, dict):
             raise ValueError("malformed metadata")
         if meta.get("digest") != integrity.digest(tensors):
             raise ValueError("its tensors do not match their checksum")
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-        raise SkipjackError(f"kangaroo: {path} is damaged or not an adapter ({e}); {retrain}") from None
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        why = one_line(str(e) or type(e).__name__, 160)
+        raise SkipjackError(f"kangaroo: {path} is damaged or not an adapter ({why}); {retrain}") from None
     if meta.get("model") != identity(model):
-        trained = about.get("model_name", "another model")
+        trained = about.get("model_name")
+        trained = one_line(trained, 80) if isinstance(trained, str) and trained.strip() else "another model"
         raise SkipjackError(f"kangaroo: {path} was trained for {trained}, not this model; {retrain}")
     try:
-        dims = [v for k, v in shape.items() if k != "eps"]
-        eps = shape.get("eps")
-        if not all(type(v) is int and 0 < v <= 1 << 20 for v in dims) or not isinstance(eps, float) or eps <= 0:
-            raise ValueError(f"shape {shape}")
+        _checked(model, shape, about, tensors)
         adapter = Adapter(**shape)
         adapter.load_state_dict(tensors)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise SkipjackError(
-            f"kangaroo: {path} does not fit this model ({(str(e).splitlines() or [type(e).__name__])[0]}); {retrain}"
-        ) from None
+        why = one_line((str(e).splitlines() or [type(e).__name__])[0], 200)
+        raise SkipjackError(f"kangaroo: {path} does not fit this model ({why}); {retrain}") from None
     if not all(torch.isfinite(t).all() for t in tensors.values()):
         raise SkipjackError(f"kangaroo: {path} holds non-finite weights; {retrain}")
     return adapter.eval(), about
 
 
-class Kangaroo(SharesModels):
+class Kangaroo(Drafter):
+    """The options, the adapter and the draft head (`prepare`), and the calibration learned across requests;
+    each request's adapter cache lives in its `KangarooSession`."""
+
     name = "kangaroo"
     lossless = True
+    reads_past_keys = True  # its adapter pass runs the shallow layers over past positions of the target's cache
+    owns_cache = True  # the adapter's one-layer cache
+    LEARNED = ("calib",)
 
-    def __init__(self, threshold: float = 0.6, vocab: int = -1, adapter: str = "", shared: dict | None = None):
+    def __init__(self, threshold: float = 0.6, vocab: int = -1, adapter: str = ""):
         if not 0.0 <= threshold < 1.0:
             raise SkipjackError(f"kangaroo: threshold must be in [0, 1) (got {threshold})")
+        if vocab < -1:
+            raise SkipjackError(
+                f"kangaroo: vocab (draft head size; 0: full, -1: the adapter's) must be >= -1 (got {vocab})"
+            )
         self.threshold, self.vocab = threshold, vocab
         self.file = validate.path("kangaroo: adapter", adapter) if adapter else None
-        self.shared = shared if shared is not None else {}
-        self.model, self.head, self.adapter, self.calib = None, None, None, Calibrated()
-        self.kv: LayerKV | None = None
-        self.held: list[int] = []  # the tokens whose adapter keys `kv` holds, by position
-        target = self.shared.get("target")
-        if target is not None:  # the engine's model: a missing or foreign adapter is an error before any request
-            self._setup(target.model, [])
+        self.model = self.head = self.adapter = self.layers = None
+        self.about: dict = {}
+        self.prior = 0.0
+        self.calib = Calibrated()
 
-    def _setup(self, model, tokens: list[int]) -> None:
-        self.adapter, self.about = load(model, self.file or default_path(model))
-        self.model, self.layers = model, self.adapter.layers
-        if self.layers >= model.num_layers - 1:
-            raise SkipjackError(f"kangaroo: the adapter follows layer {self.layers - 1}, too deep for this model")
-        norm = self.adapter.norm2.detach().to(model.dtype)
-        vocab = self.about.get("vocab", 0) if self.vocab < 0 else self.vocab  # -1: the vocabulary it was trained on
-        self.head = DraftHead(model, vocab, self.shared.get("token_counts"), tokens, norm=norm)
-        self.adapter.to(torch.float32)
+    def prepare(self, resources: Resources) -> None:
+        """Load the adapter trained for the target model (`adapter`, else beside the model cache: a missing or
+        foreign one is an error before any request) and make the draft head."""
+        target = resources.target
+        model = resources.model if resources.model is not None else target.model if target is not None else None
+        if model is None:
+            raise SkipjackError("kangaroo: drafts with the target model's shallow layers; none was given")
+        adapter, about = load(model, self.file or default_path(model))
+        norm = adapter.norm2.detach().to(model.dtype)
+        vocab = about.get("vocab", 0) if self.vocab < 0 else self.vocab  # -1: the vocabulary it was trained on
+        head = DraftHead(model, vocab, resources.token_counts, norm=norm)
+        adapter.to(torch.float32)
+        self.model, self.adapter, self.about, self.layers, self.head = model, adapter, about, adapter.layers, head
         per_layer = sum(lin.nbytes for lin in model.linears()[:-1]) / model.num_layers
-        own = sum(p.numel() * 4 for p in self.adapter.parameters()) / per_layer
-        head = (self.head.linear or model.lm_head).nbytes / per_layer
-        self.cost_prior = (self.layers + own + head) / (model.num_layers + model.lm_head.nbytes / per_layer)
+        own = sum(p.numel() * 4 for p in adapter.parameters()) / per_layer
+        width = (head.linear or model.lm_head).nbytes / per_layer
+        self.prior = (self.layers + own + width) / (model.num_layers + model.lm_head.nbytes / per_layer)
+
+    @property
+    def cost_prior(self) -> float:
+        return self.prior
+
+    def session(self) -> KangarooSession:
+        if self.model is None:
+            raise SkipjackError("kangaroo: the drafter is not prepared (`prepare(resources)` loads the adapter)")
+        return KangarooSession(self)
+
+    def describe(self) -> dict:
+        """The adapter in use, for reports."""
+        return {"layers": self.layers, "adapter": self.about if self.model is not None else None}
+
+
+class KangarooSession(DraftSession):
+    """One request: the adapter's one-layer cache and the tokens whose keys it holds (`cache.TrackedCache`)."""
+
+    def __init__(self, drafter: Kangaroo):
+        self.drafter = drafter
+        self.held = TrackedCache()
 
     def begin(self, prompt: list[int]) -> None:
-        self.kv, self.held = None, []  # a new request: its own adapter cache
+        self.held = TrackedCache()  # a new request: its own adapter cache
 
     def end(self) -> None:
-        self.kv, self.held = None, []
+        self.held.clear()
 
     def _shallow(self, ctx: DraftContext, lo: int, ids: list[int]) -> torch.Tensor:
         """Hidden states [1, n, D] after the shallow layers for tokens `ids` at positions lo.., which the cache
         already holds (their keys in those layers are put back afterwards; from position 0, a throwaway cache)."""
+        d = self.drafter
         pos = torch.arange(lo, lo + len(ids))
-        run = dict(positions=pos, layers=range(self.layers), logits="none")
+        run = dict(positions=pos, layers=range(d.layers), logits="none")
         if lo == 0:
-            return self.model(torch.tensor([ids]), None, **run).last_hidden
-        part = type(ctx.cache)(ctx.cache[: self.layers], ctx.cache.capacity)
-        saved = part.span(lo, lo + len(ids))
-        try:
-            return self.model(torch.tensor([ids]), part, **run).last_hidden
-        finally:
-            part.put_span(lo, saved)
+            return d.model(torch.tensor([ids]), None, **run).last_hidden
+        part = KVCache(ctx.cache[: d.layers], ctx.cache.capacity)
+        with part.scratch(lo):
+            return d.model(torch.tensor([ids]), part, **run).last_hidden
 
     def sync(self, ctx: DraftContext) -> None:
         """Bring the adapter cache to hold tokens[:-1] (keep the common prefix, compute the rest)."""
-        tokens = ctx.tokens
-        if self.kv is None or self.kv.capacity < ctx.cache.capacity:
-            a = self.adapter
-            fresh = LayerKV(1, a.kv_heads, a.head_dim, ctx.cache.capacity, torch.float32)
-            self.kv = fresh if self.kv is None else self.kv.moved(fresh)
-        keep = min(common_prefix(self.held, tokens), len(tokens) - 1)
-        self.kv.trim(self.kv.offset - keep)
-        del self.held[keep:]
-        missing = tokens[keep:-1]
+        a = self.drafter.adapter
+        self.held.fit(ctx.cache.capacity, lambda n: LayerKV(1, a.kv_heads, a.head_dim, n, torch.float32))
+        missing = self.held.sync(ctx.tokens[:-1])
         if missing:
+            keep = len(self.held)
             h = self._shallow(ctx, keep, missing).float()  # [1, n, D]
-            self.adapter(h, torch.arange(keep, keep + len(missing)), self.kv)
+            a(h, torch.arange(keep, keep + len(missing)), self.held.cache)
             self.held.extend(missing)
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> Proposal | None:
-        if ctx.model is not self.model:
-            self._setup(ctx.model, ctx.tokens)
+        d, held = self.drafter, self.held
+        if ctx.model is not d.model:
+            raise SkipjackError("kangaroo: its adapter was prepared for another model than this request's")
         self.sync(ctx)
         shallow: list[torch.Tensor] = []
-        resume = resumable(self.model)
+        resume = resumable(d.model)
 
         def run(token: int, pos: int) -> torch.Tensor:
-            out = self.model(torch.tensor([[token]]), ctx.cache, positions=torch.tensor([pos]),
-                             layers=range(self.layers), logits="none")  # fmt: skip
+            out = d.model(torch.tensor([[token]]), ctx.cache, positions=torch.tensor([pos]),
+                          layers=range(d.layers), logits="none")  # fmt: skip
             shallow.append(out.last_hidden)  # [1, 1, D]
-            self.held.append(token)
-            return self.adapter(out.last_hidden.float(), torch.tensor([pos]), self.kv).to(self.model.dtype)
+            held.extend([token])
+            return d.adapter(out.last_hidden.float(), torch.tensor([pos]), held.cache).to(d.model.dtype)
 
         # `hidden` asks the loop to run the last node too when the budget stops it: its shallow state resumes
-        prop, raw = draft(ctx, run, self.head, self.threshold, self.calib, hidden=[] if resume else None)
+        prop, raw = draft(ctx, run, d.head, d.threshold, d.calib, hidden=[] if resume else None)
         if prop is None:
             return None
         prop.state = raw
         if resume:
-            prop.resume = (self.layers - 1, torch.cat(shallow[: len(prop) + 1], dim=1))  # [1, 1 + N, D]
+            prop.resume = (d.layers - 1, torch.cat(shallow[: len(prop) + 1], dim=1))  # [1, 1 + N, D]
         return prop
 
     def observe(self, proposal: Proposal, verdict: Verdict) -> None:
-        self.calib.learn(proposal, verdict, proposal.state)
-
-    def describe(self) -> dict:
-        """The adapter in use, for reports."""
-        return {"layers": getattr(self, "layers", None), "adapter": self.about if self.model is not None else None}
+        self.drafter.calib.learn(proposal, verdict, proposal.state)

@@ -5,8 +5,9 @@ Draft head (`DraftHead`): the final norm and the LM head, or, with `vocab` > 0, 
 et al. 2025, "FR-Spec: Accelerating Large-Vocabulary Language Models via Frequency-Ranked Speculative
 Sampling"): only the rows of the `vocab` most frequent tokens, so a draft pays for a fraction of the LM head
 and can propose only those tokens. Verification keeps the full vocabulary, so the output is unchanged; a
-token outside the subset is simply never drafted. Frequencies come from the engine (`token_counts` in the
-shared store: local text through the model's tokenizer, `skipjack.vocab`), else from the request's tokens.
+token outside the subset is simply never drafted. Frequencies come from the engine (`Resources.token_counts`:
+local text through the model's tokenizer, `skipjack.vocab`), handed to the drafter's `prepare`; without them
+the head keeps the lowest token ids (plus any `seen` tokens, counted first).
 
 Draft loop (`draft`): from the pending token, run one token at a time through the draft (`run(token,
 position) -> hidden [1, 1, D]`), take the head's top-1 token and its probability; stop when it falls below
@@ -14,8 +15,8 @@ position) -> hidden [1, 1, D]`), take the head's top-1 token and its probability
 With `width` > 1 the tree's width follows confidence: where the draft is confident it is a chain; where it
 stops for want of confidence, the `width` likeliest tokens there become leaves (those whose score is at
 least `LEAF`). A node's score is its path's probability times a calibration factor (realised over predicted
-acceptances, `Calibrated`). Nodes are listed parents first; every leaf comes after the chain it hangs off,
-and scores never grow along a path.
+acceptances, `Calibrated`: learned across requests, so a drafter names it in its `LEARNED`). Nodes are listed
+parents first; every leaf comes after the chain it hangs off, and scores never grow along a path.
 
 Scratch keys: a draft pass writes keys at and after the pending token's position; the decode loop rewinds
 them before verifying (`KVCache.rewind`), except for a proposal with `resume`, whose lower layers' keys are
@@ -24,7 +25,6 @@ exactly the verify pass's own (there the loop keeps them).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 
 import torch
@@ -34,20 +34,6 @@ from skipjack.errors import SkipjackError
 from skipjack.weights.linear import rows
 
 LEAF = 0.05  # a leaf sibling scored below this is not worth a verify row
-
-
-class SharesModels:
-    """A drafter that refers to a model: `copy.deepcopy` (the bench snapshots what a drafter learned before
-    each repeat) copies its learned state, never the models, heads, caches or shared stores it refers to."""
-
-    SHARED = ("model", "head", "shared", "loaded", "cache")
-
-    def __deepcopy__(self, memo):
-        new = copy.copy(self)
-        for key, val in self.__dict__.items():
-            if key not in self.SHARED:
-                setattr(new, key, copy.deepcopy(val, memo))
-        return new
 
 
 def ranking(counts: dict[int, int] | None, vocab: int, seen: list[int] = ()) -> list[int]:
@@ -144,6 +130,21 @@ def draft(
         return None, []
     scores = [min(1.0, r * calib.factor) for r in raw]
     return Proposal(tokens, parents, scores), raw
+
+
+def target(resources, name: str):
+    """The target model a drafter's `prepare` was lent (`Resources.model`), or a one-line error."""
+    if resources is None or resources.model is None:
+        raise SkipjackError(f"{name}: prepare needs the target model (Resources.model)")
+    return resources.model
+
+
+def prepared(model, ctx: DraftContext, name: str) -> None:
+    """Refuse a request's draft before `prepare` ran, or for another model than the one prepared for."""
+    if model is None:
+        raise SkipjackError(f"{name}: the drafter was not prepared (call prepare(resources) before any request)")
+    if ctx.model is not None and ctx.model is not model:
+        raise SkipjackError(f"{name}: the drafter was prepared for another model than this request's")
 
 
 def resumable(model) -> bool:

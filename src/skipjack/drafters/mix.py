@@ -7,53 +7,87 @@ meet); the proposals are merged into one trie (a token under the same parent is 
 score) and the best `budget` nodes by score are verified (`base.merge`). A proposal's `resume` is dropped:
 the tree's verify pass runs every layer. Each drafter then observes its own proposal, cut to the nodes that
 made it into the tree, with the verdict translated to its node indices.
+
+The method registry builds the parts from `of=` (`part_names` checks it) and hands them over as `parts`; a
+mix is as capable as its parts together: lossless only if every part is, reading past keys (or owning a
+cache) if any part does. Each request's `MixSession` holds one session per part.
 """
 
 from __future__ import annotations
 
-import inspect
+from collections.abc import Iterable
 
 from skipjack.decoding.proposal import DraftContext, Proposal, Verdict, merge
+from skipjack.drafters.base import Drafter, DraftSession, Resources
 from skipjack.errors import SkipjackError
 
 
-class Mix:
+def part_names(of: str, known: Iterable[str]) -> list[str]:
+    """The drafter names in `of` ('pld+swift' -> ['pld', 'swift']), each one of `known` (never `mix`), two or
+    more of them; a one-line error otherwise. The registry checks a spec with it before building the parts."""
+    names, known = [n.strip() for n in str(of).split("+") if n.strip()], set(known) - {"mix"}
+    if len(names) < 2 or any(n not in known for n in names):
+        raise SkipjackError(f"mix: of= needs two or more of {', '.join(sorted(known))} joined by + (got {of!r})")
+    return names
+
+
+class Mix(Drafter):
     name = "mix"
     lossless = True
 
-    def __init__(
-        self, of: str = "pld+swift", model: str = "", shared: dict | None = None, registry: dict | None = None
-    ):
-        names = [n.strip() for n in str(of).split("+") if n.strip()]
-        registry = registry or {}
-        bad = [n for n in names if n not in registry or n == "mix"]
-        if len(names) < 2 or bad:
-            raise SkipjackError(
-                f"mix: of= needs two or more of {', '.join(sorted(set(registry) - {'mix'}))} joined by + (got {of!r})"
-            )
-        self.parts = []
-        for n in names:
-            factory = registry[n]
-            kw = {"shared": shared} if _takes(factory, "shared") else {}
-            kw |= {"model": model} if model and _takes(factory, "model") else {}
-            self.parts.append(factory(**kw))
+    def __init__(self, of: str = "pld+swift", model: str = "", parts: list[Drafter] | None = None):
+        """`of`, `model`: the user's options (the registry builds the parts from them, handing `model` to the
+        parts that take one). `parts`: the drafters built, never a user option."""
+        self.of, self.model = of, model
+        self.parts: list[Drafter] = list(parts or [])
         self.lossless = all(p.lossless for p in self.parts)
-        self.search_seconds = 0.0
+        self.reads_past_keys = any(p.reads_past_keys for p in self.parts)
+        self.owns_cache = any(p.owns_cache for p in self.parts)
+        self.copies_target_keys = any(p.copies_target_keys for p in self.parts)
+
+    def prepare(self, resources: Resources) -> None:
+        for p in self.parts:
+            p.prepare(resources)
+
+    def session(self) -> MixSession:
+        if not self.parts:
+            raise SkipjackError(f"mix: built without its parts (the method registry builds them from of={self.of!r})")
+        return MixSession(self)
+
+    @property
+    def cost_prior(self) -> float:
+        """A draft token's cost before one is timed: the parts' together (each drafts its own proposal)."""
+        return sum(p.cost_prior for p in self.parts)
+
+    def describe(self) -> dict:
+        return {p.name: d for p in self.parts if (d := p.describe())}
+
+    def fork(self) -> Mix:
+        """A mix of the parts' forks (each part copies what it learned)."""
+        new = super().fork()
+        new.parts = [p.fork() for p in self.parts]
+        return new
+
+
+class MixSession(DraftSession):
+    """One request: a session of each part."""
+
+    def __init__(self, drafter: Mix):
+        self.drafter = drafter
+        self.parts = [p.session() for p in drafter.parts]
 
     def begin(self, prompt: list[int]) -> None:
-        for p in self.parts:
-            p.begin(prompt)
+        for s in self.parts:
+            s.begin(prompt)
 
     def end(self) -> None:
-        for p in self.parts:
-            p.end()
+        for s in self.parts:
+            s.end()
 
     def propose(self, ctx: DraftContext) -> Proposal | None:
         at, props = ctx.cache.offset if ctx.cache is not None else 0, []
-        self.search_seconds = 0.0
         for part in self.parts:
             prop = part.propose(ctx)
-            self.search_seconds += getattr(part, "search_seconds", 0.0)
             if ctx.cache is not None:
                 ctx.cache.rewind(at)
             props.append(prop)
@@ -90,14 +124,6 @@ class Mix:
             argmax = [verdict.argmax[0], *(verdict.argmax[m + 1] for m in ids)] if verdict.argmax else []
             part.observe(own, Verdict(verdict.tokens, _prefix_path(own, path), argmax))
 
-    @property
-    def cost_prior(self) -> float:
-        """A draft token's cost before one is timed: the parts' together (each drafts its own proposal)."""
-        return sum(getattr(p, "cost_prior", 0.0) for p in self.parts)
-
-    def describe(self) -> dict:
-        return {p.name: p.describe() for p in self.parts if hasattr(p, "describe")}
-
 
 def _prefix_path(prop: Proposal, path: list[int]) -> list[int]:
     """The accepted path within `prop`: it must start at the root and follow parents; cut where it does not."""
@@ -108,7 +134,3 @@ def _prefix_path(prop: Proposal, path: list[int]) -> list[int]:
         out.append(c)
         parent = c
     return out
-
-
-def _takes(factory, name: str) -> bool:
-    return name in inspect.signature(factory).parameters

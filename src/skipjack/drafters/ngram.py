@@ -31,6 +31,10 @@ rejected node's row is the model's continuation of a path that did not happen, w
   - Table learning (`rows` > 0): every off-path row's argmax is counted after its path with weight `rows`.
 Both cost nothing but a few Python operations: the rows are computed anyway.
 
+Persistence (`path=FILE`): `prepare` checks that FILE can be written and merges its table into this one (a
+damaged file fails there, before any request); each request merges it in again when it begins (what other
+processes saved since) and merges the table back into FILE when it ends (`ngram_table.NGramTable.save`).
+
 Memory cap: at most `max_contexts` contexts (least recently updated evicted first) with at most
 `max_children` next tokens each (the rarest dropped), i.e. O(max_contexts * max_children) entries.
 """
@@ -43,14 +47,20 @@ import math
 
 from skipjack import validate
 from skipjack.decoding.proposal import DraftContext, Proposal, Verdict, calibration, judge, merge
+from skipjack.drafters.base import Drafter, DraftSession, Resources
 from skipjack.drafters.ngram_table import NGramTable
 from skipjack.drafters.pld import MIN_SCORE, PromptLookup
 from skipjack.errors import SkipjackError
 
 
-class NGramDrafter:
+class NGramDrafter(Drafter):
+    """The options and what is learned across requests: the table (shared by the engine's drafters of the same
+    `table` name and order, through `Resources.tables`), the calibration over all requests (`pred`, `got`), the
+    Jacobi guesses' rates (`jstats`) and the in-request prompt lookup's rates (`lookup`, a `PromptLookup`)."""
+
     name = "ngram"
     lossless = True
+    LEARNED = ("table", "pred", "got", "jstats", "lookup")
 
     def __init__(
         self,
@@ -62,10 +72,7 @@ class NGramDrafter:
         order: int = 3,
         jacobi: int = 2,
         rows: float = 1.0,
-        shared: dict | None = None,
     ):
-        """`shared`: the engine's store of n-gram tables (by `table` name and order), so that every request of one
-        engine, whatever drafter object serves it, counts into the same table. Not a user option."""
         if not 1 <= width <= 8:
             raise SkipjackError(f"ngram: width (children per node) must be in [1, 8] (got {width})")
         if not 0 <= explore <= 4:
@@ -78,22 +85,48 @@ class NGramDrafter:
             raise SkipjackError(f"ngram: jacobi (guesses from rejected rows, 0 = off) must be in [0, 8] (got {jacobi})")
         if not 0 <= rows <= 4:
             raise SkipjackError(f"ngram: rows (table weight of verify-row predictions) must be in [0, 4] (got {rows})")
-        self.width, self.explore = width, explore
+        self.width, self.explore, self.order = width, explore, order
+        self.key = f"{table or 'default'}/{order}"  # its table's name in `Resources.tables`
+        # checked now (a stat: nothing is read or written), read by `prepare`
         self.path = validate.writable_file("ngram: path", validate.path("ngram: path", path)) if path else None
-        store = shared if shared is not None else {}
-        self.table = store.setdefault(f"{table or 'default'}/{order}", NGramTable(order=order))
+        self.table: NGramTable | None = None  # the engine's table of this name, set by `prepare`
         self.lookup = PromptLookup(branches=lookup) if lookup else None
         self.pred, self.got = 1.0, 1.0  # calibration over all requests: predicted vs realised acceptances
         self.jacobi, self.rows = jacobi, rows
         self.jstats = [[1.0, 4.0] for _ in range(jacobi)]  # per guess rank: (hits, tries), a weak prior of 0.25
+
+    def prepare(self, resources: Resources) -> None:
+        """Take the engine's table of this name (a new one if none yet) and merge the persisted one into it."""
+        self.table = resources.tables.setdefault(self.key, NGramTable(order=self.order))
+        if self.lookup is not None:
+            self.lookup.prepare(resources)
+        if self.path is not None:
+            self.table.load(self.path)
+
+    def session(self) -> NGramSession:
+        if self.table is None:
+            raise SkipjackError("ngram: the drafter was not prepared (its table comes from `prepare`)")
+        return NGramSession(self)
+
+
+class NGramSession(DraftSession):
+    """One request: how far its tokens are counted into the table, its own calibration, the Jacobi guesses
+    from its last verify and its prompt lookup session."""
+
+    def __init__(self, drafter: NGramDrafter):
+        self.drafter = drafter
+        self.lookup = drafter.lookup.session() if drafter.lookup is not None else None
+        self.seen = 0
+        self.req_pred, self.req_got = 0.0, 0
         self.guesses: list[int] = []  # Jacobi guesses for the token after the last bonus token
 
     def begin(self, prompt: list[int]) -> None:
-        if self.path is not None:
-            self.table.load(self.path)
-        self.table.add(prompt, 0, 1.0)
+        d = self.drafter
+        if d.path is not None:  # what other processes saved since (and counts the table dropped: the file's max)
+            d.table.load(d.path)
+        d.table.add(prompt, 0, 1.0)
         self.seen = len(prompt)
-        self.req_pred, self.req_got = 0.0, 0  # the same, this request only
+        self.req_pred, self.req_got = 0.0, 0  # the drafter's calibration, this request only
         self.guesses = []
         if self.lookup is not None:
             self.lookup.begin(prompt)
@@ -102,14 +135,14 @@ class NGramDrafter:
         """The table's best-first tree, the Jacobi guesses and prompt lookup's trie, merged. `state` keeps what
         `observe` scores: each table node's edge probability and path, the table context before the root, the
         guesses asked, and prompt lookup's own proposal."""
-        context, budget = ctx.tokens, ctx.budget
-        self.table.add(context, self.seen, 2.0)  # the model's own outputs since the last step
+        d, context, budget = self.drafter, ctx.tokens, ctx.budget
+        d.table.add(context, self.seen, 2.0)  # the model's own outputs since the last step
         self.seen = len(context)
-        cal = calibration(self.req_got, self.req_pred, self.got / self.pred, 0.1, 3.0)  # this request's
+        cal = calibration(self.req_got, self.req_pred, d.got / d.pred, 0.1, 3.0)  # this request's
         tokens, parents, scores, edges, paths = [], [], [], [], []
         heap: list = []  # (-priority, tiebreak, token, parent node, path score, edge p, table context)
         tick = itertools.count()
-        tail = tuple(context[-(self.table.order - 1) :])
+        tail = tuple(context[-(d.table.order - 1) :])
         self._push(heap, tick, tail, -1, 1.0, 1.0, cal)
         while heap and len(tokens) < budget:
             negpri, _, tok, par, score, p, key = heapq.heappop(heap)
@@ -122,7 +155,7 @@ class NGramDrafter:
         props = [Proposal(tokens, parents, scores)] if tokens else []
         asked, self.guesses = self.guesses, []
         if asked:  # Jacobi guesses from the last verify (see `_learn_rows`), at their learned rates
-            rates = [min(0.98, h / t) for h, t in self.jstats[: len(asked)]]
+            rates = [min(0.98, h / t) for h, t in d.jstats[: len(asked)]]
             props.append(Proposal(asked, [-1] * len(asked), rates))
         copied = self.lookup.propose(ctx) if self.lookup is not None else None
         if copied is not None:
@@ -133,33 +166,34 @@ class NGramDrafter:
         return merged
 
     def _push(self, heap, tick, ctx, parent, score, pri, cal):
-        kids = self.table.lookup(*ctx)
+        d = self.drafter
+        kids = d.table.lookup(*ctx)
         if not kids:
             return
         total = sum(kids.values())
-        for tok, c in sorted(kids.items(), key=lambda kv: -kv[1])[: self.width]:
+        for tok, c in sorted(kids.items(), key=lambda kv: -kv[1])[: d.width]:
             p = c / total
             if score * p * cal < MIN_SCORE:
                 break  # never worth a verify slot (children are sorted by count: the rest score lower)
-            ucb = min(1.0, p + self.explore * math.sqrt(math.log1p(total) / (1.0 + c)))
+            ucb = min(1.0, p + d.explore * math.sqrt(math.log1p(total) / (1.0 + c)))
             heapq.heappush(heap, (-pri * ucb, next(tick), tok, parent, score * min(1.0, p * cal), p, ctx))
 
     def observe(self, proposal: Proposal, verdict: Verdict) -> None:
         """Calibrate: the raw edge probabilities of the table's nodes that the emitted tokens can judge
         (verified or pruned) against how many of them would have been accepted."""
-        st, emitted = proposal.state, verdict.tokens
+        d, st, emitted = self.drafter, proposal.state, verdict.tokens
         if st["lookup"] is not None:
             self.lookup.observe(st["lookup"], verdict)
         for r, g in enumerate(st["asked"]):
-            self.jstats[r][0] += g == emitted[0]
-            self.jstats[r][1] += 1
+            d.jstats[r][0] += g == emitted[0]
+            d.jstats[r][1] += 1
         if verdict.argmax:
             self._learn_rows(proposal, verdict, st["tail"])
         for p, path in zip(st["edges"], st["paths"]):
             ok = judge(path, emitted)
             if ok is not None:
-                self.pred += p
-                self.got += ok
+                d.pred += p
+                d.got += ok
                 self.req_pred += p
                 self.req_got += ok
 
@@ -167,20 +201,21 @@ class NGramDrafter:
         """Learn from the verify rows off the accepted path: the target's argmax there is its own next token
         after a path that did not happen. Those of the bonus row's rejected children become Jacobi guesses
         for the next step; all of them are counted in the table after their path (weight `rows`)."""
+        d = self.drafter
         pred, row = verdict.argmax, (verdict.path[-1] + 1 if verdict.path else 0)
-        if self.jacobi:
+        if d.jacobi:
             for i, p in enumerate(proposal.parents):
-                if p + 1 == row and pred[i + 1] not in self.guesses and len(self.guesses) < self.jacobi:
+                if p + 1 == row and pred[i + 1] not in self.guesses and len(self.guesses) < d.jacobi:
                     self.guesses.append(pred[i + 1])
-        if self.rows:
-            on, keep, ends = set(verdict.path), self.table.order - 1, []
+        if d.rows:
+            on, keep, ends = set(verdict.path), d.table.order - 1, []
             for i, (t, p) in enumerate(zip(proposal.tokens, proposal.parents)):
                 ends.append(((ends[p] if p >= 0 else tail) + (t,))[-keep:])  # table context at node i
                 if i not in on:
-                    self.table.count(ends[i], len(ends[i]), pred[i + 1], self.rows)
+                    d.table.count(ends[i], len(ends[i]), pred[i + 1], d.rows)
 
     def end(self) -> None:
         if self.lookup is not None:
             self.lookup.end()
-        if self.path is not None:
-            self.table.save(self.path)
+        if self.drafter.path is not None:
+            self.drafter.table.save(self.drafter.path)

@@ -9,14 +9,11 @@ other's rows and readers never see a partial file.
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
-from skipjack import store
-from skipjack.errors import SkipjackError
+from skipjack import schemas, store
+from skipjack.errors import SkipjackError, Unavailable
 
 
 class NGramTable:
@@ -30,7 +27,10 @@ class NGramTable:
             self.count(tokens, j, tokens[j], weight)
 
     def count(self, tokens: list[int], j: int, nxt: int, weight: float) -> None:
-        """Count `nxt` after the contexts of 1 .. order-1 tokens that end just before position j."""
+        """Count `nxt` after the contexts of 1 .. order-1 tokens that end just before position j (a weight of 0
+        counts nothing: every context's counts stay above zero, so its next-token distribution is defined)."""
+        if not weight > 0:
+            return
         for n in range(1, min(self.order - 1, j) + 1):
             key = tuple(tokens[j - n : j])
             kids = self.next.get(key)
@@ -71,54 +71,31 @@ class NGramTable:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise SkipjackError(f"ngram: cannot create the folder of {path}: {store.reason(e)}") from None
+            raise Unavailable(f"ngram: cannot create the folder of {path}: {store.reason(e)}") from None
         with store.locked(Path(str(path) + ".lock"), "ngram: saving the table"):
             merged = NGramTable(self.max_contexts, self.max_children, self.order)
             merged.load(path)
             for key, kids in self.next.items():
                 merged.merge_row(key, kids)
             rows = [[list(k), {str(t): c for t, c in v.items()}] for k, v in merged.next.items()]
-            tmp = None
             try:
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"format": 1, "rows": rows}, f)
-                os.replace(tmp, path)
+                with store.atomic_file(path) as tmp:
+                    tmp.write_text(json.dumps({"format": 1, "rows": rows}))
             except OSError as e:
-                raise SkipjackError(f"ngram: cannot save the table to {path}: {store.reason(e)}") from None
-            finally:
-                if tmp is not None and os.path.exists(tmp):
-                    os.unlink(tmp)
+                raise Unavailable(f"ngram: cannot save the table to {path}: {store.reason(e)}") from None
 
     def load(self, path: Path) -> None:
-        """Merge the table saved in `path` (if any). Every row is checked first (token ids, finite counts, the
-        context length), so a hand-edited or damaged file is refused whole, with its first bad row named."""
+        """Merge the table saved in `path` (if any). Every row is checked first (`schemas.NGramTableFile`: token
+        ids, finite counts and at least one above zero, the context length), so a hand-edited or damaged file is
+        refused whole, with its first bad row named."""
         path = Path(path)
         if not path.exists():
             return
         try:
-            data = json.loads(path.read_text())
-            if not isinstance(data, dict) or data.get("format") != 1 or not isinstance(data.get("rows"), list):
-                raise ValueError("not a skipjack n-gram table")
-            rows = [_row(i, r) for i, r in enumerate(data["rows"])]
-        except OSError as e:
-            raise SkipjackError(f"ngram: cannot read the table {path}: {store.reason(e)}") from None
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise SkipjackError(f"ngram: the table {path} is damaged ({e}); delete it to start a new one") from None
-        for key, kids in rows:
+            table = schemas.read_json("the n-gram table", path, schemas.NGramTableFile)
+        except schemas.SchemaError as e:
+            raise SkipjackError(
+                f"ngram: the table {path} is damaged ({e.problem}); delete it to start a new one"
+            ) from None
+        for key, kids in table.rows:
             self.merge_row(key, kids)
-
-
-MAX_ID = 1 << 31
-
-
-def _row(i: int, row) -> tuple[tuple[int, ...], dict[int, float]]:
-    """One persisted row, checked: [context ids (1-5 of them), {next id: count >= 0}]."""
-    key, kids = row
-    ids = [*key, *(int(t) for t in kids)]
-    if not 1 <= len(key) <= 5 or not all(type(t) is int and 0 <= t < MAX_ID for t in ids):
-        raise ValueError(f"row {i}: token ids must be integers in [0, 2^31) and contexts 1-5 tokens long")
-    counts = {int(t): c for t, c in kids.items()}
-    if not all(type(c) in (int, float) and math.isfinite(c) and c >= 0 for c in counts.values()):
-        raise ValueError(f"row {i}: counts must be finite numbers >= 0")
-    return tuple(key), {t: float(c) for t, c in counts.items()}

@@ -6,17 +6,20 @@ last layers are always kept), one token at a time, until the top-1 probability f
 (0.8, as the paper); where it stops, the tree's width follows confidence (`layered.draft`: the `width`
 likeliest tokens become leaves).
 
-Skip-set search, with no training, on the request's own text. A candidate set is scored by the share of
-its draft's argmax tokens that match the full model's, over the last `window` tokens, in one teacher-forced
-forward through the skipping model (the cache's keys there are saved and put back). On generated text the
-full model's argmax is the generated token (greedy), as in the paper; on prompt text it is what greedy
-verification would accept.
+Skip-set search, with no training, once, in `prepare` (outside any request, reported as load time), on local
+text (`Resources.text`: the target's token ids of local text, disjoint from every benchmark prompt). The
+search's text is the first `4 x window` tokens of it, prefilled into a cache of the search's own, the last
+`window` cached tokens being the scored window; nothing of a request's cache is touched. A candidate set is
+scored by the share of its draft's argmax tokens that match the full model's over the window, in one
+teacher-forced forward through the skipping model (the cache's keys there are saved and put back): what
+greedy verification would accept there.
 SWIFT searches random sets at a fixed skip ratio with Bayesian optimisation on that score alone; we
 maximise what the set is for, the expected tokens per unit of time, with r the match score and f a draft
-token's time in plain steps. f is measured, once per model and process: the fastest one-token pass with
+token's time in plain steps. f is measured in `prepare`, before a search: the fastest one-token pass with
 nothing skipped, with every candidate attention skipped, and with every candidate FFN skipped give a plain
 pass's time and each sub-layer's (the layers share one shape), so f counts what bytes alone would miss (the
-draft head, the per-sub-layer overhead of a small model's pass):
+draft head, the per-sub-layer overhead of a small model's pass); without a measurement (no search ran), f is
+the share of a plain step's weight bytes the draft streams:
 
     value(S) = max_k (1 + r + ... + r^k) / (k f + 1)
 
@@ -24,9 +27,13 @@ Search: (1) one traced full forward over the window gives each sub-layer's cosin
 input and output; (2) the sets made of the most redundant sub-layers (highest cosine) at skip ratios of
 10-60% are scored; (3) seeded local moves from the best (swap a skipped and a kept sub-layer, add one, drop
 one) are kept when the value rises, until `search` evaluations or `patience` in a row without gain. The
-set found is saved per model (`store`), reused by later runs, which refine it with `refine` more moves on
-their own text (the saved set is re-scored on that text first). Where no set's value exceeds 1 (a small
-model has few redundant sub-layers), `swift` does not draft: plain steps, until a refinement finds one.
+set found is saved per model (`store`, with `save`); a later `prepare` loads it and refines it with `refine`
+more moves on its text (the saved set is re-scored on that text first). With no local text
+(`Resources.text` None, as in unit tests) nothing is searched or timed: the saved set if there is one, else
+the empty set (no drafting). A user's `skip=` set is used as given: no search, no timing, always drafts.
+Where no set's value exceeds 1 (a small model has few redundant sub-layers), `swift` does not draft: plain
+steps. A request (`SwiftSession`) only drafts with the set settled in `prepare`: it never times passes,
+searches or writes files. What it learns across requests is the calibration of its scores (`LEARNED`).
 Deterministic under `seed`.
 """
 
@@ -40,11 +47,13 @@ import torch
 
 from skipjack import store
 from skipjack.decoding.proposal import DraftContext, Proposal, Verdict
-from skipjack.drafters.layered import Calibrated, DraftHead, SharesModels, draft
+from skipjack.drafters.base import Drafter, DraftSession, Resources
+from skipjack.drafters.layered import Calibrated, DraftHead, draft, prepared, target
 from skipjack.errors import SkipjackError
 from skipjack.models import fingerprint
 
 Sub = tuple[str, int]  # ("attn" | "ffn", layer)
+CONTEXT = 3  # windows of local text before the scored one, as context (the search's text is 4 x `window`)
 
 
 def parse_skip(spec: str) -> frozenset[Sub] | None:
@@ -73,9 +82,13 @@ def value(match: float, share: float, depth: int = 16) -> float:
     return best
 
 
-class Swift(SharesModels):
+class Swift(Drafter):
+    """The skip set, its measured cost, the draft head and the calibration of its scores (module doc)."""
+
     name = "swift"
     lossless = True
+    reads_past_keys = False  # its search runs in `prepare`, on a cache of its own; a draft writes scratch keys only
+    LEARNED = ("calib",)
 
     def __init__(
         self,
@@ -89,25 +102,41 @@ class Swift(SharesModels):
         seed: int = 0,
         save: bool = True,
         skip: str = "",
-        shared: dict | None = None,
     ):
         if not 0.0 <= threshold < 1.0:
             raise SkipjackError(f"swift: threshold must be in [0, 1) (got {threshold})")
         if not 1 <= width <= 8 or window < 4 or search < 1 or refine < 0 or patience < 1:
             raise SkipjackError("swift: need 1 <= width <= 8, window >= 4, search >= 1, refine >= 0, patience >= 1")
+        if vocab < 0:
+            raise SkipjackError(f"swift: vocab (draft head size, 0 = full) must be >= 0 (got {vocab})")
         self.threshold, self.width, self.window, self.vocab = threshold, width, window, vocab
         self.search, self.refine, self.patience, self.seed, self.save = search, refine, patience, seed, save
-        self.shared = shared if shared is not None else {}
+        self.given = parse_skip(skip)  # a skip set of the user's: no search, always drafts
         self.model, self.head, self.calib = None, None, Calibrated()
         self.skip: frozenset[Sub] = frozenset()
-        self.match, self.evals, self.todo = 0.0, 0, 0
-        self.search_seconds = 0.0  # one-off search time in the last `propose` (not a draft's cost)
-        self.given = parse_skip(skip)  # a skip set of the user's: no search, always drafts
+        self.match, self.evals, self.drafting = 0.0, 0, False
+        self.times: tuple[float, float, float] | None = None  # (plain pass, per attention, per FFN) seconds
 
-    # -- the set and its cost --------------------------------------------------------------------------
-    def _setup(self, model, tokens: list[int]) -> None:
+    # -- one-off work: the set and its cost -----------------------------------------------------------
+    def prepare(self, resources: Resources) -> None:
+        """Settle the skip set (module doc): the user's; else the saved one refined, or a new search, on local
+        text (timed first); with no local text, the saved set or none. Saves what a search found (`save`)."""
+        self._setup(target(resources, self.name), resources.token_counts)
+        if self.given is None and self.candidates:
+            saved = self._load()
+            self.skip, self.match = saved if saved else (frozenset(), 0.0)
+            evals = self.refine if saved else self.search
+            ctx = self.search_text(resources) if evals else None
+            if ctx is not None:
+                self.timing(ctx)
+                self.optimise(ctx, evals, scan=saved is None)
+        self.drafting = bool(self.candidates) and self.pays()
+
+    def _setup(self, model, counts=None) -> None:
+        """The model's candidates, weight bytes and draft head, the set file's path, and the user's set checked;
+        nothing searched, timed or read."""
         self.model = model
-        self.head = DraftHead(model, self.vocab, self.shared.get("token_counts"), tokens)
+        self.head = DraftHead(model, self.vocab, counts)
         self.bytes = {}
         for i, layer in enumerate(model.layers):
             self.bytes[("attn", i)] = layer.wqkv.nbytes + layer.wo.nbytes
@@ -115,20 +144,29 @@ class Swift(SharesModels):
         self.total = sum(self.bytes.values()) + model.lm_head.nbytes
         self.head_bytes = model.lm_head.nbytes if self.head.linear is None else self.head.linear.nbytes
         self.candidates = [s for s in self.bytes if 0 < s[1] < model.num_layers - 1]
-        self.times: tuple[float, float, float] | None = None  # (plain pass, per attention, per FFN) seconds
+        self.times, self.evals = None, 0
         key = {"model": fingerprint(model), "window": self.window, "vocab": self.vocab}
         self.path = store.cache_file("swift", key)
+        self.skip, self.match = frozenset(), 0.0
         if self.given is not None:
             bad = sorted(self.given - set(self.candidates))
             if bad:
                 raise SkipjackError(
                     f"swift: cannot skip {bad}: layers 1..{model.num_layers - 2} only (first and last are kept)"
                 )
-            self.skip, self.match, self.todo = self.given, 1.0, 0
-            return
-        saved = self._load()
-        self.skip, self.match = saved if saved else (frozenset(), 0.0)
-        self.todo = self.refine if saved else self.search
+            self.skip, self.match = self.given, 1.0
+
+    def search_text(self, resources: Resources) -> DraftContext | None:
+        """The search's text as a request would hold it: the first `CONTEXT + 1` windows of local text in a cache
+        of its own, every token but the last (pending) prefilled; None without local text (or under 5 tokens)."""
+        if resources.text is None:
+            return None
+        ids = [int(t) for t in resources.text()[: (CONTEXT + 1) * self.window + 1]]
+        if len(ids) < 5:
+            return None
+        cache = self.model.make_cache(len(ids) + 1)
+        self.model(torch.tensor([ids[:-1]]), cache, logits="none")
+        return DraftContext(ids, 1, self.model, cache)
 
     def share(self, skip: frozenset[Sub]) -> float:
         """A draft token's time with this skip set, in plain steps: measured (`timing`) where it was, else the
@@ -185,7 +223,7 @@ class Swift(SharesModels):
             d = {"skip": sorted(self.skip), "match": self.match, "evals": self.evals, "share": self.share(self.skip)}
             store.write_atomic(self.path, json.dumps(d))
 
-    # -- scoring on the request's text -----------------------------------------------------------------
+    # -- scoring on the search's text ------------------------------------------------------------------
     def _window(self, ctx: DraftContext) -> tuple[int, list[int]]:
         """The window's first position and tokens: the last `window` cached tokens."""
         o = ctx.cache.offset
@@ -252,44 +290,9 @@ class Swift(SharesModels):
             skip = skip | {rng.choice(kept)}
         return frozenset(skip)
 
-    # -- the drafter protocol --------------------------------------------------------------------------
-    def begin(self, prompt: list[int]) -> None:
-        self.fresh = True  # refine once per request, on its own text
-
-    def end(self) -> None:
-        pass
-
-    def propose(self, ctx: DraftContext) -> Proposal | None:
-        self.search_seconds = 0.0
-        if ctx.model is not self.model:
-            self._setup(ctx.model, ctx.tokens)
-            self.fresh = True
-        if not self.candidates:
-            return None  # a model too shallow to skip anything (only its first and last layers)
-        if self.fresh and self.todo and ctx.cache.offset >= 4:
-            t = time.perf_counter()
-            if self.times is None:
-                self.timing(ctx)
-            self.optimise(ctx, self.todo, scan=not self.evals and self.todo == self.search)
-            self.todo, self.fresh = self.refine, False
-            self.search_seconds = time.perf_counter() - t
-        if not self.pays():
-            return None  # no skip set found that beats plain decoding (the next request refines it)
-        attn = [i for k, i in self.skip if k == "attn"]
-        ffn = [i for k, i in self.skip if k == "ffn"]
-
-        def run(token: int, pos: int) -> torch.Tensor:
-            out = self.model(torch.tensor([[token]]), ctx.cache, positions=torch.tensor([pos]),
-                             skip_attn=attn, skip_ffn=ffn, logits="none")  # fmt: skip
-            return out.last_hidden  # [1, 1, D]
-
-        prop, raw = draft(ctx, run, self.head, self.threshold, self.calib, self.width)
-        if prop is not None:
-            prop.state = raw
-        return prop
-
-    def observe(self, proposal: Proposal, verdict: Verdict) -> None:
-        self.calib.learn(proposal, verdict, proposal.state)
+    # -- requests ---------------------------------------------------------------------------------------
+    def session(self) -> SwiftSession:
+        return SwiftSession(self)
 
     def describe(self) -> dict:
         """The skip set in use, for reports."""
@@ -298,5 +301,35 @@ class Swift(SharesModels):
             "skip_ffn": sorted(i for k, i in self.skip if k == "ffn"),
             "match": round(self.match, 3),
             "share": round(self.share(self.skip), 3) if self.model is not None else None,
-            "drafting": self.model is not None and self.pays(),
+            "drafting": self.drafting,
         }
+
+
+class SwiftSession(DraftSession):
+    """One request's drafts with the set its drafter settled in `prepare` (nothing searched or timed here);
+    what verification says updates the drafter's calibration."""
+
+    def __init__(self, drafter: Swift):
+        self.d = drafter
+
+    def propose(self, ctx: DraftContext) -> Proposal | None:
+        d = self.d
+        prepared(d.model, ctx, d.name)
+        if not d.drafting:
+            return None  # no skip set beats plain decoding (or the model is too shallow to skip anything)
+        model, cache = d.model, ctx.cache
+        attn = [i for k, i in d.skip if k == "attn"]
+        ffn = [i for k, i in d.skip if k == "ffn"]
+
+        def run(token: int, pos: int) -> torch.Tensor:
+            out = model(torch.tensor([[token]]), cache, positions=torch.tensor([pos]),
+                        skip_attn=attn, skip_ffn=ffn, logits="none")  # fmt: skip
+            return out.last_hidden  # [1, 1, D]
+
+        prop, raw = draft(ctx, run, d.head, d.threshold, d.calib, d.width)
+        if prop is not None:
+            prop.state = raw
+        return prop
+
+    def observe(self, proposal: Proposal, verdict: Verdict) -> None:
+        self.d.calib.learn(proposal, verdict, proposal.state)

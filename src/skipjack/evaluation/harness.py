@@ -28,9 +28,10 @@ from pathlib import Path
 
 import torch
 
+from skipjack import methods
 from skipjack.decoding.sampling import SamplingParams
-from skipjack.drafters import is_lossless, make_method
 from skipjack.engine import Engine, Request
+from skipjack.methods import MethodSpec
 
 FORMAT = 1
 
@@ -61,7 +62,8 @@ def task_kind(model: str, task: str) -> str:
 def perplexity(model, spec: str, ref, windows: list[tuple[list[int], list[int]]]) -> dict:
     """Sums over the windows' continuations: NLL under the method and the reference, top-1 agreement, KL."""
     sums = {"tokens": 0, "nll": 0.0, "nll_ref": 0.0, "agree": 0, "kl": 0.0}
-    method_strategy = make_method(spec).strategy  # begun afresh per window
+    ms = MethodSpec.parse(spec)
+    method_strategy = methods.build(ms) if ms.strategy_class is not None else None  # begun afresh per window
     for prompt, cont in windows:
         outs = []
         for m, strategy in ((ref, None), (model, method_strategy)):
@@ -105,10 +107,9 @@ def greedy(engine: Engine, spec: str, ref: Engine, prompts: list, tokens: int) -
         res = {name: e.complete(Request(list(ids), params, name)) for name, e in order}
         a, b = res["plain"], res[spec]
         same += a.tokens == b.tokens
-        if (st := engine.method(spec).strategy) is not None:  # per request: summed over the prompts
-            for k, v in st.stats().items():
-                if k == "tokens" or k.endswith("_share"):
-                    skipped[k] = skipped.get(k, 0) + (v * st.tokens if k.endswith("_share") else v)
+        for k, v in b.layers.items():  # a lossy layer strategy's stats, per request: summed over the prompts
+            if k == "tokens" or k.endswith("_share"):
+                skipped[k] = skipped.get(k, 0) + (v * b.layers["tokens"] if k.endswith("_share") else v)
         rows.append({"id": p.id, "plain": _speed(a), "method": _speed(b), "identical": a.tokens == b.tokens})
     tot = lambda k, f: sum(r[k][f] for r in rows)  # noqa: E731
     return {
@@ -208,7 +209,7 @@ def evaluate(
     from skipjack.evaluation.texts import windows
 
     s = QUICK if quick else FULL
-    make_method(spec)  # a bad spec fails before the load
+    MethodSpec.parse(spec)  # a bad spec fails before the load (parsed: nothing built)
     engine = Engine.load(model, dtype)
     same = ref_dtype in (None, dtype) and ref_model in (None, model)
     ref = engine if same else Engine.load(ref_model or model, ref_dtype or dtype)
@@ -221,7 +222,7 @@ def evaluate(
         "reference_model": label(ref.name),
         "reference_dtype": ref_dtype or dtype,
         "method": spec,
-        "lossless": is_lossless(spec) and same,
+        "lossless": MethodSpec.parse(spec).lossless and same,
         "quick": quick,
         "settings": asdict(s),
         "machine": machine_info(0.0),

@@ -1,49 +1,14 @@
-"""The harness's local text, with no download, kept apart from what the benchmark prompts and the drafters'
-training text use: pydoc topics the benchmark prompts do not draw on, and the sources of stdlib modules that
-neither the drafters' corpus (`skipjack.corpus`, `skipjack.vocab`) nor the prompts use. Windows are cut at
+"""The harness's windows of local text. The text is `skipjack.texts.eval_documents`: pydoc topics the benchmark
+prompts do not draw on (the long ones; the drafters take the short ones), and the sources of stdlib modules that
+neither the drafters' text (`skipjack.texts.local_text`, the corpus) nor the prompts use. Windows are cut at
 fixed places (every document in a fixed order, prose and code alternating), so a run is reproducible on one
 Python version (the text ships with it)."""
 
 from __future__ import annotations
 
-import json
-import re
-import sysconfig
-from importlib import resources
-from pathlib import Path
-
-SOURCES = (
-    "configparser.py", "tarfile.py", "optparse.py", "logging/__init__.py", "email/message.py", "http/client.py",
-    "inspect.py", "threading.py", "ftplib.py", "imaplib.py", "mailbox.py", "pydoc.py",
-)  # fmt: skip
-
-
-def bench_topics() -> set[str]:
-    """pydoc topics the benchmark prompts use (named in their `source`)."""
-    from pydoc_data.topics import topics
-
-    used: set[str] = set()
-    for name in ("full.jsonl", "quick.jsonl", "selfspec.jsonl"):
-        text = resources.files("skipjack.bench").joinpath("prompts", name).read_text()
-        for line in filter(None, text.splitlines()):
-            used |= set(re.findall(r"[\w-]+", json.loads(line).get("source", ""))) & set(topics)
-    return used
-
-
-def documents() -> tuple[list[str], list[str]]:
-    """(prose, code): the pydoc topics the prompts leave out, and the listed stdlib sources."""
-    from pydoc_data.topics import topics
-
-    skip = bench_topics()
-    prose = [topics[k] for k in sorted(topics) if k not in skip and len(topics[k]) > 2000]
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    code = []
-    for name in SOURCES:
-        try:
-            code.append((lib / name).read_text())
-        except OSError:
-            continue
-    return prose, code
+from skipjack.prompts import pydoc_topics_used as bench_topics  # noqa: F401 (re-exported: what the prompts use)
+from skipjack.texts import EVAL_SOURCES as SOURCES  # noqa: F401 (re-exported)
+from skipjack.texts import eval_documents as documents
 
 
 def windows(tokenizer, n: int, prompt: int, cont: int) -> list[tuple[list[int], list[int]]]:

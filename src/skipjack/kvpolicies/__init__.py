@@ -4,7 +4,8 @@
 policies keep `budget` (a fraction of the context) per layer: `streaming` (StreamingLLM), `h2o`, `snapkv`,
 `pyramidkv`, `cake`; `tidal` (TidalDecode) keeps every key but attends to a selected few. All but `full` are
 lossy and labelled so. A policy object serves one request's cache (it keeps no state of its own: a cache's
-state is in `KVCache.state`).
+state is in `KVCache.state`). Every policy is a `cache.CachePolicy`: its hooks and the capabilities the plan's
+rules read (`lossless`, `plain_only`, `holds_every_key`) are declared there, with their defaults.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import inspect
 
 from skipjack import validate
-from skipjack.cache import FullKV
+from skipjack.cache import CachePolicy, FullKV
 from skipjack.errors import SkipjackError
 from skipjack.kvpolicies.base import EvictingLayerKV, EvictionPolicy
 from skipjack.kvpolicies.cake import CAKE
@@ -36,15 +37,20 @@ POLICIES = {
 }
 
 
-REWRITERS = {"swift", "mix", "kangaroo", "triforce"}  # methods that copy or rewrite cached keys of past positions
-# (swift's search, kangaroo's adapter pass, triforce's draft cache; mix holds any of them): not under eviction
-
-
 def policy_names() -> list[str]:
     return list(POLICIES)
 
 
-def make_policy(spec: str | None):
+def policy_help() -> str:
+    """The `--kv` help, from the registry: every policy and its options."""
+    parts = []
+    for name, factory in POLICIES.items():
+        opts = list(inspect.signature(factory).parameters)
+        parts.append(f"{name}[:{','.join(opts)}]" if opts else name)
+    return "full (default, every key kept) or a lossy one: " + "; ".join(p for p in parts if p != "full")
+
+
+def make_policy(spec: str | None) -> CachePolicy:
     """The cache policy for a spec (None or "full": every key kept)."""
     if spec is None:
         return FullKV()
@@ -67,11 +73,11 @@ def is_lossless(spec: str | None) -> bool:
 
 __all__ = [
     "POLICIES",
-    "REWRITERS",
     "KVDtype",
     "EvictingLayerKV",
     "EvictionPolicy",
     "is_lossless",
     "make_policy",
+    "policy_help",
     "policy_names",
 ]

@@ -22,7 +22,7 @@ import math
 import torch
 
 from skipjack import validate
-from skipjack.cache import FullKV, KVCache, LayerKV, LayerSpec
+from skipjack.cache import CachePolicy, FullKV, KVCache, LayerKV, LayerSpec
 from skipjack.errors import SkipjackError
 from skipjack.limits import MAX_DRAFT
 
@@ -262,7 +262,7 @@ class EvictingLayerKV(LayerKV):
         self.tail = self.offset - keep + (int(gap[-1]) + 1 if len(gap) else 0)
 
 
-class EvictionPolicy:
+class EvictionPolicy(CachePolicy):
     """Base of the evicting policies. `budget`: the kept fraction of the context (0 < budget <= 1; 1 keeps
     every key); `window`: the most recent positions, always kept, whose queries score the rest; `every`: also
     compress during decoding, each time the context reaches a multiple of `every` past the prompt (0: only
@@ -271,8 +271,8 @@ class EvictionPolicy:
     prefill; 0: one pass, compressed once)."""
 
     lossless = False
+    holds_every_key = False  # evicted keys are gone; the kept ones move to new slots
     accumulates = False  # whether layers sum every accepted query's attention (`EvictingLayerKV.acc`)
-    kv_dtype = None
 
     def __init__(self, budget: float = 0.25, window: int = 32, every: int = 0, chunk: int = 0):
         self.budget = validate.number("budget (the kept fraction of the context)", budget, 0.0, 1.0, lo_open=True)
@@ -291,7 +291,7 @@ class EvictionPolicy:
         """Tokens per prompt pass (0: the whole prompt at once; so too when nothing will be evicted)."""
         return self.chunk if self.budget < 1.0 else 0
 
-    # ---- the decode loop's questions (through KVCache.settle / KVCache.room) ----
+    # ---- the decode loop's questions (`CachePolicy`'s hooks, through KVCache.settle / KVCache.room) ----
     def settle(self, cache: KVCache) -> None:
         """A step (or the prompt) is settled: compress if the context reached a compression point."""
         state = cache.state

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from skipjack.cache import FullKV, LayerKV, LayerSpec
+from skipjack.cache import CachePolicy, FullKV, LayerKV, LayerSpec
 from skipjack.errors import SkipjackError
 
 DTYPES = ("bf16", "int8")
@@ -90,11 +90,13 @@ class QuantLayerKV(LayerKV):
         return super().nbytes + scales
 
 
-class KVDtype:
+class KVDtype(CachePolicy):
     """`--kv bf16` / `--kv int8`: every full-attention layer stores its keys/values in that dtype (sliding-window
-    layers, already small, keep the compute dtype)."""
+    layers, already small, keep the compute dtype). Every key stays, in place: a drafter may read and rewrite
+    past positions (`span` / `put_span` keep the rounded values and their scales exactly)."""
 
     lossless = False
+    holds_every_key = True
 
     def __init__(self, dtype: str):
         if dtype not in DTYPES:

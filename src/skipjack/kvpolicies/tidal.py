@@ -18,7 +18,7 @@ import math
 import torch
 
 from skipjack import validate
-from skipjack.cache import FullKV, KVCache, LayerKV, LayerSpec
+from skipjack.cache import CachePolicy, FullKV, KVCache, LayerKV, LayerSpec
 
 
 class TidalLayerKV(LayerKV):
@@ -57,11 +57,12 @@ class TidalLayerKV(LayerKV):
         self.shared["sel"] = probs.topk(n, dim=1).indices.sort(dim=1).values  # [H_kv, n]
 
 
-class TidalDecode:
+class TidalDecode(CachePolicy):
     """`--kv tidal:budget=0.1,correct=32`: see the module docstring."""
 
     lossless = False
     plain_only = True
+    holds_every_key = False  # every key is in memory, but most layers' steps attend to a selection
 
     def __init__(self, budget: float = 0.1, correct: int = 32):
         self.budget = validate.number("budget (the selected fraction of the context)", budget, 0.0, 1.0, lo_open=True)

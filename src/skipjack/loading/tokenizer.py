@@ -14,7 +14,7 @@ from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 
-from skipjack import validate
+from skipjack import schemas, validate
 
 _END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "</s>", "<eos>")
 NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -230,11 +230,8 @@ def _settings(folder: Path):
     path = folder / "tokenizer_config.json"
     if not ((folder / "tokenizer.json").is_file() and path.is_file()) or (folder / "chat_templates").exists():
         return None
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(cfg, dict) or cfg.get("tokenizer_class") not in _CLASSES or set(cfg) - _INERT:
+    cfg = schemas.read_cache(path, dict)  # unreadable or not an object: left to transformers, which says why
+    if cfg is None or cfg.get("tokenizer_class") not in _CLASSES or set(cfg) - _INERT:
         return None
     kind = _CLASSES[cfg["tokenizer_class"]]
     decoder = cfg.get("added_tokens_decoder")

@@ -8,6 +8,7 @@ import json
 
 import torch
 
+from skipjack import schemas
 from skipjack.errors import SkipjackError
 from skipjack.models import gemma3, llama
 from skipjack.models.common import DecoderLM, ForwardOut
@@ -21,21 +22,23 @@ FAMILIES = {
 }
 
 
-# The sizes every family reads: checked, so that a damaged config is one line, not a failure deep in the build.
-_SIZES = "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads".split()
+# The sizes every family reads: checked as given (`schemas.HFConfig`) and as completed, so that a damaged config
+# is one line, not a failure deep in the build.
+_SIZES = schemas.MODEL_SIZES.split()
 
 
 def normalise_config(d: dict) -> dict:
     """An HF config dict completed as transformers' config class for its `model_type` would complete it (the
     family's `normalise`: defaults, derived fields, RoPE parameters), without importing transformers. Keys skipjack
-    does not read pass through; the sizes it reads are checked."""
+    does not read pass through; the keys it reads are checked first (`schemas.HFConfig`: a JSON list, a size
+    that is not a positive integer or a RoPE section that is not an object is one line, not a TypeError)."""
+    schemas.parse("the model config", d, schemas.HFConfig)
     mt = d.get("model_type")
     if mt == "gemma3":  # a multimodal Gemma 3 config: take its text part
         d = {**d.get("text_config", {}), "model_type": "gemma3_text"}
         mt = "gemma3_text"
     if mt not in FAMILIES:
         raise SkipjackError(f"unknown architecture {mt!r}; supported: {', '.join(sorted(FAMILIES))}")
-    _check_sizes({k: v for k, v in d.items() if k in _SIZES and v is not None})  # as given, then as completed
     d = FAMILIES[mt][0].normalise({k: v for k, v in d.items() if k != "transformers_version"} | {"model_type": mt})
     _check_sizes({k: d.get(k) for k in _SIZES})
     if d["num_attention_heads"] % d["num_key_value_heads"]:

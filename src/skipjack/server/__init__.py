@@ -66,7 +66,7 @@ def add_arguments(v: argparse.ArgumentParser) -> None:
 def main(a) -> int:
     """`skipjack serve`: every setting checked before the model loads."""
     from skipjack.decoding.batch import MAX_ROWS
-    from skipjack.drafters import make_method
+    from skipjack.decoding.plan import resolve
     from skipjack.loading.load import resolve_dtype
     from skipjack.server.app import Settings
     from skipjack.store import check_home
@@ -75,7 +75,7 @@ def main(a) -> int:
     validate.integer("--max-queue", a.max_queue, 1, 100_000)
     validate.integer("--max-batch", a.max_batch, 1, MAX_ROWS)
     validate.number("--timeout", a.timeout, 0.0, 86_400.0, lo_open=True)
-    make_method(a.method)  # a bad --method fails now, not at the first request
+    resolve(validate.text("--method", a.method, empty=False))  # a bad --method fails now: parsed, nothing built
     if a.model is not None:
         validate.text("--model", a.model, empty=False)
     check_home()

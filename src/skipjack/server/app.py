@@ -2,9 +2,10 @@
 
 Endpoints: /v1/chat/completions, /v1/completions (SSE streaming ending in `data: [DONE]`, usage in every
 response, `timings` with draft counts and the method used), /v1/models, /health (503 while the model loads),
-/metrics (Prometheus), /tokenize, /detokenize. Errors are OpenAI-style JSON `{"error": {...}}` with a 4xx
-status and one line of message: bad JSON or types (400), a wrong or missing API key (401), a body over the
-limit (413), a full queue or a server shutting down (503 + Retry-After).
+/metrics (Prometheus), /tokenize, /detokenize. Errors are OpenAI-style JSON `{"error": {...}}` with one line of
+message and a status by kind (`skipjack.errors`): bad JSON, types or values (400), a wrong or missing API key
+(401), a body over the limit (413), a full queue, a server shutting down or a resource that is not available
+now, such as a held lock or a full disk (503 + Retry-After), a fault such as non-finite logits or a bug (500).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from starlette.exceptions import HTTPException
 from skipjack import engine as engine_mod
 from skipjack.errors import SkipjackError
 from skipjack.server import protocol as P
-from skipjack.server.errors import ApiError, error
+from skipjack.server.errors import ApiError, error, failure
 from skipjack.server.metrics import Metrics
 from skipjack.server.reply import Reply
 from skipjack.server.scheduler import Job, QueueFull, Scheduler
@@ -50,6 +51,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     state.engine = state.scheduler = state.load_error = None  # until the model has loaded
 
     def ready(e) -> None:
+        e.method(settings.method)  # the default method prepared before the first request (others on first use)
         state.engine, state.scheduler = e, Scheduler(e, state.metrics, settings.max_queue, settings.max_batch)
 
     if engine is not None:
@@ -97,16 +99,16 @@ def _guards(app: FastAPI, settings: Settings) -> None:
         return error(exc.status, exc.message, exc.param, exc.headers)
 
     @app.exception_handler(SkipjackError)
-    async def bad_value(request: Request, exc: SkipjackError):
-        return error(400, str(exc))
+    async def bad_value(request: Request, exc: SkipjackError):  # 400, or 503 for an `Unavailable`
+        return failure(exc)
 
     @app.exception_handler(HTTPException)
     async def httperror(request: Request, exc: HTTPException):
         return error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(Exception)
-    async def internal(request: Request, exc: Exception):
-        return error(500, f"internal error: {type(exc).__name__}: {exc}")
+    async def internal(request: Request, exc: Exception):  # a `Fault` or a bug: 500
+        return failure(exc)
 
 
 def _routes(app: FastAPI, settings: Settings) -> None:
@@ -122,10 +124,12 @@ def _routes(app: FastAPI, settings: Settings) -> None:
     async def health():
         if state.engine is None:
             return error(503, state.load_error or "the model is loading", headers={"Retry-After": "5"})
-        return {"status": "ok"}
+        return {"status": "ok", "load_seconds": round(state.engine.load_seconds, 3)}
 
     @app.get("/metrics")
     async def metrics():
+        if state.engine is not None:
+            state.metrics.load.set(state.engine.load_seconds)
         return PlainTextResponse(state.metrics.text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -1,15 +1,22 @@
-"""The server's errors: OpenAI-style JSON bodies with one line of message."""
+"""The server's errors: OpenAI-style JSON bodies with one line of message, the status from the error's kind
+(`skipjack.errors`: bad input 400, `Unavailable` 503 with Retry-After, a `Fault` or a bug 500)."""
 
 from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from skipjack.errors import one_line
+from skipjack.errors import RETRY_AFTER_S, http_status, message, one_line
+
+
+def _retry(status: int, headers: dict | None) -> dict | None:
+    """A 503 tells the client when to retry."""
+    return {"Retry-After": str(RETRY_AFTER_S)} if status == 503 and headers is None else headers
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
-        self.status, self.message, self.param, self.headers = status, one_line(message), param, headers
+        self.status, self.message, self.param = status, one_line(message), param
+        self.headers = _retry(status, headers)
 
 
 def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -17,4 +24,9 @@ def error(status: int, message: str, param: str | None = None, headers: dict | N
     if status == 401:
         kind = "authentication_error"
     body = {"error": {"message": one_line(message), "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=_retry(status, headers))
+
+
+def failure(e: BaseException) -> JSONResponse:
+    """The response for an exception raised while handling a request: its kind's status and its one line."""
+    return error(http_status(e), message(e))

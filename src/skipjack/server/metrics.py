@@ -13,6 +13,9 @@ class Metrics:
         m = ["method"]
         self.running = Gauge("skipjack:num_requests_running", "Requests being decoded.", registry=r)
         self.waiting = Gauge("skipjack:num_requests_waiting", "Requests waiting for a slot.", registry=r)
+        self.load = Gauge(
+            "skipjack:load_seconds", "Loading the model and preparing its methods (never a request's time).", registry=r
+        )
         self.ttft = Histogram(
             "skipjack:time_to_first_token_seconds", "Time to first token.", m, buckets=LATENCY, registry=r
         )

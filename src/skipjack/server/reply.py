@@ -10,8 +10,7 @@ import uuid
 
 from starlette.requests import Request
 
-from skipjack.drafters import is_lossless
-from skipjack.kvpolicies import is_lossless as kv_lossless
+from skipjack.decoding.plan import resolve
 from skipjack.server import protocol as P
 from skipjack.server.errors import ApiError
 from skipjack.server.scheduler import Job
@@ -30,7 +29,8 @@ class Reply:
 
     def lossless(self) -> bool:
         """Whether the reply is what plain decoding with the full cache gives (method and cache policy)."""
-        return is_lossless(self.spec) and kv_lossless(self.body.kv)
+        spec, policy = resolve(self.spec, self.body.kv)
+        return spec.lossless and policy is None
 
     async def _events(self, job: Job, request: Request):
         """A job's events until it ends; a client gone away cancels it."""

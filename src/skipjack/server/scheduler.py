@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from skipjack.engine import Engine, Request
-from skipjack.errors import SkipjackError, one_line
+from skipjack.errors import http_status, message
 from skipjack.server.metrics import Metrics
 
 
@@ -102,9 +102,8 @@ class Scheduler:
             try:
                 steps = runner.step()
             except Exception as e:  # the batch's pass failed: every live job ends with the error
-                status = 400 if isinstance(e, SkipjackError) else 500
                 for _h, job, _ in live.values():
-                    job.put("error", status, one_line(str(e) if status == 400 else f"internal error: {e!r}"))
+                    job.put("error", http_status(e), message(e))
                 self._count(0, -len(live))
                 live, runner = {}, self.engine.runner()
                 continue
@@ -129,10 +128,9 @@ class Scheduler:
         t = time.perf_counter()
         try:
             h = runner.add(job.request)  # its prompt's forward pass, alone
-        except Exception as e:  # bad input: 400; a bug: 500 with one line; the server goes on
+        except Exception as e:  # bad input: 400; a resource: 503; a fault or a bug: 500 with one line; goes on
             self._count(0, -1)
-            bad = isinstance(e, SkipjackError)
-            job.put("error", 400 if bad else 500, one_line(str(e) if bad else f"internal error: {e!r}"))
+            job.put("error", http_status(e), message(e))
             return
         now = time.perf_counter()
         self.metrics.step(job.method, h.first, now - t, first=True)

@@ -17,24 +17,13 @@ from typing import TYPE_CHECKING
 
 from skipjack import store
 from skipjack.errors import SkipjackError
+from skipjack.machine import kernel_flags
 from skipjack.store import home
 
 if TYPE_CHECKING:
     import torch
 
 SOURCE = Path(__file__).with_name("qk.cpp")  # includes the headers beside it (simd, matmul, attention, ...)
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return " ".join(
-                    sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "f16c", "amx")))
-                )
-    except OSError:
-        pass
-    return os.uname().machine
 
 
 ISA = "SKIPJACK_ISA"  # which instruction set the kernels are built for (ISAS); `native` by default
@@ -57,7 +46,7 @@ def isa() -> str:
 def build_name(which: str | None = None) -> str:
     which = which or isa()
     sources = [SOURCE, *sorted(SOURCE.parent.glob("*.h"))]
-    raw = b"".join(p.read_bytes() for p in sources) + _cpu_flags().encode()
+    raw = b"".join(p.read_bytes() for p in sources) + kernel_flags().encode()
     raw += b"" if which == "native" else which.encode()
     return f"skipjack_qk_{hashlib.sha256(raw).hexdigest()[:12]}"
 
