@@ -94,8 +94,6 @@ def test_prompt_lines_and_counts():
 UNCHECKED = {
     "integrity.py",
     "evaluation/harness.py",
-    "drafters/swift.py",
-    "tools/lwq.py",
     "bench/benchmarks_md.py",
     "bench/layers.py",
     "bench/schema.py",

@@ -234,6 +234,13 @@ class RowsCache(BaseModel):
     plain_ms: dict[str, dict[int, NonNegative]]
 
 
+class SkipSet(BaseModel):
+    """`$SKIPJACK_HOME/swift/*.json` (`drafters.swift`): the skip set found for a model and how well it matched."""
+
+    skip: list[tuple[Literal["attn", "ffn"], Annotated[int, Strict(), Field(ge=0)]]]
+    match: float = Field(0.0, ge=0.0, le=1.0)
+
+
 class CostPrior(BaseModel):
     """`$SKIPJACK_HOME/costs/*.json`: the verify-cost prior (`CostModel.prior_json`)."""
 

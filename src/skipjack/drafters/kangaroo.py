@@ -22,7 +22,6 @@ the shallow layers run once per token. Elsewhere the verify pass recomputes ever
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -106,12 +105,8 @@ def save(adapter: Adapter, model, path: Path, about: dict) -> None:
     tensors = {k: v.detach().float().contiguous() for k, v in adapter.state_dict().items()}
     meta["digest"] = integrity.digest(tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with store.atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta | {"about": json.dumps(about)})
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def expected_shape(model) -> dict:

@@ -45,7 +45,7 @@ import time
 
 import torch
 
-from skipjack import store
+from skipjack import schemas, store
 from skipjack.decoding.proposal import DraftContext, Proposal, Verdict
 from skipjack.drafters.base import Drafter, DraftSession, Resources
 from skipjack.drafters.layered import Calibrated, DraftHead, draft, prepared, target
@@ -210,13 +210,11 @@ class Swift(Drafter):
         return bool(self.skip) and value(self.match, self.share(self.skip)) > 1.0
 
     def _load(self) -> tuple[frozenset[Sub], float] | None:
-        try:
-            d = json.loads(self.path.read_text())
-            skip = frozenset((kind, int(i)) for kind, i in d["skip"])
-        except (OSError, ValueError, KeyError, TypeError):
+        saved = schemas.read_cache(self.path, schemas.SkipSet)  # None: missing or damaged, searched again
+        if saved is None:
             return None
-        match = float(d.get("match", 0.0))
-        return (skip, match) if skip <= set(self.candidates) and 0.0 <= match <= 1.0 else None
+        skip = frozenset((kind, i) for kind, i in saved.skip)
+        return (skip, saved.match) if skip <= set(self.candidates) else None
 
     def _store(self) -> None:
         if self.save:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from skipjack import methods
+from skipjack import methods, store
 from skipjack.decoding.sampling import SamplingParams
 from skipjack.engine import Engine, Request
 from skipjack.methods import MethodSpec
@@ -237,9 +237,8 @@ def evaluate(
     row["seconds"] = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{slug(label(engine.name))}__{slug(spec)}__{dtype}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, indent=1))
-    tmp.replace(path)
+    with store.atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(row, indent=1))
     row["path"] = str(path)
     return row
 

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from skipjack import corpus
+from skipjack import corpus, store
 from skipjack.drafters.kangaroo import Adapter, default_path, identity, save
 from skipjack.errors import SkipjackError
 from skipjack.models import fingerprint
@@ -150,9 +149,8 @@ def _batch(s: Settings, step: int, n: int) -> torch.Tensor:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with store.atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def train(

@@ -25,15 +25,13 @@ q4; on Qwen2.5-Coder's Q4_K_M the layers' 6-bit tensors are what the allocation 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from skipjack import integrity
+from skipjack import integrity, store
 from skipjack.errors import SkipjackError
 from skipjack.store import home
 from skipjack.weights import quant
@@ -138,11 +136,8 @@ def write(source: Path, config: dict, state: dict, tokenizer_dir: Path, meta: di
 
     from skipjack.loading.load import FORMAT_VERSION, META
 
-    parent = home() / "converted"
-    parent.mkdir(parents=True, exist_ok=True)
-    entry = parent / name
-    tmp = Path(tempfile.mkdtemp(prefix=f"{name}.tmp-{os.getpid()}-", dir=parent))
-    try:
+    entry = home() / "converted" / name
+    with store.atomic_folder(entry, replace=True) as tmp:
         tensors, index = quant.flatten(state)
         save_file(tensors, str(tmp / "blocks.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
@@ -151,12 +146,6 @@ def write(source: Path, config: dict, state: dict, tokenizer_dir: Path, meta: di
                 shutil.copyfile(f, tmp / f.name)
         full = {"format": FORMAT_VERSION, "source": str(source), "weights": "blocks", "blocks": index} | meta
         integrity.seal(tmp, META, full)
-        if entry.exists():
-            shutil.rmtree(entry)
-        os.rename(tmp, entry)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return entry
 
 
@@ -183,7 +172,7 @@ def quantize(spec: str, bits, order: str = "importance", score: str = "lim", see
     meta = loading.read_meta(folder)
     if KEY in meta:
         raise SkipjackError(f"{spec} is already a layer-wise quantization artefact: quantize its source instead")
-    config = json.loads((folder / "config.json").read_text())
+    config = loading.read_config(folder)
     L = normalise_config(dict(config))["num_hidden_layers"]
     flat = loading.read_weights(folder)
     state = quant.unflatten(flat, meta["blocks"]) if meta.get("blocks") else flat
