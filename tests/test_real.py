@@ -207,7 +207,7 @@ def test_self_drafting_identical_on_the_quick_prompts(real_q4):
 
 
 def test_kangaroo_identical_on_the_quick_prompts(real_q4, tmp_path):
-    """kangaroo on the default model (q4) with a briefly trained adapter: forced to draft (threshold 0), its
+    """kangaroo on the default model (q4) with a briefly trained adapter: forced to draft (threshold 0, k=3), its
     verify passes resume from the shallow layers' hidden states; identical to plain greedy."""
     from skipjack.tools.distil import Settings, train
 
@@ -215,7 +215,8 @@ def test_kangaroo_identical_on_the_quick_prompts(real_q4, tmp_path):
     about = train(real_q4.loaded, s, tmp_path / "k.safetensors", progress=False)
     assert about["agreement"] > about["agreement_before"]
     path = tmp_path / "k.safetensors"
-    methods = [f"kangaroo:threshold=0,adapter={path}", f"kangaroo:vocab=4096,adapter={path}"]
+    # k fixes the size: with the cost model sizing them, a weak adapter's drafts may all be cut (timing-dependent)
+    methods = [f"kangaroo:threshold=0,k=3,adapter={path}", f"kangaroo:vocab=4096,adapter={path}"]
     assert identical_on_the_quick_prompts(real_q4, methods)[methods[0]]
 
 
