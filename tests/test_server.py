@@ -69,7 +69,7 @@ def alone(engine, text: str, n: int, chat: bool = True, method: str = "plain", s
 
 def chat_args(text: str, max_tokens=12, **kw) -> dict:
     msgs = [{"role": "user", "content": text}]
-    return {"model": "tiny", "messages": msgs, "max_tokens": max_tokens, "temperature": 0} | kw
+    return {"model": None, "messages": msgs, "max_tokens": max_tokens, "temperature": 0} | kw
 
 
 def test_health_models_and_tokenize(url, engine):
@@ -85,7 +85,7 @@ def test_chat_and_completions_equal_the_engine_alone(client, engine):
     r = client.chat.completions.create(**chat_args("the quick brown fox"))
     assert r.choices[0].message.content == alone(engine, "the quick brown fox", 12)
     assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
-    c = client.completions.create(model="tiny", prompt="def add ( a", max_tokens=10, temperature=0)
+    c = client.completions.create(model=None, prompt="def add ( a", max_tokens=10, temperature=0)
     assert c.choices[0].text == alone(engine, "def add ( a", 10, chat=False)
     assert c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
 
@@ -127,7 +127,7 @@ def test_streamed_text_equals_whole_text(client, chat):
                 if c.choices
             ]
         else:
-            args = {"model": "t", "prompt": "naïve café 🙂", "max_tokens": 40, "temperature": temp, "seed": seed}
+            args = {"model": None, "prompt": "naïve café 🙂", "max_tokens": 40, "temperature": temp, "seed": seed}
             whole = client.completions.create(**args).choices[0].text
             parts = [c.choices[0].text for c in client.completions.create(**args, stream=True) if c.choices]
         assert "".join(parts) == whole
@@ -156,7 +156,7 @@ def test_stop_n_seed_and_logprobs(client, engine):
     items = lp.choices[0].logprobs.content
     assert len(items) >= 1 and all(x.logprob <= 0 and len(x.top_logprobs) == 2 for x in items)
     assert all(abs(x.top_logprobs[0].logprob - x.logprob) < 1e-5 for x in items)  # greedy: the top token
-    c = client.completions.create(model="t", prompt="hello", max_tokens=4, temperature=0, logprobs=1)
+    c = client.completions.create(model=None, prompt="hello", max_tokens=4, temperature=0, logprobs=1)
     assert len(c.choices[0].logprobs.token_logprobs) == c.usage.completion_tokens
 
 
@@ -226,9 +226,9 @@ def test_body_over_the_limit_and_bad_completions(url):
     for body in (
         {"prompt": ""},
         {"prompt": []},
-        {"prompt": ["a", "b"]},
+        {"prompt": ["a"] * 65},
         {"prompt": 5},
-        {"prompt": "x", "echo": True},
+        {"prompt": [10**9]},
         {"prompt": "x", "logprobs": 50},
     ):
         r = httpx.post(f"{url}/v1/completions", json=body)

@@ -43,6 +43,11 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS", help="in [-100, 100], repeatable")
+    p.add_argument("--min-tokens", type=int, default=0, help="stop tokens are ignored until this many tokens")
+    p.add_argument("--ignore-eos", action="store_true", help="stop tokens do not end the output")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument(
@@ -63,11 +68,17 @@ def _params(a, tokenizer=None):
         seed=a.seed,
         max_new_tokens=a.max_new_tokens,
         stop_token_ids=tokenizer.stop_ids if tokenizer else frozenset(),
+        logit_bias=validate.id_values("--logit-bias", a.logit_bias) or None,
+        frequency_penalty=a.frequency_penalty,
+        presence_penalty=a.presence_penalty,
+        ignore_eos=a.ignore_eos,
+        min_tokens=a.min_tokens,
     )
 
 
-def _notice(line: str) -> None:
-    print(line, file=sys.stderr)
+def _notice(line: str | None) -> None:
+    if line:
+        print(line, file=sys.stderr)
 
 
 def _method_notice(a, method) -> None:
@@ -107,18 +118,15 @@ def _engine(a, spec: str | None = None):
     method, _ = resolve(a.method, a.kv, session=a.cmd == "chat")  # parsed and checked: nothing built
     check_home()
     a.dtype, note = resolve_dtype(spec or a.model, a.dtype)  # "auto" -> what it loads as
-    if note:
-        _notice(note)
+    _notice(note)  # what it loads as, if not what was asked
     _method_notice(a, method)
     engine = Engine.load(spec or a.model, a.dtype, tune=not a.no_tune)
     if a.dtype in BLOCKS:
         _notice(f"skipjack: {a.dtype} weights: {engine.loaded.info['weights']}")
         if not engine.model.invariant:
             _notice("skipjack: note: some weights stay dense here, so the forward is not batch-invariant")
-        if engine.loaded.info["native"] != "on":
-            _notice(
-                f"skipjack: note: decoding steps run in Python, not the native step ({engine.loaded.info['native']})"
-            )
+        if (native := engine.loaded.info["native"]) != "on":
+            _notice(f"skipjack: note: decoding steps run in Python, not the native step ({native})")
     return engine, method
 
 

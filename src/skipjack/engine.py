@@ -20,13 +20,15 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from skipjack import methods, texts, validate, vocab
 from skipjack.decoding import plan, tuning
 from skipjack.decoding.batch import Batch, BatchCost
 from skipjack.decoding.cost import CostModel
 from skipjack.decoding.plan import Plan
 from skipjack.decoding.sampling import SamplingParams
-from skipjack.decoding.sequence import Sequence, Step, generate
+from skipjack.decoding.sequence import Sequence, Step, TokenLogprob, generate
 from skipjack.decoding.session import Session
 from skipjack.decoding.sizing import Capped
 from skipjack.drafters.base import Drafter, Resources
@@ -148,6 +150,7 @@ class Engine:
         if not isinstance(request.params, SamplingParams):
             raise SkipjackError(f"params must be SamplingParams (got {type(request.params).__name__})")
         request.params.__post_init__()  # fields may have been changed since it was made
+        request.params.check_vocab(self.model.lm_head.out_features)  # logit_bias's token ids
         request.stop = validate.strings("stop", request.stop)
         if request.draft_max is not None:
             validate.integer("speculative n_max", request.draft_max, 0, MAX_DRAFT)
@@ -225,6 +228,33 @@ class Engine:
             for h, delta, step in runner.step():
                 tallies[id(h)].add(delta, step)
         return [tallies[id(h)].result() for h in handles]
+
+    def embed(self, ids: list[int]) -> list[float]:
+        """The prompt's embedding: one forward pass, the last layer's hidden states after the final norm, mean
+        pooled over the tokens and L2-normalised (llama-server with `--pooling mean`). Holds the engine's lock."""
+        ctx = self.model.config.max_position_embeddings
+        ids = validate.token_ids("input", ids, self.model.lm_head.out_features)
+        if len(ids) > ctx:
+            raise SkipjackError(f"the input has {len(ids)} tokens: the model's context is {ctx}")
+        with self.lock:
+            h = self.model(torch.tensor([ids]), logits="none").last_hidden  # [1, T, D]
+            h = self.model.math.rms_norm(h, self.model.norm_weight, self.model.config.rms_norm_eps)
+        v = h[0].float().mean(dim=0)
+        return torch.nn.functional.normalize(v, dim=0).tolist()
+
+    def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it (the first has none: None), with the
+        `top` most likely tokens there: one forward pass over the prompt, every position's logits (under the lock)."""
+        ids = validate.token_ids("prompt", ids, self.model.lm_head.out_features)
+        validate.integer("top logprobs", top, 0, 20)
+        with self.lock:
+            logits = self.model.forward(torch.tensor([ids], dtype=torch.long), logits="all").logits[0]
+        lp = torch.log_softmax(logits[:-1].float(), -1)  # row i: the distribution of token i + 1
+        out: list[TokenLogprob | None] = [None]
+        for i, t in enumerate(ids[1:]):
+            vals, top_ids = lp[i].topk(top) if top else (lp[i][:0], lp[i][:0].long())
+            out.append(TokenLogprob(float(lp[i, t]), list(zip(top_ids.tolist(), vals.tolist()))))
+        return out
 
     def runner(self) -> BatchRunner:
         """A continuous batch on this engine: requests join (`add`) and leave (finished or `drop`) between steps."""

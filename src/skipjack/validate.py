@@ -193,3 +193,15 @@ def typed_option(owner: str, key: str, val, default):
         kind = "an integer" if isinstance(default, int) else "a number"
         raise SkipjackError(f"{owner}: option {key} must be {kind} (got {val!r})")
     return val
+
+
+def id_values(name: str, items: list[str]) -> dict[int, float]:
+    """`ID=VALUE` flags (`--logit-bias 42=-100`, repeatable) as a map; the values' ranges are the caller's."""
+    out = {}
+    for item in items:
+        tok, _, value = item.partition("=")
+        try:
+            out[int(tok)] = float(value)
+        except ValueError:
+            raise SkipjackError(f"{name} must be ID=VALUE, e.g. 42=-100 (got {item[:40]!r})") from None
+    return out

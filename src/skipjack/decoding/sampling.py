@@ -2,8 +2,12 @@
 
 The same `probs()` is applied to the target model's logits in plain sampling and in speculative
 verification (and to a drafter's logits when it has them), so speculative sampling preserves exactly the
-distribution of plain sampling with these settings. Order (as HF): repetition penalty, temperature, top-k,
-top-p, min-p.
+distribution of plain sampling with these settings. Order: logit bias, repetition penalty, frequency and
+presence penalties, the `min_tokens` mask (as vLLM), then temperature, top-k, top-p, min-p.
+
+The adjustments before the warpers depend on the request's history (`adjust`: the prompt's and the output's
+tokens, the output's counts, how many tokens were generated). Verification computes each row's history along
+that row's own path (the context plus the draft tokens up to the node), so it stays exact under them.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ class SamplingParams:
     max_new_tokens: int = 256
     stop_token_ids: frozenset[int] = field(default_factory=frozenset)
     logprobs: int | None = None  # report each token's logprob and this many top alternatives (0-20); None: off
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100] added to its logit (OpenAI)
+    frequency_penalty: float = 0.0  # in [-2, 2]: minus count * this, counting the generated tokens (OpenAI)
+    presence_penalty: float = 0.0  # in [-2, 2]: minus this for every token generated at least once (OpenAI)
+    ignore_eos: bool = False  # stop tokens do not end the request (they are emitted as any token)
+    min_tokens: int = 0  # stop tokens are masked until this many tokens were generated (vLLM)
 
     def __post_init__(self):
         """Checked once, at the boundary (`skipjack.validate`): types, finite values, ranges."""
@@ -51,6 +60,44 @@ class SamplingParams:
         self.stop_token_ids = frozenset(self.stop_token_ids)
         if self.logprobs is not None:
             validate.integer("logprobs (top alternatives)", self.logprobs, 0, MAX_LOGPROBS)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise SkipjackError(
+                    f"logit bias must be a map of token ids to biases (got {type(self.logit_bias).__name__})"
+                )
+            self.logit_bias = {
+                validate.integer("a logit bias token id", t, 0): validate.number(
+                    f"logit bias of token {t}", b, -100.0, 100.0
+                )
+                for t, b in self.logit_bias.items()
+            }
+        self.frequency_penalty = validate.number("frequency penalty", self.frequency_penalty, -2.0, 2.0)
+        self.presence_penalty = validate.number("presence penalty", self.presence_penalty, -2.0, 2.0)
+        if not isinstance(self.ignore_eos, bool):
+            raise SkipjackError(f"ignore_eos must be true or false (got {self.ignore_eos!r:.40})")
+        validate.integer("min tokens", self.min_tokens, 0, self.max_new_tokens)
+
+    def check_vocab(self, vocab: int) -> None:
+        """The token ids in the settings exist in a model of `vocab` tokens (a one-line error if not)."""
+        for t in self.logit_bias or ():
+            if t >= vocab:
+                raise SkipjackError(f"logit bias token id {t} is outside the vocabulary [0, {vocab})")
+
+    @property
+    def adjusted(self) -> bool:
+        """Whether logits are adjusted by the history or a bias before the warpers (see `adjust`)."""
+        return bool(
+            self.logit_bias
+            or self.repetition_penalty != 1.0
+            or self.frequency_penalty
+            or self.presence_penalty
+            or self.masked
+        )
+
+    @property
+    def masked(self) -> bool:
+        """Whether stop tokens are masked for a while (`min_tokens`; with `ignore_eos` nothing stops)."""
+        return self.min_tokens > 0 and bool(self.stop_token_ids) and not self.ignore_eos
 
     @property
     def greedy(self) -> bool:
@@ -65,6 +112,36 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
     pen = torch.where(logits > 0, logits / penalty, logits * penalty)
     big = torch.finfo(logits.dtype).max  # an extreme penalty overflows: clamp, so the order still decides
     return torch.where(seen, pen.clamp(-big, big), logits)
+
+
+def adjust(
+    logits: torch.Tensor,
+    p: SamplingParams,
+    seen: torch.Tensor | None,
+    counts: torch.Tensor | None,
+    generated: torch.Tensor,
+) -> torch.Tensor:
+    """Logits [N, V] adjusted for each row's history: `seen` [N, V] bool (prompt + output, for the
+    repetition penalty), `counts` [N, V] (each token's count in the output, for the frequency and presence
+    penalties), `generated` [N] (tokens generated before the row's token, for `min_tokens`). Elementwise per
+    row, so a row gets the same values alone (plain decoding) or in a verify forward."""
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+        bias = torch.tensor(list(p.logit_bias.values()), dtype=torch.float64).to(logits.dtype)
+        logits = logits.index_add(-1, ids, bias.expand(logits.shape[0], -1))
+    if seen is not None:
+        logits = penalize(logits, seen, p.repetition_penalty)
+    if counts is not None and (p.frequency_penalty or p.presence_penalty):
+        c = counts.to(logits.dtype)
+        logits = logits - c * p.frequency_penalty - (c > 0).to(logits.dtype) * p.presence_penalty
+    if p.masked:
+        V = logits.shape[-1]
+        stops = torch.tensor(sorted(t for t in p.stop_token_ids if t < V), dtype=torch.long)
+        early = (generated < p.min_tokens)[:, None]  # [N, 1]
+        mask = torch.zeros_like(logits, dtype=torch.bool)
+        mask[:, stops] = True
+        logits = logits.masked_fill(mask & early, float("-inf"))
+    return logits
 
 
 def probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -100,26 +177,38 @@ def sample(pr: torch.Tensor, gen: torch.Generator | None) -> int:
 
 
 class Sampler:
-    """Picks one request's tokens: its sampling settings, its seeded generator, and the repetition penalty's
-    record of the tokens seen so far (prompt + output)."""
+    """Picks one request's tokens: its sampling settings, its seeded generator, and the request's history
+    (`adjust`): the tokens seen so far (prompt + output, for the repetition penalty), the output's token counts
+    (frequency and presence penalties), how many tokens were generated (`min_tokens`)."""
 
     def __init__(self, params: SamplingParams, prompt: list[int], vocab: int):
+        params.check_vocab(vocab)
         self.params = params
         self.gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.seen: torch.Tensor | None = None  # [V] bool, only with a repetition penalty
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab, dtype=torch.bool)
             self.seen[torch.tensor(prompt)] = True
+        self.counts: torch.Tensor | None = None  # [V] float64, only with a frequency or presence penalty
+        if params.frequency_penalty or params.presence_penalty:
+            self.counts = torch.zeros(vocab, dtype=torch.float64)
+        self.generated = 0
 
     def pick(self, logits: torch.Tensor, argmax: int | None = None) -> int:
         """The next token after logits [V] (`argmax`: theirs, where the forward computed it)."""
-        if self.seen is not None:
-            logits, argmax = penalize(logits[None], self.seen[None], self.params.repetition_penalty)[0], None
+        if self.params.adjusted:
+            seen = None if self.seen is None else self.seen[None]
+            counts = None if self.counts is None else self.counts[None]
+            logits = adjust(logits[None], self.params, seen, counts, torch.tensor([self.generated]))[0]
+            argmax = None
         if self.params.greedy:
             return int(logits.argmax()) if argmax is None else argmax
         return sample(probs(logits[None], self.params)[0], self.gen)
 
     def saw(self, tokens: list[int]) -> None:
-        """Tokens were emitted: the penalty now applies to them too."""
+        """Tokens were emitted: the history now holds them too."""
+        self.generated += len(tokens)
         if self.seen is not None and tokens:
             self.seen[torch.tensor(tokens)] = True
+        if self.counts is not None and tokens:
+            self.counts.index_add_(0, torch.tensor(tokens), torch.ones(len(tokens), dtype=torch.float64))

@@ -221,7 +221,9 @@ class Sequence:
 def _verified(out, cache: KVCache, proposal: Proposal, sampler: Sampler, start: int) -> tuple[Step, Verdict]:
     """Verify a proposal from its forward over [pending] + its nodes, and keep only the accepted path's KV."""
     logits = finite(out.logits[0], out.finite)  # [T, V]
-    verdict = verify(logits, proposal, sampler.params, sampler.gen, sampler.seen, out.argmax)
+    verdict = verify(
+        logits, proposal, sampler.params, sampler.gen, sampler.seen, out.argmax, sampler.counts, sampler.generated
+    )
     verdict.hidden.update({i: h[0] for i, h in out.hidden.items()})  # [T, D] each
     if proposal.is_chain:
         cache.trim(len(proposal) - len(verdict.path))
@@ -253,7 +255,7 @@ def _finish(step: Step, params: SamplingParams, left: int, room: int, ctx: list[
     token budget left."""
     toks = step.tokens
     for i, t in enumerate(toks):
-        if t in params.stop_token_ids:
+        if t in params.stop_token_ids and not params.ignore_eos:
             toks, step.finish = toks[:i], "stop"
             break
     if len(toks) >= left:

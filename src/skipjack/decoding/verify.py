@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from skipjack.decoding.proposal import Proposal, Verdict
-from skipjack.decoding.sampling import SamplingParams, penalize, probs
+from skipjack.decoding.sampling import SamplingParams, adjust, probs
 
 
 def tree_mask(parents: list[int]) -> torch.Tensor:
@@ -36,17 +36,33 @@ def tree_mask(parents: list[int]) -> torch.Tensor:
     return m
 
 
-def target_probs(logits, proposal: Proposal, params: SamplingParams, seen: torch.Tensor | None):
-    """Warped target distributions [T, V] for every verify row. `seen` [V] marks tokens already in the
-    context (for the repetition penalty); each row also counts the draft tokens on its own path."""
-    if seen is not None and params.repetition_penalty != 1.0:
-        T = logits.shape[0]
-        onehot = torch.zeros(T, logits.shape[-1], dtype=torch.bool)  # [T, V]
+def target_probs(
+    logits,
+    proposal: Proposal,
+    params: SamplingParams,
+    seen: torch.Tensor | None,
+    counts: torch.Tensor | None = None,
+    generated: int = 0,
+):
+    """Warped target distributions [T, V] for every verify row. The history before the step: `seen` [V] marks
+    tokens already in the context (repetition penalty), `counts` [V] the output's token counts (frequency and
+    presence penalties), `generated` the tokens generated so far (`min_tokens`); each row adds the draft tokens
+    on its own path, as plain decoding would have seen them."""
+    if params.adjusted:
+        T, V = logits.shape
+        onehot = torch.zeros(T, V, dtype=torch.float64)  # [T, V]
         if T > 1:
-            onehot[torch.arange(1, T), torch.tensor(proposal.tokens)] = True
-        anc = tree_mask(proposal.parents).float()  # [T, T]
-        rows = (anc @ onehot.float()) > 0  # [T, V] tokens on each row's path
-        logits = penalize(logits, rows | seen[None, :], params.repetition_penalty)
+            onehot[torch.arange(1, T), torch.tensor(proposal.tokens)] = 1.0
+        anc = tree_mask(proposal.parents).double()  # [T, T]
+        path = anc @ onehot  # [T, V] each token's count on each row's path (exact: small integers)
+        depth = anc.sum(-1).long() - 1  # [T] draft tokens on each row's path
+        rows_seen = None
+        if seen is not None and params.repetition_penalty != 1.0:
+            rows_seen = (path > 0) | seen[None, :]
+        rows_counts = None
+        if params.frequency_penalty or params.presence_penalty:
+            rows_counts = path if counts is None else path + counts[None, :]
+        logits = adjust(logits, params, rows_seen, rows_counts, generated + depth)
     return probs(logits, params)
 
 
@@ -57,19 +73,21 @@ def verify(
     gen: torch.Generator | None = None,
     seen: torch.Tensor | None = None,  # [V] bool, tokens in the context (repetition penalty)
     argmax: list[int] | None = None,  # [T] each row's argmax, where the forward computed it
+    counts: torch.Tensor | None = None,  # [V] the output's token counts (frequency, presence penalties)
+    generated: int = 0,  # tokens generated before this step (min_tokens)
 ) -> Verdict:
     children = proposal.children()
     toks = proposal.tokens
-    penalised = seen is not None and params.repetition_penalty != 1.0
     raw = logits.argmax(-1).tolist() if argmax is None else argmax  # [T]
+    hist = (seen, counts, generated)
     if params.greedy:
-        target = target_probs(logits, proposal, params, seen).argmax(-1).tolist() if penalised else raw
+        target = target_probs(logits, proposal, params, *hist).argmax(-1).tolist() if params.adjusted else raw
         path, row = [], 0
         while (c := children[row].get(target[row])) is not None:
             path.append(c)
             row = c + 1
         return Verdict([toks[c] for c in path] + [target[row]], path, raw)
-    p_all = target_probs(logits, proposal, params, seen)  # [T, V]
+    p_all = target_probs(logits, proposal, params, *hist)  # [T, V]
     path, row = [], 0
     while True:
         p = p_all[row].clone()

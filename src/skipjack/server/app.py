@@ -2,10 +2,14 @@
 
 Endpoints: /v1/chat/completions, /v1/completions (SSE streaming ending in `data: [DONE]`, usage in every
 response, `timings` with draft counts and the method used), /v1/models, /health (503 while the model loads),
-/metrics (Prometheus), /tokenize, /detokenize. Errors are OpenAI-style JSON `{"error": {...}}` with one line of
-message and a status by kind (`skipjack.errors`): bad JSON, types or values (400), a wrong or missing API key
-(401), a body over the limit (413), a full queue, a server shutting down or a resource that is not available
-now, such as a held lock or a full disk (503 + Retry-After), a fault such as non-finite logits or a bug (500).
+/metrics (Prometheus, also under vLLM's `vllm:` names), /tokenize, /detokenize. `null` in an optional field is
+its default. /v1/completions takes text, token ids, or a list of up to `protocol.MAX_PROMPTS` (64) of either
+(n choices each, in order), and `echo` (with `logprobs`: the prompt's, the first null; `max_tokens: 0` scores
+only). Errors are OpenAI-style JSON `{"error": {...}}` with one line of message and a status by kind
+(`skipjack.errors`): bad JSON, types or values (400), a wrong or missing API key (401), an unknown `model`
+(404, code "model_not_found"), a body over the limit (413), a full queue, a server shutting down or a resource
+that is not available now, such as a held lock or a full disk (503 + Retry-After), a fault such as non-finite
+logits or a bug (500).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from skipjack import engine as engine_mod
 from skipjack.errors import SkipjackError
 from skipjack.server import protocol as P
 from skipjack.server.errors import ApiError, error, failure
+from skipjack.server.extra import register as register_extra
 from skipjack.server.metrics import Metrics
 from skipjack.server.reply import Reply
 from skipjack.server.scheduler import Job, QueueFull, Scheduler
@@ -96,7 +101,7 @@ def _guards(app: FastAPI, settings: Settings) -> None:
 
     @app.exception_handler(ApiError)
     async def apierror(request: Request, exc: ApiError):
-        return error(exc.status, exc.message, exc.param, exc.headers)
+        return error(exc.status, exc.message, exc.param, exc.headers, exc.code)
 
     @app.exception_handler(SkipjackError)
     async def bad_value(request: Request, exc: SkipjackError):  # 400, or 503 for an `Unavailable`
@@ -130,7 +135,8 @@ def _routes(app: FastAPI, settings: Settings) -> None:
     async def metrics():
         if state.engine is not None:
             state.metrics.load.set(state.engine.load_seconds)
-        return PlainTextResponse(state.metrics.text(), media_type="text/plain; version=0.0.4")
+        name = state.engine.name if state.engine is not None else None
+        return PlainTextResponse(state.metrics.text(name), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -147,21 +153,24 @@ def _routes(app: FastAPI, settings: Settings) -> None:
     @app.post("/tokenize")
     async def tokenize(body: P.Tokenize):
         e = need_engine()
+        served(settings, e, body.model)
         text = body.content if body.content is not None else body.prompt
         if text is None:
             raise ApiError(400, "send the text as content (or prompt)", "content")
-        ids = e.tokenizer.encode(text, add_special_tokens=body.add_special)
-        return {"tokens": ids, "count": len(ids), "max_model_len": e.model.config.max_position_embeddings}
+        return tokens(e, body, text)
 
     @app.post("/detokenize")
     async def detokenize(body: P.Detokenize):
         e = need_engine()
+        served(settings, e, body.model)
         vocab = e.model.lm_head.out_features
         bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(400, f"token id {bad} is not in [0, {vocab})", "tokens")
-        return {"content": e.tokenizer.decode(body.tokens)}
+        text = e.tokenizer.decode(body.tokens)
+        return {"content": text, "prompt": text}  # llama-server's name, vLLM's
 
+    register_extra(app, settings, need_engine)  # /v1/embeddings, /v1/responses
     _generation(app, settings, need_engine)
 
 
@@ -171,56 +180,107 @@ def _generation(app: FastAPI, settings: Settings, need_engine) -> None:
     @app.post("/v1/completions")
     async def completions(body: P.Completion, request: Request):
         e = need_engine()
-        if body.echo:
-            raise ApiError(400, "echo is not supported", "echo")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise ApiError(400, "send one prompt per request (a list of one string at most)", "prompt")
-        ids = e.tokenizer.prompt_ids(prompts[0], raw=True)
-        return await _serve(request, body, e, ids, body.logprobs, chat=False)
+        served(settings, e, body.model)
+        prompts = P.prompts(body, e.tokenizer, e.model.lm_head.out_features)
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens 0 generates nothing: it needs echo (scoring the prompt)", "max_tokens")
+        for _, ids in prompts:
+            fits(e, ids, body.max_tokens, "prompt")
+        echo = await echoes(e, prompts, body.logprobs) if body.echo else None
+        ids = [ids for _, ids in prompts]
+        return await _serve(request, body, e, ids, body.logprobs, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat(body: P.Chat, request: Request):
         e = need_engine()
+        served(settings, e, body.model)
         if not e.tokenizer.chat_template:
             raise ApiError(400, f"model {e.name!r} has no chat template; use /v1/completions")
         ids = e.tokenizer.prompt_ids(P.messages(body))
         top = (body.top_logprobs or 0) if body.logprobs else None
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
-        return await _serve(request, body, e, ids, top, chat=True)
+        fits(e, ids, body.max_tokens, "messages")
+        return await _serve(request, body, e, [ids], top, chat=True)
 
-    async def _serve(request: Request, body: P.Sampling, e, ids: list[int], top: int | None, chat: bool):
+    async def _serve(request: Request, body: P.Sampling, e, prompts: list[list[int]], top, chat: bool, echo=None):
+        """Queue n jobs per prompt (none for max_tokens 0: the echo alone) and answer, whole or streamed."""
         ctx = e.model.config.max_position_embeddings
-        if len(ids) >= ctx:
-            raise ApiError(400, f"the prompt has {len(ids)} tokens: the model's context is {ctx}", "messages")
-        room = ctx - len(ids)
-        if body.max_tokens is not None and body.max_tokens > room:
-            raise ApiError(
-                400,
-                f"max_tokens {body.max_tokens} + the prompt's {len(ids)} tokens exceed the model's context of {ctx}",
-                "max_tokens",
-            )
         spec, n_max, p_min = P.method(body, settings.method)
         stop = () if body.stop is None else ((body.stop,) if isinstance(body.stop, str) else tuple(body.stop))
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + settings.timeout
         jobs = []
-        for i in range(body.n):
-            seed = None if body.seed is None else body.seed + i
-            p = P.params(body, body.max_tokens or room, seed, e.tokenizer.stop_ids, top)
-            req = engine_mod.Request(ids, p, spec, stop, None, n_max, p_min, body.kv)
-            e.check(req)  # every value checked before anything is queued
-            jobs.append(Job(req, spec, loop, deadline))
+        for ids in prompts:
+            for i in range(body.n):
+                if body.max_tokens == 0:
+                    jobs.append(None)
+                    continue
+                seed = None if body.seed is None else body.seed + i
+                p = P.params(body, body.max_tokens or ctx - len(ids), seed, e.tokenizer.stop_ids, top)
+                req = engine_mod.Request(ids, p, spec, stop, None, n_max, p_min, body.kv)
+                e.check(req)  # every value checked before anything is queued
+                jobs.append(Job(req, spec, loop, deadline))
         try:
-            state.scheduler.submit(jobs)
+            state.scheduler.submit([j for j in jobs if j is not None])
         except QueueFull as x:
             raise ApiError(503, str(x), headers={"Retry-After": "1"}) from None
-        reply = Reply(e, body, ids, spec, chat, top)
+        reply = Reply(e, body, prompts, spec, chat, top, echo)
         if body.stream:
             return StreamingResponse(reply.sse(jobs, request), media_type="text/event-stream")
         try:
             return await reply.whole(jobs, request)
         finally:
             for job in jobs:
-                job.cancelled.set()  # a no-op for finished jobs; frees the rest when the client left
+                if job is not None:
+                    job.cancelled.set()  # a no-op for finished jobs; frees the rest when the client left
+
+
+async def echoes(e, prompts: list[tuple[str | None, list[int]]], top: int | None) -> list[tuple]:
+    """What `echo` prepends to each prompt's choices: (its text, its ids, with logprobs its tokens' logprobs: one
+    forward pass each, off the event loop)."""
+    out = []
+    for text, ids in prompts:
+        lps = None if top is None else await asyncio.to_thread(e.prompt_logprobs, ids, top)
+        out.append((e.tokenizer.decode(ids) if text is None else text, ids, lps))
+    return out
+
+
+def tokens(e, body: P.Tokenize, text: str) -> dict:
+    """/tokenize's answer: the ids (llama-server's `with_pieces`: each {id, piece}), their count, the context, and
+    vLLM's `token_strs` when asked (a piece is the token decoded alone)."""
+    special = next((x for x in (body.add_special, body.add_special_tokens) if x is not None), True)
+    ids = e.tokenizer.encode(text, add_special_tokens=special)
+    strs = [e.tokenizer.decode([t]) for t in ids] if body.with_pieces or body.return_token_strs else None
+    out = {
+        "tokens": [{"id": t, "piece": s} for t, s in zip(ids, strs)] if body.with_pieces else ids,
+        "count": len(ids),
+        "max_model_len": e.model.config.max_position_embeddings,
+    }
+    return out | ({"token_strs": strs} if body.return_token_strs else {})
+
+
+def served(settings: Settings, e, name: str | None) -> None:
+    """A request's `model`: the served model's id (/v1/models), the --model spec it was loaded from or that
+    spec's last path part; None (not sent) is the served model. Any other name: 404 model_not_found."""
+    if name is None:
+        return
+    spec = settings.model
+    names = {e.name, str(e.loaded.source)} | ({spec, spec.rstrip("/").rsplit("/", 1)[-1]} if spec else set())
+    if name not in names:
+        raise ApiError(
+            404, f"the model {name!r} does not exist (this server serves {e.name!r})", "model", code="model_not_found"
+        )
+
+
+def fits(e, ids: list[int], max_tokens: int | None, param: str) -> None:
+    """A prompt and its max_tokens within the model's context (max_tokens 0, scoring: the prompt may fill it)."""
+    ctx = e.model.config.max_position_embeddings
+    if len(ids) > ctx or (len(ids) == ctx and max_tokens != 0):
+        raise ApiError(400, f"the prompt has {len(ids)} tokens: the model's context is {ctx}", param)
+    if max_tokens is not None and max_tokens > ctx - len(ids):
+        raise ApiError(
+            400,
+            f"max_tokens {max_tokens} + the prompt's {len(ids)} tokens exceed the model's context of {ctx}",
+            "max_tokens",
+        )

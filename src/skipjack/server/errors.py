@@ -14,16 +14,20 @@ def _retry(status: int, headers: dict | None) -> dict | None:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None):
-        self.status, self.message, self.param = status, one_line(message), param
+    """`code`: OpenAI's error code where it has one (e.g. "model_not_found"); default: the status."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, headers: dict | None = None, code=None
+    ) -> None:
+        self.status, self.message, self.param, self.code = status, one_line(message), param, code
         self.headers = _retry(status, headers)
 
 
-def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+def error(status: int, message: str, param: str | None = None, headers: dict | None = None, code=None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     if status == 401:
         kind = "authentication_error"
-    body = {"error": {"message": one_line(message), "type": kind, "param": param, "code": status}}
+    body = {"error": {"message": one_line(message), "type": kind, "param": param, "code": code or status}}
     return JSONResponse(body, status_code=status, headers=_retry(status, headers))
 
 

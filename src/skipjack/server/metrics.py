@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
@@ -53,5 +55,27 @@ class Metrics:
             for pos in range(step.accepted):
                 self.per_pos.labels(method, str(pos)).inc()
 
-    def text(self) -> bytes:
-        return generate_latest(self.registry)
+    def text(self, model: str | None = None) -> bytes:
+        """The metrics, each also under vLLM's name (`vllm:*`, with vLLM's `model_name` label when `model` is
+        given) where the meaning is the same, so dashboards and load generators that read vLLM's work."""
+        own = generate_latest(self.registry).decode()
+        return (own + "".join(_vllm(line, model) + "\n" for line in own.splitlines() if _mirrored(line))).encode()
+
+
+VLLM_SKIP = ("skipjack:load_seconds",)  # no vLLM metric means the same
+
+
+def _mirrored(line: str) -> bool:
+    parts = line.split()
+    name = (parts[2] if len(parts) > 2 else "") if line.startswith("#") else re.match(r"[^\s{]*", line).group()
+    return name.startswith("skipjack:") and not name.startswith(VLLM_SKIP)
+
+
+def _vllm(line: str, model: str | None) -> str:
+    """A `skipjack:` exposition line under vLLM's name (and label)."""
+    line = line.replace("skipjack:", "vllm:", 1)
+    if model is None or line.startswith("#"):
+        return line
+    label = 'model_name="' + model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    name, rest = re.match(r"([^\s{]+)(.*)", line).groups()
+    return f"{name}{{{label},{rest[1:]}" if rest.startswith("{") else f"{name}{{{label}}}{rest}"

@@ -6,16 +6,28 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from skipjack import validate
 from skipjack.decoding.sampling import SamplingParams
 from skipjack.errors import SkipjackError
 
 MAX_N = 16  # choices per request
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (a list of strings or of token-id lists)
 
 
 class Strict(BaseModel):
+    """A request body: strict types, unknown fields ignored, and `null` in a field meaning its default (OpenAI's
+    schema: the official client sends null for a caller's None)."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class StreamOptions(Strict):
@@ -39,6 +51,13 @@ class Sampling(Strict):
     top_k: int = Field(default=0, ge=0)
     min_p: float = Field(default=0.0, ge=0.0, lt=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)
+    # OpenAI's logit_bias (token id, a string in JSON -> bias in [-100, 100]) and penalties; vLLM's ignore_eos and
+    # min_tokens. Ranges and the vocabulary are checked by SamplingParams and the engine (one-line errors).
+    logit_bias: dict[int | str, float] | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    ignore_eos: bool = False
+    min_tokens: int = 0
     n: int = Field(default=1, ge=1, le=MAX_N)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
@@ -49,8 +68,9 @@ class Sampling(Strict):
 
 
 class Completion(Sampling):
-    prompt: str | list[str] = Field(min_length=1)
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    # text, token ids, a list of texts or a list of token-id lists (at most MAX_PROMPTS; checked in `prompts`)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    max_tokens: int | None = Field(default=16, ge=0)  # OpenAI's default for completions; 0: echo only (scoring)
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
@@ -74,13 +94,21 @@ class Chat(Sampling):
 
 
 class Tokenize(Strict):
+    """llama-server's fields (content, add_special, with_pieces) and vLLM's (prompt, add_special_tokens,
+    return_token_strs)."""
+
     content: str | None = None
     prompt: str | None = None
-    add_special: bool = True
+    add_special: bool | None = None
+    add_special_tokens: bool | None = None
+    with_pieces: bool = False
+    return_token_strs: bool = False
+    model: str | None = None
 
 
 class Detokenize(Strict):
     tokens: list[int]
+    model: str | None = None
 
 
 def messages(body: Chat) -> list[dict]:
@@ -93,6 +121,13 @@ def messages(body: Chat) -> list[dict]:
 
 
 def params(body: Sampling, max_new: int, seed: int | None, stop_ids, logprobs: int | None) -> SamplingParams:
+    bias = None  # OpenAI's logit_bias, its keys (strings in JSON) as token ids
+    if body.logit_bias is not None:
+        bias = {}
+        for k, v in body.logit_bias.items():
+            if isinstance(k, str) and not (k.isascii() and k.isdigit() and len(k) <= 18):
+                raise SkipjackError(f"logit_bias keys must be token ids (got {k[:40]!r})")
+            bias[int(k)] = v
     return SamplingParams(
         temperature=body.temperature,
         top_k=body.top_k,
@@ -103,6 +138,11 @@ def params(body: Sampling, max_new: int, seed: int | None, stop_ids, logprobs: i
         max_new_tokens=max_new,
         stop_token_ids=stop_ids,
         logprobs=logprobs,
+        logit_bias=bias,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        ignore_eos=body.ignore_eos,
+        min_tokens=body.min_tokens,
     )
 
 
@@ -117,3 +157,19 @@ def method(body: Sampling, default: str) -> tuple[str, int | None, float]:
     if not name.strip():
         raise SkipjackError("speculative.method is empty")
     return name, spec.n_max, spec.p_min
+
+
+def prompts(body: Completion, tokenizer, vocab: int) -> list[tuple[str | None, list[int]]]:
+    """A completion request's prompts, each (its text if given as text, its token ids): one text, one id list,
+    or a list of either, in order."""
+    p = body.prompt
+    items = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+    if len(items) > MAX_PROMPTS:
+        raise SkipjackError(f"prompt: {len(items)} prompts in one request; at most {MAX_PROMPTS}")
+    out = []
+    for i, x in enumerate(items):
+        if isinstance(x, str):
+            out.append((x, tokenizer.prompt_ids(x, raw=True)))
+        else:
+            out.append((None, validate.token_ids(f"prompt[{i}]" if len(items) > 1 else "prompt", x, vocab)))
+    return out

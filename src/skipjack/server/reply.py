@@ -19,8 +19,11 @@ from skipjack.server.scheduler import Job
 class Reply:
     """Turns a request's jobs' events into an OpenAI response: whole, or as SSE chunks."""
 
-    def __init__(self, e, body: P.Sampling, ids: list[int], spec: str, chat: bool, top: int | None):
-        self.e, self.body, self.ids, self.spec, self.chat, self.top = e, body, ids, spec, chat, top
+    def __init__(self, e, body: P.Sampling, prompts: list[list[int]], spec: str, chat: bool, top, echo=None):
+        """`prompts`: n choices each, in order; `echo`: per prompt (text, ids, prompt logprobs or None) to prepend
+        to its choices (completions' `echo`), or None."""
+        self.e, self.body, self.prompts, self.spec, self.chat, self.top = e, body, prompts, spec, chat, top
+        self.echo, self.offsets = echo, {}  # offsets: each choice's text offset so far (logprobs.text_offset)
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.t0 = time.perf_counter()
@@ -55,39 +58,57 @@ class Reply:
         self.drafted += step.drafted
         self.accepted += step.accepted
 
+    def _item(self, t: int, lp) -> dict:
+        """One token's logprobs entry; `lp` None (a prompt's first token): no logprob, no top."""
+        dec = self.e.tokenizer.decode
+        tok = dec([t])
+        top = (
+            None
+            if lp is None
+            else [{"token": dec([i]), "logprob": v, "bytes": list(dec([i]).encode())} for i, v in lp.top]
+        )
+        return {
+            "token": tok,
+            "logprob": None if lp is None else lp.logprob,
+            "bytes": list(tok.encode()),
+            "top_logprobs": top,
+        }
+
     def _logprobs(self, step) -> list[dict]:
         if self.top is None or not step.logprobs:
             return []
-        dec = self.e.tokenizer.decode
-        out = []
-        for t, lp in zip(step.tokens, step.logprobs):
-            tok = dec([t])
-            out.append(
-                {
-                    "token": tok,
-                    "logprob": lp.logprob,
-                    "bytes": list(tok.encode()),
-                    "top_logprobs": [
-                        {"token": dec([i]), "logprob": v, "bytes": list(dec([i]).encode())} for i, v in lp.top
-                    ],
-                }
-            )
-        return out
+        return [self._item(t, lp) for t, lp in zip(step.tokens, step.logprobs)]
 
-    def _lp_field(self, items: list[dict]):
+    def _echo(self, k: int) -> tuple[str, list[dict]]:
+        """Choice k's echoed prompt: its text and, with logprobs, its tokens' entries (the first without one)."""
+        if self.echo is None:
+            return "", []
+        text, ids, lps = self.echo[k // self.body.n]
+        return text, [] if lps is None else [self._item(t, lp) for t, lp in zip(ids, lps)]
+
+    def _lp_field(self, items: list[dict], k: int):
+        """Choice k's logprobs for these entries (completions: text_offset continues from its earlier ones)."""
         if self.top is None:
             return None
         if self.chat:
             return {"content": items}
+        offsets, at = [], self.offsets.get(k, 0)
+        for x in items:
+            offsets.append(at)
+            at += len(x["token"])
+        self.offsets[k] = at
         return {
             "tokens": [x["token"] for x in items],
             "token_logprobs": [x["logprob"] for x in items],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in x["top_logprobs"]} for x in items],
-            "text_offset": [],
+            "top_logprobs": [
+                None if x["top_logprobs"] is None else {t["token"]: t["logprob"] for t in x["top_logprobs"]}
+                for x in items
+            ],
+            "text_offset": offsets,
         }
 
     def usage(self) -> dict:
-        n = len(self.ids) * self.body.n
+        n = sum(len(p) for p in self.prompts)  # each prompt once, however many choices (n) it has
         return {"prompt_tokens": n, "completion_tokens": self.generated, "total_tokens": n + self.generated}
 
     def timings(self) -> dict:
@@ -95,7 +116,7 @@ class Reply:
         first = (self.t_first or now) - self.t0
         gen = max(now - (self.t_first or now), 1e-9)
         return {
-            "prompt_n": len(self.ids),
+            "prompt_n": sum(len(p) for p in self.prompts),
             "prompt_ms": round(first * 1000, 3),
             "predicted_n": self.generated,
             "predicted_ms": round(gen * 1000, 3),
@@ -118,18 +139,20 @@ class Reply:
         kind = "chat.completion" if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.e.name}
 
-    async def whole(self, jobs: list[Job], request: Request) -> dict:
+    async def whole(self, jobs: list[Job | None], request: Request) -> dict:
+        """`jobs`: n per prompt, in order; None: no generation (max_tokens 0), the echo alone."""
         choices = []
         for i, job in enumerate(jobs):
-            text, items, finish = [], [], "length"
-            async for ev in self._events(job, request):
+            prefix, items = self._echo(i)
+            text, finish = [prefix], "length"
+            async for ev in self._events(job, request) if job is not None else _none():
                 if ev[0] == "step":
                     text.append(ev[1])
                     items += self._logprobs(ev[2])
                     self._count(ev[2])
                 else:
                     finish = _finish(ev[1])
-            choices.append(self._choice(i, "".join(text), finish, self._lp_field(items)))
+            choices.append(self._choice(i, "".join(text), finish, self._lp_field(items, i)))
         return self._head() | {
             "choices": choices,
             "usage": self.usage(),
@@ -156,11 +179,17 @@ class Reply:
                             ]
                         }
                     )
+                prefix, items = self._echo(i)
+                if prefix or items:
+                    yield _data(head | {"choices": [self._delta(i, prefix, None, self._lp_field(items, i))]})
+                if job is None:
+                    yield _data(head | {"choices": [self._delta(i, "", "length", None)]})
+                    continue
                 try:
                     async for ev in self._events(job, request):
                         if ev[0] == "step":
                             self._count(ev[2])
-                            lps = self._lp_field(self._logprobs(ev[2]))
+                            lps = self._lp_field(self._logprobs(ev[2]), i)
                             if ev[1] or lps:
                                 yield _data(head | {"choices": [self._delta(i, ev[1], None, lps)]})
                         else:
@@ -178,7 +207,8 @@ class Reply:
             yield "data: [DONE]\n\n"
         finally:
             for job in jobs:
-                job.cancelled.set()  # the client went away mid-stream (or all ended): free the slots
+                if job is not None:
+                    job.cancelled.set()  # the client went away mid-stream (or all ended): free the slots
 
     def _delta(self, index: int, text: str, finish: str | None, lps) -> dict:
         if self.chat:
@@ -189,6 +219,12 @@ class Reply:
                 "logprobs": lps,
             }
         return {"index": index, "text": text, "finish_reason": finish, "logprobs": lps}
+
+
+async def _none():
+    """No events: a choice with no job (max_tokens 0)."""
+    return
+    yield
 
 
 def _finish(reason: str) -> str:
