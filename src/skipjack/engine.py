@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from skipjack import methods, texts, validate, vocab
+from skipjack.cache import CachePolicy
 from skipjack.decoding import plan, tuning
 from skipjack.decoding.batch import Batch, BatchCost
 from skipjack.decoding.cost import CostModel
@@ -141,9 +142,13 @@ class Engine:
         return Method.of(ms, drafter)
 
     def check(self, request: Request) -> MethodSpec:
+        """The request checked (`_checked`), nothing built; its method's spec."""
+        return self._checked(request)[0]
+
+    def _checked(self, request: Request) -> tuple[MethodSpec, CachePolicy | None]:
         """Validate a request at the API boundary (`skipjack.validate`: the CLI's and the server's checks) and
         check that its method, cache policy and session combine (`decoding.plan.resolve`): pure, nothing is
-        built or prepared, so the server runs it on its event loop. Returns the method's spec."""
+        built or prepared, so the server runs it on its event loop: (the method's spec, the cache policy or None)."""
         if not isinstance(request, Request):
             raise SkipjackError(f"a request must be a skipjack Request (got {type(request).__name__})")
         request.prompt = validate.token_ids("prompt", request.prompt, self.model.lm_head.out_features)
@@ -165,16 +170,14 @@ class Engine:
             spec = request.method.spec
         else:
             raise SkipjackError(f"method must be a method spec or a Method (got {type(request.method).__name__})")
-        plan.resolve(spec, request.kv, request.session is not None)
-        return spec
+        return plan.resolve(spec, request.kv, request.session is not None)
 
     def plan(self, request: Request) -> Plan:
         """A request checked (`check`) and resolved into its plan, once: the drafter's session, the sizer, a
         strategy of its own, the cache policy, the start and whether it is lossless. A method used for the first
         time is built and prepared here (under the engine's lock; its time goes to `prepare_seconds`)."""
-        spec = self.check(request)
+        spec, policy = self._checked(request)
         m = request.method if isinstance(request.method, Method) else self.method(spec)
-        _, policy = plan.resolve(spec, request.kv, request.session is not None)
         return Plan(
             draft=m.drafter.session() if m.drafter is not None else None,
             sizer=self.sizer(m, request),
