@@ -372,6 +372,10 @@ MESSAGES = [
     ([{"role": "user", "content": 5}], "content must be a string"),
     ([{"role": "user", "content": SUR}], "not valid UTF-8"),
     ([{"role": "user", "content": "  "}], "the prompt is empty"),
+    (
+        [{"role": "user", "content": "x"}] + [{"role": "assistant", "content": c} for c in "ab"],
+        "2 or more assistant messages at the end",
+    ),
     (SUR, "not valid UTF-8"),
     ("", "the prompt is empty"),
 ]

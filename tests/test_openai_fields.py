@@ -4,6 +4,7 @@ logprobs, scoring with max_tokens 0, `text_offset`, token-id and batched prompts
 
 from __future__ import annotations
 
+import json
 import math
 
 import httpx
@@ -144,6 +145,32 @@ def test_hostile_prompts_are_one_line_400s(url, engine):
         r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert r.status_code == 400, (str(body)[:80], r.text)
         assert "\n" not in r.json()["error"]["message"]
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_hostile_sampling_fields_and_messages_are_one_line_400s(url, engine):
+    """logit_bias ids outside the vocabulary, non-finite or out-of-range biases, keys that are not ids, a map as
+    big as a body allows; two assistant messages at the end (llama-server refuses them too)."""
+    vocab = engine.model.lm_head.out_features
+    msgs = [{"role": "user", "content": "x"}]
+    two = msgs + [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]
+    bodies = [
+        ("/v1/completions", {"prompt": "x", "logit_bias": {str(vocab): 1}}),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"-1": 1}}),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 1e300 * 10}}),  # inf: sent as Infinity
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"1": 101}}),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"a": 1}}),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {str(vocab + i): -100 for i in range(100_000)}}),
+        ("/v1/completions", {"prompt": "x", "min_tokens": -1}),
+        ("/v1/completions", {"prompt": "x", "frequency_penalty": 3}),
+        ("/v1/chat/completions", {"messages": two}),
+    ]
+    for path, body in bodies:
+        r = httpx.post(f"{url}{path}", content=json.dumps(body), headers={"content-type": "application/json"})
+        assert r.status_code in (400, 413), (str(body)[:80], r.text)
+        assert "\n" not in r.json()["error"]["message"]
+    ok = httpx.post(f"{url}/v1/chat/completions", json={"messages": two[:2], "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
     assert httpx.get(f"{url}/health").status_code == 200
 
 

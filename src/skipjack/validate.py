@@ -83,7 +83,7 @@ ROLES = ("system", "user", "assistant")
 
 def messages(v) -> list[dict]:
     """Chat messages: a non-empty list of {"role": system|user|assistant, "content": str}, some content not
-    blank."""
+    blank, not ending in two assistant messages."""
     if not isinstance(v, list) or not v:
         raise SkipjackError("messages must be a non-empty list of {role, content} objects")
     for i, m in enumerate(v):
@@ -94,6 +94,8 @@ def messages(v) -> list[dict]:
         text(f"messages[{i}].content", m["content"])
     if not any(m["content"].strip() for m in v):
         raise SkipjackError("the prompt is empty")
+    if len(v) > 1 and v[-1]["role"] == v[-2]["role"] == "assistant":  # as llama-server refuses them
+        raise SkipjackError("cannot have 2 or more assistant messages at the end of the list")
     return v
 
 

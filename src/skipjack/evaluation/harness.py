@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch
 from skipjack import methods, store
 from skipjack.decoding.sampling import SamplingParams
 from skipjack.engine import Engine, Request
+from skipjack.errors import SkipjackError
+from skipjack.evaluation.common import continuation_logprobs, label, slug
 from skipjack.methods import MethodSpec
 
 FORMAT = 1
@@ -65,18 +66,8 @@ def perplexity(model, spec: str, ref, windows: list[tuple[list[int], list[int]]]
     ms = MethodSpec.parse(spec)
     method_strategy = methods.build(ms) if ms.strategy_class is not None else None  # begun afresh per window
     for prompt, cont in windows:
-        outs = []
-        for m, strategy in ((ref, None), (model, method_strategy)):
-            cache = m.make_cache(len(prompt) + len(cont) + 1)
-            first = m(torch.tensor([prompt]), cache, logits="last").logits[0]  # [1, V]
-            x = torch.tensor([cont[:-1]])  # [1, C-1]
-            if strategy is not None:
-                strategy.begin(m, len(prompt), len(cont))
-                rest = strategy.forward(m, x, cache, 0).logits[0]  # [C-1, V]
-            else:
-                rest = m(x, cache).logits[0]  # [C-1, V]
-            outs.append(torch.log_softmax(torch.cat([first, rest]).float(), -1))  # [C, V]
-        lp, lq = outs
+        lp = continuation_logprobs(ref, None, prompt, cont)  # [C, V]
+        lq = continuation_logprobs(model, method_strategy, prompt, cont)  # [C, V]
         t = torch.tensor(cont)[:, None]  # [C, 1]
         sums["tokens"] += len(cont)
         sums["nll_ref"] -= lp.gather(1, t).sum().item()
@@ -183,16 +174,6 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
-
-
-def label(spec: str) -> str:
-    """A model's name in a row: a named model's name, a path's last part."""
-    p = Path(spec).expanduser()
-    return p.name if p.exists() else spec
-
-
 def evaluate(
     model: str,
     spec: str,
@@ -258,14 +239,36 @@ def add_arguments(p) -> None:
     p.add_argument("--task", default="auto", choices=["auto", "humaneval", "selfcheck", "none"])
     p.add_argument("--quick", action="store_true", help="minutes, not the benchmark's full run")
     p.add_argument("--out", required=True, help="folder for the row's JSON (and plain's reusable task outcomes)")
+    h = p.add_argument_group("lm-evaluation-harness (`skipjack.evaluation.lmeval`; needs lm-eval)")
+    h.add_argument(
+        "--lm-eval",
+        default=None,
+        metavar="TASKS",
+        help="score lm-eval tasks instead: comma-separated task files, folders or names "
+        "(bundled: skipjack_capitals, skipjack_capitals_gen, skipjack_arith); with plain beside a lossy method",
+    )
+    h.add_argument("--server", default=None, metavar="URL", help="score a running skipjack server instead")
+    h.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
+    h.add_argument(
+        "--tokenized-requests",
+        default="true",
+        choices=["true", "false"],
+        help="with --server: send prompts as token ids (lm-eval's default) or as text",
+    )
 
 
 def command(a) -> int:
     from skipjack import validate
     from skipjack.loading.load import DEFAULT_MODEL, resolve_dtype
 
-    spec = a.model or DEFAULT_MODEL
     validate.text("--method", a.method, empty=False)
+    if a.lm_eval is not None:
+        from skipjack.evaluation import lmeval
+
+        return lmeval.command(a)
+    if a.server is not None or a.limit is not None:
+        raise SkipjackError("--server and --limit go with --lm-eval")
+    spec = a.model or DEFAULT_MODEL
     dtype, _ = resolve_dtype(spec, a.dtype)
     ref = None if a.reference_dtype is None else resolve_dtype(spec, a.reference_dtype)[0]
     out = validate.path("--out", a.out)

@@ -2,14 +2,14 @@
 
 Endpoints: /v1/chat/completions, /v1/completions (SSE streaming ending in `data: [DONE]`, usage in every
 response, `timings` with draft counts and the method used), /v1/models, /health (503 while the model loads),
-/metrics (Prometheus, also under vLLM's `vllm:` names), /tokenize, /detokenize. `null` in an optional field is
-its default. /v1/completions takes text, token ids, or a list of up to `protocol.MAX_PROMPTS` (64) of either
-(n choices each, in order), and `echo` (with `logprobs`: the prompt's, the first null; `max_tokens: 0` scores
-only). Errors are OpenAI-style JSON `{"error": {...}}` with one line of message and a status by kind
-(`skipjack.errors`): bad JSON, types or values (400), a wrong or missing API key (401), an unknown `model`
-(404, code "model_not_found"), a body over the limit (413), a full queue, a server shutting down or a resource
-that is not available now, such as a held lock or a full disk (503 + Retry-After), a fault such as non-finite
-logits or a bug (500).
+/metrics (Prometheus, also under vLLM's `vllm:` names), /tokenize, /detokenize, and from `extra`
+/tokenizer_info, /v1/embeddings, /v1/responses. `null` in an optional field is its default. /v1/completions
+takes text, token ids, or a list of up to `protocol.MAX_PROMPTS` (64) of either (n choices each, in order), and
+`echo` (with `logprobs`: the prompt's, the first null; `max_tokens: 0` scores only). Errors are OpenAI-style
+JSON `{"error": {...}}` with one line of message and a status by kind (`skipjack.errors`): bad JSON, types or
+values (400), a wrong or missing API key (401), an unknown `model` (404, code "model_not_found"), a body over
+the limit (413), a full queue, a server shutting down or a resource that is not available now, such as a held
+lock or a full disk (503 + Retry-After), a fault such as non-finite logits or a bug (500).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _routes(app: FastAPI, settings: Settings) -> None:
     async def health():
         if state.engine is None:
             return error(503, state.load_error or "the model is loading", headers={"Retry-After": "5"})
-        return {"status": "ok", "load_seconds": round(state.engine.load_seconds, 3)}
+        return {"status": "ok", "load_seconds": round(state.engine.load_seconds, 3), "method": settings.method}
 
     @app.get("/metrics")
     async def metrics():

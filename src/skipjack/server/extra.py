@@ -60,8 +60,23 @@ class Responses(Strict):
 
 
 def register(app: FastAPI, settings, need_engine) -> None:
-    """Add /v1/embeddings and /v1/responses to the app (`need_engine()`: the engine, or a 503 while loading)."""
+    """Add /v1/embeddings, /v1/responses and /tokenizer_info to the app (`need_engine()`: the engine, or a 503
+    while loading)."""
     state = app.state
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        """vLLM's: the named special tokens, the chat template, the context length (lm-eval's remote tokenizer
+        reads it, then tokenizes through /tokenize and /detokenize)."""
+        e = need_engine()
+        names = getattr(e.tokenizer.hf, "special_tokens_map", {}) or {}
+        special = {k: names.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        return special | {
+            "tokenizer_class": type(e.tokenizer.hf).__name__,
+            "chat_template": e.tokenizer.chat_template,
+            "model_max_length": e.model.config.max_position_embeddings,
+            "vocab_size": e.tokenizer.vocab_size,
+        }
 
     @app.post("/v1/embeddings")
     async def embeddings(body: Embeddings):

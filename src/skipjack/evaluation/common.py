@@ -1,0 +1,37 @@
+"""What `skipjack eval`'s two harnesses share: a continuation's log-probabilities as a method decodes it, and
+the names of result files."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+
+@torch.inference_mode()
+def continuation_logprobs(model, strategy, prompt: list[int], cont: list[int]) -> torch.Tensor:
+    """Log-probabilities [C, V] of each continuation position: the prompt run by the exact model (as a prompt is
+    in decoding), the continuation by `strategy` (a lossy layer strategy, begun afresh; None: the model) in one
+    pass from generated index 0, as it decodes."""
+    cache = model.make_cache(len(prompt) + len(cont) + 1)
+    first = model(torch.tensor([prompt]), cache, logits="last").logits[0]  # [1, V]
+    if len(cont) == 1:
+        return torch.log_softmax(first.float(), -1)  # [1, V]
+    x = torch.tensor([cont[:-1]])  # [1, C-1]
+    if strategy is not None:
+        strategy.begin(model, len(prompt), len(cont))
+        rest = strategy.forward(model, x, cache, 0).logits[0]  # [C-1, V]
+    else:
+        rest = model(x, cache).logits[0]  # [C-1, V]
+    return torch.log_softmax(torch.cat([first, rest]).float(), -1)  # [C, V]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def label(spec: str) -> str:
+    """A model's name in a row: a named model's name, a path's last part."""
+    p = Path(spec).expanduser()
+    return p.name if p.exists() else spec
