@@ -12,68 +12,11 @@ import os
 import sys
 
 from skipjack import store, validate
+from skipjack.cli_args import grammar as _grammar
+from skipjack.cli_args import params as _params
+from skipjack.cli_args import sampling_args as _sampling_args
 from skipjack.errors import SkipjackError, one_line
 from skipjack.store import reason
-
-
-def _sampling_args(p: argparse.ArgumentParser) -> None:
-    from skipjack import kvpolicies, methods
-
-    p.add_argument("--model", "-m", default=None, help="named model, .gguf file, HF folder or hub id")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (default: q4 for a GGUF file, fp32 for a checkpoint) | q4 (the GGUF's 4-bit blocks on "
-        "skipjack's batch-invariant kernels: speculation bit-identical to plain decoding) | q8 | fp32 (greedy "
-        "output identical to HF) | bf16 (quality and speed in BENCHMARKS.md)",
-    )
-    p.add_argument(
-        "--method",
-        default="plain",
-        help="decoding method: " + methods.method_help(),
-    )
-    p.add_argument(
-        "--kv",
-        default=None,
-        help="KV cache policy: " + kvpolicies.policy_help(),
-    )
-    p.add_argument("--max-new-tokens", "-n", type=int, default=256)
-    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
-    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
-    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS", help="in [-100, 100], repeatable")
-    p.add_argument("--min-tokens", type=int, default=0, help="stop tokens are ignored until this many tokens")
-    p.add_argument("--ignore-eos", action="store_true", help="stop tokens do not end the output")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument(
-        "--no-tune", action="store_true", help="skip measuring this machine's fastest kernels (once per model, cached)"
-    )
-
-
-def _params(a, tokenizer=None):
-    """Sampling settings from the arguments; validated before any model is loaded."""
-    from skipjack.decoding.sampling import SamplingParams
-
-    return SamplingParams(
-        temperature=a.temperature,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        min_p=a.min_p,
-        repetition_penalty=a.repetition_penalty,
-        seed=a.seed,
-        max_new_tokens=a.max_new_tokens,
-        stop_token_ids=tokenizer.stop_ids if tokenizer else frozenset(),
-        logit_bias=validate.id_values("--logit-bias", a.logit_bias) or None,
-        frequency_penalty=a.frequency_penalty,
-        presence_penalty=a.presence_penalty,
-        ignore_eos=a.ignore_eos,
-        min_tokens=a.min_tokens,
-    )
 
 
 def _notice(line: str | None) -> None:
@@ -111,6 +54,7 @@ def _engine(a, spec: str | None = None):
     from skipjack.store import check_home
 
     _params(a)
+    _grammar(a)
     validate.strings("--stop", a.stop)
     if a.model is not None:
         validate.text("--model", a.model, empty=False)
@@ -152,7 +96,7 @@ def cmd_generate(a) -> int:
         sys.stdout.write(t)
         sys.stdout.flush()
 
-    request = Request(prompt, params, engine.method(a.method), tuple(a.stop), saved, kv=a.kv)
+    request = Request(prompt, params, engine.method(a.method), tuple(a.stop), saved, kv=a.kv, grammar=_grammar(a))
     res = engine.complete(request, None if a.json else show)
     if a.json:
         out = res.to_json() | {"model": engine.name, "dtype": a.dtype, "load_seconds": round(engine.load_seconds, 3)}
@@ -219,7 +163,7 @@ def cmd_chat(a) -> int:
         messages.append({"role": "user", "content": line})
         try:
             prompt = engine.tokenizer.prompt_ids(messages)
-            res = engine.complete(Request(prompt, params, a.method, tuple(a.stop), history), show)
+            res = engine.complete(Request(prompt, params, a.method, tuple(a.stop), history, grammar=_grammar(a)), show)
         except (Exception, KeyboardInterrupt) as e:  # any failure drops this turn; the chat goes on
             messages.pop()
             if isinstance(e, BrokenPipeError):

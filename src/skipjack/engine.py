@@ -26,6 +26,7 @@ from skipjack import methods, texts, validate, vocab
 from skipjack.cache import CachePolicy
 from skipjack.decoding import plan, tuning
 from skipjack.decoding.batch import Batch, BatchCost
+from skipjack.decoding.constraint import Constraint, Grammar, check_grammar, llg_tokenizer
 from skipjack.decoding.cost import CostModel
 from skipjack.decoding.plan import Plan
 from skipjack.decoding.sampling import SamplingParams
@@ -53,6 +54,7 @@ class Request:
     draft_max: int | None = None  # at most this many draft nodes per step (llama-server's speculative.n_max)
     draft_p_min: float = 0.0  # no draft node whose score (path probability) is below this (speculative.p_min)
     kv: str | None = None  # the KV cache policy spec (`skipjack.kvpolicies`, `--kv`); None: every key kept
+    grammar: Grammar | None = None  # structured output: every token obeys it (`decoding.constraint`)
 
 
 @dataclass
@@ -170,6 +172,8 @@ class Engine:
             spec = request.method.spec
         else:
             raise SkipjackError(f"method must be a method spec or a Method (got {type(request.method).__name__})")
+        if request.grammar is not None:
+            check_grammar(request.grammar, request.params)
         return plan.resolve(spec, request.kv, request.session is not None)
 
     def plan(self, request: Request) -> Plan:
@@ -186,7 +190,16 @@ class Engine:
             session=request.session,
             lossless=spec.lossless and policy is None,
             method=request.method if isinstance(request.method, str) else spec.spec,
+            constraint=self._constraint(request),
         )
+
+    def _constraint(self, request: Request) -> Constraint | None:
+        """A request's grammar state (`decoding.constraint`); its end is the request's stop tokens."""
+        if request.grammar is None:
+            return None
+        vocab = self.model.lm_head.out_features
+        lltok = llg_tokenizer(self.tokenizer, vocab, request.params.stop_token_ids)
+        return Constraint(request.grammar.text(), lltok, vocab)
 
     def sizer(self, m: Method, request: Request):
         """The method's draft sizing for a request, under its own limits (`speculative` n_max / p_min)."""

@@ -78,12 +78,12 @@ def strings(name: str, v) -> tuple[str, ...]:
     return tuple(v)
 
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def messages(v) -> list[dict]:
-    """Chat messages: a non-empty list of {"role": system|user|assistant, "content": str}, some content not
-    blank, not ending in two assistant messages."""
+    """Chat messages: a non-empty list of {"role": system|user|assistant|tool, "content": str (null with
+    "tool_calls")}, some content not blank, not ending in two assistant messages."""
     if not isinstance(v, list) or not v:
         raise SkipjackError("messages must be a non-empty list of {role, content} objects")
     for i, m in enumerate(v):
@@ -91,8 +91,9 @@ def messages(v) -> list[dict]:
             raise SkipjackError(f"messages[{i}] must be an object with a role and a content")
         if m["role"] not in ROLES:
             raise SkipjackError(f"messages[{i}].role must be one of {', '.join(ROLES)} (got {_shown(m['role'])})")
-        text(f"messages[{i}].content", m["content"])
-    if not any(m["content"].strip() for m in v):
+        if m["content"] is not None or not m.get("tool_calls"):  # null content: an assistant's tool calls
+            text(f"messages[{i}].content", m["content"])
+    if not any((m["content"] or "").strip() or m.get("tool_calls") for m in v):
         raise SkipjackError("the prompt is empty")
     if len(v) > 1 and v[-1]["role"] == v[-2]["role"] == "assistant":  # as llama-server refuses them
         raise SkipjackError("cannot have 2 or more assistant messages at the end of the list")

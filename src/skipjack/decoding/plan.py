@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from skipjack import kvpolicies, validate
 from skipjack.cache import CachePolicy
+from skipjack.decoding.constraint import Constraint
 from skipjack.decoding.session import Session
 from skipjack.decoding.sizing import Sizer
 from skipjack.drafters.base import DraftSession
@@ -76,3 +77,4 @@ class Plan:
     session: Session | None = None  # how the request starts (None: a fresh prefill)
     lossless: bool = True  # the method and the cache policy both keep plain decoding's output
     method: str = "plain"  # the spec, for reports
+    constraint: Constraint | None = None  # a grammar every token obeys (structured output); None: free text

@@ -3,7 +3,8 @@
 The same `probs()` is applied to the target model's logits in plain sampling and in speculative
 verification (and to a drafter's logits when it has them), so speculative sampling preserves exactly the
 distribution of plain sampling with these settings. Order: logit bias, repetition penalty, frequency and
-presence penalties, the `min_tokens` mask (as vLLM), then temperature, top-k, top-p, min-p.
+presence penalties, the `min_tokens` mask (as vLLM), a grammar's mask (`constraint`), then temperature, top-k,
+top-p, min-p.
 
 The adjustments before the warpers depend on the request's history (`adjust`: the prompt's and the output's
 tokens, the output's counts, how many tokens were generated). Verification computes each row's history along
@@ -120,11 +121,13 @@ def adjust(
     seen: torch.Tensor | None,
     counts: torch.Tensor | None,
     generated: torch.Tensor,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits [N, V] adjusted for each row's history: `seen` [N, V] bool (prompt + output, for the
     repetition penalty), `counts` [N, V] (each token's count in the output, for the frequency and presence
-    penalties), `generated` [N] (tokens generated before the row's token, for `min_tokens`). Elementwise per
-    row, so a row gets the same values alone (plain decoding) or in a verify forward."""
+    penalties), `generated` [N] (tokens generated before the row's token, for `min_tokens`), `allowed` [N, V]
+    bool (a grammar's mask after the row's history; None: no grammar). Elementwise per row, so a row gets the
+    same values alone (plain decoding) or in a verify forward."""
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
         bias = torch.tensor(list(p.logit_bias.values()), dtype=torch.float64).to(logits.dtype)
@@ -141,6 +144,8 @@ def adjust(
         mask = torch.zeros_like(logits, dtype=torch.bool)
         mask[:, stops] = True
         logits = logits.masked_fill(mask & early, float("-inf"))
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     return logits
 
 
@@ -181,9 +186,9 @@ class Sampler:
     (`adjust`): the tokens seen so far (prompt + output, for the repetition penalty), the output's token counts
     (frequency and presence penalties), how many tokens were generated (`min_tokens`)."""
 
-    def __init__(self, params: SamplingParams, prompt: list[int], vocab: int):
+    def __init__(self, params: SamplingParams, prompt: list[int], vocab: int, constraint=None):
         params.check_vocab(vocab)
-        self.params = params
+        self.params, self.constraint = params, constraint  # constraint: a grammar's state (`constraint`)
         self.gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.seen: torch.Tensor | None = None  # [V] bool, only with a repetition penalty
         if params.repetition_penalty != 1.0:
@@ -196,18 +201,21 @@ class Sampler:
 
     def pick(self, logits: torch.Tensor, argmax: int | None = None) -> int:
         """The next token after logits [V] (`argmax`: theirs, where the forward computed it)."""
-        if self.params.adjusted:
+        allowed = None if self.constraint is None else self.constraint.allowed()[None]  # [1, V]
+        if self.params.adjusted or allowed is not None:
             seen = None if self.seen is None else self.seen[None]
             counts = None if self.counts is None else self.counts[None]
-            logits = adjust(logits[None], self.params, seen, counts, torch.tensor([self.generated]))[0]
+            logits = adjust(logits[None], self.params, seen, counts, torch.tensor([self.generated]), allowed)[0]
             argmax = None
         if self.params.greedy:
             return int(logits.argmax()) if argmax is None else argmax
         return sample(probs(logits[None], self.params)[0], self.gen)
 
     def saw(self, tokens: list[int]) -> None:
-        """Tokens were emitted: the history now holds them too."""
+        """Tokens were emitted: the history (and a grammar's state) now holds them too."""
         self.generated += len(tokens)
+        if self.constraint is not None:
+            self.constraint.advance(tokens)
         if self.seen is not None and tokens:
             self.seen[torch.tensor(tokens)] = True
         if self.counts is not None and tokens:

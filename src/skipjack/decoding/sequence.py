@@ -99,7 +99,9 @@ class Sequence:
             start = session.start(model, prompt, params.max_new_tokens)
         else:
             start = prefill(model, prompt, params.max_new_tokens, policy=policy)
-        self.cache, self.sampler = start.cache, Sampler(params, prompt, model.lm_head.out_features)
+        self.constraint = plan.constraint
+        self.cache = start.cache
+        self.sampler = Sampler(params, prompt, model.lm_head.out_features, plan.constraint)
         self.ctx, self.left, self.intact, self.closed = list(prompt), params.max_new_tokens, False, False
         if drafter is not None:
             drafter.begin(list(prompt))
@@ -108,7 +110,7 @@ class Sequence:
             strategy.begin(model, len(prompt), params.max_new_tokens)
         self.start = start
         self.proposal: Proposal | None = None
-        self.at, self.drafting = 0, 0.0
+        self.at, self.drafting, self.forced = 0, 0.0, False
 
     def first(self) -> Step:
         """The prompt's step: the token after the prompt."""
@@ -158,6 +160,11 @@ class Sequence:
         room = min(MAX_DRAFT, cap, self.left - 1, cache.capacity_left() - 2, cache.room() - 1)
         budget = sizer.budget(room, cache.offset) if drafter is not None else 0
         self.at = at = cache.offset
+        self.forced = False
+        if self.constraint is not None and drafter is not None and room > 0:  # jump-forward, as a draft
+            forced = self.constraint.cut(Proposal.chain(self.constraint.forced()[:room]))
+            if forced:
+                proposal, self.forced, budget = forced, True, 0
         if budget > 0:
             t = time.perf_counter()
             proposal = drafter.propose(DraftContext(ctx, budget, model, cache, sizer.more))
@@ -166,6 +173,8 @@ class Sequence:
             if proposal is not None:
                 proposal = proposal.prefix(min(budget, proposal.valid_length(model.lm_head.out_features)))
                 proposal = sizer.size(proposal, at)
+                if self.constraint is not None:  # a token the grammar forbids ends the draft
+                    proposal = self.constraint.cut(proposal)
                 if full and proposal.resume is not None:  # a copy: the drafter may hold on to its proposal
                     proposal = dataclasses.replace(proposal, resume=None)
         cache.rewind(at + (1 + len(proposal) if proposal and proposal.resume else 0))  # a draft's leftover keys
@@ -195,7 +204,7 @@ class Sequence:
                 seconds *= self.model.num_layers / max(1, self.model.num_layers - proposal.resume[0] - 1)
             self.sizer.observe(step.forward_tokens, seconds, at)
         step.draft_seconds = self.drafting
-        if proposal is not None:  # drafted but sized down to nothing: still a lesson for the drafter
+        if proposal is not None and not self.forced:  # drafted but sized down to nothing: still a lesson
             self.drafter.observe(proposal, verdict or Verdict(step.tokens, [], []))
         cache.settle()  # a cache policy may compress now (never inside a step: drafts stop at its points)
         return self._done(step)
@@ -221,9 +230,9 @@ class Sequence:
 def _verified(out, cache: KVCache, proposal: Proposal, sampler: Sampler, start: int) -> tuple[Step, Verdict]:
     """Verify a proposal from its forward over [pending] + its nodes, and keep only the accepted path's KV."""
     logits = finite(out.logits[0], out.finite)  # [T, V]
-    verdict = verify(
-        logits, proposal, sampler.params, sampler.gen, sampler.seen, out.argmax, sampler.counts, sampler.generated
-    )
+    allowed = None if sampler.constraint is None else sampler.constraint.rows(proposal)  # [T, V]
+    hist = (sampler.counts, sampler.generated, allowed)
+    verdict = verify(logits, proposal, sampler.params, sampler.gen, sampler.seen, out.argmax, *hist)
     verdict.hidden.update({i: h[0] for i, h in out.hidden.items()})  # [T, D] each
     if proposal.is_chain:
         cache.trim(len(proposal) - len(verdict.path))

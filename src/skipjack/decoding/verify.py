@@ -43,12 +43,14 @@ def target_probs(
     seen: torch.Tensor | None,
     counts: torch.Tensor | None = None,
     generated: int = 0,
+    allowed: torch.Tensor | None = None,
 ):
     """Warped target distributions [T, V] for every verify row. The history before the step: `seen` [V] marks
     tokens already in the context (repetition penalty), `counts` [V] the output's token counts (frequency and
     presence penalties), `generated` the tokens generated so far (`min_tokens`); each row adds the draft tokens
-    on its own path, as plain decoding would have seen them."""
-    if params.adjusted:
+    on its own path, as plain decoding would have seen them. `allowed` [T, V]: a grammar's mask after each row's
+    path (`Constraint.rows`)."""
+    if params.adjusted or allowed is not None:
         T, V = logits.shape
         onehot = torch.zeros(T, V, dtype=torch.float64)  # [T, V]
         if T > 1:
@@ -62,7 +64,7 @@ def target_probs(
         rows_counts = None
         if params.frequency_penalty or params.presence_penalty:
             rows_counts = path if counts is None else path + counts[None, :]
-        logits = adjust(logits, params, rows_seen, rows_counts, generated + depth)
+        logits = adjust(logits, params, rows_seen, rows_counts, generated + depth, allowed)
     return probs(logits, params)
 
 
@@ -75,13 +77,15 @@ def verify(
     argmax: list[int] | None = None,  # [T] each row's argmax, where the forward computed it
     counts: torch.Tensor | None = None,  # [V] the output's token counts (frequency, presence penalties)
     generated: int = 0,  # tokens generated before this step (min_tokens)
+    allowed: torch.Tensor | None = None,  # [T, V] bool, a grammar's mask per row (`constraint.Constraint.rows`)
 ) -> Verdict:
     children = proposal.children()
     toks = proposal.tokens
     raw = logits.argmax(-1).tolist() if argmax is None else argmax  # [T]
-    hist = (seen, counts, generated)
+    hist = (seen, counts, generated, allowed)
     if params.greedy:
-        target = target_probs(logits, proposal, params, *hist).argmax(-1).tolist() if params.adjusted else raw
+        adjusted = params.adjusted or allowed is not None
+        target = target_probs(logits, proposal, params, *hist).argmax(-1).tolist() if adjusted else raw
         path, row = [], 0
         while (c := children[row].get(target[row])) is not None:
             path.append(c)

@@ -57,9 +57,9 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
-    def prompt_ids(self, prompt: str | list[dict], raw: bool = False) -> list[int]:
+    def prompt_ids(self, prompt: str | list[dict], raw: bool = False, tools: list[dict] | None = None) -> list[int]:
         """Token ids for a prompt: a string (through the chat template as one user message unless `raw`),
-        or a list of chat messages."""
+        or a list of chat messages (`tools`: function definitions the template renders)."""
         if isinstance(prompt, str):
             validate.text("the prompt", prompt, empty=False)
             if raw or not self.chat_template:
@@ -67,8 +67,8 @@ class Tokenizer:
             prompt = [{"role": "user", "content": prompt}]
         validate.messages(prompt)
         if not self.chat_template:
-            return self.encode("\n\n".join(m["content"] for m in prompt))
-        text = render_chat(self.chat_template, prompt, getattr(self.hf, "special_tokens_map", {}))
+            return self.encode("\n\n".join(m["content"] or "" for m in prompt))
+        text = render_chat(self.chat_template, prompt, getattr(self.hf, "special_tokens_map", {}), tools=tools)
         return self.encode(text, add_special_tokens=False)
 
 
@@ -254,7 +254,9 @@ def _settings(folder: Path):
     return cfg, kind, special, extra, template
 
 
-def render_chat(template: str, messages: list[dict], special: dict, add_generation_prompt: bool = True) -> str:
+def render_chat(
+    template: str, messages: list[dict], special: dict, add_generation_prompt: bool = True, tools=None
+) -> str:
     """Chat messages through a chat template, as transformers' `apply_chat_template(..., tokenize=False)` renders
     them: keys whose value is None dropped, a message's reasoning also under `thinking` and `reasoning_content`,
     the named special tokens (`bos_token`, ...) as variables."""
@@ -264,7 +266,7 @@ def render_chat(template: str, messages: list[dict], special: dict, add_generati
         reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning") if k in m), None)
         chat.append(m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning})
     return _compiled(template).render(
-        messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **special
+        messages=chat, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **special
     )
 
 

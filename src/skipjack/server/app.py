@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from skipjack import engine as engine_mod
 from skipjack.errors import SkipjackError
 from skipjack.server import protocol as P
+from skipjack.server import tools
 from skipjack.server.errors import ApiError, error, failure
 from skipjack.server.extra import register as register_extra
 from skipjack.server.metrics import Metrics
@@ -196,10 +197,9 @@ def _generation(app: FastAPI, settings: Settings, need_engine) -> None:
         served(settings, e, body.model)
         if not e.tokenizer.chat_template:
             raise ApiError(400, f"model {e.name!r} has no chat template; use /v1/completions")
-        ids = e.tokenizer.prompt_ids(P.messages(body))
+        ids = chat_ids(e, body)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        if body.max_completion_tokens is not None:
-            body.max_tokens = body.max_completion_tokens
+        body.max_tokens = body.max_completion_tokens or body.max_tokens
         fits(e, ids, body.max_tokens, "messages")
         return await _serve(request, body, e, [ids], top, chat=True)
 
@@ -207,6 +207,7 @@ def _generation(app: FastAPI, settings: Settings, need_engine) -> None:
         """Queue n jobs per prompt (none for max_tokens 0: the echo alone) and answer, whole or streamed."""
         ctx = e.model.config.max_position_embeddings
         spec, n_max, p_min = P.method(body, settings.method)
+        grammar = constraint(body, e, chat)
         stop = () if body.stop is None else ((body.stop,) if isinstance(body.stop, str) else tuple(body.stop))
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + settings.timeout
@@ -218,7 +219,7 @@ def _generation(app: FastAPI, settings: Settings, need_engine) -> None:
                     continue
                 seed = None if body.seed is None else body.seed + i
                 p = P.params(body, body.max_tokens or ctx - len(ids), seed, e.tokenizer.stop_ids, top)
-                req = engine_mod.Request(ids, p, spec, stop, None, n_max, p_min, body.kv)
+                req = engine_mod.Request(ids, p, spec, stop, None, n_max, p_min, body.kv, grammar)
                 e.check(req)  # every value checked before anything is queued
                 jobs.append(Job(req, spec, loop, deadline))
         try:
@@ -258,6 +259,21 @@ def tokens(e, body: P.Tokenize, text: str) -> dict:
         "max_model_len": e.model.config.max_position_embeddings,
     }
     return out | ({"token_strs": strs} if body.return_token_strs else {})
+
+
+def chat_ids(e, body: P.Chat) -> list[int]:
+    """A chat's prompt: its messages (and its tools) through the model's template."""
+    msgs, fs = tools.prepare(body, P.messages(body), e.tokenizer.chat_template)
+    return e.tokenizer.prompt_ids(msgs, tools=fs)
+
+
+def constraint(body: P.Sampling, e, chat: bool):
+    """A request's grammar (`decoding.constraint.Grammar`): its response format, or the tool-call format under
+    tool_choice required or named (`tools`); None for free text."""
+    grammar, calls = P.grammar(body), tools.grammar(body, e.tokenizer) if chat else None
+    if calls is not None and grammar is not None:
+        raise ApiError(400, "tool_choice required (or named) and a response format: send one")
+    return grammar or calls
 
 
 def served(settings: Settings, e, name: str | None) -> None:

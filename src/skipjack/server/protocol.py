@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from skipjack import validate
+from skipjack.decoding.constraint import Grammar
 from skipjack.decoding.sampling import SamplingParams
 from skipjack.errors import SkipjackError
 
@@ -43,6 +44,20 @@ class Speculative(Strict):
     p_min: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
+class JsonSchemaFormat(Strict):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON obeying a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class Sampling(Strict):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -65,6 +80,10 @@ class Sampling(Strict):
     stream_options: StreamOptions | None = None
     speculative: Speculative | None = None
     kv: str | None = None  # skipjack's extension: the KV cache policy (`--kv`), e.g. "snapkv:budget=0.25"
+    # structured output: OpenAI's response_format; llama-server's json_schema and grammar (GBNF)
+    response_format: ResponseFormat | None = None
+    json_schema: dict | bool | None = None
+    grammar: str | None = None
 
 
 class Completion(Sampling):
@@ -80,10 +99,44 @@ class TextPart(Strict):
     text: str
 
 
+class CallFunction(Strict):
+    name: str = Field(max_length=64)
+    arguments: str = Field(max_length=1 << 20)
+
+
+class ToolCall(Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CallFunction
+
+
 class Message(Strict):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None  # null in an assistant message that calls tools
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=128)
+    tool_call_id: str | None = None
+
+
+class Function(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema (checked when a grammar is made from it)
+    strict: bool | None = None
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: Function
+
+
+class ChoiceName(Strict):
+    name: str
+
+
+class NamedChoice(Strict):
+    type: Literal["function"]
+    function: ChoiceName
 
 
 class Chat(Sampling):
@@ -91,6 +144,9 @@ class Chat(Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedChoice | None = None
+    parallel_tool_calls: bool = True
 
 
 class Tokenize(Strict):
@@ -115,8 +171,15 @@ def messages(body: Chat) -> list[dict]:
     """The chat's messages as the tokenizer takes them ("developer" is the system role; text parts joined)."""
     out = []
     for m in body.messages:
-        text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        if m.content is None and not m.tool_calls:
+            raise SkipjackError(f"a {m.role} message needs content (null only with tool_calls)")
+        text = m.content if m.content is None or isinstance(m.content, str) else "".join(p.text for p in m.content)
+        msg = {"role": "system" if m.role == "developer" else m.role, "content": text}
+        if m.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
     return out
 
 
@@ -173,3 +236,22 @@ def prompts(body: Completion, tokenizer, vocab: int) -> list[tuple[str | None, l
         else:
             out.append((None, validate.token_ids(f"prompt[{i}]" if len(items) > 1 else "prompt", x, vocab)))
     return out
+
+
+def grammar(body: Sampling) -> Grammar | None:
+    """A request's structured output (`decoding.constraint.Grammar`), from one of `response_format`,
+    `json_schema` or `grammar`; None for free text."""
+    rf = body.response_format
+    rf = None if rf is None or rf.type == "text" else rf
+    sent = [x for x in (rf, body.json_schema, body.grammar) if x is not None]
+    if len(sent) > 1:
+        raise SkipjackError("send one of response_format, json_schema and grammar")
+    if rf is not None and rf.type == "json_object":
+        return Grammar("json_object")
+    if rf is not None:
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise SkipjackError("response_format json_schema needs json_schema.schema")
+        return Grammar.schema(rf.json_schema.schema_)
+    if body.json_schema is not None:
+        return Grammar.schema(body.json_schema)
+    return None if body.grammar is None else Grammar("gbnf", body.grammar)

@@ -12,6 +12,7 @@ from starlette.requests import Request
 
 from skipjack.decoding.plan import resolve
 from skipjack.server import protocol as P
+from skipjack.server import tools
 from skipjack.server.errors import ApiError
 from skipjack.server.scheduler import Job
 
@@ -127,13 +128,18 @@ class Reply:
 
     def _choice(self, index: int, text: str, finish: str | None, lps) -> dict:
         if self.chat:
-            return {
-                "index": index,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-                "logprobs": lps,
-            }
+            message = {"role": "assistant", "content": text}
+            content, calls = self._calls(text)
+            if calls:
+                message, finish = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+            return {"index": index, "message": message, "finish_reason": finish, "logprobs": lps}
         return {"index": index, "text": text, "finish_reason": finish, "logprobs": lps}
+
+    def _calls(self, text: str) -> tuple[str | None, list[dict]]:
+        """The tool calls in a chat answer (`server.tools`), when the request offered tools."""
+        if not (self.chat and tools.active(self.body)):
+            return text, []
+        return tools.parse(text, {f["function"]["name"] for f in tools.functions(self.body)})
 
     def _head(self) -> dict:
         kind = "chat.completion" if self.chat else "text_completion"
@@ -185,13 +191,19 @@ class Reply:
                 if job is None:
                     yield _data(head | {"choices": [self._delta(i, "", "length", None)]})
                     continue
+                held = [] if self.chat and tools.active(self.body) else None  # tool calls: sent when whole
                 try:
                     async for ev in self._events(job, request):
                         if ev[0] == "step":
                             self._count(ev[2])
                             lps = self._lp_field(self._logprobs(ev[2]), i)
-                            if ev[1] or lps:
+                            if held is not None:
+                                held.append(ev[1])
+                            elif ev[1] or lps:
                                 yield _data(head | {"choices": [self._delta(i, ev[1], None, lps)]})
+                        elif held is not None:
+                            for d in self._held(i, "".join(held), _finish(ev[1])):
+                                yield _data(head | {"choices": [d]})
                         else:
                             yield _data(head | {"choices": [self._delta(i, "", _finish(ev[1]), None)]})
                 except ApiError as x:  # after the headers went out: the error is the stream's last event
@@ -209,6 +221,15 @@ class Reply:
             for job in jobs:
                 if job is not None:
                     job.cancelled.set()  # the client went away mid-stream (or all ended): free the slots
+
+    def _held(self, index: int, text: str, finish: str) -> list[dict]:
+        """A tool-offering chat's held answer as deltas: its content, then each call whole, then the finish."""
+        content, calls = self._calls(text)
+        out = [self._delta(index, content, None, None)] if content else []
+        for k, c in enumerate(calls):
+            call = {"index": k, "id": c["id"], "type": "function", "function": c["function"]}
+            out.append({"index": index, "delta": {"tool_calls": [call]}, "finish_reason": None, "logprobs": None})
+        return out + [self._delta(index, "", "tool_calls" if calls else finish, None)]
 
     def _delta(self, index: int, text: str, finish: str | None, lps) -> dict:
         if self.chat:
