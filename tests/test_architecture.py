@@ -39,6 +39,7 @@ LAYERS = {  # module (or package) -> layer; the longest matching prefix decides 
     "skipjack.decoding.sequence": 5,
     "skipjack.decoding.batch": 5,
     "skipjack.decoding.plan": 5,
+    "skipjack.decoding.prefix": 5,
     "skipjack.methods": 5,
     "skipjack.text": 6,
     "skipjack.engine": 6,

@@ -61,6 +61,12 @@ def add_arguments(v: argparse.ArgumentParser) -> None:
     v.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (continuous batching)")
     v.add_argument("--timeout", type=float, default=600.0, help="seconds per request before it is ended")
     v.add_argument("--no-tune", action="store_true", help="skip measuring this machine's fastest kernels")
+    v.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=512,
+        help="memory for finished requests' KV caches, reused by later prompts with the same prefix (0: off)",
+    )
 
 
 def main(a) -> int:
@@ -75,6 +81,7 @@ def main(a) -> int:
     validate.integer("--max-queue", a.max_queue, 1, 100_000)
     validate.integer("--max-batch", a.max_batch, 1, MAX_ROWS)
     validate.number("--timeout", a.timeout, 0.0, 86_400.0, lo_open=True)
+    validate.integer("--prefix-cache-mb", a.prefix_cache_mb, 0, 1 << 20)
     resolve(validate.text("--method", a.method, empty=False))  # a bad --method fails now: parsed, nothing built
     if a.model is not None:
         validate.text("--model", a.model, empty=False)
@@ -91,6 +98,7 @@ def main(a) -> int:
         max_batch=a.max_batch,
         timeout=a.timeout,
         tune=not a.no_tune,
+        prefix_cache_mb=a.prefix_cache_mb,
     )
     print(
         f"skipjack: serving on http://{a.host}:{a.port}/v1 (loading the model; /health says 200 when ready)",

@@ -25,6 +25,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from skipjack import engine as engine_mod
+from skipjack.decoding.prefix import PrefixCache
 from skipjack.errors import SkipjackError
 from skipjack.server import protocol as P
 from skipjack.server import tools
@@ -47,6 +48,7 @@ class Settings:
     max_batch: int = 8  # sequences decoded together at most (continuous batching)
     timeout: float = 600.0  # seconds per request
     tune: bool = True
+    prefix_cache_mb: int = 512  # finished requests' caches kept for later prompts with the same prefix (0: off)
 
 
 def create_app(settings: Settings, engine=None) -> FastAPI:
@@ -54,11 +56,12 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     app = FastAPI(title="skipjack", version="1")
     state = app.state
     state.settings, state.metrics = settings, Metrics()
-    state.engine = state.scheduler = state.load_error = None  # until the model has loaded
+    state.engine = state.scheduler = state.load_error = state.prefix = None  # until the model has loaded
 
     def ready(e) -> None:
         e.method(settings.method)  # the default method prepared before the first request (others on first use)
         state.engine, state.scheduler = e, Scheduler(e, state.metrics, settings.max_queue, settings.max_batch)
+        state.prefix = PrefixCache(settings.prefix_cache_mb << 20) if settings.prefix_cache_mb else None
 
     if engine is not None:
         ready(engine)
@@ -219,7 +222,7 @@ def _generation(app: FastAPI, settings: Settings, need_engine) -> None:
                     continue
                 seed = None if body.seed is None else body.seed + i
                 p = P.params(body, body.max_tokens or ctx - len(ids), seed, e.tokenizer.stop_ids, top)
-                req = engine_mod.Request(ids, p, spec, stop, None, n_max, p_min, body.kv, grammar)
+                req = engine_mod.Request(ids, p, spec, stop, pooled(state, body), n_max, p_min, body.kv, grammar)
                 e.check(req)  # every value checked before anything is queued
                 jobs.append(Job(req, spec, loop, deadline))
         try:
@@ -259,6 +262,11 @@ def tokens(e, body: P.Tokenize, text: str) -> dict:
         "max_model_len": e.model.config.max_position_embeddings,
     }
     return out | ({"token_strs": strs} if body.return_token_strs else {})
+
+
+def pooled(state, body: P.Sampling):
+    """A request's start from the prefix cache (`decoding.prefix`), when there is one and it has no KV policy."""
+    return state.prefix.session() if state.prefix is not None and body.kv is None else None
 
 
 def chat_ids(e, body: P.Chat) -> list[int]:

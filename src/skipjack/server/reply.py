@@ -30,6 +30,7 @@ class Reply:
         self.t0 = time.perf_counter()
         self.generated = self.drafted = self.accepted = 0
         self.t_first: float | None = None
+        self.cached: dict[tuple[int, int], int] = {}  # (prompt, choice) -> prompt tokens taken from the prefix cache
 
     def lossless(self) -> bool:
         """Whether the reply is what plain decoding with the full cache gives (method and cache policy)."""
@@ -52,9 +53,13 @@ class Reply:
             if ev[0] == "done":
                 return
 
-    def _count(self, step) -> None:
+    def _count(self, step, k: int) -> None:
+        """Choice k's step: counts, and on its first step the prompt tokens it did not run (the prefix cache's)."""
         if self.t_first is None:
             self.t_first = time.perf_counter()
+        p = k // self.body.n
+        if (p, k) not in self.cached:
+            self.cached[(p, k)] = len(self.prompts[p]) - step.forward_tokens
         self.generated += len(step.tokens)
         self.drafted += step.drafted
         self.accepted += step.accepted
@@ -110,7 +115,11 @@ class Reply:
 
     def usage(self) -> dict:
         n = sum(len(p) for p in self.prompts)  # each prompt once, however many choices (n) it has
-        return {"prompt_tokens": n, "completion_tokens": self.generated, "total_tokens": n + self.generated}
+        cached = {}
+        for (p, _), c in self.cached.items():
+            cached[p] = max(cached.get(p, 0), c)
+        out = {"prompt_tokens": n, "completion_tokens": self.generated, "total_tokens": n + self.generated}
+        return out | {"prompt_tokens_details": {"cached_tokens": sum(cached.values())}}
 
     def timings(self) -> dict:
         now = time.perf_counter()
@@ -155,7 +164,7 @@ class Reply:
                 if ev[0] == "step":
                     text.append(ev[1])
                     items += self._logprobs(ev[2])
-                    self._count(ev[2])
+                    self._count(ev[2], i)
                 else:
                     finish = _finish(ev[1])
             choices.append(self._choice(i, "".join(text), finish, self._lp_field(items, i)))
@@ -195,7 +204,7 @@ class Reply:
                 try:
                     async for ev in self._events(job, request):
                         if ev[0] == "step":
-                            self._count(ev[2])
+                            self._count(ev[2], i)
                             lps = self._lp_field(self._logprobs(ev[2]), i)
                             if held is not None:
                                 held.append(ev[1])
