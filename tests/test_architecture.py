@@ -43,6 +43,7 @@ LAYERS = {  # module (or package) -> layer; the longest matching prefix decides 
     "skipjack.methods": 5,
     "skipjack.text": 6,
     "skipjack.engine": 6,
+    "skipjack.batching": 6,
     "skipjack.prompt_file": 6,
     "skipjack.vocab": 6,
     "skipjack.corpus": 6,

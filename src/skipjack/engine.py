@@ -23,14 +23,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from skipjack import methods, texts, validate, vocab
+from skipjack.batching import BatchRunner
 from skipjack.cache import CachePolicy
 from skipjack.decoding import plan, tuning
-from skipjack.decoding.batch import Batch, BatchCost
+from skipjack.decoding.batch import BatchCost
 from skipjack.decoding.constraint import Constraint, Grammar, check_grammar, llg_tokenizer
 from skipjack.decoding.cost import CostModel
 from skipjack.decoding.plan import Plan
 from skipjack.decoding.sampling import SamplingParams
-from skipjack.decoding.sequence import Sequence, Step, TokenLogprob, generate
+from skipjack.decoding.sequence import Step, TokenLogprob, generate
 from skipjack.decoding.session import Session
 from skipjack.decoding.sizing import Capped
 from skipjack.drafters.base import Drafter, Resources
@@ -40,7 +41,6 @@ from skipjack.loading import load as loading
 from skipjack.loading.load import Loaded
 from skipjack.loading.tokenizer import StreamDecoder
 from skipjack.methods import Method, MethodSpec
-from skipjack.text import TextStream
 from skipjack.text import texts as texts_of
 
 
@@ -272,9 +272,10 @@ class Engine:
             out.append(TokenLogprob(float(lp[i, t]), list(zip(top_ids.tolist(), vals.tolist()))))
         return out
 
-    def runner(self) -> BatchRunner:
-        """A continuous batch on this engine: requests join (`add`) and leave (finished or `drop`) between steps."""
-        return BatchRunner(self)
+    def runner(self, chunk: int | None = None) -> BatchRunner:
+        """A continuous batch on this engine: requests join (`add`) and leave (finished or `drop`) between steps
+        (`chunk`: prompts run that many tokens per step, see `BatchRunner`)."""
+        return BatchRunner(self, chunk)
 
 
 def once(make: Callable):
@@ -287,58 +288,6 @@ def once(make: Callable):
         return box[0]
 
     return get
-
-
-class Handle:
-    """One request in a `BatchRunner`: its sequence, its text, its plan."""
-
-    def __init__(self, request: Request, seq: Sequence, text: TextStream, plan: Plan):
-        self.request, self.seq, self.text, self.plan = request, seq, text, plan
-        self.first: Step | None = None
-        self.first_text = ""
-
-
-class BatchRunner:
-    """Requests decoded together on one engine (the server's worker uses it). `add` prefills a request alone and
-    returns its handle (its first step and text on it); `step` runs one batched step of every live request and
-    returns (handle, new text, step) for each; `drop` ends one between steps. Each step holds the engine's lock.
-    The sequences of one method draft through sessions of its one drafter, as llama.cpp's sequence ids."""
-
-    def __init__(self, engine: Engine):
-        self.engine, self.batch, self.handles = engine, Batch(engine.model, cost=engine.batch_cost), {}
-
-    def busy(self) -> bool:
-        return bool(self.batch.live)
-
-    def add(self, request: Request) -> Handle:
-        e = self.engine
-        if len(self.batch.live) >= self.batch.rows:
-            raise SkipjackError(f"the batch is full ({self.batch.rows} sequences)")
-        plan = e.plan(request)
-        with e.lock:
-            seq = Sequence(e.model, plan, request.prompt, request.params)
-            h = Handle(request, seq, TextStream(StreamDecoder(e.tokenizer, request.prompt), request.stop), plan)
-            h.first = self.batch.add(seq)
-        h.first_text = h.text.push(h.first)
-        self.handles[id(seq)] = h
-        if h.first.finish:
-            self.handles.pop(id(seq), None)
-        return h
-
-    def step(self) -> list[tuple[Handle, str, Step]]:
-        with self.engine.lock:
-            steps = self.batch.step()
-        out = []
-        for seq, step in steps:
-            h = self.handles[id(seq)]
-            out.append((h, h.text.push(step), step))
-            if step.finish:
-                self.drop(h)
-        return out
-
-    def drop(self, h: Handle) -> None:
-        self.batch.drop(h.seq)
-        self.handles.pop(id(h.seq), None)
 
 
 class Tally:

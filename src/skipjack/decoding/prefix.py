@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 
 from skipjack.cache import KVCache, TrackedCache
-from skipjack.decoding.session import Session, Start, check_prompt, prefill
+from skipjack.decoding.session import Prefill, Session, check_prompt
 from skipjack.models import DecoderLM
 
 
@@ -100,14 +100,14 @@ class PooledSession(Session):
         super().__init__()
         self.pool = pool
 
-    def start(self, model: DecoderLM, prompt: list[int], max_new_tokens: int) -> Start:
+    def begin(self, model: DecoderLM, prompt: list[int], max_new_tokens: int) -> Prefill:
         need = check_prompt(model, prompt, max_new_tokens)
         held = self.pool.take(model, prompt)
         if held is None:
-            return prefill(model, prompt, max_new_tokens)
+            return Prefill(model, prompt, max_new_tokens)
         cap = held.cache.capacity
         held.fit(need, lambda need: model.make_cache(min(model.config.max_position_embeddings, max(need, cap))))
-        return prefill(model, prompt, max_new_tokens, held.cache, len(held))
+        return Prefill(model, prompt, max_new_tokens, held.cache, len(held))
 
     def end(self, model: DecoderLM, cache: KVCache, ctx: list[int], intact: bool) -> None:
         if intact:

@@ -25,7 +25,7 @@ from skipjack.decoding.cost import CostModel
 from skipjack.decoding.plan import Plan
 from skipjack.decoding.proposal import DraftContext, Proposal, Verdict
 from skipjack.decoding.sampling import Sampler, SamplingParams
-from skipjack.decoding.session import prefill
+from skipjack.decoding.session import Prefill, Start
 from skipjack.decoding.sizing import CostSizer, NoDraft
 from skipjack.decoding.verify import tree_mask, verify
 from skipjack.errors import Fault
@@ -88,27 +88,42 @@ class Sequence:
     A step is `plan` (draft, size, the forward's inputs), one forward (alone or batched), `settle` (verify,
     roll the cache back, learn, apply stop and length)."""
 
-    def __init__(self, model: DecoderLM, plan: Plan, prompt: list[int], params: SamplingParams):
+    def __init__(self, model: DecoderLM, plan: Plan, prompt: list[int], params: SamplingParams, chunked=False):
+        """`chunked`: the prompt runs later, in parts (`prefill`), as a server's chunked prefill does; else now."""
         drafter, sizer, session, strategy, policy = plan.draft, plan.sizer, plan.session, plan.strategy, plan.policy
         if drafter is None:
             sizer = NoDraft()
         elif sizer is None:
             sizer = CostSizer(CostModel.flat())
         self.model, self.params, self.drafter, self.sizer, self.session = model, params, drafter, sizer, session
+        self.strategy, self.planned, self.prompt, self.closed = strategy, plan, list(prompt), False
         if session is not None:
-            start = session.start(model, prompt, params.max_new_tokens)
+            self.pending = session.begin(model, prompt, params.max_new_tokens)
         else:
-            start = prefill(model, prompt, params.max_new_tokens, policy=policy)
+            self.pending = Prefill(model, prompt, params.max_new_tokens, policy=policy)
+        self.cache = self.pending.cache
+        if not chunked:
+            self._started(self.pending.run())
+
+    def prefill(self, n: int) -> bool:
+        """Run at most n more prompt tokens; whether the prompt has run (then `first` gives its step)."""
+        start = self.pending.run(n)
+        if start is not None:
+            self._started(start)
+        return start is not None
+
+    def _started(self, start: Start) -> None:
+        model, params, prompt, plan = self.model, self.params, self.prompt, self.planned
         self.constraint = plan.constraint
         self.cache = start.cache
         self.sampler = Sampler(params, prompt, model.lm_head.out_features, plan.constraint)
-        self.ctx, self.left, self.intact, self.closed = list(prompt), params.max_new_tokens, False, False
-        if drafter is not None:
-            drafter.begin(list(prompt))
-        self.strategy, self.n_prompt = strategy, len(prompt)
-        if strategy is not None:
-            strategy.begin(model, len(prompt), params.max_new_tokens)
-        self.start = start
+        self.ctx, self.left, self.intact = list(prompt), params.max_new_tokens, False
+        if self.drafter is not None:
+            self.drafter.begin(list(prompt))
+        self.n_prompt = len(prompt)
+        if self.strategy is not None:
+            self.strategy.begin(model, len(prompt), params.max_new_tokens)
+        self.start, self.pending = start, None
         self.proposal: Proposal | None = None
         self.at, self.drafting, self.forced = 0, 0.0, False
 
@@ -220,6 +235,8 @@ class Sequence:
         if self.closed:
             return
         self.closed = True
+        if self.pending is not None:  # closed before its prompt had run: nothing to end or keep
+            return
         if self.drafter is not None:
             self.drafter.end()
         if self.session is not None:

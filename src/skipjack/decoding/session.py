@@ -62,16 +62,52 @@ def prefill(
     """Run `prompt` once, with a cache sized for requests of up to `max_new_tokens` new tokens (its layers made
     by `policy`, default every key kept); or, given a `cache` that already holds the first `held` prompt tokens
     (and room for the request), run only the rest. The cache is then settled (a policy may compress it)."""
-    if cache is None:
-        cache, held = model.make_cache(check_prompt(model, prompt, max_new_tokens), policy=policy), 0
-    chunk, ran = cache.policy.prompt_chunk() or len(prompt), len(prompt) - held
-    while len(prompt) - held > chunk:  # a policy that bounds the prompt's memory: compress after each part
-        model(torch.tensor([prompt[held : held + chunk]]), cache, logits="none")
-        held += chunk
-        cache.policy.compress(cache)
-    logits = model(torch.tensor([prompt[held:]]), cache, logits="last").logits[0, -1]  # [V]
-    cache.settle()
-    return Start(cache, logits, ran)
+    return Prefill(model, prompt, max_new_tokens, cache, held, policy).run()
+
+
+class Prefill:
+    """A prompt's forward pass in parts (`run(n)`: at most n more tokens), so that a server can run a joining
+    prompt in chunks between its running requests' steps (chunked prefill) and not stall them. Every part
+    writes the cache as the whole prompt would, in its fixed-size kernel chunks; the last part gives the
+    logits after the prompt (`Start`)."""
+
+    def __init__(self, model, prompt, max_new_tokens, cache=None, held=0, policy=None, done: Start | None = None):
+        if cache is None and done is None:
+            cache, held = model.make_cache(check_prompt(model, prompt, max_new_tokens), policy=policy), 0
+        self.model, self.prompt, self.cache, self.held, self.start = model, prompt, cache, held, done
+        self.ran = 0
+
+    @classmethod
+    def finished(cls, start: Start) -> Prefill:
+        return cls(None, [], 0, done=start)
+
+    @property
+    def left(self) -> int:
+        """Prompt tokens still to run."""
+        return 0 if self.start is not None else len(self.prompt) - self.held
+
+    def run(self, n: int | None = None) -> Start | None:
+        """Run at most `n` more prompt tokens (None: all of them); the `Start` once the whole prompt has run.
+        Without `n` the parts are those of a plain prefill: a cache policy's `prompt_chunk`s (compressing after
+        each), then the rest with the logits. With `n`, parts of n tokens (a policy's own chunk wins)."""
+        if self.start is not None:
+            return self.start
+        cache, prompt = self.cache, self.prompt
+        policy_chunk = cache.policy.prompt_chunk()
+        step = policy_chunk or (len(prompt) if n is None else max(1, n))
+        budget = len(prompt) if n is None else max(step, n)
+        while self.left > step and budget >= step:
+            self.model(torch.tensor([prompt[self.held : self.held + step]]), cache, logits="none")
+            self.held, self.ran, budget = self.held + step, self.ran + step, budget - step
+            if policy_chunk:
+                cache.policy.compress(cache)
+        if self.left > budget:
+            return None  # more next time
+        logits = self.model(torch.tensor([prompt[self.held :]]), cache, logits="last").logits[0, -1]  # [V]
+        self.ran, self.held = self.ran + self.left, len(prompt)
+        cache.settle()
+        self.start = Start(cache, logits, self.ran)
+        return self.start
 
 
 class Session:
@@ -112,19 +148,23 @@ class Session:
 
     def start(self, model: DecoderLM, prompt: list[int], max_new_tokens: int) -> Start:
         """`prompt` prefilled for a request, reusing what this session holds."""
+        return self.begin(model, prompt, max_new_tokens).run()
+
+    def begin(self, model: DecoderLM, prompt: list[int], max_new_tokens: int) -> Prefill:
+        """`start`, as a prefill still to run (in parts, for a chunked prefill)."""
         need = check_prompt(model, prompt, max_new_tokens)
         if self.frozen:
-            return self._copy(model, prompt, need)
+            return Prefill.finished(self._copy(model, prompt, need))
         held, same = self.held, self.model is model
         self.clear()  # taken over by this request
         n = held.common(prompt[:-1]) if same else 0  # the last token must run
         if n == 0 or not held.cache.resumable(n):
-            return prefill(model, prompt, max_new_tokens)
+            return Prefill(model, prompt, max_new_tokens)
         held.cut(n)
         longest, cap = model.config.max_position_embeddings, held.cache.capacity
         # grown geometrically: a long conversation is copied O(log n) times
         held.fit(need, lambda need: model.make_cache(min(longest, max(need, 2 * cap))))
-        return prefill(model, prompt, max_new_tokens, held.cache, n)
+        return Prefill(model, prompt, max_new_tokens, held.cache, n)
 
     def _copy(self, model: DecoderLM, prompt: list[int], need: int) -> Start:
         if self.model is not model or self.tokens != list(prompt):

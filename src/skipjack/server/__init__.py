@@ -62,6 +62,12 @@ def add_arguments(v: argparse.ArgumentParser) -> None:
     v.add_argument("--timeout", type=float, default=600.0, help="seconds per request before it is ended")
     v.add_argument("--no-tune", action="store_true", help="skip measuring this machine's fastest kernels")
     v.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=128,
+        help="a joining prompt runs this many tokens between the running requests' steps (0: all at once)",
+    )
+    v.add_argument(
         "--prefix-cache-mb",
         type=int,
         default=512,
@@ -82,6 +88,7 @@ def main(a) -> int:
     validate.integer("--max-batch", a.max_batch, 1, MAX_ROWS)
     validate.number("--timeout", a.timeout, 0.0, 86_400.0, lo_open=True)
     validate.integer("--prefix-cache-mb", a.prefix_cache_mb, 0, 1 << 20)
+    validate.integer("--prefill-chunk", a.prefill_chunk, 0, 1 << 20)
     resolve(validate.text("--method", a.method, empty=False))  # a bad --method fails now: parsed, nothing built
     if a.model is not None:
         validate.text("--model", a.model, empty=False)
@@ -99,6 +106,7 @@ def main(a) -> int:
         timeout=a.timeout,
         tune=not a.no_tune,
         prefix_cache_mb=a.prefix_cache_mb,
+        prefill_chunk=a.prefill_chunk,
     )
     print(
         f"skipjack: serving on http://{a.host}:{a.port}/v1 (loading the model; /health says 200 when ready)",

@@ -48,6 +48,7 @@ class Settings:
     max_batch: int = 8  # sequences decoded together at most (continuous batching)
     timeout: float = 600.0  # seconds per request
     tune: bool = True
+    prefill_chunk: int = 128  # a joining prompt runs this many tokens between the batch's steps (0: whole)
     prefix_cache_mb: int = 512  # finished requests' caches kept for later prompts with the same prefix (0: off)
 
 
@@ -60,7 +61,8 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
 
     def ready(e) -> None:
         e.method(settings.method)  # the default method prepared before the first request (others on first use)
-        state.engine, state.scheduler = e, Scheduler(e, state.metrics, settings.max_queue, settings.max_batch)
+        limits = (settings.max_queue, settings.max_batch, settings.prefill_chunk)
+        state.engine, state.scheduler = e, Scheduler(e, state.metrics, *limits)
         state.prefix = PrefixCache(settings.prefix_cache_mb << 20) if settings.prefix_cache_mb else None
 
     if engine is not None:

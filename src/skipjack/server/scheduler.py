@@ -41,8 +41,10 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, metrics: Metrics, max_queue: int = 64, max_batch: int = 8):
+    def __init__(self, engine: Engine, metrics: Metrics, max_queue: int = 64, max_batch: int = 8, chunk: int = 0):
+        """`chunk`: a joining prompt runs that many tokens per step between the batch's steps (0: whole)."""
         self.engine, self.metrics, self.max_queue, self.max_batch = engine, metrics, max_queue, max_batch
+        self.chunk = chunk or None
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.waiting = self.running = 0
         self.draining = False
@@ -83,7 +85,7 @@ class Scheduler:
     def _work(self) -> None:
         """Admit queued jobs into the batch (each prefilled alone) while there is room, run one batched step of
         all live ones, deliver their events, end the cancelled and timed-out ones; block while idle."""
-        runner, live = self.engine.runner(), {}  # id(handle) -> (handle, job, time of its last step)
+        runner, live = self.engine.runner(self.chunk), {}  # id(handle) -> (handle, job, time of its last step)
         while True:
             while len(live) < self.max_batch:
                 try:
@@ -105,12 +107,12 @@ class Scheduler:
                 for _h, job, _ in live.values():
                     job.put("error", http_status(e), message(e))
                 self._count(0, -len(live))
-                live, runner = {}, self.engine.runner()
+                live, runner = {}, self.engine.runner(self.chunk)
                 continue
             now = time.perf_counter()
             for h, text, step in steps:
                 _, job, last = live[id(h)]
-                self.metrics.step(job.method, step, now - last, first=False)
+                self.metrics.step(job.method, step, now - last, first=step is h.first)
                 live[id(h)] = (h, job, now)
                 job.put("step", text, step)
                 if step.finish:
@@ -133,6 +135,9 @@ class Scheduler:
             job.put("error", http_status(e), message(e))
             return
         now = time.perf_counter()
+        if h.first is None:  # a chunked prefill: its first step comes out of a later `step`
+            live[id(h)] = (h, job, t)
+            return
         self.metrics.step(job.method, h.first, now - t, first=True)
         job.put("step", h.first_text, h.first)
         live[id(h)] = (h, job, now)
