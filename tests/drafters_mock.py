@@ -168,3 +168,14 @@ def chi2_pvalue(model, prompt: list[int], drafter, n: int = 2000, vocab: int = 1
     obs = [counts[keys[i]] for i in big] + [n - sum(counts[keys[i]] for i in big)]
     e = [exp[i] for i in big] + [n - sum(exp[i] for i in big)]
     return chisquare(obs, e).pvalue
+
+
+def drafter_or_spec(name: str, model, seed: int = 0):
+    """A mock drafter by its test name (always, never, random, random-tree), or `name` itself: a method spec."""
+    if name == "always":
+        return AlwaysAccept(model)
+    if name == "never":
+        return NeverAccept(model)
+    if name.startswith("random"):
+        return RandomDrafter(model, seed, tree=name.endswith("tree"))
+    return name

@@ -11,7 +11,7 @@ import json
 import llguidance as llg
 import pytest
 import torch
-from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter, _Base, decode, make, plan_of
+from drafters_mock import NeverAccept, _Base, decode, drafter_or_spec, make, plan_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_distribution import V, chi2_pvalue, draft_chain, draft_tree, markov
@@ -115,15 +115,7 @@ DRAFTERS = ["pld", "ngram", "pld:k=3", "always", "never", "random", "random-tree
 
 
 def drafter(name, model, seed):
-    if name == "always":
-        return AlwaysAccept(model)
-    if name == "never":
-        return NeverAccept(model)
-    if name.startswith("random"):
-        return RandomDrafter(model, seed, tree=name.endswith("tree"))
-    if name == "forbidden":
-        return Forbidden(1 + PIECES_48.index("q"))
-    return name
+    return Forbidden(1 + PIECES_48.index("q")) if name == "forbidden" else drafter_or_spec(name, model, seed)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

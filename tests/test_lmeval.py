@@ -6,15 +6,13 @@ log-likelihoods say."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
+from test_server import serve_process
 
 from skipjack.errors import SkipjackError
 from skipjack.evaluation import lmeval
@@ -53,27 +51,6 @@ def test_task_names_from_names_files_and_folders(tmp_path):
             lmeval.task_names([spec])
 
 
-@contextlib.contextmanager
-def serve(model: str):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "skipjack.cli", "serve", "--model", model, "--no-tune", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        status, deadline = None, time.time() + 120
-        while status != 200 and time.time() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                status = httpx.get(f"{url}/health").status_code
-            time.sleep(0.1)
-        assert status == 200
-        yield url
-    finally:
-        proc.kill()
-        proc.wait(30)
-
-
 def responses(run: dict, task: str) -> list:
     return [s["filtered_resps"] for s in sorted(run["samples"][task], key=lambda s: s["doc_id"])]
 
@@ -86,7 +63,7 @@ def test_lm_eval_served_and_in_process_agree(tmp_path):
     from skipjack.engine import Engine
 
     names, include = lmeval.task_names(TASKS)
-    with serve(DEFAULT_MODEL) as url:
+    with serve_process(DEFAULT_MODEL) as (url, _):
         info = httpx.get(f"{url}/tokenizer_info").json()
         assert info["eos_token"] and info["model_max_length"] > 0
         method = httpx.get(f"{url}/health").json()["method"]

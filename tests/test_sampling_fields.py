@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter, decode
+from drafters_mock import RandomDrafter, decode, drafter_or_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_distribution import V, chi2_pvalue, draft_chain, draft_tree, markov
@@ -31,14 +31,7 @@ FIELDS = [
 ]
 
 
-def make(name, model, seed):
-    if name == "always":
-        return AlwaysAccept(model)
-    if name == "never":
-        return NeverAccept(model)
-    if name.startswith("random"):
-        return RandomDrafter(model, seed, tree=name.endswith("tree"))
-    return name
+make = drafter_or_spec
 
 
 prompts = st.lists(st.integers(0, 47), min_size=1, max_size=16).flatmap(

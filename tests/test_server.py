@@ -347,28 +347,37 @@ def uvicorn_config(app):
     return uvicorn.Config(app, log_level="error")
 
 
-def test_serve_process_starts_and_stops_on_sigterm(tiny_folder, tmp_path):
+@contextlib.contextmanager
+def serve_process(model: str, env: dict | None = None):
+    """A real `skipjack serve` process on a free loopback port: (its URL, the process), once /health says 200;
+    killed on the way out if still running."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = os.environ | {"SKIPJACK_HOME": str(tmp_path / "home")}
-    cmd = [sys.executable, "-m", "skipjack.cli", "serve", "--model", str(tiny_folder), "--no-tune", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "skipjack.cli", "serve", "--model", model, "--no-tune", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     u = f"http://127.0.0.1:{port}"
     try:
-        status, deadline = None, time.time() + 60
+        status, deadline = None, time.time() + 120
         while status != 200 and time.time() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 status = httpx.get(f"{u}/health").status_code
             time.sleep(0.1)
         assert status == 200
+        yield u, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+def test_serve_process_starts_and_stops_on_sigterm(tiny_folder, tmp_path):
+    env = os.environ | {"SKIPJACK_HOME": str(tmp_path / "home")}
+    with serve_process(str(tiny_folder), env) as (u, proc):
         r = httpx.post(f"{u}/v1/chat/completions", json=chat_args("hello", 4))
         assert r.status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter, decode, greedy_continuation
+from drafters_mock import AlwaysAccept, NeverAccept, RandomDrafter, decode, drafter_or_spec, greedy_continuation
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,14 +25,7 @@ prompts = st.lists(st.integers(0, 47), min_size=1, max_size=24).flatmap(
 DRAFTERS = ["pld", "ngram", "pld:k=3", "ngram:k=5,width=2", "always", "never", "random", "random-tree"]
 
 
-def make(name, model, seed):
-    if name == "always":
-        return AlwaysAccept(model)
-    if name == "never":
-        return NeverAccept(model)
-    if name.startswith("random"):
-        return RandomDrafter(model, seed, tree=name.endswith("tree"))
-    return name  # a method spec
+make = drafter_or_spec
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])

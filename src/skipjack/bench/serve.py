@@ -55,8 +55,7 @@ def _one(url: str, messages: list[dict], tokens: int, method: str | None) -> dic
     """One streaming request: (generated tokens, seconds to first chunk, mean seconds between tokens, end)."""
     import httpx
 
-    body = {
-        "model": "m",
+    body = {  # no "model": each server serves its one model (skipjack answers another name with a 404)
         "messages": messages,
         "max_tokens": tokens,
         "temperature": 0,
