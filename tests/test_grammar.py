@@ -207,7 +207,7 @@ def test_verifier_law_under_a_grammar(kind):
     params = SamplingParams(temperature=1.0, max_new_tokens=8, stop_token_ids=frozenset({EOS}))
     rng = torch.Generator().manual_seed(11)
     samples = []
-    for _ in range(4000):
+    for _ in range(3000):
         c = Constraint(LAW_GRAMMAR.text(), lt, V)
         seq = []
         while len(seq) < 3:

@@ -105,7 +105,18 @@ def test_bad_lm_eval_arguments_are_one_line_errors(argv, needle, tmp_path):
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
-def test_an_unknown_task_name_is_a_clear_error():
-    """Looked up in the given folders, then in lm-eval's own index, before any model is asked anything."""
+def test_an_unknown_task_name_is_a_clear_error(monkeypatch):
+    """Looked up in the given folders, then in lm-eval's own index (here a stand-in: indexing lm-eval's
+    fourteen thousand task files takes seconds), before any model is asked anything."""
+    import lm_eval.tasks
+
+    real, seen = lm_eval.tasks.TaskManager, []
+
+    def manager(include_path=None, include_defaults=True):
+        seen.append(include_defaults)
+        return real(include_path=include_path, include_defaults=False)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", manager)
     with pytest.raises(SkipjackError, match="no task named 'skipjack_nope'"):
         lmeval.evaluate(None, ["skipjack_nope"], [str(lmeval.TASKS)], 1)
+    assert seen == [False, True]  # the bundled folder first, lm-eval's own index only then

@@ -132,3 +132,14 @@ def test_real_model_json_schema_parses_and_speculation_is_exact():
     jsonschema.validate(doc, SCHEMA)
     assert outs["pld"].tokens == outs["plain"].tokens == outs["auto"].tokens
     assert outs["auto"].forward_passes < outs["plain"].forward_passes  # jump-forward drafts were accepted
+
+
+def test_constrained_requests_in_a_batch_give_their_tokens_alone(engine):
+    """In the server's batch (verify passes shared, drafts cut by each request's own grammar, some to nothing)
+    each constrained request decodes as it does alone."""
+    tok = engine.tokenizer
+    params = SamplingParams(max_new_tokens=24, stop_token_ids=tok.stop_ids)
+    grammars = [Grammar.schema(SCHEMA), Grammar("json_object"), Grammar("gbnf", 'root ::= ("ab" | "ba")+ "."'), None]
+    reqs = [Request(tok.encode(f"item {i}: "), params, "pld", grammar=g) for i, g in enumerate(grammars)]
+    alone = [engine.complete(Request(list(r.prompt), params, "pld", grammar=r.grammar)).tokens for r in reqs]
+    assert [r.tokens for r in engine.generate_batch(reqs)] == alone

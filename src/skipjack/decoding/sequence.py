@@ -190,7 +190,7 @@ class Sequence:
                 proposal = sizer.size(proposal, at)
                 if self.constraint is not None:  # a token the grammar forbids ends the draft
                     proposal = self.constraint.cut(proposal)
-                if full and proposal.resume is not None:  # a copy: the drafter may hold on to its proposal
+                if full and proposal is not None and proposal.resume is not None:  # a copy: the drafter's stays
                     proposal = dataclasses.replace(proposal, resume=None)
         cache.rewind(at + (1 + len(proposal) if proposal and proposal.resume else 0))  # a draft's leftover keys
         self.proposal = proposal
