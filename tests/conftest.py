@@ -13,6 +13,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # whatever temporary SKIPJACK_HOME a test sets: a fresh home would build them again (a minute each).
 os.environ.setdefault("SKIPJACK_KERNELS", os.path.join(os.path.expanduser("~"), ".cache", "skipjack", "kernels"))
 
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """A test that pins torch to one thread (the χ² tests do, for speed on tiny tensors) gives the others back
+    their threads: later tests on real models would run single-threaded."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 # "-sw": sliding-window attention over 5 positions (Mistral on every layer; Qwen2 above max_window_layers)
 FAMILIES = ("llama", "qwen2", "mistral", "gemma3_text", "mistral-sw", "qwen2-sw")
 
