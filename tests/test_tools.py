@@ -13,7 +13,6 @@ import pytest
 from conftest import tiny_engine
 from test_server import running
 
-from skipjack.engine import Engine
 from skipjack.server import protocol as P
 from skipjack.server import tools
 from skipjack.server.app import Settings, create_app
@@ -140,18 +139,3 @@ def test_tool_messages_are_accepted_and_bad_tools_are_400s(url):
         assert r.status_code == 400, (str(extra)[:100], r.text[:200])
         assert "\n" not in r.json()["error"]["message"]
     assert httpx.get(f"{url}/health").status_code == 200
-
-
-@pytest.mark.real
-def test_qwen_calls_a_tool_through_its_template():
-    """Qwen2.5-Coder's template has tools: with tool_choice auto the model itself decides to call (streaming is
-    checked on the tiny model above)."""
-    from openai import OpenAI
-
-    e = Engine.load("qwen2.5-coder-0.5b", tune=False)
-    with running(create_app(Settings(method="pld"), e)) as u:  # auto would search swift's layers first
-        c = OpenAI(base_url=f"{u}/v1", api_key="none", max_retries=0)
-        r = c.chat.completions.create(model=None, messages=ASK, tools=TOOLS, max_tokens=60, temperature=0)
-        calls, finish = r.choices[0].message.tool_calls, r.choices[0].finish_reason
-        assert finish == "tool_calls" and calls[0].function.name == "get_weather"
-        assert json.loads(calls[0].function.arguments)["city"] == "Paris"
