@@ -6,31 +6,10 @@ from __future__ import annotations
 import math
 
 import httpx
-import pytest
 import torch
-from test_server import alone, running
+from test_server import alone, client, engine, url  # noqa: F401 - the tiny server's fixtures, one per module
 
-from skipjack.engine import Engine
-from skipjack.server.app import Settings, create_app
 from skipjack.server.extra import MAX_INPUTS
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_folder):
-    return Engine.load(str(tiny_folder), "fp32", tune=False)
-
-
-@pytest.fixture(scope="module")
-def url(engine):
-    with running(create_app(Settings(), engine)) as u:
-        yield u
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
 
 def reference(engine, ids: list[int]) -> torch.Tensor:

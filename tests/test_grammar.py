@@ -171,7 +171,7 @@ def test_cut_and_rows_follow_each_path(tok48):
     rows = c.rows(chain)  # [5, V]
     assert rows.shape == (5, 48)
     assert rows[0, a] and rows[0, b] and not rows[1, b] and rows[1, a]  # after "b" only "a"
-    assert rows[2, b] and rows[2, 1 + PIECES_48.index("!")] if "!" in PIECES_48 else True
+    assert rows[2, a] and rows[2, b]  # after "ba": more "a"s or a new item
 
 
 # The χ² proof: a grammar over V = 10 tokens whose mask depends on the path ("(" must be followed by "c", "x"

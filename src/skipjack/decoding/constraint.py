@@ -178,7 +178,10 @@ def llg_tokenizer(tokenizer, vocab: int, stop_ids):
 def _bits(mask: bytes, vocab: int) -> torch.Tensor:
     """llguidance's bitmask (32-bit little-endian words) as a bool tensor [vocab]."""
     x = torch.frombuffer(bytearray(mask), dtype=torch.uint8)  # [W * 4]
-    return ((x[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).flatten()[:vocab].bool()  # [vocab]
+    return ((x[:, None] >> _SHIFTS) & 1).flatten()[:vocab].bool()  # [vocab]
+
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)  # [8] a byte's bits, least significant first (made once)
 
 
 class Constraint:
