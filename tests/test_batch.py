@@ -166,6 +166,56 @@ def test_batch_cost_turns_drafting_down_as_the_batch_grows():
     assert one == [2] and wide == [0] * 16
 
 
+def test_batch_cost_weighs_each_sequence_by_its_trust_in_its_scores():
+    bc = BatchCost(CostModel.flat())
+    for extra, t in [(0, 1.0), (1, 1.3), (2, 1.6)]:  # every row costs 0.3 of the pass
+        bc.observe(2, extra, t)
+    props = [_chain(0.9), _chain(0.9)]
+    assert bc.choose(props, 100) == [1, 1]  # (2 + 1.8) / 1.6 > 2 / 1
+    assert bc.choose(props, 100, trust=[1.0, 0.1]) == [1, 0]  # the second's 0.9 is worth 0.09: not a row
+
+
+def test_batch_cost_pauses_drafting_after_passes_that_keep_nothing():
+    """Drafting costs time even when nothing drafted is verified: after n passes in a row at one width that
+    kept no node, that width drafts again only after 2^n - 1 steps (at most MAX_PAUSE); a kept node resets it."""
+    bc = BatchCost()
+    pattern = []
+    for _ in range(12):
+        go = bc.drafts(3)
+        pattern.append(go)
+        if go:
+            bc.outcome(3, kept=False, drafted=True)
+    assert pattern == [True, False, True, False, False, False, True] + [False] * 5
+    assert bc.drafts(2)  # another width keeps its own count
+    bc.outcome(3, kept=True, drafted=True)
+    assert bc.drafts(3) and bc.drafts(3)
+    for _ in range(20):
+        bc.outcome(4, kept=False, drafted=True)
+    assert bc.idle[4][1] == BatchCost.MAX_PAUSE
+    bc.outcome(5, kept=False, drafted=False)  # nothing proposed (no drafter): nothing learned
+    assert bc.drafts(5)
+
+
+def test_a_paused_batch_still_verifies_a_fixed_k_and_gives_plain_tokens(engine):
+    """While paused, cost-sized sequences skip drafting but `k` sequences draft as the user asked; the tokens
+    are plain decoding's either way."""
+    cost = engine.batch_cost
+    saved = dict(cost.idle)
+    try:
+        plain = [engine.complete(_req(p, 10, "plain")).tokens for p in PROMPTS[:4]]
+        reqs = [_req(p, 10, m) for p, m in zip(PROMPTS[:4], ["pld", "pld:k=3", "auto", "ngram"])]
+        reqs[1].prompt = list(PROMPTS[0])
+        cost.idle.update({b: (5, 10**6) for b in range(2, 5)})  # paused for good at every width this batch has
+        out = engine.generate_batch(reqs)
+        plain[1] = engine.complete(_req(PROMPTS[0], 10, "plain")).tokens
+        assert [r.tokens for r in out] == plain
+        assert [r.draft_seconds > 0 for r in out] == [False, True, False, False]  # only k was asked to draft
+        assert [r.draft_steps for r in out][::2] == [0, 0]
+    finally:
+        cost.idle.clear()
+        cost.idle.update(saved)
+
+
 def test_auto_is_the_fastest_lossless_method_cost_sized():
     from skipjack.errors import SkipjackError
     from skipjack.methods import AUTO, MethodSpec

@@ -233,6 +233,23 @@ def test_draft_cost_counts_against_expected_tokens():
     assert cheap.per_node == pytest.approx(0.01)
 
 
+def test_a_drafters_overconfident_scores_are_calibrated_by_what_verification_accepts():
+    """Trust = accepted nodes per unit of score (EMA, at most 1): a drafter whose 0.9s are accepted a tenth as
+    often as it claims gets its drafts sized as 0.09s."""
+    cost = CostModel((1, 2, 4), (1.0, 1.3, 1.9))
+    sizer = CostSizer(cost, DraftCost())
+    chain = Proposal.chain([1, 2, 3], [0.9, 0.8, 0.7])
+    assert sizer.trust == 1.0 and len(sizer.size(chain, 10)) == 3
+    for _ in range(60):
+        sizer.observe_accept(2.0, 0)  # two nodes' worth of score, nothing accepted
+        sizer.observe_accept(2.0, 1)
+    assert sizer.trust == pytest.approx(0.25, abs=0.05)
+    assert len(sizer.size(chain, 10)) == 0  # (1 + 0.225) / 1.3 < 1: a plain step pays more
+    for _ in range(60):
+        sizer.observe_accept(1.0, 3)  # underconfident scores are not inflated
+    assert sizer.trust == 1.0
+
+
 def test_mix_merges_and_each_part_learns_its_own_nodes(models):
     model = models["llama"]
     seen = []

@@ -10,9 +10,12 @@ at `MAX_DRAFT + 1`, the widest the batch-invariant q4/q8 kernels take: with B se
 `BatchCost` (vLLM's `disable_by_batch_size`, but measured): each sequence's own sizer proposes what would pay
 alone, then nodes are taken best score first, across sequences, while the expected tokens per second of the
 pass, (B + sum of the kept nodes' scores) / t(B, rows), still rises; t is learned from the batch's own timed
-passes. So speculation turns down as the batch grows, as far as the measured costs say it should. A sequence
-alone steps exactly as `generate` steps it. Where the forward is
-batch-invariant, a batched sequence's tokens equal its tokens alone (a test checks it); elsewhere (fp32 or
+passes, and each score is scaled by its sequence's trust in its drafter's scores (the sizer's: accepted nodes
+over verified nodes' summed scores). So speculation turns down as the batch grows, as far as the measured
+costs say it should. Drafting itself costs time even when the batch then verifies none of it, so after n
+passes in a row at one width that kept no scored node, the batch's sequences skip drafting for 2^n - 1 steps
+(at most `MAX_PAUSE`), then try again. A sequence alone steps exactly as `generate` steps it. Where the
+forward is batch-invariant, a batched sequence's tokens equal its tokens alone (a test checks it); elsewhere (fp32 or
 bf16 dense GEMMs) rounding can differ.
 """
 
@@ -36,10 +39,27 @@ class BatchCost:
 
     DECAY = 0.1
     KNOTS = (0, *WIDTHS)  # draft rows of a pass, pooled into the smallest knot >= them
+    MAX_PAUSE = 31  # steps without drafting at most, after passes that kept no draft
 
     def __init__(self, cost: CostModel | None = None):
         self.cost = cost or CostModel.flat()
         self.seen: dict[tuple[int, int], tuple[float, int]] = {}  # (B, knot) -> (EMA seconds, observations)
+        self.idle: dict[int, tuple[int, int]] = {}  # B -> (passes in a row that kept no draft, steps left paused)
+
+    def drafts(self, b: int) -> bool:
+        """Whether a B-wide step drafts (False while paused after passes that kept nothing); counts the step."""
+        misses, wait = self.idle.get(b, (0, 0))
+        if wait:
+            self.idle[b] = (misses, wait - 1)
+        return not wait
+
+    def outcome(self, b: int, kept: bool, drafted: bool) -> None:
+        """After a B-wide pass: `kept` whether it verified any scored node, `drafted` whether any was proposed."""
+        if kept:
+            self.idle[b] = (0, 0)
+        elif drafted:
+            misses = self.idle.get(b, (0, 0))[0] + 1
+            self.idle[b] = (misses, min(self.MAX_PAUSE, 2**misses - 1))
 
     def _knot(self, extra: int) -> int:
         return next((k for k in self.KNOTS if k >= extra), self.KNOTS[-1])
@@ -60,11 +80,13 @@ class BatchCost:
         k = own if own in timed else min(timed, key=lambda t: (abs(t - extra), t))
         return self.seen[(b, k)][0] * prior(extra) / prior(k)
 
-    def choose(self, proposals: list, context: int, fixed: list[bool] | None = None) -> list[int]:
+    def choose(self, proposals: list, context: int, fixed: list[bool] | None = None, trust=None) -> list[int]:
         """How many leading nodes of each proposal the pass verifies: nodes in order of score, across
         sequences (each sequence's nodes in its own order), while (B + sum of scores) / seconds rises.
-        A proposal of a fixed size (`fixed`: the user's `k`) or without scores is kept whole."""
+        A proposal of a fixed size (`fixed`: the user's `k`) or without scores is kept whole. `trust`: each
+        sequence's scores are worth this much (1: as they are)."""
         b, fixed = len(proposals), fixed or [False] * len(proposals)
+        trust = trust or [1.0] * b
         whole = [bool(p) and (f or p.scores is None) for p, f in zip(proposals, fixed)]
         keep = [len(p) if w else 0 for p, w in zip(proposals, whole)]
         proposals = [None if w else p for p, w in zip(proposals, whole)]
@@ -75,7 +97,7 @@ class BatchCost:
         heapq.heapify(heap)
         while heap:
             s, i = heapq.heappop(heap)
-            keep[i], rows, gain = keep[i] + 1, rows + 1, gain - s
+            keep[i], rows, gain = keep[i] + 1, rows + 1, gain - s * trust[i]
             if keep[i] < len(proposals[i]):
                 heapq.heappush(heap, (-proposals[i].scores[keep[i]], i))
             if (v := gain / self.seconds(b, rows, context, timed)) > best:
@@ -113,21 +135,29 @@ class Batch:
         if len(live) == 1:
             out.append((live[0], live[0].advance()))
         elif live:
-            cap = max(0, self.rows // len(live) - 1)
-            for s in live:
-                s.draft(cap, full=True)
-            context = sum(s.at for s in live) // len(live)
-            fixed = [s.sizer.fixed for s in live]
-            for s, n in zip(live, self.cost.choose([s.proposal for s in live], context, fixed)):
-                if s.proposal is not None:
-                    s.proposal = s.proposal.prefix(n)
-            segs = [s.segment() for s in live]
-            want = {i for s in live if s.proposal is not None for i in s.proposal.want}
-            t = time.perf_counter()
-            outs = self.model.forward_batch(segs, want)
-            self.cost.observe(len(live), sum(len(s.proposal or ()) for s in live), time.perf_counter() - t)
-            out += [(s, s.settle(o, None)) for s, o in zip(live, outs)]
+            out += self._together(live)
         for s, st in out:
             if st.finish:
                 self.drop(s)
         return out
+
+    def _together(self, live: list[Sequence]) -> list[tuple[Sequence, Step]]:
+        """One pass over several sequences: draft (unless paused), size across them, verify each."""
+        b, cap = len(live), max(0, self.rows // len(live) - 1)
+        go = self.cost.drafts(b)
+        for s in live:
+            s.draft(cap, full=True, propose=go or s.sizer.fixed)
+        context = sum(s.at for s in live) // b
+        fixed = [s.sizer.fixed for s in live]
+        scored = [s.proposal is not None and s.proposal.scores is not None and not f for s, f in zip(live, fixed)]
+        trust = [s.sizer.trust for s in live]
+        for s, n in zip(live, self.cost.choose([s.proposal for s in live], context, fixed, trust)):
+            if s.proposal is not None:
+                s.proposal = s.proposal.prefix(n)
+        segs = [s.segment() for s in live]
+        want = {i for s in live if s.proposal is not None for i in s.proposal.want}
+        t = time.perf_counter()
+        outs = self.model.forward_batch(segs, want)
+        self.cost.observe(b, sum(len(s.proposal or ()) for s in live), time.perf_counter() - t)
+        self.cost.outcome(b, any(sc and bool(s.proposal) for s, sc in zip(live, scored)), any(scored))
+        return [(s, s.settle(o, None)) for s, o in zip(live, outs)]

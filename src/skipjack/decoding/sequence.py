@@ -165,15 +165,16 @@ class Sequence:
         self.draft(cap, full)
         return self.segment()
 
-    def draft(self, cap: int = MAX_DRAFT, full: bool = False) -> None:
+    def draft(self, cap: int = MAX_DRAFT, full: bool = False, propose: bool = True) -> None:
         """Draft (if there is a drafter and room; timed, its cost reported to the sizer) at most `cap` nodes
         and size it (`self.proposal`; a batch may cut it further before `segment`). `full`: the verify runs
-        every layer (a batched pass), so a draft's saved hidden states are not used."""
+        every layer (a batched pass), so a draft's saved hidden states are not used. `propose`: False asks
+        nothing of the drafter (a paused batch); tokens a grammar forces are still proposed."""
         self.intact = False  # a forward may stop half way through the layers
         model, cache, ctx, drafter, sizer = self.model, self.cache, self.ctx, self.drafter, self.sizer
         proposal, self.drafting = None, 0.0
         room = min(MAX_DRAFT, cap, self.left - 1, cache.capacity_left() - 2, cache.room() - 1)
-        budget = sizer.budget(room, cache.offset) if drafter is not None else 0
+        budget = sizer.budget(room, cache.offset) if drafter is not None and propose else 0
         self.at = at = cache.offset
         self.forced = False
         if self.constraint is not None and drafter is not None and room > 0:  # jump-forward, as a draft
@@ -221,6 +222,8 @@ class Sequence:
         step.draft_seconds = self.drafting
         if proposal is not None and not self.forced:  # drafted but sized down to nothing: still a lesson
             self.drafter.observe(proposal, verdict or Verdict(step.tokens, [], []))
+            if proposal and proposal.scores is not None:  # how far the drafter's scores can be trusted
+                self.sizer.observe_accept(sum(proposal.scores), step.accepted)
         cache.settle()  # a cache policy may compress now (never inside a step: drafts stop at its points)
         return self._done(step)
 

@@ -50,6 +50,15 @@ class Sizer(Protocol):
         """A `propose` call drafted `nodes` nodes in `seconds` at `context` cached tokens."""
         ...
 
+    def observe_accept(self, scored: float, accepted: int) -> None:
+        """A verify accepted `accepted` of nodes whose scores summed to `scored`."""
+        ...
+
+    @property
+    def trust(self) -> float:
+        """Accepted nodes per unit of the drafter's score (1: its scores are taken as they are)."""
+        ...
+
 
 class DraftCost:
     """A drafter's own cost, learned online: seconds per drafted node, in plain steps (EMAs of a call's
@@ -60,6 +69,16 @@ class DraftCost:
     def __init__(self, prior=None):
         self.call, self.nodes, self.seen = 0.0, 0.0, 0
         self.prior = prior  # () -> plain steps per node before any draft was timed (the drafter's estimate)
+        self.scored, self.accepted = 1.0, 1.0  # EMAs of verified nodes' summed scores and of their accepted nodes
+
+    def observe_accept(self, scored: float, accepted: int) -> None:
+        self.scored += self.DECAY * (scored - self.scored)
+        self.accepted += self.DECAY * (accepted - self.accepted)
+
+    @property
+    def trust(self) -> float:
+        """Accepted nodes per unit of score, at most 1: a drafter's overconfident scores, calibrated."""
+        return min(1.0, self.accepted / self.scored) if self.scored > 0 else 1.0
 
     def observe(self, nodes: int, seconds: float, t1: float) -> None:
         if t1 <= 0:
@@ -78,9 +97,13 @@ class DraftCost:
 
 
 class _Free:
-    """Sizers that ignore draft cost."""
+    """Sizers that ignore draft cost and take scores as they are."""
 
     fixed = False
+    trust = 1.0
+
+    def observe_accept(self, scored: float, accepted: int) -> None:
+        pass
 
     def more(self, scores: list[float]) -> bool:
         return True
@@ -130,10 +153,18 @@ class CostSizer:
         self.context = context
         return min(room, self.cost.max_useful(MAX_DRAFT, context))
 
+    @property
+    def trust(self) -> float:
+        return self.draft.trust
+
+    def observe_accept(self, scored: float, accepted: int) -> None:
+        self.draft.observe_accept(scored, accepted)
+
     def size(self, proposal: Proposal, context: int) -> Proposal:
         if proposal.scores is None:
             return proposal
-        return proposal.prefix(self.cost.best_size(proposal.scores, context))
+        trust = self.draft.trust
+        return proposal.prefix(self.cost.best_size([s * trust for s in proposal.scores], context))
 
     def observe(self, width: int, seconds: float, context: int) -> None:
         self.cost.observe(width, seconds, context)
@@ -147,13 +178,13 @@ class CostSizer:
         n, d = len(scores), self.draft.per_node
         if not n or not d:
             return True
-        best, acc, c = 1.0 / (1 + n * d), 1.0, 1.0
+        best, acc, c, trust = 1.0 / (1 + n * d), 1.0, 1.0, self.draft.trust
         for m, s in enumerate(scores, start=1):
-            acc += s
+            acc += s * trust
             c = max(c, self.cost.cost(m + 1, self.context))
             best = max(best, acc / (c + n * d))
         c = max(c, self.cost.cost(n + 2, self.context))
-        return (acc + scores[-1]) / (c + (n + 1) * d) > best
+        return (acc + scores[-1] * trust) / (c + (n + 1) * d) > best
 
 
 class Capped:
@@ -182,3 +213,10 @@ class Capped:
 
     def observe_draft(self, nodes: int, seconds: float, context: int) -> None:
         self.inner.observe_draft(nodes, seconds, context)
+
+    def observe_accept(self, scored: float, accepted: int) -> None:
+        self.inner.observe_accept(scored, accepted)
+
+    @property
+    def trust(self) -> float:
+        return self.inner.trust
