@@ -28,7 +28,8 @@ lint: install
 
 bench-peers: install
 	BIN=$(BIN) bash tools/build-llamacpp.sh
-	$(BIN)/pip install --quiet 'llama-cpp-python[server]==0.3.36'  # llama-server for bench-serve (no rebuild)
+	$(BIN)/pip install --quiet 'llama-cpp-python[server]==0.3.36'  # llama_cpp.server (no rebuild)
+	BIN=$(BIN) bash tools/build-llama-server.sh  # llama.cpp's own llama-server, for bench-serve
 
 # Lossy methods' quality against speed (`skipjack eval`, quick mode): each setting on SmolLM2-135M and
 # Qwen2.5-Coder-1.5B, and layer-wise quantization's order against random and reverse at equal bits (~1.5 h).
@@ -58,9 +59,17 @@ bench-longctx: install
 		--policies streaming,h2o,snapkv,pyramidkv,cake,tidal --kinds niah_single,niah_multikey,vt --n 1 \
 		--skip speed,memory,perplexity --out bench-out/longctx/quality-qwen
 
-# The server under load: throughput and latency at 1-16 concurrent clients, plain and speculative batching, and
-# llama-server on the same GGUF (needs `make bench-peers`; ~15 min).
-bench-serve: install
+# The server under load, measured by aiperf (a maintained load generator, in .venv-aiperf: its pins clash with
+# ours): throughput, TTFT and inter-token latency at 1-16 streams for `serve --method plain` and `--method auto`,
+# and llama.cpp's llama-server on the same GGUF (`make bench-peers` builds it), each a fresh server; a second
+# chat turn's TTFT with the prefix cache on and off (~25 min). Then our own light client, which also checks batched greedy
+# agreement per dtype (~15 min).
+AIPERF_VENV := .venv-aiperf
+$(AIPERF_VENV)/bin/aiperf:
+	$(PY) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/pip install --quiet 'aiperf==0.13.0'
+bench-serve: install $(AIPERF_VENV)/bin/aiperf
+	$(BIN)/python -m skipjack.bench.loadgen --model smollm2-135m --aiperf $(AIPERF_VENV)/bin/aiperf --out bench-out/serve-aiperf
 	$(BIN)/python -m skipjack.bench.serve --model smollm2-135m --methods plain,pld,auto --out bench-out/serve
 
 # What a pass costs (#33): the plain step's breakdown on the native and the Python path, and passes over k = 1-16
@@ -147,6 +156,8 @@ benchmarks-md: install
 	if [ -f bench-out/quality/quality.json ]; then set -- "$$@" --quality bench-out/quality; fi; \
 	if ls bench-out/layers/*.json >/dev/null 2>&1; then set -- "$$@" --layers bench-out/layers; fi; \
 	if [ -f bench-out/serve/serve.json ]; then set -- "$$@" --serve bench-out/serve; fi; \
+	if [ -f bench-out/serve-aiperf/loadgen.json ]; then set -- "$$@" --loadgen bench-out/serve-aiperf; fi; \
+	if [ -f bench-out/structured/structured.json ]; then set -- "$$@" --structured bench-out/structured; fi; \
 	if ls bench-out/eval/*__*.json >/dev/null 2>&1; then set -- "$$@" --eval bench-out/eval; fi; \
 	if ls bench-out/longctx/*/longctx.json >/dev/null 2>&1; then set -- "$$@" --longctx bench-out/longctx; fi; \
 	if ls bench-out/stepcost/*/stepcost.json >/dev/null 2>&1; then set -- "$$@" --stepcost bench-out/stepcost; fi; \

@@ -8,41 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
-from importlib import resources
 from pathlib import Path
 
 import pytest
-from conftest import hf_config
+from conftest import make_tiny_model
 
 from skipjack.bench import benchmarks_md, machine, render
 from skipjack.cli import main as cli_main
-
-CHAT = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-
-
-def make_tiny_model(folder: Path) -> Path:
-    """A random 2-layer Llama plus a word-level tokenizer (with [UNK]) saved as an HF folder."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-
-    text = resources.files("skipjack.bench").joinpath("prompts", "quick.jsonl").read_text(encoding="utf-8")
-    words = sorted(set(re.findall(r"\w+|[^\w\s]", text)))[:3000]
-    specials = ["[UNK]", "[PAD]", "</s>", "user", "assistant", ":"]
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + words))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
-    hf.chat_template = CHAT
-    hf.save_pretrained(str(folder))
-    torch.manual_seed(0)
-    cfg = hf_config("llama", vocab=len(vocab), intermediate_size=128, max_position_embeddings=8192)
-    cfg.eos_token_id, cfg.bos_token_id, cfg.pad_token_id = vocab["</s>"], None, vocab["[PAD]"]
-    cfg.tie_word_embeddings = False
-    LlamaForCausalLM(cfg).save_pretrained(str(folder))
-    return folder
 
 
 def _perturbed(orig):

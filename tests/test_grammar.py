@@ -162,6 +162,44 @@ def test_jump_forward_drafts_the_forced_bytes(tiny_llama64, tok48):
     assert spec == plain and len(steps) < len(plain)  # forced tokens came several per step
 
 
+class Oracle(_Base):
+    """A model-free drafter that copies a known continuation (plain's output) after whatever context it is
+    given, and records (its context's length, the tokens emitted when it was asked)."""
+
+    name = "oracle"
+    model_free = True
+
+    def __init__(self, full: list[int], emitted: list[int]):
+        self.full, self.emitted, self.calls = full, emitted, []
+
+    def propose(self, ctx):
+        n = len(ctx.tokens)
+        self.calls.append((n, self.emitted[0]))
+        tail = self.full[n : n + min(3, ctx.budget)]
+        return Proposal.chain(tail, [0.9] * len(tail)) if tail and ctx.tokens == self.full[:n] else None
+
+
+def test_a_model_free_drafter_drafts_past_the_forced_tokens_in_the_same_step(tiny_llama64, tok48):
+    """Jump-forward and speculation in one draft: a model-free drafter is asked for what follows the forced
+    tokens (its context ends with them, before they were emitted), its nodes hang off the forced chain, and
+    the tokens stay constrained plain's."""
+    prompt, g = [3, 4], GRAMMARS[0]
+    params = SamplingParams(max_new_tokens=30, stop_token_ids=frozenset({EOS}))
+    plain, plain_steps = constrained(tiny_llama64, tok48, g, prompt, params)
+    emitted = [len(prompt)]
+    oracle = Oracle(prompt + plain, emitted)
+    c = Constraint(g.text(), tok48, 48)
+    out, steps = [], []
+    for step in generate(
+        tiny_llama64, prompt, params, Plan(oracle.session(), CostSizer(CostModel.flat()), constraint=c)
+    ):
+        out += step.tokens
+        steps.append(step)
+        emitted[0] = len(prompt) + len(out)
+    assert out == plain
+    assert any(n > e for n, e in oracle.calls)  # asked after forced tokens not yet emitted
+
+
 def test_cut_and_rows_follow_each_path(tok48):
     c = Constraint(GRAMMARS[1].text(), tok48, 48)
     a, b, q = (1 + PIECES_48.index(x) for x in "abq")

@@ -76,6 +76,30 @@ def test_response_format_with_the_openai_client(engine, client, stream):
         assert text.lstrip().startswith("{") and obeys(engine, grammar, text), text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_text_format_with_the_openai_client(engine, client, url, stream):
+    """The Responses API's `text.format` (json_object; json_schema with its schema flat in the format) is
+    decoded under the grammar; a json_schema without a schema, or a bad one, is a one-line 400."""
+    formats = [
+        ({"type": "json_object"}, Grammar("json_object")),
+        ({"type": "json_schema", "name": "p", "schema": SCHEMA, "strict": True}, Grammar.schema(SCHEMA)),
+    ]
+    for fmt, grammar in formats:
+        r = client.responses.create(
+            model=None,
+            input=MSGS[0]["content"],
+            max_output_tokens=24,
+            temperature=0,
+            text={"format": fmt},
+            stream=stream,
+        )
+        text = "".join(ev.delta for ev in r if ev.type == "response.output_text.delta") if stream else r.output_text
+        assert text.lstrip().startswith("{") and obeys(engine, grammar, text), text
+    for fmt in ({"type": "json_schema", "name": "p"}, {"type": "json_schema", "name": "p", "schema": {"type": 3}}):
+        bad = httpx.post(f"{url}/v1/responses", json={"input": "x", "text": {"format": fmt}}, timeout=60)
+        assert bad.status_code == 400 and "\n" not in bad.json()["error"]["message"], bad.text
+
+
 def test_llama_server_fields_and_hostile_input(url, engine):
     ok = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 6, "grammar": 'root ::= "yes" | "no"'})
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] in ("yes", "no"), ok.text

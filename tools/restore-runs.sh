@@ -45,3 +45,9 @@ for r in json.load(open('docs/bench/stepcost.json')):
     (d / 'stepcost.json').write_text(json.dumps(r, indent=1))
 "
 fi
+if [ -f docs/bench/loadgen.json ] && [ ! -f bench-out/serve-aiperf/loadgen.json ]; then
+  mkdir -p bench-out/serve-aiperf && cp docs/bench/loadgen.json bench-out/serve-aiperf/
+fi
+if [ -f docs/bench/structured.json ] && [ ! -f bench-out/structured/structured.json ]; then
+  mkdir -p bench-out/structured && cp docs/bench/structured.json bench-out/structured/
+fi

@@ -95,6 +95,8 @@ def write_benchmarks_md(
     evals: Path | None = None,
     longctx: Path | None = None,
     stepcost: Path | None = None,
+    loadgen: Path | None = None,
+    structured: Path | None = None,
 ) -> Path:
     """BENCHMARKS.md at `target` from results_dir/results.json; plots and raw data are copied to docs/bench/
     beside it. `extra` runs (heading, dir) are appended as sections, then the `quality` folder's quality.json,
@@ -131,8 +133,12 @@ def write_benchmarks_md(
         md += "\n" + layer_probe_section(Path(layers), docs, [results, *(r for _, r in extras)])
     if stepcost:
         md += "\n" + stepcost_section(Path(stepcost), docs)
+    if loadgen:
+        md += "\n" + loadgen_section(Path(loadgen), docs)
     if serve:
         md += "\n" + serve_section(Path(serve), docs)
+    if structured:
+        md += "\n" + structured_section(Path(structured), docs)
     if evals:
         md += "\n" + eval_section(Path(evals), docs)
     if longctx:
@@ -210,6 +216,47 @@ def serve_section(folder: Path, docs: Path) -> str:
     return md + "\nRaw data: `docs/bench/serve.json`.\n"
 
 
+def loadgen_section(folder: Path, docs: Path) -> str:
+    """The server under load measured by aiperf (`python -m skipjack.bench.loadgen --out folder`)."""
+    from skipjack.bench.loadgen import table
+
+    res = json.loads(_read_text(folder / "loadgen.json", "load generator results "))
+    shutil.copyfile(folder / "loadgen.json", docs / "loadgen.json")
+    m = res["machine"]
+    md = "## The server under load, measured by aiperf (separate run)\n\n"
+    md += (
+        f"`make bench-serve` (`python -m skipjack.bench.loadgen --model {res['model']}`): {res['loadgen']}, "
+        f"synthetic prompts of {res['isl']} tokens, {res['osl']} generated tokens each (`ignore_eos`), greedy, "
+        f"streamed; each server a fresh process (no shared cache or drafter); aiperf niced, one worker. "
+        f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, ISA {m.get('isa', '?')}. Two chat turns: a context of "
+        f"{res['context']} tokens of each conversation's own, then a question; turn 2 sends the history and a new "
+        "question.\n\n"
+    )
+    return md + table(res) + "\nRaw data: `docs/bench/loadgen.json`.\n"
+
+
+def structured_section(folder: Path, docs: Path) -> str:
+    """Constrained decoding's speed (`python -m skipjack.bench.structured --out folder`)."""
+    res = json.loads(_read_text(folder / "structured.json", "structured output results "))
+    shutil.copyfile(folder / "structured.json", docs / "structured.json")
+    m = res["machine"]
+    md = "## Structured output: JSON schemas, jump-forward and speculation (separate run)\n\n"
+    md += (
+        f"`python -m skipjack.bench.structured --model {res['model']}`: greedy, at most {res['tokens']} tokens, "
+        "one JSON schema per prompt; cold (each method's drafter fresh for every prompt). free:plain is "
+        f"unconstrained. {m.get('cpu', '?')}, {m.get('cores', '?')} cores.\n\n"
+        "| method | tok/s | × constrained plain | passes/token | identical to constrained plain | parses |\n"
+        "|---|---:|---:|---:|---:|---:|\n"
+    )
+    for name, x in res["summary"].items():
+        same = "-" if name.startswith("free:") else f"{x['identical']}/{x['prompts']}"
+        md += (
+            f"| {name} | {x['tok_s']:.1f} | {x['x_constrained_plain']:.2f} | {x['passes_per_token']:.2f} | {same} | "
+            f"{x['parses']}/{x['prompts']} |\n"
+        )
+    return md + "\nRaw data: `docs/bench/structured.json`.\n"
+
+
 def eval_section(folder: Path, docs: Path) -> str:
     """The lossy methods' quality (`skipjack eval` rows under `folder`): the table and the frontier plot."""
     from skipjack.bench import eval_report
@@ -281,6 +328,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--quality", default=None, help="append a `skipjack.bench.analysis.quality --out` folder's results")
     ap.add_argument("--layers", default=None, help="append the layer probe's results (`skipjack.bench.layers --out`)")
     ap.add_argument("--serve", default=None, help="append the server benchmark (`skipjack.bench.serve --out`)")
+    ap.add_argument("--loadgen", default=None, help="append the aiperf server benchmark (`bench.loadgen --out`)")
+    ap.add_argument("--structured", default=None, help="append the structured-output run (`bench.structured --out`)")
     ap.add_argument("--eval", default=None, help="append the `skipjack eval` rows under this folder")
     ap.add_argument("--longctx", default=None, help="append the long-context runs (longctx.json) under this folder")
     ap.add_argument("--stepcost", default=None, help="append the pass-cost runs (*/stepcost.json) under this folder")
@@ -309,7 +358,18 @@ def main(argv: list[str] | None = None) -> int:
             lc = Path(a.longctx) if a.longctx else None
             sc = Path(a.stepcost) if a.stepcost else None
             md = write_benchmarks_md(
-                Path(a.dir), Path(a.benchmarks_md), extra, notes, quality, layers, serve, evals, lc, sc
+                Path(a.dir),
+                Path(a.benchmarks_md),
+                extra,
+                notes,
+                quality,
+                layers,
+                serve,
+                evals,
+                lc,
+                sc,
+                Path(a.loadgen) if a.loadgen else None,
+                Path(a.structured) if a.structured else None,
             )
             print(f"wrote {md}")
         else:

@@ -94,6 +94,18 @@ class Proposal:
                 return i
         return min(len(self.tokens), len(self.parents))
 
+    def graft(self, tail: Proposal | None) -> Proposal:
+        """This chain with `tail` (a tree drafted after its last token) hung off its end: the jump-forward's
+        forced tokens (scored 1: sized by nobody) and a model-free drafter's continuation, as one draft. Neither
+        carries drafter state (`observe` is not asked of a forced step)."""
+        if not tail:
+            return self
+        assert self.is_chain and self.q is None and tail.q is None and tail.resume is None
+        n = len(self.tokens)
+        parents = self.parents + [p + n if p >= 0 else n - 1 for p in tail.parents]
+        scores = None if tail.scores is None else [1.0] * n + list(tail.scores)
+        return Proposal(self.tokens + tail.tokens, parents, scores)
+
     def prefix(self, n: int) -> Proposal:
         if n >= len(self.tokens) == len(self.parents):
             return self  # the common case in the decode loop: nothing to cut, nothing to copy

@@ -177,24 +177,33 @@ class Sequence:
         budget = sizer.budget(room, cache.offset) if drafter is not None and propose else 0
         self.at = at = cache.offset
         self.forced = False
-        if self.constraint is not None and drafter is not None and room > 0:  # jump-forward, as a draft
-            forced = self.constraint.cut(Proposal.chain(self.constraint.forced()[:room]))
-            if forced:
-                proposal, self.forced, budget = forced, True, 0
+        forced = self._forced(room) if drafter is not None else None
+        if forced:  # jump-forward, as a draft; a model-free drafter may go on after it
+            proposal, self.forced = forced, True
+            budget = min(budget, room - len(forced)) if drafter.model_free else 0
         if budget > 0:
             t = time.perf_counter()
-            proposal = drafter.propose(DraftContext(ctx, budget, model, cache, sizer.more))
+            base = ctx + forced.tokens if forced else ctx
+            drafted = drafter.propose(DraftContext(base, budget, model, cache, sizer.more))
             self.drafting = time.perf_counter() - t
-            sizer.observe_draft(len(proposal or ()), self.drafting, at)
-            if proposal is not None:
-                proposal = proposal.prefix(min(budget, proposal.valid_length(model.lm_head.out_features)))
-                proposal = sizer.size(proposal, at)
+            sizer.observe_draft(len(drafted or ()), self.drafting, at)
+            if drafted is not None:
+                drafted = drafted.prefix(min(budget, drafted.valid_length(model.lm_head.out_features)))
+                drafted = sizer.size(drafted, at)
+                proposal = forced.graft(drafted) if forced else drafted
                 if self.constraint is not None:  # a token the grammar forbids ends the draft
                     proposal = self.constraint.cut(proposal)
                 if full and proposal is not None and proposal.resume is not None:  # a copy: the drafter's stays
                     proposal = dataclasses.replace(proposal, resume=None)
         cache.rewind(at + (1 + len(proposal) if proposal and proposal.resume else 0))  # a draft's leftover keys
         self.proposal = proposal
+
+    def _forced(self, room: int) -> Proposal | None:
+        """What the grammar forces next (jump-forward), as a chain draft of at most `room` tokens; None if
+        nothing is forced or there is no grammar."""
+        if self.constraint is None or room <= 0:
+            return None
+        return self.constraint.cut(Proposal.chain(self.constraint.forced()[:room])) or None
 
     def segment(self) -> Segment:
         """The step's forward inputs: [pending] + the proposal's nodes (tree mask, positions by depth)."""

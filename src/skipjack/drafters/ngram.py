@@ -60,6 +60,7 @@ class NGramDrafter(Drafter):
 
     name = "ngram"
     lossless = True
+    model_free = True
     LEARNED = ("table", "pred", "got", "jstats", "lookup")
 
     def __init__(
@@ -112,6 +113,8 @@ class NGramDrafter(Drafter):
 class NGramSession(DraftSession):
     """One request: how far its tokens are counted into the table, its own calibration, the Jacobi guesses
     from its last verify and its prompt lookup session."""
+
+    model_free = True
 
     def __init__(self, drafter: NGramDrafter):
         self.drafter = drafter

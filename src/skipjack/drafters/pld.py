@@ -39,6 +39,7 @@ class PromptLookup(Drafter):
 
     name = "pld"
     lossless = True
+    model_free = True
     LEARNED = ("pooled", "stats")
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, branches: int = 4):
@@ -67,6 +68,8 @@ class PromptLookup(Drafter):
 
 class PromptLookupSession(DraftSession):
     """One request: the index of its n-grams and its calibration (predicted vs realised acceptances)."""
+
+    model_free = True
 
     def __init__(self, drafter: PromptLookup):
         self.drafter = drafter

@@ -4,7 +4,8 @@ Embeddings: each input's last hidden state after the final norm, mean pooled ove
 (`Engine.embed`; llama-server with `--pooling mean`), computed in a worker thread under the engine's lock.
 Responses: text in (a string or a list of messages, plus `instructions`), text out, whole or as SSE events
 (`response.created` ... `response.output_text.delta` ... `response.completed`); decoded by the scheduler's
-jobs, as `/v1/chat/completions` is.
+jobs, as `/v1/chat/completions` is. `text.format` asks for structured output (`json_object`, or
+`json_schema` with its `schema`), decoded under the grammar as `response_format` is.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import Field
 
 from skipjack import engine as engine_mod
+from skipjack.decoding.constraint import Grammar
 from skipjack.decoding.sampling import SamplingParams
 from skipjack.server.errors import ApiError
 from skipjack.server.protocol import Strict
@@ -49,8 +51,23 @@ class InputMessage(Strict):
     content: str | list[InputText]
 
 
+class TextFormat(Strict):
+    """The Responses API's `text.format`: a `json_schema` carries its name, schema and strict flag flat, not nested."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseText(Strict):
+    format: TextFormat | None = None
+
+
 class Responses(Strict):
     input: str | list[InputMessage]
+    text: ResponseText | None = None
     model: str | None = None
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
@@ -155,6 +172,18 @@ def response_messages(body: Responses) -> list[dict]:
     return out
 
 
+def text_format(body: Responses) -> Grammar | None:
+    """The structured output `text.format` asks for; None for free text."""
+    f = body.text.format if body.text is not None else None
+    if f is None or f.type == "text":
+        return None
+    if f.type == "json_object":
+        return Grammar("json_object")
+    if f.schema_ is None:
+        raise ApiError(400, "text.format json_schema needs a schema", "text.format.schema")
+    return Grammar.schema(f.schema_)
+
+
 def _submit(state, settings, e, body: Responses, ids: list[int]) -> Job:
     """One job on the scheduler (the chat path's), every value checked before it is queued."""
     ctx = e.model.config.max_position_embeddings
@@ -171,7 +200,7 @@ def _submit(state, settings, e, body: Responses, ids: list[int]) -> Job:
         max_new_tokens=n or room,
         stop_token_ids=e.tokenizer.stop_ids,
     )
-    req = engine_mod.Request(ids, p, settings.method)
+    req = engine_mod.Request(ids, p, settings.method, grammar=text_format(body))
     spec = e.check(req)
     job = Job(req, spec.spec, asyncio.get_running_loop(), time.monotonic() + settings.timeout)
     try:
