@@ -3,7 +3,9 @@ constrained speculation (with jump-forward drafts) under JSON schemas, on one mo
 
 Each prompt asks for a JSON object and carries the schema it must obey (`PROMPTS`, fixed here: the answers
 are not in the prompts, so prompt lookup has only the schema's keys to copy). Methods alternate prompt by
-prompt; each request is cold (a copy of its method as prepared, in a store of its own); greedy. Reported per
+prompt; each request is cold (a copy of its method as prepared, in a store of its own); greedy. `--warm`
+methods run a second time, as "NAME, warm": one drafter of their own carried from prompt to prompt (what a
+server's shared drafter learns from earlier, different requests; never from the same prompt). Reported per
 method: tokens per second, forward passes per token, the share of outputs identical to constrained plain's
 (must be all: the constrained methods are lossless) and that parse against their schema; the speed ratio to
 constrained plain, and unconstrained plain's speed for the grammar's own cost.
@@ -66,7 +68,7 @@ PROMPTS = [
 ]
 
 
-def run(model: str, methods: list[str], tokens: int) -> dict:
+def run(model: str, methods: list[str], tokens: int, warm: list[str] = ()) -> dict:
     from skipjack.bench.machine import machine_info
     from skipjack.decoding.constraint import Grammar
     from skipjack.decoding.sampling import SamplingParams
@@ -76,17 +78,18 @@ def run(model: str, methods: list[str], tokens: int) -> dict:
     tok = e.tokenizer
     params = SamplingParams(max_new_tokens=tokens, stop_token_ids=tok.stop_ids)
     e.complete(Request(tok.prompt_ids("Hello")[:8], SamplingParams(max_new_tokens=4)))  # warm-up
-    runs = ["free:plain"] + methods
+    runs = ["free:plain"] + methods + [f"{m}, warm" for m in warm]
     # cold: each method has its own store (no method learns from another's runs) and every request starts from
-    # a copy of it as prepared (`fork`), so nothing is learned across prompts either
+    # a copy of it as prepared (`fork`), so nothing is learned across prompts either; warm: one copy carried on
     fresh = {m: e.new_method(m, own_store=True) for m in methods}
+    carried = {f"{m}, warm": e.new_method(m, own_store=True) for m in warm}
     rows = []
     for i, (pid, text, schema) in enumerate(PROMPTS):
         ids, g = tok.prompt_ids(text), Grammar.schema(schema)
         order = runs if i % 2 == 0 else runs[::-1]
         got = {}
         for name in order:
-            method = "plain" if name.startswith("free:") else fresh[name].fork()
+            method = "plain" if name.startswith("free:") else carried[name] if name in carried else fresh[name].fork()
             t = time.perf_counter()
             r = e.complete(Request(ids, params, method, grammar=None if name.startswith("free:") else g))
             got[name] = (r, time.perf_counter() - t)
@@ -129,13 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.structured", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--methods", default="plain,pld,ngram,auto", help="constrained methods (plain first)")
+    ap.add_argument("--warm", default="auto", help="methods also run warm (learning across the prompts)")
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     methods = [m for m in a.methods.split(",") if m]
     if "plain" not in methods:
         methods = ["plain"] + methods
-    res = run(a.model, methods, a.max_new_tokens)
+    res = run(a.model, methods, a.max_new_tokens, [m for m in a.warm.split(",") if m])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "structured.json").write_text(json.dumps(res, indent=1))
