@@ -175,25 +175,45 @@ def test_batch_cost_weighs_each_sequence_by_its_trust_in_its_scores():
     assert bc.choose(props, 100, trust=[1.0, 0.1]) == [1, 0]  # the second's 0.9 is worth 0.09: not a row
 
 
-def test_batch_cost_pauses_drafting_after_passes_that_keep_nothing():
-    """Drafting costs time even when nothing drafted is verified: after n passes in a row at one width that
-    kept no node, that width drafts again only after 2^n - 1 steps (at most MAX_PAUSE); a kept node resets it."""
+def test_batch_cost_pauses_drafting_after_steps_that_lose():
+    """Drafting costs time even when nothing drafted is verified: after n drafting steps in a row at one width
+    that lost, that width drafts again only after 2^n - 1 steps (at most MAX_PAUSE); a win resets it."""
     bc = BatchCost()
     pattern = []
     for _ in range(12):
         go = bc.drafts(3)
         pattern.append(go)
         if go:
-            bc.outcome(3, kept=False, drafted=True)
+            bc.outcome(3, True, kept=False, drafted=True, tokens=3, seconds=0.01)  # drafted, nothing kept
     assert pattern == [True, False, True, False, False, False, True] + [False] * 5
     assert bc.drafts(2)  # another width keeps its own count
-    bc.outcome(3, kept=True, drafted=True)
-    assert bc.drafts(3) and bc.drafts(3)
+    bc.outcome(3, True, kept=True, drafted=True, tokens=5, seconds=0.01)
+    assert bc.idle[3] == (0, 0)
     for _ in range(20):
-        bc.outcome(4, kept=False, drafted=True)
+        bc.outcome(4, True, kept=False, drafted=True, tokens=4, seconds=0.01)
     assert bc.idle[4][1] == BatchCost.MAX_PAUSE
-    bc.outcome(5, kept=False, drafted=False)  # nothing proposed (no drafter): nothing learned
+    bc.outcome(5, True, kept=False, drafted=False, tokens=5, seconds=0.01)  # nothing proposed: nothing learned
     assert bc.drafts(5)
+
+
+def test_drafting_steps_slower_than_plain_ones_lose_even_when_their_drafts_are_verified():
+    """Whole steps are timed with and without drafting (tokens per second, per width): a cost model that
+    underrates the verify rows cannot keep a losing drafter on."""
+    slow, fast = BatchCost(), BatchCost()
+    for bc in (slow, fast):
+        for _ in range(3):
+            bc.outcome(4, False, kept=False, drafted=False, tokens=4, seconds=0.010)  # plain: 400 tok/s
+    for _ in range(3):
+        slow.outcome(4, True, kept=True, drafted=True, tokens=5, seconds=0.020)  # 250 tok/s
+        fast.outcome(4, True, kept=True, drafted=True, tokens=6, seconds=0.012)  # 500 tok/s
+    assert slow.idle[4][0] == 1 and not slow.drafts(4)  # the third drafting step made it count: a loss
+    assert fast.idle.get(4, (0, 0)) == (0, 0) and fast.drafts(4)
+
+
+def test_every_probe_th_step_is_plain_so_the_comparison_stays_fresh():
+    bc = BatchCost()
+    asks = [bc.drafts(6) for _ in range(3 * BatchCost.PROBE)]
+    assert [i + 1 for i, a in enumerate(asks) if not a] == [BatchCost.PROBE * k for k in (1, 2, 3)]
 
 
 def test_a_paused_batch_still_verifies_a_fixed_k_and_gives_plain_tokens(engine):

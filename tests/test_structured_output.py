@@ -158,6 +158,41 @@ def test_real_model_json_schema_parses_and_speculation_is_exact():
     assert outs["auto"].forward_passes < outs["plain"].forward_passes  # jump-forward drafts were accepted
 
 
+LLAMA_CPP_CASES = [  # llama.cpp's tools/server/tests/unit/test_chat_completion.py::test_completion_with_response_format
+    ({"type": "json_object", "schema": {"const": "42"}}, 6, '"42"'),
+    ({"type": "json_object", "schema": {"items": [{"type": "integer"}]}}, 10, "[ -3000 ]"),
+    ({"type": "json_schema", "json_schema": {"schema": {"const": "foooooo"}}}, 10, '"foooooo"'),
+    ({"type": "json_object"}, 10, "(\\{|John)+"),
+    ({"type": "sound"}, 0, None),
+    ({"type": "json_object", "schema": 123}, 0, None),
+    ({"type": "json_object", "schema": {"type": 123}}, 0, None),
+    ({"type": "json_object", "schema": {"type": "hiccup"}}, 0, None),
+]
+
+
+def test_llama_cpp_servers_response_format_cases_on_the_real_model():
+    """llama.cpp's own server test, its cases and checks as written there (a regex search over the content; a
+    400 with an error for the invalid ones), against skipjack serving SmolLM2."""
+    import re
+
+    from skipjack.loading.load import DEFAULT_MODEL
+
+    with running(create_app(Settings(method="auto"), Engine.load(DEFAULT_MODEL))) as u:
+        for fmt, n, pattern in LLAMA_CPP_CASES:
+            msgs = [
+                {"role": "system", "content": "You are a coding assistant."},
+                {"role": "user", "content": "Write an example"},
+            ]
+            body = {"max_tokens": n, "messages": msgs, "response_format": fmt}
+            r = httpx.post(f"{u}/chat/completions", json=body, timeout=120)
+            if pattern is None:
+                assert r.status_code == 400 and "error" in r.json(), (fmt, r.text[:200])
+            else:
+                assert r.status_code == 200, (fmt, r.text[:200])
+                content = r.json()["choices"][0]["message"]["content"]
+                assert re.search(pattern, content, re.DOTALL), (fmt, content)
+
+
 def test_constrained_requests_in_a_batch_give_their_tokens_alone(engine):
     """In the server's batch (verify passes shared, drafts cut by each request's own grammar, some to nothing)
     each constrained request decodes as it does alone."""

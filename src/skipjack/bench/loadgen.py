@@ -203,8 +203,8 @@ def run(a) -> dict:
     if peer is None:
         res["llama_server"] = "not run: neither llama-server nor llama-cpp-python[server] is built (make bench-peers)"
     else:
-        res["llama_server"] = peer[0]
-        servers.append((peer[0], peer[1]))
+        res["peer"] = peer[0]
+        servers.append(peer)
     for label, make in servers:
         port = _port()
         proc, url, name = _serving(make(port), port)

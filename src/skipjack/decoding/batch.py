@@ -12,9 +12,11 @@ alone, then nodes are taken best score first, across sequences, while the expect
 pass, (B + sum of the kept nodes' scores) / t(B, rows), still rises; t is learned from the batch's own timed
 passes, and each score is scaled by its sequence's trust in its drafter's scores (the sizer's: accepted nodes
 over verified nodes' summed scores). So speculation turns down as the batch grows, as far as the measured
-costs say it should. Drafting itself costs time even when the batch then verifies none of it, so after n
-passes in a row at one width that kept no scored node, the batch's sequences skip drafting for 2^n - 1 steps
-(at most `MAX_PAUSE`), then try again. A sequence alone steps exactly as `generate` steps it. Where the
+costs say it should. Drafting itself costs time even when the batch then verifies none of it, and the cost
+model can be wrong, so each width also measures whole steps (draft, pass, verify) in tokens per second, with
+and without drafting: a drafting step that kept nothing, or while drafting steps have been the slower, is a
+loss, and after n losses in a row the batch's sequences skip drafting for 2^n - 1 steps (at most
+`MAX_PAUSE`), then try again. A sequence alone steps exactly as `generate` steps it. Where the
 forward is batch-invariant, a batched sequence's tokens equal its tokens alone (a test checks it); elsewhere (fp32 or
 bf16 dense GEMMs) rounding can differ.
 """
@@ -39,25 +41,41 @@ class BatchCost:
 
     DECAY = 0.1
     KNOTS = (0, *WIDTHS)  # draft rows of a pass, pooled into the smallest knot >= them
-    MAX_PAUSE = 31  # steps without drafting at most, after passes that kept no draft
+    MAX_PAUSE = 31  # steps without drafting at most, after drafting steps that lost
+    PROBE = 32  # every PROBE-th step at a width is a plain one, so the plain rate it is compared with stays fresh
 
     def __init__(self, cost: CostModel | None = None):
         self.cost = cost or CostModel.flat()
         self.seen: dict[tuple[int, int], tuple[float, int]] = {}  # (B, knot) -> (EMA seconds, observations)
-        self.idle: dict[int, tuple[int, int]] = {}  # B -> (passes in a row that kept no draft, steps left paused)
+        self.idle: dict[int, tuple[int, int]] = {}  # B -> (drafting steps in a row that lost, steps left paused)
+        self.rate: dict[tuple[int, bool], tuple[float, int]] = {}  # (B, drafting) -> (EMA tokens/s, steps)
+        self.steps: dict[int, int] = {}  # B -> steps taken at that width
 
     def drafts(self, b: int) -> bool:
-        """Whether a B-wide step drafts (False while paused after passes that kept nothing); counts the step."""
+        """Whether a B-wide step drafts: not while paused after drafting steps that lost, nor on every PROBE-th
+        step (a plain probe); counts the step."""
         misses, wait = self.idle.get(b, (0, 0))
         if wait:
             self.idle[b] = (misses, wait - 1)
-        return not wait
+        self.steps[b] = self.steps.get(b, 0) + 1
+        return not wait and self.steps[b] % self.PROBE != 0
 
-    def outcome(self, b: int, kept: bool, drafted: bool) -> None:
-        """After a B-wide pass: `kept` whether it verified any scored node, `drafted` whether any was proposed."""
-        if kept:
+    def outcome(self, b: int, asked: bool, kept: bool, drafted: bool, tokens: int, seconds: float) -> None:
+        """After a B-wide step (drafting, sizing, the pass, verifying) that emitted `tokens` in `seconds`:
+        `asked` whether its sequences were asked to draft, `drafted` whether any proposed a scored node, `kept`
+        whether the pass verified any. A drafting step loses when it kept nothing, or when drafting steps at this
+        width have been slower than plain ones (tokens per second, EMAs over whole steps); after n losses in a
+        row drafting pauses 2^n - 1 steps, a win ends the run."""
+        old, n = self.rate.get((b, asked), (0.0, 0))
+        r = tokens / seconds if seconds > 0 else old
+        self.rate[(b, asked)] = (old + (self.DECAY if n else 1.0) * (r - old), n + 1)
+        if not asked or not drafted:
+            return
+        plain, draft = self.rate.get((b, False)), self.rate[(b, True)]
+        slower = plain is not None and plain[1] >= 3 and draft[1] >= 3 and draft[0] < plain[0]
+        if kept and not slower:
             self.idle[b] = (0, 0)
-        elif drafted:
+        else:
             misses = self.idle.get(b, (0, 0))[0] + 1
             self.idle[b] = (misses, min(self.MAX_PAUSE, 2**misses - 1))
 
@@ -144,7 +162,7 @@ class Batch:
     def _together(self, live: list[Sequence]) -> list[tuple[Sequence, Step]]:
         """One pass over several sequences: draft (unless paused), size across them, verify each."""
         b, cap = len(live), max(0, self.rows // len(live) - 1)
-        go = self.cost.drafts(b)
+        start, go = time.perf_counter(), self.cost.drafts(b)
         for s in live:
             s.draft(cap, full=True, propose=go or s.sizer.fixed)
         context = sum(s.at for s in live) // b
@@ -154,10 +172,13 @@ class Batch:
         for s, n in zip(live, self.cost.choose([s.proposal for s in live], context, fixed, trust)):
             if s.proposal is not None:
                 s.proposal = s.proposal.prefix(n)
+        kept = any(sc and bool(s.proposal) for s, sc in zip(live, scored))
         segs = [s.segment() for s in live]
         want = {i for s in live if s.proposal is not None for i in s.proposal.want}
         t = time.perf_counter()
         outs = self.model.forward_batch(segs, want)
         self.cost.observe(b, sum(len(s.proposal or ()) for s in live), time.perf_counter() - t)
-        self.cost.outcome(b, any(sc and bool(s.proposal) for s, sc in zip(live, scored)), any(scored))
-        return [(s, s.settle(o, None)) for s, o in zip(live, outs)]
+        out = [(s, s.settle(o, None)) for s, o in zip(live, outs)]
+        tokens = sum(len(st.tokens) for _, st in out)
+        self.cost.outcome(b, go, kept, any(scored), tokens, time.perf_counter() - start)
+        return out

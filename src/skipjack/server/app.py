@@ -145,6 +145,7 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         return PlainTextResponse(state.metrics.text(name), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
+    @app.get("/models", include_in_schema=False)
     async def models():
         e = need_engine()
         card = {
@@ -184,6 +185,7 @@ def _generation(app: FastAPI, settings: Settings, need_engine) -> None:
     state = app.state
 
     @app.post("/v1/completions")
+    @app.post("/completions", include_in_schema=False)  # llama-server answers without /v1 too
     async def completions(body: P.Completion, request: Request):
         e = need_engine()
         served(settings, e, body.model)
@@ -197,6 +199,7 @@ def _generation(app: FastAPI, settings: Settings, need_engine) -> None:
         return await _serve(request, body, e, ids, body.logprobs, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
+    @app.post("/chat/completions", include_in_schema=False)  # llama-server answers without /v1 too
     async def chat(body: P.Chat, request: Request):
         e = need_engine()
         served(settings, e, body.model)

@@ -52,10 +52,12 @@ class JsonSchemaFormat(Strict):
 
 
 class ResponseFormat(Strict):
-    """OpenAI's `response_format`: free text, any JSON object, or JSON obeying a schema."""
+    """OpenAI's `response_format`: free text, any JSON object, or JSON obeying a schema; llama-server's
+    extension: `{"type": "json_object", "schema": ...}` constrains to that schema."""
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+    schema_: dict | bool | None = Field(default=None, alias="schema")
 
 
 class Sampling(Strict):
@@ -247,7 +249,7 @@ def grammar(body: Sampling) -> Grammar | None:
     if len(sent) > 1:
         raise SkipjackError("send one of response_format, json_schema and grammar")
     if rf is not None and rf.type == "json_object":
-        return Grammar("json_object")
+        return Grammar("json_object") if rf.schema_ is None else Grammar.schema(rf.schema_)
     if rf is not None:
         if rf.json_schema is None or rf.json_schema.schema_ is None:
             raise SkipjackError("response_format json_schema needs json_schema.schema")
