@@ -230,7 +230,8 @@ def loadgen_section(folder: Path, docs: Path) -> str:
         f"streamed; each server a fresh process (no shared cache or drafter); aiperf niced, one worker. "
         f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, ISA {m.get('isa', '?')}. Two chat turns: a context of "
         f"{res['context']} tokens of each conversation's own, then a question; turn 2 sends the history and a new "
-        "question.\n\n"
+        f"question. Peer: {res.get('peer') or res.get('llama_server', '?')} (llama-server: llama.cpp's own, built by "
+        "`make bench-peers` from the llama.cpp llama-cpp-python vendors, one slot per stream).\n\n"
     )
     return md + table(res) + "\nRaw data: `docs/bench/loadgen.json`.\n"
 
@@ -243,7 +244,8 @@ def structured_section(folder: Path, docs: Path) -> str:
     md = "## Structured output: JSON schemas, jump-forward and speculation (separate run)\n\n"
     md += (
         f"`python -m skipjack.bench.structured --model {res['model']}`: greedy, at most {res['tokens']} tokens, "
-        "one JSON schema per prompt; cold (each method's drafter fresh for every prompt). free:plain is "
+        'one JSON schema per prompt; cold (each method\'s drafter fresh for every prompt), and "NAME, warm": one '
+        "drafter carried from prompt to prompt (learned from earlier, different prompts). free:plain is "
         f"unconstrained. {m.get('cpu', '?')}, {m.get('cores', '?')} cores.\n\n"
         "| method | tok/s | × constrained plain | passes/token | identical to constrained plain | parses |\n"
         "|---|---:|---:|---:|---:|---:|\n"
