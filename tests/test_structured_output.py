@@ -191,6 +191,13 @@ def test_llama_cpp_servers_response_format_cases_on_the_real_model():
                 assert r.status_code == 200, (fmt, r.text[:200])
                 content = r.json()["choices"][0]["message"]["content"]
                 assert re.search(pattern, content, re.DOTALL), (fmt, content)
+        # as llama-server, the OpenAI routes answer without /v1 too (and stay out of the schema)
+        assert httpx.get(f"{u}/models").json()["data"][0]["id"] == DEFAULT_MODEL
+        done = httpx.post(f"{u}/completions", json={"prompt": "1, 2, 3,", "max_tokens": 2}, timeout=60)
+        assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 2
+        assert len(httpx.post(f"{u}/embeddings", json={"input": "x"}).json()["data"][0]["embedding"]) > 0
+        paths = httpx.get(f"{u}/openapi.json").json()["paths"]
+        assert "/v1/chat/completions" in paths and "/chat/completions" not in paths
 
 
 def test_constrained_requests_in_a_batch_give_their_tokens_alone(engine):

@@ -131,18 +131,11 @@ def write_benchmarks_md(
         md += "\n\nRaw data: `docs/bench/quality.json`.\n"
     if layers:
         md += "\n" + layer_probe_section(Path(layers), docs, [results, *(r for _, r in extras)])
-    if stepcost:
-        md += "\n" + stepcost_section(Path(stepcost), docs)
-    if loadgen:
-        md += "\n" + loadgen_section(Path(loadgen), docs)
-    if serve:
-        md += "\n" + serve_section(Path(serve), docs)
-    if structured:
-        md += "\n" + structured_section(Path(structured), docs)
-    if evals:
-        md += "\n" + eval_section(Path(evals), docs)
-    if longctx:
-        md += "\n" + longctx_section(Path(longctx), docs)
+    sections = [(stepcost, stepcost_section), (loadgen, loadgen_section), (serve, serve_section)]
+    sections += [(structured, structured_section), (evals, eval_section), (longctx, longctx_section)]
+    for folder, section in sections:
+        if folder:
+            md += "\n" + section(Path(folder), docs)
     if note_text:
         md += "\n" + note_text.rstrip()
     target.write_text(md + "\n")

@@ -145,7 +145,6 @@ def _routes(app: FastAPI, settings: Settings) -> None:
         return PlainTextResponse(state.metrics.text(name), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    @app.get("/models", include_in_schema=False)
     async def models():
         e = need_engine()
         card = {
@@ -179,13 +178,23 @@ def _routes(app: FastAPI, settings: Settings) -> None:
 
     register_extra(app, settings, need_engine)  # /v1/embeddings, /v1/responses
     _generation(app, settings, need_engine)
+    _unversioned(app)
+
+
+UNVERSIONED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
+
+
+def _unversioned(app: FastAPI) -> None:
+    """llama-server answers these without the /v1 prefix too: the same handlers, left out of the schema."""
+    for route in list(app.routes):
+        if getattr(route, "path", None) in UNVERSIONED:
+            app.add_api_route(route.path[3:], route.endpoint, methods=list(route.methods), include_in_schema=False)
 
 
 def _generation(app: FastAPI, settings: Settings, need_engine) -> None:
     state = app.state
 
     @app.post("/v1/completions")
-    @app.post("/completions", include_in_schema=False)  # llama-server answers without /v1 too
     async def completions(body: P.Completion, request: Request):
         e = need_engine()
         served(settings, e, body.model)
@@ -199,7 +208,6 @@ def _generation(app: FastAPI, settings: Settings, need_engine) -> None:
         return await _serve(request, body, e, ids, body.logprobs, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
-    @app.post("/chat/completions", include_in_schema=False)  # llama-server answers without /v1 too
     async def chat(body: P.Chat, request: Request):
         e = need_engine()
         served(settings, e, body.model)

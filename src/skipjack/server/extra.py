@@ -96,7 +96,6 @@ def register(app: FastAPI, settings, need_engine) -> None:
         }
 
     @app.post("/v1/embeddings")
-    @app.post("/embeddings", include_in_schema=False)
     async def embeddings(body: Embeddings):
         e = need_engine()
         if state.scheduler is not None and state.scheduler.draining:
