@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_model
 
-from skipjack.bench import loadgen
+from skipjack.bench import loadgen, serve
 
 FAKE = r"""#!{python}
 import json, os, sys
@@ -166,7 +166,7 @@ def test_benchmarks_md_sections_for_the_load_generator_and_structured_output(tmp
 def test_the_peer_is_llama_cpps_own_server_with_a_slot_per_stream_when_built(tmp_path, monkeypatch):
     monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path))
     (tmp_path / "llama-server").write_text("#!/bin/sh\n")
-    label, make = loadgen._peer(tmp_path / "m.gguf", 16)
+    label, make = serve.peer(tmp_path / "m.gguf", 16)
     cmd = make(8080)
     assert label == "llama-server" and cmd[0] == str(tmp_path / "llama-server")
     assert cmd[cmd.index("-np") + 1] == "16" and cmd[cmd.index("-c") + 1] == str(16 * 1024)

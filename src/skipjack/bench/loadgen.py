@@ -34,7 +34,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from skipjack.bench.serve import LEVELS, _llama_server, _port, _start
+from skipjack.bench.serve import LEVELS, _port, _start, peer, serve_command
 from skipjack.errors import SkipjackError, run_command
 
 AIPERF = "aiperf==0.13.0"  # what `make bench-serve` installs in .venv-aiperf
@@ -110,53 +110,7 @@ def aiperf(a, url: str, name: str, out: Path, clients: int, requests: int, turns
 
 
 def _skipjack(a, port: int, method: str, cache_mb: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "skipjack.cli",
-        "serve",
-        "--model",
-        a.model,
-        "--port",
-        str(port),
-        "--method",
-        method,
-        "--max-batch",
-        str(max(a.levels)),
-        "--max-queue",
-        "256",
-        "--prefix-cache-mb",
-        str(cache_mb),
-    ]
-
-
-def _peer(gguf: Path, streams: int):
-    """(label, port -> command) of llama.cpp's server on the GGUF: its own llama-server where `make bench-peers`
-    built it (one slot per stream, 1024 tokens each), else `llama_cpp.server`; None if neither is there."""
-    from skipjack import store
-
-    exe = store.home() / "llama-server"
-    if exe.exists():
-        threads = str(os.cpu_count() or 1)
-        return "llama-server", lambda p: [
-            str(exe),
-            "-m",
-            str(gguf),
-            "--port",
-            str(p),
-            "--alias",
-            gguf.stem,
-            "-np",
-            str(streams),
-            "-c",
-            str(1024 * streams),
-            "-t",
-            threads,
-            "-cb",
-        ]
-    if _llama_server(gguf, 0, 4096, streams) is None:
-        return None
-    return "llama_cpp.server", lambda p: _llama_server(gguf, p, 4096, streams)
+    return serve_command(a.model, port, max(a.levels), "--method", method, "--prefix-cache-mb", str(cache_mb))
 
 
 def _serving(cmd: list[str], port: int) -> tuple[subprocess.Popen, str, str]:
@@ -199,12 +153,12 @@ def run(a) -> dict:
     }
     gguf = fetch_named(a.model) if a.model in NAMED else Path(a.model)
     servers = [(f"skipjack {m}", lambda p, m=m: _skipjack(a, p, m, 0)) for m in a.methods]
-    peer = _peer(gguf, max(a.levels)) if gguf.suffix == ".gguf" else None
-    if peer is None:
+    found = peer(gguf, max(a.levels)) if gguf.suffix == ".gguf" else None
+    if found is None:
         res["llama_server"] = "not run: neither llama-server nor llama-cpp-python[server] is built (make bench-peers)"
     else:
-        res["peer"] = peer[0]
-        servers.append(peer)
+        res["peer"] = found[0]
+        servers.append(found)
     for label, make in servers:
         port = _port()
         proc, url, name = _serving(make(port), port)

@@ -1,9 +1,11 @@
-"""`python -m skipjack.bench.serve`: the server under load. Starts `skipjack serve` on a model (and, where
-llama-cpp-python is installed, llama-server through `llama_cpp.server` on the same GGUF), then at each
-concurrency C sends the quick suite's prompts from C clients at once (streaming, greedy, fixed new tokens) and
-measures aggregate generated tokens per second and, per request, time to first token and inter-token latency
-((last chunk - first chunk) / (tokens - 1)); p50 / p95 over the requests. Plain batching and speculative
-batching (each request's `speculative.method`) run against the same server; llama-server runs plain.
+"""`python -m skipjack.bench.serve`: the server under load, with our own light client. Starts `skipjack serve` on a
+model (and llama.cpp's server on the same GGUF: its own llama-server where `make bench-peers` built it, else
+llama-cpp-python's `llama_cpp.server`), then at each concurrency C sends the quick suite's prompts from C
+clients at once (streaming, greedy, fixed new tokens) and measures aggregate generated tokens per second and,
+per request, time to first token and inter-token latency ((last chunk - first chunk) / (tokens - 1)); p50 /
+p95 over the requests. One skipjack server (plain by default, its prefix cache off so no method finds another's
+prompts computed) serves every method: the speculative ones through each request's `speculative.method`.
+`make bench-serve` also runs `skipjack.bench.loadgen`, the same measured by aiperf with a server per method.
 
 Output: `serve.json` and `serve.png` under --out. Timing depends on the machine: compare ratios within a run.
 """
@@ -165,6 +167,12 @@ def _start(cmd: list[str], port: int) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+def serve_command(model: str, port: int, max_batch: int, *extra: str) -> list[str]:
+    """`skipjack serve` on `model` at `port` in a child process, `max_batch` requests decoded together."""
+    cmd = [sys.executable, "-m", "skipjack.cli", "serve", "--model", model, "--port", str(port)]
+    return cmd + ["--max-batch", str(max_batch), "--max-queue", "256", *extra]
+
+
 def _llama_server(gguf: Path, port: int, n_ctx: int, parallel: int) -> list[str] | None:
     try:
         import llama_cpp.server  # noqa: F401
@@ -187,6 +195,35 @@ def _llama_server(gguf: Path, port: int, n_ctx: int, parallel: int) -> list[str]
     ]
 
 
+def peer(gguf: Path, streams: int):
+    """(label, port -> command) of llama.cpp's server on the GGUF: its own llama-server where `make bench-peers`
+    built it (one slot per stream, 1024 tokens each), else `llama_cpp.server`; None if neither is there."""
+    from skipjack import store
+
+    exe = store.home() / "llama-server"
+    if exe.exists():
+        threads = str(os.cpu_count() or 1)
+        return "llama-server", lambda p: [
+            str(exe),
+            "-m",
+            str(gguf),
+            "--port",
+            str(p),
+            "--alias",
+            gguf.stem,
+            "-np",
+            str(streams),
+            "-c",
+            str(1024 * streams),
+            "-t",
+            threads,
+            "-cb",
+        ]
+    if _llama_server(gguf, 0, 4096, streams) is None:
+        return None
+    return "llama_cpp.server", lambda p: _llama_server(gguf, p, 4096, streams)
+
+
 def run(a) -> dict:
     from skipjack.bench.machine import machine_info
     from skipjack.bench.suite import load_suite
@@ -204,20 +241,9 @@ def run(a) -> dict:
     if a.agreement:
         out["agreement"] = agreement(a.model, prompts, a.agreement.split(","), a.max_new_tokens)
     port = _port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "skipjack.cli",
-        "serve",
-        "--model",
-        a.model,
-        "--port",
-        str(port),
-        "--max-batch",
-        str(max(levels)),
-        "--max-queue",
-        "256",
-    ]
+    # one server for every method, plain by default (the others are asked per request); the prefix cache off,
+    # so no method finds another's prompts computed
+    cmd = serve_command(a.model, port, max(levels), "--method", "plain", "--prefix-cache-mb", "0")
     proc, url = _start(cmd, port)
     try:
         _one(url, prompts[0], 8, None)  # warm-up
@@ -230,16 +256,17 @@ def run(a) -> dict:
         proc.terminate()
         proc.wait(60)
     gguf = fetch_named(a.model) if a.model in NAMED else Path(a.model)
-    peer = _llama_server(gguf, port := _port(), 2048, max(levels)) if gguf.suffix == ".gguf" else None
-    if peer is None:
-        out["llama_server"] = "not run: llama-cpp-python[server] is not installed (make bench-peers)"
+    found = peer(gguf, max(levels)) if gguf.suffix == ".gguf" else None
+    if found is None:
+        out["llama_server"] = "not run: neither llama-server nor llama-cpp-python[server] is built (make bench-peers)"
     else:
-        proc, url = _start(peer, port)
+        out["peer"], port = found[0], _port()
+        proc, url = _start(found[1](port), port)
         try:
             _one(url, prompts[0], 8, None)
             for c in levels:
                 r = level(url, prompts, c, a.max_new_tokens, None)
-                out["runs"].append({"server": "llama-server", "method": "plain"} | r)
+                out["runs"].append({"server": found[0], "method": "plain"} | r)
                 print(json.dumps(out["runs"][-1]), file=sys.stderr)
         finally:
             proc.terminate()
