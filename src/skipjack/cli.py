@@ -221,6 +221,7 @@ TOOLS = {
     "quantize": "layer-wise quantization: q8 for the important layers, q4 for the rest",
     "eval": "a method's quality against the exact model: perplexity, agreement, a task",
     "bench": "benchmark methods and peers on a prompt suite",
+    "inspect": "what each layer says: the logit lens, and the FFN neurons that promote a token",
 }
 
 
@@ -243,6 +244,10 @@ def _tool(name: str):
         from skipjack.evaluation import harness
 
         return harness.add_arguments, harness.command
+    if name == "inspect":
+        from skipjack.tools import lens
+
+        return lens.add_arguments, lens.command
     from skipjack.bench import runner
 
     return runner.add_arguments, cmd_bench

@@ -28,6 +28,7 @@ from skipjack.drafters.early_exit import EarlyExit
 from skipjack.drafters.swift import Swift, value
 from skipjack.engine import Engine
 from skipjack.errors import SkipjackError
+from skipjack.tools import lens
 from skipjack.vocab import local_text
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
@@ -55,7 +56,7 @@ def probe_text(model, ids: list[int], swift: Swift) -> dict:
     L = model.num_layers
     cache = model.make_cache(len(ids) + 8)
     out = model(torch.tensor([ids]), cache, trace=True, return_hidden=range(L), logits="none")
-    truth = model.head(out.last_hidden).argmax(-1)[0]  # [T]
+    final = model.head(out.last_hidden)[0]  # [T, V]
     cos = {
         "attn": [float(out.trace[i][0].mean()) for i in range(L)],
         "ffn": [float(out.trace[i][1].mean()) for i in range(L)],
@@ -64,7 +65,7 @@ def probe_text(model, ids: list[int], swift: Swift) -> dict:
     layer_cos = [
         float(torch.nn.functional.cosine_similarity(before[i], out.hidden[i], dim=-1).mean()) for i in range(L)
     ]
-    shadow = [float((model.head(out.hidden[i]).argmax(-1)[0] == truth).float().mean()) for i in range(L)]
+    shadow = lens.agreement(lens.views(model, out.hidden, final, 1), final.argmax(-1).tolist())  # the logit lens
     ctx = DraftContext(ids + [ids[-1]], 8, model, cache)
     if swift.times is None:
         swift.timing(ctx)
