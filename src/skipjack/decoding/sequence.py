@@ -95,6 +95,8 @@ class Sequence:
             sizer = NoDraft()
         elif sizer is None:
             sizer = CostSizer(CostModel.flat())
+        if strategy is not None and strategy.repetition_penalty != 1.0 and params.repetition_penalty == 1.0:
+            params = dataclasses.replace(params, repetition_penalty=strategy.repetition_penalty)  # DoLa's
         self.model, self.params, self.drafter, self.sizer, self.session = model, params, drafter, sizer, session
         self.strategy, self.planned, self.prompt, self.closed = strategy, plan, list(prompt), False
         if session is not None:

@@ -1,14 +1,16 @@
-"""Lossy per-layer strategies, by method name (`--method ffn-skip`, `layer-skip:ratio=0.25`, `skipdecode`).
+"""Lossy per-layer strategies, by method name (`--method ffn-skip`, `layer-skip:ratio=0.25`, `skipdecode`,
+`dola:layers=high`).
 Each is one file behind `skipjack.strategies.base.Strategy`; the method registry (`skipjack.drafters`) makes
 them from a spec like a drafter."""
 
 from __future__ import annotations
 
 from skipjack.strategies.base import Strategy
+from skipjack.strategies.dola import DoLa
 from skipjack.strategies.ffn_skip import FFNSkip
 from skipjack.strategies.layer_skip import LayerSkip
 from skipjack.strategies.skipdecode import SkipDecode
 
-STRATEGIES = {"ffn-skip": FFNSkip, "layer-skip": LayerSkip, "skipdecode": SkipDecode}
+STRATEGIES = {"ffn-skip": FFNSkip, "layer-skip": LayerSkip, "skipdecode": SkipDecode, "dola": DoLa}
 
-__all__ = ["STRATEGIES", "FFNSkip", "LayerSkip", "SkipDecode", "Strategy"]
+__all__ = ["STRATEGIES", "DoLa", "FFNSkip", "LayerSkip", "SkipDecode", "Strategy"]

@@ -19,6 +19,7 @@ from skipjack.errors import SkipjackError
 class Strategy:
     name = "strategy"
     lossless = False
+    repetition_penalty = 1.0  # what a request that leaves its own at 1 decodes with (DoLa's paper pairs it with 1.2)
 
     def begin(self, model, prompt_len: int, max_new: int) -> None:
         """A request starts: `prompt_len` tokens are cached; at most `max_new` will be generated."""
