@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -52,16 +53,21 @@ def fake_aiperf(tmp_path, monkeypatch) -> tuple[Path, Path]:
     return exe, tmp_path / "args.json"
 
 
-def test_the_tokenizer_in_an_hf_cache_layout_loads_offline_and_tokenizes_as_ours(tiny, tmp_path, monkeypatch):
-    from transformers import AutoTokenizer
-
+def test_the_tokenizer_in_an_hf_cache_layout_loads_offline_and_tokenizes_as_ours(tiny, tmp_path):
+    """In a fresh process, as aiperf loads it: HF_HOME pointing at the layout, the hub offline."""
     from skipjack.loading.load import load
 
     repo = loadgen.hf_cache(str(tiny), tmp_path / "hf")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hf = AutoTokenizer.from_pretrained(repo, cache_dir=tmp_path / "hf" / "hub")
     text = "The quick brown fox jumps over the lazy dog, twice."
-    assert hf.encode(text, add_special_tokens=False) == load(str(tiny)).tokenizer.encode(text, False)
+    code = (
+        "import json, sys; from transformers import AutoTokenizer; "
+        f"t = AutoTokenizer.from_pretrained({repo!r}); "
+        "print(json.dumps(t.encode(sys.argv[1], add_special_tokens=False)))"
+    )
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code, text], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert json.loads(r.stdout) == load(str(tiny)).tokenizer.encode(text, False)
 
 
 def test_a_run_asks_aiperf_for_the_workload_and_reads_its_exports(fake_aiperf, tmp_path):

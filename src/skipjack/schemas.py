@@ -336,3 +336,33 @@ class PromptLine(Open):
         if not any(m["content"].strip() for m in msgs):
             raise ValueError("the prompt is empty")
         return d | {"source": str(d.get("source", ""))}
+
+
+class AiperfMetric(Open):
+    """One metric of aiperf's exports: a unit and statistics (avg, p50, p95, ...), or one record's value."""
+
+    unit: str | None = None
+    avg: float | None = None
+    p50: float | None = None
+    p95: float | None = None
+    value: float | None = None
+
+
+class AiperfSummary(Open):
+    """aiperf's `profile_export_aiperf.json` (`bench.loadgen`): its metrics by name (other keys are kept)."""
+
+    def metric(self, name: str) -> AiperfMetric:
+        raw = (self.model_extra or {}).get(name)
+        return parse(f"aiperf metric {name}", raw, AiperfMetric) if isinstance(raw, dict) else AiperfMetric()
+
+
+class AiperfRecordMeta(Open):
+    turn_index: Count = 0
+    benchmark_phase: str = "profiling"
+
+
+class AiperfRecord(Open):
+    """One line of aiperf's `profile_export.jsonl`: a request's metadata and metrics."""
+
+    metadata: AiperfRecordMeta
+    metrics: dict[str, AiperfMetric] = {}

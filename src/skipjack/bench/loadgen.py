@@ -34,6 +34,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from skipjack import schemas
 from skipjack.bench.serve import LEVELS, _port, _start, peer, serve_command
 from skipjack.errors import SkipjackError, run_command
 
@@ -58,9 +59,9 @@ def hf_cache(model: str, home: Path) -> str:
     return repo
 
 
-def _metric(d: dict, key: str, stat: str) -> float | None:
-    v = d.get(key) or {}
-    return v.get(stat)
+def _metric(d, key: str, stat: str) -> float | None:
+    """A statistic of aiperf's summary (`schemas.AiperfSummary`); None where it has none."""
+    return getattr(d.metric(key), stat)
 
 
 def aiperf(a, url: str, name: str, out: Path, clients: int, requests: int, turns: int = 1, quiet=True) -> dict:
@@ -86,15 +87,15 @@ def aiperf(a, url: str, name: str, out: Path, clients: int, requests: int, turns
     summary = out / "profile_export_aiperf.json"
     if p.returncode != 0 or not summary.exists():
         raise SkipjackError(f"aiperf failed ({p.returncode}): {(p.stderr or p.stdout)[-400:]}")
-    d = json.loads(summary.read_text())
+    d = schemas.read_json("aiperf's summary", summary, schemas.AiperfSummary)
     if _metric(d, "request_error_rate", "avg"):
-        raise SkipjackError(f"aiperf saw failed requests against {url}: {d.get('error_summary')}")
+        raise SkipjackError(f"aiperf saw failed requests against {url}: {(d.model_extra or {}).get('error_summary')}")
     by_turn: dict[int, list[float]] = {}
-    for line in (out / "profile_export.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        ttft = (r.get("metrics") or {}).get("time_to_first_token")
-        if ttft and r["metadata"].get("benchmark_phase") == "profiling":
-            by_turn.setdefault(r["metadata"]["turn_index"], []).append(ttft["value"])
+    for i, line in enumerate((out / "profile_export.jsonl").read_text().splitlines()):
+        r = schemas.loads(f"aiperf's record {i + 1}", line, schemas.AiperfRecord)
+        ttft = r.metrics.get("time_to_first_token")
+        if ttft is not None and ttft.value is not None and r.metadata.benchmark_phase == "profiling":
+            by_turn.setdefault(r.metadata.turn_index, []).append(ttft.value)
     return {
         "clients": clients,
         "requests": int(_metric(d, "completed_request_count", "avg") or 0),
