@@ -5,8 +5,6 @@ products, the layer probe reads its early-exit agreement from the lens, and the 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -63,19 +61,23 @@ def test_neurons_are_ranked_by_their_hand_computed_scores(model):
         lens.neurons(model, 10**6)
 
 
-def _inspect(folder, *args):
-    cmd = [sys.executable, "-m", "skipjack.cli", "inspect", "--model", str(folder), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+def _inspect(capsys, folder, *args):
+    """`skipjack inspect` in this process: (exit status, stdout, stderr)."""
+    from skipjack.cli import main
+
+    code = main(["inspect", "--model", str(folder), *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_the_command_prints_text_json_and_a_heat_map(tiny_folder, tmp_path):
-    r = _inspect(tiny_folder, "hello there world", "--token", "7", "--neurons", "3")
-    assert r.returncode == 0, r.stderr
-    assert "layer | rank" in r.stdout and "FFN neurons that most promote" in r.stdout
+def test_the_command_prints_text_json_and_a_heat_map(tiny_folder, tmp_path, capsys):
+    code, out, err = _inspect(capsys, tiny_folder, "hello there world", "--token", "7", "--neurons", "3")
+    assert code == 0, err
+    assert "layer | rank" in out and "FFN neurons that most promote" in out
     png = tmp_path / "lens.png"
-    r = _inspect(tiny_folder, "hello there world", "--json", "--png", str(png), "--top", "2")
-    assert r.returncode == 0, r.stderr
-    d = json.loads(r.stdout)
+    code, out, err = _inspect(capsys, tiny_folder, "hello there world", "--json", "--png", str(png), "--top", "2")
+    assert code == 0, err
+    d = json.loads(out)
     assert len(d["layers"]) == 2 and len(d["layers"][0]["top"]) == 2 and d["pieces"] and d["neurons"] == []
     assert d["layers"][-1]["answer_rank"] == [0] * len(d["tokens"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -92,6 +94,6 @@ def test_the_command_prints_text_json_and_a_heat_map(tiny_folder, tmp_path):
         (["x", "--png", "/nonexistent/dir/a.png"], "/nonexistent/dir/a.png"),
     ],
 )
-def test_bad_options_are_one_line_errors(tiny_folder, args, says):
-    r = _inspect(tiny_folder, *args)
-    assert r.returncode == 2 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+def test_bad_options_are_one_line_errors(tiny_folder, args, says, capsys):
+    code, _, err = _inspect(capsys, tiny_folder, *args)
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
