@@ -195,9 +195,9 @@ def _llama_server(gguf: Path, port: int, n_ctx: int, parallel: int) -> list[str]
     ]
 
 
-def peer(gguf: Path, streams: int):
+def peer(gguf: Path, streams: int, slot: int = 1024):
     """(label, port -> command) of llama.cpp's server on the GGUF: its own llama-server where `make bench-peers`
-    built it (one slot per stream, 1024 tokens each), else `llama_cpp.server`; None if neither is there."""
+    built it (one slot per stream, `slot` tokens each), else `llama_cpp.server`; None if neither is there."""
     from skipjack import store
 
     exe = store.home() / "llama-server"
@@ -214,7 +214,7 @@ def peer(gguf: Path, streams: int):
             "-np",
             str(streams),
             "-c",
-            str(1024 * streams),
+            str(slot * streams),
             "-t",
             threads,
             "-cb",
@@ -256,7 +256,7 @@ def run(a) -> dict:
         proc.terminate()
         proc.wait(60)
     gguf = fetch_named(a.model) if a.model in NAMED else Path(a.model)
-    found = peer(gguf, max(levels)) if gguf.suffix == ".gguf" else None
+    found = peer(gguf, max(levels), 4096) if gguf.suffix == ".gguf" else None  # a slot holds the suite's longest
     if found is None:
         out["llama_server"] = "not run: neither llama-server nor llama-cpp-python[server] is built (make bench-peers)"
     else:
