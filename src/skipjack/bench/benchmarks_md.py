@@ -195,7 +195,8 @@ def serve_section(folder: Path, docs: Path) -> str:
         f"`python -m skipjack.bench.serve --model {res['model']} --out DIR`: {res['suite']} suite's prompts, "
         f"{res['tokens']} new tokens each, greedy, streamed; {m.get('cpu', '?')}, {m.get('cores', '?')} cores. "
         "× alone: aggregate throughput over the same server and method with one client. llama-server: "
-        f"{res.get('llama_server', 'llama_cpp.server on the same GGUF')}.\n\n"
+        f"{res.get('llama_server') or res.get('peer', 'llama_cpp.server')} on the same GGUF (llama-server: llama.cpp's "
+        "own, one slot per client; the skipjack server runs plain by default with its prefix cache off).\n\n"
     )
     md += table(res) + "\n![serve](docs/bench/serve.png)\n"
     if res.get("agreement"):
