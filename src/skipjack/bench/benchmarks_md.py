@@ -182,12 +182,18 @@ def stepcost_section(folder: Path, docs: Path) -> str:
     return md + "\nRaw data: `docs/bench/stepcost.json`.\n"
 
 
+def _raw(folder: Path, name: str, what: str, docs: Path) -> dict:
+    """A separate run's JSON results `folder/name`, read, and copied to docs/bench/ beside BENCHMARKS.md."""
+    res = json.loads(_read_text(folder / name, what))
+    shutil.copyfile(folder / name, docs / name)
+    return res
+
+
 def serve_section(folder: Path, docs: Path) -> str:
     """The server under load (`python -m skipjack.bench.serve --out folder`): its table and plot."""
     from skipjack.bench.serve import agreement_table, table
 
-    res = json.loads(_read_text(folder / "serve.json", "serve results "))
-    shutil.copyfile(folder / "serve.json", docs / "serve.json")
+    res = _raw(folder, "serve.json", "serve results ", docs)
     shutil.copyfile(folder / "serve.png", docs / "serve.png")
     m = res["machine"]
     md = "## The server under load (separate run)\n\n"
@@ -214,8 +220,7 @@ def loadgen_section(folder: Path, docs: Path) -> str:
     """The server under load measured by aiperf (`python -m skipjack.bench.loadgen --out folder`)."""
     from skipjack.bench.loadgen import table
 
-    res = json.loads(_read_text(folder / "loadgen.json", "load generator results "))
-    shutil.copyfile(folder / "loadgen.json", docs / "loadgen.json")
+    res = _raw(folder, "loadgen.json", "load generator results ", docs)
     m = res["machine"]
     md = "## The server under load, measured by aiperf (separate run)\n\n"
     md += (
@@ -232,8 +237,9 @@ def loadgen_section(folder: Path, docs: Path) -> str:
 
 def structured_section(folder: Path, docs: Path) -> str:
     """Constrained decoding's speed (`python -m skipjack.bench.structured --out folder`)."""
-    res = json.loads(_read_text(folder / "structured.json", "structured output results "))
-    shutil.copyfile(folder / "structured.json", docs / "structured.json")
+    from skipjack.bench.structured import table
+
+    res = _raw(folder, "structured.json", "structured output results ", docs)
     m = res["machine"]
     md = "## Structured output: JSON schemas, jump-forward and speculation (separate run)\n\n"
     md += (
@@ -241,15 +247,8 @@ def structured_section(folder: Path, docs: Path) -> str:
         'one JSON schema per prompt; cold (each method\'s drafter fresh for every prompt), and "NAME, warm": one '
         "drafter carried from prompt to prompt (learned from earlier, different prompts). free:plain is "
         f"unconstrained. {m.get('cpu', '?')}, {m.get('cores', '?')} cores.\n\n"
-        "| method | tok/s | × constrained plain | passes/token | identical to constrained plain | parses |\n"
-        "|---|---:|---:|---:|---:|---:|\n"
     )
-    for name, x in res["summary"].items():
-        same = "-" if name.startswith("free:") else f"{x['identical']}/{x['prompts']}"
-        md += (
-            f"| {name} | {x['tok_s']:.1f} | {x['x_constrained_plain']:.2f} | {x['passes_per_token']:.2f} | {same} | "
-            f"{x['parses']}/{x['prompts']} |\n"
-        )
+    md += table(res)
     return md + "\nRaw data: `docs/bench/structured.json`.\n"
 
 

@@ -128,6 +128,19 @@ def run(model: str, methods: list[str], tokens: int, warm: list[str] = ()) -> di
     return {"model": model, "tokens": tokens, "machine": machine_info(0.0), "summary": summary, "rows": rows}
 
 
+def table(res: dict) -> str:
+    """The summary as markdown: speed, its ratio to constrained plain, passes per token, identity, parsing."""
+    md = "| method | tok/s | × constrained plain | passes/token | identical to constrained plain | parses |\n"
+    md += "|---|---:|---:|---:|---:|---:|\n"
+    for name, x in res["summary"].items():
+        same = "-" if name.startswith("free:") else f"{x['identical']}/{x['prompts']}"
+        md += (
+            f"| {name} | {x['tok_s']:.1f} | {x['x_constrained_plain']:.2f} | {x['passes_per_token']:.2f} | {same} | "
+            f"{x['parses']}/{x['prompts']} |\n"
+        )
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.structured", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -148,14 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{m['cpu']}; {m['cores']} cores; ISA {m['isa']}; kernels built for {m['kernels_isa']}; load {m['load_avg_1m']}"
     )
-    print("| method | tok/s | x constrained plain | passes/token | identical | parses |")
-    print("|---|---|---|---|---|---|")
-    for name, s in res["summary"].items():
-        print(
-            f"| {name} | {s['tok_s']:.1f} | {s['x_constrained_plain']:.2f} | {s['passes_per_token']:.2f} | "
-            f"{'-' if name.startswith('free:') else str(s['identical']) + '/' + str(s['prompts'])} | "
-            f"{s['parses']}/{s['prompts']} |"
-        )
+    print(table(res), end="")
     return 0
 
 

@@ -51,7 +51,7 @@ class DraftSession:
     `ctx.budget` nodes after `ctx.tokens` (None: nothing this step); `observe` gets back every proposal that
     `propose` returned (cut to what was verified, possibly to nothing) with the verdict; `end` closes it."""
 
-    model_free = False  # its drafter's (`Drafter.model_free`): it may be asked to draft past forced tokens
+    model_free = False  # drafts from token ids alone (no model, no cache): it may be asked past forced tokens
 
     def begin(self, prompt: list[int]) -> None:
         pass
@@ -75,7 +75,6 @@ class Drafter:
     reads_past_keys: bool = False
     owns_cache: bool = False
     copies_target_keys: bool = False
-    model_free: bool = False  # drafts from token ids alone (no model, no cache): it may draft past forced tokens
     LEARNED: tuple[str, ...] = ()  # attributes holding what it learned across requests (`fork` copies them)
 
     def prepare(self, resources: Resources) -> None:

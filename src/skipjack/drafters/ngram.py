@@ -60,7 +60,6 @@ class NGramDrafter(Drafter):
 
     name = "ngram"
     lossless = True
-    model_free = True
     LEARNED = ("table", "pred", "got", "jstats", "lookup")
 
     def __init__(

@@ -39,7 +39,6 @@ class PromptLookup(Drafter):
 
     name = "pld"
     lossless = True
-    model_free = True
     LEARNED = ("pooled", "stats")
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, branches: int = 4):

@@ -71,7 +71,8 @@ class DoLa(Strategy):
         if not isinstance(layers, str):
             raise SkipjackError(f"dola: layers must be low, high or A-B (got {layers!r})")
         self.layers = layers
-        candidates(layers, 10**6) if layers not in ("low", "high") else None  # the form, before any model
+        if layers not in ("low", "high"):
+            candidates(layers, 10**6)  # checks the form "A-B" now; the model's depth at `begin`
         self.alpha = fraction(self.name, "alpha", alpha)
         if self.alpha == 0:
             raise SkipjackError("dola: alpha must be in (0, 1) (got 0)")
