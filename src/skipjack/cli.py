@@ -233,9 +233,9 @@ def _tool(name: str):
 
         return distil.add_arguments, distil.command
     if name == "serve":
-        from skipjack import server
+        from skipjack import deploy
 
-        return server.add_arguments, server.main
+        return deploy.add_arguments, deploy.main
     if name == "quantize":
         from skipjack.tools import lwq
 
