@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from skipjack.decoding.sampling import SamplingParams
 from skipjack.deploy import routing
-from skipjack.deploy.board import STALE, Board
+from skipjack.deploy.board import STALE, Board, take_files, tuning_files
 from skipjack.errors import SkipjackError
 from skipjack.server.metrics import Metrics, merge
 
@@ -128,6 +128,24 @@ def test_the_board_merges_tables_drops_stale_metrics_and_hands_out_measurements(
     b.release("cpu|1", measured=True)
     assert b.claim("cpu|1", "r2") and b.claim("cpu|1", "r3")  # measured: nobody waits any more
     assert list(b.get_files()) == ["costs/" + "a" * 20 + ".json"]
+
+
+def test_tuning_files_go_from_one_node_to_another(tmp_path, monkeypatch):
+    """What a replica publishes after measuring, another node (another home folder) takes before it loads; only
+    files named as `decoding.tuning` names them, and never over one it has."""
+    name = "costs/" + "0" * 20 + ".json"
+    (tmp_path / "a" / "costs").mkdir(parents=True)
+    (tmp_path / "a" / name).write_text('{"measured": 1}')
+    (tmp_path / "a" / "costs" / "other.json").write_text("{}")
+    monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path / "a"))
+    published = tuning_files()
+    assert published == {name: '{"measured": 1}'}
+    monkeypatch.setenv("SKIPJACK_HOME", str(tmp_path / "b"))
+    (tmp_path / "b" / "rows").mkdir(parents=True)
+    (tmp_path / "b" / "rows" / ("1" * 20 + ".json")).write_text("mine")
+    take_files(published | {"rows/" + "1" * 20 + ".json": "theirs", "../escape.json": "x"})
+    assert tuning_files() == {name: '{"measured": 1}', "rows/" + "1" * 20 + ".json": "mine"}
+    assert not (tmp_path / "escape.json").exists()
 
 
 def test_options_from_serve_args():
@@ -268,7 +286,7 @@ def _send(url: str, body: dict) -> int:
             return c.post(url, json=body).status_code
         with c.stream("POST", url, json=body) as r:
             for line in r.iter_lines():
-                if line.startswith("data: {") and '"error"' in line[:12]:
+                if line.startswith('data: {"error"'):
                     return json.loads(line[6:])["error"]["code"]
             return r.status_code
 
@@ -277,6 +295,10 @@ def test_200_mixed_requests_from_8_clients_get_no_5xx(fleet):
     with ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(lambda i: _call(fleet["url"], i), range(200)))
     assert codes == [200] * 200
+    end = time.monotonic() + 20  # the replicas' n-gram tables (method auto and ngram) meet on the board
+    while sum(per_replica(fleet["url"], "skipjack:shared_ngram_contexts").values()) == 0:
+        assert time.monotonic() < end, "no n-gram table was merged through the board"
+        time.sleep(0.5)
 
 
 def test_requests_with_a_shared_prefix_land_on_one_replica(fleet):

@@ -28,6 +28,7 @@ import re
 import threading
 import time
 
+from skipjack import store
 from skipjack.drafters.ngram_table import NGramTable
 
 STALE = 10.0  # seconds without a publish after which a replica's metrics are dropped
@@ -35,6 +36,24 @@ CLAIM_S = 600.0  # a claim on a machine kind lapses after this long (its holder 
 FILE = re.compile(r"(rows|costs)/[0-9a-f]{20}\.json")  # the cache files `decoding.tuning` writes
 
 Rows = list[tuple[tuple[int, ...], dict[int, float]]]
+
+
+def tuning_files() -> dict[str, str]:
+    """This node's tuning cache files (`decoding.tuning`), by their name under the home folder."""
+    out = {}
+    for sub in ("rows", "costs"):
+        for p in sorted((store.home() / sub).glob("*.json")):
+            if FILE.fullmatch(name := f"{sub}/{p.name}"):
+                out[name] = p.read_text()
+    return out
+
+
+def take_files(files: dict[str, str]) -> None:
+    """The published tuning files this node lacks, written into its cache folder (checked when read)."""
+    for name, text in files.items():
+        path = store.home() / name
+        if FILE.fullmatch(name) and not path.exists():
+            store.write_atomic(path, text)
 
 
 def _locked(method):
@@ -77,6 +96,11 @@ class Board:
         for key, kids in rows:
             table.merge_row(tuple(key), kids)
         return [(k, dict(v)) for k, v in table.next.items()]
+
+    @_locked
+    def sizes(self) -> dict[str, int]:
+        """Each shared n-gram table's contexts."""
+        return {name: len(t.next) for name, t in self.tables.items()}
 
     @_locked
     def claim(self, kind: str, replica: str) -> bool:

@@ -17,9 +17,10 @@ streaming and metrics) with a front in place of the engine and a scheduler that 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError, RequestCancelledError
 
@@ -30,6 +31,7 @@ from skipjack.server.app import create_app
 from skipjack.server.metrics import merge
 from skipjack.server.scheduler import Job, QueueFull
 
+log = logging.getLogger("ray.serve")
 RETRIES = 1  # a job whose replica died before its first event is sent again this many times
 LOST = (RayActorError, ReplicaUnavailableError)  # the replica's process died or is unreachable
 
@@ -62,9 +64,20 @@ class FleetMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.shared = Gauge(
+            "skipjack:shared_ngram_contexts", "Contexts in each n-gram table merged across replicas.", ["table"],
+            registry=self.registry,
+        )  # fmt: skip
 
     async def render(self, front) -> bytes:
-        replicas = await self.board.metrics.remote()
+        """The live replicas' metrics and this ingress's; its own alone while the board is away (restarting)."""
+        try:
+            replicas = await self.board.metrics.remote()
+            for name, n in (await self.board.sizes.remote()).items():
+                self.shared.labels(name).set(n)
+        except Exception as e:  # the board restarting: the ingress's own metrics still answer
+            replicas = {}
+            log.warning("skipjack ingress: the board did not answer for /metrics: %s", e)
         return (merge(replicas) + generate_latest(self.registry).decode()).encode()
 
 

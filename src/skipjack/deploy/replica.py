@@ -19,8 +19,7 @@ import time
 import torch
 from ray import serve
 
-from skipjack import store
-from skipjack.deploy import board as board_mod
+from skipjack.deploy.board import take_files, tuning_files
 from skipjack.engine import Engine, Request
 from skipjack.machine import cpu_name
 from skipjack.server.app import local
@@ -34,25 +33,6 @@ def kind(options) -> str:
     """A machine kind, as the tuning files are keyed: the CPU, the threads, torch, the model and its dtype."""
     s = options.settings
     return f"{cpu_name()}|{options.threads}|{torch.__version__}|{s.model}|{s.dtype}"
-
-
-def tuning_files() -> dict[str, str]:
-    """This node's tuning cache files (`decoding.tuning`), by their name under the home folder."""
-    out = {}
-    for sub in ("rows", "costs"):
-        for p in sorted((store.home() / sub).glob("*.json")):
-            name = f"{sub}/{p.name}"
-            if board_mod.FILE.fullmatch(name):
-                out[name] = p.read_text()
-    return out
-
-
-def take_files(files: dict[str, str]) -> None:
-    """The published tuning files this node lacks, written into its cache folder (checked when read)."""
-    for name, text in files.items():
-        path = store.home() / name
-        if board_mod.FILE.fullmatch(name) and not path.exists():
-            store.write_atomic(path, text)
 
 
 class Replica:
