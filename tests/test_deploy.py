@@ -149,7 +149,7 @@ def test_tuning_files_go_from_one_node_to_another(tmp_path, monkeypatch):
 
 
 def test_options_from_serve_args():
-    from skipjack.deploy import options
+    from skipjack.deploy.serving import options
 
     o = options({"replicas": "2", "max_replicas": "4", "threads": "1", "tune": "false", "routing": "random"})
     assert (o.replicas, o.max_replicas, o.threads, o.routing, o.settings.tune) == (2, 4, 1, "random", False)
@@ -200,7 +200,7 @@ def fleet(folder):
     ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'skipjack[ray]')")
     from ray import serve
 
-    from skipjack.deploy import APP, application, options
+    from skipjack.deploy.serving import APP, application, options
 
     try:
         ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -212,8 +212,7 @@ def fleet(folder):
         serve.run(application(options({"model": str(folder)} | ARGS)), name=APP, route_prefix="/")
         yield {"url": f"http://127.0.0.1:{port}", "ray": ray, "serve": serve, "args": {"model": str(folder)} | ARGS}
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # the local cluster and every replica with it (no graceful drain to wait for)
 
 
 @pytest.fixture(scope="module")
@@ -364,7 +363,7 @@ def _running(serve) -> int:
 
 
 def test_a_rolling_restart_drops_no_request(fleet):
-    from skipjack.deploy import APP, application, options
+    from skipjack.deploy.serving import APP, application, options
 
     serve, url = fleet["serve"], fleet["url"]
     result: list[int] = []

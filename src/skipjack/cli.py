@@ -233,9 +233,9 @@ def _tool(name: str):
 
         return distil.add_arguments, distil.command
     if name == "serve":
-        from skipjack import deploy
+        from skipjack.deploy import serving
 
-        return deploy.add_arguments, deploy.main
+        return serving.add_arguments, serving.main
     if name == "quantize":
         from skipjack.tools import lwq
 
