@@ -182,10 +182,11 @@ class Engine:
         time is built and prepared here (under the engine's lock; its time goes to `prepare_seconds`)."""
         spec, policy = self._checked(request)
         m = request.method if isinstance(request.method, Method) else self.method(spec)
+        strategy = methods.strategy(spec, self.tokenizer)  # one per request
         return Plan(
             draft=m.drafter.session() if m.drafter is not None else None,
             sizer=self.sizer(m, request),
-            strategy=methods.build(spec) if spec.strategy_class is not None else None,  # one per request
+            strategy=strategy,
             policy=policy,
             session=request.session,
             lossless=spec.lossless and policy is None,

@@ -173,6 +173,17 @@ def _mix_parts(opts: dict) -> tuple[MethodSpec, ...]:
     return tuple(MethodSpec.parse(n + (f":model={model}" if model and takes(n) else "")) for n in names)
 
 
+def strategy(spec: MethodSpec, tokenizer=None) -> Strategy | None:
+    """A request's own lossy layer strategy (None for a method that is not one); a strategy with an instruction
+    of its own (LOL's refocus) gets its token ids from `tokenizer` (the engine's: text stays at the edges)."""
+    if spec.strategy_class is None:
+        return None
+    made = build(spec)
+    if getattr(made, "guidance", None) and tokenizer is not None:
+        made.guide_ids = tokenizer.encode(made.guidance, add_special_tokens=False)
+    return made
+
+
 def build(spec: MethodSpec) -> Drafter | Strategy | None:
     """The method's drafter or strategy, made from its options (no work: `prepare` does that); None for plain."""
     if spec.strategy_class is not None:

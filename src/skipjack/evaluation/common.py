@@ -12,10 +12,15 @@ import torch
 @torch.inference_mode()
 def continuation_logprobs(model, strategy, prompt: list[int], cont: list[int]) -> torch.Tensor:
     """Log-probabilities [C, V] of each continuation position: the prompt run by the exact model (as a prompt is
-    in decoding), the continuation by `strategy` (a lossy layer strategy, begun afresh; None: the model) in one
-    pass from generated index 0, as it decodes."""
+    in decoding; by the strategy where it scores the prompt's last position too, as DoLa does), the
+    continuation by `strategy` (a lossy layer strategy, begun afresh; None: the model) in one pass from
+    generated index 0, as it decodes."""
     cache = model.make_cache(len(prompt) + len(cont) + 1)
-    first = model(torch.tensor([prompt]), cache, logits="last").logits[0]  # [1, V]
+    if strategy is not None and strategy.scores_prompt:  # the token after the prompt is the strategy's too
+        strategy.prompt_started(model, prompt, len(cont))
+        first = strategy.prompt_forward(model, torch.tensor([prompt]), cache).logits[0]  # [1, V]
+    else:
+        first = model(torch.tensor([prompt]), cache, logits="last").logits[0]  # [1, V]
     if len(cont) == 1:
         return torch.log_softmax(first.float(), -1)  # [1, V]
     x = torch.tensor([cont[:-1]])  # [1, C-1]
