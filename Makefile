@@ -150,6 +150,8 @@ EXTRA = "Qwen2.5-Coder-1.5B, q4: the quick suite at 256 new tokens, cold (separa
 	"llama.cpp peers, fp32 (full suite, separate run)=bench-out/llamacpp" \
 	"Longer outputs, fp32: 256 new tokens (18-prompt sample, separate run)=bench-out/outputs" \
 	"fp32 and bf16 in one run (full suite, separate run)=bench-out/bf16"
+# the separate runs whose module has a `section()`: `python -m skipjack.bench.X --out bench-out/D` writes D/X.json
+SECTIONS := factual
 benchmarks-md: install
 	bash tools/restore-runs.sh
 	set -- ; for e in $(EXTRA); do if [ -f "$${e##*=}/results.json" ]; then set -- "$$@" --extra "$$e"; fi; done; \
@@ -161,6 +163,8 @@ benchmarks-md: install
 	if ls bench-out/eval/*__*.json >/dev/null 2>&1; then set -- "$$@" --eval bench-out/eval; fi; \
 	if ls bench-out/longctx/*/longctx.json >/dev/null 2>&1; then set -- "$$@" --longctx bench-out/longctx; fi; \
 	if ls bench-out/stepcost/*/stepcost.json >/dev/null 2>&1; then set -- "$$@" --stepcost bench-out/stepcost; fi; \
+	for x in $(SECTIONS); do for f in bench-out/*/$$x.json; do \
+		if [ -f "$$f" ]; then set -- "$$@" --bench "$$x=$$(dirname $$f)"; fi; done; done; \
 	$(BIN)/python -m skipjack.bench.benchmarks_md bench-out/q4-quick --benchmarks-md BENCHMARKS.md "$$@" \
 		--notes docs/bench/NOTES.md
 

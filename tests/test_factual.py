@@ -62,3 +62,22 @@ def test_the_table_shows_each_method_accuracy_and_time():
     row = {"lossless": True, "exact": 0.25, "choice": 0.75, "kinds": kinds, "ms_per_token": 5.0, "x_plain_time": 1.0}
     md = table({"rows": {"plain": row, "dola": row | {"lossless": False, "x_plain_time": 1.5}}})
     assert "| plain | no | 25.0% | 75.0% | 25.0% / 75.0% | 5.0 | 1.00 |" in md and "| dola | yes |" in md
+
+
+def test_benchmarks_md_appends_the_runs_section_and_keeps_its_raw_data(tmp_path):
+    import json
+
+    from skipjack.bench.benchmarks_md import bench_section
+    from skipjack.errors import SkipjackError
+
+    kinds = {"number": {"items": 2, "exact": 2, "choice": 1}}
+    row = {"lossless": True, "exact": 1.0, "choice": 0.5, "kinds": kinds, "ms_per_token": 4.0, "x_plain_time": 1.0}
+    res = {"model": "m", "items": 2, "every": 1, "machine": {"cpu": "c", "cores": 2}, "rows": {"plain": row}}
+    run, docs = tmp_path / "fact-smol", tmp_path / "docs"
+    run.mkdir(), docs.mkdir()
+    (run / "factual.json").write_text(json.dumps(res))
+    md = bench_section("factual", run, docs)
+    assert md.startswith("## Factual accuracy") and "| plain | no | 100.0% | 50.0% |" in md
+    assert "docs/bench/bench-factual--fact-smol.json" in md and (docs / "bench-factual--fact-smol.json").exists()
+    with pytest.raises(SkipjackError, match="no benchmark module"):
+        bench_section("nosuch", run, docs)

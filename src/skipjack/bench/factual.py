@@ -88,6 +88,20 @@ def table(res: dict) -> str:
     return md
 
 
+def section(res: dict) -> str:
+    """The BENCHMARKS.md section (`python -m skipjack.bench.benchmarks_md --bench factual=DIR`)."""
+    m = res["machine"]
+    md = f"## Factual accuracy: contrastive layer decoding on {res['model']} (separate run)\n\n"
+    md += (
+        f"`python -m skipjack.bench.factual --model {res['model']} --every {res['every']}`: {res['items']} questions "
+        "with one right answer each (countries' capitals from countryinfo, elements' symbols and atomic numbers "
+        "from periodictable), two worked examples before each. Exact match: the greedy answer's first line. "
+        "Multiple choice: four options scored by the method's own log-probabilities (plausibility constraint off). "
+        f"Time per token: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, ISA {m.get('isa', '?')}.\n\n"
+    )
+    return md + table(res)
+
+
 def main(argv: list[str] | None = None) -> int:
     from skipjack.methods import MethodSpec
 
@@ -106,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(a.model, methods, a.every, a.speed_tokens)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "factual.json").write_text(json.dumps(res, indent=1))
+    (out / "factual.json").write_text(json.dumps(res, indent=1))  # read back by benchmarks_md --bench factual=DIR
     m = res["machine"]
     print(f"{a.model}, greedy, {res['items']} questions (every {a.every})")
     print(f"{m['cpu']}; {m['cores']} cores; ISA {m['isa']}; kernels built for {m['kernels_isa']}")
