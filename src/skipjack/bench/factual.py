@@ -26,7 +26,12 @@ def _answers(engine, method: str, items, log) -> dict:
     per: dict[str, dict[str, int]] = {}
     for i, f in enumerate(items):
         r = engine.complete(
-            Request(prompt=tok.encode(f.prompt), params=SamplingParams(max_new_tokens=8), method=method, stop=("\n",))
+            Request(
+                prompt=tok.encode(f.prompt),
+                params=SamplingParams(max_new_tokens=8, stop_token_ids=tok.stop_ids),
+                method=method,
+                stop=("\n",),
+            )
         )
         row = per.setdefault(f.kind, {"items": 0, "exact": 0, "choice": 0})
         row["items"] += 1

@@ -6,10 +6,10 @@ and placed by the item's index, for multiple choice.
 How a method is scored (`answer`, `choice`):
 - **exact match**: greedy decoding after a two-example prompt, cut at the first newline; right when it equals the
   answer (case and surrounding white space ignored);
-- **multiple choice**: each option's summed log-probability as a continuation of the prompt, under the method's
-  own scores (a lossy layer strategy's, teacher-forced as it decodes, with the token after the prompt its own);
-  the plausibility constraint is off there, as DoLa's code does for TruthfulQA's multiple choice (it would give
-  some options no probability at all).
+- **multiple choice**: each option's summed log-probability as a continuation of the prompt, or under a lossy
+  layer strategy its own scores summed as they are (log q_N - log q_M for DoLa; teacher-forced as it decodes,
+  the token after the prompt its own), with the plausibility constraint off: what DoLa's code does for
+  TruthfulQA's multiple choice (`relative_top=0`, no softmax after the contrast).
 """
 
 from __future__ import annotations
@@ -92,6 +92,6 @@ def choice(model, strategy, tokenizer, fact: Fact) -> int:
     scores = []
     for option in fact.choices:
         cont = tokenizer.encode(fact.prompt + " " + option)[len(prompt) :]
-        lp = continuation_logprobs(model, strategy, prompt, cont)  # [C, V]
+        lp = continuation_logprobs(model, strategy, prompt, cont, raw=True)  # [C, V]
         scores.append(float(lp[torch.arange(len(cont)), torch.tensor(cont)].sum()))
     return max(range(len(scores)), key=scores.__getitem__)
