@@ -4,7 +4,7 @@ weight on the tokens whose activations stray furthest from the layer's usual one
 share of the budget follows how spread that probe's scores are (the dynamic KV cut-off).
 
 At each compression point (after the prompt; with `every`, during decoding too), per layer:
-1. Activation Bias. mu_j, var_j: each query channel's mean and variance over every query the layer has seen
+1. Activation Bias. mu_j, var_j: each query channel's mean and variance over every query this layer has seen
    (the prompt's and the accepted decoded ones; channels j over all heads, H x D). A window query q_t's bias
    is phi_t = mean_j (q_tj - mu_j)^2 / (var_j + mean(var) / 100).
 2. Probe query. P = sum_t w_t q_t, w_t = phi_t / sum phi (one weight per window token, shared by the heads):
@@ -17,20 +17,22 @@ At each compression point (after the prompt; with `every`, during decoding too),
    clamp(c . eta, LOW, HIGH x the mean) with c such that they sum to budget x context x layers: a layer whose
    probe spreads its attention keeps more keys, one whose probe focuses keeps fewer.
 
-Taken from the authors' code (github.com/MrXiaoaa/ActQKV, `context_manager_activate_3_dev.py`, built on
-InfLLM), which the paper's text (not available offline) describes: the running channel statistics, the bias
-(its `activate`: squared deviation over variance plus a hundredth of the mean variance), the token weights
-(bias averaged over channels, normalised to sum 1), the weighted-sum probe, the entropy of the softmaxed
-scores normalised by log n, and the per-layer bounds (32 and 2 x 46 blocks around a mean of 46).
-What differs, and why:
-- The reference retrieves InfLLM blocks of 32 keys from CPU memory at every step (each block scored by the
-  cosine of its 4 representative keys with the probe) and drops nothing; here keys are scored one by one
+The paper's full text was not available offline (its abstract and third-party summaries were); the formulas
+are read from the authors' code (github.com/MrXiaoaa/ActQKV, `context_manager_activate_3_dev.py`, built on
+InfLLM): the running channel statistics, the bias (its `activate`: squared deviation over the variance plus a
+hundredth of the mean variance), the token weights (the bias averaged over channels, normalised to sum 1),
+the weighted-sum probe, the entropy of the softmaxed scores normalised by log n, and the per-layer bounds
+(32 and 2 x 46 blocks around a mean of 46). What differs, and why:
+- The reference retrieves InfLLM blocks of 32 keys from CPU memory at every step (a block scored by the
+  probe's cosine with its representative key, from its 4 most attended keys) and drops nothing; here keys are scored one by one
   (pooled over neighbours, SnapKV's clustering, in place of blocks) and evicted, so memory falls.
 - Its cut-off hands out a running budget over the layers in turn (a layer gets its mean eta over the last 100
   steps, over the remaining layers', of what is left); with every layer scored at once that is the
   proportional share above, clamped as the reference clamps.
-- Its statistics are of un-rotated query projections; the cache sees queries after RoPE (its slow channels,
-  where outlier activations are reported to gather, turn little over a few thousand positions).
+- Its statistics are of un-rotated query projections, in module-level variables that every layer updates;
+  here each layer keeps its own (a summary of the paper: the deviation from the mean "for the current
+  transformer layer"), of the queries after RoPE, as the cache sees them (RoPE's slow channels, where outlier
+  activations are reported to gather, turn little over a few thousand positions).
 - Left out: its warm-up (uniform weights over the first windows: here the statistics already hold the whole
   prompt) and its question term (a second probe from question tokens extracted per task, `question_weight`:
   here the window is the end of the prompt, the question in the long-context tasks).
