@@ -50,13 +50,13 @@ bench-eval: install
 # (SmolLM2 retrieves little even with the full cache) (~45 min). `make benchmarks-md` merges the runs.
 bench-longctx: install
 	$(BIN)/python -m skipjack.bench.longctx --model smollm2-135m --lengths 2048,4096,8192 \
-		--policies streaming,h2o,snapkv,pyramidkv,cake,tidal,snapkv:chunk=1024 --speed-budgets 0.1 \
+		--policies streaming,h2o,snapkv,pyramidkv,cake,actqkv,tidal,snapkv:chunk=1024 --speed-budgets 0.1 \
 		--speed-tokens 64 --methods triforce --skip accuracy,perplexity --out bench-out/longctx/speed
 	$(BIN)/python -m skipjack.bench.longctx --model smollm2-135m --lengths 2048 --budgets 0.05,0.1,0.25 \
-		--policies streaming,h2o,snapkv,pyramidkv,cake,tidal --kinds niah_single,niah_multikey,vt --n 1 \
+		--policies streaming,h2o,snapkv,pyramidkv,cake,actqkv,tidal --kinds niah_single,niah_multikey,vt --n 1 \
 		--ppl-tokens 64 --skip speed,memory --out bench-out/longctx/quality-2k
 	$(BIN)/python -m skipjack.bench.longctx --model qwen2.5-coder-0.5b --lengths 2048 --budgets 0.1 \
-		--policies streaming,h2o,snapkv,pyramidkv,cake,tidal --kinds niah_single,niah_multikey,vt --n 1 \
+		--policies streaming,h2o,snapkv,pyramidkv,cake,actqkv,tidal --kinds niah_single,niah_multikey,vt --n 1 \
 		--skip speed,memory,perplexity --out bench-out/longctx/quality-qwen
 
 # The server under load, measured by aiperf (a maintained load generator, in .venv-aiperf: its pins clash with
