@@ -100,6 +100,8 @@ def test_n_picks_the_best_n_and_complete_the_best(engine):
     best = engine.complete(Request(PROMPT, p, "superposed:k=3"))
     assert best.tokens == three[0].tokens and best.logprob == pytest.approx(three[0].logprob)
     assert best.forward_passes == three[0].forward_passes <= 7
+    ((text, step),) = engine.stream(Request(PROMPT, p, "superposed:k=3"))  # one step: the best, whole
+    assert step.tokens == best.tokens and text == best.text
     plain = engine.completions(Request(PROMPT, p, "plain", n=2))  # independent streams, greedy: the same twice
     assert len(plain) == 2 and plain[0].tokens == plain[1].tokens == engine.complete(Request(PROMPT, p)).tokens
 
@@ -197,13 +199,15 @@ def test_bench_counts_and_diversity():
     assert distinct([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)
     assert distinct([[1], []], 2) is None
     row = {"lossless": True, "score_seconds": 0.0, "distinct_1": 0.5, "distinct_2": 0.8, "prompt": "a"}
+    sup = {"variant": "superposed:k=3", "lossless": False, "seconds": 1.0, "tokens": 30, "perplexity": [2, 4]}
     rows = [
-        row | {"variant": "superposed:k=3", "lossless": False, "seconds": 1.0, "tokens": 30, "perplexity": [2, 4]},
+        row | sup | {"score_seconds": 0.25},
         row | {"variant": "3 streams", "seconds": 2.0, "tokens": 30, "perplexity": [3, None]},
         row | {"variant": "plain", "seconds": 1.0, "tokens": 10, "perplexity": [2.0]},
     ]
     s = summarise(rows)
     assert s["ratios"]["throughput_x_streams"] == pytest.approx(2.0)
+    assert s["ratios"]["throughput_unscored_x_streams"] == pytest.approx(30 / 0.75 / 15)
     assert s["ratios"]["perplexity_x_plain"] == pytest.approx(1.5) and s["ratios"]["perplexity_x_streams"] == 1.0
     md = table({"summary": s})
     assert "| superposed:k=3 | no | 30.0 | 3.00 |" in md and "| plain | yes |" in md
@@ -222,7 +226,8 @@ def test_bench_runs_end_to_end(tmp_path, monkeypatch):
         assert r["lossless"] == (r["variant"] != "superposed:k=3")
         assert len(r["texts"]) == len(r["perplexity"]) == (1 if r["variant"] == "plain" else 3) and r["tokens"] > 0
         assert all(p is None or (p >= 1 and math.isfinite(p)) for p in r["perplexity"])
-    assert set(res["summary"]["ratios"]) == {"throughput_x_streams", "perplexity_x_plain", "perplexity_x_streams"}
+    want = {"throughput_x_streams", "throughput_unscored_x_streams", "perplexity_x_plain", "perplexity_x_streams"}
+    assert set(res["summary"]["ratios"]) == want
 
 
 def test_the_superposed_input_is_the_weighted_sum_of_the_drafts_embeddings(engine):

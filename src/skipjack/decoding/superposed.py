@@ -164,10 +164,10 @@ class Superposition:
             logits[[t for t in stops if t < logits.shape[0]]] = -math.inf
         logp = torch.log_softmax(logits.double() / m.temp, -1)  # [V]
         vals, ids = torch.topk(logp, min(m.top, logp.shape[0]))  # [m]
-        cands, done = [], []
+        cands, done, tail = [], [], self.prompt[-m.order :]
         for d in self.alive:
-            lq = self.ngrams.logq(self.prompt + d.tokens, ids.tolist(), vals)  # [m]
-            s = d.score + (1 - m.alpha) * vals + m.alpha * lq  # [m]
+            lq = self.ngrams.logq(tail + d.tokens, ids.tolist(), vals) if m.alpha else None  # [m]
+            s = d.score + ((1 - m.alpha) * vals + m.alpha * lq if m.alpha else vals)  # [m] (a masked token: -inf)
             for t, sc in zip(ids.tolist(), s.tolist()):
                 (done if t in stops else cands).append(Draft(d.tokens + [t], sc, "stop" if t in stops else None))
         for d in done:
