@@ -5,8 +5,10 @@ on disk; `tune=False` switches it off) and owns what requests share: the cost mo
 methods' drafters (what they learn carries over from request to request), the drafters' shared store (the
 n-gram tables; `new_method(spec, own_store=True)` makes a method that learns alone: the bench's), and a lock
 (one request decodes at a time). `stream(request)` yields (text, step) pairs; `complete(request)` runs one to
-the end and summarises it. Nothing in a request's path times kernels or writes measurement files (an n-gram
-table persisted with `ngram:path=` is written where the user asked).
+the end and summarises it; `completions(request)` gives its `n` completions (superposed decoding's n best
+drafts from one stream, `superpose`, or n independent streams in one batch). Nothing in a request's path
+times kernels or writes measurement files (an n-gram table persisted with `ngram:path=` is written where the
+user asked).
 
 The decode loop below works on token ids; text (stop strings, incremental detokenization) is handled here,
 at the edge.

@@ -123,7 +123,7 @@ class Draft:
 
 class Superposition:
     """One request's superposed decoding: the prompt's prefill (or a session's start) when made, then
-    `advance` until `done`, then `finish` (the ranked completions, scored) and `close`."""
+    `advance` until it has `ended`, then `finish` (the ranked completions, scored) and `close`."""
 
     def __init__(self, model, method: Superposed, prompt: list[int], params, session: Session | None = None,
                  learned: NGramTable | None = None):  # fmt: skip

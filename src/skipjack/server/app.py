@@ -4,7 +4,8 @@ Endpoints: /v1/chat/completions, /v1/completions (SSE streaming ending in `data:
 response, `timings` with draft counts and the method used), /v1/models, /health (503 while the model loads),
 /metrics (Prometheus, also under vLLM's `vllm:` names), /tokenize, /detokenize, and from `extra`
 /tokenizer_info, /v1/embeddings, /v1/responses. `null` in an optional field is its default. /v1/completions
-takes text, token ids, or a list of up to `protocol.MAX_PROMPTS` (64) of either (n choices each, in order), and
+takes text, token ids, or a list of up to `protocol.MAX_PROMPTS` (64) of either (n choices each, in order: n
+independent streams, or with the method `superposed` the n best drafts of one run, n <= its k), and
 `echo` (with `logprobs`: the prompt's, the first null; `max_tokens: 0` scores only). Errors are OpenAI-style
 JSON `{"error": {...}}` with one line of message and a status by kind (`skipjack.errors`): bad JSON, types or
 values (400), a wrong or missing API key (401), an unknown `model` (404, code "model_not_found"), a body over
