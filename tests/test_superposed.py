@@ -92,6 +92,22 @@ def test_one_cache_position_per_step_whatever_k(engine):
         assert len(out) == k and all(len(d.tokens) == 9 and d.finish == "length" for d in out)
 
 
+def test_long_completions_are_scored_in_native_sized_passes_or_afresh(engine, monkeypatch):
+    """A completion longer than one native pass (65 rows) is scored in several passes after the prompt; where the
+    cache cannot be cut back to the prompt (a sliding window that dropped keys), one fresh pass: the same values
+    (to the rounding of passes of other widths: a pass over more than 65 rows attends with SDPA)."""
+    p = SamplingParams(max_new_tokens=90, ignore_eos=True)
+    run, out = _superposed(engine.model, PROMPT, p, k=2)
+    for d in out:
+        plain = engine.prompt_logprobs(PROMPT + d.tokens)[len(PROMPT) :]
+        assert len(d.tokens) == 90 and d.logprob == pytest.approx(sum(x.logprob for x in plain), rel=1e-4)
+    again = Superposition(engine.model, Superposed(k=2), PROMPT, p)
+    while not again.advance():
+        pass
+    monkeypatch.setattr(again.cache, "resumable", lambda n: False)
+    assert [d.logprob for d in again.finish()] == pytest.approx([d.logprob for d in out], rel=1e-4)
+
+
 def test_n_picks_the_best_n_and_complete_the_best(engine):
     p = SamplingParams(max_new_tokens=8, stop_token_ids=engine.tokenizer.stop_ids)
     three = engine.completions(Request(PROMPT, p, "superposed:k=3", n=3))

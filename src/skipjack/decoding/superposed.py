@@ -44,7 +44,7 @@ import torch
 from skipjack.decoding.session import Prefill, Session
 from skipjack.drafters.ngram_table import NGramTable
 from skipjack.errors import Fault, SkipjackError
-from skipjack.limits import MAX_N
+from skipjack.limits import MAX_DRAFT, MAX_N
 
 PRIOR = 1.0  # the model's distribution counts as this many observations in a draft's smoothed n-gram q
 
@@ -150,20 +150,23 @@ class Superposition:
         out = self.model(None, self.cache, hidden=h, logits="last")
         self.steps += 1
         self.cache.settle()
-        self._extend(out.logits[0, -1])  # [V]
+        self._extend(out.logits[0, -1], out.finite)  # [V]
         return self.ended
 
-    def _extend(self, logits: torch.Tensor) -> None:
-        """The k best (draft, token) candidates after the next-token logits [V]; finished ones set aside."""
-        if not torch.isfinite(logits).all():
+    def _extend(self, logits: torch.Tensor, finite: bool | None = None) -> None:
+        """The k best (draft, token) candidates after the next-token logits [V] (`finite`: the native step's
+        check of them); finished ones set aside."""
+        if finite is None:  # as the decode loop checks: the sum, else every element
+            finite = math.isfinite(float(logits.sum())) or bool(torch.isfinite(logits).all())
+        if not finite:
             raise Fault("the model produced non-finite logits (NaN or inf): its weights may be damaged")
         m, params, made = self.method, self.params, len(self.alive[0].tokens)
         stops = frozenset() if params.ignore_eos else params.stop_token_ids
         if made < params.min_tokens and stops:  # stop tokens masked until min_tokens (as the sampler does)
             logits = logits.clone()
             logits[[t for t in stops if t < logits.shape[0]]] = -math.inf
-        logp = torch.log_softmax(logits.double() / m.temp, -1)  # [V]
-        vals, ids = torch.topk(logp, min(m.top, logp.shape[0]))  # [m]
+        ids = torch.topk(logits, min(m.top, logits.shape[0])).indices  # [m]: by the logits, as greedy picks
+        vals = torch.log_softmax(logits.float() / m.temp, -1)[ids].double()  # [m]: scores add up over many steps
         cands, done, tail = [], [], self.prompt[-m.order :]
         for d in self.alive:
             lq = self.ngrams.logq(tail + d.tokens, ids.tolist(), vals) if m.alpha else None  # [m]
@@ -199,9 +202,11 @@ class Superposition:
         n, toks, top = len(self.prompt), d.tokens, self.params.logprobs
         rows = [self.start.logits[None].float()]  # [1, V]
         if len(toks) > 1:
-            if self.cache.resumable(n):
+            if self.cache.resumable(n):  # in passes the native step takes whole
                 self.cache.rewind(n)
-                rows.append(self.model(torch.tensor([toks[:-1]]), self.cache).logits[0].float())  # [T - 1, V]
+                for i in range(0, len(toks) - 1, MAX_DRAFT + 1):
+                    ids = torch.tensor([toks[i : min(i + MAX_DRAFT + 1, len(toks) - 1)]])  # [1, <= 65]
+                    rows.append(self.model(ids, self.cache).logits[0].float())  # [<= 65, V]
                 self.cache.rewind(n)
             else:
                 ids = torch.tensor([self.prompt + toks[:-1]])  # [1, n + T - 1]
