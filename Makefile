@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?=
 
-.PHONY: demo test install lint bench bench-q4 bench-stepcost bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve bench-eval bench-longctx clean
+.PHONY: demo test install lint bench bench-q4 bench-stepcost bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve bench-eval bench-longctx bench-superposed clean
 
 $(BIN)/skipjack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,11 @@ bench-eval: install
 # KV cache policies at long contexts: SmolLM2-135M's speed and memory at 2k/4k/8k (~15 min), its task accuracy and
 # long-document perplexity at 2k (budgets 5-25%), and Qwen2.5-Coder-0.5B's task accuracy at 2k and a 10% budget
 # (SmolLM2 retrieves little even with the full cache) (~45 min). `make benchmarks-md` merges the runs.
+# Superposed Decoding (#38): superposed:k=3 against 3 independent streams in one batch and plain greedy, on the
+# quick suite (speed, each completion's perplexity under the plain model, distinct-1/2).
+bench-superposed: install
+	$(BIN)/python -m skipjack.bench.superposed --model smollm2-135m --k 3 --max-new-tokens 128 --out bench-out/superposed
+
 bench-longctx: install
 	$(BIN)/python -m skipjack.bench.longctx --model smollm2-135m --lengths 2048,4096,8192 \
 		--policies streaming,h2o,snapkv,pyramidkv,cake,actqkv,tidal,snapkv:chunk=1024 --speed-budgets 0.1 \

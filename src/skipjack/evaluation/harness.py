@@ -190,7 +190,11 @@ def evaluate(
     from skipjack.evaluation.texts import windows
 
     s = QUICK if quick else FULL
-    MethodSpec.parse(spec)  # a bad spec fails before the load (parsed: nothing built)
+    if MethodSpec.parse(spec).superposed_class is not None:  # a bad spec fails before the load (nothing built)
+        raise SkipjackError(
+            "skipjack eval's teacher-forced measures do not apply to superposed (its drafts share one stream): "
+            "python -m skipjack.bench.superposed measures its completions"
+        )
     engine = Engine.load(model, dtype)
     same = ref_dtype in (None, dtype) and ref_model in (None, model)
     ref = engine if same else Engine.load(ref_model or model, ref_dtype or dtype)
