@@ -24,8 +24,9 @@ hundredth of the mean variance), the token weights (the bias averaged over chann
 the weighted-sum probe, the entropy of the softmaxed scores normalised by log n, and the per-layer bounds
 (32 and 2 x 46 blocks around a mean of 46). What differs, and why:
 - The reference retrieves InfLLM blocks of 32 keys from CPU memory at every step (a block scored by the
-  probe's cosine with its representative key, from its 4 most attended keys) and drops nothing; here keys are scored one by one
-  (pooled over neighbours, SnapKV's clustering, in place of blocks) and evicted, so memory falls.
+  probe's cosine with its representative key, from its 4 most attended keys) and drops nothing; here keys are
+  scored one by one (pooled over neighbours, SnapKV's clustering, in place of blocks) and evicted, so memory
+  falls.
 - Its cut-off hands out a running budget over the layers in turn (a layer gets its mean eta over the last 100
   steps, over the remaining layers', of what is left); with every layer scored at once that is the
   proportional share above, clamped as the reference clamps.
