@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?=
 
-.PHONY: demo test install lint bench bench-q4 bench-stepcost bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve bench-fleet bench-eval bench-longctx clean
+.PHONY: demo test install lint bench bench-q4 bench-stepcost bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve bench-fleet bench-eval bench-longctx bench-superposed clean
 
 $(BIN)/skipjack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -48,15 +48,20 @@ bench-eval: install
 # KV cache policies at long contexts: SmolLM2-135M's speed and memory at 2k/4k/8k (~15 min), its task accuracy and
 # long-document perplexity at 2k (budgets 5-25%), and Qwen2.5-Coder-0.5B's task accuracy at 2k and a 10% budget
 # (SmolLM2 retrieves little even with the full cache) (~45 min). `make benchmarks-md` merges the runs.
+# Superposed Decoding (#38): superposed:k=3 against 3 independent streams in one batch and plain greedy, on the
+# quick suite (speed, each completion's perplexity under the plain model, distinct-1/2).
+bench-superposed: install
+	$(BIN)/python -m skipjack.bench.superposed --model smollm2-135m --k 3 --max-new-tokens 128 --out bench-out/superposed
+
 bench-longctx: install
 	$(BIN)/python -m skipjack.bench.longctx --model smollm2-135m --lengths 2048,4096,8192 \
-		--policies streaming,h2o,snapkv,pyramidkv,cake,tidal,snapkv:chunk=1024 --speed-budgets 0.1 \
+		--policies streaming,h2o,snapkv,pyramidkv,cake,actqkv,tidal,snapkv:chunk=1024 --speed-budgets 0.1 \
 		--speed-tokens 64 --methods triforce --skip accuracy,perplexity --out bench-out/longctx/speed
 	$(BIN)/python -m skipjack.bench.longctx --model smollm2-135m --lengths 2048 --budgets 0.05,0.1,0.25 \
-		--policies streaming,h2o,snapkv,pyramidkv,cake,tidal --kinds niah_single,niah_multikey,vt --n 1 \
+		--policies streaming,h2o,snapkv,pyramidkv,cake,actqkv,tidal --kinds niah_single,niah_multikey,vt --n 1 \
 		--ppl-tokens 64 --skip speed,memory --out bench-out/longctx/quality-2k
 	$(BIN)/python -m skipjack.bench.longctx --model qwen2.5-coder-0.5b --lengths 2048 --budgets 0.1 \
-		--policies streaming,h2o,snapkv,pyramidkv,cake,tidal --kinds niah_single,niah_multikey,vt --n 1 \
+		--policies streaming,h2o,snapkv,pyramidkv,cake,actqkv,tidal --kinds niah_single,niah_multikey,vt --n 1 \
 		--skip speed,memory,perplexity --out bench-out/longctx/quality-qwen
 
 # The server under load, measured by aiperf (a maintained load generator, in .venv-aiperf: its pins clash with
@@ -156,6 +161,8 @@ EXTRA = "Qwen2.5-Coder-1.5B, q4: the quick suite at 256 new tokens, cold (separa
 	"llama.cpp peers, fp32 (full suite, separate run)=bench-out/llamacpp" \
 	"Longer outputs, fp32: 256 new tokens (18-prompt sample, separate run)=bench-out/outputs" \
 	"fp32 and bf16 in one run (full suite, separate run)=bench-out/bf16"
+# the separate runs whose module has a `section()`: `python -m skipjack.bench.X --out bench-out/D` writes D/X.json
+SECTIONS := factual
 benchmarks-md: install
 	bash tools/restore-runs.sh
 	set -- ; for e in $(EXTRA); do if [ -f "$${e##*=}/results.json" ]; then set -- "$$@" --extra "$$e"; fi; done; \
@@ -167,6 +174,8 @@ benchmarks-md: install
 	if ls bench-out/eval/*__*.json >/dev/null 2>&1; then set -- "$$@" --eval bench-out/eval; fi; \
 	if ls bench-out/longctx/*/longctx.json >/dev/null 2>&1; then set -- "$$@" --longctx bench-out/longctx; fi; \
 	if ls bench-out/stepcost/*/stepcost.json >/dev/null 2>&1; then set -- "$$@" --stepcost bench-out/stepcost; fi; \
+	for x in $(SECTIONS); do for f in bench-out/*/$$x.json; do \
+		if [ -f "$$f" ]; then set -- "$$@" --bench "$$x=$$(dirname $$f)"; fi; done; done; \
 	$(BIN)/python -m skipjack.bench.benchmarks_md bench-out/q4-quick --benchmarks-md BENCHMARKS.md "$$@" \
 		--notes docs/bench/NOTES.md
 

@@ -261,12 +261,18 @@ def test_the_fleet_gives_the_engines_greedy_tokens(fleet, engine):
         parts = client.completions.create(model=None, prompt=text, max_tokens=12, temperature=0, stream=True)
         raw = engine.complete(engine_request(tok.prompt_ids(text, raw=True), 12, "plain", tok.stop_ids)).text
         assert "".join(c.choices[0].text for c in parts) == raw
+    text, spec = "the quick brown fox", {"speculative": {"method": "superposed:k=3"}}  # one run, n choices
+    ids = tok.prompt_ids([{"role": "user", "content": text}])
+    want = engine.completions(engine_request(ids, 8, "superposed:k=3", tok.stop_ids, n=3))
+    msgs = [{"role": "user", "content": text}]
+    got = client.chat.completions.create(model=None, messages=msgs, max_tokens=8, temperature=0, n=3, extra_body=spec)
+    assert [c.message.content for c in got.choices] == [w.text for w in want]
 
 
-def engine_request(ids, n, method, stop_ids):
-    from skipjack.engine import Request
+def engine_request(ids, tokens, method, stop_ids, n=1):
+    from skipjack.request import Request
 
-    return Request(ids, SamplingParams(max_new_tokens=n, stop_token_ids=stop_ids), method)
+    return Request(ids, SamplingParams(max_new_tokens=tokens, stop_token_ids=stop_ids), method, n=n)
 
 
 def _call(url: str, i: int) -> int:

@@ -47,7 +47,7 @@ def test_the_premature_layer_has_the_largest_divergence_and_the_scores_are_the_c
     ids = torch.tensor([PROMPT])
     cands = candidates("0-4", model.num_layers)
     out = model(ids, return_hidden=range(model.num_layers), logits="all")
-    early = [model.head(model.embed(ids) if j == 0 else out.hidden[j - 1])[0] for j in cands]
+    early = torch.stack([model.head(model.embed(ids) if j == 0 else out.hidden[j - 1])[0] for j in cands])
     scores, pick = contrast(out.logits[0], early, 0.1, 1.0)
     final = torch.softmax(out.logits[0].double(), -1)
     for t in range(len(PROMPT)):

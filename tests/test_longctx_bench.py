@@ -81,3 +81,13 @@ def test_spec_takes_options():
     assert lc.spec(lc.FULL, None) is None
     assert lc.spec("snapkv", 0.1) == "snapkv:budget=0.1"
     assert lc.spec("snapkv:chunk=1024", 0.25) == "snapkv:chunk=1024,budget=0.25"
+
+
+def test_targets_compare_actqkv_with_cake():
+    def summary(cake, act):
+        acc = {"2048|full|None": 0.5, "2048|cake|0.1": cake, "2048|actqkv|0.1": act}
+        return {"summary": {k: {"relative_accuracy": v} for k, v in acc.items() if v is not None}}
+
+    assert "| ActQKV at a 10% budget (60%) keeps at least CAKE's accuracy | yes |" in report.targets(summary(0.5, 0.6))
+    assert "| ActQKV at a 10% budget (40%) keeps at least CAKE's accuracy | no |" in report.targets(summary(0.5, 0.4))
+    assert "ActQKV" not in report.targets(summary(0.5, None))  # no actqkv rows: no line

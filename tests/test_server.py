@@ -491,3 +491,44 @@ def test_kv_policy_per_request(url):
         )
         msg = bad.json()["error"]["message"]
         assert bad.status_code == 400 and "\n" not in msg, (kv, method, msg)
+
+
+def superposed_alone(engine, text: str, n: int, k: int = 3, max_tokens: int = 8) -> list:
+    """A superposed request's n completions through the engine directly."""
+    tok = engine.tokenizer
+    ids = tok.prompt_ids([{"role": "user", "content": text}])
+    p = SamplingParams(max_new_tokens=max_tokens, stop_token_ids=tok.stop_ids)
+    return engine.completions(Request(ids, p, f"superposed:k={k}", n=n))
+
+
+def test_superposed_n_choices_whole_streamed_and_beside_a_batch(client, engine):
+    """`n` with `superposed`: the n best drafts of one run are the choices (whole, or streamed: each choice
+    whole at the end), labelled lossy; it runs beside other requests' batch (a plain one at the same time
+    gives its own answer)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    text, spec = "the quick brown fox", {"speculative": {"method": "superposed:k=3"}}
+    want = superposed_alone(engine, text, 3)
+    with ThreadPoolExecutor(2) as pool:
+        other = pool.submit(client.chat.completions.create, **chat_args("hello world this is", 16))
+        r = client.chat.completions.create(**chat_args(text, 8, n=3, logprobs=True, top_logprobs=2), extra_body=spec)
+        assert other.result().choices[0].message.content == alone(engine, "hello world this is", 16)
+    assert [c.message.content for c in r.choices] == [w.text for w in want] and len(r.choices) == 3
+    assert r.model_extra["lossless"] is False and r.model_extra["method"] == "superposed:k=3"
+    assert r.usage.completion_tokens == sum(w.new_tokens for w in want)
+    for c, w in zip(r.choices, want):  # each token's logprob under the model, from the scoring pass
+        assert sum(x.logprob for x in c.logprobs.content) == pytest.approx(w.logprob, abs=1e-4)
+    two = client.chat.completions.create(**chat_args(text, 8, n=2, stream=True), extra_body=spec)
+    got = {}
+    for chunk in two:
+        for ch in chunk.choices:
+            got[ch.index] = got.get(ch.index, "") + (ch.delta.content or "")
+    assert [got[0], got[1]] == [w.text for w in want[:2]]
+
+
+def test_superposed_contradictions_are_400s(url):
+    body = chat_args("the quick brown fox", 8) | {"speculative": {"method": "superposed:k=3"}}
+    for extra, needle in (({"n": 4}, "n = 4 completions, but k = 3"), ({"temperature": 1.0}, "temperature 0")):
+        r = httpx.post(f"{url}/v1/chat/completions", json=body | extra)
+        assert r.status_code == 400 and needle in r.json()["error"]["message"]
+        assert "\n" not in r.json()["error"]["message"]

@@ -51,3 +51,8 @@ fi
 if [ -f docs/bench/structured.json ] && [ ! -f bench-out/structured/structured.json ]; then
   mkdir -p bench-out/structured && cp docs/bench/structured.json bench-out/structured/
 fi
+for f in docs/bench/bench-*--*.json; do  # `--bench NAME=DIR` runs: docs/bench/bench-NAME--DIR.json
+  [ -f "$f" ] || continue
+  base=$(basename "$f" .json); name=${base#bench-}; name=${name%%--*}; dir=${base#*--}
+  if [ ! -f "bench-out/$dir/$name.json" ]; then mkdir -p "bench-out/$dir" && cp "$f" "bench-out/$dir/$name.json"; fi
+done

@@ -35,9 +35,10 @@ def _method_notice(a, method) -> None:
             f"(`skipjack eval --kv {a.kv}` measures what it costs in quality)"
         )
     if not method.lossless:
+        how = "python -m skipjack.bench.superposed" if method.superposed_class else f"skipjack eval --method {a.method}"
         _notice(
             f"skipjack: note: {method.name} is lossy: its tokens differ from plain decoding's "
-            f"(`skipjack eval --method {a.method}` measures what it costs in quality)"
+            f"(`{how}` measures what it costs in quality)"
         )
     elif not method.identical_to_plain(a.dtype):
         _notice(
@@ -87,6 +88,7 @@ def cmd_generate(a) -> int:
     cache_file = validate.path("--prompt-cache", a.prompt_cache) if a.prompt_cache else None
     if cache_file:
         check_path(cache_file)
+    _check_num(a, cache_file is not None)
     engine, method = _engine(a)
     params = _params(a, engine.tokenizer)
     prompt = engine.tokenizer.prompt_ids(prompt_text, raw=a.raw)
@@ -97,6 +99,13 @@ def cmd_generate(a) -> int:
         sys.stdout.flush()
 
     request = Request(prompt, params, engine.method(a.method), tuple(a.stop), saved, kv=a.kv, grammar=_grammar(a))
+    if a.num > 1:
+        request.n = a.num
+        results = engine.completions(request)
+        _show_completions(a, engine, results)
+        if cache_file:
+            save_prompt_cache(cache_file, saved)
+        return 0
     res = engine.complete(request, None if a.json else show)
     if a.json:
         out = res.to_json() | {"model": engine.name, "dtype": a.dtype, "load_seconds": round(engine.load_seconds, 3)}
@@ -124,6 +133,40 @@ def cmd_generate(a) -> int:
     for problem in res.problems:
         print(f"skipjack: error: {problem}", file=sys.stderr)
     return 2 if res.problems else 0
+
+
+def _check_num(a, session: bool) -> None:
+    """`--num N` with the method and the sampling settings, before the model loads (superposed: N <= its k)."""
+    from skipjack import methods
+    from skipjack.limits import MAX_N
+
+    validate.integer("--num", a.num, 1, MAX_N)
+    spec = methods.MethodSpec.parse(validate.text("--method", a.method, empty=False))
+    if spec.superposed_class is not None:
+        methods.build(spec).check(_params(a), a.num, _grammar(a) is not None, False)
+    elif a.num > 1 and session:
+        raise SkipjackError("--num N > 1 runs N independent streams: they cannot share one --prompt-cache")
+
+
+def _show_completions(a, engine, results) -> None:
+    """`--num N`: each completion (numbered, with its log-probability where reported), then one summary line;
+    or, with --json, one object with every completion's result."""
+    wall, total, head = max(r.seconds for r in results), sum(r.new_tokens for r in results), results[0]
+    if a.json:
+        out = {"completions": [r.to_json() for r in results], "method": head.method, "lossless": head.lossless}
+        out |= {"new_tokens": total, "seconds": wall, "tokens_per_s": total / wall if wall > 0 else 0.0}
+        out |= {"model": engine.name, "dtype": a.dtype, "load_seconds": round(engine.load_seconds, 3)}
+        print(json.dumps(out, ensure_ascii=False))
+        return
+    for i, r in enumerate(results):
+        lp = "" if r.logprob is None else f", log-probability {r.logprob:.2f}"
+        print(f"--- completion {i + 1} of {len(results)} ({r.new_tokens} tokens{lp}, finish: {r.finish}) ---")
+        print(r.text)
+    print(
+        f"[{len(results)} completions, {total} tokens, {total / wall if wall > 0 else 0.0:.1f} tok/s, method "
+        f"{head.method}" + ("" if head.lossless else " (lossy)") + ("" if a.kv is None else f", kv {a.kv}") + "]",
+        file=sys.stderr,
+    )
 
 
 def cmd_chat(a) -> int:
@@ -276,6 +319,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _sampling_args(g)
     g.add_argument("--raw", action="store_true", help="send the prompt as plain text, not through the chat template")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument(
+        "--num",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N completions: superposed's N best drafts from one stream (--method superposed:k=K, N <= K), else "
+        "N independent streams in one batch (a --seed s gives stream i the seed s + i)",
+    )
     g.add_argument(
         "--prompt-cache",
         metavar="FILE",

@@ -5,8 +5,10 @@ on disk; `tune=False` switches it off) and owns what requests share: the cost mo
 methods' drafters (what they learn carries over from request to request), the drafters' shared store (the
 n-gram tables; `new_method(spec, own_store=True)` makes a method that learns alone: the bench's), and a lock
 (one request decodes at a time). `stream(request)` yields (text, step) pairs; `complete(request)` runs one to
-the end and summarises it. Nothing in a request's path times kernels or writes measurement files (an n-gram
-table persisted with `ngram:path=` is written where the user asked).
+the end and summarises it; `completions(request)` gives its `n` completions (superposed decoding's n best
+drafts from one stream, `superpose`, or n independent streams in one batch). Nothing in a request's path
+times kernels or writes measurement files (an n-gram table persisted with `ngram:path=` is written where the
+user asked).
 
 The decode loop below works on token ids; text (stop strings, incremental detokenization) is handled here,
 at the edge.
@@ -14,11 +16,10 @@ at the edge.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -27,61 +28,25 @@ from skipjack.batching import BatchRunner
 from skipjack.cache import CachePolicy
 from skipjack.decoding import plan, tuning
 from skipjack.decoding.batch import BatchCost
-from skipjack.decoding.constraint import Constraint, Grammar, check_grammar, llg_tokenizer
+from skipjack.decoding.constraint import Constraint, check_grammar, llg_tokenizer
 from skipjack.decoding.cost import CostModel
 from skipjack.decoding.plan import Plan
 from skipjack.decoding.sampling import SamplingParams
 from skipjack.decoding.sequence import Step, TokenLogprob, generate
 from skipjack.decoding.session import Session
 from skipjack.decoding.sizing import Capped
+from skipjack.decoding.superposed import Superposition
 from skipjack.drafters.base import Drafter, Resources
+from skipjack.drafters.ngram_table import NGramTable
 from skipjack.errors import SkipjackError
-from skipjack.limits import MAX_DRAFT
+from skipjack.limits import MAX_DRAFT, MAX_N
 from skipjack.loading import load as loading
 from skipjack.loading.load import Loaded
 from skipjack.loading.tokenizer import StreamDecoder
 from skipjack.methods import Method, MethodSpec
+from skipjack.request import Choice, Request, Result, Tally, chosen
+from skipjack.text import TextStream
 from skipjack.text import texts as texts_of
-
-
-@dataclass
-class Request:
-    prompt: list[int]  # token ids (the tokenizer's `prompt_ids` makes them from text or chat messages)
-    params: SamplingParams = field(default_factory=SamplingParams)
-    method: str | Method = "plain"  # a spec (the engine's method for it) or a Method of the caller's own
-    stop: tuple[str, ...] = ()  # stop strings (stop token ids are in params)
-    session: Session | None = None  # how the request starts (`skipjack.decoding.session`); None: a fresh prefill
-    draft_max: int | None = None  # at most this many draft nodes per step (llama-server's speculative.n_max)
-    draft_p_min: float = 0.0  # no draft node whose score (path probability) is below this (speculative.p_min)
-    kv: str | None = None  # the KV cache policy spec (`skipjack.kvpolicies`, `--kv`); None: every key kept
-    grammar: Grammar | None = None  # structured output: every token obeys it (`decoding.constraint`)
-
-
-@dataclass
-class Result:
-    text: str
-    tokens: list[int]  # generated ids (stop token excluded)
-    new_tokens: int
-    prompt_tokens: int
-    seconds: float  # generation only (prefill included, model load excluded)
-    tokens_per_s: float
-    method: str
-    tokens_per_pass: float  # tokens per decoding forward pass: 1 + accepted drafts (1.0 for plain)
-    draft_steps: int  # forward passes that verified a draft
-    finish: str
-    accept_hist: dict[int, int] = field(default_factory=dict)  # accepted drafts per verify step -> count
-    forward_passes: int = 0  # decoding forward passes (prefill excluded)
-    prefill_seconds: float = 0.0  # time to the first token (prompt forward pass + first pick)
-    cached_tokens: int = 0  # prompt tokens not run again: taken from a session
-    draft_seconds: float = 0.0  # time spent drafting (proposals; one-off searches excluded)
-    problems: list[str] = field(default_factory=list)  # failures after the last token (the result still holds)
-    kv: str = "full"  # the KV cache policy it ran with
-    kv_bytes: int = 0  # keys/values the cache held at the end
-    lossless: bool = True  # the plan's answer: the method and the cache policy keep plain decoding's output
-    layers: dict = field(default_factory=dict)  # a lossy layer strategy's `stats()` over this request
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
 
 class Engine:
@@ -175,15 +140,17 @@ class Engine:
         time is built and prepared here (under the engine's lock; its time goes to `prepare_seconds`)."""
         spec, policy = self._checked(request)
         m = request.method if isinstance(request.method, Method) else self.method(spec)
+        strategy = methods.strategy(spec, self.tokenizer)  # one per request
         return Plan(
             draft=m.drafter.session() if m.drafter is not None else None,
             sizer=self.sizer(m, request),
-            strategy=methods.build(spec) if spec.strategy_class is not None else None,  # one per request
+            strategy=strategy,
             policy=policy,
             session=request.session,
             lossless=spec.lossless and policy is None,
             method=request.method if isinstance(request.method, str) else spec.spec,
             constraint=self._constraint(request),
+            superposed=methods.build(spec) if spec.superposed_class is not None else None,
         )
 
     def _constraint(self, request: Request) -> Constraint | None:
@@ -206,12 +173,49 @@ class Engine:
         """Yield (new text, step) pairs. Text never splits a character and never shows part of a stop string.
         `plan`: the request's, already made by `plan(request)` (default: made now)."""
         plan = plan or self.plan(request)
+        if plan.superposed is not None:  # its best completion, whole at the end (a draft can change until then)
+            best = [c for c in self.superpose(request, plan) if c is not None][0][0]
+            yield best.text, best.step
+            return
         with self.lock:
             steps = generate(self.model, request.prompt, request.params, plan)
             yield from texts_of(steps, StreamDecoder(self.tokenizer, request.prompt), request.stop)
 
+    def superpose(self, request: Request, plan: Plan | None = None) -> Iterator[list[Choice] | None]:
+        """A superposed request (`decoding.superposed`) step by step: None after its prompt and after each
+        step (each under the engine's lock, so that a server's batch steps in between), then its `request.n`
+        best completions, best first. Closed early (a client gone), it ends cleanly."""
+        plan = plan or self.plan(request)
+        m, p = plan.superposed, request.params
+        learned = self.resources.tables.setdefault(m.table_key, NGramTable(order=m.order)) if m.table_key else None
+        with self.lock:
+            run = Superposition(self.model, m, request.prompt, p, request.session, learned)
+        try:
+            while not run.ended:
+                yield None
+                with self.lock:
+                    run.advance()
+            with self.lock:
+                drafts = run.finish()[: request.n]
+        finally:
+            with self.lock:
+                run.close()
+        out = []
+        for d in drafts:
+            lps = [TokenLogprob(lp, top) for lp, top in d.logprobs] if p.logprobs is not None else None
+            step = Step(d.tokens, forward_tokens=run.ran, finish=d.finish, logprobs=lps, kv_bytes=run.cache.nbytes)
+            text = TextStream(StreamDecoder(self.tokenizer, request.prompt), request.stop).push(step)
+            out.append(Choice(text, step, d, run.steps, run.score_seconds))
+        yield out
+
     def complete(self, request: Request, on_text: Callable[[str], None] | None = None) -> Result:
-        """Run one request to the end and summarise it; `on_text` gets the text as it streams."""
+        """Run one request to the end and summarise it; `on_text` gets the text as it streams (superposed: its
+        best completion, at the end)."""
+        if self.check(request).superposed_class is not None:
+            res = self.completions(dataclasses.replace(request, n=1))[0]
+            if on_text and res.text:
+                on_text(res.text)
+            return res
         plan = self.plan(request)
         tally = Tally(request, plan)
         try:
@@ -237,6 +241,23 @@ class Engine:
             for h, delta, step in runner.step():
                 tallies[id(h)].add(delta, step)
         return [tallies[id(h)].result() for h in handles]
+
+    def completions(self, request: Request) -> list[Result]:
+        """`request.n` completions of one prompt: superposed's n best drafts from one stream (`superpose`), else
+        n independent streams in one batch (`generate_batch`; a seed s gives stream i the seed s + i, as the
+        server's `n` does)."""
+        if self.check(request).superposed_class is None:
+            seed = request.params.seed
+            params = [
+                dataclasses.replace(request.params, seed=None if seed is None else seed + i) for i in range(request.n)
+            ]
+            return self.generate_batch([dataclasses.replace(request, n=1, params=q) for q in params])
+        plan, t0, first = self.plan(request), time.perf_counter(), None
+        for out in self.superpose(request, plan):
+            first = first if first is not None else time.perf_counter() - t0
+            picked = out
+        dt = time.perf_counter() - t0
+        return [chosen(request, plan, c, rank, dt, first) for rank, c in enumerate(picked)]
 
     def embed(self, ids: list[int]) -> list[float]:
         """The prompt's embedding: one forward pass, the last layer's hidden states after the final norm, mean
@@ -298,7 +319,14 @@ def checked(request: Request, vocab_size: int) -> tuple[MethodSpec, CachePolicy 
         raise SkipjackError(f"method must be a method spec or a Method (got {type(request.method).__name__})")
     if request.grammar is not None:
         check_grammar(request.grammar, request.params)
-    return plan.resolve(spec, request.kv, request.session is not None)
+    validate.integer("n (completions)", request.n, 1, MAX_N)
+    spec, policy = plan.resolve(spec, request.kv, request.session is not None)
+    if spec.superposed_class is not None:
+        speculative = request.draft_max is not None or request.draft_p_min > 0
+        methods.build(spec).check(request.params, request.n, request.grammar is not None, speculative)
+    elif request.n > 1 and request.session is not None:
+        raise SkipjackError("n > 1 independent streams cannot share one session (each takes its cache over)")
+    return spec, policy
 
 
 def once(make: Callable):
@@ -311,55 +339,3 @@ def once(make: Callable):
         return box[0]
 
     return get
-
-
-class Tally:
-    """A request's steps summed into a `Result`."""
-
-    def __init__(self, request: Request, plan: Plan):
-        self.request, self.plan, self.text, self.tokens, self.hist = request, plan, [], [], Counter()
-        self.accepted = self.passes = self.drafts = self.cached = self.kv_bytes = 0
-        self.drafting, self.finish, self.t_first, self.ended = 0.0, "length", None, False
-        self.problems: list[str] = []
-        self.t0 = time.perf_counter()
-
-    def add(self, delta: str, step: Step) -> None:
-        self.text.append(delta)
-        self.tokens.extend(step.tokens)
-        if self.t_first is None:
-            self.t_first = time.perf_counter() - self.t0
-            self.cached = len(self.request.prompt) - step.forward_tokens
-        else:
-            self.passes += 1
-            self.accepted += step.accepted
-        if step.drafted:
-            self.drafts += 1
-            self.hist[step.accepted] += 1
-        self.finish, self.ended = step.finish or self.finish, bool(step.finish)
-        self.drafting += step.draft_seconds
-        self.kv_bytes = step.kv_bytes if step.kv_bytes is not None else self.kv_bytes
-
-    def result(self) -> Result:
-        dt, r = time.perf_counter() - self.t0, self.request
-        return Result(
-            text="".join(self.text),
-            tokens=self.tokens,
-            new_tokens=len(self.tokens),
-            prompt_tokens=len(r.prompt),
-            seconds=dt,
-            tokens_per_s=len(self.tokens) / dt if dt > 0 else 0.0,
-            method=self.plan.method,
-            lossless=self.plan.lossless,
-            tokens_per_pass=1.0 + self.accepted / self.passes if self.passes else 1.0,
-            draft_steps=self.drafts,
-            finish=self.finish,
-            accept_hist=dict(sorted(self.hist.items())),
-            forward_passes=self.passes,
-            prefill_seconds=self.t_first or 0.0,
-            cached_tokens=self.cached,
-            draft_seconds=self.drafting,
-            problems=self.problems,
-            kv=r.kv or "full",
-            kv_bytes=self.kv_bytes,
-            layers=self.plan.strategy.stats() if self.plan.strategy is not None else {},
-        )

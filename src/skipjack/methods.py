@@ -1,9 +1,10 @@
 """The method registry: `--method NAME[:key=value,...]` in the CLI, the server, the benchmark and `skipjack eval`.
 
 `plain` means no drafter. The lossy per-layer strategies (`skipjack.strategies`: `ffn-skip`, `layer-skip`,
-`skipdecode`) are methods too: no drafter, a layer plan for each plain step. `pld:max_ngram=4` passes options
-to the drafter's constructor; the option `k` (any drafter) fixes the draft size instead of letting the cost
-model size each draft.
+`skipdecode`) are methods too: no drafter, a layer plan for each plain step. `superposed` (lossy,
+`decoding.superposed`) decodes k completions in one stream; its `k` is its number of drafts. `pld:max_ngram=4`
+passes options to the drafter's constructor; the option `k` (any drafter) fixes the draft size instead of
+letting the cost model size each draft.
 
 Three stages, kept apart:
 - `MethodSpec.parse(spec)` is pure: the name, the options' names, types and ranges, and what the method can
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from skipjack import validate
 from skipjack.decoding.cost import CostModel
 from skipjack.decoding.sizing import CostSizer, DraftCost, FixedSizer, NoDraft, Sizer
+from skipjack.decoding.superposed import Superposed
 from skipjack.drafters.base import Drafter
 from skipjack.drafters.draft_model import DraftModel
 from skipjack.drafters.early_exit import EarlyExit
@@ -45,6 +47,7 @@ REGISTRY: dict[str, type[Drafter]] = {
     "mix": Mix,
     "triforce": TriForce,
 }
+MULTI = {"superposed": Superposed}  # methods that decode several completions of one request in one stream
 INTERNAL = {"parts"}  # constructor arguments the registry passes, never a user option
 # Dtypes whose rounding keeps a lossless method's tokens identical to plain decoding's in practice. A verify
 # pass runs several tokens through the model at once, and the CPU kernels (attention above all) round a
@@ -66,13 +69,13 @@ def register(name: str, factory: type[Drafter]) -> None:
 
 
 def method_names() -> list[str]:
-    return ["plain", "auto", *REGISTRY, *STRATEGIES]
+    return ["plain", "auto", *REGISTRY, *STRATEGIES, *MULTI]
 
 
 def method_help() -> str:
     """The `--method` help, from the registry: every name and its options."""
     parts = ["plain", f"auto (= {AUTO}, sized by the cost model)"]
-    for name, cls in [*REGISTRY.items(), *STRATEGIES.items()]:
+    for name, cls in [*REGISTRY.items(), *STRATEGIES.items(), *MULTI.items()]:
         opts = [*_options(cls), *(["k"] if name in REGISTRY else [])]
         parts.append(name + (f"[:{','.join(opts)}]" if opts else "") + ("" if cls.lossless else " (lossy)"))
     return "NAME[:key=value,...], one of: " + "; ".join(parts)
@@ -102,18 +105,18 @@ class MethodSpec:
             if spec.partition(":")[2].strip():
                 raise SkipjackError("method 'auto' takes no options (it is " + AUTO + ", sized by the cost model)")
             return cls.parse(AUTO)
-        if name not in ("plain", *REGISTRY, *STRATEGIES):
+        if name not in ("plain", *REGISTRY, *STRATEGIES, *MULTI):
             raise SkipjackError(f"unknown method {name!r}; choose one of: {', '.join(method_names())}")
         if name == "plain":
             if opts:
                 raise SkipjackError("method 'plain' takes no options")
             return cls(spec, name)
-        k = opts.pop("k", 0)
+        k = opts.pop("k", 0) if name not in MULTI else 0  # superposed's own k is its option
         if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_DRAFT:
             raise SkipjackError(f"{name}: k (fixed draft length, 0 = cost model) must be in [0, {MAX_DRAFT}] (got {k})")
         if name in STRATEGIES and k:
             raise SkipjackError(f"{name}: k (a draft length) does not apply: {name} drafts nothing")
-        factory = STRATEGIES.get(name) or REGISTRY[name]
+        factory = STRATEGIES.get(name) or MULTI.get(name) or REGISTRY[name]
         params = _options(factory)
         unknown = set(opts) - set(params)
         if unknown:
@@ -131,6 +134,10 @@ class MethodSpec:
     @property
     def strategy_class(self) -> type[Strategy] | None:
         return STRATEGIES.get(self.name)
+
+    @property
+    def superposed_class(self) -> type[Superposed] | None:
+        return MULTI.get(self.name)
 
     @property
     def drafts(self) -> bool:
@@ -173,10 +180,24 @@ def _mix_parts(opts: dict) -> tuple[MethodSpec, ...]:
     return tuple(MethodSpec.parse(n + (f":model={model}" if model and takes(n) else "")) for n in names)
 
 
-def build(spec: MethodSpec) -> Drafter | Strategy | None:
-    """The method's drafter or strategy, made from its options (no work: `prepare` does that); None for plain."""
+def strategy(spec: MethodSpec, tokenizer=None) -> Strategy | None:
+    """A request's own lossy layer strategy (None for a method that is not one); a strategy with an instruction
+    of its own (LOL's refocus) gets its token ids from `tokenizer` (the engine's: text stays at the edges)."""
+    if spec.strategy_class is None:
+        return None
+    made = build(spec)
+    if getattr(made, "guidance", None) and tokenizer is not None:
+        made.guide_ids = tokenizer.encode(made.guidance, add_special_tokens=False)
+    return made
+
+
+def build(spec: MethodSpec) -> Drafter | Strategy | Superposed | None:
+    """The method's drafter, strategy or superposed options, made from its options (no work: `prepare` does
+    that); None for plain."""
     if spec.strategy_class is not None:
         return spec.strategy_class(**spec.options)
+    if spec.superposed_class is not None:
+        return spec.superposed_class(**spec.options)
     if spec.drafter_class is None:
         return None
     if spec.parts:

@@ -97,6 +97,7 @@ def write_benchmarks_md(
     stepcost: Path | None = None,
     loadgen: Path | None = None,
     structured: Path | None = None,
+    benches: list[tuple[str, Path]] = (),
 ) -> Path:
     """BENCHMARKS.md at `target` from results_dir/results.json; plots and raw data are copied to docs/bench/
     beside it. `extra` runs (heading, dir) are appended as sections, then the `quality` folder's quality.json,
@@ -136,6 +137,8 @@ def write_benchmarks_md(
     for folder, section in sections:
         if folder:
             md += "\n" + section(Path(folder), docs)
+    for name, folder in benches:
+        md += "\n" + bench_section(name, Path(folder), docs)
     if note_text:
         md += "\n" + note_text.rstrip()
     target.write_text(md + "\n")
@@ -187,6 +190,25 @@ def _raw(folder: Path, name: str, what: str, docs: Path) -> dict:
     res = json.loads(_read_text(folder / name, what))
     shutil.copyfile(folder / name, docs / name)
     return res
+
+
+def bench_section(name: str, folder: Path, docs: Path) -> str:
+    """A separate run of `python -m skipjack.bench.NAME --out folder`: the module's `section(results)` from its
+    NAME.json, copied to docs/bench/bench-NAME--FOLDER.json (`tools/restore-runs.sh` puts it back)."""
+    import importlib
+
+    from skipjack.errors import SkipjackError
+
+    try:
+        module = importlib.import_module(f"skipjack.bench.{name}")
+    except ImportError:
+        raise SkipjackError(f"--bench: no benchmark module skipjack.bench.{name}") from None
+    if not hasattr(module, "section"):
+        raise SkipjackError(f"--bench: skipjack.bench.{name} has no section()")
+    res = json.loads(_read_text(folder / f"{name}.json", f"{name} results "))
+    raw = f"bench-{name}--{folder.resolve().name}.json"
+    shutil.copyfile(folder / f"{name}.json", docs / raw)
+    return module.section(res) + f"\nRaw data: `docs/bench/{raw}`.\n"
 
 
 def serve_section(folder: Path, docs: Path) -> str:
@@ -328,44 +350,34 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval", default=None, help="append the `skipjack eval` rows under this folder")
     ap.add_argument("--longctx", default=None, help="append the long-context runs (longctx.json) under this folder")
     ap.add_argument("--stepcost", default=None, help="append the pass-cost runs (*/stepcost.json) under this folder")
+    ap.add_argument(
+        "--bench", action="append", default=[], metavar="NAME=DIR", help="append `bench.NAME --out DIR`'s section"
+    )
     return ap
+
+
+def _pair(item: str, flag: str) -> tuple[str, Path]:
+    from skipjack.errors import SkipjackError
+
+    key, eq, d = item.partition("=")
+    if not eq or not key or not d:
+        raise SkipjackError(f"{flag} wants {'HEADING' if flag == '--extra' else 'NAME'}=DIR (got {item!r})")
+    return key, Path(d)
 
 
 def main(argv: list[str] | None = None) -> int:
     """BENCHMARKS.md with --benchmarks-md; otherwise DIR's REPORT.md and plots, redrawn from its results.json."""
-    from skipjack.errors import SkipjackError, run_command
+    from skipjack.errors import run_command
 
     a = _parser().parse_args(argv)
 
     def body() -> None:
-        extra = []
-        for item in a.extra:
-            heading, eq, d = item.partition("=")
-            if not eq or not heading or not d:
-                raise SkipjackError(f"--extra wants HEADING=DIR (got {item!r})")
-            extra.append((heading, Path(d)))
+        extra = [_pair(item, "--extra") for item in a.extra]
         if a.benchmarks_md:
-            notes = Path(a.notes) if a.notes else None
-            quality = Path(a.quality) if a.quality else None
-            layers = Path(a.layers) if a.layers else None
-            serve = Path(a.serve) if a.serve else None
-            evals = Path(a.eval) if a.eval else None
-            lc = Path(a.longctx) if a.longctx else None
-            sc = Path(a.stepcost) if a.stepcost else None
-            md = write_benchmarks_md(
-                Path(a.dir),
-                Path(a.benchmarks_md),
-                extra,
-                notes,
-                quality,
-                layers,
-                serve,
-                evals,
-                lc,
-                sc,
-                Path(a.loadgen) if a.loadgen else None,
-                Path(a.structured) if a.structured else None,
-            )
+            opt = lambda v: Path(v) if v else None  # noqa: E731
+            folders = [a.notes, a.quality, a.layers, a.serve, a.eval, a.longctx, a.stepcost, a.loadgen, a.structured]
+            benches = [_pair(b, "--bench") for b in a.bench]
+            md = write_benchmarks_md(Path(a.dir), Path(a.benchmarks_md), extra, *map(opt, folders), benches)
             print(f"wrote {md}")
         else:
             write_report(read_results(Path(a.dir)), Path(a.dir))

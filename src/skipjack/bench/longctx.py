@@ -188,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.longctx", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="q4")
-    ap.add_argument("--policies", default="streaming,h2o,snapkv,pyramidkv,cake,tidal")
+    ap.add_argument("--policies", default="streaming,h2o,snapkv,pyramidkv,cake,actqkv,tidal")
     ap.add_argument("--budgets", default="0.05,0.1,0.25,0.5")
     ap.add_argument("--lengths", default="2048,4096,8192", help="contexts for speed, memory and perplexity")
     ap.add_argument("--task-lengths", default=None, help="contexts for the tasks (default: --lengths)")

@@ -42,11 +42,12 @@ def targets(res: dict) -> str:
         return (s.get(f"{length}|{policy}|{budget}") or {}).get(field)
 
     acc = {p: [v.get("relative_accuracy") for k, v in s.items() if k.split("|")[1:] == [p, "0.1"]]
-           for p in ("cake", "snapkv", "streaming")}  # fmt: skip
+           for p in ("cake", "snapkv", "streaming", "actqkv")}  # fmt: skip
     mean = {p: (sum(x for x in v if x is not None) / len([x for x in v if x is not None])) if any(
         x is not None for x in v) else None for p, v in acc.items()}  # fmt: skip
     longest = max((int(k.split("|")[0]) for k in s if s[k].get("speedup")), default=None)
-    fast = {p: get(longest, p, 0.1, "speedup") for p in ("snapkv", "streaming", "h2o", "cake", "pyramidkv", "tidal")}
+    policies = ("snapkv", "streaming", "h2o", "cake", "pyramidkv", "actqkv", "tidal")
+    fast = {p: get(longest, p, 0.1, "speedup") for p in policies}
     tri = get(longest, FULL, "triforce", "speedup")
 
     def f(v, fmt):
@@ -60,6 +61,10 @@ def targets(res: dict) -> str:
         f"| ... and beats SnapKV ({f(mean['snapkv'], '{:.0%}')}) and StreamingLLM ({f(mean['streaming'], '{:.0%}')}) "
         f"| {'yes' if beats else 'no'} |"
     )
+    if mean["actqkv"] is not None:
+        ge = mean["cake"] is not None and mean["actqkv"] >= mean["cake"]
+        lines.append(f"| ActQKV at a 10% budget ({f(mean['actqkv'], '{:.0%}')}) keeps at least CAKE's accuracy "
+                     f"| {'yes' if ge else 'no'} |")  # fmt: skip
     if longest is None:
         lines.append("| speed (a 10% budget ≥ 1.5×; triforce ≥ 1.3×) | not measured in these runs |")
         return "\n".join(lines) + "\n"

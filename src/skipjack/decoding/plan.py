@@ -1,11 +1,11 @@
 """One plan per request: everything a request decodes with, resolved and checked once.
 
 A `Plan` holds the drafter's session for this request (None: no drafter), the sizer, the lossy layer strategy
-(None: every layer), the KV cache policy (None: every key kept), how the request starts (`session`) and
-whether the run is `lossless` (every front-end prints this one answer). Which method combines with which
-cache policy is decided here, by one table of rules over the capabilities the classes declare (a drafter's
-`reads_past_keys` and `copies_target_keys`, a policy's `lossless`, `plain_only` and `holds_every_key`), never by
-lists of names.
+(None: every layer), superposed decoding's options (None: one stream), the KV cache policy (None: every key
+kept), how the request starts (`session`) and whether the run is `lossless` (every front-end prints this one
+answer). Which method combines with which cache policy is decided here, by one table of rules over the
+capabilities the classes declare (a drafter's `reads_past_keys` and `copies_target_keys`, a policy's
+`lossless`, `plain_only` and `holds_every_key`), never by lists of names.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from skipjack.cache import CachePolicy
 from skipjack.decoding.constraint import Constraint
 from skipjack.decoding.session import Session
 from skipjack.decoding.sizing import Sizer
+from skipjack.decoding.superposed import Superposed
 from skipjack.drafters.base import DraftSession
 from skipjack.errors import SkipjackError
 from skipjack.methods import MethodSpec
@@ -30,6 +31,10 @@ RULES: tuple[Rule, ...] = (
     (
         lambda m, p, s: p is not None and m.strategy_class is not None,
         "--kv {kv} and the lossy layer strategy {name} do not combine",
+    ),
+    (
+        lambda m, p, s: p is not None and m.superposed_class is not None,
+        "--kv {kv} and {name} do not combine: its one cache holds its drafts' superposed keys",
     ),
     (
         lambda m, p, s: p is not None and s,
@@ -78,3 +83,4 @@ class Plan:
     lossless: bool = True  # the method and the cache policy both keep plain decoding's output
     method: str = "plain"  # the spec, for reports
     constraint: Constraint | None = None  # a grammar every token obeys (structured output); None: free text
+    superposed: Superposed | None = None  # superposed decoding's options: k drafts in one stream (`Superposition`)

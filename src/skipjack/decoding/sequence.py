@@ -104,6 +104,9 @@ class Sequence:
         else:
             self.pending = Prefill(model, prompt, params.max_new_tokens, policy=policy)
         self.cache = self.pending.cache
+        if strategy is not None and strategy.scores_prompt:  # the first token is the strategy's too (DoLa)
+            strategy.prompt_started(model, list(prompt), params.max_new_tokens)
+            self.pending.last = lambda ids, cache: strategy.prompt_forward(model, ids, cache)
         if not chunked:
             self._started(self.pending.run())
 

@@ -76,6 +76,7 @@ class Prefill:
             cache, held = model.make_cache(check_prompt(model, prompt, max_new_tokens), policy=policy), 0
         self.model, self.prompt, self.cache, self.held, self.start = model, prompt, cache, held, done
         self.ran = 0
+        self.last = None  # runs the final part (ids [1, T], cache) -> logits [1, T', V]: a strategy's own (DoLa)
 
     @classmethod
     def finished(cls, start: Start) -> Prefill:
@@ -103,7 +104,9 @@ class Prefill:
                 cache.policy.compress(cache)
         if self.left > budget:
             return None  # more next time
-        logits = self.model(torch.tensor([prompt[self.held :]]), cache, logits="last").logits[0, -1]  # [V]
+        ids = torch.tensor([prompt[self.held :]])  # [1, T]
+        out = self.model(ids, cache, logits="last") if self.last is None else self.last(ids, cache)
+        logits = out.logits[0, -1]  # [V]
         self.ran, self.held = self.ran + self.left, len(prompt)
         cache.settle()
         self.start = Start(cache, logits, self.ran)

@@ -24,9 +24,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError, RequestCancelledError
 
-from skipjack.engine import Request, checked
+from skipjack.engine import checked
 from skipjack.errors import http_status, message
 from skipjack.loading.load import describe
+from skipjack.request import Request
 from skipjack.server.app import create_app
 from skipjack.server.metrics import merge
 from skipjack.server.scheduler import Job, QueueFull
@@ -98,35 +99,42 @@ class Fleet:
             task.add_done_callback(self.tasks.discard)
 
     async def _run(self, job: Job) -> None:
+        """A job (a superposed request's: its whole group) on a replica, sent again while nothing came back."""
+        targets = job.group or [job]
         for attempt in range(RETRIES + 1):
-            sent = [0]  # events delivered so far
+            sent, ended = [0], set()  # events delivered so far; the choices that have ended
             try:
-                await self._stream(job, sent)
+                await self._stream(job, targets, sent, ended)
                 return
             except LOST:
                 if sent[0] == 0 and attempt < RETRIES:
                     self.metrics.lost.labels("retried").inc()
                     continue
                 self.metrics.lost.labels("failed").inc()
-                why = f"the replica decoding this request stopped after {sent[0]} steps; send it again"
-                job.events.put_nowait(("error", 503, why))
+                why = (503, f"the replica decoding this request stopped after {sent[0]} steps; send it again")
             except RequestCancelledError:  # the client left: nobody reads the job any more
-                pass
+                return
             except BackPressureError:
-                job.events.put_nowait(("error", 503, "every replica's queue is full"))
+                why = (503, "every replica's queue is full")
             except Exception as e:  # a fault or a bug on either side: its status and one line
-                job.events.put_nowait(("error", http_status(e), message(e)))
+                why = (http_status(e), message(e))
+            for k, target in enumerate(targets):
+                if k not in ended:
+                    target.events.put_nowait(("error", *why))
             return
 
-    async def _stream(self, job: Job, sent: list[int]) -> None:
-        """The job's events from one replica's `decode` into its queue, until it ends or is cancelled."""
+    async def _stream(self, job: Job, targets: list[Job], sent: list[int], ended: set[int]) -> None:
+        """The request's events from one replica's `decode` into its jobs' queues, until they end or it is
+        cancelled."""
         left = None if job.deadline is None else max(0.0, job.deadline - time.monotonic())
         stream = self.replicas.decode.remote(job.request, job.method, left)
         watch = asyncio.get_running_loop().create_task(_cancel(job, stream))
         try:
-            async for ev in stream:
-                job.events.put_nowait(ev)
+            async for k, ev in stream:
+                targets[k].events.put_nowait(ev)
                 sent[0] += 1
+                if ev[0] != "step":
+                    ended.add(k)
         finally:
             watch.cancel()
 

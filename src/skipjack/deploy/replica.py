@@ -2,9 +2,10 @@
 metrics, as a Ray Serve replica that the ingress (`deploy.front`) streams jobs to.
 
 `decode(request, method, seconds)` is a job's events, as the one-process server's worker puts them: ("step",
-text, step) ... then ("done", finish) or ("error", status, message). The request starts from this replica's
-prefix cache (the router sends a prompt where its prefix most likely is). A cancelled call (the client left)
-frees the job's slot at the next step. Stopping (a rolling update, a scale-down, `serve shutdown`, SIGTERM to
+text, step) ... then ("done", finish) or ("error", status, message), each with its choice's index (a superposed
+request's n choices are one run). The request starts from this replica's prefix cache (the router sends a
+prompt where its prefix most likely is). A cancelled call (the client left) frees the job's slot at the next
+step. Stopping (a rolling update, a scale-down, `serve shutdown`, SIGTERM to
 `skipjack serve --replicas`): Serve sends no new requests and waits for the running ones (at most the drain
 time), then `__del__` stops the worker. What replicas share goes through the board (`deploy.board`): metrics
 every second, the n-gram tables every `share` seconds, and the tuning files before and after the load.
@@ -20,8 +21,9 @@ import torch
 from ray import serve
 
 from skipjack.deploy.board import take_files, tuning_files
-from skipjack.engine import Engine, Request
+from skipjack.engine import Engine
 from skipjack.machine import cpu_name
+from skipjack.request import Request
 from skipjack.server.app import local
 from skipjack.server.metrics import Metrics
 from skipjack.server.scheduler import Job, QueueFull
@@ -64,24 +66,30 @@ class Replica:
             await self.board.release.remote(k, measured)
 
     async def decode(self, request: Request, method: str, seconds: float | None):
-        """One job's events (the module's docstring); `seconds`: what is left of its deadline."""
+        """One request's events (the module's docstring) as (k, event): k is the choice, 0 but for a superposed
+        request's n choices (one run, a job each); `seconds`: what is left of its deadline."""
         if request.kv is None and self.prefix is not None:
             request.session = self.prefix.session()
         deadline = None if seconds is None else time.monotonic() + seconds
-        job = Job(request, method, asyncio.get_running_loop(), deadline)
+        jobs = [Job(request, method, asyncio.get_running_loop(), deadline) for _ in range(request.n)]
+        for job in jobs:
+            job.group = jobs if len(jobs) > 1 else None
         try:
-            self.scheduler.submit([job])
+            self.scheduler.submit(jobs[:1])
         except QueueFull as x:
-            yield ("error", 503, str(x))
+            for k in range(len(jobs)):
+                yield k, ("error", 503, str(x))
             return
         try:
-            while True:
-                ev = await job.events.get()
-                yield ev
-                if ev[0] != "step":
-                    return
+            for k, job in enumerate(jobs):
+                while True:
+                    ev = await job.events.get()
+                    yield k, ev
+                    if ev[0] != "step":
+                        break
         finally:
-            job.cancelled.set()  # a no-op once it ended; frees its slot when the caller went away
+            for job in jobs:
+                job.cancelled.set()  # a no-op once it ended; frees its slot when the caller went away
 
     async def embed(self, ids: list[int]) -> list[float]:
         return await asyncio.to_thread(self.engine.embed, ids)

@@ -7,10 +7,11 @@ capacity). `rank` orders the replicas for a request:
 
 1. the longest matched prefix first: that replica's prefix cache, n-gram tables and sessions hold it. As in
    SGLang's cache-aware router, a match counts only when it covers at least `RATIO` of the prompt and its
-   replica's load is within `slack` of the least loaded one: a short head that every request shares (a chat
+   replica's load is within `SLACK` of the least loaded one: a short head that every request shares (a chat
    template's system prompt) is worth less than balance, and no prefix can draw all requests to one replica;
 2. among equal matches (none: a new conversation), the least loaded;
-3. then by rendezvous hashing (the highest H(first key, replica)), so ties stay put as replicas come and go;
+3. then by rendezvous hashing (Thaler & Ravishankar 1998, highest random weight: the replica with the highest
+   H(first key, replica)), so ties stay put as replicas come and go: only a departed replica's prompts move;
 4. a replica that is full (load >= `full`, its batch's rows) goes last, least loaded first: the request falls
    back to the least-loaded replica with room rather than queue behind a full batch.
 

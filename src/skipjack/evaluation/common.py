@@ -10,21 +10,28 @@ import torch
 
 
 @torch.inference_mode()
-def continuation_logprobs(model, strategy, prompt: list[int], cont: list[int]) -> torch.Tensor:
+def continuation_logprobs(model, strategy, prompt: list[int], cont: list[int], raw: bool = False) -> torch.Tensor:
     """Log-probabilities [C, V] of each continuation position: the prompt run by the exact model (as a prompt is
-    in decoding), the continuation by `strategy` (a lossy layer strategy, begun afresh; None: the model) in one
-    pass from generated index 0, as it decodes."""
+    in decoding; by the strategy where it scores the prompt's last position too, as DoLa does), the
+    continuation by `strategy` (a lossy layer strategy, begun afresh; None: the model) in one pass from
+    generated index 0, as it decodes. `raw`: a strategy's scores as they are, not normalised (DoLa's code scores
+    multiple choice with log q_N - log q_M summed as it is)."""
     cache = model.make_cache(len(prompt) + len(cont) + 1)
-    first = model(torch.tensor([prompt]), cache, logits="last").logits[0]  # [1, V]
+    if strategy is not None and strategy.scores_prompt:  # the token after the prompt is the strategy's too
+        strategy.prompt_started(model, prompt, len(cont))
+        first = strategy.prompt_forward(model, torch.tensor([prompt]), cache).logits[0]  # [1, V]
+    else:
+        first = model(torch.tensor([prompt]), cache, logits="last").logits[0]  # [1, V]
+    norm = (lambda x: x.float()) if raw and strategy is not None else (lambda x: torch.log_softmax(x.float(), -1))
     if len(cont) == 1:
-        return torch.log_softmax(first.float(), -1)  # [1, V]
+        return norm(first)  # [1, V]
     x = torch.tensor([cont[:-1]])  # [1, C-1]
     if strategy is not None:
         strategy.begin(model, len(prompt), len(cont))
         rest = strategy.forward(model, x, cache, 0).logits[0]  # [C-1, V]
     else:
         rest = model(x, cache).logits[0]  # [C-1, V]
-    return torch.log_softmax(torch.cat([first, rest]).float(), -1)  # [C, V]
+    return norm(torch.cat([first, rest]))  # [C, V]
 
 
 def slug(text: str) -> str:

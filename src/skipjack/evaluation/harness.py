@@ -60,11 +60,11 @@ def task_kind(model: str, task: str) -> str:
 
 
 @torch.inference_mode()
-def perplexity(model, spec: str, ref, windows: list[tuple[list[int], list[int]]]) -> dict:
+def perplexity(model, spec: str, ref, windows: list[tuple[list[int], list[int]]], tokenizer=None) -> dict:
     """Sums over the windows' continuations: NLL under the method and the reference, top-1 agreement, KL."""
     sums = {"tokens": 0, "nll": 0.0, "nll_ref": 0.0, "agree": 0, "kl": 0.0}
     ms = MethodSpec.parse(spec)
-    method_strategy = methods.build(ms) if ms.strategy_class is not None else None  # begun afresh per window
+    method_strategy = methods.strategy(ms, tokenizer)  # begun afresh per window
     for prompt, cont in windows:
         lp = continuation_logprobs(ref, None, prompt, cont)  # [C, V]
         lq = continuation_logprobs(model, method_strategy, prompt, cont)  # [C, V]
@@ -190,7 +190,11 @@ def evaluate(
     from skipjack.evaluation.texts import windows
 
     s = QUICK if quick else FULL
-    MethodSpec.parse(spec)  # a bad spec fails before the load (parsed: nothing built)
+    if MethodSpec.parse(spec).superposed_class is not None:  # a bad spec fails before the load (nothing built)
+        raise SkipjackError(
+            "skipjack eval's teacher-forced measures do not apply to superposed (its drafts share one stream): "
+            "python -m skipjack.bench.superposed measures its completions"
+        )
     engine = Engine.load(model, dtype)
     same = ref_dtype in (None, dtype) and ref_model in (None, model)
     ref = engine if same else Engine.load(ref_model or model, ref_dtype or dtype)
@@ -209,7 +213,7 @@ def evaluate(
         "machine": machine_info(0.0),
     }
     row["perplexity"] = perplexity(
-        engine.model, spec, ref.model, windows(engine.tokenizer, s.windows, s.prompt, s.cont)
+        engine.model, spec, ref.model, windows(engine.tokenizer, s.windows, s.prompt, s.cont), engine.tokenizer
     )
     row["greedy"] = greedy(engine, spec, ref, load_suite(s.suite), s.tokens)
     row["skipped"] = row["greedy"].pop("skipped")

@@ -56,7 +56,7 @@ class SkipjackLM(TemplateLM):
         super().__init__()
         self.engine, self.spec, self.max_gen_toks = engine, spec, max_gen_toks
         ms = MethodSpec.parse(spec)
-        self.strategy = methods.build(ms) if ms.strategy_class is not None else None
+        self.strategy = methods.strategy(ms, engine.tokenizer)
         self.max_length = engine.model.config.max_position_embeddings
         tok = engine.tokenizer
         names = getattr(tok.hf, "special_tokens_map", {}) or {}

@@ -2,8 +2,8 @@
 
 `full` keeps every key (the default). `bf16` / `int8` store keys and values in a smaller dtype. The evicting
 policies keep `budget` (a fraction of the context) per layer: `streaming` (StreamingLLM), `h2o`, `snapkv`,
-`pyramidkv`, `cake`; `tidal` (TidalDecode) keeps every key but attends to a selected few. All but `full` are
-lossy and labelled so. A policy object serves one request's cache (it keeps no state of its own: a cache's
+`pyramidkv`, `cake`, `actqkv`; `tidal` (TidalDecode) keeps every key but attends to a selected few. All but
+`full` are lossy and labelled so. A policy object serves one request's cache (it keeps no state of its own: a cache's
 state is in `KVCache.state`). Every policy is a `cache.CachePolicy`: its hooks and the capabilities the plan's
 rules read (`lossless`, `plain_only`, `holds_every_key`) are declared there, with their defaults.
 """
@@ -15,6 +15,7 @@ import inspect
 from skipjack import validate
 from skipjack.cache import CachePolicy, FullKV
 from skipjack.errors import SkipjackError
+from skipjack.kvpolicies.actqkv import ActQKV
 from skipjack.kvpolicies.base import EvictingLayerKV, EvictionPolicy
 from skipjack.kvpolicies.cake import CAKE
 from skipjack.kvpolicies.h2o import H2O
@@ -33,6 +34,7 @@ POLICIES = {
     "snapkv": SnapKV,
     "pyramidkv": PyramidKV,
     "cake": CAKE,
+    "actqkv": ActQKV,
     "tidal": TidalDecode,
 }
 

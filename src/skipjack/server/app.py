@@ -4,7 +4,8 @@ Endpoints: /v1/chat/completions, /v1/completions (SSE streaming ending in `data:
 response, `timings` with draft counts and the method used), /v1/models, /health (503 while the model loads),
 /metrics (Prometheus, also under vLLM's `vllm:` names), /tokenize, /detokenize, and from `extra`
 /tokenizer_info, /v1/embeddings, /v1/responses. `null` in an optional field is its default. /v1/completions
-takes text, token ids, or a list of up to `protocol.MAX_PROMPTS` (64) of either (n choices each, in order), and
+takes text, token ids, or a list of up to `protocol.MAX_PROMPTS` (64) of either (n choices each, in order: n
+independent streams, or with the method `superposed` the n best drafts of one run, n <= its k), and
 `echo` (with `logprobs`: the prompt's, the first null; `max_tokens: 0` scores only). Errors are OpenAI-style
 JSON `{"error": {...}}` with one line of message and a status by kind (`skipjack.errors`): bad JSON, types or
 values (400), a wrong or missing API key (401), an unknown `model` (404, code "model_not_found"), a body over
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException
 from skipjack import engine as engine_mod
 from skipjack.decoding.prefix import PrefixCache
 from skipjack.errors import SkipjackError
+from skipjack.methods import MethodSpec
 from skipjack.server import protocol as P
 from skipjack.server import tools
 from skipjack.server.errors import ApiError, error, failure
@@ -226,26 +228,10 @@ def _generation(app: FastAPI, settings: Settings, need_engine) -> None:
         return await _serve(request, body, e, [ids], top, chat=True)
 
     async def _serve(request: Request, body: P.Sampling, e, prompts: list[list[int]], top, chat: bool, echo=None):
-        """Queue n jobs per prompt (none for max_tokens 0: the echo alone) and answer, whole or streamed."""
-        ctx = e.context
-        spec, n_max, p_min = P.method(body, settings.method)
-        grammar = constraint(body, e, chat)
-        stop = () if body.stop is None else ((body.stop,) if isinstance(body.stop, str) else tuple(body.stop))
-        loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + settings.timeout
-        jobs = []
-        for ids in prompts:
-            for i in range(body.n):
-                if body.max_tokens == 0:
-                    jobs.append(None)
-                    continue
-                seed = None if body.seed is None else body.seed + i
-                p = P.params(body, body.max_tokens or ctx - len(ids), seed, e.tokenizer.stop_ids, top)
-                req = engine_mod.Request(ids, p, spec, stop, pooled(state, body), n_max, p_min, body.kv, grammar)
-                e.check(req)  # every value checked before anything is queued
-                jobs.append(Job(req, spec, loop, deadline))
+        """Queue a request's jobs (`_jobs`) and answer, whole or streamed."""
+        spec, jobs = _jobs(state, settings, body, e, prompts, top, chat)
         try:
-            state.scheduler.submit([j for j in jobs if j is not None])
+            state.scheduler.submit([j for j in jobs if j is not None and (j.group is None or j is j.group[0])])
         except QueueFull as x:
             raise ApiError(503, str(x), headers={"Retry-After": "1"}) from None
         reply = Reply(e, body, prompts, spec, chat, top, echo)
@@ -257,6 +243,34 @@ def _generation(app: FastAPI, settings: Settings, need_engine) -> None:
             for job in jobs:
                 if job is not None:
                     job.cancelled.set()  # a no-op for finished jobs; frees the rest when the client left
+
+
+def _jobs(state, settings: Settings, body: P.Sampling, e, prompts: list[list[int]], top, chat: bool):
+    """n jobs per prompt (None for max_tokens 0: the echo alone), every value checked before any is queued:
+    n independent streams, or with `superposed` one run whose n best drafts are the n choices (n <= its k;
+    the jobs are one group, the first queued): (the method's spec, the jobs)."""
+    ctx = e.context
+    spec, n_max, p_min = P.method(body, settings.method)
+    grammar = constraint(body, e, chat)
+    stop = () if body.stop is None else ((body.stop,) if isinstance(body.stop, str) else tuple(body.stop))
+    loop, deadline = asyncio.get_running_loop(), time.monotonic() + settings.timeout
+    multi = MethodSpec.parse(spec).superposed_class is not None
+    jobs = []
+    for ids in prompts:
+        for i in range(1 if multi and body.max_tokens != 0 else body.n):
+            if body.max_tokens == 0:
+                jobs.append(None)
+                continue
+            seed = None if body.seed is None else body.seed + i
+            p = P.params(body, body.max_tokens or ctx - len(ids), seed, e.tokenizer.stop_ids, top)
+            req = engine_mod.Request(ids, p, spec, stop, pooled(state, body), n_max, p_min, body.kv, grammar)
+            req.n = body.n if multi else 1
+            e.check(req)
+            group = [Job(req, spec, loop, deadline) for _ in range(req.n)]
+            for job in group:
+                job.group = group if multi else None
+            jobs += group
+    return spec, jobs
 
 
 async def echoes(e, prompts: list[tuple[str | None, list[int]]], top: int | None) -> list[tuple]:

@@ -12,8 +12,8 @@ from skipjack import validate
 from skipjack.decoding.constraint import Grammar
 from skipjack.decoding.sampling import SamplingParams
 from skipjack.errors import SkipjackError
+from skipjack.limits import MAX_N  # choices per request
 
-MAX_N = 16  # choices per request
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (a list of strings or of token-id lists)
 
 

@@ -1,5 +1,5 @@
 """Lossy per-layer strategies, by method name (`--method ffn-skip`, `layer-skip:ratio=0.25`, `skipdecode`,
-`dola:layers=high`).
+`dola:layers=high`, `lol`).
 Each is one file behind `skipjack.strategies.base.Strategy`; the method registry (`skipjack.drafters`) makes
 them from a spec like a drafter."""
 
@@ -9,8 +9,9 @@ from skipjack.strategies.base import Strategy
 from skipjack.strategies.dola import DoLa
 from skipjack.strategies.ffn_skip import FFNSkip
 from skipjack.strategies.layer_skip import LayerSkip
+from skipjack.strategies.lol import LOL
 from skipjack.strategies.skipdecode import SkipDecode
 
-STRATEGIES = {"ffn-skip": FFNSkip, "layer-skip": LayerSkip, "skipdecode": SkipDecode, "dola": DoLa}
+STRATEGIES = {"ffn-skip": FFNSkip, "layer-skip": LayerSkip, "skipdecode": SkipDecode, "dola": DoLa, "lol": LOL}
 
-__all__ = ["STRATEGIES", "DoLa", "FFNSkip", "LayerSkip", "SkipDecode", "Strategy"]
+__all__ = ["STRATEGIES", "DoLa", "FFNSkip", "LayerSkip", "LOL", "SkipDecode", "Strategy"]

@@ -31,6 +31,16 @@ class Strategy:
         returns the model's `ForwardOut` with logits for every position."""
         raise NotImplementedError
 
+    scores_prompt = False  # whether the token after the prompt is the strategy's too (`prompt_forward`)
+
+    def prompt_started(self, model, prompt: list[int], max_new: int) -> None:
+        """Before a request's prompt runs, where `scores_prompt` (LOL's refocus context starts here)."""
+
+    def prompt_forward(self, model, ids: torch.Tensor, cache):
+        """The prompt's final part `ids` [1, T] after the cache's keys, every layer run, where `scores_prompt`:
+        returns the model's `ForwardOut` whose last position's logits are the strategy's scores."""
+        raise NotImplementedError
+
     def keeps_cache_whole(self) -> bool:
         """Whether every layer's keys are written for every token (a conversation can go on from the cache)."""
         return True

@@ -44,19 +44,20 @@ def candidates(spec: str, n: int) -> list[int]:
     return list(range(int(lo), int(hi) + 1))
 
 
-def jsd(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon divergence between distributions p [..., V] and q [..., V] (natural log) -> [...]."""
-    m = 0.5 * (p + q)
-    kl = lambda a: (a * (torch.log(a.clamp_min(1e-30)) - torch.log(m.clamp_min(1e-30)))).sum(-1)  # noqa: E731
-    return 0.5 * kl(p) + 0.5 * kl(q)
+def jsd(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence between two distributions given as log-probabilities [..., V] (natural log)
+    -> [...]: H(m) - (H(p) + H(q)) / 2 with m = (p + q) / 2, one logarithm over the vocabulary."""
+    p, q = logp.exp(), logq.exp()  # [..., V]
+    m = 0.5 * (p + q)  # [..., V]
+    return 0.5 * ((p * logp).sum(-1) + (q * logq).sum(-1)) - torch.special.xlogy(m, m).sum(-1)
 
 
-def contrast(final: torch.Tensor, early: list[torch.Tensor], alpha: float, weight: float):
-    """DoLa's scores [T, V] from the final logits [T, V] and each candidate's logits [T, V], and the index of the
-    premature candidate chosen at each position [T]."""
+def contrast(final: torch.Tensor, early: torch.Tensor, alpha: float, weight: float):
+    """DoLa's scores [T, V] from the final logits [T, V] and the candidates' logits [J, T, V], and the index of
+    the premature candidate chosen at each position [T]."""
     logq = torch.log_softmax(final.float(), -1)  # [T, V]
-    logqs = torch.stack([torch.log_softmax(e.float(), -1) for e in early])  # [J, T, V]
-    div = jsd(logq.exp()[None], logqs.exp())  # [J, T]
+    logqs = torch.log_softmax(early.float(), -1)  # [J, T, V]
+    div = jsd(logq[None], logqs)  # [J, T]
     pick = div.argmax(0)  # [T]
     prem = logqs[pick, torch.arange(final.shape[0])]  # [T, V]
     scores = logq - weight * prem  # [T, V]
@@ -64,7 +65,61 @@ def contrast(final: torch.Tensor, early: list[torch.Tensor], alpha: float, weigh
     return torch.where(plausible, scores, torch.full_like(scores, IMPLAUSIBLE)), pick
 
 
-class DoLa(Strategy):
+def _weight(name: str, key: str, value, top: float) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= top
+    if not ok:
+        raise SkipjackError(f"{name}: {key} must be a number in [0, {top:g}] (got {value!r})")
+    return float(value)
+
+
+class LayerContrast(Strategy):
+    """What DoLa and LOL share: one pass that returns the candidate layers' hidden states, each read through the
+    final norm and the LM head in one call (`early`), and the scores at every position, the prompt's last one
+    included (`scores_prompt`: the first generated token is the method's too)."""
+
+    scores_prompt = True
+    layers = "high"
+
+    def begin(self, model, prompt_len: int, max_new: int) -> None:
+        super().begin(model, prompt_len, max_new)
+        self.cands = self.wanted(model)  # a bad layer range fails here, before any step
+        self.picked: dict[int, int] = getattr(self, "picked", {})  # premature layer -> how often chosen
+
+    def wanted(self, model) -> list[int]:
+        """Hidden-state layers (HF's count: 0 = the embeddings) whose distributions the scores read."""
+        return candidates(self.layers, model.num_layers)
+
+    def early(self, model, ids: torch.Tensor, out, js: list[int], rows: slice) -> torch.Tensor:
+        """The distributions' logits [J, T', V] of hidden-state layers `js` at positions `rows`."""
+        hs = [(model.embed(ids) if j == 0 else out.hidden[j - 1])[0, rows] for j in js]  # J x [T', D]
+        return model.head(torch.stack(hs))  # [J, T', V]: one call, the head's weights read once for all rows
+
+    def run(self, model, ids: torch.Tensor, cache, logits: str, rows: slice):
+        want = [j - 1 for j in self.wanted(model) if j > 0]
+        out = model(ids, cache, return_hidden=want, logits=logits)
+        out.logits = self.scores(model, ids, out, rows)[None]  # [1, T', V]
+        return out
+
+    def forward(self, model, ids, cache, index: int):
+        self.count(ids.shape[1], model.num_layers, 0)
+        return self.run(model, ids, cache, "all", slice(None))
+
+    def prompt_forward(self, model, ids, cache):
+        self.picked = {}  # the prompt runs before `begin`, which keeps what it chose
+        return self.run(model, ids, cache, "last", slice(-1, None))
+
+    def scores(self, model, ids: torch.Tensor, out, rows: slice) -> torch.Tensor:
+        raise NotImplementedError
+
+    def chose(self, layers: list[int]) -> None:
+        for j in layers:
+            self.picked[j] = self.picked.get(j, 0) + 1
+
+    def stats(self) -> dict:
+        return super().stats() | {"premature_layers": dict(sorted(self.picked.items()))}
+
+
+class DoLa(LayerContrast):
     name = "dola"
 
     def __init__(self, layers: str = "high", alpha: float = 0.1, weight: float = 1.0, penalty: float = 1.2):
@@ -76,30 +131,13 @@ class DoLa(Strategy):
         self.alpha = fraction(self.name, "alpha", alpha)
         if self.alpha == 0:
             raise SkipjackError("dola: alpha must be in (0, 1) (got 0)")
-        ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0 <= weight <= 4
-        if not ok:
-            raise SkipjackError(f"dola: weight must be a number in [0, 4] (got {weight!r})")
-        self.weight = float(weight)
-        ok = isinstance(penalty, (int, float)) and not isinstance(penalty, bool) and 1 <= penalty <= 4
-        if not ok:
+        self.weight = _weight(self.name, "weight", weight, 4)
+        if not (isinstance(penalty, (int, float)) and not isinstance(penalty, bool) and 1 <= penalty <= 4):
             raise SkipjackError(f"dola: penalty (repetition) must be a number in [1, 4] (got {penalty!r})")
         self.repetition_penalty = float(penalty)
 
-    def begin(self, model, prompt_len: int, max_new: int) -> None:
-        super().begin(model, prompt_len, max_new)
-        self.cands = candidates(self.layers, model.num_layers)
-        self.picked: dict[int, int] = {}  # premature layer -> how often chosen
-
-    def forward(self, model, ids, cache, index: int):
-        want = [j - 1 for j in self.cands if j > 0]
-        out = model(ids, cache, return_hidden=want, logits="all")
-        early = [model.head(model.embed(ids) if j == 0 else out.hidden[j - 1])[0] for j in self.cands]  # [T, V]
-        scores, pick = contrast(out.logits[0], early, self.alpha, self.weight)
-        for k in pick.tolist():
-            self.picked[self.cands[k]] = self.picked.get(self.cands[k], 0) + 1
-        self.count(ids.shape[1], model.num_layers, 0)
-        out.logits = scores[None]  # [1, T, V]
-        return out
-
-    def stats(self) -> dict:
-        return super().stats() | {"premature_layers": dict(sorted(self.picked.items()))}
+    def scores(self, model, ids, out, rows):
+        cands = self.wanted(model)
+        scores, pick = contrast(out.logits[0], self.early(model, ids, out, cands, rows), self.alpha, self.weight)
+        self.chose([cands[k] for k in pick.tolist()])
+        return scores
