@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?=
 
-.PHONY: demo test install lint bench bench-q4 bench-stepcost bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve bench-eval bench-longctx bench-superposed clean
+.PHONY: demo test install lint bench bench-q4 bench-stepcost bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve bench-fleet bench-eval bench-longctx bench-superposed clean
 
 $(BIN)/skipjack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -76,6 +76,12 @@ $(AIPERF_VENV)/bin/aiperf:
 bench-serve: install $(AIPERF_VENV)/bin/aiperf
 	$(BIN)/python -m skipjack.bench.loadgen --model smollm2-135m --aiperf $(AIPERF_VENV)/bin/aiperf --out bench-out/serve-aiperf
 	$(BIN)/python -m skipjack.bench.serve --model smollm2-135m --methods plain,pld,auto --out bench-out/serve
+
+# Replicas on Ray Serve (#39, skipjack.deploy): 1 server x 2 threads against 2 replicas x 1 thread at 1, 4 and 8
+# streams (on one machine: the layer's overhead, not a scale-out gain), then the prefix cache's hit rate on a
+# multi-turn chat workload routed by prefix and by Serve's default router (~15 min).
+bench-fleet: install
+	$(BIN)/python -m skipjack.bench.fleet --model smollm2-135m --out bench-out/fleet
 
 # What a pass costs (#33): the plain step's breakdown on the native and the Python path, and passes over k = 1-16
 # tokens at contexts 256 and 2048 beside llama.cpp's (needs `make bench-peers`; ~10 min).

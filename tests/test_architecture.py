@@ -56,6 +56,7 @@ LAYERS = {  # module (or package) -> layer; the longest matching prefix decides 
     "skipjack.demo": 7,
     "skipjack.bench": 7,
     "skipjack.server": 7,
+    "skipjack.deploy": 7,
 }
 
 

@@ -276,9 +276,9 @@ def _tool(name: str):
 
         return distil.add_arguments, distil.command
     if name == "serve":
-        from skipjack import server
+        from skipjack.deploy import serving
 
-        return server.add_arguments, server.main
+        return serving.add_arguments, serving.main
     if name == "quantize":
         from skipjack.tools import lwq
 

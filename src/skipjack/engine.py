@@ -72,6 +72,25 @@ class Engine:
         return self.loaded.name
 
     @property
+    def source(self):
+        """Where the model was loaded from (a file or a folder; None for a model built in memory)."""
+        return self.loaded.source
+
+    @property
+    def context(self) -> int:
+        """The model's context: prompt and generated tokens together, at most."""
+        return self.model.config.max_position_embeddings
+
+    @property
+    def vocab_size(self) -> int:
+        """The LM head's rows: the token ids the model scores (may exceed the tokenizer's)."""
+        return self.model.lm_head.out_features
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
     def load_seconds(self) -> float:
         """Loading the model and preparing its methods (a draft model, a skip-set search): never a request's time."""
         return self.loaded.seconds + self.prepare_seconds
@@ -113,40 +132,7 @@ class Engine:
         return self._checked(request)[0]
 
     def _checked(self, request: Request) -> tuple[MethodSpec, CachePolicy | None]:
-        """Validate a request at the API boundary (`skipjack.validate`: the CLI's and the server's checks) and
-        check that its method, cache policy and session combine (`decoding.plan.resolve`): pure, nothing is
-        built or prepared, so the server runs it on its event loop: (the method's spec, the cache policy or None)."""
-        if not isinstance(request, Request):
-            raise SkipjackError(f"a request must be a skipjack Request (got {type(request).__name__})")
-        request.prompt = validate.token_ids("prompt", request.prompt, self.model.lm_head.out_features)
-        if not isinstance(request.params, SamplingParams):
-            raise SkipjackError(f"params must be SamplingParams (got {type(request.params).__name__})")
-        request.params.__post_init__()  # fields may have been changed since it was made
-        request.params.check_vocab(self.model.lm_head.out_features)  # logit_bias's token ids
-        request.stop = validate.strings("stop", request.stop)
-        if request.draft_max is not None:
-            validate.integer("speculative n_max", request.draft_max, 0, MAX_DRAFT)
-        request.draft_p_min = validate.number("speculative p_min", request.draft_p_min, 0.0, 1.0)
-        if request.session is not None and not isinstance(request.session, Session):
-            raise SkipjackError(f"session must be a skipjack Session or None (got {type(request.session).__name__})")
-        if isinstance(request.method, str):
-            if request.method.strip() == "auto" and request.params.temperature > 0 and request.params.seed is not None:
-                request.method = "plain"  # a seeded draw must repeat: timing-sized drafts would change the draws
-            spec = MethodSpec.parse(validate.text("method", request.method, empty=False))
-        elif isinstance(request.method, Method):
-            spec = request.method.spec
-        else:
-            raise SkipjackError(f"method must be a method spec or a Method (got {type(request.method).__name__})")
-        if request.grammar is not None:
-            check_grammar(request.grammar, request.params)
-        validate.integer("n (completions)", request.n, 1, MAX_N)
-        spec, policy = plan.resolve(spec, request.kv, request.session is not None)
-        if spec.superposed_class is not None:
-            speculative = request.draft_max is not None or request.draft_p_min > 0
-            methods.build(spec).check(request.params, request.n, request.grammar is not None, speculative)
-        elif request.n > 1 and request.session is not None:
-            raise SkipjackError("n > 1 independent streams cannot share one session (each takes its cache over)")
-        return spec, policy
+        return checked(request, self.vocab_size)
 
     def plan(self, request: Request) -> Plan:
         """A request checked (`check`) and resolved into its plan, once: the drafter's session, the sizer, a
@@ -304,6 +290,43 @@ class Engine:
         """A continuous batch on this engine: requests join (`add`) and leave (finished or `drop`) between steps
         (`chunk`: prompts run that many tokens per step, see `BatchRunner`)."""
         return BatchRunner(self, chunk)
+
+
+def checked(request: Request, vocab_size: int) -> tuple[MethodSpec, CachePolicy | None]:
+    """Validate a request at the API boundary (`skipjack.validate`: the CLI's and the server's checks) and
+    check that its method, cache policy and session combine (`decoding.plan.resolve`): pure, nothing is
+    built or prepared, so the server runs it on its event loop: (the method's spec, the cache policy or None)."""
+    if not isinstance(request, Request):
+        raise SkipjackError(f"a request must be a skipjack Request (got {type(request).__name__})")
+    request.prompt = validate.token_ids("prompt", request.prompt, vocab_size)
+    if not isinstance(request.params, SamplingParams):
+        raise SkipjackError(f"params must be SamplingParams (got {type(request.params).__name__})")
+    request.params.__post_init__()  # fields may have been changed since it was made
+    request.params.check_vocab(vocab_size)  # logit_bias's token ids
+    request.stop = validate.strings("stop", request.stop)
+    if request.draft_max is not None:
+        validate.integer("speculative n_max", request.draft_max, 0, MAX_DRAFT)
+    request.draft_p_min = validate.number("speculative p_min", request.draft_p_min, 0.0, 1.0)
+    if request.session is not None and not isinstance(request.session, Session):
+        raise SkipjackError(f"session must be a skipjack Session or None (got {type(request.session).__name__})")
+    if isinstance(request.method, str):
+        if request.method.strip() == "auto" and request.params.temperature > 0 and request.params.seed is not None:
+            request.method = "plain"  # a seeded draw must repeat: timing-sized drafts would change the draws
+        spec = MethodSpec.parse(validate.text("method", request.method, empty=False))
+    elif isinstance(request.method, Method):
+        spec = request.method.spec
+    else:
+        raise SkipjackError(f"method must be a method spec or a Method (got {type(request.method).__name__})")
+    if request.grammar is not None:
+        check_grammar(request.grammar, request.params)
+    validate.integer("n (completions)", request.n, 1, MAX_N)
+    spec, policy = plan.resolve(spec, request.kv, request.session is not None)
+    if spec.superposed_class is not None:
+        speculative = request.draft_max is not None or request.draft_p_min > 0
+        methods.build(spec).check(request.params, request.n, request.grammar is not None, speculative)
+    elif request.n > 1 and request.session is not None:
+        raise SkipjackError("n > 1 independent streams cannot share one session (each takes its cache over)")
+    return spec, policy
 
 
 def once(make: Callable):

@@ -366,3 +366,28 @@ class AiperfRecord(Open):
 
     metadata: AiperfRecordMeta
     metrics: dict[str, AiperfMetric] = {}
+
+
+class DeployArgs(BaseModel):
+    """The `args` of the Ray Serve application `skipjack.deploy:app` (`serve run skipjack.deploy:app k=v ...`, or a
+    Serve config file's `args:`): `skipjack serve`'s settings by their long names (`max_batch` for --max-batch)
+    and the fleet's. Values from the command line are text, converted here; ranges are checked by `deploy`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    dtype: str = "auto"
+    method: str = "auto"
+    api_key: str | None = None
+    max_queue: int = 64
+    max_batch: int = 8
+    timeout: float = 600.0
+    tune: bool = True
+    prefill_chunk: int = 128
+    prefix_cache_mb: int = 512
+    replicas: int = 1
+    max_replicas: int | None = None  # autoscaling between `replicas` and this many
+    threads: int = 1  # per replica
+    routing: Literal["prefix", "random"] = "prefix"
+    share: float = 60.0  # seconds between n-gram table merges (0: each replica keeps its own)
+    drain: float = 30.0  # seconds a stopping replica waits for its running requests

@@ -153,10 +153,10 @@ def agreement_table(rows: list[dict]) -> str:
     return "\n".join(md) + "\n"
 
 
-def _start(cmd: list[str], port: int) -> tuple[subprocess.Popen, str]:
+def _start(cmd: list[str], port: int, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     # The server's log goes to a file: a pipe nobody reads fills up (llama.cpp logs a lot) and blocks it.
     log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=os.environ)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env or os.environ)
     proc.log = log
     url = f"http://127.0.0.1:{port}"
     try:

@@ -204,13 +204,18 @@ def _load_folder(folder: Path, dtype: torch.dtype, weights: str | None = None):
     else:
         state = _safetensors(folder)
     model = build_model(config, state, dtype, weights)
+    return model, _tokenizer(folder, config)
+
+
+def _tokenizer(folder: Path, config: dict) -> Tokenizer:
+    """The folder's tokenizer with its chat template (a converted GGUF's, else the tokenizer's own)."""
     try:
         hf_tok = load_tokenizer(folder)
     except Exception as e:
         raise SkipjackError(f"cannot load the tokenizer in {folder}: {e}") from None
-    template = meta.get("chat_template")
+    template = read_meta(folder).get("chat_template")
     eos = normalise_config(config).get("eos_token_id")
-    return model, Tokenizer(hf_tok, template or getattr(hf_tok, "chat_template", None), eos)
+    return Tokenizer(hf_tok, template or getattr(hf_tok, "chat_template", None), eos)
 
 
 def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -292,9 +297,9 @@ def is_blocks_folder(spec: str | None) -> bool:
     return meta is not None and meta.weights == "blocks"
 
 
-def load(spec: str | None = None, dtype: str = "auto") -> Loaded:
-    """Load a model by name, GGUF path, HF folder or hub id, in `dtype` (`resolve_dtype`: "auto" is q4 for a
-    GGUF file): fp32 / bf16 / fp64 dense weights, or q4 / q8 blocks (`skipjack.weights.linear.blocks`)."""
+def _place(spec: str | None, dtype: str) -> tuple[str, str, Path, Path, bool]:
+    """(the spec, the dtype "auto" resolved to, the source path, the folder it loads from, whether this call
+    converted a GGUF into that folder)."""
     if spec is not None and not isinstance(spec, str | Path):
         raise SkipjackError(f"--model must be a string: a named model, a path or a hub id (got {type(spec).__name__})")
     if not isinstance(dtype, str):
@@ -302,8 +307,6 @@ def load(spec: str | None = None, dtype: str = "auto") -> Loaded:
     spec = str(spec) if spec is not None else None
     dtype, _ = resolve_dtype(spec, dtype)
     spec = spec or DEFAULT_MODEL
-    t0 = time.perf_counter()
-    converted = False
     template = None
     if spec in NAMED:
         path = fetch_named(spec)
@@ -315,12 +318,19 @@ def load(spec: str | None = None, dtype: str = "auto") -> Loaded:
                 path = _hub_folder(spec)
             else:
                 raise SkipjackError(f"model {spec!r} not found: not a named model ({', '.join(NAMED)}) or a path")
+    if not path.is_file():
+        return spec, dtype, path, path, False
+    check_magic(path)
+    folder, converted = convert_gguf(path, template, weights="blocks" if dtype in BLOCKS else "fp32")
+    return spec, dtype, path, folder, converted
+
+
+def load(spec: str | None = None, dtype: str = "auto") -> Loaded:
+    """Load a model by name, GGUF path, HF folder or hub id, in `dtype` (`resolve_dtype`: "auto" is q4 for a
+    GGUF file): fp32 / bf16 / fp64 dense weights, or q4 / q8 blocks (`skipjack.weights.linear.blocks`)."""
+    t0 = time.perf_counter()
+    spec, dtype, path, folder, converted = _place(spec, dtype)
     blocks = dtype in BLOCKS
-    if path.is_file():
-        check_magic(path)
-        folder, converted = convert_gguf(path, template, weights="blocks" if blocks else "fp32")
-    else:
-        folder = path
     model, tok = _load_folder(folder, DTYPES.get(dtype, torch.float32), dtype if blocks else None)
     from skipjack.models import native
     from skipjack.weights.linear import describe
@@ -328,6 +338,31 @@ def load(spec: str | None = None, dtype: str = "auto") -> Loaded:
     why = native.reason(model)
     info = {"weights": describe(model.linears(), model.lm_head), "invariant": model.invariant, "native": why or "on"}
     return Loaded(model, tok, spec, path, time.perf_counter() - t0, converted, info, dtype)
+
+
+@dataclass
+class Described:
+    """A model without its weights: what a front needs to tokenize and check requests for replicas that hold
+    them (`skipjack.deploy`)."""
+
+    tokenizer: Tokenizer
+    name: str
+    source: Path
+    context: int  # max_position_embeddings
+    vocab_size: int  # the LM head's rows
+    hidden_size: int
+    seconds: float
+
+
+def describe(spec: str | None = None, dtype: str = "auto") -> Described:
+    """The model's tokenizer and shape, from the folder `load` would load (a GGUF converted once, as for `load`),
+    its weights never read."""
+    t0 = time.perf_counter()
+    spec, _, path, folder, _ = _place(spec, dtype)
+    raw = read_config(folder)
+    config, tok = normalise_config(raw), _tokenizer(folder, raw)
+    sizes = config["max_position_embeddings"], config["vocab_size"], config["hidden_size"]
+    return Described(tok, spec, path, *sizes, time.perf_counter() - t0)
 
 
 def load_times(spec: str | None, dtype: str = "auto") -> dict:

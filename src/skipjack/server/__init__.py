@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from skipjack import validate
+
+if TYPE_CHECKING:
+    from skipjack.server.app import Settings
 
 DRAIN_S = 30.0
 
@@ -75,15 +79,15 @@ def add_arguments(v: argparse.ArgumentParser) -> None:
     )
 
 
-def main(a) -> int:
-    """`skipjack serve`: every setting checked before the model loads."""
+def settings(a) -> Settings:
+    """The server's settings from parsed arguments (or anything with their names), every one checked before the
+    model loads; "auto" dtype resolved here, once."""
     from skipjack.decoding.batch import MAX_ROWS
     from skipjack.decoding.plan import resolve
     from skipjack.loading.load import resolve_dtype
     from skipjack.server.app import Settings
     from skipjack.store import check_home
 
-    validate.integer("--port", a.port, 1, 65535)
     validate.integer("--max-queue", a.max_queue, 1, 100_000)
     validate.integer("--max-batch", a.max_batch, 1, MAX_ROWS)
     validate.number("--timeout", a.timeout, 0.0, 86_400.0, lo_open=True)
@@ -96,7 +100,7 @@ def main(a) -> int:
     dtype, note = resolve_dtype(a.model, a.dtype)
     if note:
         print(note, file=sys.stderr)
-    s = Settings(
+    return Settings(
         model=a.model,
         dtype=dtype,
         method=a.method,
@@ -108,6 +112,12 @@ def main(a) -> int:
         prefix_cache_mb=a.prefix_cache_mb,
         prefill_chunk=a.prefill_chunk,
     )
+
+
+def main(a) -> int:
+    """`skipjack serve`: every setting checked before the model loads."""
+    validate.integer("--port", a.port, 1, 65535)
+    s = settings(a)
     print(
         f"skipjack: serving on http://{a.host}:{a.port}/v1 (loading the model; /health says 200 when ready)",
         file=sys.stderr,

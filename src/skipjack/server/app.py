@@ -54,20 +54,21 @@ class Settings:
     prefix_cache_mb: int = 512  # finished requests' caches kept for later prompts with the same prefix (0: off)
 
 
-def create_app(settings: Settings, engine=None) -> FastAPI:
-    """The app; `engine` given (tests) or loaded in a thread after start (/health says 503 until then)."""
+def create_app(settings: Settings, engine=None, scheduler=None, metrics=None) -> FastAPI:
+    """The app; `engine` given (tests) or loaded in a thread after start (/health says 503 until then).
+    `scheduler` and `metrics` given (`skipjack.deploy`'s ingress): `engine` is a front that tokenizes and checks,
+    and the scheduler sends each job to a replica that owns an engine; the prefix cache lives there."""
     app = FastAPI(title="skipjack", version="1")
     state = app.state
-    state.settings, state.metrics = settings, Metrics()
+    state.settings, state.metrics = settings, metrics or Metrics()
     state.engine = state.scheduler = state.load_error = state.prefix = None  # until the model has loaded
 
     def ready(e) -> None:
-        e.method(settings.method)  # the default method prepared before the first request (others on first use)
-        limits = (settings.max_queue, settings.max_batch, settings.prefill_chunk)
-        state.engine, state.scheduler = e, Scheduler(e, state.metrics, *limits)
-        state.prefix = PrefixCache(settings.prefix_cache_mb << 20) if settings.prefix_cache_mb else None
+        state.engine, (state.scheduler, state.prefix) = e, local(settings, e, state.metrics)
 
-    if engine is not None:
+    if scheduler is not None:
+        state.engine, state.scheduler = engine, scheduler
+    elif engine is not None:
         ready(engine)
     else:
 
@@ -82,6 +83,14 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     _guards(app, settings)
     _routes(app, settings)
     return app
+
+
+def local(settings: Settings, e, metrics: Metrics) -> tuple[Scheduler, PrefixCache | None]:
+    """What decodes requests on an engine in this process: its default method prepared before the first request
+    (others on first use), a scheduler over its continuous batch, and the prefix cache (None when off)."""
+    e.method(settings.method)
+    scheduler = Scheduler(e, metrics, settings.max_queue, settings.max_batch, settings.prefill_chunk)
+    return scheduler, PrefixCache(settings.prefix_cache_mb << 20) if settings.prefix_cache_mb else None
 
 
 def _guards(app: FastAPI, settings: Settings) -> None:
@@ -141,10 +150,7 @@ def _routes(app: FastAPI, settings: Settings) -> None:
 
     @app.get("/metrics")
     async def metrics():
-        if state.engine is not None:
-            state.metrics.load.set(state.engine.load_seconds)
-        name = state.engine.name if state.engine is not None else None
-        return PlainTextResponse(state.metrics.text(name), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(await state.metrics.render(state.engine), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():
@@ -154,7 +160,7 @@ def _routes(app: FastAPI, settings: Settings) -> None:
             "object": "model",
             "created": 0,
             "owned_by": "skipjack",
-            "max_model_len": e.model.config.max_position_embeddings,
+            "max_model_len": e.context,
         }
         return {"object": "list", "data": [card]}
 
@@ -171,7 +177,7 @@ def _routes(app: FastAPI, settings: Settings) -> None:
     async def detokenize(body: P.Detokenize):
         e = need_engine()
         served(settings, e, body.model)
-        vocab = e.model.lm_head.out_features
+        vocab = e.vocab_size
         bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise ApiError(400, f"token id {bad} is not in [0, {vocab})", "tokens")
@@ -200,7 +206,7 @@ def _generation(app: FastAPI, settings: Settings, need_engine) -> None:
     async def completions(body: P.Completion, request: Request):
         e = need_engine()
         served(settings, e, body.model)
-        prompts = P.prompts(body, e.tokenizer, e.model.lm_head.out_features)
+        prompts = P.prompts(body, e.tokenizer, e.vocab_size)
         if body.max_tokens == 0 and not body.echo:
             raise ApiError(400, "max_tokens 0 generates nothing: it needs echo (scoring the prompt)", "max_tokens")
         for _, ids in prompts:
@@ -243,7 +249,7 @@ def _jobs(state, settings: Settings, body: P.Sampling, e, prompts: list[list[int
     """n jobs per prompt (None for max_tokens 0: the echo alone), every value checked before any is queued:
     n independent streams, or with `superposed` one run whose n best drafts are the n choices (n <= its k;
     the jobs are one group, the first queued): (the method's spec, the jobs)."""
-    ctx = e.model.config.max_position_embeddings
+    ctx = e.context
     spec, n_max, p_min = P.method(body, settings.method)
     grammar = constraint(body, e, chat)
     stop = () if body.stop is None else ((body.stop,) if isinstance(body.stop, str) else tuple(body.stop))
@@ -286,7 +292,7 @@ def tokens(e, body: P.Tokenize, text: str) -> dict:
     out = {
         "tokens": [{"id": t, "piece": s} for t, s in zip(ids, strs)] if body.with_pieces else ids,
         "count": len(ids),
-        "max_model_len": e.model.config.max_position_embeddings,
+        "max_model_len": e.context,
     }
     return out | ({"token_strs": strs} if body.return_token_strs else {})
 
@@ -317,7 +323,7 @@ def served(settings: Settings, e, name: str | None) -> None:
     if name is None:
         return
     spec = settings.model
-    names = {e.name, str(e.loaded.source)} | ({spec, spec.rstrip("/").rsplit("/", 1)[-1]} if spec else set())
+    names = {e.name, str(e.source)} | ({spec, spec.rstrip("/").rsplit("/", 1)[-1]} if spec else set())
     if name not in names:
         raise ApiError(
             404, f"the model {name!r} does not exist (this server serves {e.name!r})", "model", code="model_not_found"
@@ -326,7 +332,7 @@ def served(settings: Settings, e, name: str | None) -> None:
 
 def fits(e, ids: list[int], max_tokens: int | None, param: str) -> None:
     """A prompt and its max_tokens within the model's context (max_tokens 0, scoring: the prompt may fill it)."""
-    ctx = e.model.config.max_position_embeddings
+    ctx = e.context
     if len(ids) > ctx or (len(ids) == ctx and max_tokens != 0):
         raise ApiError(400, f"the prompt has {len(ids)} tokens: the model's context is {ctx}", param)
     if max_tokens is not None and max_tokens > ctx - len(ids):

@@ -91,7 +91,7 @@ def register(app: FastAPI, settings, need_engine) -> None:
         return special | {
             "tokenizer_class": type(e.tokenizer.hf).__name__,
             "chat_template": e.tokenizer.chat_template,
-            "model_max_length": e.model.config.max_position_embeddings,
+            "model_max_length": e.context,
             "vocab_size": e.tokenizer.vocab_size,
         }
 
@@ -101,8 +101,8 @@ def register(app: FastAPI, settings, need_engine) -> None:
         if state.scheduler is not None and state.scheduler.draining:
             raise ApiError(503, "the server is shutting down")
         inputs = embedding_inputs(e, body)
-        if body.dimensions is not None and body.dimensions != e.model.config.hidden_size:
-            raise ApiError(400, f"dimensions must be the model's {e.model.config.hidden_size}", "dimensions")
+        if body.dimensions is not None and body.dimensions != e.hidden_size:
+            raise ApiError(400, f"dimensions must be the model's {e.hidden_size}", "dimensions")
         vectors = await asyncio.to_thread(lambda: [e.embed(ids) for ids in inputs])
         b64 = body.encoding_format == "base64"
         data = [{"object": "embedding", "index": i, "embedding": _b64(v) if b64 else v} for i, v in enumerate(vectors)]
@@ -134,7 +134,7 @@ def embedding_inputs(e, body: Embeddings) -> list[list[int]]:
         raise ApiError(400, "input is empty", "input")
     if len(raw) > MAX_INPUTS:
         raise ApiError(400, f"input has {len(raw)} items: at most {MAX_INPUTS} per request", "input")
-    vocab, ctx = e.model.lm_head.out_features, e.model.config.max_position_embeddings
+    vocab, ctx = e.vocab_size, e.context
     out = []
     for i, x in enumerate(raw):
         if isinstance(x, str):
@@ -186,7 +186,7 @@ def text_format(body: Responses) -> Grammar | None:
 
 def _submit(state, settings, e, body: Responses, ids: list[int]) -> Job:
     """One job on the scheduler (the chat path's), every value checked before it is queued."""
-    ctx = e.model.config.max_position_embeddings
+    ctx = e.context
     if len(ids) >= ctx:
         raise ApiError(400, f"the input has {len(ids)} tokens: the model's context is {ctx}", "input")
     room = ctx - len(ids)

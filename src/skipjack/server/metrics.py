@@ -38,6 +38,17 @@ class Metrics:
         self.requests = Counter(
             "skipjack:request_success", "Finished requests by finish reason.", ["method", "finished_reason"], registry=r
         )
+        self.prefix_queries = Counter(
+            "skipjack:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r
+        )
+        self.prefix_hits = Counter(
+            "skipjack:prefix_cache_hits", "Prompt tokens taken from the prefix cache (not run again).", registry=r
+        )
+
+    def first(self, prompt_tokens: int, step) -> None:
+        """A request's first step: how many of its prompt tokens the prefix cache held (vLLM's counters)."""
+        self.prefix_queries.inc(prompt_tokens)
+        self.prefix_hits.inc(max(0, prompt_tokens - step.forward_tokens))
 
     def step(self, method: str, step, seconds: float, first: bool) -> None:
         """One decoding step of a request: its tokens, its draft, its latency (the first: time to first token)."""
@@ -54,6 +65,12 @@ class Metrics:
             self.accepted.labels(method).inc(step.accepted)
             for pos in range(step.accepted):
                 self.per_pos.labels(method, str(pos)).inc()
+
+    async def render(self, engine) -> bytes:
+        """/metrics: the load time set from `engine` (None while loading), then `text`."""
+        if engine is not None:
+            self.load.set(engine.load_seconds)
+        return self.text(engine.name if engine is not None else None)
 
     def text(self, model: str | None = None) -> bytes:
         """The metrics, each also under vLLM's name (`vllm:*`, with vLLM's `model_name` label when `model` is
@@ -74,8 +91,29 @@ def _mirrored(line: str) -> bool:
 def _vllm(line: str, model: str | None) -> str:
     """A `skipjack:` exposition line under vLLM's name (and label)."""
     line = line.replace("skipjack:", "vllm:", 1)
-    if model is None or line.startswith("#"):
-        return line
-    label = 'model_name="' + model.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return line if model is None or line.startswith("#") else labelled(line, "model_name", model)
+
+
+def labelled(line: str, key: str, value: str) -> str:
+    """A sample line with one more label, first: `name{key="value",...} v`."""
+    label = f'{key}="' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     name, rest = re.match(r"([^\s{]+)(.*)", line).groups()
     return f"{name}{{{label},{rest[1:]}" if rest.startswith("{") else f"{name}{{{label}}}{rest}"
+
+
+def merge(texts: dict[str, str], key: str = "replica") -> str:
+    """Several processes' expositions as one: each sample labelled with its source (`key`), each family's
+    HELP and TYPE once, its samples from every source together (what Prometheus's format asks)."""
+    families: dict[str, tuple[list[str], list[str]]] = {}
+    for source, text in texts.items():
+        family = None
+        for line in text.splitlines():
+            parts = line.split()
+            if line.startswith("#") and len(parts) > 2 and parts[1] in ("HELP", "TYPE"):
+                family = parts[2]
+                head, _ = families.setdefault(family, ([], []))
+                if not any(h.split()[1] == parts[1] for h in head):
+                    head.append(line)
+            elif line.strip() and family is not None:
+                families[family][1].append(labelled(line, key, source))
+    return "".join("\n".join(head + samples) + "\n" for head, samples in families.values())

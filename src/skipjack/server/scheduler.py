@@ -131,6 +131,8 @@ class Scheduler:
         for h, text, step in steps:
             _, job, last = live[id(h)]
             self.metrics.step(job.method, step, now - last, first=step is h.first)
+            if step is h.first:
+                self.metrics.first(len(job.request.prompt), step)
             live[id(h)] = (h, job, now)
             job.put("step", text, step)
             if step.finish:
@@ -198,6 +200,7 @@ class Scheduler:
             live[id(h)] = (h, job, t)
             return
         self.metrics.step(job.method, h.first, now - t, first=True)
+        self.metrics.first(len(job.request.prompt), h.first)
         job.put("step", h.first_text, h.first)
         live[id(h)] = (h, job, now)
         if h.first.finish:
