@@ -162,7 +162,7 @@ EXTRA = "Qwen2.5-Coder-1.5B, q4: the quick suite at 256 new tokens, cold (separa
 	"Longer outputs, fp32: 256 new tokens (18-prompt sample, separate run)=bench-out/outputs" \
 	"fp32 and bf16 in one run (full suite, separate run)=bench-out/bf16"
 # the separate runs whose module has a `section()`: `python -m skipjack.bench.X --out bench-out/D` writes D/X.json
-SECTIONS := factual
+SECTIONS := factual superposed fleet
 benchmarks-md: install
 	bash tools/restore-runs.sh
 	set -- ; for e in $(EXTRA); do if [ -f "$${e##*=}/results.json" ]; then set -- "$$@" --extra "$$e"; fi; done; \

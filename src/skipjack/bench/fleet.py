@@ -149,6 +149,20 @@ def tables(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def section(res: dict) -> str:
+    """The BENCHMARKS.md section (`python -m skipjack.bench.benchmarks_md --bench fleet=DIR`)."""
+    m = res["machine"]
+    md = "## Replicas on Ray Serve (separate run)\n\n"
+    md += (
+        f"`make bench-fleet` (`python -m skipjack.bench.fleet --model {res['model']}`): {res['suite']} suite, "
+        f"{res['tokens']} new tokens, greedy, streamed. One server with 2 threads against 2 replicas with 1 thread "
+        f"each on the same {m.get('cores', '?')} cores ({m.get('cpu', '?')}): this shows the layer's overhead, not "
+        "a scale-out gain. Then a multi-turn chat routed by prefix and by Ray Serve's default router: the share "
+        "of prompt tokens the prefix cache served.\n\n"
+    )
+    return md + tables(res)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.fleet", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")

@@ -142,6 +142,19 @@ def table(res: dict) -> str:
     return md
 
 
+def section(res: dict) -> str:
+    """The BENCHMARKS.md section (`python -m skipjack.bench.benchmarks_md --bench superposed=DIR`)."""
+    m = res["machine"]
+    md = f"## Superposed Decoding: k completions from one stream, {res['model']} (separate run, lossy)\n\n"
+    md += (
+        f"`make bench-superposed` (`python -m skipjack.bench.superposed --model {res['model']}`): the quick suite's "
+        "first prompts; superposed:k=3 against k sampled streams in one batch and plain greedy; perplexity of every "
+        f"completion under the plain model; distinct n-grams across a prompt's completions. {m.get('cpu', '?')}, "
+        f"{m.get('cores', '?')} cores, ISA {m.get('isa', '?')}, load {m.get('load_avg_1m', '?')}.\n\n"
+    )
+    return md + table(res)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m skipjack.bench.superposed", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
