@@ -3,6 +3,7 @@ the names of result files."""
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -10,18 +11,22 @@ import torch
 
 
 @torch.inference_mode()
-def continuation_logprobs(model, strategy, prompt: list[int], cont: list[int], raw: bool = False) -> torch.Tensor:
+def continuation_logprobs(model, strategy, prompt: list[int], cont: list[int], raw=False, held=None) -> torch.Tensor:
     """Log-probabilities [C, V] of each continuation position: the prompt run by the exact model (as a prompt is
     in decoding; by the strategy where it scores the prompt's last position too, as DoLa does), the
     continuation by `strategy` (a lossy layer strategy, begun afresh; None: the model) in one pass from
     generated index 0, as it decodes. `raw`: a strategy's scores as they are, not normalised (DoLa's code scores
-    multiple choice with log q_N - log q_M summed as it is)."""
-    cache = model.make_cache(len(prompt) + len(cont) + 1)
+    multiple choice with log q_N - log q_M summed as it is). `held`: a cache holding every prompt token but the
+    last, with room for the continuation (copied, not changed: several continuations of one prompt)."""
+    if held is None:
+        cache, run = model.make_cache(len(prompt) + len(cont) + 1), prompt
+    else:
+        cache, run = copy.deepcopy(held), prompt[-1:]
     if strategy is not None and strategy.scores_prompt:  # the token after the prompt is the strategy's too
         strategy.prompt_started(model, prompt, len(cont))
-        first = strategy.prompt_forward(model, torch.tensor([prompt]), cache).logits[0]  # [1, V]
+        first = strategy.prompt_forward(model, torch.tensor([run]), cache).logits[0]  # [1, V]
     else:
-        first = model(torch.tensor([prompt]), cache, logits="last").logits[0]  # [1, V]
+        first = model(torch.tensor([run]), cache, logits="last").logits[0]  # [1, V]
     norm = (lambda x: x.float()) if raw and strategy is not None else (lambda x: torch.log_softmax(x.float(), -1))
     if len(cont) == 1:
         return norm(first)  # [1, V]

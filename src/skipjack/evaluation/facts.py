@@ -89,9 +89,11 @@ def choice(model, strategy, tokenizer, fact: Fact) -> int:
     if strategy is not None and hasattr(strategy, "alpha"):
         strategy.alpha = 0.0  # no plausibility constraint for multiple choice (see the module's docstring)
     prompt = tokenizer.encode(fact.prompt)
+    conts = [tokenizer.encode(fact.prompt + " " + option)[len(prompt) :] for option in fact.choices]
+    held = model.make_cache(len(prompt) + max(map(len, conts)) + 1)  # the prompt but its last token, run once
+    model(torch.tensor([prompt[:-1]]), held, logits="none")
     scores = []
-    for option in fact.choices:
-        cont = tokenizer.encode(fact.prompt + " " + option)[len(prompt) :]
-        lp = continuation_logprobs(model, strategy, prompt, cont, raw=True)  # [C, V]
+    for cont in conts:
+        lp = continuation_logprobs(model, strategy, prompt, cont, raw=True, held=held)  # [C, V]
         scores.append(float(lp[torch.arange(len(cont)), torch.tensor(cont)].sum()))
     return max(range(len(scores)), key=scores.__getitem__)
