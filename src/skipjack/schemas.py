@@ -348,6 +348,14 @@ class AiperfMetric(Open):
     value: float | None = None
 
 
+class FactualRun(Open):
+    """`bench.factual`'s factual.json, read back to put a quiet machine's speed figures into an accuracy run."""
+
+    model: str
+    rows: dict[str, dict]
+    machine: dict
+
+
 class AiperfSummary(Open):
     """aiperf's `profile_export_aiperf.json` (`bench.loadgen`): its metrics by name (other keys are kept)."""
 

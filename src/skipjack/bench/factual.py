@@ -80,6 +80,23 @@ def run(model: str, methods: list[str], every: int, speed_tokens: int, log=print
     return {"model": model, "items": len(items), "every": every, "machine": machine_info(0.0), "rows": rows}
 
 
+def speed_again(out: Path, tokens: int) -> dict:
+    """An accuracy run's factual.json with its speed measured again (its methods; accuracy unchanged)."""
+    from skipjack.bench.machine import machine_info
+    from skipjack.engine import Engine
+    from skipjack.evaluation.facts import facts
+    from skipjack.schemas import FactualRun, read_json
+
+    res = read_json("factual results", out / "factual.json", FactualRun).model_dump()
+    engine, items = Engine.load(res["model"]), facts(every=res.get("every", 1))
+    methods = list(res["rows"])
+    _speed(engine, methods, items[:1], 4)  # warm-up
+    for m, figures in _speed(engine, methods, items, tokens).items():
+        res["rows"][m] |= figures
+    res["machine"] = machine_info(0.0)
+    return res
+
+
 def table(res: dict) -> str:
     """Accuracy (exact match and multiple choice, all kinds and per kind) and time per token against plain."""
     kinds = list(next(iter(res["rows"].values()))["kinds"])
@@ -116,13 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=1, help="every K-th question of each kind")
     ap.add_argument("--speed-tokens", type=int, default=48)
     ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--speed-only", action="store_true", help="measure time per token again into DIR's factual.json (quiet machine)"
+    )
     a = ap.parse_args(argv)
     methods = ["plain"] + [m for m in a.methods.split(",") if m and m != "plain"]
     for m in methods:
         MethodSpec.parse(m)  # a bad method fails before anything loads
     if a.every < 1 or a.speed_tokens < 2:
         ap.error("--every must be >= 1 and --speed-tokens >= 2")
-    res = run(a.model, methods, a.every, a.speed_tokens)
+    res = speed_again(Path(a.out), a.speed_tokens) if a.speed_only else run(a.model, methods, a.every, a.speed_tokens)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "factual.json").write_text(json.dumps(res, indent=1))  # read back by benchmarks_md --bench factual=DIR
