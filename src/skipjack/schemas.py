@@ -353,7 +353,6 @@ class FactualRun(Open):
 
     model: str
     rows: dict[str, dict]
-    machine: dict
 
 
 class AiperfSummary(Open):
