@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from drafters_mock import chi2_pvalue, decode
+from drafters_mock import chi2_pvalue, decode, make, plan_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from skipjack.decoding.cost import CostModel
 from skipjack.decoding.proposal import DraftContext, Verdict
 from skipjack.decoding.sampling import SamplingParams
+from skipjack.decoding.sequence import generate
 from skipjack.decoding.verify import tree_mask
 from skipjack.drafters.lookahead import Lookahead
 from skipjack.errors import SkipjackError
@@ -105,11 +107,28 @@ def test_each_node_is_added_while_the_sizer_says_it_pays():
     s._remember(7, (3, 4), True)
     assert s.propose(DraftContext([7], budget=64, more=lambda scores: False)) is None
     asked = []
-    three = s.propose(DraftContext([7], budget=64, more=lambda sc: asked.append(list(sc)) or len(sc) < 6))
+    three = s.propose(DraftContext([7], budget=64, more=lambda sc: asked.append(list(sc)) or len(sc) <= 5))
     assert three.tokens == [3, 1, 4, 2, 20] and three.state.tops == [5]  # then column 1 (2 cells) would not pay
-    assert asked[0] == [] and asked[-1][4:] == [s.d.cell_worth] * 3  # asked with the column's cells at its worth
+    assert len(asked[0]) == 1 and asked[-1][4:] == [s.d.cell_worth] * 3  # asked with the nodes' worth in
     whole = s.propose(DraftContext([7], budget=64))
     assert len(whole) == 4 + 3 + 4 and whole.state.tops == [5, 7, 9, 11]  # the whole window and both n-grams
+
+
+def test_sized_by_the_cost_model_from_the_first_step(tiny_llama64):
+    """A cost model where every verified token costs a plain step gets plain steps only (none verifies the
+    window, the first included); one where verifying is free gets the whole method; `k` the whole method."""
+    steep = CostModel((1, 2, 4, 8, 16, 32, 64), (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0))
+    params = SamplingParams(max_new_tokens=12)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 3, 1, 4]
+    for cost, spec, least in [  # least: nodes the first step verifies at least (level 0's chain: W - 1 = 4)
+        (steep, "lookahead", 0),
+        (CostModel.flat(), "lookahead", 4),
+        (steep, "lookahead:k=64", 4),
+    ]:
+        make_plan = plan_of(make(spec), cost)
+        steps = list(generate(tiny_llama64, prompt, params, make_plan))[1:]
+        drafted = [s.drafted for s in steps]
+        assert (max(drafted) == 0) if not least else drafted[0] >= least, (spec, drafted)
 
 
 def test_a_cut_proposal_advances_only_the_columns_it_holds():

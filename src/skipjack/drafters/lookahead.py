@@ -36,14 +36,15 @@ output's as it is emitted. `prompt=0` is the pool of the lookahead branch alone,
 Sizes. The paper verifies the whole window and every guess each step, which pays where a wider pass costs
 almost nothing (a GPU). On a CPU every verified token costs a share of a step (BENCHMARKS.md, "Verify cost"),
 so by default the step is built node by node, as long as the sizer says one more node still pays
-(`DraftContext.more`): first the verification branch, best first (a node's worth: its path's acceptance
-rate, learned per depth), then the window, column by column (a cell's worth: the tokens accepted per window
-cell run, counting the tokens that only the window's n-grams gave, learned; a column runs whole or not at
-all). W, N and G are the most it runs. With `k=N` (a fixed size; `more` always agrees) it runs the whole
-method as published, within N nodes. Columns not run keep their tokens; when a window's n-grams keep paying
-after it stopped (the pool outlives it), its worth rises again and it runs again. Within the budget, the
-window narrows before the verification branch is cut, down to what half the budget holds. A proposal cut
-after `propose` (a grammar, a request's `n_max`, a `mix`) advances only the columns it still holds whole.
+(`DraftContext.more`, asked with the node's worth as if it were in: one node on the safe side). First the
+verification branch, best first (a node's worth: its path's acceptance rate, learned per depth), then the
+window, column by column (a cell's worth: the tokens accepted per window cell run, counting the tokens that
+only the window's n-grams gave, learned; a column runs whole or not at all). W, N and G are the most it runs.
+With `k=N` (a fixed size; `more` always agrees) it runs the whole method as published, within N nodes.
+Columns not run keep their tokens; when a window's n-grams keep paying after it stopped (the pool outlives
+it), its worth rises again and it runs again. Within the budget, the window narrows before the verification
+branch is cut, down to what half the budget holds. A proposal cut after `propose` (a grammar, a request's
+`n_max`, a `mix`) advances only the columns it still holds whole.
 
 Batches: it works there as alone (its drafts carry no scores, so a batch verifies them whole, within its
 per-sequence cap). The pool and the window are per request; the worths are learned across requests.
@@ -71,6 +72,9 @@ class Lookahead(Drafter):
     name = "lookahead"
     lossless = True
     LEARNED = ("rates", "window_yield")
+    # A node's Python bookkeeping in plain steps before a draft was timed: small, but not 0, for with no cost
+    # at all `DraftContext.more` agrees to every node and the first step would verify the whole method.
+    cost_prior = 0.001
 
     def __init__(self, window: int = 5, ngram: int = 4, guess: int = 5, prompt: int = 1):
         if not 1 <= window <= 16:
@@ -196,7 +200,7 @@ class LookaheadSession(DraftSession):
                     continue  # its previous token did not make it
                 par = node[g] if depth > 1 else -1
                 if (par, gram[depth - 1]) not in trie.index:
-                    if len(trie.tokens) >= budget or not more(scores):
+                    if len(trie.tokens) >= budget or not more(scores + [score]):
                         return
                     scores.append(score)
                     lay.checks.append(gram[:depth])
