@@ -77,16 +77,17 @@ def test_ngrams_are_collected_once_full_and_the_window_shifts_one_level():
     assert s.levels == [[20, 21, 22], [30, 31, 32]]  # every level shifts down one, the new tokens on top
 
 
-def test_the_verification_branch_holds_the_roots_ngrams_best_first_within_the_budget():
+def test_the_verification_branch_holds_the_roots_ngrams_by_worth_within_the_budget():
     s = session([], window=3, ngram=4, guess=3, prompt=0)
     for gram in [(1, 2, 3), (1, 2, 4), (5, 6, 7), (8, 9, 10)]:
         s._remember(0, gram, True)
     s._remember(0, (1, 2, 4), True)  # refreshed, not duplicated; G = 3 dropped the oldest, (1, 2, 3)
     assert pool(s)[0] == [(5, 6, 7), (8, 9, 10), (1, 2, 4)]
-    prop = s.propose(DraftContext([0], budget=64))  # by depth, the most recent first; then the window
-    assert prop.tokens[:9] == [1, 8, 5, 2, 9, 6, 4, 10, 7] and prop.parents[:9] == [-1, -1, -1, 0, 1, 2, 3, 4, 5]
-    small = s.propose(DraftContext([0], budget=5))  # the window narrows first, down to half the budget
-    assert len(small) == 5 and small.tokens[:3] == [1, 8, 5]
+    prop = s.propose(DraftContext([0], budget=64))  # by worth: depth 1 (0.3), the window (0.25 a cell), deeper
+    assert prop.tokens == [1, 8, 5, 0, 0, 2, 9, 6, 4, 10, 7]  # each depth: the most recent n-gram first
+    assert prop.parents == [-1, -1, -1, -1, 3, 0, 1, 2, 5, 6, 7]
+    assert prop.state.tops == {0: 0, 1: 4, 2: 5} and prop.state.checks[:3] == [(1,), (8,), (5,)]
+    assert s.propose(DraftContext([0], budget=5)).tokens == [1, 8, 5, 0, 0]  # cut at the budget, best first
     assert len(s.propose(DraftContext([0], budget=1))) == 1
 
 
@@ -95,23 +96,37 @@ def test_the_pool_takes_the_prompts_and_outputs_ngrams():
     assert pool(s) == {4: [(5, 6), (5, 7)], 5: [(6, 4)], 6: [(4, 5)]}
     prop = s.propose(DraftContext([4, 5, 6, 4, 5, 7, 9, 4], budget=64))
     assert pool(s)[5] == [(6, 4), (7, 9)] and pool(s)[7] == [(9, 4)]  # the output's n-grams, as they are emitted
-    assert prop.tokens[:3] == [5, 7, 6] and prop.parents[:3] == [-1, 0, 0]  # one trie, the most recent first
+    assert prop.state.checks == [(5,), (5, 7), (5, 6)]  # one trie: the shared 5, then the most recent first
+    assert prop.tokens[0] == 5 and {(7, 0), (6, 0)} <= set(zip(prop.tokens, prop.parents))
 
 
-def test_each_node_is_added_while_the_sizer_says_it_pays():
-    """`more` is asked before each verification node and before each whole window column; `k` (a fixed size:
-    `more` always agrees) runs the whole method."""
+def test_the_step_is_cut_where_the_sizer_would_cut_those_worths():
+    """`fit` gets every unit's worth per node, best first, and the step keeps that many nodes, whole columns
+    only; `k` (a fixed size: the sizer keeps everything) runs the whole method."""
     s = session([], window=4, ngram=3, guess=2, prompt=0)
     s.levels = [[0, 11, 12, 13], [20, 21, 22, 23]]
     s._remember(7, (1, 2), True)
     s._remember(7, (3, 4), True)
-    assert s.propose(DraftContext([7], budget=64, more=lambda scores: False)) is None
+    assert s.propose(DraftContext([7], budget=64, fit=lambda worths: 0)) is None
     asked = []
-    three = s.propose(DraftContext([7], budget=64, more=lambda sc: asked.append(list(sc)) or len(sc) <= 5))
-    assert three.tokens == [3, 1, 4, 2, 20] and three.state.tops == [5]  # then column 1 (2 cells) would not pay
-    assert len(asked[0]) == 1 and asked[-1][4:] == [s.d.cell_worth] * 3  # asked with the nodes' worth in
+    four = s.propose(DraftContext([7], budget=64, fit=lambda w: asked.append(w) or 4))
+    cell, deeper = s.d.cell_worth, s.d.rate(1) * s.d.rate(2)
+    assert asked == [[s.d.rate(1)] * 2 + [cell] * 7 + [deeper] * 2]  # 2 first tokens, 4 columns, 2 second
+    assert four.tokens == [3, 1, 20] and four.state.tops == {0: 3}  # column 1 (2 cells) would pass 4 nodes
     whole = s.propose(DraftContext([7], budget=64))
-    assert len(whole) == 4 + 3 + 4 and whole.state.tops == [5, 7, 9, 11]  # the whole window and both n-grams
+    assert len(whole) == 2 + 7 + 2 and whole.state.tops == {0: 3, 1: 5, 2: 7, 3: 9}
+
+
+def test_each_sizers_fit_is_its_size_on_those_worths():
+    from skipjack.decoding.sizing import Capped, CostSizer, FixedSizer, NoDraft
+
+    mid = CostModel((1, 2, 4, 8), (1.0, 1.1, 1.3, 2.5))
+    worths = [0.9, 0.8, 0.7, 0.05, 0.01]
+    sizer = CostSizer(mid)
+    sizer.budget(64, 100)  # the context it sizes at
+    assert sizer.fit(worths) == mid.best_size(worths, 100) == 3
+    assert FixedSizer(4).fit(worths) == 5 and NoDraft().fit(worths) == 0
+    assert Capped(FixedSizer(8), n_max=2).fit(worths) == 2 and Capped(FixedSizer(8), 8, p_min=0.5).fit(worths) == 3
 
 
 def test_sized_by_the_cost_model_from_the_first_step(tiny_llama64):

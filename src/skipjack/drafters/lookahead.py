@@ -35,16 +35,17 @@ output's as it is emitted. `prompt=0` is the pool of the lookahead branch alone,
 
 Sizes. The paper verifies the whole window and every guess each step, which pays where a wider pass costs
 almost nothing (a GPU). On a CPU every verified token costs a share of a step (BENCHMARKS.md, "Verify cost"),
-so by default the step is built node by node, as long as the sizer says one more node still pays
-(`DraftContext.more`, asked with the node's worth as if it were in: one node on the safe side). First the
-verification branch, best first (a node's worth: its path's acceptance rate, learned per depth), then the
-window, column by column (a cell's worth: the tokens accepted per window cell run, counting the tokens that
-only the window's n-grams gave, learned; a column runs whole or not at all). W, N and G are the most it runs.
-With `k=N` (a fixed size; `more` always agrees) it runs the whole method as published, within N nodes.
-Columns not run keep their tokens; when a window's n-grams keep paying after it stopped (the pool outlives
-it), its worth rises again and it runs again. Within the budget, the window narrows before the verification
-branch is cut, down to what half the budget holds. A proposal cut after `propose` (a grammar, a request's
-`n_max`, a `mix`) advances only the columns it still holds whole.
+so by default a step verifies what the cost model says pays, as for every drafter, with one difference: a
+window cell is worth more than its own chance of acceptance (its n-grams pay later), so the drafter sizes its
+proposal itself and leaves it unscored. The units are each verification node (worth its path's acceptance
+rate, learned per depth) and each window column, whole (worth, per cell, the tokens accepted per window cell
+run that only the window's n-grams gave, learned). Listed best first (parents before children, column j before
+j + 1) and cut at the budget, they are kept up to where the sizer would cut nodes of those worths
+(`DraftContext.fit`: the cost model's best prefix); W, N and G are the most a step runs. With `k=N` (a fixed
+size: the sizer keeps everything) it runs the whole method as published, within N nodes. Columns not run keep
+their tokens; when the window's n-grams keep paying after it stopped (the pool outlives it), its worth rises and
+it runs again. A proposal cut after `propose` (a grammar, a request's `n_max`, a `mix`) advances only the
+columns it still holds whole.
 
 Batches: it works there as alone (its drafts carry no scores, so a batch verifies them whole, within its
 per-sequence cap). The pool and the window are per request; the worths are learned across requests.
@@ -72,9 +73,6 @@ class Lookahead(Drafter):
     name = "lookahead"
     lossless = True
     LEARNED = ("rates", "window_yield")
-    # A node's Python bookkeeping in plain steps before a draft was timed: small, but not 0, for with no cost
-    # at all `DraftContext.more` agrees to every node and the first step would verify the whole method.
-    cost_prior = 0.001
 
     def __init__(self, window: int = 5, ngram: int = 4, guess: int = 5, prompt: int = 1):
         if not 1 <= window <= 16:
@@ -124,8 +122,8 @@ class Layout:
     levels: list[list[int]]  # [levels][W]: the window as run (level 0, column 0: a placeholder for the root)
     context: list[tuple[int, ...]]  # the root's n-grams from the prompt or output (not the window's alone)
     checks: list[tuple[int, ...]] = field(default_factory=list)  # each verification node's path
-    tops: list[int] = field(default_factory=list)  # per column run: the verify row of its top cell (0: the root)
-    cells: tuple[int, int] = (0, 0)  # the window's own nodes: [first, end) (after the verification branch's)
+    tops: dict[int, int] = field(default_factory=dict)  # column run -> the verify row of its top cell (0: root)
+    cells: list[int] = field(default_factory=list)  # the window's own nodes (not shared with verification's)
 
 
 class LookaheadSession(DraftSession):
@@ -162,49 +160,50 @@ class LookaheadSession(DraftSession):
         grams[gram] = window
 
     def propose(self, ctx: DraftContext) -> Proposal | None:
-        """The verification branch, then the lookahead branch, as one trie within `ctx.budget` nodes, each
-        node added while `ctx.more` says it still pays."""
+        """Both branches as units of worth (a verification node; a window column, whole), best first, within
+        `ctx.budget` nodes and cut where the sizer would cut nodes of these worths (`ctx.fit`); one trie."""
         d, tokens = self.d, ctx.tokens
         if d.prompt:
             self._add_context(tokens)
-        root, budget, L = tokens[-1], ctx.budget, len(self.levels)
+        root, L = tokens[-1], len(self.levels)
         grams = list(self.pool.get(root, {}).items())[::-1]  # most recent first
-        asked, w = len(grams) * (d.ngram - 1), d.window
-        if asked + _cells(w, L) > budget:  # narrow the window, down to what half the budget holds
-            room = max(budget - asked, budget // 2)
-            w = max(k for k in range(d.window + 1) if _cells(k, L) <= room)
-        trie, scores = Trie(), []
-        lay = Layout(root, self.levels, [gram for gram, window in grams if not window])
-        self._verification(trie, scores, lay, [gram for gram, _ in grams], budget - _cells(w, L), ctx.more)
-        first, worth = len(trie.tokens), d.cell_worth
-        for j in range(w):
-            cells = (j > 0) + L - 1
-            if cells and (len(trie.tokens) + cells > budget or not ctx.more(scores + [worth] * cells)):
+        units = self._checks([gram for gram, _ in grams])  # (worth per node, nodes, path)
+        units += [(d.cell_worth, (j > 0) + L - 1, j) for j in range(d.window)]  # (..., column)
+        units.sort(key=lambda u: -u[0])  # stable: parents before children, column j before j + 1
+        worths: list[float] = []
+        for k, (worth, n, _) in enumerate(units):
+            if len(worths) + n > ctx.budget:
+                units = units[:k]
                 break
-            lay.tops.append(trie.column(self.levels, j))
-            scores += [worth] * (len(trie.tokens) - len(scores))
-        lay.cells = (first, len(trie.tokens))
+            worths += [worth] * n
+        keep = ctx.fit(worths)
+        lay, trie, used = Layout(root, self.levels, [gram for gram, window in grams if not window]), Trie(), 0
+        for _, n, what in units:
+            used += n
+            if used > keep:
+                break
+            if isinstance(what, int):
+                size = len(trie.tokens)
+                lay.tops[what] = trie.column(self.levels, what)
+                lay.cells += range(size, len(trie.tokens))
+            else:
+                lay.checks.append(what)
+                trie.add(trie.path.get(what[:-1], -1), what[-1], what)
         if not trie.tokens:
             return None
         return Proposal(trie.tokens, trie.parents, state=lay)
 
-    def _verification(self, trie, scores, lay, grams, budget, more) -> None:
-        """The root's n-grams as a trie, best first (by depth, the most recent first), while they fit and pay
-        (a node's worth: its path's acceptance rate)."""
-        d, score = self.d, 1.0
-        node: dict[int, int] = {}  # gram index -> its node at the depth before
-        for depth in range(1, d.ngram):
-            score *= d.rate(depth)
-            for g, gram in enumerate(grams):
-                if g not in node and depth > 1:
-                    continue  # its previous token did not make it
-                par = node[g] if depth > 1 else -1
-                if (par, gram[depth - 1]) not in trie.index:
-                    if len(trie.tokens) >= budget or not more(scores + [score]):
-                        return
-                    scores.append(score)
-                    lay.checks.append(gram[:depth])
-                node[g] = trie.add(par, gram[depth - 1])
+    def _checks(self, grams: list[tuple[int, ...]]) -> list[tuple[float, int, tuple[int, ...]]]:
+        """The verification branch's nodes, by depth, the most recent n-gram first: (its path's acceptance
+        rate, learned per depth; 1 node; its path from the root)."""
+        out, seen, rate = [], set(), 1.0
+        for depth in range(1, self.d.ngram):
+            rate *= self.d.rate(depth)
+            for gram in grams:
+                if gram[:depth] not in seen:
+                    seen.add(gram[:depth])
+                    out.append((rate, 1, gram[:depth]))
+        return out
 
     def observe(self, proposal: Proposal, verdict: Verdict) -> None:
         """Learn the worths; collect the top level's next tokens into n-grams (once the window is full) and shift
@@ -213,7 +212,7 @@ class LookaheadSession(DraftSession):
         if not verdict.argmax:
             return  # sized down to nothing: no row ran
         self._learn(st, verdict, len(proposal))
-        new = {j: verdict.argmax[row] for j, row in enumerate(st.tops) if row <= len(proposal)}
+        new = {j: verdict.argmax[row] for j, row in st.tops.items() if row <= len(proposal)}
         levels, n = st.levels, d.ngram
         if len(levels) == n - 1:  # full: each column run, with its next token, is an N-gram
             for j, nxt in new.items():
@@ -233,7 +232,7 @@ class LookaheadSession(DraftSession):
         accepted = emitted[: len(verdict.path)]
         ours = max((_common(gram, accepted) for gram in st.context), default=0)
         d.window_yield[0] += len(accepted) - ours
-        d.window_yield[1] += max(0, min(ran, st.cells[1]) - st.cells[0])
+        d.window_yield[1] += sum(i < ran for i in st.cells)
 
 
 def _common(a, b) -> int:
@@ -241,11 +240,6 @@ def _common(a, b) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
-
-
-def _cells(w: int, levels: int) -> int:
-    """Draft nodes of a window of w columns and this many levels (the root is column 0 of level 0)."""
-    return 0 if w <= 0 else (w - 1) + (levels - 1) * w
 
 
 def _advance(levels: list[list[int]], new: dict[int, int], full: int) -> list[list[int]]:
@@ -270,18 +264,21 @@ class Trie:
         self.tokens: list[int] = []
         self.parents: list[int] = []
         self.index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+        self.path: dict[tuple[int, ...], int] = {}  # a verification node's path from the root -> node
         self.chain = [-1]  # the window's level-0 nodes so far, by column (column 0: the root, -1)
 
-    def add(self, parent: int, token: int) -> int:
+    def add(self, parent: int, token: int, path: tuple[int, ...] | None = None) -> int:
         i = self.index.get((parent, token))
         if i is None:
             i = self.index[(parent, token)] = len(self.tokens)
             self.tokens.append(token)
             self.parents.append(parent)
+        if path is not None:
+            self.path[path] = i
         return i
 
     def column(self, levels: list[list[int]], j: int) -> int:
-        """Column j of the lookahead branch (columns 0..j-1 first): its level-0 cell after column j - 1's, each
+        """Column j of the lookahead branch (after columns 0..j-1): its level-0 cell after column j - 1's, each
         higher level's cell under the cell below it. Returns its top cell's verify row (0: the root)."""
         if j:
             self.chain.append(self.add(self.chain[-1], levels[0][j]))
