@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?=
 
-.PHONY: demo test install lint bench bench-q4 bench-stepcost bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve bench-fleet bench-eval bench-longctx bench-superposed clean
+.PHONY: demo test install lint bench bench-q4 bench-stepcost bench-quick bench-llamacpp bench-sizing bench-outputs bench-bf16 bench-quality benchmarks-md bench-peers bench-layers adapters bench-selfspec bench-serve bench-fleet bench-eval bench-longctx bench-superposed bench-lookahead clean
 
 $(BIN)/skipjack: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -94,6 +94,12 @@ bench-q4: install
 		--max-new-tokens 256 --out bench-out/q4-quick
 	$(BIN)/skipjack bench --model qwen2.5-coder-1.5b --suite quick --max-new-tokens 256 --out bench-out/q4-quick-qwen \
 		--methods plain,pld,del,draft:model=qwen2.5-coder-0.5b --peers llamacpp
+
+# Lookahead decoding (Fu et al. 2024) beside plain, pld and ngram: sized by the cost model, as published (k=64:
+# the whole window and every guess each step) and with the window's n-grams alone (prompt=0), on q4 and fp32.
+bench-lookahead: install
+	for d in q4 fp32; do $(BIN)/skipjack bench --suite quick --dtype $$d --max-new-tokens 256 \
+		--methods plain,pld,ngram,lookahead,lookahead:k=64,lookahead:prompt=0,k=64 --out bench-out/lookahead-$$d || exit 1; done
 
 bench-quick: install
 	$(BIN)/skipjack bench --suite quick --methods plain,pld,ngram --peers hf,hf-pld,llamacpp,llamacpp-pld --out bench-out/quick

@@ -47,7 +47,12 @@ def _req(p, n, method, temperature=0.0, seed=None):
 
 
 @pytest.mark.parametrize(
-    "methods", [["plain"], ["plain", "pld", "ngram", "pld:k=3", "auto"], ["swift:skip=a1+f1", "del", "pld", "plain"]]
+    "methods",
+    [
+        ["plain"],
+        ["plain", "pld", "ngram", "pld:k=3", "auto", "lookahead"],
+        ["swift:skip=a1+f1", "del", "pld", "plain", "lookahead:k=8"],
+    ],
 )
 def test_batched_greedy_equals_alone(engine, methods):
     reqs = [(p, 6 + 3 * i, methods[i % len(methods)]) for i, p in enumerate(PROMPTS * 2)]

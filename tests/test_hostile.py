@@ -110,6 +110,8 @@ GENERATE = [
     (["--method", "ngram:rows=inf"], "rows"),
     (["--method", "ngram:width=abc"], "must be an integer"),
     (["--method", "kangaroo:threshold=2"], "threshold"),
+    (["--method", "lookahead:ngram=1"], "ngram (n-gram size"),
+    (["--method", "lookahead:window=16,ngram=8"], "must fit one verify pass"),
     (["--method", "mix:of=pld+magic"], "of= needs two or more"),
     (["--stop", ""], "--stop[0] is an empty string"),
     (["--stop", SUR], "not valid utf-8"),

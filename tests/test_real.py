@@ -206,6 +206,13 @@ def test_self_drafting_identical_on_the_quick_prompts(real_q4):
     assert drafted[SELF_DRAFTS[0]] and drafted[SELF_DRAFTS[2]], drafted  # the fixed drafts really ran
 
 
+def test_lookahead_identical_on_the_quick_prompts(real_q4):
+    """lookahead against plain greedy on the default model (q4) over the quick suite's prompts: sized by the cost
+    model, and as published (k=64: the whole window and every guess each step)."""
+    drafted = identical_on_the_quick_prompts(real_q4, ["lookahead", "lookahead:k=64"])
+    assert drafted["lookahead:k=64"], drafted  # the published method really ran its window
+
+
 def test_kangaroo_identical_on_the_quick_prompts(real_q4, tmp_path):
     """kangaroo on the default model (q4) with a briefly trained adapter: forced to draft (threshold 0, k=3), its
     verify passes resume from the shallow layers' hidden states; identical to plain greedy."""

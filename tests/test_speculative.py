@@ -22,7 +22,18 @@ def run(model, prompt, params, drafter="plain", cost=None):
 prompts = st.lists(st.integers(0, 47), min_size=1, max_size=24).flatmap(
     lambda base: st.integers(1, 3).map(lambda r: (base * r)[:40])  # repeats give prompt lookup something to find
 )
-DRAFTERS = ["pld", "ngram", "pld:k=3", "ngram:k=5,width=2", "always", "never", "random", "random-tree"]
+DRAFTERS = [
+    "pld",
+    "ngram",
+    "pld:k=3",
+    "ngram:k=5,width=2",
+    "lookahead",
+    "lookahead:k=6",
+    "always",
+    "never",
+    "random",
+    "random-tree",
+]
 
 
 make = drafter_or_spec

@@ -28,6 +28,7 @@ from skipjack.drafters.base import Drafter
 from skipjack.drafters.draft_model import DraftModel
 from skipjack.drafters.early_exit import EarlyExit
 from skipjack.drafters.kangaroo import Kangaroo
+from skipjack.drafters.lookahead import Lookahead
 from skipjack.drafters.mix import Mix, part_names
 from skipjack.drafters.ngram import NGramDrafter
 from skipjack.drafters.pld import PromptLookup
@@ -46,6 +47,7 @@ REGISTRY: dict[str, type[Drafter]] = {
     "draft": DraftModel,
     "mix": Mix,
     "triforce": TriForce,
+    "lookahead": Lookahead,
 }
 MULTI = {"superposed": Superposed}  # methods that decode several completions of one request in one stream
 INTERNAL = {"parts"}  # constructor arguments the registry passes, never a user option

@@ -29,6 +29,9 @@ class DraftContext:
     cache: KVCache | None = None  # holds every token of `tokens` but the last
     more: Callable[[list[float]], bool] = lambda scores: True  # the sizer: given the scores of the nodes
     # drafted so far, whether drafting one more can still pay (drafting is not free: `sizing.CostSizer.more`)
+    fit: Callable[[list[float]], int] = len  # the sizer: how many leading nodes of these worths it would verify
+    # (`sizing.CostSizer.fit`), for a drafter whose nodes are worth more than their own acceptance (lookahead's
+    # window) and which so sizes its unscored proposal itself
 
 
 @dataclass(frozen=True)

@@ -189,7 +189,7 @@ class Sequence:
         if budget > 0:
             t = time.perf_counter()
             base = ctx + forced.tokens if forced else ctx
-            drafted = drafter.propose(DraftContext(base, budget, model, cache, sizer.more))
+            drafted = drafter.propose(DraftContext(base, budget, model, cache, sizer.more, sizer.fit))
             self.drafting = time.perf_counter() - t
             sizer.observe_draft(len(drafted or ()), self.drafting, at)
             if drafted is not None:

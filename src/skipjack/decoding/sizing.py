@@ -11,8 +11,10 @@ step per node. `DraftCost` learns that share online (the decode loop times every
 `CostSizer.more` tells a drafter that drafts node by node whether one more node can still pay: with nodes
 of scores s_1..s_n drafted at d plain steps each, the step is worth (1 + S_m) / (c(m + 1) + n·d) tokens per
 plain step for the best prefix m; one more node (at best as likely as the last) must raise that.
+`fit` is `size` on a list of worths: a drafter whose nodes are worth more than their own acceptance (lookahead
+decoding's window: its n-grams pay in later steps) sizes its unscored proposal with it.
 
-The decode loop calls `budget` before the drafter proposes, passes `more` to it, reports the draft's time to
+The decode loop calls `budget` before the drafter proposes, passes `more` and `fit` to it, reports the draft's time to
 `observe_draft`, calls `size` on what it proposed, and `observe` with the width, wall time and context of
 every forward it ran.
 """
@@ -44,6 +46,10 @@ class Sizer(Protocol):
 
     def more(self, scores: list[float]) -> bool:
         """Whether drafting one more node after nodes with these scores can still pay."""
+        ...
+
+    def fit(self, worths: list[float]) -> int:
+        """How many leading nodes worth these expected tokens each it would verify (a drafter sizing itself)."""
         ...
 
     def observe_draft(self, nodes: int, seconds: float, context: int) -> None:
@@ -108,12 +114,18 @@ class _Free:
     def more(self, scores: list[float]) -> bool:
         return True
 
+    def fit(self, worths: list[float]) -> int:
+        return len(worths)
+
     def observe_draft(self, nodes: int, seconds: float, context: int) -> None:
         pass
 
 
 class NoDraft(_Free):
     def budget(self, room: int, context: int) -> int:
+        return 0
+
+    def fit(self, worths: list[float]) -> int:
         return 0
 
     def size(self, proposal: Proposal, context: int) -> Proposal:
@@ -166,6 +178,11 @@ class CostSizer:
         trust = self.draft.trust
         return proposal.prefix(self.cost.best_size([s * trust for s in proposal.scores], context))
 
+    def fit(self, worths: list[float]) -> int:
+        """The best prefix at the context `budget` was asked at, as `size` picks one (the worths as they are: an
+        unscored proposal's acceptances never calibrate `trust`)."""
+        return self.cost.best_size(worths, self.context)
+
     def observe(self, width: int, seconds: float, context: int) -> None:
         self.cost.observe(width, seconds, context)
         one = seconds / self.cost.cost(width, context)
@@ -210,6 +227,10 @@ class Capped:
 
     def more(self, scores: list[float]) -> bool:
         return len(scores) < self.n_max and self.inner.more(scores)
+
+    def fit(self, worths: list[float]) -> int:
+        n = min(self.n_max, self.inner.fit(worths))
+        return next((i for i, s in enumerate(worths[:n]) if s < self.p_min), n) if self.p_min > 0 else n
 
     def observe_draft(self, nodes: int, seconds: float, context: int) -> None:
         self.inner.observe_draft(nodes, seconds, context)
