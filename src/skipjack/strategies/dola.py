@@ -29,18 +29,18 @@ from skipjack.strategies.base import Strategy, fraction
 IMPLAUSIBLE = -1e30  # the score of a token outside the plausible set (finite: the decode loop refuses inf)
 
 
-def candidates(spec: str, n: int) -> list[int]:
+def candidates(spec: str, n: int, name: str = "dola") -> list[int]:
     """Candidate premature layers in HF's hidden-state count (0 = embeddings, j = layer j's output), for `n`
-    layers; the final layer (n) is never one."""
+    layers; the final layer (n) is never one (`name`: the method, in errors)."""
     if spec == "low":
         return list(range(0, n // 2, 2)) if n <= 40 else list(range(0, 20, 2))
     if spec == "high":
         return list(range(n // 2, n, 2)) if n <= 40 else list(range(n - 20, n, 2))
     lo, sep, hi = spec.partition("-")
     if not (sep and lo.isdigit() and hi.isdigit()) or int(lo) > int(hi):
-        raise SkipjackError(f"dola: layers must be low, high or A-B with A <= B (got {spec!r})")
+        raise SkipjackError(f"{name}: layers must be low, high or A-B with A <= B (got {spec!r})")
     if int(hi) >= n:
-        raise SkipjackError(f"dola: layers {spec} must be below the final layer {n} (this model has {n} layers)")
+        raise SkipjackError(f"{name}: layers {spec} must be below the final layer {n} (this model has {n} layers)")
     return list(range(int(lo), int(hi) + 1))
 
 
@@ -56,13 +56,22 @@ def contrast(final: torch.Tensor, early: torch.Tensor, alpha: float, weight: flo
     """DoLa's scores [T, V] from the final logits [T, V] and the candidates' logits [J, T, V], and the index of
     the premature candidate chosen at each position [T]."""
     logq = torch.log_softmax(final.float(), -1)  # [T, V]
-    logqs = torch.log_softmax(early.float(), -1)  # [J, T, V]
-    div = jsd(logq[None], logqs)  # [J, T]
-    pick = div.argmax(0)  # [T]
-    prem = logqs[pick, torch.arange(final.shape[0])]  # [T, V]
-    scores = logq - weight * prem  # [T, V]
-    plausible = logq >= logq.max(-1, keepdim=True).values + torch.log(torch.tensor(alpha))  # [T, V]
-    return torch.where(plausible, scores, torch.full_like(scores, IMPLAUSIBLE)), pick
+    prem, k = premature(logq, torch.log_softmax(early.float(), -1))  # [T, V], [T]
+    return plausible(logq, logq - weight * prem, alpha), k
+
+
+def premature(top: torch.Tensor, early: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic premature layer selection: for each position, the log-probabilities [T, V] of the candidate (of
+    early [J, T, V]) of largest JSD from `top` [T, V] (log-probabilities), and the candidates' indices [T]."""
+    k = jsd(top[None], early).argmax(0)  # [T]
+    return early[k, torch.arange(top.shape[0])], k
+
+
+def plausible(logq: torch.Tensor, scores: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The adaptive plausibility constraint: `scores` [T, V] where q_N >= alpha · max q_N (logq [T, V]),
+    IMPLAUSIBLE elsewhere."""
+    keep = logq >= logq.max(-1, keepdim=True).values + torch.log(torch.tensor(alpha))  # [T, V]
+    return torch.where(keep, scores, torch.full_like(scores, IMPLAUSIBLE))
 
 
 def _weight(name: str, key: str, value, top: float) -> float:
@@ -80,6 +89,21 @@ class LayerContrast(Strategy):
     scores_prompt = True
     layers = "high"
 
+    def contrast_options(self, layers, alpha, weight, penalty) -> None:
+        """The options DoLa and LOL share, checked: candidate layers, α, the amateur's weight, the penalty."""
+        if not isinstance(layers, str):
+            raise SkipjackError(f"{self.name}: layers must be low, high or A-B (got {layers!r})")
+        if layers not in ("low", "high"):
+            candidates(layers, 10**6, self.name)  # checks the form "A-B" now; the model's depth at `begin`
+        self.layers = layers
+        self.alpha = fraction(self.name, "alpha", alpha)
+        if self.alpha == 0:
+            raise SkipjackError(f"{self.name}: alpha must be in (0, 1) (got 0)")
+        self.weight = _weight(self.name, "weight", weight, 4)
+        if not (isinstance(penalty, (int, float)) and not isinstance(penalty, bool) and 1 <= penalty <= 4):
+            raise SkipjackError(f"{self.name}: penalty (repetition) must be a number in [1, 4] (got {penalty!r})")
+        self.repetition_penalty = float(penalty)
+
     def begin(self, model, prompt_len: int, max_new: int) -> None:
         super().begin(model, prompt_len, max_new)
         self.cands = self.wanted(model)  # a bad layer range fails here, before any step
@@ -87,7 +111,7 @@ class LayerContrast(Strategy):
 
     def wanted(self, model) -> list[int]:
         """Hidden-state layers (HF's count: 0 = the embeddings) whose distributions the scores read."""
-        return candidates(self.layers, model.num_layers)
+        return candidates(self.layers, model.num_layers, self.name)
 
     def early(self, model, ids: torch.Tensor, out, js: list[int], rows: slice) -> torch.Tensor:
         """The distributions' logits [J, T', V] of hidden-state layers `js` at positions `rows`."""
@@ -123,18 +147,7 @@ class DoLa(LayerContrast):
     name = "dola"
 
     def __init__(self, layers: str = "high", alpha: float = 0.1, weight: float = 1.0, penalty: float = 1.2):
-        if not isinstance(layers, str):
-            raise SkipjackError(f"dola: layers must be low, high or A-B (got {layers!r})")
-        self.layers = layers
-        if layers not in ("low", "high"):
-            candidates(layers, 10**6)  # checks the form "A-B" now; the model's depth at `begin`
-        self.alpha = fraction(self.name, "alpha", alpha)
-        if self.alpha == 0:
-            raise SkipjackError("dola: alpha must be in (0, 1) (got 0)")
-        self.weight = _weight(self.name, "weight", weight, 4)
-        if not (isinstance(penalty, (int, float)) and not isinstance(penalty, bool) and 1 <= penalty <= 4):
-            raise SkipjackError(f"dola: penalty (repetition) must be a number in [1, 4] (got {penalty!r})")
-        self.repetition_penalty = float(penalty)
+        self.contrast_options(layers, alpha, weight, penalty)
 
     def scores(self, model, ids, out, rows):
         cands = self.wanted(model)

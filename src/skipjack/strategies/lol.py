@@ -22,17 +22,9 @@ from __future__ import annotations
 import torch
 
 from skipjack.errors import SkipjackError
-from skipjack.strategies.base import fraction
-from skipjack.strategies.dola import IMPLAUSIBLE, LayerContrast, _weight, candidates, jsd
+from skipjack.strategies.dola import LayerContrast, _weight, candidates, plausible, premature
 
 GUIDANCE = "Answer with the true fact only, as an encyclopedia would.\n"  # the refocus instruction
-
-
-def pick(top: torch.Tensor, early: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The premature distribution for each position: log-probabilities [T, V] of the candidate [J, T, V] of
-    largest JSD from `top` [T, V] (log-probabilities), and the candidates' indices [T]."""
-    k = jsd(top[None], early).argmax(0)  # [T]
-    return early[k, torch.arange(top.shape[0])], k
 
 
 class LOL(LayerContrast):
@@ -40,21 +32,11 @@ class LOL(LayerContrast):
     guidance = GUIDANCE
 
     def __init__(self, layers="high", lower=-1, fuse=0.5, refocus=0.5, weight=1.0, alpha=0.1, penalty=1.2):
-        if not isinstance(layers, str):
-            raise SkipjackError(f"lol: layers must be low, high or A-B (got {layers!r})")
-        if layers not in ("low", "high"):
-            candidates(layers, 10**6)
+        self.contrast_options(layers, alpha, weight, penalty)
         if not isinstance(lower, int) or isinstance(lower, bool) or lower < -1 or lower == 0:
             raise SkipjackError(f"lol: lower must be a layer >= 1 (got {lower!r})")
-        self.layers, self.lower = layers, lower
+        self.lower = lower
         self.fuse, self.refocus = _weight(self.name, "fuse", fuse, 4), _weight(self.name, "refocus", refocus, 4)
-        self.weight = _weight(self.name, "weight", weight, 4)
-        self.alpha = fraction(self.name, "alpha", alpha)
-        if self.alpha == 0:
-            raise SkipjackError("lol: alpha must be in (0, 1) (got 0)")
-        if not (isinstance(penalty, (int, float)) and not isinstance(penalty, bool) and 1 <= penalty <= 4):
-            raise SkipjackError(f"lol: penalty (repetition) must be a number in [1, 4] (got {penalty!r})")
-        self.repetition_penalty = float(penalty)
         self.guide_ids: list[int] = []  # GUIDANCE's token ids: the engine sets them (tokenizers live at the edge)
         self.guided = None  # the refocus context's cache
 
@@ -64,7 +46,7 @@ class LOL(LayerContrast):
         low = self.lower if self.lower > 0 else (3 * n) // 4
         if low >= n:
             raise SkipjackError(f"lol: lower {low} must be below the final layer {n}")
-        cands = candidates(self.layers, n)
+        cands = candidates(self.layers, n, self.name)
         below = [j for j in cands if j < low] or list(range(0, low, 2))
         return low, cands, below
 
@@ -94,13 +76,12 @@ class LOL(LayerContrast):
         logits = torch.log_softmax(self.early(model, ids, out, js, rows).float(), -1)  # [J, T', V]
         at = {j: logits[i] for i, j in enumerate(js)}
         logq = torch.log_softmax(out.logits[0].float(), -1)  # [T', V]
-        prem, k = pick(logq, torch.stack([at[j] for j in cands]))
-        lprem, _ = pick(at[low], torch.stack([at[j] for j in below]))
+        prem, k = premature(logq, torch.stack([at[j] for j in cands]))
+        lprem, _ = premature(at[low], torch.stack([at[j] for j in below]))
         w = self.weight
         s = (logq - w * prem) + self.fuse * (at[low] - w * lprem)  # [T', V]
         guided = self.refocused(model, ids, rows)
         if guided is not None:
             s = s + self.refocus * (torch.log_softmax(guided.float(), -1) - logq)
         self.chose([cands[i] for i in k.tolist()])
-        plausible = logq >= logq.max(-1, keepdim=True).values + torch.log(torch.tensor(self.alpha))  # [T', V]
-        return torch.where(plausible, s, torch.full_like(s, IMPLAUSIBLE))
+        return plausible(logq, s, self.alpha)
