@@ -167,16 +167,18 @@ class Superposition:
             logits[[t for t in stops if t < logits.shape[0]]] = -math.inf
         ids = torch.topk(logits, min(m.top, logits.shape[0])).indices  # [m]: by the logits, as greedy picks
         vals = torch.log_softmax(logits.float() / m.temp, -1)[ids].double()  # [m]: scores add up over many steps
-        cands, done, tail = [], [], self.prompt[-m.order :]
+        cands, done, tail, top = [], [], self.prompt[-m.order :], ids.tolist()
         for d in self.alive:
-            lq = self.ngrams.logq(tail + d.tokens, ids.tolist(), vals) if m.alpha else None  # [m]
+            lq = self.ngrams.logq(tail + d.tokens, top, vals) if m.alpha else None  # [m]
             s = d.score + ((1 - m.alpha) * vals + m.alpha * lq if m.alpha else vals)  # [m] (a masked token: -inf)
-            for t, sc in zip(ids.tolist(), s.tolist()):
-                (done if t in stops else cands).append(Draft(d.tokens + [t], sc, "stop" if t in stops else None))
-        for d in done:
-            d.tokens.pop()  # the stop token is not part of the completion
+            for t, sc in zip(top, s.tolist()):
+                if t in stops:  # finished: the stop token is not part of the completion
+                    done.append(Draft(list(d.tokens), sc, "stop"))
+                else:
+                    cands.append((sc, d, t))
         self.done = _best(self.done + done, m.k)
-        self.alive = sorted(cands, key=lambda d: -d.score)[: m.k]
+        kept = sorted(cands, key=lambda c: -c[0])[: m.k]  # only the k kept candidates copy their tokens
+        self.alive = [Draft(d.tokens + [t], sc) for sc, d, t in kept]
         full = made + 1 >= params.max_new_tokens or self.cache.capacity_left() <= 1
         beaten = len(self.done) >= m.k and (not self.alive or self.alive[0].score < self.done[-1].score)
         if full or beaten or not self.alive:
