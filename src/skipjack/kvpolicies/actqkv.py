@@ -148,6 +148,7 @@ class ActQKV(EvictionPolicy):
     def __init__(self, budget: float = 0.25, window: int = 32, kernel: int = 5, every: int = 0, chunk: int = 0):
         super().__init__(budget, window, every, chunk)
         self.kernel = validate.integer("kernel", kernel, 1, 63)
+        self.attn: dict[int, torch.Tensor] = {}  # id(layer) -> its probe attention, from `allocate` to `scores`
 
     def layer(self, spec: LayerSpec) -> LayerKV:
         if spec.window is not None:
@@ -157,12 +158,17 @@ class ActQKV(EvictionPolicy):
     def allocate(self, layers: list[EvictingLayerKV], keep: int, scale: float) -> list[int]:
         """The dynamic cut-off: budgets by information density, within [LOW, HIGH] x keep, summing to keep x
         layers."""
+        self.attn = {}
         if len(layers) == 1:
             return [keep]
-        eta = [density(layer.probe_attention(scale), self.window) for layer in layers]
+        self.attn = {id(layer): layer.probe_attention(scale) for layer in layers}  # `scores` reads them next
+        eta = [density(self.attn[id(layer)], self.window) for layer in layers]
         hi = [min(layer.n, math.floor(HIGH * keep)) for layer in layers]
         lo = [min(h, math.ceil(LOW * keep)) for h in hi]
         return share(eta, keep * len(layers), lo, hi)
 
     def scores(self, layer: EvictingLayerKV, scale: float) -> torch.Tensor:
-        return pooled(layer.probe_attention(scale), self.kernel)  # [H_kv, n]
+        """The pooled probe attention [H_kv, n]: the one `allocate` computed at this compression point (a
+        layer's keys and queries do not change in between), else computed now."""
+        attn = self.attn.pop(id(layer), None)
+        return pooled(layer.probe_attention(scale) if attn is None else attn, self.kernel)  # [H_kv, n]
