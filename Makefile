@@ -160,7 +160,7 @@ bench-selfspec: install
 # others as sections. `tools/restore-runs.sh` first puts back, from docs/bench/, any run this checkout has
 # not measured itself, so the file can be rebuilt on any machine from the data under version control.
 EXTRA = "Qwen2.5-Coder-1.5B, q4: the quick suite at 256 new tokens, cold (separate run)=bench-out/q4-quick-qwen" \
-	"Lookahead decoding, q4: the quick suite (separate run; make bench-lookahead adds fp32 and k=64)=bench-out/lookahead-q4" \
+	"Lookahead decoding, q4: the quick suite (separate run; make bench-lookahead adds fp32 and the whole window)=bench-out/lookahead-q4" \
 	"Self-speculation on SmolLM2-135M (code suite, separate run)=bench-out/selfspec-smollm2" \
 	"Self-speculation and a draft model on Qwen2.5-Coder-1.5B (separate run)=bench-out/selfspec-qwen" \
 	"Earlier full run, fp32 (Intel Xeon, full suite, 64 new tokens, separate run)=bench-out/full-xeon-fp32" \
